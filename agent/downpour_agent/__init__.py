@@ -1,0 +1,5 @@
+"""Downpour volunteer agent."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,227 @@
+"""Dataset shards: download once over HTTP, cache by SHA-256, verify, load without pickle.
+
+A shard is an ``.npz`` file with two arrays: ``x`` (features, ``[n, *input_shape]``,
+loaded as float32) and ``y`` (``[n, ...]`` int64 labels or float targets). It is cached
+as ``CACHE_DIR/<sha256>.npz`` and only ever trusted after its hash has been checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import numpy.typing as npt
+
+logger = logging.getLogger("downpour_agent.data")
+
+MAX_SHARD_BYTES = 4 << 30
+_CHUNK = 1 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class DatasetError(Exception):
+    """The shard could not be downloaded or is not a usable ``x``/``y`` archive."""
+
+
+class ShardIntegrityError(DatasetError):
+    """The downloaded bytes do not hash to the SHA-256 the lease promised."""
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """What a lease says about its shard.
+
+    ``url`` is a path on the server (``/api/agent/shards/<uuid>/``), ``sha256`` the
+    lowercase hex digest of the file and ``n_samples`` the number of rows in ``x``/``y``.
+    """
+
+    url: str
+    sha256: str
+    n_samples: int
+
+    @classmethod
+    def from_lease(cls, dataset: Mapping[str, Any]) -> DatasetRef:
+        """Check the lease's ``dataset`` dict.
+
+        Raises
+        ------
+        DatasetError
+            When a field is missing or has the wrong type, the hash is not 64 hex
+            digits or the URL is not a path on the server.
+        """
+        url, sha256, n_samples = dataset.get("url"), dataset.get("sha256"), dataset.get("n_samples")
+        if not isinstance(url, str) or not url.startswith("/") or url.startswith("//"):
+            # Absolute URLs are refused so the token is only ever sent to the server itself.
+            raise DatasetError(f"dataset url must be a path on the server, got {url!r}")
+        if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256.lower()):
+            raise DatasetError("dataset sha256 must be 64 hex digits")
+        if type(n_samples) is not int or n_samples <= 0:
+            raise DatasetError("dataset n_samples must be a positive int")
+        return cls(url=url, sha256=sha256.lower(), n_samples=n_samples)
+
+
+def shard_url(base_url: str, path: str) -> str:
+    """Join the server base URL (``http://host:port[/prefix]``) and a shard path."""
+    return base_url.rstrip("/") + path
+
+
+def cached_shard_path(cache_dir: Path, sha256: str) -> Path:
+    """Where a shard with this digest lives in the cache."""
+    if not _SHA256.fullmatch(sha256):
+        raise DatasetError("sha256 must be 64 lowercase hex digits")
+    return cache_dir / f"{sha256}.npz"
+
+
+def file_sha256(path: Path) -> str:
+    """Lowercase hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_shard(
+    url: str,
+    token: str,
+    sha256: str,
+    cache_dir: Path,
+    *,
+    timeout_s: float = 60.0,
+    max_bytes: int = MAX_SHARD_BYTES,
+) -> Path:
+    """Return the cached path of the shard, downloading and verifying it if needed.
+
+    The download streams into a temporary file beside the cache entry and is renamed
+    into place only once its SHA-256 matches, so a half-written or tampered file is
+    never found in the cache.
+
+    Raises
+    ------
+    ShardIntegrityError
+        The bytes do not hash to ``sha256`` (the temporary file is deleted).
+    DatasetError
+        HTTP or network failure, or a body larger than ``max_bytes``.
+    """
+    target = cached_shard_path(cache_dir, sha256)
+    if target.exists():
+        if file_sha256(target) == sha256:
+            return target
+        logger.warning("cached shard %s is corrupt; downloading it again", target.name)
+        target.unlink(missing_ok=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    opener = urllib.request.build_opener(_SameOriginAuthRedirectHandler())
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{sha256[:16]}-", suffix=".part", dir=cache_dir)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with opener.open(request, timeout=timeout_s) as response:
+                    actual = _copy_hashing(response, out, max_bytes)
+            except urllib.error.HTTPError as exc:
+                raise DatasetError(f"shard download failed: HTTP {exc.code} {exc.reason}") from None
+            except (urllib.error.URLError, OSError) as exc:
+                raise DatasetError(f"shard download failed: {exc}") from None
+        if actual != sha256:
+            raise ShardIntegrityError(f"shard hashes to {actual[:12]}…, lease says {sha256[:12]}…")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def load_shard(
+    path: Path, n_samples: int | None = None
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+    """Load ``(x, y)`` from a shard archive, never unpickling anything.
+
+    Returns
+    -------
+    x : ndarray of float32, shape ``[n, *input_shape]``
+    y : ndarray, shape ``[n, ...]``; integer labels are int64, float targets float32
+
+    Raises
+    ------
+    DatasetError
+        Not an ``.npz`` with numeric ``x`` and ``y`` of the same length (and of
+        ``n_samples`` rows, when given).
+    """
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DatasetError("a shard must be an .npz archive, not a bare array")
+        with loaded as archive:
+            if {"x", "y"} - set(archive.keys()):
+                raise DatasetError("a shard must have arrays 'x' and 'y'")
+            x, y = archive["x"], archive["y"]
+    except DatasetError:
+        raise
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise DatasetError(f"cannot read shard: {exc}") from None
+    for name, array in (("x", x), ("y", y)):
+        if array.ndim == 0 or array.dtype.kind not in "biuf":
+            raise DatasetError(f"shard array {name!r} must be a numeric array of rank >= 1")
+    if len(x) != len(y):
+        raise DatasetError(f"shard has {len(x)} rows of x but {len(y)} of y")
+    if n_samples is not None and len(x) != n_samples:
+        raise DatasetError(f"shard has {len(x)} samples, lease says {n_samples}")
+    x = x.astype(np.float32, copy=False)
+    y = y.astype(np.int64 if y.dtype.kind in "biu" else np.float32, copy=False)
+    return x, y
+
+
+def fetch_dataset(
+    base_url: str, dataset: DatasetRef, token: str, cache_dir: Path
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+    """Download (or find in the cache), verify and load the shard a lease names."""
+    path = download_shard(shard_url(base_url, dataset.url), token, dataset.sha256, cache_dir)
+    return load_shard(path, dataset.n_samples)
+
+
+def _copy_hashing(source: IO[bytes], sink: IO[bytes], max_bytes: int) -> str:
+    digest = hashlib.sha256()
+    total = 0
+    while chunk := source.read(_CHUNK):
+        total += len(chunk)
+        if total > max_bytes:
+            raise DatasetError(f"shard is larger than {max_bytes} bytes")
+        digest.update(chunk)
+        sink.write(chunk)
+    return digest.hexdigest()
+
+
+class _SameOriginAuthRedirectHandler(urllib.request.HTTPRedirectHandler):
+    # urllib copies every header, Authorization included, onto a redirect to any host.
+    # The server may redirect to object storage; the donor's token must not follow.
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: http.client.HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(newurl) != _origin(req.full_url):
+            new.remove_header("Authorization")
+        return new
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()

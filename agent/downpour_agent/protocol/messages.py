@@ -1,0 +1,153 @@
+"""JSON control messages: the one schema shared by the server and the agent.
+
+Every message is a JSON object with a ``type``. ``message_from_wire`` checks the
+type and each field's Python type, so handlers can index fields without guarding.
+Unknown extra fields are rejected too: a typo should fail loudly, not be ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from .errors import ErrorCode, ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_TEXT_BYTES = 1 << 20  # control messages are small; lease messages carry the model JSON
+
+# field -> (accepted python types, required). bool is excluded from int on purpose.
+_Field = tuple[tuple[type, ...], bool]
+_INT: tuple[type, ...] = (int,)
+_NUM: tuple[type, ...] = (int, float)
+_STR: tuple[type, ...] = (str,)
+_BOOL: tuple[type, ...] = (bool,)
+_DICT: tuple[type, ...] = (dict,)
+_LIST: tuple[type, ...] = (list,)
+
+COMMON: dict[str, _Field] = {"type": (_STR, True), "ref": ((str, int), False)}
+
+#: Messages an agent sends to the server (text frames), except ``push`` which is binary.
+AGENT_MESSAGES: dict[str, dict[str, _Field]] = {
+    "register": {
+        "protocol_version": (_INT, True),
+        "name": (_STR, True),
+        "device": (_DICT, True),
+    },
+    "heartbeat": {"lease_id": (_STR, False)},
+    "request_work": {},
+    "fetch": {"lease_id": (_STR, True), "shard": (_INT, True)},
+    "push": {
+        "lease_id": (_STR, True),
+        "seq": (_INT, True),
+        "shard": (_INT, True),
+        "base_version": (_INT, True),
+        "samples": (_INT, True),
+    },
+    "complete": {"lease_id": (_STR, True), "samples": (_INT, True)},
+    "return_lease": {"lease_id": (_STR, True)},
+}
+
+#: Messages the server sends to an agent; ``params`` is binary.
+SERVER_MESSAGES: dict[str, dict[str, _Field]] = {
+    "registered": {
+        "agent_id": (_STR, True),
+        "heartbeat_interval_s": (_NUM, True),
+        "lease_ttl_s": (_NUM, True),
+    },
+    "heartbeat_ack": {"lease_id": (_STR, False), "expires_in_s": (_NUM, False)},
+    "lease": {
+        "lease_id": (_STR, True),
+        "job_id": (_STR, True),
+        "work_unit_id": (_STR, True),
+        "steps": (_INT, True),
+        "seed": (_INT, True),
+        "model": (_DICT, True),
+        "loss": (_STR, True),
+        "hyper": (_DICT, True),
+        "dataset": (_DICT, True),
+        "layout": (_LIST, True),
+        "expires_in_s": (_NUM, True),
+    },
+    "no_work": {"retry_after_s": (_NUM, True)},
+    "params": {"lease_id": (_STR, True), "shard": (_INT, True), "version": (_INT, True)},
+    "push_ack": {
+        "lease_id": (_STR, True),
+        "seq": (_INT, True),
+        "shard": (_INT, True),
+        "version": (_INT, True),
+        "staleness": (_INT, True),
+        "applied": (_BOOL, True),
+        "duplicate": (_BOOL, True),
+    },
+    "complete_ack": {"lease_id": (_STR, True)},
+    "lease_returned": {"lease_id": (_STR, True)},
+    "error": {"code": (_STR, True), "message": (_STR, True)},
+}
+
+#: Messages that travel as binary tensor frames rather than text.
+BINARY_TYPES = frozenset({"push", "params"})
+
+
+def validate_message(msg: Any, schemas: dict[str, dict[str, _Field]]) -> dict[str, Any]:
+    """Check ``msg`` against ``schemas`` and return it.
+
+    Raises
+    ------
+    ProtocolError
+        ``bad_message`` for a wrong shape or field type, ``unknown_type`` for a type
+        that is not in ``schemas``.
+    """
+    if not isinstance(msg, dict):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "a message must be a JSON object")
+    mtype = msg.get("type")
+    if not isinstance(mtype, str):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "a message needs a string 'type'")
+    if mtype not in schemas:
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {mtype[:64]!r}")
+    fields = {**COMMON, **schemas[mtype]}
+    for key, value in msg.items():
+        if key not in fields:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{mtype}: unexpected field {key[:64]!r}")
+        types, _ = fields[key]
+        if isinstance(value, bool) and bool not in types:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{mtype}: field {key!r} has wrong type")
+        if not isinstance(value, types):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{mtype}: field {key!r} has wrong type")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{mtype}: field {key!r} is not finite")
+    for key, (_, required) in fields.items():
+        if required and key not in msg:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{mtype}: missing field {key!r}")
+    return msg
+
+
+def message_to_wire(msg: dict[str, Any]) -> str:
+    """Serialise a control message to a JSON text frame (no NaN, compact)."""
+    return json.dumps(msg, separators=(",", ":"), allow_nan=False)
+
+
+def message_from_wire(text: str | bytes, schemas: dict[str, dict[str, _Field]]) -> dict[str, Any]:
+    """Parse and validate a JSON text frame.
+
+    Raises
+    ------
+    ProtocolError
+        ``frame_too_large``, ``bad_frame`` (not JSON) or the codes of ``validate_message``.
+    """
+    if len(text) > MAX_TEXT_BYTES:
+        raise ProtocolError(ErrorCode.FRAME_TOO_LARGE, f"text frame over {MAX_TEXT_BYTES} bytes")
+    try:
+        msg = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"not valid JSON: {str(exc)[:120]}") from None
+    return validate_message(msg, schemas)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def error_message(code: ErrorCode | str, message: str, ref: Any = None) -> dict[str, Any]:
+    """Build a structured ``error`` message."""
+    return ProtocolError(code, message).to_message(ref)

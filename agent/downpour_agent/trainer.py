@@ -1,0 +1,262 @@
+"""Keras gradient computation for one work unit.
+
+TensorFlow is imported inside functions, never at module import, so the connection
+code (and ``downpour-agent --help``) stays fast. Everything here is blocking: the
+connection runs it in a worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+#: ``(name, shape, dtype)`` of one trainable variable, as in a lease layout.
+VariableSpec = tuple[str, tuple[int, ...], str]
+Gradients = dict[str, npt.NDArray[np.float32]]
+
+
+def configure_threads(threads: int) -> bool:
+    """Limit TensorFlow to ``threads`` intra-op and inter-op threads.
+
+    Returns
+    -------
+    bool
+        False when TensorFlow had already started its thread pools (the setting can
+        only be changed before the first operation runs).
+    """
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        return False
+    return True
+
+
+class GradientComputer:
+    """A model built from a validated config that turns a batch into gradients.
+
+    Parameters
+    ----------
+    model_config : dict
+        The Keras ``to_json`` config of the model, as carried by a lease.
+    loss : str
+        A loss name accepted by ``modelspec.builder.build_loss``.
+    seed : int or None
+        Seeds weight initialisation and dropout.
+
+    Notes
+    -----
+    Variables are named as in ``modelspec.builder.variable_specs`` (Keras ``v.path``),
+    the names used in lease layouts and tensor frames.
+    """
+
+    def __init__(self, model_config: dict[str, Any], loss: str, seed: int | None = None) -> None:
+        from downpour_agent.modelspec.builder import build_loss, build_model
+
+        self._setup(build_model(model_config, seed=seed), build_loss(loss))
+
+    @classmethod
+    def from_model(cls, model: Any, loss: Any) -> GradientComputer:
+        """Wrap an already built ``keras.Model`` and a loss callable (for benchmarks)."""
+        computer = cls.__new__(cls)
+        computer._setup(model, loss)
+        return computer
+
+    def _setup(self, model: Any, loss_fn: Any) -> None:
+        import tensorflow as tf
+
+        from downpour_agent.modelspec.builder import variable_specs
+
+        self.model = model
+        self._specs: list[VariableSpec] = [
+            (str(name), tuple(int(d) for d in shape), str(dtype))
+            for name, shape, dtype in variable_specs(model)
+        ]
+        variables = list(model.trainable_variables)
+        if len(variables) != len(self._specs):
+            raise ValueError("variable_specs does not match model.trainable_variables")
+        self._variables: dict[str, Any] = {
+            spec[0]: var for spec, var in zip(self._specs, variables, strict=True)
+        }
+
+        def gradient_step(x: Any, y: Any) -> tuple[list[Any], Any]:
+            with tf.GradientTape() as tape:
+                predictions = model(x, training=True)
+                loss = loss_fn(y, predictions)
+                if model.losses:
+                    loss = loss + tf.add_n(model.losses)
+            grads = tape.gradient(loss, variables)
+            # Unused variables get None and embeddings get IndexedSlices; the wire
+            # wants one dense tensor per variable.
+            dense = [
+                tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
+                for g, v in zip(grads, variables, strict=True)
+            ]
+            return dense, loss
+
+        self._gradient_step = tf.function(gradient_step, reduce_retracing=True)
+
+    def variable_specs(self) -> list[VariableSpec]:
+        """``(name, shape, dtype)`` of every trainable variable, in model order."""
+        return list(self._specs)
+
+    def get_weights(self, names: Iterable[str] | None = None) -> dict[str, npt.NDArray[Any]]:
+        """Copies of the current values of the named variables (all when ``names`` is None)."""
+        wanted = self._variables if names is None else {n: self._variables[n] for n in names}
+        return {name: np.array(var.numpy()) for name, var in wanted.items()}
+
+    def set_weights(self, weights: Mapping[str, npt.ArrayLike]) -> None:
+        """Assign values to the named variables; variables not named keep their values.
+
+        Raises
+        ------
+        ValueError
+            For an unknown name or a shape that does not match the variable. Nothing
+            is assigned in that case.
+        """
+        checked: list[tuple[Any, npt.NDArray[Any]]] = []
+        for name, value in weights.items():
+            var = self._variables.get(name)
+            if var is None:
+                raise ValueError(f"unknown variable {name!r}")
+            array = np.asarray(value, dtype=np.dtype(str(var.dtype)))
+            if array.shape != tuple(var.shape):
+                raise ValueError(f"{name}: shape {array.shape} != variable {tuple(var.shape)}")
+            checked.append((var, array))
+        for var, array in checked:
+            var.assign(array)
+
+    def compute(self, x: npt.ArrayLike, y: npt.ArrayLike) -> tuple[Gradients, float]:
+        """Gradient of the mean batch loss (plus regularisation losses) at the current weights.
+
+        Parameters
+        ----------
+        x : array, shape ``[batch, *input_shape]``
+        y : array, shape ``[batch, ...]`` labels or targets
+
+        Returns
+        -------
+        gradients : dict of name -> float32 ndarray of the variable's shape
+        loss : float, the loss value the gradient is of
+        """
+        grads, loss = self._gradient_step(np.asarray(x), np.asarray(y))
+        gradients = {
+            spec[0]: np.asarray(g.numpy(), dtype=np.float32)
+            for spec, g in zip(self._specs, grads, strict=True)
+        }
+        return gradients, float(loss.numpy())
+
+
+class GradientAccumulator:
+    """Sums per-batch mean gradients weighted by batch size, for one push.
+
+    ``mean()`` is then the gradient of the mean loss over every sample covered, which
+    is what the parameter server scales by its learning rate.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, npt.NDArray[np.float64]] = {}
+        self.samples = 0
+        self.batches = 0
+
+    def add(self, gradients: Mapping[str, npt.NDArray[Any]], samples: int) -> None:
+        """Add one batch's mean gradient, covering ``samples`` samples."""
+        if samples <= 0:
+            raise ValueError("samples must be positive")
+        for name, grad in gradients.items():
+            weighted = np.asarray(grad, dtype=np.float64) * samples
+            if name in self._sums:
+                self._sums[name] += weighted
+            else:
+                self._sums[name] = weighted
+        self.samples += samples
+        self.batches += 1
+
+    def mean(self, names: Iterable[str] | None = None) -> Gradients:
+        """Sample-weighted mean gradient as float32 (of ``names`` only, when given)."""
+        if self.samples == 0:
+            raise ValueError("nothing accumulated")
+        keys = self._sums.keys() if names is None else names
+        return {name: (self._sums[name] / self.samples).astype(np.float32) for name in keys}
+
+    def reset(self) -> None:
+        """Forget everything accumulated (after a push)."""
+        self._sums.clear()
+        self.samples = 0
+        self.batches = 0
+
+
+class BatchSampler:
+    """Mini-batch indices drawn from a seeded generator: same seed, same batches.
+
+    Samples without replacement within an epoch (a fresh permutation each pass), so
+    every sample is seen once before any is seen twice. The batch size is capped at
+    ``n_samples`` so every batch has the same shape and the traced step is reused.
+    """
+
+    def __init__(self, n_samples: int, batch_size: int, seed: int) -> None:
+        if n_samples <= 0 or batch_size <= 0:
+            raise ValueError("n_samples and batch_size must be positive")
+        self.n_samples = n_samples
+        self.batch_size = min(batch_size, n_samples)
+        self._rng = np.random.default_rng(seed)
+        self._order = self._rng.permutation(n_samples)
+        self._pos = 0
+
+    def next_indices(self) -> npt.NDArray[np.int64]:
+        """Indices of the next batch, int64 of shape ``[batch_size]``."""
+        parts: list[npt.NDArray[np.int64]] = []
+        need = self.batch_size
+        while need:
+            if self._pos == self.n_samples:
+                self._order = self._rng.permutation(self.n_samples)
+                self._pos = 0
+            take = min(need, self.n_samples - self._pos)
+            parts.append(self._order[self._pos : self._pos + take])
+            self._pos += take
+            need -= take
+        return np.concatenate(parts).astype(np.int64, copy=False)
+
+
+class LocalTrainer:
+    """Plain synchronous SGD on one machine with the same step as the agent.
+
+    For benchmarks and server-side baselines: each ``step`` draws a batch with the
+    seeded sampler, computes the gradient and applies ``w -= learning_rate * g``.
+    """
+
+    def __init__(
+        self,
+        computer: GradientComputer,
+        x: npt.NDArray[Any],
+        y: npt.NDArray[Any],
+        *,
+        batch_size: int,
+        learning_rate: float,
+        seed: int = 0,
+    ) -> None:
+        if len(x) != len(y):
+            raise ValueError("x and y must have the same number of rows")
+        self.computer = computer
+        self.x, self.y = x, y
+        self.learning_rate = learning_rate
+        self.sampler = BatchSampler(len(x), batch_size, seed)
+
+    def step(self) -> float:
+        """One SGD step; returns the batch loss before the update."""
+        idx = self.sampler.next_indices()
+        grads, loss = self.computer.compute(self.x[idx], self.y[idx])
+        weights = self.computer.get_weights(grads.keys())
+        self.computer.set_weights(
+            {name: weights[name] - self.learning_rate * grads[name] for name in grads}
+        )
+        return loss
+
+    def run(self, steps: int) -> list[float]:
+        """``steps`` SGD steps; returns the loss of each."""
+        return [self.step() for _ in range(steps)]

@@ -1,0 +1,1 @@
+"""Downpour: volunteer compute for asynchronous Downpour SGD."""

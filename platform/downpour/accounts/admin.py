@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+from django.contrib import admin
+from django.contrib.auth.admin import UserAdmin
+
+from .models import User
+
+
+@admin.register(User)
+class DownpourUserAdmin(UserAdmin):
+    list_display = ("username", "email", "is_researcher", "is_donor", "share_weight", "is_staff")
+    fieldsets = (
+        *UserAdmin.fieldsets,
+        ("Downpour", {"fields": ("is_researcher", "is_donor", "share_weight")}),
+    )

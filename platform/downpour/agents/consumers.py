@@ -1,0 +1,403 @@
+"""The agent websocket: the only server code that speaks the protocol.
+
+ORM access goes through private ``database_sync_to_async`` methods and numpy work through
+``asyncio.to_thread``, so the event loop only moves frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+from django.utils import timezone
+
+from downpour.donors.models import Agent, AgentToken, hash_token
+from downpour.paramstore import PushResult, StoreError
+from downpour.training import actions
+from downpour.training.models import Job, Lease
+from downpour.training.store import job_store
+from downpour_agent.protocol import (
+    AGENT_MESSAGES,
+    PROTOCOL_VERSION,
+    ErrorCode,
+    ProtocolError,
+    error_message,
+    frame_from_wire,
+    frame_to_wire,
+    message_from_wire,
+    message_to_wire,
+)
+
+from . import push
+
+log = logging.getLogger(__name__)
+JOB_STATUS_TTL_S = 1.0
+FLUSH_INTERVAL_S = 2.0
+
+
+@dataclass
+class CachedLease:
+    lease_id: str
+    job: Job
+    deadline: float  # time.monotonic() after which the lease must be re-read
+
+
+@dataclass
+class Tally:
+    job_id: str
+    samples: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    credit: float = 0.0
+
+
+@dataclass
+class _JobStatus:
+    finished: bool
+    checked_at: float
+
+
+@dataclass
+class _State:
+    leases: dict[str, CachedLease] = field(default_factory=dict)
+    tallies: dict[str, Tally] = field(default_factory=dict)
+    jobs: dict[str, _JobStatus] = field(default_factory=dict)
+    groups: set[str] = field(default_factory=set)
+    last_flush: float = 0.0
+
+
+class AgentConsumer(AsyncWebsocketConsumer):
+    token: AgentToken | None = None
+    agent: Agent | None = None
+
+    async def connect(self) -> None:
+        self.state = _State()
+        self.token = await self._authenticate(_bearer_token(self.scope))
+        await self.accept()
+        if self.token is None:
+            await self._send(
+                error_message(ErrorCode.UNAUTHORIZED, "missing, unknown or revoked agent token")
+            )
+            await self.close(code=4401)
+
+    async def disconnect(self, code: int) -> None:
+        for group in list(getattr(self, "state", _State()).groups):
+            await self.channel_layer.group_discard(group, self.channel_name)
+        if self.agent is not None:
+            await self._flush_tallies(force=True)
+            await self._mark_disconnected()
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.token is None:
+            return
+        ref: Any = None
+        try:
+            if bytes_data is not None:
+                msg, tensors = await asyncio.to_thread(
+                    frame_from_wire, bytes_data, AGENT_MESSAGES, settings.MAX_FRAME_BYTES
+                )
+                ref = msg.get("ref")
+                if msg["type"] != "push":
+                    raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{msg['type']} is not a binary message")
+                await self._require_registered()
+                await self.on_push(msg, tensors)
+            else:
+                msg = message_from_wire(text_data or "", AGENT_MESSAGES)
+                ref = msg.get("ref")
+                if msg["type"] == "push":
+                    raise ProtocolError(ErrorCode.BAD_MESSAGE, "push must be a binary tensor frame")
+                if msg["type"] != "register":
+                    await self._require_registered()
+                await getattr(self, f"on_{msg['type']}")(msg)
+        except ProtocolError as exc:
+            await self._send(exc.to_message(ref))
+        except (StoreError, actions.LeaseError) as exc:
+            await self._send(error_message(exc.code, str(exc), ref))
+        except Exception:
+            log.exception("agent %s: unexpected error", self.agent and self.agent.id)
+            await self._send(error_message(ErrorCode.INTERNAL, "internal server error", ref))
+
+    # --- handlers -------------------------------------------------------------------
+
+    async def on_register(self, msg: dict[str, Any]) -> None:
+        if msg["protocol_version"] != PROTOCOL_VERSION:
+            raise ProtocolError(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"server speaks protocol {PROTOCOL_VERSION}, agent {msg['protocol_version']}",
+            )
+        self.agent = await self._register(msg["name"][:100] or "agent", msg["device"])
+        await self._join(push.agent_group(str(self.agent.id)))
+        await self._send(
+            {
+                "type": "registered",
+                "agent_id": str(self.agent.id),
+                "heartbeat_interval_s": settings.HEARTBEAT_INTERVAL_S,
+                "lease_ttl_s": settings.LEASE_TTL_S,
+                **_ref(msg),
+            }
+        )
+
+    async def on_heartbeat(self, msg: dict[str, Any]) -> None:
+        lease_id = msg.get("lease_id")
+        ttl = await self._heartbeat(lease_id)
+        reply: dict[str, Any] = {"type": "heartbeat_ack", **_ref(msg)}
+        if lease_id is not None and ttl is not None:
+            cached = self.state.leases.get(lease_id)
+            if cached is not None:
+                cached.deadline = time.monotonic() + ttl
+            reply.update(lease_id=lease_id, expires_in_s=ttl)
+        await self._send(reply)
+
+    async def on_request_work(self, msg: dict[str, Any]) -> None:
+        offer = await self._claim_work()
+        if offer is None:
+            await self._send({"type": "no_work", "retry_after_s": 2.0, **_ref(msg)})
+            return
+        lease, message = offer
+        self.state.leases[str(lease.id)] = CachedLease(
+            str(lease.id), lease.unit.job, time.monotonic() + settings.LEASE_TTL_S
+        )
+        await self._join(push.job_group(str(lease.unit.job_id)))
+        await self._send({**message, **_ref(msg)})
+
+    async def on_fetch(self, msg: dict[str, Any]) -> None:
+        cached = await self._lease(msg["lease_id"])
+        store = job_store(cached.job)
+        version, tensors = await asyncio.to_thread(self._fetch, cached.job, store, msg["shard"])
+        reply = {
+            "type": "params",
+            "lease_id": msg["lease_id"],
+            "shard": msg["shard"],
+            "version": version,
+            **_ref(msg),
+        }
+        frame = await asyncio.to_thread(frame_to_wire, reply, tensors)
+        await self.send(bytes_data=frame)
+
+    async def on_push(self, msg: dict[str, Any], tensors: dict[str, Any]) -> None:
+        cached = await self._lease(msg["lease_id"])
+        store = job_store(cached.job)
+        push_id = f"{msg['lease_id']}:{msg['seq']}:{msg['shard']}"
+        tally = self.state.tallies.setdefault(msg["lease_id"], Tally(str(cached.job.id)))
+        try:
+            result: PushResult = await asyncio.to_thread(
+                self._apply, cached.job, store, msg["shard"], tensors, msg["base_version"], push_id
+            )
+        except StoreError:
+            tally.rejected += 1
+            raise
+        if result.applied:
+            tally.accepted += 1
+            # One push round sends every shard with the same samples; count them once.
+            if msg["shard"] == 0 and msg["samples"] > 0:
+                tally.samples += msg["samples"]
+                tally.credit += msg["samples"] / (1 + result.staleness)
+        await self._send(
+            {
+                "type": "push_ack",
+                "lease_id": msg["lease_id"],
+                "seq": msg["seq"],
+                "shard": msg["shard"],
+                "version": result.version,
+                "staleness": result.staleness,
+                "applied": result.applied,
+                "duplicate": result.duplicate,
+                **_ref(msg),
+            }
+        )
+        await self._flush_tallies()
+
+    async def on_complete(self, msg: dict[str, Any]) -> None:
+        await self._flush_tallies(force=True)
+        await self._complete(msg["lease_id"], msg["samples"])
+        self.state.leases.pop(msg["lease_id"], None)
+        await self._send({"type": "complete_ack", "lease_id": msg["lease_id"], **_ref(msg)})
+
+    async def on_return_lease(self, msg: dict[str, Any]) -> None:
+        await self._flush_tallies(force=True)
+        await self._return(msg["lease_id"])
+        self.state.leases.pop(msg["lease_id"], None)
+        await self._send({"type": "lease_returned", "lease_id": msg["lease_id"], **_ref(msg)})
+
+    async def agent_message(self, event: dict[str, Any]) -> None:
+        """Relay an event from ``agents/push.py`` to this agent."""
+        message = event["message"]
+        if message.get("code") == "job_finished":
+            job_id = str(message.get("ref", "")).removeprefix("job:")
+            self.state.jobs[job_id] = _JobStatus(True, time.monotonic())
+            for lease_id, cached in list(self.state.leases.items()):
+                if str(cached.job.id) == job_id:
+                    del self.state.leases[lease_id]
+            await self._flush_tallies(force=True)
+        await self._send(message)
+
+    # --- helpers --------------------------------------------------------------------
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        await self.send(text_data=message_to_wire(message))
+
+    async def _join(self, group: str) -> None:
+        if group not in self.state.groups:
+            await self.channel_layer.group_add(group, self.channel_name)
+            self.state.groups.add(group)
+
+    async def _require_registered(self) -> None:
+        if self.agent is None:
+            raise ProtocolError(ErrorCode.NOT_REGISTERED, "send register first")
+
+    async def _lease(self, lease_id: str) -> CachedLease:
+        cached = self.state.leases.get(lease_id)
+        now = time.monotonic()
+        if cached is None or now >= cached.deadline:
+            lease = await self._load_lease(lease_id)
+            remaining = (lease.expires_at - timezone.now()).total_seconds()
+            cached = CachedLease(lease_id, lease.unit.job, now + remaining)
+            self.state.leases[lease_id] = cached
+        await self._check_job_running(cached.job)
+        return cached
+
+    async def _check_job_running(self, job: Job) -> None:
+        key = str(job.id)
+        status = self.state.jobs.get(key)
+        now = time.monotonic()
+        if status is None or (not status.finished and now - status.checked_at > JOB_STATUS_TTL_S):
+            status = _JobStatus(await self._job_finished(key), now)
+            self.state.jobs[key] = status
+        if status.finished:
+            raise actions.LeaseError("job_finished", "the job has finished")
+
+    async def _flush_tallies(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.state.last_flush < FLUSH_INTERVAL_S:
+            return
+        self.state.last_flush = now
+        tallies, self.state.tallies = self.state.tallies, {}
+        if tallies and self.agent is not None:
+            await self._record(tallies)
+
+    @staticmethod
+    def _fetch(job: Job, store: Any, shard: int) -> tuple[int, dict[str, Any]]:
+        try:
+            return store.fetch(shard)  # type: ignore[no-any-return]
+        except StoreError as exc:
+            if exc.code != "unknown_job":
+                raise
+            actions.ensure_store_ready(job)
+            return store.fetch(shard)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _apply(
+        job: Job, store: Any, shard: int, tensors: dict[str, Any], base: int, push_id: str
+    ) -> PushResult:
+        try:
+            return store.push(shard, tensors, base, push_id)  # type: ignore[no-any-return]
+        except StoreError as exc:
+            if exc.code != "unknown_job":
+                raise
+            actions.ensure_store_ready(job)
+            return store.push(shard, tensors, base, push_id)  # type: ignore[no-any-return]
+
+    # --- database (sync, run in a thread by Channels) --------------------------------
+
+    @database_sync_to_async
+    def _authenticate(self, token: str | None) -> AgentToken | None:
+        if not token:
+            return None
+        return AgentToken.objects.filter(
+            token_hash=hash_token(token), revoked_at__isnull=True
+        ).first()
+
+    @database_sync_to_async
+    def _register(self, name: str, device: dict[str, Any]) -> Agent:
+        def num(key: str) -> Any:
+            value = device.get(key)
+            return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+        def text(key: str) -> str:
+            value = device.get(key)
+            return str(value)[:200] if value is not None else ""
+
+        assert self.token is not None
+        agent, _ = Agent.objects.update_or_create(
+            token=self.token,
+            name=name,
+            defaults={
+                "os": text("os"),
+                "cpu_cores": num("cpu_cores"),
+                "ram_bytes": num("ram_bytes"),
+                "gpu_name": text("gpu_name"),
+                "gpu_memory_bytes": num("gpu_memory_bytes"),
+                "tf_version": text("tf_version"),
+                "samples_per_s": num("samples_per_s"),
+                "last_seen_at": timezone.now(),
+                "connected": True,
+            },
+        )
+        return agent
+
+    @database_sync_to_async
+    def _heartbeat(self, lease_id: str | None) -> float | None:
+        assert self.agent is not None
+        return actions.heartbeat(self.agent, lease_id)
+
+    @database_sync_to_async
+    def _claim_work(self) -> tuple[Lease, dict[str, Any]] | None:
+        assert self.agent is not None
+        self.agent.refresh_from_db()
+        lease = actions.claim_work(self.agent)
+        if lease is None:
+            return None
+        lease = Lease.objects.select_related("unit__job", "unit__shard").get(id=lease.id)
+        return lease, actions.lease_message(lease)
+
+    @database_sync_to_async
+    def _load_lease(self, lease_id: str) -> Lease:
+        assert self.agent is not None
+        return actions.get_agent_lease(lease_id, self.agent)
+
+    @database_sync_to_async
+    def _job_finished(self, job_id: str) -> bool:
+        status = Job.objects.filter(id=job_id).values_list("status", flat=True).first()
+        return status != Job.Status.RUNNING
+
+    @database_sync_to_async
+    def _complete(self, lease_id: str, samples: int) -> None:
+        assert self.agent is not None
+        actions.complete_lease(self.agent, lease_id, samples)
+
+    @database_sync_to_async
+    def _return(self, lease_id: str) -> None:
+        assert self.agent is not None
+        actions.return_lease(self.agent, lease_id)
+
+    @database_sync_to_async
+    def _record(self, tallies: dict[str, Tally]) -> None:
+        assert self.agent is not None
+        for lease_id, t in tallies.items():
+            actions.record_contribution(
+                t.job_id, str(self.agent.id), lease_id, t.samples, t.accepted, t.rejected, t.credit
+            )
+
+    @database_sync_to_async
+    def _mark_disconnected(self) -> None:
+        assert self.agent is not None
+        Agent.objects.filter(id=self.agent.id).update(connected=False, last_seen_at=timezone.now())
+
+
+def _bearer_token(scope: dict[str, Any]) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None
+
+
+def _ref(msg: dict[str, Any]) -> dict[str, Any]:
+    return {"ref": msg["ref"]} if "ref" in msg else {}

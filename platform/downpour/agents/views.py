@@ -1,0 +1,40 @@
+"""HTTP endpoints for machines: agents download dataset shards here."""
+
+from __future__ import annotations
+
+from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
+from django.utils import timezone
+from django.views.decorators.http import require_GET
+
+from downpour.donors.models import AgentToken, hash_token
+from downpour.training.models import DatasetShard, Lease
+
+
+def _error(status: int, code: str, message: str) -> JsonResponse:
+    return JsonResponse({"type": "error", "code": code, "message": message}, status=status)
+
+
+@require_GET
+def shard_download(request: HttpRequest, shard_id: str) -> HttpResponse:
+    """The shard file, to an agent that holds a live lease on a unit over this shard."""
+    scheme, _, plain = request.headers.get("Authorization", "").partition(" ")
+    token = None
+    if scheme.lower() == "bearer" and plain:
+        token = AgentToken.objects.filter(
+            token_hash=hash_token(plain.strip()), revoked_at__isnull=True
+        ).first()
+    if token is None:
+        return _error(401, "unauthorized", "missing, unknown or revoked agent token")
+    shard = DatasetShard.objects.filter(id=shard_id).first()
+    live = Lease.objects.filter(
+        agent__token=token,
+        unit__shard_id=shard_id,
+        status=Lease.Status.ACTIVE,
+        expires_at__gt=timezone.now(),
+    ).exists()
+    if shard is None or not live:
+        # Same answer for "no such shard" and "not yours": don't reveal what exists.
+        return _error(404, "not_found", "no such shard under a live lease of yours")
+    response = FileResponse(open(shard.path, "rb"), content_type="application/octet-stream")
+    response["X-Content-SHA256"] = shard.sha256
+    return response

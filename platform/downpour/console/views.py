@@ -1,0 +1,23 @@
+"""The operators' overview; the Django admin holds everything else."""
+
+from __future__ import annotations
+
+from django.contrib.admin.views.decorators import staff_member_required
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+
+from downpour.donors.models import Agent
+from downpour.training.models import Job, Lease
+
+
+@staff_member_required
+def overview(request: HttpRequest) -> HttpResponse:
+    return render(
+        request,
+        "console/overview.html",
+        {
+            "agents": Agent.objects.select_related("token__owner").order_by("-last_seen_at")[:200],
+            "jobs": Job.objects.select_related("owner").order_by("-created_at")[:200],
+            "active_leases": Lease.objects.filter(status=Lease.Status.ACTIVE).count(),
+        },
+    )

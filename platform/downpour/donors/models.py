@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class AgentToken(models.Model):
+    """A donor's credential for agents. Only its SHA-256 is stored."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
+    name = models.CharField(max_length=100)
+    token_hash = models.CharField(max_length=64, unique=True)
+    prefix = models.CharField(max_length=12)
+    created_at = models.DateTimeField(auto_now_add=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    @classmethod
+    def issue(cls, owner: object, name: str) -> tuple[AgentToken, str]:
+        """Create a token; the plain value is returned once and never stored."""
+        plain = "dp_" + secrets.token_urlsafe(32)
+        token = cls.objects.create(
+            owner=owner, name=name, token_hash=hash_token(plain), prefix=plain[:10]
+        )
+        return token, plain
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+
+class Agent(models.Model):
+    """One donated machine, as registered by its agent."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    token = models.ForeignKey(AgentToken, on_delete=models.CASCADE, related_name="agents")
+    name = models.CharField(max_length=100)
+    os = models.CharField(max_length=200, blank=True)
+    cpu_cores = models.IntegerField(null=True)
+    ram_bytes = models.BigIntegerField(null=True)
+    gpu_name = models.CharField(max_length=200, blank=True)
+    gpu_memory_bytes = models.BigIntegerField(null=True)
+    tf_version = models.CharField(max_length=50, blank=True)
+    samples_per_s = models.FloatField(null=True)
+    registered_at = models.DateTimeField(auto_now_add=True)
+    last_seen_at = models.DateTimeField(null=True)
+    connected = models.BooleanField(default=False)
+    credit = models.FloatField(default=0.0)
+    leases_completed = models.IntegerField(default=0)
+    leases_abandoned = models.IntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["token", "name"], name="agent_name_per_token")]
+
+    @property
+    def owner_id(self) -> int:
+        return self.token.owner_id
+
+    def __str__(self) -> str:
+        return self.name

@@ -1,0 +1,58 @@
+"""Pages for donors: agent tokens, devices, credit and the leaderboard."""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.db.models import Sum
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
+from django.views.decorators.http import require_POST
+
+from downpour.accounts.models import User
+
+from .models import Agent, AgentToken
+
+
+@login_required
+def dashboard(request: HttpRequest) -> HttpResponse:
+    agents = Agent.objects.filter(token__owner=request.user).order_by("name")
+    leaderboard = (
+        User.objects.filter(agenttoken__agents__isnull=False)
+        .annotate(total=Sum("agenttoken__agents__credit"))
+        .order_by("-total")[:20]
+    )
+    return render(
+        request,
+        "donors/dashboard.html",
+        {
+            "tokens": AgentToken.objects.filter(owner=request.user).order_by("-created_at"),
+            "agents": agents,
+            "credit": agents.aggregate(total=Sum("credit"))["total"] or 0.0,
+            "leaderboard": leaderboard,
+            "new_token": request.session.pop("new_token", None),
+            "site_root": request.build_absolute_uri("/").rstrip("/"),
+        },
+    )
+
+
+@login_required
+@require_POST
+def token_new(request: HttpRequest) -> HttpResponse:
+    name = (request.POST.get("name") or "my PC").strip()[:100]
+    _, plain = AgentToken.issue(request.user, name)
+    # Shown once on the next page, then only its hash remains.
+    request.session["new_token"] = plain
+    return redirect("donors:dashboard")
+
+
+@login_required
+@require_POST
+def token_revoke(request: HttpRequest, token_id: str) -> HttpResponse:
+    token = get_object_or_404(AgentToken, id=token_id, owner=request.user)
+    if token.revoked_at is None:
+        token.revoked_at = timezone.now()
+        token.save(update_fields=["revoked_at"])
+        messages.info(request, f"Token {token.name} revoked.")
+    return redirect("donors:dashboard")

@@ -1,0 +1,184 @@
+"""Starting Downpour's processes on one machine: shared by the demo, tests and benchmarks.
+
+Every process is a real one (daphne, Celery, ``downpour-agent``) talking over real
+sockets; this module only knows how to launch them and wait until they are ready.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+DIGITS_TEST_SIZE = 360
+#: Every process started here, so a test session can make sure none outlives it.
+SPAWNED: list[subprocess.Popen[bytes]] = []
+
+
+def digits_npz_bytes() -> bytes:
+    """The digits data set as an upload: 1,437 train / 360 test images scaled to [0, 1].
+
+    The split is fixed (stratified, ``random_state=0``) so every run sees the same data.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=DIGITS_TEST_SIZE, random_state=0, stratify=y
+    )
+    buf = io.BytesIO()
+    np.savez(buf, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return buf.getvalue()
+
+
+def mlp_json(hidden: Sequence[int] = (128, 128), inputs: int = 64, classes: int = 10) -> str:
+    """``model.to_json()`` of an MLP ``inputs-hidden...-classes`` (ReLU, softmax out)."""
+    import keras
+
+    layers: list[Any] = [keras.Input(shape=(inputs,))]
+    layers += [keras.layers.Dense(units, activation="relu") for units in hidden]
+    layers.append(keras.layers.Dense(classes, activation="softmax"))
+    return str(keras.Sequential(layers).to_json())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def process_env(extra: Mapping[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "platform"), str(ROOT / "agent")])
+    env["DJANGO_SETTINGS_MODULE"] = "downpour.settings"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def manage(args: Sequence[str], env: Mapping[str, str], timeout: float = 300) -> str:
+    """Run ``manage.py ARGS`` to completion and return its stdout."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "manage.py"), *args],
+        env=process_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
+def spawn(args: Sequence[str], env: Mapping[str, str], log: Path) -> subprocess.Popen[bytes]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    out = open(log, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+    proc = subprocess.Popen(
+        list(args), env=process_env(env), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+        start_new_session=True,
+    )
+    SPAWNED.append(proc)
+    return proc
+
+
+def start_server(port: int, env: Mapping[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """Start daphne on 127.0.0.1:``port`` and wait until it answers HTTP."""
+    # daphne closes sockets on messages over its limit (1 MiB by default) before the app
+    # sees them; allow twice the app's limit so oversize frames get a structured error.
+    frame_limit = int(env.get("MAX_FRAME_BYTES", os.environ.get("MAX_FRAME_BYTES", 64 << 20)))
+    proc = spawn(
+        [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port),
+         "--websocket-max-message-size", str(2 * frame_limit),
+         "--websocket-max-frame-size", str(2 * frame_limit), "downpour.asgi:application"],
+        env,
+        log,
+    )
+    wait_http(f"http://127.0.0.1:{port}/", proc, log)
+    return proc
+
+
+def start_celery(env: Mapping[str, str], logdir: Path) -> list[subprocess.Popen[bytes]]:
+    """A Celery worker (threads pool: TensorFlow dislikes fork) and beat."""
+    worker = spawn(
+        [str(BIN / "celery"), "-A", "downpour", "worker", "--pool", "threads",
+         "--concurrency", "2", "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
+        env,
+        logdir / "celery-worker.log",
+    )
+    beat = spawn(
+        [str(BIN / "celery"), "-A", "downpour", "beat", "--loglevel", "INFO",
+         "--schedule", str(logdir / "celerybeat-schedule")],
+        env,
+        logdir / "celery-beat.log",
+    )
+    return [worker, beat]
+
+
+def start_agent(
+    url: str, token: str, name: str, log: Path, extra_args: Sequence[str] = ()
+) -> subprocess.Popen[bytes]:
+    return spawn(
+        [str(BIN / "downpour-agent"), "join", url, "--token", token, "--name", name,
+         "--threads", "1", *extra_args],
+        {"TF_CPP_MIN_LOG_LEVEL": "2"},
+        log,
+    )
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited with {proc.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s; see {log}")
+
+
+def stop(procs: Sequence[subprocess.Popen[bytes]], sig: int = signal.SIGTERM, grace: float = 10) -> None:
+    """Signal each process group, then kill what is left after ``grace`` seconds."""
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+
+
+def seed_digits_job(env: Mapping[str, str], **options: Any) -> dict[str, Any]:
+    """Create a researcher, a donor token, the digits data set and a job; return their ids."""
+    args = ["seed_digits_job"]
+    for key, value in options.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return dict(json.loads(manage(args, env).strip().splitlines()[-1]))

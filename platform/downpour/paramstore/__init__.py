@@ -1,0 +1,58 @@
+"""Sharded parameter store for asynchronous Downpour SGD (numpy only, no Django or Redis).
+
+``ParameterStore`` applies Adagrad pushes to shards held by a ``ShardStorage`` backend:
+``InMemoryStorage`` here, or ``downpour.redisstore.RedisStorage`` for multi-process servers.
+"""
+
+from __future__ import annotations
+
+from downpour.paramstore.adagrad import AdagradConfig, adagrad_apply, adagrad_apply_pieces
+from downpour.paramstore.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from downpour.paramstore.errors import (
+    Conflict,
+    CorruptCheckpoint,
+    CorruptState,
+    NonFinite,
+    NotInitialized,
+    StaleGradient,
+    StoreError,
+    UnknownShard,
+    WrongDtype,
+    WrongShape,
+)
+from downpour.paramstore.layout import ShardLayout, VariableSpec
+from downpour.paramstore.memory import InMemoryStorage
+from downpour.paramstore.store import (
+    CommitOutcome,
+    ParameterStore,
+    PushResult,
+    ShardState,
+    ShardStorage,
+)
+
+__all__ = [
+    "AdagradConfig",
+    "Checkpoint",
+    "CommitOutcome",
+    "Conflict",
+    "CorruptCheckpoint",
+    "CorruptState",
+    "InMemoryStorage",
+    "NonFinite",
+    "NotInitialized",
+    "ParameterStore",
+    "PushResult",
+    "ShardLayout",
+    "ShardState",
+    "ShardStorage",
+    "StaleGradient",
+    "StoreError",
+    "UnknownShard",
+    "VariableSpec",
+    "WrongDtype",
+    "WrongShape",
+    "adagrad_apply",
+    "adagrad_apply_pieces",
+    "read_checkpoint",
+    "write_checkpoint",
+]

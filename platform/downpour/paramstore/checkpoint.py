@@ -1,0 +1,202 @@
+"""Checkpoints: every shard's weights, accumulators and version in one ``.npz`` file.
+
+File contents (``numpy.savez``, no pickles):
+
+- ``manifest``: 0-d unicode array holding JSON
+  ``{"format": "downpour-paramstore", "format_version": 1, "layout": ..., "meta": ...}``
+- ``w{i}``, ``a{i}``: float32 ``(shard_size(i),)`` weights and accumulators of shard ``i``
+- ``v{i}``: 0-d int64 version of shard ``i``
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from downpour.paramstore.errors import CorruptCheckpoint
+from downpour.paramstore.layout import ShardLayout
+from downpour.paramstore.store import ShardState
+
+FORMAT = "downpour-paramstore"
+FORMAT_VERSION = 1
+
+# Typed loosely because numpy's stub types **kwds as clashing with ``allow_pickle``.
+_savez: Callable[..., None] = np.savez
+
+
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """A checkpoint read back from disk.
+
+    Attributes
+    ----------
+    layout : ShardLayout
+    states : list of ShardState
+        One per shard, float32 arrays of ``layout.shard_size(i)`` elements.
+    meta : dict
+        The JSON metadata given to :func:`write_checkpoint`.
+    sha256 : str
+        Hex digest of the file's bytes.
+    """
+
+    layout: ShardLayout
+    states: list[ShardState]
+    meta: dict[str, Any]
+    sha256: str
+
+
+def write_checkpoint(
+    path: str | os.PathLike[str],
+    layout: ShardLayout,
+    states: Sequence[ShardState],
+    meta: dict[str, Any],
+) -> str:
+    """Write a checkpoint atomically.
+
+    The file is written to a temporary name in the same directory, flushed and fsynced,
+    renamed over ``path`` and the directory is fsynced, so readers see either the old file
+    or the complete new one, even after a crash.
+
+    Parameters
+    ----------
+    path : path-like
+        Destination, conventionally ending in ``.npz`` (used verbatim).
+    layout : ShardLayout
+    states : sequence of ShardState
+        One per shard: float32 weights and accumulators of ``layout.shard_size(i)`` elements.
+    meta : dict
+        JSON-serialisable metadata (job id, step, wall-clock time, ...).
+
+    Returns
+    -------
+    str
+        SHA-256 hex digest of the written file.
+    """
+    destination = Path(path)
+    if len(states) != layout.n_shards:
+        raise ValueError(f"expected {layout.n_shards} shard states, got {len(states)}")
+    arrays: dict[str, np.ndarray] = {}
+    for shard, state in enumerate(states):
+        size = layout.shard_size(shard)
+        for key, array in (("w", state.weights), ("a", state.accumulators)):
+            if array.dtype != np.float32 or array.shape != (size,):
+                raise ValueError(
+                    f"shard {shard}: {key} must be float32 with shape ({size},), "
+                    f"got {array.dtype} {array.shape}"
+                )
+            arrays[f"{key}{shard}"] = array
+        arrays[f"v{shard}"] = np.array(state.version, dtype=np.int64)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "layout": layout.to_json(),
+        "meta": meta,
+    }
+    arrays["manifest"] = np.array(json.dumps(manifest))  # raises before any file is created
+
+    directory = destination.parent
+    fd, temp_name = tempfile.mkstemp(dir=directory, prefix=f".{destination.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            _savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        digest = _sha256_of(Path(temp_name))
+        os.replace(temp_name, destination)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    _fsync_directory(directory)
+    return digest
+
+
+def read_checkpoint(path: str | os.PathLike[str], expected_sha256: str | None = None) -> Checkpoint:
+    """Read and validate a checkpoint written by :func:`write_checkpoint`.
+
+    Parameters
+    ----------
+    path : path-like
+    expected_sha256 : str, optional
+        If given, the file's digest must match it.
+
+    Raises
+    ------
+    CorruptCheckpoint
+        The file is truncated, is not a checkpoint, its digest differs from
+        ``expected_sha256``, or its arrays do not match its own layout.
+    """
+    data = Path(path).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if expected_sha256 is not None and digest != expected_sha256.lower():
+        raise CorruptCheckpoint(
+            f"{path}: sha256 is {digest}, expected {expected_sha256}; the file was changed or "
+            "damaged"
+        )
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            manifest = json.loads(str(archive["manifest"][()]))
+            if not isinstance(manifest, dict):
+                raise CorruptCheckpoint(f"{path}: the manifest is not a JSON object")
+            if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+                raise CorruptCheckpoint(
+                    f"{path}: not a {FORMAT} v{FORMAT_VERSION} checkpoint "
+                    f"(format {manifest.get('format')!r} v{manifest.get('format_version')!r})"
+                )
+            layout = ShardLayout.from_json(manifest["layout"])
+            states = [_read_shard(archive, layout, shard, path) for shard in range(layout.n_shards)]
+            meta = manifest["meta"]
+    except CorruptCheckpoint:
+        raise
+    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        raise CorruptCheckpoint(
+            f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc}); the file is "
+            "truncated, damaged or not a parameter-store checkpoint"
+        ) from exc
+    if not isinstance(meta, dict):
+        raise CorruptCheckpoint(f"{path}: meta must be a JSON object, got {type(meta).__name__}")
+    return Checkpoint(layout, states, meta, digest)
+
+
+def _read_shard(archive: Any, layout: ShardLayout, shard: int, path: object) -> ShardState:
+    size = layout.shard_size(shard)
+    weights = archive[f"w{shard}"]
+    accumulators = archive[f"a{shard}"]
+    version = archive[f"v{shard}"]
+    for key, array in (("weights", weights), ("accumulators", accumulators)):
+        if array.dtype != np.float32 or array.shape != (size,):
+            raise CorruptCheckpoint(
+                f"{path}: shard {shard} {key} should be float32 with shape ({size},) per the "
+                f"layout, found {array.dtype} {array.shape}"
+            )
+    if version.shape != () or version.dtype.kind not in "iu" or int(version) < 0:
+        raise CorruptCheckpoint(
+            f"{path}: shard {shard} version should be a non-negative integer scalar, "
+            f"found {version.dtype} {version.shape}"
+        )
+    return ShardState(int(version), weights, accumulators)
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

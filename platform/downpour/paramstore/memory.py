@@ -1,0 +1,144 @@
+"""In-process shard storage: the embedded default and the backend of the unit tests."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from downpour.paramstore.store import CommitOutcome, ShardState
+
+DEFAULT_APPLIED_CAPACITY = 100_000
+
+
+@dataclass
+class _Shard:
+    state: ShardState
+    capacity: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    applied: set[str] = field(default_factory=set)
+    applied_order: deque[str] = field(default_factory=deque)
+    deleted: bool = False
+
+    def remember(self, push_id: str) -> None:
+        self.applied.add(push_id)
+        self.applied_order.append(push_id)
+        if len(self.applied_order) > self.capacity:
+            self.applied.discard(self.applied_order.popleft())
+
+
+class InMemoryStorage:
+    """Thread-safe :class:`~downpour.paramstore.store.ShardStorage` in process memory.
+
+    Parameters
+    ----------
+    applied_capacity : int
+        How many recent push ids each shard remembers for duplicate detection. Every applied
+        push bumps the version, so an id forgotten after ``applied_capacity`` newer pushes can
+        only be replayed with staleness above ``applied_capacity``; it is still rejected as
+        stale whenever ``applied_capacity >= max_staleness``.
+
+    Notes
+    -----
+    Each (job, shard) has its own lock. Stored arrays never leave this object: ``load`` copies
+    them out and ``commit`` copies into them, both under the lock, so a commit allocates
+    nothing and a reader never sees half an update.
+    """
+
+    def __init__(self, applied_capacity: int = DEFAULT_APPLIED_CAPACITY) -> None:
+        if applied_capacity < 1:
+            raise ValueError(f"applied_capacity must be >= 1, got {applied_capacity}")
+        self._applied_capacity = applied_capacity
+        self._shards: dict[tuple[str, int], _Shard] = {}
+        self._registry_lock = threading.Lock()
+
+    def load(self, job: str, shard: int) -> ShardState | None:
+        """Copy of the shard's state, or None."""
+        slot = self._shards.get((job, shard))
+        if slot is None:
+            return None
+        with slot.lock:
+            if slot.deleted:
+                return None
+            state = slot.state
+            return ShardState(state.version, state.weights.copy(), state.accumulators.copy())
+
+    def load_version(self, job: str, shard: int) -> int | None:
+        """The shard's version, or None."""
+        slot = self._shards.get((job, shard))
+        if slot is None:
+            return None
+        with slot.lock:
+            return None if slot.deleted else slot.state.version
+
+    def initialize(self, job: str, shard: int, state: ShardState) -> None:
+        """Store a copy of ``state``, replacing the shard and its applied push ids."""
+        stored = _private_copy(state, state.version)
+        with self._registry_lock:
+            old = self._shards.get((job, shard))
+            self._shards[(job, shard)] = _Shard(stored, self._applied_capacity)
+        if old is not None:
+            with old.lock:
+                old.deleted = True
+
+    def commit(
+        self, job: str, shard: int, expected_version: int, state: ShardState, push_id: str
+    ) -> CommitOutcome:
+        """Compare-and-set on the version; see ``ShardStorage.commit``."""
+        if state.version != expected_version + 1:
+            raise ValueError(
+                f"state.version must be expected_version + 1 = {expected_version + 1}, "
+                f"got {state.version}"
+            )
+        slot = self._shards.get((job, shard))
+        if slot is None:
+            return CommitOutcome.CONFLICT
+        with slot.lock:
+            if push_id in slot.applied:
+                return CommitOutcome.DUPLICATE
+            if slot.deleted or slot.state.version != expected_version:
+                return CommitOutcome.CONFLICT
+            current = slot.state
+            if state.weights.shape != current.weights.shape or (
+                state.accumulators.shape != current.accumulators.shape
+            ):
+                raise ValueError(
+                    f"shard {shard} holds {current.weights.shape[0]} parameters; got weights "
+                    f"{state.weights.shape} and accumulators {state.accumulators.shape}"
+                )
+            # Copy into the stored buffers: no allocation, and readers copy under this lock.
+            np.copyto(current.weights, state.weights, casting="no")
+            np.copyto(current.accumulators, state.accumulators, casting="no")
+            slot.state = ShardState(expected_version + 1, current.weights, current.accumulators)
+            slot.remember(push_id)
+        return CommitOutcome.APPLIED
+
+    def was_applied(self, job: str, shard: int, push_id: str) -> bool:
+        """Whether ``push_id`` is among the shard's remembered push ids."""
+        slot = self._shards.get((job, shard))
+        if slot is None:
+            return False
+        with slot.lock:
+            return not slot.deleted and push_id in slot.applied
+
+    def delete(self, job: str) -> None:
+        """Forget every shard of ``job``."""
+        with self._registry_lock:
+            keys = [key for key in self._shards if key[0] == job]
+            slots = [self._shards.pop(key) for key in keys]
+        for slot in slots:
+            with slot.lock:
+                slot.deleted = True
+
+
+def _private_copy(state: ShardState, version: int) -> ShardState:
+    weights = np.array(state.weights, dtype=np.float32, copy=True)
+    accumulators = np.array(state.accumulators, dtype=np.float32, copy=True)
+    if weights.ndim != 1 or weights.shape != accumulators.shape:
+        raise ValueError(
+            f"weights and accumulators must be flat vectors of one length, "
+            f"got {weights.shape} and {accumulators.shape}"
+        )
+    return ShardState(int(version), weights, accumulators)

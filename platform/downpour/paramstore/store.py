@@ -1,0 +1,421 @@
+"""The parameter store: sharded weights updated by asynchronous Adagrad pushes.
+
+One :class:`ParameterStore` serves one training job. It owns the numerics (validation,
+staleness, Adagrad) and talks to a :class:`ShardStorage` backend for persistence. A push is
+an optimistic read-modify-write of one shard: load, apply, then commit only if nobody else
+committed in between; otherwise reload and try again.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from downpour.paramstore.adagrad import AdagradConfig, adagrad_apply_pieces
+from downpour.paramstore.errors import (
+    Conflict,
+    CorruptState,
+    NonFinite,
+    NotInitialized,
+    StaleGradient,
+    WrongDtype,
+    WrongShape,
+)
+from downpour.paramstore.layout import ShardLayout
+
+BACKOFF_BASE_SECONDS = 0.0005
+BACKOFF_CAP_SECONDS = 0.02
+
+
+@dataclass(frozen=True, eq=False)
+class ShardState:
+    """Everything stored for one shard.
+
+    Parameters
+    ----------
+    version : int
+        Number of pushes applied since initialization (or the restored version), ``>= 0``.
+    weights : ndarray
+        float32, shape ``(shard_size,)``.
+    accumulators : ndarray
+        float32, shape ``(shard_size,)``: Adagrad's running sum of squared gradients.
+    """
+
+    version: int
+    weights: np.ndarray
+    accumulators: np.ndarray
+
+
+class CommitOutcome(enum.Enum):
+    """Result of :meth:`ShardStorage.commit`."""
+
+    APPLIED = "applied"
+    CONFLICT = "conflict"
+    DUPLICATE = "duplicate"
+
+
+class ShardStorage(Protocol):
+    """Where shard states live. Backends: ``InMemoryStorage``, ``downpour.redisstore``.
+
+    Arrays returned by ``load`` belong to the caller (the backend keeps no reference), and
+    arrays passed to ``initialize``/``commit`` are copied, so neither side can alias the other.
+    """
+
+    def load(self, job: str, shard: int) -> ShardState | None:
+        """Return a consistent (version, weights, accumulators), or None if absent."""
+        ...
+
+    def load_version(self, job: str, shard: int) -> int | None:
+        """Return the shard's version, or None if absent."""
+        ...
+
+    def initialize(self, job: str, shard: int, state: ShardState) -> None:
+        """Overwrite the shard with ``state`` and forget its applied push ids."""
+        ...
+
+    def commit(
+        self, job: str, shard: int, expected_version: int, state: ShardState, push_id: str
+    ) -> CommitOutcome:
+        """Atomically store ``state`` if the shard is still at ``expected_version``.
+
+        If ``push_id`` was already applied to this shard: DUPLICATE, nothing written. Else if
+        the version differs from ``expected_version`` (or the shard is absent): CONFLICT.
+        Else write weights and accumulators, set the version to ``expected_version + 1``
+        (which ``state.version`` must equal), remember ``push_id``: APPLIED.
+        """
+        ...
+
+    def was_applied(self, job: str, shard: int, push_id: str) -> bool:
+        """Whether ``push_id`` has been applied to this shard."""
+        ...
+
+    def delete(self, job: str) -> None:
+        """Remove every shard of ``job``; a no-op for an unknown job."""
+        ...
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """Outcome of :meth:`ParameterStore.push`.
+
+    Attributes
+    ----------
+    applied : bool
+        The gradient changed the weights.
+    duplicate : bool
+        The push id had already been applied; this call changed nothing.
+    version : int
+        Shard version after the call.
+    staleness : int
+        Versions between the gradient's base and the version it was applied to (for a
+        duplicate: between the base and the current version).
+    """
+
+    applied: bool
+    duplicate: bool
+    version: int
+    staleness: int
+
+
+class ParameterStore:
+    """Sharded parameters of one job with asynchronous Adagrad updates.
+
+    Parameters
+    ----------
+    storage : ShardStorage
+        Backend shared by every server process of the deployment.
+    job_id : str
+        Key of the job in ``storage``.
+    layout : ShardLayout
+        How the model's variables are grouped into shards.
+    optimizer : AdagradConfig
+        Learning rate and Adagrad constants.
+    max_staleness : int
+        A gradient computed on version ``b`` is applied to version ``c`` only if
+        ``0 <= c - b <= max_staleness``.
+    max_commit_attempts : int
+        Optimistic-concurrency attempts before :class:`Conflict` is raised.
+
+    Notes
+    -----
+    Safe to call from several threads and processes at once: every update is a
+    compare-and-set on the shard version. ``staleness_counts`` counts accepted pushes by
+    staleness, for this object only.
+    """
+
+    def __init__(
+        self,
+        storage: ShardStorage,
+        job_id: str,
+        layout: ShardLayout,
+        optimizer: AdagradConfig,
+        max_staleness: int,
+        *,
+        max_commit_attempts: int = 100,
+    ) -> None:
+        if not isinstance(job_id, str) or not job_id:
+            raise ValueError(f"job_id must be a non-empty string, got {job_id!r}")
+        if isinstance(max_staleness, bool) or not isinstance(max_staleness, int):
+            raise ValueError(f"max_staleness must be an int, got {max_staleness!r}")
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
+        if max_commit_attempts < 1:
+            raise ValueError(f"max_commit_attempts must be >= 1, got {max_commit_attempts}")
+        self.storage = storage
+        self.job_id = job_id
+        self.layout = layout
+        self.optimizer = optimizer
+        self.max_staleness = max_staleness
+        self.max_commit_attempts = max_commit_attempts
+        self.staleness_counts: Counter[int] = Counter()
+        self._counts_lock = threading.Lock()
+        self._random = random.Random()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def initialize(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Store initial weights at version 0 with fresh accumulators.
+
+        Parameters
+        ----------
+        weights : mapping of str to ndarray
+            One finite float32 array per variable of the layout, with its shape.
+        """
+        flats = []
+        for shard, part in enumerate(self.layout.split(weights)):
+            _check_finite(self.layout, shard, self.layout.check_tensors(shard, part), "weights")
+            flat = self.layout.flatten_shard(shard, part)
+            flats.append(flat)
+        for shard, flat in enumerate(flats):
+            accumulators = np.full(flat.shape, self.optimizer.initial_accumulator, np.float32)
+            self.storage.initialize(self.job_id, shard, ShardState(0, flat, accumulators))
+        with self._counts_lock:
+            self.staleness_counts.clear()
+
+    def delete(self) -> None:
+        """Remove the job's parameters from storage."""
+        self.storage.delete(self.job_id)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def fetch(self, shard: int) -> tuple[int, dict[str, np.ndarray]]:
+        """Current version and tensors of one shard.
+
+        Returns
+        -------
+        version : int
+        tensors : dict of str to ndarray
+            float32 arrays with the variables' shapes, owned by the caller.
+        """
+        version, flat = self.fetch_flat(shard)
+        return version, self.layout.unflatten_shard(shard, flat)
+
+    def fetch_flat(self, shard: int) -> tuple[int, np.ndarray]:
+        """Current version and flat float32 weights ``(shard_size,)`` of one shard."""
+        state = self._load(self.layout.check_shard(shard))
+        return state.version, state.weights
+
+    def versions(self) -> list[int]:
+        """Current version of every shard, by shard index."""
+        versions = []
+        for shard in range(self.layout.n_shards):
+            version = self.storage.load_version(self.job_id, shard)
+            if version is None:
+                raise self._not_initialized(shard)
+            versions.append(version)
+        return versions
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """All current weights, float32, in the layout's original variable order.
+
+        Each shard is read atomically; shards are read one after another, so concurrent
+        pushes may land between them.
+        """
+        parts = [self.fetch(shard)[1] for shard in range(self.layout.n_shards)]
+        return self.layout.merge(parts)
+
+    def snapshot(self) -> list[ShardState]:
+        """Copy of every shard's state (each shard atomic; not a cut across shards)."""
+        return [self._load(shard) for shard in range(self.layout.n_shards)]
+
+    def restore(self, states: Sequence[ShardState]) -> None:
+        """Overwrite every shard with ``states`` (e.g. from a checkpoint).
+
+        Versions are restored as given and applied push ids are forgotten, so pushes that
+        were lost with the newer state can be applied again.
+        """
+        if len(states) != self.layout.n_shards:
+            raise WrongShape(f"expected {self.layout.n_shards} shard states, got {len(states)}")
+        for shard, state in enumerate(states):
+            self._check_state(shard, state)
+        for shard, state in enumerate(states):
+            self.storage.initialize(self.job_id, shard, state)
+        with self._counts_lock:
+            self.staleness_counts.clear()
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def push(
+        self,
+        shard: int,
+        grads: Mapping[str, np.ndarray],
+        base_version: int,
+        push_id: str,
+        lr_scale: float = 1.0,
+    ) -> PushResult:
+        """Apply one gradient to one shard with Adagrad.
+
+        Parameters
+        ----------
+        shard : int
+            Shard index.
+        grads : mapping of str to ndarray
+            Exactly the shard's variables; finite float32 arrays with their shapes.
+        base_version : int
+            Shard version the gradient was computed from.
+        push_id : str
+            Unique id of this push; a repeated id is acknowledged but not applied again.
+        lr_scale : float
+            Multiplies the learning rate for this push, ``>= 0``.
+
+        Returns
+        -------
+        PushResult
+
+        Raises
+        ------
+        UnknownShard, WrongShape, WrongDtype, NonFinite
+            Invalid input; checked before any state is read or written.
+        StaleGradient
+            ``base_version`` is negative, ahead of the shard, or more than ``max_staleness``
+            versions behind it.
+        NotInitialized
+            The job has no parameters.
+        Conflict
+            Lost the compare-and-set race ``max_commit_attempts`` times.
+        """
+        shard = self.layout.check_shard(shard)
+        if not isinstance(push_id, str) or not push_id:
+            raise ValueError(f"push_id must be a non-empty string, got {push_id!r}")
+        if not np.isfinite(lr_scale) or lr_scale < 0:
+            raise ValueError(f"lr_scale must be finite and >= 0, got {lr_scale!r}")
+        pieces = self.layout.check_tensors(shard, grads)
+        _check_finite(self.layout, shard, pieces, "gradient")
+        if isinstance(base_version, bool) or not isinstance(base_version, int | np.integer):
+            raise StaleGradient(f"base_version must be an integer, got {base_version!r}")
+        if base_version < 0:
+            raise StaleGradient(f"base_version must be >= 0, got {base_version}")
+
+        if self.storage.was_applied(self.job_id, shard, push_id):
+            return self._duplicate(shard, base_version)
+        current = self.storage.load_version(self.job_id, shard)
+        if current is None:
+            raise self._not_initialized(shard)
+        self._staleness(shard, current, base_version)  # fail fast before reading weights
+
+        learning_rate = self.optimizer.learning_rate * float(lr_scale)
+        for attempt in range(self.max_commit_attempts):
+            state = self._load(shard)
+            staleness = self._staleness(shard, state.version, base_version)
+            adagrad_apply_pieces(
+                state.weights, state.accumulators, pieces, learning_rate, self.optimizer.epsilon
+            )
+            new_version = state.version + 1
+            outcome = self.storage.commit(
+                self.job_id,
+                shard,
+                state.version,
+                ShardState(new_version, state.weights, state.accumulators),
+                push_id,
+            )
+            if outcome is CommitOutcome.APPLIED:
+                with self._counts_lock:
+                    self.staleness_counts[staleness] += 1
+                return PushResult(True, False, new_version, staleness)
+            if outcome is CommitOutcome.DUPLICATE:
+                return self._duplicate(shard, base_version)
+            ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2**attempt)
+            time.sleep(self._random.uniform(0, ceiling))
+        raise Conflict(
+            f"shard {shard} of job {self.job_id!r} changed under {self.max_commit_attempts} "
+            f"consecutive attempts to apply push {push_id!r}; try again"
+        )
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _staleness(self, shard: int, current: int, base_version: int) -> int:
+        staleness = int(current - base_version)
+        if staleness < 0:
+            raise StaleGradient(
+                f"base_version {base_version} is ahead of shard {shard}'s current version "
+                f"{current}; fetch the shard again"
+            )
+        if staleness > self.max_staleness:
+            raise StaleGradient(
+                f"gradient for shard {shard} is {staleness} versions stale (base_version "
+                f"{base_version}, current {current}); at most {self.max_staleness} allowed; "
+                "fetch the shard again"
+            )
+        return staleness
+
+    def _duplicate(self, shard: int, base_version: int) -> PushResult:
+        current = self.storage.load_version(self.job_id, shard)
+        if current is None:
+            raise self._not_initialized(shard)
+        return PushResult(False, True, current, max(0, int(current - base_version)))
+
+    def _load(self, shard: int) -> ShardState:
+        state = self.storage.load(self.job_id, shard)
+        if state is None:
+            raise self._not_initialized(shard)
+        size = self.layout.shard_size(shard)
+        if state.weights.shape != (size,) or state.accumulators.shape != (size,):
+            raise CorruptState(
+                f"stored shard {shard} of job {self.job_id!r} has {state.weights.shape[0]} "
+                f"weights and {state.accumulators.shape[0]} accumulators, but the layout "
+                f"expects {size}; was the job initialized with a different model?"
+            )
+        return state
+
+    def _check_state(self, shard: int, state: ShardState) -> None:
+        size = self.layout.shard_size(shard)
+        if isinstance(state.version, bool) or not isinstance(state.version, int | np.integer):
+            raise ValueError(f"shard {shard}: version must be an int, got {state.version!r}")
+        if state.version < 0:
+            raise ValueError(f"shard {shard}: version must be >= 0, got {state.version}")
+        for name, array in (("weights", state.weights), ("accumulators", state.accumulators)):
+            if not isinstance(array, np.ndarray) or array.dtype != np.float32:
+                raise WrongDtype(f"shard {shard}: {name} must be a float32 array")
+            if array.shape != (size,):
+                raise WrongShape(
+                    f"shard {shard}: {name} must have shape ({size},), got {array.shape}"
+                )
+
+    def _not_initialized(self, shard: int) -> NotInitialized:
+        return NotInitialized(
+            f"job {self.job_id!r} has no parameters for shard {shard}; "
+            "it was never initialized or has been deleted"
+        )
+
+
+def _check_finite(
+    layout: ShardLayout, shard: int, tensors: Sequence[np.ndarray], what: str
+) -> None:
+    """Raise NonFinite naming the offending variables if any tensor has NaN or Inf."""
+    if all(np.isfinite(tensor).all() for tensor in tensors):
+        return
+    problems = []
+    for spec, tensor in zip(layout.shards[shard], tensors, strict=True):
+        nans = int(np.isnan(tensor).sum())
+        infs = int(np.isinf(tensor).sum())
+        if nans or infs:
+            problems.append(f"{spec.name!r} has {nans} NaN and {infs} infinite values")
+    raise NonFinite(f"{what} for shard {shard} must be finite: " + "; ".join(problems))

@@ -1,0 +1,192 @@
+"""Redis implementation of the parameter store's ``ShardStorage``.
+
+Keys for shard ``i`` of job ``j`` (``prefix`` defaults to ``"downpour:"``)::
+
+    {prefix}job:{j}:shard:{i}:v        version, decimal string
+    {prefix}job:{j}:shard:{i}:w        weights, raw float32 little-endian bytes
+    {prefix}job:{j}:shard:{i}:a        Adagrad accumulators, same encoding
+    {prefix}job:{j}:shard:{i}:applied  SET of applied push ids
+    {prefix}job:{j}:shards             SET of shard indices, so delete() needs no SCAN
+
+A commit is one Lua script (duplicate check, version check, install of the new values,
+version bump, push id), so it is atomic across every server process that shares the Redis
+database. The new values travel to Redis in the same round trip, under short-lived
+``...:shard:{i}:staged:{token}:w|a`` keys that the script renames into place. A load is one
+``MGET``, which Redis executes atomically, so version, weights and accumulators always
+belong together.
+
+The applied-id sets grow by one id per push for the life of the job; ``delete`` (or
+re-initializing a shard) removes them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import numpy as np
+import redis
+
+from downpour.paramstore.errors import CorruptState
+from downpour.paramstore.store import CommitOutcome, ShardState
+
+WIRE_DTYPE = np.dtype("<f4")
+
+# KEYS: version, weights, accumulators, applied ids, staged weights, staged accumulators
+# ARGV: expected version, new version, push id
+# Returns 0 = applied, 1 = conflict (other version, shard absent or staging lost), 2 = duplicate.
+_COMMIT_LUA = """
+local function discard()
+    redis.call('DEL', KEYS[5], KEYS[6])
+end
+if redis.call('SISMEMBER', KEYS[4], ARGV[3]) == 1 then
+    discard()
+    return 2
+end
+local current = redis.call('GET', KEYS[1])
+if (not current) or current ~= ARGV[1] or redis.call('EXISTS', KEYS[5], KEYS[6]) ~= 2 then
+    discard()
+    return 1
+end
+redis.call('RENAME', KEYS[5], KEYS[2])
+redis.call('PERSIST', KEYS[2])
+redis.call('RENAME', KEYS[6], KEYS[3])
+redis.call('PERSIST', KEYS[3])
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('SADD', KEYS[4], ARGV[3])
+return 0
+"""
+
+# Staged values that never reach the commit script (a dropped connection) expire by then.
+STAGING_TTL_SECONDS = 300
+
+_OUTCOMES = {0: CommitOutcome.APPLIED, 1: CommitOutcome.CONFLICT, 2: CommitOutcome.DUPLICATE}
+
+
+class RedisStorage:
+    """:class:`~downpour.paramstore.store.ShardStorage` backed by Redis.
+
+    Parameters
+    ----------
+    client : redis.Redis
+        A client created with ``decode_responses=False`` (the default); values are binary.
+    prefix : str
+        Prepended to every key, so several deployments or tests can share one database.
+    """
+
+    def __init__(self, client: redis.Redis, prefix: str = "downpour:") -> None:
+        if client.get_connection_kwargs().get("decode_responses"):
+            raise ValueError("RedisStorage needs a client with decode_responses=False")
+        self.client = client
+        self.prefix = prefix
+        self._commit_script = client.register_script(_COMMIT_LUA)
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "downpour:") -> RedisStorage:
+        """Connect to ``url`` (e.g. ``redis://127.0.0.1:6379/0``)."""
+        return cls(redis.Redis.from_url(url), prefix)
+
+    # -- keys --------------------------------------------------------------------------------
+
+    def shard_key(self, job: str, shard: int, suffix: str) -> str:
+        """Key ``{prefix}job:{job}:shard:{shard}:{suffix}`` (suffix v, w, a or applied)."""
+        return f"{self.prefix}job:{job}:shard:{int(shard)}:{suffix}"
+
+    def _shards_key(self, job: str) -> str:
+        return f"{self.prefix}job:{job}:shards"
+
+    # -- ShardStorage ------------------------------------------------------------------------
+
+    def load(self, job: str, shard: int) -> ShardState | None:
+        """Read version, weights and accumulators with one atomic ``MGET``."""
+        values: Any = self.client.mget(
+            [self.shard_key(job, shard, suffix) for suffix in ("v", "w", "a")]
+        )
+        version, weights, accumulators = values
+        if version is None:
+            return None
+        if (
+            not isinstance(weights, bytes)
+            or not isinstance(accumulators, bytes)
+            or len(weights) != len(accumulators)
+            or len(weights) % WIRE_DTYPE.itemsize
+        ):
+            raise CorruptState(
+                f"Redis shard {shard} of job {job!r} is incomplete: version is set but weights "
+                "or accumulators are missing or of different byte lengths"
+            )
+        return ShardState(
+            int(version),
+            np.frombuffer(weights, dtype=WIRE_DTYPE).astype(np.float32, copy=True),
+            np.frombuffer(accumulators, dtype=WIRE_DTYPE).astype(np.float32, copy=True),
+        )
+
+    def load_version(self, job: str, shard: int) -> int | None:
+        """The shard's version, or None."""
+        version: Any = self.client.get(self.shard_key(job, shard, "v"))
+        return None if version is None else int(version)
+
+    def initialize(self, job: str, shard: int, state: ShardState) -> None:
+        """Overwrite the shard in one MULTI/EXEC transaction and clear its applied ids."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.shard_key(job, shard, "applied"))
+        pipe.set(self.shard_key(job, shard, "w"), _wire_view(state.weights))
+        pipe.set(self.shard_key(job, shard, "a"), _wire_view(state.accumulators))
+        pipe.set(self.shard_key(job, shard, "v"), str(int(state.version)))
+        pipe.sadd(self._shards_key(job), str(int(shard)))
+        pipe.execute()
+
+    def commit(
+        self, job: str, shard: int, expected_version: int, state: ShardState, push_id: str
+    ) -> CommitOutcome:
+        """Compare-and-set through one Lua script; see ``ShardStorage.commit``.
+
+        The new weights and accumulators are first written to unique staging keys, in the
+        same pipeline (one round trip) as the script. The script then decides atomically: on
+        success it RENAMEs the staged values into place (O(1)), bumps the version and records
+        the push id; otherwise it deletes them. Passing megabytes through the script's ARGV
+        instead is several times slower, because Lua copies every argument.
+        """
+        if state.version != expected_version + 1:
+            raise ValueError(
+                f"state.version must be expected_version + 1 = {expected_version + 1}, "
+                f"got {state.version}"
+            )
+        token = uuid.uuid4().hex
+        staged_w = self.shard_key(job, shard, f"staged:{token}:w")
+        staged_a = self.shard_key(job, shard, f"staged:{token}:a")
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(staged_w, _wire_view(state.weights), ex=STAGING_TTL_SECONDS)
+        pipe.set(staged_a, _wire_view(state.accumulators), ex=STAGING_TTL_SECONDS)
+        self._commit_script(
+            keys=[
+                *(self.shard_key(job, shard, suffix) for suffix in ("v", "w", "a", "applied")),
+                staged_w,
+                staged_a,
+            ],
+            args=[str(int(expected_version)), str(int(expected_version) + 1), push_id],
+            client=pipe,
+        )
+        results: Any = pipe.execute()
+        return _OUTCOMES[int(results[-1])]
+
+    def was_applied(self, job: str, shard: int, push_id: str) -> bool:
+        """Whether ``push_id`` is in the shard's applied set."""
+        return bool(self.client.sismember(self.shard_key(job, shard, "applied"), push_id))
+
+    def delete(self, job: str) -> None:
+        """Remove every key of ``job``."""
+        shards_key = self._shards_key(job)
+        members: Any = self.client.smembers(shards_key)
+        keys = [shards_key]
+        for member in members:
+            for suffix in ("v", "w", "a", "applied"):
+                keys.append(self.shard_key(job, int(member), suffix))
+        self.client.delete(*keys)
+
+
+def _wire_view(array: np.ndarray) -> memoryview:
+    """Little-endian float32 bytes of a flat vector, without copying when already so."""
+    if array.ndim != 1:
+        raise ValueError(f"expected a flat vector, got shape {array.shape}")
+    return np.ascontiguousarray(array, dtype=WIRE_DTYPE).data.cast("B")

@@ -1,0 +1,185 @@
+"""One settings file, driven by environment variables.
+
+``DATABASE_URL`` and ``REDIS_URL`` choose the real services (PostgreSQL, Redis for the
+channel layer, the Celery broker and the parameter store). Without them the embedded
+default runs: SQLite, the in-memory channel layer and store, and server-side jobs in a
+thread of the server process.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent.parent
+
+
+def envbool(name: str, default: bool) -> bool:
+    return os.environ.get(name, str(default)).lower() in ("1", "true", "yes", "on")
+
+
+def envint(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def envfloat(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+DEBUG = envbool("DEBUG", False)
+SECRET_KEY = os.environ.get("SECRET_KEY", "dev-only-secret-key-change-me-in-production-" + "x" * 20)
+ALLOWED_HOSTS = os.environ.get("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver").split(",")
+SITE_ROOT = os.environ.get("SITE_ROOT", "http://127.0.0.1:8000")
+VAR_DIR = Path(os.environ.get("VAR_DIR", BASE_DIR / "var"))
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "downpour.accounts",
+    "downpour.training",
+    "downpour.donors",
+    "downpour.portal",
+    "downpour.console",
+    "downpour.agents",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "downpour.urls"
+ASGI_APPLICATION = "downpour.asgi.application"
+AUTH_USER_MODEL = "accounts.User"
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "home"
+LOGOUT_REDIRECT_URL = "home"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [Path(__file__).resolve().parent / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+DATABASE_URL = os.environ.get("DATABASE_URL", "")
+if DATABASE_URL:
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+else:
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": os.environ.get("SQLITE_PATH", str(VAR_DIR / "db.sqlite3")),
+            # Several handler threads write at once in the embedded server.
+            "OPTIONS": {"timeout": 30, "transaction_mode": "IMMEDIATE"},
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = os.environ.get("REDIS_URL", "")
+EMBEDDED = not REDIS_URL
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": os.environ.get("REDIS_PREFIX", "downpour")},
+        }
+    }
+    CELERY_BROKER_URL = REDIS_URL
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CELERY_BROKER_URL = "memory://"
+    CELERY_TASK_ALWAYS_EAGER = True
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Keys of the parameter store in Redis; tests give each run its own prefix.
+STORE_PREFIX = os.environ.get("STORE_PREFIX", "downpour:store:")
+
+PASSWORD_HASHERS = [
+    "django.contrib.auth.hashers.PBKDF2PasswordHasher",
+]
+if envbool("FAST_PASSWORD_HASHER", False):
+    PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+MEDIA_ROOT = Path(os.environ.get("MEDIA_ROOT", VAR_DIR / "media"))
+
+# Uploads: a dataset may be large; the cap keeps a hostile upload from filling the disk.
+DATASET_MAX_BYTES = envint("DATASET_MAX_BYTES", 512 << 20)
+DATA_UPLOAD_MAX_MEMORY_SIZE = 5 << 20
+FILE_UPLOAD_MAX_MEMORY_SIZE = 5 << 20
+
+# Training service knobs (see docs/operations.md).
+HEARTBEAT_INTERVAL_S = envfloat("HEARTBEAT_INTERVAL_S", 10.0)
+LEASE_TTL_S = envfloat("LEASE_TTL_S", 30.0)
+UNIT_TARGET_SECONDS = envfloat("UNIT_TARGET_SECONDS", 30.0)
+EVAL_INTERVAL_S = envfloat("EVAL_INTERVAL_S", 5.0)
+CHECKPOINT_INTERVAL_S = envfloat("CHECKPOINT_INTERVAL_S", 10.0)
+REAP_INTERVAL_S = envfloat("REAP_INTERVAL_S", 5.0)
+MAX_FRAME_BYTES = envint("MAX_FRAME_BYTES", 64 << 20)
+CHECKPOINTS_KEPT = envint("CHECKPOINTS_KEPT", 3)
+
+CELERY_BEAT_SCHEDULE = {
+    "start-queued-jobs": {
+        "task": "downpour.training.tasks.start_queued_jobs",
+        "schedule": 2.0,
+        "options": {"expires": 2.0},
+    },
+    "evaluate-running-jobs": {
+        "task": "downpour.training.tasks.evaluate_running_jobs",
+        "schedule": EVAL_INTERVAL_S,
+        "options": {"expires": EVAL_INTERVAL_S},
+    },
+    "checkpoint-running-jobs": {
+        "task": "downpour.training.tasks.checkpoint_running_jobs",
+        "schedule": CHECKPOINT_INTERVAL_S,
+        "options": {"expires": CHECKPOINT_INTERVAL_S},
+    },
+    "reap-expired-leases": {
+        "task": "downpour.training.tasks.reap_expired_leases",
+        "schedule": REAP_INTERVAL_S,
+        "options": {"expires": REAP_INTERVAL_S},
+    },
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {
+        "downpour": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    },
+}
+
+if not DEBUG:
+    SESSION_COOKIE_SECURE = envbool("SECURE_COOKIES", False)
+    CSRF_COOKIE_SECURE = envbool("SECURE_COOKIES", False)

@@ -1,0 +1,549 @@
+"""Everything that changes training state goes through these functions.
+
+Views, consumers, Celery tasks and the embedded runner call them; they hold the rules.
+Rows that several processes race for are claimed with a compare-and-set ``UPDATE ...
+WHERE status=...`` and a check that exactly one row changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Count, F, Q, Sum
+from django.utils import timezone
+
+from downpour import scheduler
+from downpour.donors.models import Agent
+from downpour.paramstore import ShardLayout, VariableSpec
+from downpour.paramstore.checkpoint import read_checkpoint, write_checkpoint
+from downpour_agent.modelspec import ModelRejected, validate_loss, validate_model_config
+
+from . import datasets
+from .models import Checkpoint, Contribution, Dataset, DatasetShard, Evaluation, Job, Lease, WorkUnit
+from .store import forget_job_store, job_store, storage
+
+log = logging.getLogger(__name__)
+
+
+class JobRejected(ValueError):
+    """The job cannot be submitted as asked; the message says why."""
+
+
+class LeaseError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def media_dir(*parts: str) -> Path:
+    path = Path(settings.MEDIA_ROOT).joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# --- datasets ---------------------------------------------------------------------------
+
+
+def create_dataset(owner: Any, name: str, upload: Any, n_shards: int = 4) -> Dataset:
+    """Validate an uploaded ``.npz`` and store its test split and training shards."""
+    parsed = datasets.parse_npz(upload, settings.DATASET_MAX_BYTES)
+    dataset = Dataset(
+        owner=owner,
+        name=name[:100] or "dataset",
+        n_train=len(parsed.x_train),
+        n_test=len(parsed.x_test),
+        input_shape=parsed.input_shape,
+        y_dtype=str(parsed.y_train.dtype),
+        n_classes=parsed.n_classes,
+        test_path="",
+        sha256="",
+    )
+    folder = media_dir("datasets", str(dataset.id))
+    test_path = folder / "test.npz"
+    dataset.sha256 = datasets.write_npz_atomic(test_path, x=parsed.x_test, y=parsed.y_test)
+    dataset.test_path = str(test_path)
+    shards = []
+    for index, (x, y) in enumerate(datasets.split_train(parsed, n_shards)):
+        path = folder / f"shard-{index}.npz"
+        digest = datasets.write_npz_atomic(path, x=x, y=y)
+        shards.append(
+            DatasetShard(
+                dataset=dataset,
+                index=index,
+                path=str(path),
+                sha256=digest,
+                n_samples=len(x),
+                size_bytes=path.stat().st_size,
+            )
+        )
+    try:
+        with transaction.atomic():
+            dataset.save()
+            DatasetShard.objects.bulk_create(shards)
+    except Exception:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return dataset
+
+
+# --- jobs -------------------------------------------------------------------------------
+
+
+@dataclass
+class JobParams:
+    name: str
+    model_json: str | dict[str, Any]
+    loss: str = "sparse_categorical_crossentropy"
+    learning_rate: float = 0.05
+    batch_size: int = 32
+    n_fetch: int = 1
+    n_push: int = 1
+    n_param_shards: int = 2
+    max_staleness: int = 16
+    target_accuracy: float | None = None
+    budget_samples: int | None = None
+    budget_seconds: float | None = None
+    seed: int = 0
+
+
+def submit_job(owner: Any, dataset: Dataset, params: JobParams) -> Job:
+    """Validate the model against the allow-list and the dataset, then queue the job."""
+    try:
+        spec = validate_model_config(params.model_json)
+        loss = validate_loss(params.loss)
+    except ModelRejected as exc:
+        raise JobRejected(f"model rejected: {exc}") from None
+    if list(spec.input_shape) != list(dataset.input_shape):
+        raise JobRejected(
+            f"the model takes inputs of shape {list(spec.input_shape)} but the dataset's "
+            f"samples have shape {list(dataset.input_shape)}"
+        )
+    if loss.startswith("sparse") and dataset.n_classes is None:
+        raise JobRejected("sparse categorical loss needs integer class labels in the dataset")
+    if loss == "sparse_categorical_crossentropy" and dataset.n_classes:
+        out = spec.output_shape[-1] if spec.output_shape else None
+        if out is not None and out < dataset.n_classes:
+            raise JobRejected(
+                f"the model has {out} outputs but the dataset has {dataset.n_classes} classes"
+            )
+    checks = [
+        (0 < params.learning_rate <= 10, "learning rate must be in (0, 10]"),
+        (1 <= params.batch_size <= 65536, "batch size must be in [1, 65536]"),
+        (1 <= params.n_fetch <= 100_000, "n_fetch must be at least 1"),
+        (1 <= params.n_push <= 100_000, "n_push must be at least 1"),
+        (1 <= params.n_param_shards <= 64, "parameter shards must be in [1, 64]"),
+        (0 <= params.max_staleness <= 1_000_000, "max staleness must be ≥ 0"),
+        (
+            params.target_accuracy is None or 0 < params.target_accuracy <= 1,
+            "target accuracy must be in (0, 1]",
+        ),
+        (
+            params.target_accuracy or params.budget_samples or params.budget_seconds,
+            "give a target accuracy or a budget in samples or seconds",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise JobRejected(message)
+    job = Job.objects.create(
+        owner=owner,
+        name=params.name[:100] or "job",
+        dataset=dataset,
+        model_config=spec.config,
+        loss=loss,
+        param_count=spec.param_count,
+        learning_rate=params.learning_rate,
+        batch_size=params.batch_size,
+        n_fetch=params.n_fetch,
+        n_push=params.n_push,
+        n_param_shards=params.n_param_shards,
+        max_staleness=params.max_staleness,
+        target_accuracy=params.target_accuracy,
+        budget_samples=params.budget_samples,
+        budget_seconds=params.budget_seconds,
+        seed=params.seed,
+    )
+    return job
+
+
+def start_job(job: Job) -> bool:
+    """Build the model once, write its initial weights to the store, and let agents in.
+
+    Needs TensorFlow, so it runs in a Celery worker (or the embedded runner thread).
+    """
+    from .evaluation import initial_weights
+
+    specs, weights = initial_weights(job.model_config, job.seed)
+    layout = ShardLayout.balanced([VariableSpec(n, tuple(s), d) for n, s, d in specs], job.n_param_shards)
+    claimed = Job.objects.filter(id=job.id, status=Job.Status.QUEUED).update(
+        layout=layout.to_json(), status_message="initialising"
+    )
+    if claimed != 1:
+        return False
+    job.refresh_from_db()
+    job_store(job).initialize(weights)
+    Job.objects.filter(id=job.id).update(status=Job.Status.RUNNING, started_at=timezone.now())
+    log.info("job %s started: %d parameters in %d shards", job.id, job.param_count, layout.n_shards)
+    return True
+
+
+def start_queued_jobs() -> int:
+    started = 0
+    for job in Job.objects.filter(status=Job.Status.QUEUED, layout__isnull=True):
+        try:
+            started += start_job(job)
+        except Exception as exc:
+            log.exception("job %s failed to start", job.id)
+            Job.objects.filter(id=job.id).update(
+                status=Job.Status.FAILED, status_message=f"could not start: {exc}"[:500]
+            )
+    return started
+
+
+def ensure_store_ready(job: Job) -> None:
+    """After a server restart the store may be empty: restore the latest checkpoint."""
+    store = job_store(job)
+    if storage().load_version(str(job.id), 0) is not None:
+        return
+    checkpoint = job.checkpoints.first()
+    if checkpoint is None:
+        from .evaluation import initial_weights
+
+        _, weights = initial_weights(job.model_config, job.seed)
+        store.initialize(weights)
+        log.warning("job %s: no checkpoint, restarted from initial weights", job.id)
+        return
+    restored = read_checkpoint(checkpoint.path)
+    store.restore(restored.states)
+    log.info("job %s restored from checkpoint %s", job.id, checkpoint.path)
+
+
+def finish_job(job: Job, status: str, message: str) -> bool:
+    """Stop the job once (CAS on status), export the model and tell its agents."""
+    from downpour.agents import push
+
+    changed = Job.objects.filter(id=job.id, status=Job.Status.RUNNING).update(
+        status=status, status_message=message[:500], finished_at=timezone.now()
+    )
+    if changed != 1:
+        return False
+    job.refresh_from_db()
+    try:
+        export_job(job)
+    except Exception:
+        log.exception("job %s: export failed", job.id)
+    Lease.objects.filter(unit__job=job, status=Lease.Status.ACTIVE).update(
+        status=Lease.Status.EXPIRED, ended_at=timezone.now()
+    )
+    push.notify_job_finished_on_commit(str(job.id))
+    log.info("job %s finished (%s): %s", job.id, status, message)
+    return True
+
+
+def export_job(job: Job) -> None:
+    from .evaluation import export_model
+
+    folder = media_dir("jobs", str(job.id))
+    keras_path, weights_path = export_model(job, job_store(job).weights(), folder)
+    Job.objects.filter(id=job.id).update(keras_path=str(keras_path), weights_path=str(weights_path))
+
+
+# --- work and leases --------------------------------------------------------------------
+
+
+def _job_loads() -> list[scheduler.JobLoad]:
+    running = (
+        Job.objects.filter(status=Job.Status.RUNNING)
+        .select_related("owner")
+        .annotate(
+            in_flight=Sum(
+                F("units__steps") * F("batch_size"),
+                filter=Q(units__status=WorkUnit.Status.LEASED),
+                default=0,
+            )
+        )
+        .order_by("created_at")
+    )
+    loads = []
+    for order, job in enumerate(running):
+        if job.budget_samples and job.samples_done + job.in_flight >= job.budget_samples:
+            continue
+        loads.append(
+            scheduler.JobLoad(
+                job_id=str(job.id),
+                owner_id=job.owner_id,
+                weight=job.owner.share_weight,
+                samples_done=job.samples_done,
+                samples_in_flight=int(job.in_flight or 0),
+                created_order=order,
+            )
+        )
+    return loads
+
+
+def claim_work(agent: Agent) -> Lease | None:
+    """Give ``agent`` a lease: a reissued unit if any is pending, else a new unit."""
+    ttl = timedelta(seconds=settings.LEASE_TTL_S)
+    pending = WorkUnit.objects.filter(
+        status=WorkUnit.Status.PENDING, job__status=Job.Status.RUNNING
+    ).order_by("created_at")
+    for unit in pending[:10]:
+        with transaction.atomic():
+            claimed = WorkUnit.objects.filter(id=unit.id, status=WorkUnit.Status.PENDING).update(
+                status=WorkUnit.Status.LEASED, attempts=F("attempts") + 1
+            )
+            if claimed == 1:
+                return Lease.objects.create(
+                    unit=unit, agent=agent, expires_at=timezone.now() + ttl
+                )
+    job_id = scheduler.pick_job(_job_loads())
+    if job_id is None:
+        return None
+    job = Job.objects.get(id=job_id)
+    shard = (
+        DatasetShard.objects.filter(dataset_id=job.dataset_id)
+        .annotate(n_units=Count("workunit", filter=Q(workunit__job=job)))
+        .order_by("n_units", "index")
+        .first()
+    )
+    if shard is None:
+        return None
+    spec = validate_model_config(job.model_config)
+    steps = scheduler.unit_steps(
+        agent.samples_per_s, job.batch_size, settings.UNIT_TARGET_SECONDS, spec.flops_per_sample
+    )
+    with transaction.atomic():
+        unit = WorkUnit.objects.create(
+            job=job,
+            shard=shard,
+            steps=steps,
+            seed=random.randrange(1 << 31),
+            status=WorkUnit.Status.LEASED,
+            attempts=1,
+        )
+        return Lease.objects.create(unit=unit, agent=agent, expires_at=timezone.now() + ttl)
+
+
+def lease_message(lease: Lease, base_url_path: str = "/api/agent/shards/") -> dict[str, Any]:
+    """The protocol ``lease`` message for ``lease``."""
+    unit = lease.unit
+    job = unit.job
+    layout = ShardLayout.from_json(job.layout)
+    return {
+        "type": "lease",
+        "lease_id": str(lease.id),
+        "job_id": str(job.id),
+        "work_unit_id": str(unit.id),
+        "steps": unit.steps,
+        "seed": unit.seed,
+        "model": job.model_config,
+        "loss": job.loss,
+        "hyper": {
+            "batch_size": job.batch_size,
+            "n_fetch": job.n_fetch,
+            "n_push": job.n_push,
+            "learning_rate": job.learning_rate,
+            "compression": "none",
+        },
+        "dataset": {
+            "url": f"{base_url_path}{unit.shard_id}/",
+            "sha256": unit.shard.sha256,
+            "n_samples": unit.shard.n_samples,
+        },
+        "layout": [
+            [{"name": v.name, "shape": list(v.shape), "dtype": v.dtype} for v in shard]
+            for shard in layout.shards
+        ],
+        "expires_in_s": settings.LEASE_TTL_S,
+    }
+
+
+def get_agent_lease(lease_id: str, agent: Agent) -> Lease:
+    """The active lease ``lease_id`` of ``agent``, or a :class:`LeaseError` with its code."""
+    lease = Lease.objects.select_related("unit__job", "unit__shard").filter(id=lease_id).first()
+    if lease is None:
+        raise LeaseError("unknown_lease", f"no lease {lease_id}")
+    if lease.agent_id != agent.id:
+        raise LeaseError("lease_not_yours", "this lease belongs to another agent")
+    if lease.unit.job.is_finished:
+        raise LeaseError("job_finished", "the job has finished")
+    if lease.status != Lease.Status.ACTIVE or lease.expires_at <= timezone.now():
+        raise LeaseError("lease_expired", "the lease has expired; its work was reissued")
+    return lease
+
+
+def heartbeat(agent: Agent, lease_id: str | None) -> float | None:
+    """Mark the agent alive and extend its lease; returns the lease's seconds to live."""
+    now = timezone.now()
+    Agent.objects.filter(id=agent.id).update(last_seen_at=now, connected=True)
+    if lease_id is None:
+        return None
+    get_agent_lease(lease_id, agent)
+    extended = Lease.objects.filter(
+        id=lease_id, agent=agent, status=Lease.Status.ACTIVE, expires_at__gt=now
+    ).update(expires_at=now + timedelta(seconds=settings.LEASE_TTL_S), heartbeat_at=now)
+    if extended != 1:
+        raise LeaseError("lease_expired", "the lease has expired; its work was reissued")
+    return settings.LEASE_TTL_S
+
+
+def complete_lease(agent: Agent, lease_id: str, samples: int) -> None:
+    lease = get_agent_lease(lease_id, agent)
+    now = timezone.now()
+    with transaction.atomic():
+        done = Lease.objects.filter(id=lease.id, status=Lease.Status.ACTIVE).update(
+            status=Lease.Status.COMPLETED, ended_at=now
+        )
+        if done != 1:
+            raise LeaseError("lease_expired", "the lease has expired; its work was reissued")
+        WorkUnit.objects.filter(id=lease.unit_id).update(status=WorkUnit.Status.DONE, done_at=now)
+        Agent.objects.filter(id=agent.id).update(leases_completed=F("leases_completed") + 1)
+
+
+def return_lease(agent: Agent, lease_id: str) -> None:
+    lease = get_agent_lease(lease_id, agent)
+    with transaction.atomic():
+        returned = Lease.objects.filter(id=lease.id, status=Lease.Status.ACTIVE).update(
+            status=Lease.Status.RETURNED, ended_at=timezone.now()
+        )
+        if returned == 1:
+            WorkUnit.objects.filter(id=lease.unit_id, status=WorkUnit.Status.LEASED).update(
+                status=WorkUnit.Status.PENDING
+            )
+
+
+def reap_expired_leases() -> int:
+    """Expire leases whose heartbeats stopped and put their units back in the queue."""
+    now = timezone.now()
+    reaped = 0
+    for lease in Lease.objects.filter(status=Lease.Status.ACTIVE, expires_at__lte=now):
+        with transaction.atomic():
+            if (
+                Lease.objects.filter(id=lease.id, status=Lease.Status.ACTIVE).update(
+                    status=Lease.Status.EXPIRED, ended_at=now
+                )
+                != 1
+            ):
+                continue
+            WorkUnit.objects.filter(id=lease.unit_id, status=WorkUnit.Status.LEASED).update(
+                status=WorkUnit.Status.PENDING
+            )
+            Agent.objects.filter(id=lease.agent_id).update(
+                leases_abandoned=F("leases_abandoned") + 1
+            )
+            reaped += 1
+    if reaped:
+        log.info("reaped %d expired leases", reaped)
+    return reaped
+
+
+def record_contribution(
+    job_id: str, agent_id: str, lease_id: str, samples: int, accepted: int, rejected: int, credit: float
+) -> None:
+    """Add a batch of push outcomes to the job, the lease, the agent and their ledger."""
+    if not (samples or accepted or rejected):
+        return
+    with transaction.atomic():
+        Job.objects.filter(id=job_id).update(
+            samples_done=F("samples_done") + samples,
+            pushes_accepted=F("pushes_accepted") + accepted,
+            pushes_rejected=F("pushes_rejected") + rejected,
+        )
+        Lease.objects.filter(id=lease_id).update(
+            samples=F("samples") + samples,
+            pushes_accepted=F("pushes_accepted") + accepted,
+            pushes_rejected=F("pushes_rejected") + rejected,
+        )
+        row, _ = Contribution.objects.get_or_create(job_id=job_id, agent_id=agent_id)
+        Contribution.objects.filter(id=row.id).update(
+            samples=F("samples") + samples,
+            pushes_accepted=F("pushes_accepted") + accepted,
+            pushes_rejected=F("pushes_rejected") + rejected,
+            credit=F("credit") + credit,
+        )
+        Agent.objects.filter(id=agent_id).update(credit=F("credit") + credit)
+
+
+# --- evaluation and checkpoints -----------------------------------------------------------
+
+
+def evaluate_job(job: Job) -> Evaluation | None:
+    """Score the current parameters on the test split; finish the job on target or budget."""
+    from .evaluation import evaluate
+
+    ensure_store_ready(job)
+    store = job_store(job)
+    accuracy, loss = evaluate(job, store.weights())
+    job.refresh_from_db()
+    elapsed = (timezone.now() - job.started_at).total_seconds() if job.started_at else 0.0
+    point = Evaluation.objects.create(
+        job=job,
+        elapsed_s=elapsed,
+        samples=job.samples_done,
+        accuracy=accuracy,
+        loss=loss,
+        versions=store.versions(),
+    )
+    if job.best_accuracy is None or accuracy > job.best_accuracy:
+        Job.objects.filter(id=job.id).update(best_accuracy=accuracy)
+    if job.target_accuracy is not None and accuracy >= job.target_accuracy:
+        finish_job(job, Job.Status.DONE, f"reached {accuracy:.1%} test accuracy")
+    elif job.budget_samples is not None and job.samples_done >= job.budget_samples:
+        finish_job(job, Job.Status.DONE, f"used its budget of {job.budget_samples} samples")
+    elif job.budget_seconds is not None and elapsed >= job.budget_seconds:
+        finish_job(job, Job.Status.DONE, f"used its budget of {job.budget_seconds:.0f} s")
+    return point
+
+
+def evaluate_running_jobs() -> int:
+    count = 0
+    for job in Job.objects.filter(status=Job.Status.RUNNING):
+        try:
+            evaluate_job(job)
+            count += 1
+        except Exception:
+            log.exception("job %s: evaluation failed", job.id)
+    return count
+
+
+def checkpoint_job(job: Job) -> Checkpoint:
+    """Write weights, accumulators and versions atomically and keep the newest few."""
+    store = job_store(job)
+    states = store.snapshot()
+    folder = media_dir("checkpoints", str(job.id))
+    path = folder / f"ckpt-{timezone.now().strftime('%Y%m%dT%H%M%S%f')}.npz"
+    layout = ShardLayout.from_json(job.layout)
+    digest = write_checkpoint(path, layout, states, {"job": str(job.id)})
+    checkpoint = Checkpoint.objects.create(
+        job=job, path=str(path), sha256=digest, versions=[s.version for s in states]
+    )
+    for old in job.checkpoints.all()[settings.CHECKPOINTS_KEPT :]:
+        Path(old.path).unlink(missing_ok=True)
+        old.delete()
+    return checkpoint
+
+
+def checkpoint_running_jobs() -> int:
+    count = 0
+    for job in Job.objects.filter(status=Job.Status.RUNNING):
+        try:
+            ensure_store_ready(job)
+            checkpoint_job(job)
+            count += 1
+        except Exception:
+            log.exception("job %s: checkpoint failed", job.id)
+    return count
+
+
+def delete_job_state(job: Job) -> None:
+    storage().delete(str(job.id))
+    forget_job_store(str(job.id))

@@ -1,0 +1,126 @@
+"""Validating an uploaded ``.npz`` and cutting its training split into shard files."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
+MAX_CLASSES = 100_000
+
+
+class DatasetRejected(ValueError):
+    """The upload is not a usable dataset; the message says why, for the researcher."""
+
+
+@dataclass
+class ParsedDataset:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    n_classes: int | None
+
+    @property
+    def input_shape(self) -> list[int]:
+        return [int(d) for d in self.x_train.shape[1:]]
+
+
+def parse_npz(source: IO[bytes] | bytes, max_bytes: int) -> ParsedDataset:
+    """Load and check an uploaded dataset without ever unpickling.
+
+    ``x_*`` become float32 of shape ``[n, *input_shape]``; integer ``y_*`` become int64
+    class labels of shape ``[n]``, float ``y_*`` become float32 regression targets.
+    """
+    data = source if isinstance(source, bytes) else source.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise DatasetRejected(f"the file is larger than the limit of {max_bytes} bytes")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            missing = [k for k in REQUIRED_KEYS if k not in npz.files]
+            if missing:
+                raise DatasetRejected(
+                    f"missing arrays {', '.join(missing)}; a dataset needs {', '.join(REQUIRED_KEYS)}"
+                )
+            arrays = {k: npz[k] for k in REQUIRED_KEYS}
+    except DatasetRejected:
+        raise
+    except ValueError as exc:
+        # numpy says "Object arrays cannot be loaded when allow_pickle=False".
+        raise DatasetRejected(f"the file holds something other than plain arrays ({exc})") from None
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError):
+        raise DatasetRejected("the file is not a valid .npz archive") from None
+
+    for key, arr in arrays.items():
+        if arr.dtype.kind not in "biuf":
+            raise DatasetRejected(f"{key} must be numeric, got dtype {arr.dtype}")
+        if arr.ndim == 0:
+            raise DatasetRejected(f"{key} must be an array with a first (sample) axis")
+    x_train, y_train = arrays["x_train"], arrays["y_train"]
+    x_test, y_test = arrays["x_test"], arrays["y_test"]
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        if len(x) != len(y):
+            raise DatasetRejected(f"x_{split} has {len(x)} samples but y_{split} has {len(y)}")
+        if len(x) == 0:
+            raise DatasetRejected(f"the {split} split is empty")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DatasetRejected(
+            f"x_train samples have shape {list(x_train.shape[1:])} "
+            f"but x_test samples have {list(x_test.shape[1:])}"
+        )
+    x_train = x_train.astype(np.float32)
+    x_test = x_test.astype(np.float32)
+    if not (np.isfinite(x_train).all() and np.isfinite(x_test).all()):
+        raise DatasetRejected("x_train and x_test must not contain NaN or infinity")
+
+    n_classes: int | None = None
+    if y_train.dtype.kind in "biu" and y_test.dtype.kind in "biu":
+        if y_train.ndim != 1 or y_test.ndim != 1:
+            raise DatasetRejected("integer labels must be one-dimensional class indices")
+        lo = min(int(y_train.min()), int(y_test.min()))
+        hi = max(int(y_train.max()), int(y_test.max()))
+        if lo < 0 or hi >= MAX_CLASSES:
+            raise DatasetRejected(f"class labels must lie in [0, {MAX_CLASSES}), got {lo}..{hi}")
+        n_classes = hi + 1
+        y_train, y_test = y_train.astype(np.int64), y_test.astype(np.int64)
+    else:
+        y_train, y_test = y_train.astype(np.float32), y_test.astype(np.float32)
+        if not (np.isfinite(y_train).all() and np.isfinite(y_test).all()):
+            raise DatasetRejected("y_train and y_test must not contain NaN or infinity")
+    return ParsedDataset(x_train, y_train, x_test, y_test, n_classes)
+
+
+def write_npz_atomic(path: Path, **arrays: Any) -> str:
+    """Write arrays to ``path`` (temp file, fsync, rename); return the file's SHA-256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return sha256_file(path)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def split_train(parsed: ParsedDataset, n_shards: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Shuffle the training split once (fixed seed) and cut it into ``n_shards`` parts."""
+    n_shards = max(1, min(n_shards, len(parsed.x_train)))
+    order = np.random.default_rng(seed).permutation(len(parsed.x_train))
+    return [
+        (parsed.x_train[idx], parsed.y_train[idx]) for idx in np.array_split(order, n_shards)
+    ]

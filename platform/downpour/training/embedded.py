@@ -1,0 +1,48 @@
+"""The embedded default's stand-in for Celery beat + worker: one daemon thread.
+
+It runs the same actions on the same intervals as the beat schedule in settings, so the
+one-command demo behaves like production, minus the extra processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from django.conf import settings
+from django.db import close_old_connections
+
+from . import actions
+
+log = logging.getLogger(__name__)
+_started = threading.Event()
+
+
+def start() -> None:
+    if _started.is_set():
+        return
+    _started.set()
+    threading.Thread(target=_loop, name="downpour-embedded-jobs", daemon=True).start()
+
+
+def _loop() -> None:
+    schedule: list[tuple[float, Callable[[], int]]] = [
+        (2.0, actions.start_queued_jobs),
+        (settings.REAP_INTERVAL_S, actions.reap_expired_leases),
+        (settings.EVAL_INTERVAL_S, actions.evaluate_running_jobs),
+        (settings.CHECKPOINT_INTERVAL_S, actions.checkpoint_running_jobs),
+    ]
+    due = [0.0] * len(schedule)
+    while True:
+        now = time.monotonic()
+        for i, (interval, action) in enumerate(schedule):
+            if now >= due[i]:
+                due[i] = now + interval
+                try:
+                    close_old_connections()
+                    action()
+                except Exception:
+                    log.exception("embedded job %s failed", action.__name__)
+        time.sleep(0.2)

@@ -1,0 +1,107 @@
+"""Server-side model work: initial weights, test-set evaluation and export.
+
+TensorFlow is imported inside these functions only, so web processes that never
+evaluate never pay for it. Models are built from the validated config by
+``downpour_agent.modelspec`` (never by Keras's deserialisers).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .models import Job
+
+_cache_lock = threading.Lock()
+_models: dict[str, Any] = {}
+_test_sets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def initial_weights(
+    model_config: dict[str, Any], seed: int
+) -> tuple[list[tuple[str, tuple[int, ...], str]], dict[str, np.ndarray]]:
+    """Build the model with a fixed seed; return its variable specs and initial values."""
+    from downpour_agent.modelspec import build_model, variable_specs
+
+    model = build_model(model_config, seed=seed)
+    specs = variable_specs(model)
+    weights = {
+        name: np.asarray(v.numpy(), dtype=np.float32)
+        for (name, _, _), v in zip(specs, model.trainable_variables, strict=True)
+    }
+    return [(n, tuple(s), d) for n, s, d in specs], weights
+
+
+def _model_for(job: Job) -> Any:
+    from downpour_agent.modelspec import build_model
+
+    key = str(job.id)
+    with _cache_lock:
+        model = _models.get(key)
+        if model is None:
+            model = build_model(job.model_config, seed=job.seed)
+            _models[key] = model
+        return model
+
+
+def _set_weights(model: Any, weights: dict[str, np.ndarray]) -> None:
+    from downpour_agent.modelspec import variable_specs
+
+    for (name, _, _), variable in zip(variable_specs(model), model.trainable_variables, strict=True):
+        variable.assign(weights[name])
+
+
+def _test_set(job: Job) -> tuple[np.ndarray, np.ndarray]:
+    key = str(job.dataset_id)
+    with _cache_lock:
+        if key not in _test_sets:
+            with np.load(job.dataset.test_path, allow_pickle=False) as npz:
+                _test_sets[key] = (npz["x"], npz["y"])
+        return _test_sets[key]
+
+
+def evaluate(job: Job, weights: dict[str, np.ndarray]) -> tuple[float, float]:
+    """Test accuracy (fraction in [0, 1]) and mean loss of ``weights`` on the test split.
+
+    Accuracy is top-1 for class labels; for regression targets it is reported as 0.
+    """
+    from downpour_agent.modelspec import build_loss
+
+    model = _model_for(job)
+    x, y = _test_set(job)
+    with _cache_lock:  # one evaluation per model object at a time
+        _set_weights(model, weights)
+        predictions = np.concatenate(
+            [np.asarray(model(x[i : i + 1024], training=False)) for i in range(0, len(x), 1024)]
+        )
+    loss = float(np.asarray(build_loss(job.loss)(y, predictions)))
+    if y.dtype.kind in "iu":
+        accuracy = float(np.mean(np.argmax(predictions, axis=-1) == y))
+    elif job.loss == "categorical_crossentropy":
+        accuracy = float(np.mean(np.argmax(predictions, axis=-1) == np.argmax(y, axis=-1)))
+    else:
+        accuracy = 0.0
+    return accuracy, loss
+
+
+def export_model(job: Job, weights: dict[str, np.ndarray], folder: Path) -> tuple[Path, Path]:
+    """Write the trained model as ``model.keras`` and its weights as ``weights.npz``."""
+    from .datasets import write_npz_atomic
+
+    model = _model_for(job)
+    keras_path = folder / "model.keras"
+    weights_path = folder / "weights.npz"
+    with _cache_lock:
+        _set_weights(model, weights)
+        tmp = folder / ".model.keras.tmp.keras"
+        model.save(tmp)
+        tmp.replace(keras_path)
+    write_npz_atomic(weights_path, **{_npz_key(k): v for k, v in weights.items()})
+    return keras_path, weights_path
+
+
+def _npz_key(name: str) -> str:
+    return name.replace("/", "__")

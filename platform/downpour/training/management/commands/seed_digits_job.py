@@ -1,0 +1,67 @@
+"""Create the digits demo: a researcher, a donor with a token, the data set and a job.
+
+Prints one JSON line with the ids and the token, for the demo, tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.core.management.base import BaseCommand, CommandParser
+
+from downpour.accounts.models import User
+from downpour.donors.models import AgentToken
+from downpour.localrun import digits_npz_bytes, mlp_json
+from downpour.training import actions
+
+
+class Command(BaseCommand):
+    help = __doc__
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--hidden", default="128,128", help="hidden layer widths")
+        parser.add_argument("--learning-rate", type=float, default=0.05)
+        parser.add_argument("--batch-size", type=int, default=32)
+        parser.add_argument("--n-fetch", type=int, default=1)
+        parser.add_argument("--n-push", type=int, default=1)
+        parser.add_argument("--param-shards", type=int, default=2)
+        parser.add_argument("--data-shards", type=int, default=3)
+        parser.add_argument("--max-staleness", type=int, default=16)
+        parser.add_argument("--target-accuracy", type=float, default=0.95)
+        parser.add_argument("--budget-seconds", type=float, default=None)
+        parser.add_argument("--tokens", type=int, default=1)
+        parser.add_argument("--name", default="digits-mlp")
+
+    def handle(self, *args: Any, **opts: Any) -> None:
+        researcher, _ = User.objects.get_or_create(
+            username="demo-researcher", defaults={"is_researcher": True}
+        )
+        donor, _ = User.objects.get_or_create(username="demo-donor", defaults={"is_donor": True})
+        tokens = [AgentToken.issue(donor, f"demo-{i}")[1] for i in range(opts["tokens"])]
+        upload = SimpleUploadedFile("digits.npz", digits_npz_bytes())
+        dataset = actions.create_dataset(researcher, "digits", upload, opts["data_shards"])
+        hidden = [int(h) for h in opts["hidden"].split(",") if h]
+        job = actions.submit_job(
+            researcher,
+            dataset,
+            actions.JobParams(
+                name=opts["name"],
+                model_json=mlp_json(hidden),
+                learning_rate=opts["learning_rate"],
+                batch_size=opts["batch_size"],
+                n_fetch=opts["n_fetch"],
+                n_push=opts["n_push"],
+                n_param_shards=opts["param_shards"],
+                max_staleness=opts["max_staleness"],
+                target_accuracy=opts["target_accuracy"],
+                budget_seconds=opts["budget_seconds"],
+            ),
+        )
+        self.stdout.write(
+            json.dumps(
+                {"job_id": str(job.id), "dataset_id": str(dataset.id), "token": tokens[0],
+                 "tokens": tokens}
+            )
+        )

@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+
+class Dataset(models.Model):
+    """A researcher's uploaded ``.npz``; its training split lives in shard files."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
+    name = models.CharField(max_length=100)
+    created_at = models.DateTimeField(auto_now_add=True)
+    n_train = models.IntegerField()
+    n_test = models.IntegerField()
+    input_shape = models.JSONField()
+    y_dtype = models.CharField(max_length=16)
+    n_classes = models.IntegerField(null=True)
+    test_path = models.CharField(max_length=500)
+    sha256 = models.CharField(max_length=64)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class DatasetShard(models.Model):
+    """A slice of the training split that agents download and verify by SHA-256."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="shards")
+    index = models.IntegerField()
+    path = models.CharField(max_length=500)
+    sha256 = models.CharField(max_length=64)
+    n_samples = models.IntegerField()
+    size_bytes = models.BigIntegerField()
+
+    class Meta:
+        ordering = ["index"]
+        constraints = [models.UniqueConstraint(fields=["dataset", "index"], name="shard_index")]
+
+
+class Job(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        PAUSED = "paused"
+        DONE = "done"
+        FAILED = "failed"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
+    name = models.CharField(max_length=100)
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT)
+    model_config = models.JSONField()
+    loss = models.CharField(max_length=50, default="sparse_categorical_crossentropy")
+    param_count = models.BigIntegerField()
+    learning_rate = models.FloatField(default=0.05)
+    batch_size = models.IntegerField(default=32)
+    n_fetch = models.IntegerField(default=1)
+    n_push = models.IntegerField(default=1)
+    n_param_shards = models.IntegerField(default=2)
+    max_staleness = models.IntegerField(default=16)
+    target_accuracy = models.FloatField(null=True, blank=True)
+    budget_samples = models.BigIntegerField(null=True, blank=True)
+    budget_seconds = models.FloatField(null=True, blank=True)
+    seed = models.IntegerField(default=0)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
+    status_message = models.TextField(blank=True)
+    layout = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    samples_done = models.BigIntegerField(default=0)
+    pushes_accepted = models.BigIntegerField(default=0)
+    pushes_rejected = models.BigIntegerField(default=0)
+    best_accuracy = models.FloatField(null=True, blank=True)
+    keras_path = models.CharField(max_length=500, blank=True)
+    weights_path = models.CharField(max_length=500, blank=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (self.Status.DONE, self.Status.FAILED)
+
+
+class WorkUnit(models.Model):
+    """``steps`` gradient steps of one job on one dataset shard."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        LEASED = "leased"
+        DONE = "done"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="units")
+    shard = models.ForeignKey(DatasetShard, on_delete=models.CASCADE)
+    steps = models.IntegerField()
+    seed = models.IntegerField()
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    attempts = models.IntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    done_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["job", "status"])]
+
+
+class Lease(models.Model):
+    class Status(models.TextChoices):
+        ACTIVE = "active"
+        COMPLETED = "completed"
+        RETURNED = "returned"
+        EXPIRED = "expired"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    unit = models.ForeignKey(WorkUnit, on_delete=models.CASCADE, related_name="leases")
+    agent = models.ForeignKey("donors.Agent", on_delete=models.CASCADE, related_name="leases")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.ACTIVE)
+    issued_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    samples = models.BigIntegerField(default=0)
+    pushes_accepted = models.IntegerField(default=0)
+    pushes_rejected = models.IntegerField(default=0)
+
+    class Meta:
+        indexes = [models.Index(fields=["status", "expires_at"])]
+
+
+class Contribution(models.Model):
+    """What one agent gave one job: the basis of the donor's credit."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="contributions")
+    agent = models.ForeignKey("donors.Agent", on_delete=models.CASCADE, related_name="contributions")
+    samples = models.BigIntegerField(default=0)
+    pushes_accepted = models.BigIntegerField(default=0)
+    pushes_rejected = models.BigIntegerField(default=0)
+    credit = models.FloatField(default=0.0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["job", "agent"], name="one_row_per_job_agent")]
+
+
+class Evaluation(models.Model):
+    """One point of a job's test-accuracy time series."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="evaluations")
+    created_at = models.DateTimeField(auto_now_add=True)
+    elapsed_s = models.FloatField()
+    samples = models.BigIntegerField()
+    accuracy = models.FloatField()
+    loss = models.FloatField()
+    versions = models.JSONField()
+
+    class Meta:
+        ordering = ["created_at"]
+
+
+class Checkpoint(models.Model):
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="checkpoints")
+    created_at = models.DateTimeField(auto_now_add=True)
+    path = models.CharField(max_length=500)
+    sha256 = models.CharField(max_length=64)
+    versions = models.JSONField()
+
+    class Meta:
+        ordering = ["-created_at"]

@@ -1,0 +1,288 @@
+"""Dataset shards: downloaded with the token, cached by hash, verified, loaded without pickle."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from downpour_agent.data import (
+    DatasetError,
+    DatasetRef,
+    ShardIntegrityError,
+    cached_shard_path,
+    download_shard,
+    fetch_dataset,
+    load_shard,
+)
+
+TOKEN = "alice-agent-token"
+SHARD_PATH = "/api/agent/shards/3f2a/"
+
+
+def npz_bytes(**arrays: Any) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+class ShardServer:
+    """A tiny HTTP server that serves files only to requests with the right token."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.redirects: dict[str, str] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                auth = self.headers.get("Authorization")
+                server.requests.append((self.path, auth))
+                if self.path in server.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[self.path])
+                    self.end_headers()
+                    return
+                if auth != f"Bearer {TOKEN}":
+                    self.send_error(401)
+                    return
+                body = server.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def shard_server() -> Iterator[ShardServer]:
+    server = ShardServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def shard() -> tuple[bytes, str]:
+    rng = np.random.default_rng(0)
+    body = npz_bytes(x=rng.standard_normal((20, 3)).astype(np.float32), y=rng.integers(0, 2, 20))
+    return body, hashlib.sha256(body).hexdigest()
+
+
+def test_a_shard_downloads_with_the_token_and_lands_in_the_cache_by_hash(
+    shard_server: ShardServer, shard: tuple[bytes, str], tmp_path: Path
+) -> None:
+    # Prepare
+    body, sha = shard
+    shard_server.files[SHARD_PATH] = body
+
+    # Execute
+    path = download_shard(shard_server.base_url + SHARD_PATH, TOKEN, sha, tmp_path)
+
+    # Assert
+    assert path == tmp_path / f"{sha}.npz"
+    assert path.read_bytes() == body
+    assert shard_server.requests == [(SHARD_PATH, f"Bearer {TOKEN}")]
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_cached_shard_is_not_downloaded_again(
+    shard_server: ShardServer, shard: tuple[bytes, str], tmp_path: Path
+) -> None:
+    body, sha = shard
+    shard_server.files[SHARD_PATH] = body
+    download_shard(shard_server.base_url + SHARD_PATH, TOKEN, sha, tmp_path)
+
+    download_shard(shard_server.base_url + SHARD_PATH, TOKEN, sha, tmp_path)
+
+    assert len(shard_server.requests) == 1
+
+
+def test_a_corrupt_cache_entry_is_downloaded_again(
+    shard_server: ShardServer, shard: tuple[bytes, str], tmp_path: Path
+) -> None:
+    body, sha = shard
+    shard_server.files[SHARD_PATH] = body
+    cached_shard_path(tmp_path, sha).write_bytes(b"bit rot")
+
+    path = download_shard(shard_server.base_url + SHARD_PATH, TOKEN, sha, tmp_path)
+
+    assert path.read_bytes() == body and len(shard_server.requests) == 1
+
+
+def test_the_server_refuses_a_download_without_the_token(
+    shard_server: ShardServer, shard: tuple[bytes, str], tmp_path: Path
+) -> None:
+    body, sha = shard
+    shard_server.files[SHARD_PATH] = body
+
+    with pytest.raises(DatasetError, match="401"):
+        download_shard(shard_server.base_url + SHARD_PATH, "wrong-token", sha, tmp_path)
+
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_shard_with_the_wrong_sha256_is_refused_and_not_kept(
+    shard_server: ShardServer, shard: tuple[bytes, str], tmp_path: Path
+) -> None:
+    # Prepare
+    body, _ = shard
+    shard_server.files[SHARD_PATH] = body
+    wrong = hashlib.sha256(b"something else").hexdigest()
+
+    # Execute / Assert
+    with pytest.raises(ShardIntegrityError):
+        download_shard(shard_server.base_url + SHARD_PATH, TOKEN, wrong, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_token_does_not_follow_a_redirect_to_another_host(
+    shard_server: ShardServer, shard: tuple[bytes, str], tmp_path: Path
+) -> None:
+    # Prepare: "localhost" and "127.0.0.1" are different origins for the same server.
+    body, sha = shard
+    shard_server.files["/storage/shard.npz"] = body
+    port = shard_server.base_url.rsplit(":", 1)[1]
+    shard_server.redirects[SHARD_PATH] = f"http://localhost:{port}/storage/shard.npz"
+
+    # Execute
+    with pytest.raises(DatasetError, match="401"):
+        download_shard(shard_server.base_url + SHARD_PATH, TOKEN, sha, tmp_path)
+
+    # Assert
+    assert shard_server.requests == [
+        (SHARD_PATH, f"Bearer {TOKEN}"),
+        ("/storage/shard.npz", None),
+    ]
+
+
+def test_the_token_follows_a_redirect_on_the_same_host(
+    shard_server: ShardServer, shard: tuple[bytes, str], tmp_path: Path
+) -> None:
+    body, sha = shard
+    shard_server.files["/storage/shard.npz"] = body
+    shard_server.redirects[SHARD_PATH] = "/storage/shard.npz"
+
+    path = download_shard(shard_server.base_url + SHARD_PATH, TOKEN, sha, tmp_path)
+
+    assert path.read_bytes() == body
+
+
+def test_fetch_dataset_returns_float32_x_and_int64_y(
+    shard_server: ShardServer, shard: tuple[bytes, str], tmp_path: Path
+) -> None:
+    body, sha = shard
+    shard_server.files[SHARD_PATH] = body
+    ref = DatasetRef.from_lease({"url": SHARD_PATH, "sha256": sha, "n_samples": 20})
+
+    x, y = fetch_dataset(shard_server.base_url + "/", ref, TOKEN, tmp_path)
+
+    assert x.dtype == np.float32 and x.shape == (20, 3)
+    assert y.dtype == np.int64 and y.shape == (20,)
+
+
+def _write(tmp_path: Path, body: bytes) -> Path:
+    path = tmp_path / "shard.npz"
+    path.write_bytes(body)
+    return path
+
+
+def test_float_targets_load_as_float32_and_int_features_as_float32(tmp_path: Path) -> None:
+    path = _write(tmp_path, npz_bytes(x=np.arange(6).reshape(3, 2), y=np.array([0.5, 1.5, 2.5])))
+
+    x, y = load_shard(path, 3)
+
+    assert x.dtype == np.float32 and y.dtype == np.float32
+
+
+def test_a_shard_with_pickled_objects_is_refused(tmp_path: Path) -> None:
+    objects = np.array([{"evil": True}, None], dtype=object)
+    path = _write(tmp_path, npz_bytes(x=objects, y=np.zeros(2)))
+
+    with pytest.raises(DatasetError):
+        load_shard(path)
+
+
+@pytest.mark.parametrize(
+    "arrays",
+    [
+        {"x": np.zeros((3, 2))},
+        {"x": np.zeros((3, 2)), "y": np.zeros(4)},
+        {"x": np.zeros((3, 2)), "y": np.array(["a", "b", "c"])},
+        {"x": np.float32(1.0), "y": np.zeros(1)},
+    ],
+    ids=["no-y", "length-mismatch", "strings", "scalar-x"],
+)
+def test_a_shard_without_matching_numeric_x_and_y_is_refused(
+    tmp_path: Path, arrays: dict[str, Any]
+) -> None:
+    with pytest.raises(DatasetError):
+        load_shard(_write(tmp_path, npz_bytes(**arrays)))
+
+
+def test_a_shard_of_the_wrong_length_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, npz_bytes(x=np.zeros((3, 2)), y=np.zeros(3)))
+
+    with pytest.raises(DatasetError, match="lease says 5"):
+        load_shard(path, 5)
+
+
+@pytest.mark.parametrize("body", [b"", b"not a zip", b"PK\x03\x04garbage"])
+def test_a_file_that_is_not_an_npz_is_refused(tmp_path: Path, body: bytes) -> None:
+    with pytest.raises(DatasetError):
+        load_shard(_write(tmp_path, body))
+
+
+def test_a_bare_npy_array_is_refused(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(3))
+
+    with pytest.raises(DatasetError, match="npz"):
+        load_shard(_write(tmp_path, buffer.getvalue()))
+
+
+@pytest.mark.parametrize(
+    "dataset",
+    [
+        {"url": "http://evil.example/shard", "sha256": "a" * 64, "n_samples": 1},
+        {"url": "//evil.example/shard", "sha256": "a" * 64, "n_samples": 1},
+        {"url": "/s/", "sha256": "../../etc/passwd", "n_samples": 1},
+        {"url": "/s/", "sha256": "a" * 63, "n_samples": 1},
+        {"url": "/s/", "sha256": "a" * 64, "n_samples": 0},
+        {"url": "/s/", "sha256": "a" * 64, "n_samples": True},
+        {"url": "/s/", "sha256": "a" * 64},
+    ],
+    ids=["absolute", "scheme-relative", "traversal", "short-hash", "empty", "bool", "missing"],
+)
+def test_a_lease_dataset_that_could_leak_the_token_or_escape_the_cache_is_refused(
+    dataset: dict[str, Any],
+) -> None:
+    with pytest.raises(DatasetError):
+        DatasetRef.from_lease(dataset)
+
+
+def test_an_uppercase_hash_is_accepted_as_lowercase() -> None:
+    ref = DatasetRef.from_lease({"url": "/s/", "sha256": "AB" * 32, "n_samples": 2})
+
+    assert ref.sha256 == "ab" * 32
