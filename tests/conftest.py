@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Iterator
 
 import pytest
-
 from tests.services import HAVE_POSTGRES, HAVE_REDIS
 
 
@@ -45,7 +45,5 @@ def charlie(django_user_model):  # type: ignore[no-untyped-def]
 
 
 def kill_group(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass

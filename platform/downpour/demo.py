@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.agents):
             procs.append(
                 localrun.start_agent(
-                    url, seeded["token"], f"demo-agent-{i + 1}", args.var / f"agent-{i + 1}.log",
+                    url,
+                    seeded["token"],
+                    f"demo-agent-{i + 1}",
+                    args.var / f"agent-{i + 1}.log",
                     ["--benchmark-seconds", "1", "--exit-when-idle", "30"],
                 )
             )

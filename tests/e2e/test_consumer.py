@@ -55,8 +55,12 @@ class Client:
 
     async def register(self, name: str) -> dict[str, Any]:
         return await self.ask(
-            {"type": "register", "protocol_version": PROTOCOL_VERSION, "name": name,
-             "device": {"cpu_cores": 1}}
+            {
+                "type": "register",
+                "protocol_version": PROTOCOL_VERSION,
+                "name": name,
+                "device": {"cpu_cores": 1},
+            }
         )
 
     async def lease(self) -> dict[str, Any]:
@@ -71,11 +75,21 @@ class Client:
         return msg["version"], tensors
 
     async def push(
-        self, lease: dict[str, Any], shard: int, tensors: dict[str, np.ndarray], seq: int = 0,
+        self,
+        lease: dict[str, Any],
+        shard: int,
+        tensors: dict[str, np.ndarray],
+        seq: int = 0,
         base_version: int = 0,
     ) -> dict[str, Any]:
-        msg = {"type": "push", "lease_id": lease["lease_id"], "seq": seq, "shard": shard,
-               "base_version": base_version, "samples": 32}
+        msg = {
+            "type": "push",
+            "lease_id": lease["lease_id"],
+            "seq": seq,
+            "shard": shard,
+            "base_version": base_version,
+            "samples": 32,
+        }
         await self.ws.send(frame_to_wire(msg, tensors))
         return (await self.recv())[0]
 
@@ -97,9 +111,7 @@ async def client(production: Stack, seeded: dict[str, Any]) -> AsyncIterator[Cli
 
 
 def zero_grads(lease: dict[str, Any], shard: int) -> dict[str, np.ndarray]:
-    return {
-        v["name"]: np.zeros(v["shape"], dtype=np.float32) for v in lease["layout"][shard]
-    }
+    return {v["name"]: np.zeros(v["shape"], dtype=np.float32) for v in lease["layout"][shard]}
 
 
 async def test_it_refuses_a_socket_without_a_token(production: Stack) -> None:
@@ -126,7 +138,9 @@ async def test_it_ignores_a_token_in_the_query_string(
         assert reply["code"] == "unauthorized"
 
 
-async def test_it_refuses_an_old_protocol_version(production: Stack, seeded: dict[str, Any]) -> None:
+async def test_it_refuses_an_old_protocol_version(
+    production: Stack, seeded: dict[str, Any]
+) -> None:
     async with connect(
         production.ws_url, additional_headers={"Authorization": f"Bearer {seeded['token']}"}
     ) as ws:
@@ -227,8 +241,14 @@ async def test_a_push_on_an_expired_lease_is_rejected(client: Client, production
 async def test_an_oversized_frame_is_rejected(client: Client) -> None:
     lease = await client.lease()
     huge = {"x": np.zeros(80 << 20, dtype=np.uint8)}  # over the 64 MiB frame limit
-    msg = {"type": "push", "lease_id": lease["lease_id"], "seq": 1, "shard": 0,
-           "base_version": 0, "samples": 1}
+    msg = {
+        "type": "push",
+        "lease_id": lease["lease_id"],
+        "seq": 1,
+        "shard": 0,
+        "base_version": 0,
+        "samples": 1,
+    }
     await client.ws.send(frame_to_wire(msg, huge))
     reply = (await client.recv())[0]
     assert reply["code"] == "frame_too_large"

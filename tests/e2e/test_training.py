@@ -57,9 +57,7 @@ def test_training_finishes_when_an_agent_is_killed_mid_lease_and_no_push_is_appl
     production: Stack,
 ) -> None:
     # Prepare: a job that runs for a fixed time, so the kill lands mid-training.
-    seeded = production.seed(
-        target_accuracy=1.0, budget_seconds=45, name="digits-kill", tokens=2
-    )
+    seeded = production.seed(target_accuracy=1.0, budget_seconds=45, name="digits-kill", tokens=2)
     job_id = seeded["job_id"]
     victim = production.start_agent("victim", seeded["tokens"][0])
     production.start_agent("survivor", seeded["tokens"][1])
@@ -83,17 +81,21 @@ def test_training_finishes_when_an_agent_is_killed_mid_lease_and_no_push_is_appl
     # Assert: the lease expires and its unit is reissued to the survivor.
     production.wait_for(
         "the victim's lease to expire",
-        lambda: production.query("SELECT status FROM training_lease WHERE id = %s", [lease_id])[0][0]
-        == "expired",
+        lambda: (
+            production.query("SELECT status FROM training_lease WHERE id = %s", [lease_id])[0][0]
+            == "expired"
+        ),
         timeout=60,
     )
     production.wait_for(
         "the victim's unit to be leased again",
-        lambda: production.query(
-            "SELECT COUNT(*) FROM training_lease WHERE unit_id = %s AND id <> %s",
-            [unit_id, lease_id],
-        )[0][0]
-        >= 1,
+        lambda: (
+            production.query(
+                "SELECT COUNT(*) FROM training_lease WHERE unit_id = %s AND id <> %s",
+                [unit_id, lease_id],
+            )[0][0]
+            >= 1
+        ),
         timeout=60,
     )
     production.wait_for(

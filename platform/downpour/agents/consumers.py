@@ -104,7 +104,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 )
                 ref = msg.get("ref")
                 if msg["type"] != "push":
-                    raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{msg['type']} is not a binary message")
+                    raise ProtocolError(
+                        ErrorCode.BAD_MESSAGE, f"{msg['type']} is not a binary message"
+                    )
                 await self._require_registered()
                 await self.on_push(msg, tensors)
             else:

@@ -32,8 +32,12 @@ def send_to_group(group: str, message: dict[str, Any]) -> None:
 def notify_job_finished(job_id: str) -> None:
     send_to_group(
         job_group(job_id),
-        {"type": "error", "code": "job_finished", "message": f"job {job_id} has finished",
-         "ref": f"job:{job_id}"},
+        {
+            "type": "error",
+            "code": "job_finished",
+            "message": f"job {job_id} has finished",
+            "ref": f"job:{job_id}",
+        },
     )
 
 

@@ -13,5 +13,13 @@ class AgentTokenAdmin(admin.ModelAdmin):
 
 @admin.register(Agent)
 class AgentAdmin(admin.ModelAdmin):
-    list_display = ("name", "token", "cpu_cores", "gpu_name", "samples_per_s", "connected", "credit")
+    list_display = (
+        "name",
+        "token",
+        "cpu_cores",
+        "gpu_name",
+        "samples_per_s",
+        "connected",
+        "credit",
+    )
     list_filter = ("connected",)

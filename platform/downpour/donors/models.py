@@ -23,6 +23,9 @@ class AgentToken(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
 
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
     @classmethod
     def issue(cls, owner: object, name: str) -> tuple[AgentToken, str]:
         """Create a token; the plain value is returned once and never stored."""
@@ -31,9 +34,6 @@ class AgentToken(models.Model):
             owner=owner, name=name, token_hash=hash_token(plain), prefix=plain[:10]
         )
         return token, plain
-
-    def __str__(self) -> str:
-        return f"{self.name} ({self.prefix}…)"
 
 
 class Agent(models.Model):
@@ -57,11 +57,13 @@ class Agent(models.Model):
     leases_abandoned = models.IntegerField(default=0)
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["token", "name"], name="agent_name_per_token")]
+        constraints = [
+            models.UniqueConstraint(fields=["token", "name"], name="agent_name_per_token")
+        ]
+
+    def __str__(self) -> str:
+        return self.name
 
     @property
     def owner_id(self) -> int:
         return self.token.owner_id
-
-    def __str__(self) -> str:
-        return self.name

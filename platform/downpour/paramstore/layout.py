@@ -216,14 +216,12 @@ class ShardLayout:
             ``parts[i]`` maps the names of shard ``i`` to the given arrays (not copied).
         """
         self._check_names(self._specs, weights, "the model")
-        parts = [
-            self.check_tensors(shard, {s.name: weights[s.name] for s in group})
-            for shard, group in enumerate(self._shards)
-        ]
-        return [
-            dict(zip((s.name for s in group), arrays, strict=True))
-            for group, arrays in zip(self._shards, parts, strict=True)
-        ]
+        parts = []
+        for shard, group in enumerate(self._shards):
+            part = {spec.name: weights[spec.name] for spec in group}
+            self.check_tensors(shard, part)
+            parts.append(part)
+        return parts
 
     def merge(self, parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """Inverse of :meth:`split`: one dict in the original variable order (not copied)."""

@@ -27,20 +27,32 @@ class DatasetForm(forms.Form):
 class JobForm(forms.Form):
     name = forms.CharField(max_length=100)
     dataset = forms.ModelChoiceField(queryset=Dataset.objects.none())
-    model_json = forms.CharField(widget=forms.Textarea(attrs={"rows": 8}), required=False,
-                                 help_text="the output of model.to_json()")
+    model_json = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 8}),
+        required=False,
+        help_text="the output of model.to_json()",
+    )
     model_file = forms.FileField(required=False, help_text="or upload the JSON file")
-    loss = forms.ChoiceField(choices=[(c, c) for c in (
-        "sparse_categorical_crossentropy", "categorical_crossentropy",
-        "binary_crossentropy", "mean_squared_error")])
+    loss = forms.ChoiceField(
+        choices=[
+            (c, c)
+            for c in (
+                "sparse_categorical_crossentropy",
+                "categorical_crossentropy",
+                "binary_crossentropy",
+                "mean_squared_error",
+            )
+        ]
+    )
     learning_rate = forms.FloatField(initial=0.05, min_value=1e-8, max_value=10)
     batch_size = forms.IntegerField(initial=32, min_value=1, max_value=65536)
     n_fetch = forms.IntegerField(initial=1, min_value=1)
     n_push = forms.IntegerField(initial=1, min_value=1)
     n_param_shards = forms.IntegerField(initial=2, min_value=1, max_value=64)
     max_staleness = forms.IntegerField(initial=16, min_value=0)
-    target_accuracy = forms.FloatField(required=False, min_value=0.0001, max_value=1,
-                                       help_text="fraction, e.g. 0.95")
+    target_accuracy = forms.FloatField(
+        required=False, min_value=0.0001, max_value=1, help_text="fraction, e.g. 0.95"
+    )
     budget_samples = forms.IntegerField(required=False, min_value=1)
     budget_seconds = forms.FloatField(required=False, min_value=1)
 

@@ -24,7 +24,9 @@ def signup(request: HttpRequest) -> HttpResponse:
     if request.method == "POST" and form.is_valid():
         user = form.save()
         login(request, user)
-        return redirect("donors:dashboard" if user.is_donor and not user.is_researcher else "portal:jobs")
+        return redirect(
+            "donors:dashboard" if user.is_donor and not user.is_researcher else "portal:jobs"
+        )
     return render(request, "registration/signup.html", {"form": form})
 
 
@@ -46,15 +48,18 @@ def dataset_new(request: HttpRequest) -> HttpResponse:
     if request.method == "POST" and form.is_valid():
         try:
             dataset = actions.create_dataset(
-                request.user, form.cleaned_data["name"], form.cleaned_data["file"],
+                request.user,
+                form.cleaned_data["name"],
+                form.cleaned_data["file"],
                 form.cleaned_data["n_shards"],
             )
         except DatasetRejected as exc:
             form.add_error("file", str(exc))
         else:
             messages.success(
-                request, f"Dataset {dataset.name}: {dataset.n_train} training and "
-                f"{dataset.n_test} test samples of shape {dataset.input_shape}."
+                request,
+                f"Dataset {dataset.name}: {dataset.n_train} training and "
+                f"{dataset.n_test} test samples of shape {dataset.input_shape}.",
             )
             return redirect("portal:jobs")
     return render(request, "portal/dataset_new.html", {"form": form})
@@ -122,4 +127,4 @@ def job_download(request: HttpRequest, job_id: str, kind: str) -> FileResponse:
     if not path:
         raise Http404("the trained model is not ready yet")
     name = f"{job.name}.keras" if kind == "keras" else f"{job.name}-weights.npz"
-    return FileResponse(open(path, "rb"), as_attachment=True, filename=name)
+    return FileResponse(open(path, "rb"), as_attachment=True, filename=name)  # noqa: SIM115

@@ -27,7 +27,16 @@ from downpour.paramstore.checkpoint import read_checkpoint, write_checkpoint
 from downpour_agent.modelspec import ModelRejected, validate_loss, validate_model_config
 
 from . import datasets
-from .models import Checkpoint, Contribution, Dataset, DatasetShard, Evaluation, Job, Lease, WorkUnit
+from .models import (
+    Checkpoint,
+    Contribution,
+    Dataset,
+    DatasetShard,
+    Evaluation,
+    Job,
+    Lease,
+    WorkUnit,
+)
 from .store import forget_job_store, job_store, storage
 
 log = logging.getLogger(__name__)
@@ -183,7 +192,9 @@ def start_job(job: Job) -> bool:
     from .evaluation import initial_weights
 
     specs, weights = initial_weights(job.model_config, job.seed)
-    layout = ShardLayout.balanced([VariableSpec(n, tuple(s), d) for n, s, d in specs], job.n_param_shards)
+    layout = ShardLayout.balanced(
+        [VariableSpec(n, tuple(s), d) for n, s, d in specs], job.n_param_shards
+    )
     claimed = Job.objects.filter(id=job.id, status=Job.Status.QUEUED).update(
         layout=layout.to_json(), status_message="initialising"
     )
@@ -302,9 +313,7 @@ def claim_work(agent: Agent) -> Lease | None:
                 status=WorkUnit.Status.LEASED, attempts=F("attempts") + 1
             )
             if claimed == 1:
-                return Lease.objects.create(
-                    unit=unit, agent=agent, expires_at=timezone.now() + ttl
-                )
+                return Lease.objects.create(unit=unit, agent=agent, expires_at=timezone.now() + ttl)
     job_id = scheduler.pick_job(_job_loads())
     if job_id is None:
         return None
@@ -447,7 +456,13 @@ def reap_expired_leases() -> int:
 
 
 def record_contribution(
-    job_id: str, agent_id: str, lease_id: str, samples: int, accepted: int, rejected: int, credit: float
+    job_id: str,
+    agent_id: str,
+    lease_id: str,
+    samples: int,
+    accepted: int,
+    rejected: int,
+    credit: float,
 ) -> None:
     """Add a batch of push outcomes to the job, the lease, the agent and their ledger."""
     if not (samples or accepted or rejected):

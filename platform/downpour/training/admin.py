@@ -2,7 +2,16 @@ from __future__ import annotations
 
 from django.contrib import admin
 
-from .models import Checkpoint, Contribution, Dataset, DatasetShard, Evaluation, Job, Lease, WorkUnit
+from .models import (
+    Checkpoint,
+    Contribution,
+    Dataset,
+    DatasetShard,
+    Evaluation,
+    Job,
+    Lease,
+    WorkUnit,
+)
 
 
 @admin.register(Job)

@@ -47,7 +47,8 @@ def parse_npz(source: IO[bytes] | bytes, max_bytes: int) -> ParsedDataset:
             missing = [k for k in REQUIRED_KEYS if k not in npz.files]
             if missing:
                 raise DatasetRejected(
-                    f"missing arrays {', '.join(missing)}; a dataset needs {', '.join(REQUIRED_KEYS)}"
+                    f"missing arrays {', '.join(missing)}; "
+                    f"a dataset needs {', '.join(REQUIRED_KEYS)}"
                 )
             arrays = {k: npz[k] for k in REQUIRED_KEYS}
     except DatasetRejected:
@@ -117,10 +118,10 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def split_train(parsed: ParsedDataset, n_shards: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def split_train(
+    parsed: ParsedDataset, n_shards: int, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Shuffle the training split once (fixed seed) and cut it into ``n_shards`` parts."""
     n_shards = max(1, min(n_shards, len(parsed.x_train)))
     order = np.random.default_rng(seed).permutation(len(parsed.x_train))
-    return [
-        (parsed.x_train[idx], parsed.y_train[idx]) for idx in np.array_split(order, n_shards)
-    ]
+    return [(parsed.x_train[idx], parsed.y_train[idx]) for idx in np.array_split(order, n_shards)]

@@ -50,7 +50,9 @@ def _model_for(job: Job) -> Any:
 def _set_weights(model: Any, weights: dict[str, np.ndarray]) -> None:
     from downpour_agent.modelspec import variable_specs
 
-    for (name, _, _), variable in zip(variable_specs(model), model.trainable_variables, strict=True):
+    for (name, _, _), variable in zip(
+        variable_specs(model), model.trainable_variables, strict=True
+    ):
         variable.assign(weights[name])
 
 

@@ -40,6 +40,9 @@ class DatasetShard(models.Model):
         ordering = ["index"]
         constraints = [models.UniqueConstraint(fields=["dataset", "index"], name="shard_index")]
 
+    def __str__(self) -> str:
+        return f"{self.dataset_id} shard {self.index}"
+
 
 class Job(models.Model):
     class Status(models.TextChoices):
@@ -108,6 +111,9 @@ class WorkUnit(models.Model):
     class Meta:
         indexes = [models.Index(fields=["job", "status"])]
 
+    def __str__(self) -> str:
+        return f"unit {self.id} ({self.steps} steps, {self.status})"
+
 
 class Lease(models.Model):
     class Status(models.TextChoices):
@@ -131,12 +137,17 @@ class Lease(models.Model):
     class Meta:
         indexes = [models.Index(fields=["status", "expires_at"])]
 
+    def __str__(self) -> str:
+        return f"lease {self.id} ({self.status})"
+
 
 class Contribution(models.Model):
     """What one agent gave one job: the basis of the donor's credit."""
 
     job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="contributions")
-    agent = models.ForeignKey("donors.Agent", on_delete=models.CASCADE, related_name="contributions")
+    agent = models.ForeignKey(
+        "donors.Agent", on_delete=models.CASCADE, related_name="contributions"
+    )
     samples = models.BigIntegerField(default=0)
     pushes_accepted = models.BigIntegerField(default=0)
     pushes_rejected = models.BigIntegerField(default=0)
@@ -144,7 +155,12 @@ class Contribution(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["job", "agent"], name="one_row_per_job_agent")]
+        constraints = [
+            models.UniqueConstraint(fields=["job", "agent"], name="one_row_per_job_agent")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.agent_id} → {self.job_id}: {self.samples} samples"
 
 
 class Evaluation(models.Model):
@@ -161,6 +177,9 @@ class Evaluation(models.Model):
     class Meta:
         ordering = ["created_at"]
 
+    def __str__(self) -> str:
+        return f"{self.job_id} @ {self.elapsed_s:.1f} s: {self.accuracy:.3f}"
+
 
 class Checkpoint(models.Model):
     job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="checkpoints")
@@ -171,3 +190,6 @@ class Checkpoint(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.path

@@ -61,7 +61,11 @@ class Command(BaseCommand):
         )
         self.stdout.write(
             json.dumps(
-                {"job_id": str(job.id), "dataset_id": str(dataset.id), "token": tokens[0],
-                 "tokens": tokens}
+                {
+                    "job_id": str(job.id),
+                    "dataset_id": str(dataset.id),
+                    "token": tokens[0],
+                    "tokens": tokens,
+                }
             )
         )

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import io
+import json
+from functools import cache
+from typing import Any
+
+import numpy as np
+from django.core.files.uploadedfile import SimpleUploadedFile
+
+
+def npz_bytes(**arrays: Any) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def npz_upload(**arrays: Any) -> SimpleUploadedFile:
+    return SimpleUploadedFile("data.npz", npz_bytes(**arrays))
+
+
+def small_dataset(
+    n_train: int = 60, n_test: int = 20, features: int = 8, classes: int = 3
+) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    return {
+        "x_train": rng.random((n_train, features), dtype=np.float32),
+        "y_train": rng.integers(0, classes, n_train),
+        "x_test": rng.random((n_test, features), dtype=np.float32),
+        "y_test": rng.integers(0, classes, n_test),
+    }
+
+
+@cache
+def _mlp_json(inputs: int, hidden: int, classes: int) -> str:
+    from downpour.localrun import mlp_json
+
+    return mlp_json([hidden], inputs=inputs, classes=classes)
+
+
+def mlp_config(inputs: int = 8, hidden: int = 16, classes: int = 3) -> dict[str, Any]:
+    """Keras 3's own ``to_json()`` of a small Sequential MLP, as a researcher submits it."""
+    return dict(json.loads(_mlp_json(inputs, hidden, classes)))

@@ -1,0 +1,169 @@
+"""The training actions against the configured database and store (PostgreSQL + Redis in CI)."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import pytest
+from django.utils import timezone
+
+from downpour.donors.models import Agent, AgentToken
+from downpour.training import actions
+from downpour.training.models import Job, Lease, WorkUnit
+from downpour.training.store import job_store
+
+from .helpers import mlp_config, npz_upload, small_dataset
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def dataset(alice):  # type: ignore[no-untyped-def]
+    return actions.create_dataset(alice, "tiny", npz_upload(**small_dataset()), n_shards=2)
+
+
+@pytest.fixture
+def agent(charlie):  # type: ignore[no-untyped-def]
+    token, _ = AgentToken.issue(charlie, "pc")
+    return Agent.objects.create(token=token, name="pc-1", samples_per_s=1000.0)
+
+
+def params(**overrides: Any) -> actions.JobParams:
+    base: dict[str, Any] = {"name": "mlp", "model_json": mlp_config(), "target_accuracy": 0.9}
+    return actions.JobParams(**{**base, **overrides})
+
+
+@pytest.fixture
+def running_job(alice, dataset):  # type: ignore[no-untyped-def]
+    job = actions.submit_job(alice, dataset, params())
+    assert actions.start_job(job)
+    job.refresh_from_db()
+    return job
+
+
+def test_it_queues_a_valid_job_with_its_parameter_count(alice, dataset) -> None:  # type: ignore[no-untyped-def]
+    job = actions.submit_job(alice, dataset, params())
+    assert job.status == Job.Status.QUEUED
+    assert job.param_count == 8 * 16 + 16 + 16 * 3 + 3
+
+
+def test_it_rejects_a_lambda_layer_naming_it(alice, dataset) -> None:  # type: ignore[no-untyped-def]
+    config = mlp_config()
+    config["config"]["layers"][1]["class_name"] = "Lambda"
+    with pytest.raises(actions.JobRejected, match="Lambda"):
+        actions.submit_job(alice, dataset, params(model_json=config))
+    assert Job.objects.count() == 0
+
+
+def test_it_rejects_a_model_whose_input_does_not_fit_the_data(alice, dataset) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(actions.JobRejected, match=r"inputs of shape \[5\]"):
+        actions.submit_job(alice, dataset, params(model_json=mlp_config(inputs=5)))
+
+
+def test_it_rejects_too_few_outputs_for_the_classes(alice, dataset) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(actions.JobRejected, match="2 outputs but the dataset has 3 classes"):
+        actions.submit_job(alice, dataset, params(model_json=mlp_config(classes=2)))
+
+
+def test_it_needs_a_target_or_a_budget(alice, dataset) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(actions.JobRejected, match="target accuracy or a budget"):
+        actions.submit_job(alice, dataset, params(target_accuracy=None))
+
+
+def test_it_rejects_garbage_json(alice, dataset) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(actions.JobRejected, match="model rejected"):
+        actions.submit_job(alice, dataset, params(model_json="{nope"))
+
+
+def test_starting_a_job_writes_its_initial_weights_to_the_store(running_job) -> None:  # type: ignore[no-untyped-def]
+    assert running_job.status == Job.Status.RUNNING
+    store = job_store(running_job)
+    assert store.versions() == [0, 0]
+    weights = store.weights()
+    assert sum(w.size for w in weights.values()) == running_job.param_count
+    assert not actions.start_job(running_job), "a job starts once"
+
+
+def test_claim_work_leases_a_unit_and_describes_it_in_a_lease_message(running_job, agent) -> None:  # type: ignore[no-untyped-def]
+    lease = actions.claim_work(agent)
+    assert lease is not None and lease.unit.status == WorkUnit.Status.LEASED
+    message = actions.lease_message(lease)
+    assert message["job_id"] == str(running_job.id)
+    assert [v["name"] for shard in message["layout"] for v in shard]
+    assert message["dataset"]["sha256"] == lease.unit.shard.sha256
+    json.dumps(message)  # it must travel as JSON
+
+
+def test_an_expired_lease_is_reaped_and_its_unit_reissued(running_job, agent, charlie) -> None:  # type: ignore[no-untyped-def]
+    lease = actions.claim_work(agent)
+    assert lease is not None
+    Lease.objects.filter(id=lease.id).update(expires_at=timezone.now() - timedelta(seconds=1))
+    assert actions.reap_expired_leases() == 1
+    assert actions.reap_expired_leases() == 0, "reaping twice changes nothing"
+    token, _ = AgentToken.issue(charlie, "other")
+    other = Agent.objects.create(token=token, name="pc-2")
+    again = actions.claim_work(other)
+    assert again is not None and again.unit_id == lease.unit_id
+    assert WorkUnit.objects.get(id=lease.unit_id).attempts == 2
+    with pytest.raises(actions.LeaseError) as err:
+        actions.heartbeat(agent, str(lease.id))
+    assert err.value.code == "lease_expired"
+
+
+def test_heartbeats_extend_a_lease_and_foreign_leases_are_refused(
+    running_job, agent, charlie
+) -> None:  # type: ignore[no-untyped-def]
+    lease = actions.claim_work(agent)
+    assert lease is not None
+    assert actions.heartbeat(agent, str(lease.id)) is not None
+    token, _ = AgentToken.issue(charlie, "other")
+    stranger = Agent.objects.create(token=token, name="pc-2")
+    with pytest.raises(actions.LeaseError) as err:
+        actions.complete_lease(stranger, str(lease.id), 10)
+    assert err.value.code == "lease_not_yours"
+
+
+def test_a_returned_lease_puts_its_unit_back(running_job, agent) -> None:  # type: ignore[no-untyped-def]
+    lease = actions.claim_work(agent)
+    assert lease is not None
+    actions.return_lease(agent, str(lease.id))
+    assert Lease.objects.get(id=lease.id).status == Lease.Status.RETURNED
+    assert WorkUnit.objects.get(id=lease.unit_id).status == WorkUnit.Status.PENDING
+
+
+def test_a_completed_lease_finishes_its_unit(running_job, agent) -> None:  # type: ignore[no-untyped-def]
+    lease = actions.claim_work(agent)
+    assert lease is not None
+    actions.complete_lease(agent, str(lease.id), 320)
+    assert WorkUnit.objects.get(id=lease.unit_id).status == WorkUnit.Status.DONE
+    agent.refresh_from_db()
+    assert agent.leases_completed == 1
+
+
+def test_checkpoint_and_restore_bring_back_the_exact_state(running_job) -> None:  # type: ignore[no-untyped-def]
+    store = job_store(running_job)
+    name = store.layout.shards[0][0].name
+    grad = {v.name: np.full(v.shape, 0.5, np.float32) for v in store.layout.shards[0]}
+    store.push(0, grad, 0, "lease:0:0")
+    before = store.weights()
+    actions.checkpoint_job(running_job)
+    store.delete()
+    actions.ensure_store_ready(running_job)
+    after = store.weights()
+    np.testing.assert_array_equal(before[name], after[name])
+    assert store.versions()[0] == 1
+
+
+def test_evaluation_records_a_point_and_finishes_the_job_at_its_target(running_job) -> None:  # type: ignore[no-untyped-def]
+    Job.objects.filter(id=running_job.id).update(target_accuracy=0.0001)
+    running_job.refresh_from_db()
+    point = actions.evaluate_job(running_job)
+    assert point is not None and 0.0 <= point.accuracy <= 1.0
+    running_job.refresh_from_db()
+    assert running_job.status == Job.Status.DONE
+    assert running_job.keras_path and running_job.weights_path
+    with np.load(running_job.weights_path, allow_pickle=False) as npz:
+        assert sum(npz[k].size for k in npz.files) == running_job.param_count
