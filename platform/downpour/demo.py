@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args.var.mkdir(parents=True)
     env = {
         "VAR_DIR": str(args.var),
-        "EVAL_INTERVAL_S": "1",
+        "EVAL_INTERVAL_S": "0.5",
         "CHECKPOINT_INTERVAL_S": "10",
         "LOG_LEVEL": "WARNING",
         "TF_CPP_MIN_LOG_LEVEL": "2",
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         result = _watch(args.var / "db.sqlite3", seeded["job_id"], args.timeout, procs, args.target)
     finally:
         localrun.stop(procs)
+    _summary(args.var / "db.sqlite3", seeded["job_id"])
     if result is None:
         print(f"demo: did not reach {args.target:.0%} within {args.timeout:.0f} s", flush=True)
         return 1
@@ -116,6 +117,25 @@ def _watch(
             first = target_hits[0] if target_hits else max(points, key=lambda p: p[1])
             return first[0], first[1], [(p[0], p[1]) for p in points]
     return None
+
+
+def _summary(db: Path, job_id: str) -> None:
+    with sqlite3.connect(db, timeout=30) as conn:
+        samples, accepted, rejected = conn.execute(
+            "SELECT samples_done, pushes_accepted, pushes_rejected FROM training_job WHERE id = ?",
+            (job_id.replace("-", ""),),
+        ).fetchone()
+        agents = conn.execute(
+            "SELECT name, credit FROM donors_agent ORDER BY name"
+        ).fetchall()
+    epochs = samples / 1437
+    print(
+        f"demo: {samples:,} samples ({epochs:.1f} epochs of the training split), "
+        f"{accepted:,} pushes applied, {rejected:,} rejected",
+        flush=True,
+    )
+    for name, credit in agents:
+        print(f"demo:   {name}: {credit:,.0f} credit", flush=True)
 
 
 def _history(path: Path, points: list[tuple[float, float]]) -> list[dict[str, Any]]:

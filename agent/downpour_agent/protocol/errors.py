@@ -29,6 +29,7 @@ class ErrorCode(StrEnum):
     NON_FINITE = "non_finite"
     STALE_GRADIENT = "stale_gradient"
     JOB_FINISHED = "job_finished"
+    CONFLICT = "conflict"
     RATE_LIMITED = "rate_limited"
     INTERNAL = "internal"
 

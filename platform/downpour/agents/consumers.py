@@ -37,6 +37,7 @@ from downpour_agent.protocol import (
 from . import push
 
 log = logging.getLogger(__name__)
+_WIRE_CODES = {code.value for code in ErrorCode}
 JOB_STATUS_TTL_S = 1.0
 FLUSH_INTERVAL_S = 2.0
 
@@ -120,7 +121,11 @@ class AgentConsumer(AsyncWebsocketConsumer):
         except ProtocolError as exc:
             await self._send(exc.to_message(ref))
         except (StoreError, actions.LeaseError) as exc:
-            await self._send(error_message(exc.code, str(exc), ref))
+            if exc.code in _WIRE_CODES:
+                await self._send(error_message(exc.code, str(exc), ref))
+            else:  # corrupt state or checkpoint: the operator's problem, not the agent's
+                log.error("agent %s: %s", self.agent and self.agent.id, exc)
+                await self._send(error_message(ErrorCode.INTERNAL, "internal server error", ref))
         except Exception:
             log.exception("agent %s: unexpected error", self.agent and self.agent.id)
             await self._send(error_message(ErrorCode.INTERNAL, "internal server error", ref))

@@ -1,0 +1,326 @@
+"""Downpour on the production path: PostgreSQL, Redis, daphne, Celery and real agents.
+
+Each run is a fresh ``Deployment("production")`` (its own database; Redis db 13, which this
+script flushes, so the e2e tests' db 14 is left alone) with one digits job and N
+``downpour-agent`` processes (``--threads 1``, default nice 10), all on this machine.
+
+The job's target accuracy is set to 1.0 so it keeps training after 95% and gives a long
+enough window for the throughput figure; the run is stopped by this script (after
+``--min-train-seconds`` of training once 95% is reached, or at ``--max-train-seconds``), and
+``budget_seconds`` is a backstop so nothing runs on.
+
+What is measured, all from the server's own records:
+
+* **t0** is when the job's first lease was issued (``training_lease.issued_at`` relative
+  to ``training_job.started_at``): the agent has imported TensorFlow and registered, and
+  from then on pays for the data download, building and tracing the model, and every
+  fetch, like ``fit`` pays for its tracing. Agent start-up and the TensorFlow import are
+  excluded.
+* **time to 95%** is ``elapsed_s`` of the first row of ``training_evaluation`` with
+  accuracy >= 0.95, minus t0. Celery beat scores the store every ``--eval-interval`` s and
+  each score takes time, so the figure overstates the true time by up to about one
+  interval.
+* **samples/s** is the least-squares slope of the job's ``samples`` against ``elapsed_s``
+  over the evaluations from ``--warmup-seconds`` after the *last* agent's first lease to
+  the end of the run. The consumers add samples to the job every 2 s per agent, so the
+  slope, not two end points, is used.
+
+Usage::
+
+    .venv/bin/python bench/downpour_runs.py --config small:1:4:4 small:2:4:4 --json-out x.json
+
+A config is ``MODEL:AGENTS:N_FETCH:N_PUSH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+for _path in (ROOT / "platform", ROOT / "agent", ROOT / "bench"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from benchlib import (  # noqa: E402
+    BATCH_SIZE,
+    LEARNING_RATE,
+    MODELS,
+    TARGET_ACCURACY,
+    WORK_DIR,
+    first_time_at,
+    slope,
+    write_json,
+)
+
+from downpour.localrun import Deployment  # noqa: E402
+
+BENCH_REDIS_DB = 13
+STATUS_INTERVAL_S = 1.0
+DEFAULT_CONFIGS = ["small:1:4:4", "small:2:4:4", "large:1:8:8", "large:2:8:8"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str
+    agents: int
+    n_fetch: int
+    n_push: int
+
+    @classmethod
+    def parse(cls, text: str) -> RunConfig:
+        model, agents, n_fetch, n_push = text.split(":")
+        if model not in MODELS:
+            raise argparse.ArgumentTypeError(f"unknown model {model!r}")
+        return cls(model, int(agents), int(n_fetch), int(n_push))
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}-{self.agents}agent-f{self.n_fetch}-p{self.n_push}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--config",
+        nargs="+",
+        type=RunConfig.parse,
+        default=[RunConfig.parse(c) for c in DEFAULT_CONFIGS],
+        help=f"MODEL:AGENTS:N_FETCH:N_PUSH ... (default: {' '.join(DEFAULT_CONFIGS)})",
+    )
+    parser.add_argument("--eval-interval", type=float, default=0.5, help="EVAL_INTERVAL_S")
+    parser.add_argument(
+        "--min-train-seconds",
+        type=float,
+        default=25.0,
+        help="train at least this long (from t0) for the samples/s window",
+    )
+    parser.add_argument(
+        "--max-train-seconds", type=float, default=60.0, help="stop a run after this long"
+    )
+    parser.add_argument(
+        "--warmup-seconds",
+        type=float,
+        default=3.0,
+        help="skip this long after the last agent's first lease before measuring samples/s",
+    )
+    parser.add_argument("--keep-logs", action="store_true", help="keep each run's directory")
+    parser.add_argument("--json-out", type=Path, default=None)
+    return parser
+
+
+class BenchDeployment(Deployment):
+    """A production deployment on Redis db 13, so the e2e tests' db 14 is not flushed."""
+
+    def __init__(self, workdir: Path, **settings: str) -> None:
+        super().__init__("production", workdir, **settings)
+        self.redis_url = f"redis://127.0.0.1:6379/{BENCH_REDIS_DB}"
+        self.env["REDIS_URL"] = self.redis_url
+
+
+def run_one(config: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """Start a deployment, train one job with ``config.agents`` agents, measure, tear down."""
+    workdir = WORK_DIR / "downpour" / config.label
+    shutil.rmtree(workdir, ignore_errors=True)
+    deployment = BenchDeployment(workdir, EVAL_INTERVAL_S=str(args.eval_interval))
+    wall_started = time.monotonic()
+    try:
+        deployment.start()
+        seeded = deployment.seed(
+            hidden=",".join(str(w) for w in MODELS[config.model]),
+            learning_rate=LEARNING_RATE,
+            batch_size=BATCH_SIZE,
+            n_fetch=config.n_fetch,
+            n_push=config.n_push,
+            target_accuracy=1.0,
+            budget_seconds=args.max_train_seconds + 180,
+            tokens=config.agents,
+            name=f"bench-{config.label}",
+        )
+        job_id = seeded["job_id"]
+        for i in range(config.agents):
+            deployment.start_agent(
+                f"agent-{i}", seeded["tokens"][i], "--status-interval", str(STATUS_INTERVAL_S)
+            )
+        deployment.wait_for("the first lease", lambda: first_leases(deployment, job_id), 180)
+        train_started = time.monotonic()
+        while True:
+            time.sleep(0.5)
+            trained = time.monotonic() - train_started
+            job = deployment.job(job_id)
+            if job["status"] != "running" or trained >= args.max_train_seconds:
+                break
+            reached = (job["best_accuracy"] or 0.0) >= TARGET_ACCURACY
+            if reached and trained >= args.min_train_seconds:
+                break
+            for name, proc in deployment.agents.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}\n{deployment.logs()}")
+        result = measure(deployment, job_id, config, args)
+        result["agent_logs"] = {
+            name: parse_agent_log(workdir / f"{name}.log", result["window"])
+            for name in deployment.agents
+        }
+        result["run_wall_seconds"] = round(time.monotonic() - wall_started, 1)
+        return result
+    finally:
+        deployment.stop()
+        if not args.keep_logs:
+            keep = WORK_DIR / "downpour" / "logs" / config.label
+            shutil.rmtree(keep, ignore_errors=True)
+            keep.mkdir(parents=True, exist_ok=True)
+            for log in workdir.glob("*.log"):
+                shutil.copy(log, keep / log.name)
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def first_leases(deployment: Deployment, job_id: str) -> list[tuple[str, float]]:
+    """``(agent_id, seconds after job start)`` of each agent's first lease on the job."""
+    rows = deployment.query(
+        "SELECT l.agent_id::text, MIN(EXTRACT(EPOCH FROM (l.issued_at - j.started_at))) "
+        "FROM training_lease l JOIN training_workunit u ON l.unit_id = u.id "
+        "JOIN training_job j ON u.job_id = j.id WHERE j.id = %s GROUP BY l.agent_id",
+        [job_id],
+    )
+    return [(str(agent), float(t)) for agent, t in rows]
+
+
+def measure(
+    deployment: Deployment, job_id: str, config: RunConfig, args: argparse.Namespace
+) -> dict[str, Any]:
+    evaluations = [
+        (float(t), int(samples), float(acc))
+        for t, samples, acc in deployment.query(
+            "SELECT elapsed_s, samples, accuracy FROM training_evaluation "
+            "WHERE job_id = %s ORDER BY created_at",
+            [job_id],
+        )
+    ]
+    leases = first_leases(deployment, job_id)
+    t0 = min(t for _, t in leases)
+    all_started = max(t for _, t in leases)
+    job = deployment.job(job_id)
+    (units, pushes_by_lease) = deployment.query(
+        "SELECT COUNT(DISTINCT u.id), COUNT(l.id) FROM training_workunit u "
+        "LEFT JOIN training_lease l ON l.unit_id = u.id WHERE u.job_id = %s",
+        [job_id],
+    )[0]
+    trained = [(t - t0, s, a) for t, s, a in evaluations if t >= t0]
+    reached = first_time_at([t for t, _, _ in trained], [a for _, _, a in trained])
+    window_start = all_started - t0 + args.warmup_seconds
+    window = [(t, s) for t, s, _ in trained if t >= window_start]
+    rate = slope([t for t, _ in window], [s for _, s in window]) if len(window) >= 4 else None
+    return {
+        "config": {
+            "model": config.model,
+            "agents": config.agents,
+            "n_fetch": config.n_fetch,
+            "n_push": config.n_push,
+            "eval_interval_s": args.eval_interval,
+        },
+        "t0_after_job_start_s": round(t0, 3),
+        "agents_started_within_s": round(all_started - t0, 3),
+        "time_to_95_s": None if reached is None else round(reached, 3),
+        "samples_to_95": next((s for t, s, _ in trained if t == reached), None),
+        "samples_per_s": None if rate is None else round(rate, 1),
+        "window": [round(window[0][0], 3), round(window[-1][0], 3)] if window else None,
+        "window_points": len(window),
+        "best_accuracy": job["best_accuracy"],
+        "samples_done": job["samples_done"],
+        "pushes_accepted": job["pushes_accepted"],
+        "pushes_rejected": job["pushes_rejected"],
+        "work_units": units,
+        "leases": pushes_by_lease,
+        "curve": [[round(t, 3), s, round(a, 4)] for t, s, a in trained],
+    }
+
+
+STATUS_RE = re.compile(r"^(\d\d):(\d\d):(\d\d) INFO job \S+ step \d+/\d+ (\d+) samples/s")
+UTILISATION_RE = re.compile(r"\butilisation=([0-9.]+)")
+CUMULATIVE_RE = re.compile(r"\bcompute_s=([0-9.]+) wall_s=([0-9.]+)")
+
+
+def parse_agent_log(path: Path, window: Sequence[float] | None) -> dict[str, Any]:
+    """Status-line figures from an agent log.
+
+    The agent prints a status line every ``--status-interval`` s. Its ``N samples/s`` is
+    the agent's own rate over the interval. If the line carries the utilisation fields
+    requested in ``docs/benchmarks.md`` (``utilisation=U compute_s=C wall_s=W``; C and W
+    cumulative seconds since the agent first started training), utilisation over the
+    training lines after the first quarter (the warm-up) is ``(C_end - C_start) /
+    (W_end - W_start)``, else the median of the per-interval ``U``.
+    """
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    status = [line for line in lines if STATUS_RE.match(line)]
+    steady = status[len(status) // 4 :] if len(status) >= 4 else status
+    rates = [float(m.group(4)) for line in steady if (m := STATUS_RE.match(line))]
+    parsed: dict[str, Any] = {
+        "status_lines": len(status),
+        "status_samples_per_s_median": _median(rates),
+    }
+    cumulative = [
+        (float(m.group(1)), float(m.group(2)))
+        for line in steady
+        if (m := CUMULATIVE_RE.search(line))
+    ]
+    per_interval = [float(m.group(1)) for line in steady if (m := UTILISATION_RE.search(line))]
+    if len(cumulative) >= 2 and cumulative[-1][1] > cumulative[0][1]:
+        (c0, w0), (c1, w1) = cumulative[0], cumulative[-1]
+        parsed["utilisation"] = round((c1 - c0) / (w1 - w0), 4)
+        parsed["utilisation_method"] = "cumulative compute_s / wall_s over the steady lines"
+    elif per_interval:
+        parsed["utilisation"] = _median(per_interval)
+        parsed["utilisation_method"] = "median of per-interval utilisation"
+    else:
+        parsed["utilisation"] = None
+        parsed["utilisation_method"] = "not reported by this agent"
+    return parsed
+
+
+def _median(values: Sequence[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    middle = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return round(middle, 4)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "settings": {
+            "eval_interval_s": args.eval_interval,
+            "min_train_seconds": args.min_train_seconds,
+            "max_train_seconds": args.max_train_seconds,
+            "warmup_seconds": args.warmup_seconds,
+            "agent_threads": 1,
+            "status_interval_s": STATUS_INTERVAL_S,
+        },
+        "runs": [],
+    }
+    for config in args.config:
+        print(f"downpour run {config.label} ...", flush=True)
+        try:
+            measured = run_one(config, args)
+        except Exception as exc:  # report the failure and go on with the other runs
+            measured = {"config": config.__dict__, "error": f"{type(exc).__name__}: {exc}"}
+        print({k: v for k, v in measured.items() if k not in ("curve",)}, flush=True)
+        result["runs"].append(measured)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    write_json(args.json_out, run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
