@@ -15,13 +15,23 @@ database. The new values travel to Redis in the same round trip, under short-liv
 ``MGET``, which Redis executes atomically, so version, weights and accumulators always
 belong together.
 
+    {prefix}job:{j}:shard:{i}:e        epoch: a random token set by every initialize
+
 The applied-id sets grow by one id per push for the life of the job; ``delete`` (or
 re-initializing a shard) removes them.
+
+Each process keeps the last state it loaded or committed per shard. A state is identified
+by (epoch, version): versions only grow between initializations, and every initialization
+draws a new epoch, so a cached state whose pair matches Redis's is exactly the stored one.
+A load then costs one small ``MGET`` and a memory copy instead of moving megabytes out of
+Redis — the common case when one server process handles most pushes to a shard.
 """
 
 from __future__ import annotations
 
+import threading
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,8 +42,8 @@ from downpour.paramstore.store import CommitOutcome, ShardState
 
 WIRE_DTYPE = np.dtype("<f4")
 
-# KEYS: version, weights, accumulators, applied ids, staged weights, staged accumulators
-# ARGV: expected version, new version, push id
+# KEYS: version, weights, accumulators, applied ids, staged weights, staged accumulators, epoch
+# ARGV: expected version, new version, push id, expected epoch ("" = any)
 # Returns 0 = applied, 1 = conflict (other version, shard absent or staging lost), 2 = duplicate.
 _COMMIT_LUA = """
 local function discard()
@@ -44,7 +54,9 @@ if redis.call('SISMEMBER', KEYS[4], ARGV[3]) == 1 then
     return 2
 end
 local current = redis.call('GET', KEYS[1])
-if (not current) or current ~= ARGV[1] or redis.call('EXISTS', KEYS[5], KEYS[6]) ~= 2 then
+local epoch = redis.call('GET', KEYS[7]) or ''
+if (not current) or current ~= ARGV[1] or (ARGV[4] ~= '' and epoch ~= ARGV[4])
+        or redis.call('EXISTS', KEYS[5], KEYS[6]) ~= 2 then
     discard()
     return 1
 end
@@ -61,6 +73,14 @@ return 0
 STAGING_TTL_SECONDS = 300
 
 _OUTCOMES = {0: CommitOutcome.APPLIED, 1: CommitOutcome.CONFLICT, 2: CommitOutcome.DUPLICATE}
+
+
+@dataclass
+class _Cached:
+    epoch: bytes
+    version: int
+    weights: np.ndarray
+    accumulators: np.ndarray
 
 
 class RedisStorage:
@@ -80,6 +100,8 @@ class RedisStorage:
         self.client = client
         self.prefix = prefix
         self._commit_script = client.register_script(_COMMIT_LUA)
+        self._cache: dict[tuple[str, int], _Cached] = {}
+        self._cache_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "downpour:") -> RedisStorage:
@@ -98,11 +120,26 @@ class RedisStorage:
     # -- ShardStorage ------------------------------------------------------------------------
 
     def load(self, job: str, shard: int) -> ShardState | None:
-        """Read version, weights and accumulators with one atomic ``MGET``."""
-        values: Any = self.client.mget(
-            [self.shard_key(job, shard, suffix) for suffix in ("v", "w", "a")]
+        """Version, weights and accumulators as one consistent state.
+
+        A small ``MGET`` of version and epoch decides whether this process's cached copy is
+        current; otherwise one atomic ``MGET`` reads everything.
+        """
+        key = (job, int(shard))
+        head: Any = self.client.mget(
+            [self.shard_key(job, shard, "v"), self.shard_key(job, shard, "e")]
         )
-        version, weights, accumulators = values
+        version, epoch = head
+        if version is None:
+            return None
+        with self._cache_lock:
+            cached = self._cache.get(key)
+            if cached is not None and cached.epoch == epoch and cached.version == int(version):
+                return ShardState(cached.version, cached.weights.copy(), cached.accumulators.copy())
+        values: Any = self.client.mget(
+            [self.shard_key(job, shard, suffix) for suffix in ("v", "e", "w", "a")]
+        )
+        version, epoch, weights, accumulators = values
         if version is None:
             return None
         if (
@@ -115,11 +152,16 @@ class RedisStorage:
                 f"Redis shard {shard} of job {job!r} is incomplete: version is set but weights "
                 "or accumulators are missing or of different byte lengths"
             )
-        return ShardState(
+        state = ShardState(
             int(version),
             np.frombuffer(weights, dtype=WIRE_DTYPE).astype(np.float32, copy=True),
             np.frombuffer(accumulators, dtype=WIRE_DTYPE).astype(np.float32, copy=True),
         )
+        with self._cache_lock:
+            self._cache[key] = _Cached(
+                epoch or b"", state.version, state.weights.copy(), state.accumulators.copy()
+            )
+        return state
 
     def load_version(self, job: str, shard: int) -> int | None:
         """The shard's version, or None."""
@@ -128,8 +170,11 @@ class RedisStorage:
 
     def initialize(self, job: str, shard: int, state: ShardState) -> None:
         """Overwrite the shard in one MULTI/EXEC transaction and clear its applied ids."""
+        with self._cache_lock:
+            self._cache.pop((job, int(shard)), None)
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(self.shard_key(job, shard, "applied"))
+        pipe.set(self.shard_key(job, shard, "e"), uuid.uuid4().hex)
         pipe.set(self.shard_key(job, shard, "w"), _wire_view(state.weights))
         pipe.set(self.shard_key(job, shard, "a"), _wire_view(state.accumulators))
         pipe.set(self.shard_key(job, shard, "v"), str(int(state.version)))
@@ -152,6 +197,11 @@ class RedisStorage:
                 f"state.version must be expected_version + 1 = {expected_version + 1}, "
                 f"got {state.version}"
             )
+        key = (job, int(shard))
+        with self._cache_lock:
+            cached = self._cache.get(key)
+        # A restore may reset the version to one we have seen: the epoch tells them apart.
+        expected_epoch = cached.epoch if cached is not None else b""
         token = uuid.uuid4().hex
         staged_w = self.shard_key(job, shard, f"staged:{token}:w")
         staged_a = self.shard_key(job, shard, f"staged:{token}:a")
@@ -163,12 +213,28 @@ class RedisStorage:
                 *(self.shard_key(job, shard, suffix) for suffix in ("v", "w", "a", "applied")),
                 staged_w,
                 staged_a,
+                self.shard_key(job, shard, "e"),
             ],
-            args=[str(int(expected_version)), str(int(expected_version) + 1), push_id],
+            args=[
+                str(int(expected_version)),
+                str(int(expected_version) + 1),
+                push_id,
+                expected_epoch,
+            ],
             client=pipe,
         )
         results: Any = pipe.execute()
-        return _OUTCOMES[int(results[-1])]
+        outcome = _OUTCOMES[int(results[-1])]
+        with self._cache_lock:
+            if outcome is CommitOutcome.APPLIED and cached is not None:
+                # The caller hands the state over (ParameterStore never reuses it); the
+                # script checked the epoch, so it is still the one we cached.
+                self._cache[key] = _Cached(
+                    cached.epoch, state.version, state.weights, state.accumulators
+                )
+            elif outcome is not CommitOutcome.APPLIED:
+                self._cache.pop(key, None)
+        return outcome
 
     def was_applied(self, job: str, shard: int, push_id: str) -> bool:
         """Whether ``push_id`` is in the shard's applied set."""
@@ -180,9 +246,12 @@ class RedisStorage:
         members: Any = self.client.smembers(shards_key)
         keys = [shards_key]
         for member in members:
-            for suffix in ("v", "w", "a", "applied"):
+            for suffix in ("v", "e", "w", "a", "applied"):
                 keys.append(self.shard_key(job, int(member), suffix))
         self.client.delete(*keys)
+        with self._cache_lock:
+            for key in [k for k in self._cache if k[0] == job]:
+                del self._cache[key]
 
 
 def _wire_view(array: np.ndarray) -> memoryview:

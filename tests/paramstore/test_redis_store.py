@@ -195,8 +195,44 @@ def test_it_stores_shards_under_the_documented_keys(
     assert client.get(base + "a") == np.full(5, 0.2, "<f4").tobytes()
     assert client.smembers(base + "applied") == {b"p1"}
     assert set(client.scan_iter(match=prefix + "*")) == {
-        (base + suffix).encode() for suffix in ("v", "w", "a", "applied")
+        (base + suffix).encode() for suffix in ("v", "e", "w", "a", "applied")
     } | {f"{prefix}job:{JOB}:shards".encode()}
+
+
+def test_a_push_computed_before_a_restore_is_not_committed_over_the_restored_state(
+    storage: RedisStorage,
+) -> None:
+    # Prepare: this process loads version 5 of epoch A, then another process restores a
+    # checkpoint that is also at version 5 (epoch B).
+    storage.initialize(JOB, 0, filled_state(5, 1.0, 1.0))
+    loaded = storage.load(JOB, 0)
+    assert loaded is not None
+    other = RedisStorage(storage.client, storage.prefix)
+    other.initialize(JOB, 0, filled_state(5, 7.0, 7.0))
+
+    # Execute: commit a state derived from epoch A at the same version number.
+    outcome = storage.commit(JOB, 0, 5, filled_state(6, 2.0, 2.0), "stale-epoch")
+
+    # Assert
+    assert outcome is CommitOutcome.CONFLICT
+    state = storage.load(JOB, 0)
+    assert state is not None and state.version == 5
+    np.testing.assert_array_equal(state.weights, np.full_like(state.weights, 7.0))
+
+
+def test_a_cached_state_is_used_only_while_it_is_current(storage: RedisStorage) -> None:
+    storage.initialize(JOB, 0, filled_state(0, 1.0, 1.0))
+    first = storage.load(JOB, 0)
+    assert first is not None
+    assert storage.commit(JOB, 0, 0, filled_state(1, 3.0, 3.0), "p1") is CommitOutcome.APPLIED
+    other = RedisStorage(storage.client, storage.prefix)
+    assert other.load(JOB, 0) is not None
+    assert other.commit(JOB, 0, 1, filled_state(2, 9.0, 9.0), "p2") is CommitOutcome.APPLIED
+
+    state = storage.load(JOB, 0)
+
+    assert state is not None and state.version == 2
+    np.testing.assert_array_equal(state.weights, np.full_like(state.weights, 9.0))
 
 
 def test_commit_applies_once_then_reports_duplicates_and_conflicts_without_leftovers(
