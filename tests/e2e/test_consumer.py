@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
 
 from downpour_agent.protocol import (
     PROTOCOL_VERSION,
@@ -253,3 +254,26 @@ async def test_an_oversized_frame_is_rejected(client: Client) -> None:
     reply = (await client.recv())[0]
     assert reply["code"] == "frame_too_large"
     await client.still_usable()
+
+
+async def test_a_browser_page_from_another_site_cannot_open_an_agent_socket(
+    production: Stack, seeded: dict[str, Any]
+) -> None:
+    with pytest.raises(InvalidStatus):
+        async with connect(
+            production.ws_url,
+            origin="https://evil.example",  # type: ignore[arg-type]
+            additional_headers={"Authorization": f"Bearer {seeded['token']}"},
+        ) as ws:
+            await ws.recv()
+
+
+async def test_a_page_served_by_downpour_itself_may_open_one(
+    production: Stack, seeded: dict[str, Any]
+) -> None:
+    async with connect(
+        production.ws_url,
+        origin=f"http://127.0.0.1:{production.port}",  # type: ignore[arg-type]
+        additional_headers={"Authorization": f"Bearer {seeded['token']}"},
+    ) as ws:
+        assert (await Client(ws).register("same-origin"))["type"] == "registered"

@@ -11,10 +11,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.http.request import split_domain_port, validate_host
 from django.utils import timezone
 
 from downpour.donors.models import Agent, AgentToken, hash_token
@@ -79,6 +81,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
 
     async def connect(self) -> None:
         self.state = _State()
+        if not _origin_allowed(self.scope):
+            # A browser page on another site must not drive an agent socket.
+            await self.close(code=4403)
+            return
         self.token = await self._authenticate(_bearer_token(self.scope))
         await self.accept()
         if self.token is None:
@@ -404,6 +410,15 @@ def _bearer_token(scope: dict[str, Any]) -> str | None:
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
     return None
+
+
+def _origin_allowed(scope: dict[str, Any]) -> bool:
+    """Agents send no Origin; browsers always do, and theirs must be one of our hosts."""
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"origin":
+            domain, _ = split_domain_port(urlsplit(value.decode("latin-1")).netloc)
+            return bool(domain) and validate_host(domain, settings.ALLOWED_HOSTS)
+    return True
 
 
 def _ref(msg: dict[str, Any]) -> dict[str, Any]:
