@@ -1,0 +1,135 @@
+"""Every HTTP endpoint × every persona × GET/POST: nobody reads another owner's objects.
+
+Alice (researcher) owns a dataset, a job and its evaluations; Bob is another researcher;
+Charlie is a donor with a token; a stranger is not logged in. Alice's objects carry a
+marker string that must never appear in a response to anyone but Alice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.test import Client
+from django.urls import URLPattern, URLResolver, get_resolver
+
+from downpour.donors.models import AgentToken
+from downpour.training import actions
+from downpour.training.models import Evaluation
+
+from .helpers import mlp_config, npz_upload, small_dataset
+
+pytestmark = pytest.mark.django_db
+MARKER = "alices-secret-marker"
+
+
+def all_routes() -> set[str]:
+    def walk(patterns: list[Any], prefix: str) -> set[str]:
+        found: set[str] = set()
+        for p in patterns:
+            route = prefix + str(p.pattern)
+            if isinstance(p, URLResolver):
+                if not route.startswith("admin/"):
+                    found |= walk(p.url_patterns, route)
+            elif isinstance(p, URLPattern):
+                found.add(route)
+        return found
+
+    return walk(get_resolver().url_patterns, "")
+
+
+@pytest.fixture
+def world(alice, bob, charlie):  # type: ignore[no-untyped-def]
+    dataset = actions.create_dataset(alice, MARKER + "-data", npz_upload(**small_dataset()))
+    job = actions.submit_job(
+        alice,
+        dataset,
+        actions.JobParams(name=MARKER + "-job", model_json=mlp_config(), target_accuracy=0.9),
+    )
+    Evaluation.objects.create(
+        job=job, elapsed_s=1.0, samples=10, accuracy=0.123456, loss=1.0, versions=[0]
+    )
+    token, _ = AgentToken.issue(alice, MARKER + "-token")
+    charlie_token, charlie_plain = AgentToken.issue(charlie, "charlie-pc")
+    clients = {"stranger": Client()}
+    for name, user in (("alice", alice), ("bob", bob), ("charlie", charlie)):
+        clients[name] = Client()
+        clients[name].force_login(user)
+    return {
+        "job": job,
+        "dataset": dataset,
+        "shard": dataset.shards.first(),
+        "alice_token": token,
+        "charlie_plain": charlie_plain,
+        "clients": clients,
+    }
+
+
+def concrete(route: str, world: dict[str, Any]) -> list[str]:
+    """The URLs to probe for one route pattern, filled with Alice's object ids."""
+    path = "/" + route
+    path = path.replace("<uuid:job_id>", str(world["job"].id))
+    path = path.replace("<uuid:token_id>", str(world["alice_token"].id))
+    path = path.replace("<uuid:shard_id>", str(world["shard"].id))
+    if "<str:kind>" in path:
+        return [path.replace("<str:kind>", kind) for kind in ("keras", "weights", "other")]
+    return [path]
+
+
+def test_the_matrix_covers_every_route(world) -> None:  # type: ignore[no-untyped-def]
+    routes = all_routes()
+    assert len(routes) >= 12
+    for route in routes:
+        for url in concrete(route, world):
+            assert "<" not in url, f"route {route} has a converter the matrix does not fill"
+
+
+@pytest.mark.parametrize("persona", ["alice", "bob", "charlie", "stranger"])
+@pytest.mark.parametrize("method", ["get", "post"])
+def test_nobody_but_alice_reads_alices_objects(world, persona: str, method: str) -> None:  # type: ignore[no-untyped-def]
+    client: Client = world["clients"][persona]
+    for route in sorted(all_routes()):
+        for url in concrete(route, world):
+            response = getattr(client, method)(url)
+            body = b"".join(response.streaming_content) if response.streaming else response.content
+            if persona != "alice":
+                assert MARKER.encode() not in body, f"{persona} read Alice's data at {method} {url}"
+                assert b"0.123456" not in body, f"{persona} read Alice's metrics at {url}"
+                if str(world["job"].id) in url and response.status_code == 200:
+                    pytest.fail(f"{persona} got 200 for Alice's job at {method} {url}")
+            assert response.status_code < 500, f"{method} {url} as {persona}: server error"
+
+
+def test_bob_cannot_submit_a_job_on_alices_dataset(world, bob) -> None:  # type: ignore[no-untyped-def]
+    response = world["clients"]["bob"].post(
+        "/jobs/new/",
+        {
+            "name": "theft",
+            "dataset": str(world["dataset"].id),
+            "model_json": "{}",
+            "loss": "sparse_categorical_crossentropy",
+            "learning_rate": 0.05,
+            "batch_size": 32,
+            "n_fetch": 1,
+            "n_push": 1,
+            "n_param_shards": 2,
+            "max_staleness": 16,
+            "target_accuracy": 0.9,
+        },
+    )
+    assert response.status_code == 200
+    assert b"Select a valid choice" in response.content
+
+
+def test_a_donor_token_cannot_download_a_shard_without_a_live_lease(world) -> None:  # type: ignore[no-untyped-def]
+    response = Client().get(
+        f"/api/agent/shards/{world['shard'].id}/",
+        HTTP_AUTHORIZATION=f"Bearer {world['charlie_plain']}",
+    )
+    assert response.status_code == 404
+
+
+def test_the_admin_is_for_staff_only(world) -> None:  # type: ignore[no-untyped-def]
+    for persona in ("alice", "bob", "charlie", "stranger"):
+        response = world["clients"][persona].get("/admin/training/job/")
+        assert response.status_code == 302 and "/admin/login/" in response["Location"]
