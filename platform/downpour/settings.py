@@ -146,6 +146,10 @@ CHECKPOINT_INTERVAL_S = envfloat("CHECKPOINT_INTERVAL_S", 10.0)
 REAP_INTERVAL_S = envfloat("REAP_INTERVAL_S", 5.0)
 MAX_FRAME_BYTES = envint("MAX_FRAME_BYTES", 64 << 20)
 CHECKPOINTS_KEPT = envint("CHECKPOINTS_KEPT", 3)
+MAX_CONNECTIONS_PER_TOKEN = envint("MAX_CONNECTIONS_PER_TOKEN", 16)
+# Push frames (one per parameter shard) per agent: a token bucket refilled at this rate.
+PUSHES_PER_SECOND = envfloat("PUSHES_PER_SECOND", 2000.0)
+PUSH_BURST = envfloat("PUSH_BURST", 4000.0)
 
 CELERY_BEAT_SCHEDULE = {
     "start-queued-jobs": {

@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,25 @@ from downpour_agent.protocol import (
 from .stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.services]
+
+
+@pytest.fixture(scope="module")
+def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Short lease timings, and small connection and push-rate limits to test them."""
+    stack = Stack(
+        "production",
+        Path(tmp_path_factory.mktemp("consumer")),
+        HEARTBEAT_INTERVAL_S="1",
+        LEASE_TTL_S="4",
+        REAP_INTERVAL_S="1",
+        MAX_CONNECTIONS_PER_TOKEN="3",
+        PUSHES_PER_SECOND="20",
+        PUSH_BURST="40",
+    )
+    try:
+        yield stack.start()
+    finally:
+        stack.stop()
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +297,51 @@ async def test_a_page_served_by_downpour_itself_may_open_one(
         additional_headers={"Authorization": f"Bearer {seeded['token']}"},
     ) as ws:
         assert (await Client(ws).register("same-origin"))["type"] == "registered"
+
+
+async def test_a_token_gets_a_limited_number_of_connections(
+    production: Stack, seeded: dict[str, Any]
+) -> None:
+    headers = {"Authorization": f"Bearer {seeded['tokens'][1]}"}
+    async with (
+        connect(production.ws_url, additional_headers=headers) as a,
+        connect(production.ws_url, additional_headers=headers) as b,
+        connect(production.ws_url, additional_headers=headers) as c,
+    ):
+        for i, ws in enumerate((a, b, c)):
+            assert (await Client(ws).register(f"capped-{i}"))["type"] == "registered"
+        async with connect(production.ws_url, additional_headers=headers) as d:
+            reply = json.loads(await asyncio.wait_for(d.recv(), 10))
+            assert reply["code"] == "rate_limited"
+            await asyncio.wait_for(d.wait_closed(), 10)
+            assert d.close_code == 4429
+    async with connect(production.ws_url, additional_headers=headers) as e:
+        assert (await Client(e).register("after-release"))["type"] == "registered"
+
+
+async def test_a_push_flood_is_rate_limited_and_nothing_is_applied(client: Client) -> None:
+    lease = await client.lease()
+    version, _ = await client.fetch(lease, 0)
+    grads = {k: np.full(v.shape, 0.01, np.float32) for k, v in zero_grads(lease, 0).items()}
+    codes = []
+    for seq in range(60):
+        msg = {
+            "type": "push",
+            "lease_id": lease["lease_id"],
+            "seq": 1000 + seq,
+            "shard": 0,
+            "base_version": version,
+            "samples": 1,
+        }
+        await client.ws.send(frame_to_wire(msg, grads))
+    for _ in range(60):
+        reply = (await client.recv())[0]
+        codes.append(reply.get("code", reply["type"]))
+    limited = codes.count("rate_limited")
+    applied = codes.count("push_ack")
+    # The bucket holds 40; what gets through is applied or, past max_staleness, refused.
+    assert limited >= 10
+    assert set(codes) <= {"push_ack", "rate_limited", "stale_gradient"}
+    assert (await client.fetch(lease, 0))[0] == version + applied
+    await asyncio.sleep(1.5)
+    await client.still_usable()

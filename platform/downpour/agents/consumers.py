@@ -37,6 +37,7 @@ from downpour_agent.protocol import (
 )
 
 from . import push
+from .limits import limits
 
 log = logging.getLogger(__name__)
 _WIRE_CODES = {code.value for code in ErrorCode}
@@ -92,8 +93,25 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 error_message(ErrorCode.UNAUTHORIZED, "missing, unknown or revoked agent token")
             )
             await self.close(code=4401)
+            return
+        if not await asyncio.to_thread(
+            limits().acquire_connection, str(self.token.id), self.channel_name
+        ):
+            token, self.token = self.token, None
+            await self._send(
+                error_message(
+                    ErrorCode.RATE_LIMITED,
+                    f"token {token.prefix}… already has {settings.MAX_CONNECTIONS_PER_TOKEN} "
+                    "connections",
+                )
+            )
+            await self.close(code=4429)
 
     async def disconnect(self, code: int) -> None:
+        if self.token is not None:
+            await asyncio.to_thread(
+                limits().release_connection, str(self.token.id), self.channel_name
+            )
         for group in list(getattr(self, "state", _State()).groups):
             await self.channel_layer.group_discard(group, self.channel_name)
         if self.agent is not None:
@@ -106,9 +124,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         ref: Any = None
         try:
             if bytes_data is not None:
-                msg, tensors = await asyncio.to_thread(
-                    frame_from_wire, bytes_data, AGENT_MESSAGES, settings.MAX_FRAME_BYTES
-                )
+                msg, tensors = await asyncio.to_thread(self._decode_push, bytes_data)
                 ref = msg.get("ref")
                 if msg["type"] != "push":
                     raise ProtocolError(
@@ -157,6 +173,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
         )
 
     async def on_heartbeat(self, msg: dict[str, Any]) -> None:
+        assert self.token is not None
+        await asyncio.to_thread(limits().acquire_connection, str(self.token.id), self.channel_name)
         lease_id = msg.get("lease_id")
         ttl = await self._heartbeat(lease_id)
         reply: dict[str, Any] = {"type": "heartbeat_ack", **_ref(msg)}
@@ -293,6 +311,15 @@ class AgentConsumer(AsyncWebsocketConsumer):
         tallies, self.state.tallies = self.state.tallies, {}
         if tallies and self.agent is not None:
             await self._record(tallies)
+
+    def _decode_push(self, data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+        # The rate is checked before decoding, so a flood costs us as little as possible.
+        if self.agent is not None and not limits().allow_push(str(self.agent.id)):
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                f"over {settings.PUSHES_PER_SECOND:g} push frames per second; slow down",
+            )
+        return frame_from_wire(data, AGENT_MESSAGES, settings.MAX_FRAME_BYTES)
 
     @staticmethod
     def _fetch(job: Job, store: Any, shard: int) -> tuple[int, dict[str, Any]]:
