@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import shutil
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -220,22 +221,48 @@ def start_queued_jobs() -> int:
     return started
 
 
+_restore_lock = threading.Lock()
+
+
 def ensure_store_ready(job: Job) -> None:
-    """After a server restart the store may be empty: restore the latest checkpoint."""
+    """After a server restart the store may be empty: restore the latest checkpoint.
+
+    Units finished after that checkpoint lost their updates with the store, so they are
+    put back in the queue to be done again.
+    """
     store = job_store(job)
     if storage().load_version(str(job.id), 0) is not None:
         return
-    checkpoint = job.checkpoints.first()
-    if checkpoint is None:
-        from .evaluation import initial_weights
+    with _restore_lock:
+        if storage().load_version(str(job.id), 0) is not None:
+            return  # another thread restored it meanwhile
+        checkpoint = job.checkpoints.first()
+        if checkpoint is None:
+            from .evaluation import initial_weights
 
-        _, weights = initial_weights(job.model_config, job.seed)
-        store.initialize(weights)
-        log.warning("job %s: no checkpoint, restarted from initial weights", job.id)
-        return
-    restored = read_checkpoint(checkpoint.path)
-    store.restore(restored.states)
-    log.info("job %s restored from checkpoint %s", job.id, checkpoint.path)
+            _, weights = initial_weights(job.model_config, job.seed)
+            store.initialize(weights)
+            requeued = WorkUnit.objects.filter(job=job, status=WorkUnit.Status.DONE).update(
+                status=WorkUnit.Status.PENDING, done_at=None
+            )
+            log.warning(
+                "job %s: no checkpoint; restarted from initial weights, %d units requeued",
+                job.id,
+                requeued,
+            )
+            return
+        restored = read_checkpoint(checkpoint.path)
+        store.restore(restored.states)
+        requeued = WorkUnit.objects.filter(
+            job=job, status=WorkUnit.Status.DONE, done_at__gt=checkpoint.created_at
+        ).update(status=WorkUnit.Status.PENDING, done_at=None)
+        log.warning(
+            "job %s: restored checkpoint %s (versions %s); %d units redone",
+            job.id,
+            checkpoint.path,
+            checkpoint.versions,
+            requeued,
+        )
 
 
 def finish_job(job: Job, status: str, message: str) -> bool:
