@@ -5,15 +5,18 @@ Keys for shard ``i`` of job ``j`` (``prefix`` defaults to ``"downpour:"``)::
     {prefix}job:{j}:shard:{i}:v        version, decimal string
     {prefix}job:{j}:shard:{i}:w        weights, raw float32 little-endian bytes
     {prefix}job:{j}:shard:{i}:a        Adagrad accumulators, same encoding
+    {prefix}job:{j}:shard:{i}:r        centred-clipping state, only when the store clips:
+                                       4 float64 LE statistics, then float32 LE momentum
+                                       (``RobustState.to_bytes``)
     {prefix}job:{j}:shard:{i}:applied  SET of applied push ids
     {prefix}job:{j}:shards             SET of shard indices, so delete() needs no SCAN
 
 A commit is one Lua script (duplicate check, version check, install of the new values,
 version bump, push id), so it is atomic across every server process that shares the Redis
 database. The new values travel to Redis in the same round trip, under short-lived
-``...:shard:{i}:staged:{token}:w|a`` keys that the script renames into place. A load is one
-``MGET``, which Redis executes atomically, so version, weights and accumulators always
-belong together.
+``...:shard:{i}:staged:{token}:w|a|r`` keys that the script renames into place. A load is one
+``MGET``, which Redis executes atomically, so version, weights, accumulators and robust
+state always belong together; a commit without robust state deletes the ``r`` key.
 
     {prefix}job:{j}:shard:{i}:e        epoch: a random token set by every initialize
 
@@ -38,16 +41,19 @@ import numpy as np
 import redis
 
 from downpour.paramstore.errors import CorruptState
+from downpour.paramstore.robust import RobustState
 from downpour.paramstore.store import CommitOutcome, ShardState
 
 WIRE_DTYPE = np.dtype("<f4")
 
-# KEYS: version, weights, accumulators, applied ids, staged weights, staged accumulators, epoch
-# ARGV: expected version, new version, push id, expected epoch ("" = any)
+# KEYS: version, weights, accumulators, applied ids, staged weights, staged accumulators, epoch,
+#       robust state, staged robust state
+# ARGV: expected version, new version, push id, expected epoch ("" = any),
+#       "1" if a robust state was staged else "0" (then the robust key is deleted)
 # Returns 0 = applied, 1 = conflict (other version, shard absent or staging lost), 2 = duplicate.
 _COMMIT_LUA = """
 local function discard()
-    redis.call('DEL', KEYS[5], KEYS[6])
+    redis.call('DEL', KEYS[5], KEYS[6], KEYS[9])
 end
 if redis.call('SISMEMBER', KEYS[4], ARGV[3]) == 1 then
     discard()
@@ -55,8 +61,12 @@ if redis.call('SISMEMBER', KEYS[4], ARGV[3]) == 1 then
 end
 local current = redis.call('GET', KEYS[1])
 local epoch = redis.call('GET', KEYS[7]) or ''
+local staged = 2
+if ARGV[5] == '1' then
+    staged = 3
+end
 if (not current) or current ~= ARGV[1] or (ARGV[4] ~= '' and epoch ~= ARGV[4])
-        or redis.call('EXISTS', KEYS[5], KEYS[6]) ~= 2 then
+        or redis.call('EXISTS', KEYS[5], KEYS[6], KEYS[9]) ~= staged then
     discard()
     return 1
 end
@@ -64,6 +74,12 @@ redis.call('RENAME', KEYS[5], KEYS[2])
 redis.call('PERSIST', KEYS[2])
 redis.call('RENAME', KEYS[6], KEYS[3])
 redis.call('PERSIST', KEYS[3])
+if ARGV[5] == '1' then
+    redis.call('RENAME', KEYS[9], KEYS[8])
+    redis.call('PERSIST', KEYS[8])
+else
+    redis.call('DEL', KEYS[8])
+end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('SADD', KEYS[4], ARGV[3])
 return 0
@@ -81,6 +97,16 @@ class _Cached:
     version: int
     weights: np.ndarray
     accumulators: np.ndarray
+    robust: RobustState | None
+
+    def state(self) -> ShardState:
+        """A copy the caller may modify."""
+        return ShardState(
+            self.version,
+            self.weights.copy(),
+            self.accumulators.copy(),
+            None if self.robust is None else self.robust.copy(),
+        )
 
 
 class RedisStorage:
@@ -111,7 +137,7 @@ class RedisStorage:
     # -- keys --------------------------------------------------------------------------------
 
     def shard_key(self, job: str, shard: int, suffix: str) -> str:
-        """Key ``{prefix}job:{job}:shard:{shard}:{suffix}`` (suffix v, w, a or applied)."""
+        """Key ``{prefix}job:{job}:shard:{shard}:{suffix}`` (suffix v, e, w, a, r or applied)."""
         return f"{self.prefix}job:{job}:shard:{int(shard)}:{suffix}"
 
     def _shards_key(self, job: str) -> str:
@@ -120,7 +146,7 @@ class RedisStorage:
     # -- ShardStorage ------------------------------------------------------------------------
 
     def load(self, job: str, shard: int) -> ShardState | None:
-        """Version, weights and accumulators as one consistent state.
+        """Version, weights, accumulators and robust state as one consistent state.
 
         A small ``MGET`` of version and epoch decides whether this process's cached copy is
         current; otherwise one atomic ``MGET`` reads everything.
@@ -135,11 +161,11 @@ class RedisStorage:
         with self._cache_lock:
             cached = self._cache.get(key)
             if cached is not None and cached.epoch == epoch and cached.version == int(version):
-                return ShardState(cached.version, cached.weights.copy(), cached.accumulators.copy())
+                return cached.state()
         values: Any = self.client.mget(
-            [self.shard_key(job, shard, suffix) for suffix in ("v", "e", "w", "a")]
+            [self.shard_key(job, shard, suffix) for suffix in ("v", "e", "w", "a", "r")]
         )
-        version, epoch, weights, accumulators = values
+        version, epoch, weights, accumulators, robust = values
         if version is None:
             return None
         if (
@@ -156,12 +182,14 @@ class RedisStorage:
             int(version),
             np.frombuffer(weights, dtype=WIRE_DTYPE).astype(np.float32, copy=True),
             np.frombuffer(accumulators, dtype=WIRE_DTYPE).astype(np.float32, copy=True),
+            _decode_robust(robust, len(weights) // WIRE_DTYPE.itemsize, job, shard),
+        )
+        cached = _Cached(
+            epoch or b"", state.version, state.weights, state.accumulators, state.robust
         )
         with self._cache_lock:
-            self._cache[key] = _Cached(
-                epoch or b"", state.version, state.weights.copy(), state.accumulators.copy()
-            )
-        return state
+            self._cache[key] = cached
+        return cached.state()
 
     def load_version(self, job: str, shard: int) -> int | None:
         """The shard's version, or None."""
@@ -177,6 +205,10 @@ class RedisStorage:
         pipe.set(self.shard_key(job, shard, "e"), uuid.uuid4().hex)
         pipe.set(self.shard_key(job, shard, "w"), _wire_view(state.weights))
         pipe.set(self.shard_key(job, shard, "a"), _wire_view(state.accumulators))
+        if state.robust is None:
+            pipe.delete(self.shard_key(job, shard, "r"))
+        else:
+            pipe.set(self.shard_key(job, shard, "r"), state.robust.to_bytes())
         pipe.set(self.shard_key(job, shard, "v"), str(int(state.version)))
         pipe.sadd(self._shards_key(job), str(int(shard)))
         pipe.execute()
@@ -186,7 +218,8 @@ class RedisStorage:
     ) -> CommitOutcome:
         """Compare-and-set through one Lua script; see ``ShardStorage.commit``.
 
-        The new weights and accumulators are first written to unique staging keys, in the
+        The new weights, accumulators and robust state are first written to unique staging
+        keys, in the
         same pipeline (one round trip) as the script. The script then decides atomically: on
         success it RENAMEs the staged values into place (O(1)), bumps the version and records
         the push id; otherwise it deletes them. Passing megabytes through the script's ARGV
@@ -205,21 +238,27 @@ class RedisStorage:
         token = uuid.uuid4().hex
         staged_w = self.shard_key(job, shard, f"staged:{token}:w")
         staged_a = self.shard_key(job, shard, f"staged:{token}:a")
+        staged_r = self.shard_key(job, shard, f"staged:{token}:r")
         pipe = self.client.pipeline(transaction=False)
         pipe.set(staged_w, _wire_view(state.weights), ex=STAGING_TTL_SECONDS)
         pipe.set(staged_a, _wire_view(state.accumulators), ex=STAGING_TTL_SECONDS)
+        if state.robust is not None:
+            pipe.set(staged_r, state.robust.to_bytes(), ex=STAGING_TTL_SECONDS)
         self._commit_script(
             keys=[
                 *(self.shard_key(job, shard, suffix) for suffix in ("v", "w", "a", "applied")),
                 staged_w,
                 staged_a,
                 self.shard_key(job, shard, "e"),
+                self.shard_key(job, shard, "r"),
+                staged_r,
             ],
             args=[
                 str(int(expected_version)),
                 str(int(expected_version) + 1),
                 push_id,
                 expected_epoch,
+                "0" if state.robust is None else "1",
             ],
             client=pipe,
         )
@@ -230,7 +269,7 @@ class RedisStorage:
                 # The caller hands the state over (ParameterStore never reuses it); the
                 # script checked the epoch, so it is still the one we cached.
                 self._cache[key] = _Cached(
-                    cached.epoch, state.version, state.weights, state.accumulators
+                    cached.epoch, state.version, state.weights, state.accumulators, state.robust
                 )
             elif outcome is not CommitOutcome.APPLIED:
                 self._cache.pop(key, None)
@@ -246,12 +285,32 @@ class RedisStorage:
         members: Any = self.client.smembers(shards_key)
         keys = [shards_key]
         for member in members:
-            for suffix in ("v", "e", "w", "a", "applied"):
+            for suffix in ("v", "e", "w", "a", "r", "applied"):
                 keys.append(self.shard_key(job, int(member), suffix))
         self.client.delete(*keys)
         with self._cache_lock:
             for key in [k for k in self._cache if k[0] == job]:
                 del self._cache[key]
+
+
+def _decode_robust(data: object, size: int, job: str, shard: int) -> RobustState | None:
+    """The robust state stored as ``data`` (None if absent) for a shard of ``size`` elements."""
+    if data is None:
+        return None
+    try:
+        if not isinstance(data, bytes):
+            raise ValueError(f"expected bytes, got {type(data).__name__}")
+        robust = RobustState.from_bytes(data)
+    except ValueError as exc:
+        raise CorruptState(
+            f"Redis shard {shard} of job {job!r} has a bad robust state: {exc}"
+        ) from exc
+    if robust.momentum.shape != (size,):
+        raise CorruptState(
+            f"Redis shard {shard} of job {job!r} has {size} weights but a momentum of "
+            f"{robust.momentum.shape[0]}"
+        )
+    return robust
 
 
 def _wire_view(array: np.ndarray) -> memoryview:

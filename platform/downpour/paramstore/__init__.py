@@ -2,6 +2,8 @@
 
 ``ParameterStore`` applies Adagrad pushes to shards held by a ``ShardStorage`` backend:
 ``InMemoryStorage`` here, or ``downpour.redisstore.RedisStorage`` for multi-process servers.
+With ``robust=CentredClipping()`` it clips every untrusted push around the shard's momentum
+first (:mod:`downpour.paramstore.robust`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ from downpour.paramstore.errors import (
 )
 from downpour.paramstore.layout import ShardLayout, VariableSpec
 from downpour.paramstore.memory import InMemoryStorage
+from downpour.paramstore.robust import (
+    CentredClipping,
+    RobustState,
+    RobustStep,
+    centred_clip,
+    robust_step,
+)
 from downpour.paramstore.store import (
     CommitOutcome,
     ParameterStore,
@@ -32,6 +41,7 @@ from downpour.paramstore.store import (
 
 __all__ = [
     "AdagradConfig",
+    "CentredClipping",
     "Checkpoint",
     "CommitOutcome",
     "Conflict",
@@ -42,6 +52,8 @@ __all__ = [
     "NotInitialized",
     "ParameterStore",
     "PushResult",
+    "RobustState",
+    "RobustStep",
     "ShardLayout",
     "ShardState",
     "ShardStorage",
@@ -53,6 +65,8 @@ __all__ = [
     "WrongShape",
     "adagrad_apply",
     "adagrad_apply_pieces",
+    "centred_clip",
     "read_checkpoint",
+    "robust_step",
     "write_checkpoint",
 ]

@@ -1,4 +1,4 @@
-"""Checkpoints: every shard's weights, accumulators and version in one ``.npz`` file.
+"""Checkpoints: every shard's weights, accumulators, version and robust state in one ``.npz``.
 
 File contents (``numpy.savez``, no pickles):
 
@@ -6,6 +6,11 @@ File contents (``numpy.savez``, no pickles):
   ``{"format": "downpour-paramstore", "format_version": 1, "layout": ..., "meta": ...}``
 - ``w{i}``, ``a{i}``: float32 ``(shard_size(i),)`` weights and accumulators of shard ``i``
 - ``v{i}``: 0-d int64 version of shard ``i``
+- ``m{i}``, ``s{i}`` (only for a shard with centred-clipping state): float32
+  ``(shard_size(i),)`` momentum and float64 ``(4,)`` statistics in the order of
+  ``downpour.paramstore.robust.STATS_FIELDS``. The two arrays are optional and were added
+  without changing ``format_version``: a file without them loads with ``robust=None``, and
+  an older reader ignores them.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 
 from downpour.paramstore.errors import CorruptCheckpoint
 from downpour.paramstore.layout import ShardLayout
+from downpour.paramstore.robust import RobustState
 from downpour.paramstore.store import ShardState
 
 FORMAT = "downpour-paramstore"
@@ -73,7 +79,8 @@ def write_checkpoint(
         Destination, conventionally ending in ``.npz`` (used verbatim).
     layout : ShardLayout
     states : sequence of ShardState
-        One per shard: float32 weights and accumulators of ``layout.shard_size(i)`` elements.
+        One per shard: float32 weights and accumulators (and momentum, if the shard has
+        robust state) of ``layout.shard_size(i)`` elements.
     meta : dict
         JSON-serialisable metadata (job id, step, wall-clock time, ...).
 
@@ -88,7 +95,11 @@ def write_checkpoint(
     arrays: dict[str, np.ndarray] = {}
     for shard, state in enumerate(states):
         size = layout.shard_size(shard)
-        for key, array in (("w", state.weights), ("a", state.accumulators)):
+        vectors = [("w", state.weights), ("a", state.accumulators)]
+        if state.robust is not None:
+            vectors.append(("m", state.robust.momentum))
+            arrays[f"s{shard}"] = state.robust.stats_vector()
+        for key, array in vectors:
             if array.dtype != np.float32 or array.shape != (size,):
                 raise ValueError(
                     f"shard {shard}: {key} must be float32 with shape ({size},), "
@@ -183,7 +194,28 @@ def _read_shard(archive: Any, layout: ShardLayout, shard: int, path: object) -> 
             f"{path}: shard {shard} version should be a non-negative integer scalar, "
             f"found {version.dtype} {version.shape}"
         )
-    return ShardState(int(version), weights, accumulators)
+    return ShardState(int(version), weights, accumulators, _read_robust(archive, size, shard, path))
+
+
+def _read_robust(archive: Any, size: int, shard: int, path: object) -> RobustState | None:
+    present = {key for key in (f"m{shard}", f"s{shard}") if key in archive.files}
+    if not present:
+        return None
+    if len(present) == 1:
+        raise CorruptCheckpoint(
+            f"{path}: shard {shard} has only {present.pop()} of its robust state "
+            f"(m{shard} momentum and s{shard} statistics go together)"
+        )
+    momentum = archive[f"m{shard}"]
+    if momentum.dtype != np.float32 or momentum.shape != (size,):
+        raise CorruptCheckpoint(
+            f"{path}: shard {shard} momentum should be float32 with shape ({size},) per the "
+            f"layout, found {momentum.dtype} {momentum.shape}"
+        )
+    try:
+        return RobustState.from_arrays(momentum, archive[f"s{shard}"])
+    except ValueError as exc:
+        raise CorruptCheckpoint(f"{path}: shard {shard}: {exc}") from exc
 
 
 def _sha256_of(path: Path) -> str:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from downpour.paramstore.robust import RobustState
 from downpour.paramstore.store import CommitOutcome, ShardState
 
 DEFAULT_APPLIED_CAPACITY = 100_000
@@ -63,7 +64,12 @@ class InMemoryStorage:
             if slot.deleted:
                 return None
             state = slot.state
-            return ShardState(state.version, state.weights.copy(), state.accumulators.copy())
+            return ShardState(
+                state.version,
+                state.weights.copy(),
+                state.accumulators.copy(),
+                None if state.robust is None else state.robust.copy(),
+            )
 
     def load_version(self, job: str, shard: int) -> int | None:
         """The shard's version, or None."""
@@ -108,10 +114,20 @@ class InMemoryStorage:
                     f"shard {shard} holds {current.weights.shape[0]} parameters; got weights "
                     f"{state.weights.shape} and accumulators {state.accumulators.shape}"
                 )
+            if state.robust is not None and state.robust.momentum.shape != current.weights.shape:
+                raise ValueError(
+                    f"shard {shard} holds {current.weights.shape[0]} parameters; got a "
+                    f"momentum of {state.robust.momentum.shape}"
+                )
             # Copy into the stored buffers: no allocation, and readers copy under this lock.
             np.copyto(current.weights, state.weights, casting="no")
             np.copyto(current.accumulators, state.accumulators, casting="no")
-            slot.state = ShardState(expected_version + 1, current.weights, current.accumulators)
+            slot.state = ShardState(
+                expected_version + 1,
+                current.weights,
+                current.accumulators,
+                _commit_robust(current.robust, state.robust),
+            )
             slot.remember(push_id)
         return CommitOutcome.APPLIED
 
@@ -133,6 +149,20 @@ class InMemoryStorage:
                 slot.deleted = True
 
 
+def _commit_robust(stored: RobustState | None, new: RobustState | None) -> RobustState | None:
+    """``new``, copied into ``stored``'s momentum buffer when there is one."""
+    if new is None:
+        return None
+    if stored is None:
+        return _private_robust(new)
+    np.copyto(stored.momentum, new.momentum, casting="no")
+    return replace(new, momentum=stored.momentum)
+
+
+def _private_robust(robust: RobustState) -> RobustState:
+    return replace(robust, momentum=np.array(robust.momentum, dtype=np.float32, copy=True))
+
+
 def _private_copy(state: ShardState, version: int) -> ShardState:
     weights = np.array(state.weights, dtype=np.float32, copy=True)
     accumulators = np.array(state.accumulators, dtype=np.float32, copy=True)
@@ -141,4 +171,10 @@ def _private_copy(state: ShardState, version: int) -> ShardState:
             f"weights and accumulators must be flat vectors of one length, "
             f"got {weights.shape} and {accumulators.shape}"
         )
-    return ShardState(int(version), weights, accumulators)
+    robust = None if state.robust is None else _private_robust(state.robust)
+    if robust is not None and robust.momentum.shape != weights.shape:
+        raise ValueError(
+            f"the momentum must have the weights' shape {weights.shape}, "
+            f"got {robust.momentum.shape}"
+        )
+    return ShardState(int(version), weights, accumulators, robust)

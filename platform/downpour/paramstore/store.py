@@ -30,6 +30,7 @@ from downpour.paramstore.errors import (
     WrongShape,
 )
 from downpour.paramstore.layout import ShardLayout
+from downpour.paramstore.robust import CentredClipping, RobustState, robust_step
 
 BACKOFF_BASE_SECONDS = 0.0005
 BACKOFF_CAP_SECONDS = 0.02
@@ -47,11 +48,16 @@ class ShardState:
         float32, shape ``(shard_size,)``.
     accumulators : ndarray
         float32, shape ``(shard_size,)``: Adagrad's running sum of squared gradients.
+    robust : RobustState or None
+        Centred-clipping state (momentum float32 ``(shard_size,)`` and statistics) when the
+        store clips pushes; None for a plain-Adagrad shard. Stored and committed atomically
+        with the weights.
     """
 
     version: int
     weights: np.ndarray
     accumulators: np.ndarray
+    robust: RobustState | None = None
 
 
 class CommitOutcome(enum.Enum):
@@ -70,7 +76,7 @@ class ShardStorage(Protocol):
     """
 
     def load(self, job: str, shard: int) -> ShardState | None:
-        """Return a consistent (version, weights, accumulators), or None if absent."""
+        """Return a consistent (version, weights, accumulators, robust), or None if absent."""
         ...
 
     def load_version(self, job: str, shard: int) -> int | None:
@@ -88,8 +94,9 @@ class ShardStorage(Protocol):
 
         If ``push_id`` was already applied to this shard: DUPLICATE, nothing written. Else if
         the version differs from ``expected_version`` (or the shard is absent): CONFLICT.
-        Else write weights and accumulators, set the version to ``expected_version + 1``
-        (which ``state.version`` must equal), remember ``push_id``: APPLIED.
+        Else write weights, accumulators and robust state (None removes it), set the version
+        to ``expected_version + 1`` (which ``state.version`` must equal), remember
+        ``push_id``: APPLIED.
         """
         ...
 
@@ -116,13 +123,26 @@ class PushResult:
         Shard version after the call.
     staleness : int
         Versions between the gradient's base and the version it was applied to (for a
-        duplicate: between the base and the current version).
+        duplicate or a held push: between the base and the current version).
+    clipped : bool
+        Centred clipping shortened the gradient before Adagrad saw it (always False without
+        centred clipping, for trusted pushes, duplicates and held pushes).
+    deviation_norm : float
+        ``||g - m||``, the L2 distance of the gradient from the shard's centre before
+        clipping, in gradient units; 0.0 when not measured (no centred clipping, duplicate,
+        held push, or the shard's first trusted push).
+    held : bool
+        Not applied because the shard is still warming up on trusted pushes; the agent's push
+        changed nothing and should not be counted for or against it.
     """
 
     applied: bool
     duplicate: bool
     version: int
     staleness: int
+    clipped: bool = False
+    deviation_norm: float = 0.0
+    held: bool = False
 
 
 class ParameterStore:
@@ -143,6 +163,10 @@ class ParameterStore:
         ``0 <= c - b <= max_staleness``.
     max_commit_attempts : int
         Optimistic-concurrency attempts before :class:`Conflict` is raised.
+    robust : CentredClipping or None
+        Clip every untrusted push around the shard's momentum before Adagrad sees it (see
+        :mod:`downpour.paramstore.robust`). None (the default) applies pushes as they come.
+        Every server process of a job must use the same setting.
 
     Notes
     -----
@@ -160,6 +184,7 @@ class ParameterStore:
         max_staleness: int,
         *,
         max_commit_attempts: int = 100,
+        robust: CentredClipping | None = None,
     ) -> None:
         if not isinstance(job_id, str) or not job_id:
             raise ValueError(f"job_id must be a non-empty string, got {job_id!r}")
@@ -175,6 +200,7 @@ class ParameterStore:
         self.optimizer = optimizer
         self.max_staleness = max_staleness
         self.max_commit_attempts = max_commit_attempts
+        self.robust = robust
         self.staleness_counts: Counter[int] = Counter()
         self._counts_lock = threading.Lock()
         self._random = random.Random()
@@ -183,6 +209,9 @@ class ParameterStore:
 
     def initialize(self, weights: Mapping[str, np.ndarray]) -> None:
         """Store initial weights at version 0 with fresh accumulators.
+
+        With centred clipping, each shard also gets a fresh robust state: zero momentum and
+        no trusted push yet.
 
         Parameters
         ----------
@@ -196,7 +225,8 @@ class ParameterStore:
             flats.append(flat)
         for shard, flat in enumerate(flats):
             accumulators = np.full(flat.shape, self.optimizer.initial_accumulator, np.float32)
-            self.storage.initialize(self.job_id, shard, ShardState(0, flat, accumulators))
+            robust = None if self.robust is None else RobustState.fresh(flat.shape[0])
+            self.storage.initialize(self.job_id, shard, ShardState(0, flat, accumulators, robust))
         with self._counts_lock:
             self.staleness_counts.clear()
 
@@ -250,7 +280,8 @@ class ParameterStore:
         """Overwrite every shard with ``states`` (e.g. from a checkpoint).
 
         Versions are restored as given and applied push ids are forgotten, so pushes that
-        were lost with the newer state can be applied again.
+        were lost with the newer state can be applied again. A state without robust state
+        (an older checkpoint) warms up again on trusted pushes if the store clips.
         """
         if len(states) != self.layout.n_shards:
             raise WrongShape(f"expected {self.layout.n_shards} shard states, got {len(states)}")
@@ -270,8 +301,10 @@ class ParameterStore:
         base_version: int,
         push_id: str,
         lr_scale: float = 1.0,
+        *,
+        trusted: bool = False,
     ) -> PushResult:
-        """Apply one gradient to one shard with Adagrad.
+        """Apply one gradient to one shard with Adagrad (after centred clipping, if enabled).
 
         Parameters
         ----------
@@ -285,6 +318,11 @@ class ParameterStore:
             Unique id of this push; a repeated id is acknowledged but not applied again.
         lr_scale : float
             Multiplies the learning rate for this push, ``>= 0``.
+        trusted : bool
+            The push comes from an agent that staff vouch for. With centred clipping, trusted
+            pushes are applied unclipped and alone set the clipping radius; until a shard has
+            seen ``robust.warmup_trusted_pushes`` of them, untrusted pushes are held
+            (``PushResult.held``). Ignored without centred clipping.
 
         Returns
         -------
@@ -322,24 +360,46 @@ class ParameterStore:
         self._staleness(shard, current, base_version)  # fail fast before reading weights
 
         learning_rate = self.optimizer.learning_rate * float(lr_scale)
+        # Centred clipping needs the gradient as one vector; plain Adagrad reads the pieces.
+        flat = None if self.robust is None else _concatenate(pieces)
         for attempt in range(self.max_commit_attempts):
             state = self._load(shard)
             staleness = self._staleness(shard, state.version, base_version)
-            adagrad_apply_pieces(
-                state.weights, state.accumulators, pieces, learning_rate, self.optimizer.epsilon
-            )
+            robust = state.robust
+            clipped, deviation_norm = False, 0.0
+            if self.robust is None or flat is None:
+                adagrad_apply_pieces(
+                    state.weights, state.accumulators, pieces, learning_rate, self.optimizer.epsilon
+                )
+            else:
+                step = robust_step(
+                    self.robust,
+                    robust if robust is not None else RobustState.fresh(flat.shape[0]),
+                    flat,
+                    bool(trusted),
+                )
+                if step.held:
+                    return PushResult(False, False, state.version, staleness, held=True)
+                robust, clipped, deviation_norm = step.state, step.clipped, step.deviation_norm
+                adagrad_apply_pieces(
+                    state.weights,
+                    state.accumulators,
+                    [step.gradient],
+                    learning_rate,
+                    self.optimizer.epsilon,
+                )
             new_version = state.version + 1
             outcome = self.storage.commit(
                 self.job_id,
                 shard,
                 state.version,
-                ShardState(new_version, state.weights, state.accumulators),
+                ShardState(new_version, state.weights, state.accumulators, robust),
                 push_id,
             )
             if outcome is CommitOutcome.APPLIED:
                 with self._counts_lock:
                     self.staleness_counts[staleness] += 1
-                return PushResult(True, False, new_version, staleness)
+                return PushResult(True, False, new_version, staleness, clipped, deviation_norm)
             if outcome is CommitOutcome.DUPLICATE:
                 return self._duplicate(shard, base_version)
             ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2**attempt)
@@ -383,6 +443,11 @@ class ParameterStore:
                 f"weights and {state.accumulators.shape[0]} accumulators, but the layout "
                 f"expects {size}; was the job initialized with a different model?"
             )
+        if state.robust is not None and state.robust.momentum.shape != (size,):
+            raise CorruptState(
+                f"stored shard {shard} of job {self.job_id!r} has a momentum of "
+                f"{state.robust.momentum.shape} elements, but the layout expects {size}"
+            )
         return state
 
     def _check_state(self, shard: int, state: ShardState) -> None:
@@ -398,12 +463,27 @@ class ParameterStore:
                 raise WrongShape(
                     f"shard {shard}: {name} must have shape ({size},), got {array.shape}"
                 )
+        if state.robust is not None:
+            momentum = state.robust.momentum
+            if not isinstance(momentum, np.ndarray) or momentum.dtype != np.float32:
+                raise WrongDtype(f"shard {shard}: momentum must be a float32 array")
+            if momentum.shape != (size,):
+                raise WrongShape(
+                    f"shard {shard}: momentum must have shape ({size},), got {momentum.shape}"
+                )
 
     def _not_initialized(self, shard: int) -> NotInitialized:
         return NotInitialized(
             f"job {self.job_id!r} has no parameters for shard {shard}; "
             "it was never initialized or has been deleted"
         )
+
+
+def _concatenate(pieces: Sequence[np.ndarray]) -> np.ndarray:
+    """The pieces as one float32 vector, in order (no copy for a single flat piece)."""
+    if len(pieces) == 1:
+        return pieces[0].reshape(-1)
+    return np.concatenate([piece.reshape(-1) for piece in pieces])
 
 
 def _check_finite(

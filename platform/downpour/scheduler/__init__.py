@@ -1,7 +1,103 @@
-"""Scheduling policy over plain dataclasses: no Django, no I/O (see docs/architecture.md)."""
+"""Scheduling policy over plain dataclasses: no Django, no I/O (see docs/scheduling.md).
+
+The server rebuilds these dataclasses from PostgreSQL rows for every decision; the
+simulator in ``bench/simulate.py`` keeps them in memory. Both call the same functions.
+
+* :mod:`.policy` -- which job gets the next unit (weighted max-min fair share) and its size.
+* :mod:`.fairness` -- water-filling, Jain's index, sliding windows.
+* :mod:`.leases` -- time to live, heartbeats, expiry, resumption, reissue.
+* :mod:`.reliability` -- completed vs abandoned leases, unit scale, the tail of a job.
+* :mod:`.backups` -- backup copies of straggling units near the end of a job.
+* :mod:`.staleness` -- push cadence, admission, staleness-aware step, warm start, histogram.
+* :mod:`.credit` -- the donors' credit ledger.
+"""
 
 from __future__ import annotations
 
-from .policy import JobLoad, pick_job, unit_steps
+from .backups import BackupRule, expected_duration_s, should_issue_backup, straggler_order
+from .credit import CreditLedger, credit_for_push
+from .fairness import (
+    DecayingTotals,
+    SlidingWindow,
+    active_seconds,
+    decayed_span,
+    jain_index,
+    runnable_since,
+    weighted_max_min_shares,
+)
+from .leases import LeaseTerms, LeaseView, can_resume, is_expired, should_reissue
+from .policy import (
+    REFERENCE_FLOPS_PER_SAMPLE,
+    FairWindow,
+    JobLoad,
+    fits_agent,
+    pick_job,
+    rank_jobs,
+    split_unit,
+    unit_steps,
+)
+from .reliability import (
+    HostRecord,
+    TailRule,
+    admits_to_tail,
+    is_reliable,
+    record_outcome,
+    reliability,
+    remaining_fraction,
+    tail_unit_scale,
+    unit_scale,
+)
+from .staleness import (
+    StalenessHistogram,
+    WarmStart,
+    admits_replica,
+    expected_staleness,
+    push_every_steps,
+    push_interval_s,
+    staleness_scaled_lr,
+)
 
-__all__ = ["JobLoad", "pick_job", "unit_steps"]
+__all__ = [
+    "REFERENCE_FLOPS_PER_SAMPLE",
+    "BackupRule",
+    "CreditLedger",
+    "DecayingTotals",
+    "FairWindow",
+    "HostRecord",
+    "JobLoad",
+    "LeaseTerms",
+    "LeaseView",
+    "SlidingWindow",
+    "StalenessHistogram",
+    "TailRule",
+    "WarmStart",
+    "active_seconds",
+    "decayed_span",
+    "admits_replica",
+    "admits_to_tail",
+    "can_resume",
+    "credit_for_push",
+    "expected_duration_s",
+    "expected_staleness",
+    "fits_agent",
+    "is_expired",
+    "is_reliable",
+    "jain_index",
+    "pick_job",
+    "push_every_steps",
+    "push_interval_s",
+    "rank_jobs",
+    "record_outcome",
+    "reliability",
+    "remaining_fraction",
+    "runnable_since",
+    "should_issue_backup",
+    "should_reissue",
+    "split_unit",
+    "staleness_scaled_lr",
+    "straggler_order",
+    "tail_unit_scale",
+    "unit_scale",
+    "unit_steps",
+    "weighted_max_min_shares",
+]

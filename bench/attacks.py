@@ -1,0 +1,711 @@
+"""Faulty and malicious agents against the parameter store, with and without centred clipping.
+
+Runs the real ``ParameterStore`` (``InMemoryStorage`` or ``RedisStorage``) with honest,
+trusted and attacking agents simulated in one process, on the digits task (the fixed split of
+``downpour.localrun.digits_npz_bytes``: 1,437 train / 360 test images; MLP 64-128-128-10,
+Adagrad gamma 0.05, batch 32). Three runs share a seed and a schedule:
+
+* ``clean``: every agent honest, centred clipping on;
+* ``attacked``: ``round(fraction * agents)`` attackers, centred clipping and bans on;
+* ``plain_mean``: the same attackers, plain Adagrad (no clipping, so no bans).
+
+Asynchrony is simulated by events: each agent takes ``speed * U(0.8, 1.2)`` time units per
+push (speeds log-uniform in ``[0.5, 2]``), computes its gradient on the weights it fetched
+when it started and pushes every shard with that base version, so its gradient is as stale
+as the number of pushes the others made meanwhile (about ``agents - 1`` on average).
+
+Gradients come from a small numpy MLP (forward and backward by hand): exact, deterministic
+and about a hundred times faster per step than calling TensorFlow for batch 32, so a full run
+takes seconds. ``tests/security/test_robust_attacks.py`` checks it against TensorFlow.
+
+Attacks (each attacker transforms the honest gradient it computed):
+
+* ``signflip``: ``-g``; ``scale1e6``: ``1e6 * g``; ``neg1000``: ``-1000 * g``;
+* ``alie`` ("A Little Is Enough", Baruch et al., NeurIPS 2019): the attackers collude,
+  estimate the honest per-coordinate mean ``mu`` and standard deviation ``sigma`` from
+  ``agents - attackers`` mini-batch gradients at their weights, and all send
+  ``mu - z * sigma`` with ``z = Phi^-1((n - s) / n)``, ``s = floor(n / 2 + 1) - f``.
+
+Prints JSON: ``clean_accuracy``, ``attacked_accuracy``, ``plain_mean_accuracy`` (test
+accuracy, 0..1), ``attackers_banned``, ``honest_banned``, ``pushes_to_ban_p95`` (store pushes,
+one per shard, that an attacker made before it was banned) and more. Usage::
+
+    .venv/bin/python bench/attacks.py --attack scale1e6 --fraction 0.2
+    .venv/bin/python bench/attacks.py --attack all --plot docs/robustness_attacks.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import io
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PLATFORM_DIR = ROOT / "platform"
+if str(PLATFORM_DIR) not in sys.path:
+    sys.path.insert(0, str(PLATFORM_DIR))
+
+import numpy as np  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+from downpour.paramstore import (  # noqa: E402
+    AdagradConfig,
+    CentredClipping,
+    InMemoryStorage,
+    ParameterStore,
+    ShardLayout,
+    ShardStorage,
+    StaleGradient,
+    VariableSpec,
+)
+from downpour.reputation import (  # noqa: E402
+    DEFAULT_MAX_CLIPPED_FRACTION,
+    DEFAULT_MIN_PUSHES,
+    Reputation,
+    clipped_fraction,
+    record_push,
+    should_ban,
+)
+
+ATTACKS = ("signflip", "scale1e6", "neg1000", "alie")
+#: Attacks whose pushes lie far outside the honest spread: they must be clipped and banned.
+SCALE_ATTACKS = ("scale1e6", "neg1000")
+HIDDEN = (128, 128)
+INPUTS, CLASSES = 64, 10
+BATCH_SIZE = 32
+OPTIMIZER = AdagradConfig(learning_rate=0.05)
+N_SHARDS = 2
+JOB = "attack-bench"
+#: With ``--attack all``, a scale1e6 run whose attackers leave after this many applied pushes.
+HIT_AND_RUN_PUSHES = 5
+
+Weights = dict[str, np.ndarray]
+Gradients = dict[str, np.ndarray]
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+
+def mlp_specs(hidden: Sequence[int] = HIDDEN) -> list[VariableSpec]:
+    """Variables of the MLP ``64-hidden...-10``, named as Keras names its Dense layers."""
+    widths = [INPUTS, *hidden, CLASSES]
+    specs = []
+    for layer, (fan_in, fan_out) in enumerate(zip(widths, widths[1:], strict=False)):
+        name = "dense" if layer == 0 else f"dense_{layer}"
+        specs.append(VariableSpec(f"{name}/kernel", (fan_in, fan_out)))
+        specs.append(VariableSpec(f"{name}/bias", (fan_out,)))
+    return specs
+
+
+def glorot_weights(specs: Sequence[VariableSpec], rng: np.random.Generator) -> Weights:
+    """Keras defaults: Glorot-uniform kernels, zero biases; float32."""
+    weights: Weights = {}
+    for spec in specs:
+        if len(spec.shape) == 2:
+            limit = math.sqrt(6.0 / (spec.shape[0] + spec.shape[1]))
+            weights[spec.name] = rng.uniform(-limit, limit, spec.shape).astype(np.float32)
+        else:
+            weights[spec.name] = np.zeros(spec.shape, np.float32)
+    return weights
+
+
+def _layers(weights: Weights) -> list[tuple[np.ndarray, np.ndarray]]:
+    kernels = [name for name in weights if name.endswith("/kernel")]
+    return [(weights[name], weights[name.removesuffix("kernel") + "bias"]) for name in kernels]
+
+
+def mlp_probabilities(weights: Weights, x: np.ndarray) -> np.ndarray:
+    """Softmax outputs, float32 ``(batch, 10)``, of ReLU hidden layers on ``x`` ``(batch, 64)``."""
+    activation = x
+    layers = _layers(weights)
+    for kernel, bias in layers[:-1]:
+        activation = np.maximum(activation @ kernel + bias, 0)
+    kernel, bias = layers[-1]
+    return _softmax(activation @ kernel + bias)
+
+
+def mlp_gradients(weights: Weights, x: np.ndarray, y: np.ndarray) -> Gradients:
+    """Gradients of the mean sparse categorical cross-entropy on one mini-batch.
+
+    Parameters
+    ----------
+    weights : dict of str to ndarray
+        float32, from :func:`glorot_weights` or the store.
+    x : ndarray
+        float32 ``(batch, 64)``.
+    y : ndarray
+        int ``(batch,)``, labels 0..9.
+
+    Returns
+    -------
+    dict of str to ndarray
+        float32, one per variable, with its shape.
+    """
+    layers = _layers(weights)
+    activations = [x]
+    for kernel, bias in layers[:-1]:
+        activations.append(np.maximum(activations[-1] @ kernel + bias, 0))
+    kernel, bias = layers[-1]
+    delta = _softmax(activations[-1] @ kernel + bias)
+    delta[np.arange(len(y)), y] -= 1
+    delta /= len(y)
+    names = [name for name in weights if name.endswith("/kernel")]
+    grads: Gradients = {}
+    for index in range(len(layers) - 1, -1, -1):
+        name = names[index].removesuffix("kernel")
+        grads[name + "kernel"] = (activations[index].T @ delta).astype(np.float32)
+        grads[name + "bias"] = delta.sum(axis=0).astype(np.float32)
+        if index:
+            delta = (delta @ layers[index][0].T) * (activations[index] > 0)
+    return {name: grads[name] for name in weights}
+
+
+def accuracy(weights: Weights, x: np.ndarray, y: np.ndarray) -> float:
+    """Fraction of ``x`` classified as ``y``."""
+    return float(np.mean(mlp_probabilities(weights, x).argmax(axis=1) == y))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    result: np.ndarray = exp / exp.sum(axis=1, keepdims=True)
+    return result
+
+
+# -- the attacks -------------------------------------------------------------------------------
+
+
+def alie_z(n: int, f: int) -> float:
+    """Baruch et al.'s ``z_max``: ``Phi^-1((n - s) / n)`` with ``s = floor(n / 2 + 1) - f``."""
+    s = math.floor(n / 2 + 1) - f
+    return statistics.NormalDist().inv_cdf((n - s) / n)
+
+
+def scaled(grads: Gradients, factor: float) -> Gradients:
+    """Every tensor times ``factor``, float32 (``1e6 * g`` stays finite for gradients)."""
+    return {
+        name: (tensor * np.float32(factor)).astype(np.float32) for name, tensor in grads.items()
+    }
+
+
+def alie_gradients(samples: Sequence[Gradients], z: float) -> Gradients:
+    """``mu - z * sigma`` per coordinate over the colluders' gradient samples."""
+    result: Gradients = {}
+    for name in samples[0]:
+        stack = np.stack([sample[name] for sample in samples]).astype(np.float64)
+        result[name] = (stack.mean(axis=0) - z * stack.std(axis=0)).astype(np.float32)
+    return result
+
+
+# -- the simulation ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Digits:
+    """The fixed digits split: float32 images in [0, 1], int64 labels."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @classmethod
+    def load(cls) -> Digits:
+        from downpour.localrun import digits_npz_bytes
+
+        with np.load(io.BytesIO(digits_npz_bytes())) as data:
+            return cls(data["x_train"], data["y_train"], data["x_test"], data["y_test"])
+
+
+@dataclass
+class Agent:
+    """One simulated volunteer."""
+
+    index: int
+    role: str  # "trusted", "honest" or "attacker"
+    speed: float
+    batches: Iterator[np.ndarray]
+    versions: list[int] = field(default_factory=list)
+    weights: Weights = field(default_factory=dict)
+    reputation: Reputation = field(default_factory=Reputation)
+    pushes: int = 0
+    applied: int = 0
+    banned_after: int | None = None
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Outcome of one simulated run.
+
+    Attributes
+    ----------
+    accuracy : float
+        Test accuracy of the final weights, 0..1.
+    curve : list of (int, float)
+        (agent pushes so far, test accuracy) every ``eval_every`` agent pushes.
+    attackers, attackers_banned, honest_banned : int
+    pushes_to_ban : list of int
+        For each banned attacker, its store pushes (one per shard) when it was banned.
+    honest_clipped_fraction : float
+        Clipped fraction of all untrusted honest pushes.
+    honest_clipped_fraction_max : float
+        The highest clipped fraction of any one untrusted honest agent.
+    held : int
+        Store pushes held during warm-up.
+    stale_rejected : int
+        Agent pushes refused as too stale (the agent refetched and went on).
+    agents : list of dict
+        Per agent: role, seconds_per_push, store pushes, clipped pushes, banned_after (or None).
+    """
+
+    accuracy: float
+    curve: list[tuple[int, float]]
+    attackers: int
+    attackers_banned: int
+    honest_banned: int
+    pushes_to_ban: list[int]
+    honest_clipped_fraction: float
+    honest_clipped_fraction_max: float
+    held: int
+    stale_rejected: int
+    agents: list[dict[str, Any]] = field(default_factory=list)
+
+
+def batch_stream(n_samples: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Index arrays of ``BATCH_SIZE`` samples, epoch after epoch, reshuffled each epoch."""
+    while True:
+        order = rng.permutation(n_samples)
+        for start in range(0, n_samples - BATCH_SIZE + 1, BATCH_SIZE):
+            yield order[start : start + BATCH_SIZE]
+
+
+def simulate(
+    data: Digits,
+    *,
+    attack: str | None,
+    fraction: float,
+    robust: CentredClipping | None,
+    agents: int = 20,
+    trusted: int = 2,
+    pushes: int = 3000,
+    seed: int = 0,
+    max_staleness: int = 64,
+    max_clipped_fraction: float = DEFAULT_MAX_CLIPPED_FRACTION,
+    min_pushes: int = DEFAULT_MIN_PUSHES,
+    eval_every: int = 0,
+    storage_factory: Callable[[], ShardStorage] = InMemoryStorage,
+    attacker_pushes: int | None = None,
+) -> RunResult:
+    """Train the digits MLP with simulated asynchronous agents through the real store.
+
+    Parameters
+    ----------
+    data : Digits
+    attack : str or None
+        One of :data:`ATTACKS`, or None for no attackers.
+    fraction : float
+        Fraction of the agents that attack (rounded), in ``[0, 1)``.
+    robust : CentredClipping or None
+        Centred clipping in the store (and bans by :func:`downpour.reputation.should_ban`),
+        or None for plain Adagrad.
+    agents, trusted : int
+        Agents in all, and how many of the honest ones push as trusted.
+    pushes : int
+        Agent pushes (each sends every shard) before the run stops.
+    seed : int
+        Seeds the model, the speeds, the batches and the choice of attackers.
+    max_staleness : int
+        The store's bound; a staler push is refused and the agent refetches.
+    max_clipped_fraction, min_pushes : float, int
+        Passed to :func:`~downpour.reputation.should_ban`.
+    eval_every : int
+        Record test accuracy every this many agent pushes; 0 records only the end.
+    storage_factory : callable
+        Builds the store's backend.
+    attacker_pushes : int or None
+        Each attacker leaves once this many of its pushes were applied (not held), "hit and
+        run"; None: never.
+
+    Notes
+    -----
+    BLAS runs on one thread: the matrices are tiny, and on a busy machine OpenBLAS's
+    threads spin-wait for one another and make a run ten times slower.
+    """
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _simulate(
+            data,
+            attack,
+            fraction,
+            robust,
+            agents,
+            trusted,
+            pushes,
+            seed,
+            max_staleness,
+            max_clipped_fraction,
+            min_pushes,
+            eval_every,
+            storage_factory,
+            attacker_pushes,
+        )
+
+
+def _simulate(
+    data: Digits,
+    attack: str | None,
+    fraction: float,
+    robust: CentredClipping | None,
+    agents: int,
+    trusted: int,
+    pushes: int,
+    seed: int,
+    max_staleness: int,
+    max_clipped_fraction: float,
+    min_pushes: int,
+    eval_every: int,
+    storage_factory: Callable[[], ShardStorage],
+    attacker_pushes: int | None,
+) -> RunResult:
+    rng = np.random.default_rng(seed)
+    specs = mlp_specs()
+    layout = ShardLayout.balanced(specs, N_SHARDS)
+    store = ParameterStore(storage_factory(), JOB, layout, OPTIMIZER, max_staleness, robust=robust)
+    store.initialize(glorot_weights(specs, rng))
+    n_attackers = round(fraction * agents) if attack is not None else 0
+    if trusted + n_attackers > agents:
+        raise ValueError(f"{trusted} trusted and {n_attackers} attackers exceed {agents} agents")
+    attacker_ids = set(
+        (trusted + rng.permutation(agents - trusted)[: round(fraction * agents)]).tolist()
+    )
+    z = alie_z(agents, n_attackers) if attack == "alie" else 0.0
+    schedule: list[tuple[float, int]] = []
+    crew: list[Agent] = []
+    for index in range(agents):
+        role = "trusted" if index < trusted else "honest"
+        if index in attacker_ids and attack is not None:
+            role = "attacker"
+        speed = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
+        agent = Agent(index, role, speed, batch_stream(len(data.y_train), rng))
+        crew.append(agent)
+    for agent in crew:
+        _fetch(store, agent)
+        heapq.heappush(schedule, (agent.speed * rng.uniform(0.8, 1.2), agent.index))
+    coalition_batches = batch_stream(len(data.y_train), rng)
+
+    curve: list[tuple[int, float]] = []
+    held = stale_rejected = 0
+    for done in range(1, pushes + 1):
+        if not schedule:
+            break
+        now, index = heapq.heappop(schedule)
+        agent = crew[index]
+        batch = next(agent.batches)
+        grads = mlp_gradients(agent.weights, data.x_train[batch], data.y_train[batch])
+        if agent.role == "attacker":
+            if attack == "signflip":
+                grads = scaled(grads, -1.0)
+            elif attack == "scale1e6":
+                grads = scaled(grads, 1e6)
+            elif attack == "neg1000":
+                grads = scaled(grads, -1000.0)
+            elif attack == "alie":
+                samples = []
+                for _ in range(agents - n_attackers):
+                    sample = next(coalition_batches)
+                    samples.append(
+                        mlp_gradients(agent.weights, data.x_train[sample], data.y_train[sample])
+                    )
+                grads = alie_gradients(samples, z)
+        parts = layout.split(grads)
+        try:
+            for shard, part in enumerate(parts):
+                result = store.push(
+                    shard,
+                    part,
+                    agent.versions[shard],
+                    f"agent{index}-{agent.pushes}-{shard}",
+                    trusted=agent.role == "trusted",
+                )
+                held += result.held
+                agent.applied += result.applied and shard == 0
+                if result.applied and robust is not None:
+                    agent.reputation = record_push(agent.reputation, result.clipped)
+        except StaleGradient:
+            stale_rejected += 1
+        agent.pushes += 1
+        banned = robust is not None and should_ban(
+            agent.reputation, max_clipped_fraction=max_clipped_fraction, min_pushes=min_pushes
+        )
+        leaves = (
+            agent.role == "attacker"
+            and attacker_pushes is not None
+            and agent.applied >= attacker_pushes
+        )
+        if banned:
+            agent.banned_after = agent.reputation.pushes
+        elif not leaves:
+            _fetch(store, agent)
+            heapq.heappush(schedule, (now + agent.speed * rng.uniform(0.8, 1.2), index))
+        if eval_every and done % eval_every == 0:
+            curve.append((done, accuracy(store.weights(), data.x_test, data.y_test)))
+
+    final = accuracy(store.weights(), data.x_test, data.y_test)
+    if not curve or curve[-1][0] != pushes:
+        curve.append((pushes, final))
+    attackers = [a for a in crew if a.role == "attacker"]
+    honest = [a for a in crew if a.role == "honest"]
+    honest_pushes = sum(a.reputation.pushes for a in honest)
+    return RunResult(
+        accuracy=final,
+        curve=curve,
+        attackers=len(attackers),
+        attackers_banned=sum(a.banned_after is not None for a in attackers),
+        honest_banned=sum(a.banned_after is not None for a in crew if a.role != "attacker"),
+        pushes_to_ban=[a.banned_after for a in attackers if a.banned_after is not None],
+        honest_clipped_fraction=(
+            sum(a.reputation.clipped for a in honest) / honest_pushes if honest_pushes else 0.0
+        ),
+        honest_clipped_fraction_max=max(
+            (clipped_fraction(a.reputation) for a in honest), default=0.0
+        ),
+        held=held,
+        stale_rejected=stale_rejected,
+        agents=[
+            {
+                "role": a.role,
+                "seconds_per_push": round(a.speed, 3),
+                "pushes": a.reputation.pushes,
+                "clipped": a.reputation.clipped,
+                "banned_after": a.banned_after,
+            }
+            for a in crew
+        ],
+    )
+
+
+def _fetch(store: ParameterStore, agent: Agent) -> None:
+    versions, parts = [], []
+    for shard in range(store.layout.n_shards):
+        version, tensors = store.fetch(shard)
+        versions.append(version)
+        parts.append(tensors)
+    agent.versions = versions
+    agent.weights = store.layout.merge(parts)
+
+
+# -- the benchmark -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options; :func:`run` accepts the parsed namespace."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--attack", choices=[*ATTACKS, "all"], default="all")
+    parser.add_argument(
+        "--fraction", type=float, default=0.2, help="fraction of attacking agents (default 0.2)"
+    )
+    parser.add_argument("--agents", type=int, default=20, help="agents in all (default 20)")
+    parser.add_argument(
+        "--trusted", type=int, default=2, help="honest agents that push as trusted (default 2)"
+    )
+    parser.add_argument(
+        "--pushes", type=int, default=3000, help="agent pushes per run (default 3000)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--attacker-pushes",
+        type=int,
+        help="attackers leave once this many of their pushes were applied (default: never)",
+    )
+    parser.add_argument("--max-staleness", type=int, default=64)
+    parser.add_argument("--beta", type=float, default=CentredClipping.beta)
+    parser.add_argument("--tau-multiplier", type=float, default=CentredClipping.tau_multiplier)
+    parser.add_argument(
+        "--warmup-trusted-pushes", type=int, default=CentredClipping.warmup_trusted_pushes
+    )
+    parser.add_argument("--tau-decay", type=float, default=CentredClipping.tau_decay)
+    parser.add_argument("--max-clipped-fraction", type=float, default=DEFAULT_MAX_CLIPPED_FRACTION)
+    parser.add_argument("--min-pushes", type=int, default=DEFAULT_MIN_PUSHES)
+    parser.add_argument("--storage", choices=["memory", "redis"], default="memory")
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        help="Redis for --storage redis (default: $REDIS_URL or redis://127.0.0.1:6379/0)",
+    )
+    parser.add_argument("--plot", type=Path, help="write accuracy curves of every run to this PNG")
+    parser.add_argument(
+        "--eval-every", type=int, default=100, help="agent pushes between curve points"
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the clean run once and, per attack, the attacked and plain-mean runs.
+
+    Returns
+    -------
+    dict
+        For one attack, its results; for ``--attack all``, results keyed by attack.
+    """
+    data = Digits.load()
+    robust = CentredClipping(
+        beta=args.beta,
+        tau_multiplier=args.tau_multiplier,
+        warmup_trusted_pushes=args.warmup_trusted_pushes,
+        tau_decay=args.tau_decay,
+    )
+    cleanups: list[Callable[[], None]] = []
+    common: dict[str, Any] = {
+        "agents": args.agents,
+        "trusted": args.trusted,
+        "pushes": args.pushes,
+        "seed": args.seed,
+        "max_staleness": args.max_staleness,
+        "max_clipped_fraction": args.max_clipped_fraction,
+        "min_pushes": args.min_pushes,
+        "eval_every": args.eval_every,
+        "storage_factory": _storage_factory(args, cleanups),
+    }
+    # (result key, attack, attacker_pushes)
+    scenarios: list[tuple[str, str, int | None]] = [
+        (attack, attack, args.attacker_pushes)
+        for attack in (ATTACKS if args.attack == "all" else [args.attack])
+    ]
+    if args.attack == "all" and args.attacker_pushes is None:
+        scenarios.append(("scale1e6-hit-and-run", "scale1e6", HIT_AND_RUN_PUSHES))
+    started = time.perf_counter()
+    try:
+        clean = simulate(data, attack=None, fraction=0.0, robust=robust, **common)
+        results: dict[str, Any] = {}
+        curves: dict[str, dict[str, RunResult]] = {}
+        for key, attack, attacker_pushes in scenarios:
+            runs = {
+                "clean": clean,
+                **{
+                    label: simulate(
+                        data,
+                        attack=attack,
+                        fraction=args.fraction,
+                        robust=config,
+                        attacker_pushes=attacker_pushes,
+                        **common,
+                    )
+                    for label, config in (("attacked", robust), ("plain_mean", None))
+                },
+            }
+            results[key] = summary(attack, args, runs, attacker_pushes)
+            curves[key] = runs
+    finally:
+        for cleanup in cleanups:
+            cleanup()
+    if args.plot:
+        plot(curves, args.fraction, args.plot)
+    for result in results.values():
+        result["seconds_total"] = round(time.perf_counter() - started, 1)
+    return results[scenarios[0][0]] if len(scenarios) == 1 else results
+
+
+def summary(
+    attack: str,
+    args: argparse.Namespace,
+    runs: dict[str, RunResult],
+    attacker_pushes: int | None,
+) -> dict[str, Any]:
+    """The JSON result of one attack from its ``clean``, ``attacked`` and ``plain_mean`` runs."""
+    clean, attacked, plain = runs["clean"], runs["attacked"], runs["plain_mean"]
+    banned = attacked.pushes_to_ban
+    return {
+        "attack": attack,
+        "fraction": args.fraction,
+        "agents": args.agents,
+        "attackers": attacked.attackers,
+        "trusted": args.trusted,
+        "pushes": args.pushes,
+        "attacker_pushes": attacker_pushes,
+        "storage": args.storage,
+        "clean_accuracy": clean.accuracy,
+        "attacked_accuracy": attacked.accuracy,
+        "plain_mean_accuracy": plain.accuracy,
+        "attackers_banned": attacked.attackers_banned,
+        "honest_banned": attacked.honest_banned,
+        "pushes_to_ban_p95": float(np.percentile(banned, 95)) if banned else None,
+        "pushes_to_ban_max": max(banned) if banned else None,
+        "honest_clipped_fraction": round(attacked.honest_clipped_fraction, 4),
+        "honest_clipped_fraction_max": round(attacked.honest_clipped_fraction_max, 4),
+        "clean_honest_clipped_fraction": round(clean.honest_clipped_fraction, 4),
+        "clean_honest_clipped_fraction_max": round(clean.honest_clipped_fraction_max, 4),
+        "clean_honest_banned": clean.honest_banned,
+        "held_pushes": attacked.held,
+        "stale_rejected": attacked.stale_rejected,
+        **(
+            {"alie_z": round(alie_z(args.agents, attacked.attackers), 4)}
+            if attack == "alie"
+            else {}
+        ),
+    }
+
+
+def plot(curves: dict[str, dict[str, RunResult]], fraction: float, path: Path) -> None:
+    """Test accuracy against agent pushes, one panel per attack, three panels a row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(3, len(curves))
+    rows = -(-len(curves) // columns)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(4.2 * columns, 3.2 * rows), sharey=True, squeeze=False
+    )
+    panels = list(axes.flat)
+    for ax, (attack, runs) in zip(panels, curves.items(), strict=False):
+        for label, style in (("clean", "k-"), ("attacked", "C0-"), ("plain_mean", "C3--")):
+            xs, ys = zip(*runs[label].curve, strict=True)
+            ax.plot(xs, [100 * y for y in ys], style, label=label.replace("_", " "))
+        ax.set_title(f"{attack}, {fraction:.0%} attackers", fontsize=10)
+        ax.set_xlabel("agent pushes")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    for ax in panels[: len(panels) : columns]:
+        ax.set_ylabel("test accuracy (%)")
+    for ax in panels[len(curves) :]:
+        ax.axis("off")
+    panels[0].legend(loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _storage_factory(
+    args: argparse.Namespace, cleanups: list[Callable[[], None]]
+) -> Callable[[], ShardStorage]:
+    if args.storage == "memory":
+        return InMemoryStorage
+    from downpour.redisstore import RedisStorage
+
+    def make() -> ShardStorage:
+        storage = RedisStorage.from_url(args.redis_url, f"downpour-attacks:{uuid.uuid4().hex}:")
+        cleanups.append(lambda: storage.delete(JOB))
+        return storage
+
+    return make
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    print(json.dumps(run(args), indent=2))
+
+
+if __name__ == "__main__":
+    main()

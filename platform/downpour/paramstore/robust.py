@@ -1,0 +1,338 @@
+"""Centred clipping: a push may move a shard's update at most ``tau`` away from its history.
+
+Karimireddy, He and Jaggi (ICML 2021, "Learning from History for Byzantine Robust
+Optimization") clip every worker's update around the aggregate's momentum::
+
+    g' = m + clip(g - m, tau),    clip(v, tau) = v * min(1, tau / ||v||)
+
+We apply it per shard, to each push as it arrives (Downpour has no rounds to aggregate), and
+keep the centre ``m`` as the momentum of the updates accepted *unclipped*,
+``m <- beta * m + (1 - beta) * g``. Adagrad sees ``g'``, never ``g``.
+
+Why a clipped push does not move the centre (the paper's aggregate would include it): pushes
+arrive one at a time, so a run of clipped pushes, each landing on the edge of the ball, would
+drag ``m`` by ``(1 - beta) * tau`` per push in their direction. With attackers, or in the fast
+first minutes of training when honest gradients move quickly, that drift fed on itself in
+``bench/attacks.py``: the centre ran away from the honest gradients, half of one honest
+agent's pushes were clipped and it was banned (2 seeds out of 9). Leaving ``m`` to unclipped
+and trusted pushes removed every such ban, and an attacker far outside the ball now has no
+say over the centre at all. The price is that the centre relies on trusted pushes to follow a
+sudden shift of the honest gradients, which the radius also tracks (below).
+
+Who sets the centre and the radius:
+
+* **Trusted pushes** (from agents that staff vouch for) are never clipped. They alone measure
+  the radius: ``tau = tau_multiplier * EMA(||g - m||)`` over trusted pushes, so an attacker
+  cannot widen it, however it pushes.
+* **Warm-up.** Until a shard has seen ``warmup_trusted_pushes`` trusted pushes, its centre is
+  the plain mean of those pushes and every untrusted push is *held*: not applied, not counted,
+  the state untouched. A first poisoned push therefore cannot set the centre or the radius.
+* After warm-up every untrusted push is clipped to ``tau`` around ``m``; how often an agent is
+  clipped feeds :mod:`downpour.reputation`. An unclipped push moves the centre; a clipped one
+  is applied (as ``g'``) but leaves the centre where it was.
+
+The state of one shard is a :class:`RobustState`: the momentum (float32, the shard's size) and
+four statistics. It is stored with the shard's weights and committed with them in the same
+compare-and-set, so every server process sees the same centre.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+#: Order of the statistics in :meth:`RobustState.stats_vector` (float64, exact for integers
+#: below 2**53).
+STATS_FIELDS = ("trusted_pushes", "trusted_deviation", "pushes", "clipped")
+STATS_DTYPE = np.dtype("<f8")
+MOMENTUM_DTYPE = np.dtype("<f4")
+
+
+@dataclass(frozen=True)
+class CentredClipping:
+    """Settings of centred clipping for one :class:`~downpour.paramstore.ParameterStore`.
+
+    Parameters
+    ----------
+    beta : float
+        Momentum of the centre, in ``[0, 1)``: ``m <- beta * m + (1 - beta) * g`` for each
+        trusted or unclipped push. 0.9 averages about the last ten of them.
+    tau_multiplier : float
+        Radius as a multiple of the typical distance of a trusted push from the centre,
+        ``> 0``. Honest pushes are drawn from the same distribution as trusted ones, so at 2.5
+        they are rarely clipped (measured in ``docs/robustness.md``), while any push can move
+        the update at most 2.5 typical honest deviations.
+    warmup_trusted_pushes : int
+        Trusted pushes a shard needs before it accepts untrusted ones, ``>= 2`` (one sets the
+        centre, the others measure the radius).
+    tau_decay : float
+        Decay of the exponential moving average of trusted deviations, in ``[0, 1)``; per
+        trusted push.
+    """
+
+    beta: float = 0.9
+    tau_multiplier: float = 2.5
+    warmup_trusted_pushes: int = 10
+    tau_decay: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.beta < 1:
+            raise ValueError(f"beta must be in [0, 1), got {self.beta!r}")
+        if not math.isfinite(self.tau_multiplier) or self.tau_multiplier <= 0:
+            raise ValueError(f"tau_multiplier must be finite and > 0, got {self.tau_multiplier!r}")
+        warmup = self.warmup_trusted_pushes
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 2:
+            raise ValueError(f"warmup_trusted_pushes must be an int >= 2, got {warmup!r}")
+        if not 0 <= self.tau_decay < 1:
+            raise ValueError(f"tau_decay must be in [0, 1), got {self.tau_decay!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class RobustState:
+    """Centred-clipping state of one shard.
+
+    Attributes
+    ----------
+    momentum : ndarray
+        float32, shape ``(shard_size,)``: the centre ``m``.
+    trusted_pushes : int
+        Trusted pushes applied to the shard.
+    trusted_deviation : float
+        Exponential moving average of ``||g - m||`` (L2, gradient units) over trusted pushes
+        after the first; 0.0 until the second.
+    pushes : int
+        Pushes applied with centred clipping (trusted and untrusted).
+    clipped : int
+        Of those, how many were clipped.
+    """
+
+    momentum: np.ndarray
+    trusted_pushes: int = 0
+    trusted_deviation: float = 0.0
+    pushes: int = 0
+    clipped: int = 0
+
+    @classmethod
+    def fresh(cls, size: int) -> RobustState:
+        """State of a shard of ``size`` elements that has seen no push: zero momentum."""
+        return cls(np.zeros(size, np.float32))
+
+    def warmed_up(self, config: CentredClipping) -> bool:
+        """Whether the shard has seen enough trusted pushes to accept untrusted ones."""
+        return self.trusted_pushes >= config.warmup_trusted_pushes
+
+    def tau(self, config: CentredClipping) -> float:
+        """Clipping radius, L2 norm in gradient units."""
+        return config.tau_multiplier * self.trusted_deviation
+
+    def copy(self) -> RobustState:
+        """A copy that shares no array with this state."""
+        return replace(self, momentum=self.momentum.copy())
+
+    def stats_vector(self) -> np.ndarray:
+        """The statistics as float64 ``(4,)``, in the order of :data:`STATS_FIELDS`."""
+        return np.array(
+            [self.trusted_pushes, self.trusted_deviation, self.pushes, self.clipped],
+            dtype=STATS_DTYPE,
+        )
+
+    @classmethod
+    def from_arrays(cls, momentum: np.ndarray, stats: np.ndarray) -> RobustState:
+        """Rebuild a state from its momentum and :meth:`stats_vector`.
+
+        Raises
+        ------
+        ValueError
+            ``momentum`` is not a flat float32 vector, or ``stats`` not four finite float64
+            values with non-negative integer counters.
+        """
+        if momentum.dtype != np.float32 or momentum.ndim != 1:
+            raise ValueError(f"momentum must be a flat float32 vector, got {momentum.dtype}")
+        if stats.shape != (len(STATS_FIELDS),) or stats.dtype.kind != "f":
+            raise ValueError(
+                f"robust statistics must be {len(STATS_FIELDS)} floats, got {stats.dtype} "
+                f"{stats.shape}"
+            )
+        values = [float(value) for value in stats]
+        if not all(math.isfinite(value) and value >= 0 for value in values):
+            raise ValueError(f"robust statistics must be finite and >= 0, got {values}")
+        trusted, deviation, pushes, clipped = values
+        if not all(count.is_integer() for count in (trusted, pushes, clipped)):
+            raise ValueError(f"robust counters must be whole numbers, got {values}")
+        return cls(momentum, int(trusted), deviation, int(pushes), int(clipped))
+
+    def to_bytes(self) -> bytes:
+        """Storage encoding: the float64 LE statistics (32 bytes), then float32 LE momentum."""
+        return self.stats_vector().tobytes() + np.asarray(self.momentum, MOMENTUM_DTYPE).tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RobustState:
+        """Inverse of :meth:`to_bytes`; the momentum is a fresh, writable array.
+
+        Raises
+        ------
+        ValueError
+            The bytes are not a valid encoding.
+        """
+        header = len(STATS_FIELDS) * STATS_DTYPE.itemsize
+        if len(data) < header or (len(data) - header) % MOMENTUM_DTYPE.itemsize:
+            raise ValueError(f"robust state of {len(data)} bytes is not a valid encoding")
+        stats = np.frombuffer(data, dtype=STATS_DTYPE, count=len(STATS_FIELDS))
+        momentum = np.frombuffer(data, dtype=MOMENTUM_DTYPE, offset=header)
+        return cls.from_arrays(momentum.astype(np.float32, copy=True), stats)
+
+
+@dataclass(frozen=True, eq=False)
+class RobustStep:
+    """What :func:`robust_step` decided for one push.
+
+    Attributes
+    ----------
+    held : bool
+        Untrusted push during warm-up: apply nothing, store nothing.
+    gradient : ndarray
+        float32 ``(shard_size,)``: the gradient Adagrad must apply (``g'``); for a held push,
+        the input unchanged.
+    state : RobustState
+        The shard's robust state after the push (for a held push, the input state).
+    clipped : bool
+        The push was farther than ``tau`` from the centre and was clipped.
+    deviation_norm : float
+        ``||g - m||`` before clipping (L2, gradient units); 0.0 when there was no centre yet
+        (the first trusted push) or the push was held.
+    """
+
+    held: bool
+    gradient: np.ndarray
+    state: RobustState
+    clipped: bool
+    deviation_norm: float
+
+
+def centred_clip(
+    gradient: np.ndarray, centre: np.ndarray, tau: float
+) -> tuple[np.ndarray, float, bool]:
+    """Clip ``gradient`` to the ball of radius ``tau`` around ``centre``.
+
+    Parameters
+    ----------
+    gradient, centre : ndarray
+        float32, shape ``(n,)``.
+    tau : float
+        Radius, L2 norm, ``>= 0``.
+
+    Returns
+    -------
+    clipped_gradient : ndarray
+        float32 ``(n,)``: ``centre + (gradient - centre) * min(1, tau / ||gradient - centre||)``.
+        ``gradient`` itself (not a copy) when it lies within the ball.
+    deviation_norm : float
+        ``||gradient - centre||``.
+    clipped : bool
+        Whether the norm exceeded ``tau``.
+
+    Notes
+    -----
+    float32 arithmetic (a few passes over the shard, like Adagrad's), with the norm summed by
+    BLAS. Finite values too large to square in float32 (above about ``1e19``) switch to
+    float64, so a huge push is measured and clipped exactly rather than overflowing.
+    """
+    clipped, norm, was_clipped, _ = _clip(gradient, centre, tau)
+    return clipped, norm, was_clipped
+
+
+def robust_step(
+    config: CentredClipping, state: RobustState, gradient: np.ndarray, trusted: bool
+) -> RobustStep:
+    """Decide what one push applies, and the shard's robust state after it.
+
+    Parameters
+    ----------
+    config : CentredClipping
+    state : RobustState
+        The shard's state before the push; not modified.
+    gradient : ndarray
+        float32 ``(shard_size,)``, finite.
+    trusted : bool
+        Whether the push comes from a trusted agent.
+
+    Returns
+    -------
+    RobustStep
+
+    Notes
+    -----
+    A trusted push is applied unclipped. During warm-up it moves the centre to the running
+    mean of the trusted pushes; afterwards, by momentum. From the second one on, its distance
+    to the centre updates the radius. An untrusted push is held during warm-up and clipped to
+    ``tau`` afterwards; if it lay within ``tau`` it moves the centre by momentum, if it was
+    clipped the centre stays.
+    """
+    centre = state.momentum
+    if not trusted and not state.warmed_up(config):
+        return RobustStep(True, gradient, state, False, 0.0)
+    if trusted:
+        deviation, deviation_norm = _deviation(gradient, centre)
+        deviation_ema = state.trusted_deviation
+        if state.trusted_pushes == 1:
+            deviation_ema = deviation_norm
+        elif state.trusted_pushes > 1:
+            deviation_ema = (
+                config.tau_decay * deviation_ema + (1 - config.tau_decay) * deviation_norm
+            )
+        # During warm-up the centre is the running mean of the trusted pushes (unbiased from
+        # the first one on); afterwards it moves by momentum. Either way m + w * (g - m).
+        weight = 1 - config.beta if state.warmed_up(config) else 1 / (state.trusted_pushes + 1)
+        new_state = RobustState(
+            _moved(centre, deviation, weight),
+            state.trusted_pushes + 1,
+            deviation_ema,
+            state.pushes + 1,
+            state.clipped,
+        )
+        # No centre before the first trusted push: its distance from zero means nothing.
+        measured = deviation_norm if state.trusted_pushes > 0 else 0.0
+        return RobustStep(False, gradient, new_state, False, measured)
+    accepted, deviation_norm, clipped, unclipped = _clip(gradient, centre, state.tau(config))
+    new_state = replace(
+        state,
+        momentum=(
+            centre.copy() if unclipped is None else _moved(centre, unclipped, 1 - config.beta)
+        ),
+        pushes=state.pushes + 1,
+        clipped=state.clipped + int(clipped),
+    )
+    return RobustStep(False, accepted, new_state, clipped, deviation_norm)
+
+
+def _deviation(gradient: np.ndarray, centre: np.ndarray) -> tuple[np.ndarray, float]:
+    """``gradient - centre`` and its L2 norm: float32, or float64 where float32 overflows."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        deviation: np.ndarray = np.subtract(gradient, centre)
+        norm = math.sqrt(float(np.dot(deviation, deviation)))
+    if math.isfinite(norm):
+        return deviation, norm
+    deviation = np.subtract(gradient, centre, dtype=np.float64)
+    return deviation, math.sqrt(float(np.dot(deviation, deviation)))
+
+
+def _clip(
+    gradient: np.ndarray, centre: np.ndarray, tau: float
+) -> tuple[np.ndarray, float, bool, np.ndarray | None]:
+    """:func:`centred_clip`, plus the deviation ``gradient - centre`` when the push was not
+    clipped (a clipped push turns that buffer into its result)."""
+    deviation, norm = _deviation(gradient, centre)
+    if norm <= tau:
+        return gradient, norm, False, deviation
+    deviation *= tau / norm
+    deviation += centre
+    return deviation.astype(np.float32, copy=False), norm, True, None
+
+
+def _moved(centre: np.ndarray, deviation: np.ndarray, weight: float) -> np.ndarray:
+    """``centre + weight * deviation`` as a new float32 vector (``deviation`` is consumed)."""
+    deviation *= weight
+    deviation += centre
+    return deviation.astype(np.float32, copy=False)

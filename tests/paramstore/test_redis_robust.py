@@ -1,0 +1,248 @@
+"""Centred-clipping state in Redis: one key per shard, committed with the weights, shared by all.
+
+Needs Redis (``REDIS_URL``, default ``redis://127.0.0.1:6379/0``) and fails, not skips, when
+it is unreachable. Every test uses its own key prefix and deletes its keys.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from downpour.paramstore import (
+    AdagradConfig,
+    CentredClipping,
+    CommitOutcome,
+    ParameterStore,
+    RobustState,
+    ShardLayout,
+    ShardState,
+    VariableSpec,
+    adagrad_apply,
+    read_checkpoint,
+    robust_step,
+    write_checkpoint,
+)
+from downpour.redisstore import RedisStorage
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+OPTIMIZER = AdagradConfig(learning_rate=0.05)
+ROBUST = CentredClipping(warmup_trusted_pushes=3, tau_multiplier=2.0)
+JOB = "alice-job"
+
+
+@pytest.fixture
+def client() -> Iterator[redis.Redis]:
+    connection = redis.Redis.from_url(REDIS_URL)
+    try:
+        connection.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis is unreachable at {REDIS_URL} ({exc}); start it or set REDIS_URL")
+    yield connection
+    connection.close()
+
+
+@pytest.fixture
+def prefix(client: redis.Redis) -> Iterator[str]:
+    unique = f"downpour-test:{uuid.uuid4().hex}:"
+    yield unique
+    keys = list(client.scan_iter(match=unique + "*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+def model_layout() -> ShardLayout:
+    specs = [
+        VariableSpec("dense/kernel", (16, 8)),
+        VariableSpec("dense/bias", (8,)),
+        VariableSpec("out/kernel", (8, 10)),
+        VariableSpec("out/bias", (10,)),
+    ]
+    return ShardLayout.balanced(specs, 2)
+
+
+def initial_weights(layout: ShardLayout) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {s.name: rng.standard_normal(s.shape, dtype=np.float32) for s in layout.specs}
+
+
+def trusted_gradient(layout: ShardLayout, shard: int, k: int) -> dict[str, np.ndarray]:
+    return {
+        s.name: np.linspace(-0.3, 0.7 + 0.1 * k, s.size, dtype=np.float32).reshape(s.shape)
+        for s in layout.shards[shard]
+    }
+
+
+def bob_gradient(layout: ShardLayout, shard: int) -> dict[str, np.ndarray]:
+    """Bob's gradient: far enough from the centre to be clipped on some pushes."""
+    return {
+        s.name: np.linspace(2.0, -1.0, s.size, dtype=np.float32).reshape(s.shape)
+        for s in layout.shards[shard]
+    }
+
+
+def make_store(client: redis.Redis, prefix: str) -> ParameterStore:
+    store = ParameterStore(
+        RedisStorage(client, prefix), JOB, model_layout(), OPTIMIZER, 1_000_000, robust=ROBUST
+    )
+    return store
+
+
+def warm_up(store: ParameterStore) -> None:
+    for k in range(ROBUST.warmup_trusted_pushes):
+        for shard in range(store.layout.n_shards):
+            version = store.versions()[shard]
+            store.push(
+                shard, trusted_gradient(store.layout, shard, k), version, f"t{k}", trusted=True
+            )
+
+
+def test_the_robust_state_lives_under_the_documented_key(client: redis.Redis, prefix: str) -> None:
+    storage = RedisStorage(client, prefix)
+    robust = RobustState(np.arange(5, dtype=np.float32), 3, 0.25, 3, 0)
+    storage.initialize(
+        JOB, 3, ShardState(2, np.zeros(5, np.float32), np.zeros(5, np.float32), robust)
+    )
+    newer = RobustState(np.full(5, 2, np.float32), 3, 0.25, 4, 1)
+
+    outcome = storage.commit(
+        JOB, 3, 2, ShardState(3, np.ones(5, np.float32), np.ones(5, np.float32), newer), "p1"
+    )
+
+    base = f"{prefix}job:{JOB}:shard:3:"
+    assert outcome is CommitOutcome.APPLIED
+    assert client.get(base + "r") == newer.to_bytes()
+    assert client.get(base + "r")[:32] == np.array([3, 0.25, 4, 1], "<f8").tobytes()  # type: ignore[index]
+    assert set(client.scan_iter(match=prefix + "*")) == {
+        (base + suffix).encode() for suffix in ("v", "e", "w", "a", "r", "applied")
+    } | {f"{prefix}job:{JOB}:shards".encode()}
+    assert list(client.scan_iter(match=prefix + "*staged*")) == []
+
+
+def test_a_commit_without_robust_state_removes_it_and_delete_removes_it_too(
+    client: redis.Redis, prefix: str
+) -> None:
+    storage = RedisStorage(client, prefix)
+    robust = RobustState(np.zeros(4, np.float32))
+    storage.initialize(
+        JOB, 0, ShardState(0, np.zeros(4, np.float32), np.zeros(4, np.float32), robust)
+    )
+
+    storage.commit(JOB, 0, 0, ShardState(1, np.ones(4, np.float32), np.ones(4, np.float32)), "p")
+
+    loaded = RedisStorage(client, prefix).load(JOB, 0)
+    assert loaded is not None and loaded.robust is None
+    assert client.exists(f"{prefix}job:{JOB}:shard:0:r") == 0
+    storage.initialize(
+        JOB, 0, ShardState(0, np.zeros(4, np.float32), np.zeros(4, np.float32), robust)
+    )
+    storage.delete(JOB)
+    assert list(client.scan_iter(match=prefix + "*")) == []
+
+
+def test_two_server_processes_see_the_same_centre(client: redis.Redis, prefix: str) -> None:
+    # Prepare: server A initializes and warms up; server B has its own client and cache
+    server_a = make_store(client, prefix)
+    server_a.initialize(initial_weights(server_a.layout))
+    warm_up(server_a)
+    other_client = redis.Redis.from_url(REDIS_URL)
+    server_b = make_store(other_client, prefix)
+
+    # Execute: B accepts Bob's push (no warm-up of its own), then A sees B's update
+    result_b = server_b.push(0, bob_gradient(server_b.layout, 0), server_b.versions()[0], "bob-1")
+    state_a = server_a.snapshot()[0]
+    result_a = server_a.push(0, bob_gradient(server_a.layout, 0), state_a.version, "bob-2")
+    other_client.close()
+
+    # Assert
+    assert result_b.applied and not result_b.held
+    assert result_a.applied and not result_a.held
+    assert state_a.robust is not None and state_a.robust.pushes == 3 + 1
+    final = server_b.snapshot()[0].robust
+    assert final is not None and final.pushes == 3 + 2
+
+
+def test_concurrent_pushes_from_two_clients_lose_no_update_of_the_robust_state(
+    client: redis.Redis, prefix: str
+) -> None:
+    # Prepare: 2 clients x 3 threads push Bob's gradient, so the order does not matter
+    store_a = make_store(client, prefix)
+    store_a.initialize(initial_weights(store_a.layout))
+    warm_up(store_a)
+    other_client = redis.Redis.from_url(REDIS_URL)
+    store_b = make_store(other_client, prefix)
+    layout = store_a.layout
+    threads_per_client, pushes = 3, 6
+    errors: list[BaseException] = []
+    expected_states = [store_a.snapshot()[shard] for shard in range(layout.n_shards)]
+
+    def work(store: ParameterStore, name: str) -> None:
+        try:
+            for k in range(pushes):
+                for shard in range(layout.n_shards):
+                    version = store.versions()[shard]
+                    store.push(shard, bob_gradient(layout, shard), version, f"{name}-{k}")
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    # Execute
+    threads = [
+        threading.Thread(target=work, args=(store, f"{label}{t}"))
+        for label, store in (("a", store_a), ("b", store_b))
+        for t in range(threads_per_client)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    other_client.close()
+
+    # Assert: identical to applying the pushes one after another
+    assert errors == []
+    total = 2 * threads_per_client * pushes
+    for shard, before in enumerate(expected_states):
+        assert before.robust is not None
+        weights, accumulators, robust = before.weights, before.accumulators, before.robust
+        clipped = 0
+        for _ in range(total):
+            step = robust_step(
+                ROBUST, robust, layout.flatten_shard(shard, bob_gradient(layout, shard)), False
+            )
+            adagrad_apply(
+                weights, accumulators, step.gradient, OPTIMIZER.learning_rate, OPTIMIZER.epsilon
+            )
+            robust, clipped = step.state, clipped + step.clipped
+        final = store_a.snapshot()[shard]
+        assert final.version == before.version + total
+        np.testing.assert_array_equal(final.weights, weights)
+        np.testing.assert_array_equal(final.accumulators, accumulators)
+        assert final.robust is not None
+        assert final.robust.to_bytes() == robust.to_bytes()
+        assert final.robust.pushes == before.robust.pushes + total
+        assert 0 < clipped == final.robust.clipped
+
+
+def test_a_checkpoint_of_a_redis_store_restores_the_same_centre_elsewhere(
+    client: redis.Redis, prefix: str, tmp_path: Path
+) -> None:
+    store = make_store(client, prefix)
+    store.initialize(initial_weights(store.layout))
+    warm_up(store)
+    store.push(1, bob_gradient(store.layout, 1), store.versions()[1], "bob-1")
+    path = tmp_path / "job.npz"
+    write_checkpoint(path, store.layout, store.snapshot(), {"job": JOB})
+
+    elsewhere = make_store(client, prefix + "restored:")
+    elsewhere.restore(read_checkpoint(path).states)
+
+    for mine, theirs in zip(store.snapshot(), elsewhere.snapshot(), strict=True):
+        assert mine.robust is not None and theirs.robust is not None
+        assert mine.robust.to_bytes() == theirs.robust.to_bytes()
+        assert mine.weights.tobytes() == theirs.weights.tobytes()
