@@ -1,8 +1,10 @@
 """Downpour on the production path: PostgreSQL, Redis, daphne, Celery and real agents.
 
-Each run is a fresh ``Deployment("production")`` (its own database; Redis db 13, which this
-script flushes, so the e2e tests' db 14 is left alone) with one digits job and N
-``downpour-agent`` processes (``--threads 1``, default nice 10), all on this machine.
+The runs share one ``Deployment("production")`` (its own database; Redis db 13, which this
+script flushes, so the e2e tests' db 14 is left alone). Each run seeds its own digits job
+and starts N fresh ``downpour-agent`` processes (``--threads 1 --no-nice``), all on this
+machine; at the end of the run its agents are killed and its job paused, so the next
+run's agents only see the next job.
 
 The job's target accuracy is set to 1.0 so it keeps training after 95% and gives a long
 enough window for the throughput figure; the run is stopped by this script (after
@@ -35,6 +37,7 @@ A config is ``MODEL:AGENTS:N_FETCH:N_PUSH``.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import sys
@@ -57,10 +60,10 @@ from benchlib import (  # noqa: E402
     WORK_DIR,
     first_time_at,
     slope,
+    times_to,
     write_json,
 )
-
-from downpour.localrun import Deployment  # noqa: E402
+from downpour.localrun import Deployment, manage  # noqa: E402
 
 BENCH_REDIS_DB = 13
 STATUS_INTERVAL_S = 1.0
@@ -111,6 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=3.0,
         help="skip this long after the last agent's first lease before measuring samples/s",
     )
+    parser.add_argument(
+        "--data-shards",
+        type=int,
+        default=1,
+        help="dataset shards; 1 lets every work unit sample the whole training set, as the "
+        "baselines do (a unit trains on one shard, and units last UNIT_TARGET_SECONDS)",
+    )
+    parser.add_argument(
+        "--agent-nice",
+        action="store_true",
+        help="leave agents at their default nice 10 (by default they get --no-nice, so they "
+        "compete for the cores on equal terms with the baselines and any other load)",
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep each run's directory")
     parser.add_argument("--json-out", type=Path, default=None)
     return parser
@@ -124,15 +140,83 @@ class BenchDeployment(Deployment):
         self.redis_url = f"redis://127.0.0.1:6379/{BENCH_REDIS_DB}"
         self.env["REDIS_URL"] = self.redis_url
 
+    def issue_tokens(self, count: int) -> list[str]:
+        """Agent tokens of a benchmark donor, so agents can start while a job is seeded."""
+        code = (
+            "import json\n"
+            "from downpour.accounts.models import User\n"
+            "from downpour.donors.models import AgentToken\n"
+            "donor, _ = User.objects.get_or_create(username='bench-donor', "
+            "defaults={'is_donor': True})\n"
+            "print(json.dumps([AgentToken.issue(donor, f'bench-{i}')[1] "
+            f"for i in range({count})]))"
+        )
+        return list(json.loads(manage(["shell", "-c", code], self.env).strip().splitlines()[-1]))
 
-def run_one(config: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
-    """Start a deployment, train one job with ``config.agents`` agents, measure, tear down."""
-    workdir = WORK_DIR / "downpour" / config.label
+    def pause_job(self, job_id: str) -> None:
+        """Take a finished run's job out of scheduling and evaluation (the next run's
+        agents must only see the next job)."""
+        self.query(
+            "UPDATE training_job SET status = 'paused', status_message = 'benchmark run over' "
+            "WHERE id = %s AND status = 'running' RETURNING id",
+            [job_id],
+        )
+
+
+def run_configs(configs: Sequence[RunConfig], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Run each config in turn on one deployment; a failed run is reported, not raised."""
+    workdir = WORK_DIR / "downpour" / "deployment"
     shutil.rmtree(workdir, ignore_errors=True)
     deployment = BenchDeployment(workdir, EVAL_INTERVAL_S=str(args.eval_interval))
-    wall_started = time.monotonic()
+    results: list[dict[str, Any]] = []
     try:
+        started = time.monotonic()
         deployment.start()
+        tokens = deployment.issue_tokens(max(c.agents for c in configs))
+        print(f"deployment up in {time.monotonic() - started:.1f} s", flush=True)
+        for config in configs:
+            print(f"downpour run {config.label} ...", flush=True)
+            try:
+                measured = run_one(deployment, tokens, config, args)
+            except Exception as exc:  # report the failure and go on with the other runs
+                measured = {"config": config.__dict__, "error": f"{type(exc).__name__}: {exc}"}
+            print({k: v for k, v in measured.items() if k != "curve"}, flush=True)
+            results.append(measured)
+    finally:
+        deployment.stop()
+        if not args.keep_logs:
+            keep = WORK_DIR / "downpour" / "logs"
+            shutil.rmtree(keep, ignore_errors=True)
+            keep.mkdir(parents=True, exist_ok=True)
+            for log in workdir.glob("*.log"):
+                shutil.copy(log, keep / log.name)
+            shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def run_one(
+    deployment: BenchDeployment, tokens: Sequence[str], config: RunConfig, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Train one job with ``config.agents`` fresh agents on ``deployment``, then measure."""
+    phases: dict[str, float] = {}
+    mark = time.monotonic()
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        now = time.monotonic()
+        phases[name] = round(now - mark, 2)
+        mark = now
+
+    # Agents start (and import TensorFlow) while the job is created; until it runs they
+    # are told to come back in 2 s. t0 is the first lease, so the wait is not counted.
+    names = [f"{config.label}-{i}" for i in range(config.agents)]
+    agent_args = ["--status-interval", str(STATUS_INTERVAL_S)]
+    if not args.agent_nice:
+        agent_args.append("--no-nice")
+    for name, token in zip(names, tokens, strict=False):
+        deployment.start_agent(name, token, *agent_args)
+    job_id = ""
+    try:
         seeded = deployment.seed(
             hidden=",".join(str(w) for w in MODELS[config.model]),
             learning_rate=LEARNING_RATE,
@@ -141,16 +225,20 @@ def run_one(config: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
             n_push=config.n_push,
             target_accuracy=1.0,
             budget_seconds=args.max_train_seconds + 180,
-            tokens=config.agents,
+            data_shards=args.data_shards,
+            tokens=1,
             name=f"bench-{config.label}",
         )
         job_id = seeded["job_id"]
-        for i in range(config.agents):
-            deployment.start_agent(
-                f"agent-{i}", seeded["tokens"][i], "--status-interval", str(STATUS_INTERVAL_S)
-            )
-        deployment.wait_for("the first lease", lambda: first_leases(deployment, job_id), 180)
-        train_started = time.monotonic()
+        phase("seed_job")
+
+        def every_agent_leased() -> list[tuple[str, float]]:
+            leases = first_leases(deployment, job_id)
+            return leases if len(leases) == config.agents else []
+
+        leases = deployment.wait_for("every agent's first lease", every_agent_leased, 180)
+        phase("until_every_agent_has_a_lease")
+        train_started = time.monotonic() - (max(t for _, t in leases) - min(t for _, t in leases))
         while True:
             time.sleep(0.5)
             trained = time.monotonic() - train_started
@@ -160,25 +248,24 @@ def run_one(config: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
             reached = (job["best_accuracy"] or 0.0) >= TARGET_ACCURACY
             if reached and trained >= args.min_train_seconds:
                 break
-            for name, proc in deployment.agents.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}\n{deployment.logs()}")
+            for name in names:
+                code = deployment.agents[name].poll()
+                if code is not None:
+                    raise RuntimeError(f"{name} exited with {code}\n{deployment.logs()}")
+        phase("train")
         result = measure(deployment, job_id, config, args)
         result["agent_logs"] = {
-            name: parse_agent_log(workdir / f"{name}.log", result["window"])
-            for name in deployment.agents
+            name: parse_agent_log(deployment.workdir / f"{name}.log") for name in names
         }
-        result["run_wall_seconds"] = round(time.monotonic() - wall_started, 1)
-        return result
     finally:
-        deployment.stop()
-        if not args.keep_logs:
-            keep = WORK_DIR / "downpour" / "logs" / config.label
-            shutil.rmtree(keep, ignore_errors=True)
-            keep.mkdir(parents=True, exist_ok=True)
-            for log in workdir.glob("*.log"):
-                shutil.copy(log, keep / log.name)
-            shutil.rmtree(workdir, ignore_errors=True)
+        for name in names:
+            deployment.kill_agent(name)
+        if job_id:
+            deployment.pause_job(job_id)
+        phase("stop_agents")
+    result["phase_seconds"] = phases
+    result["run_wall_seconds"] = round(sum(phases.values()), 1)
+    return result
 
 
 def first_leases(deployment: Deployment, job_id: str) -> list[tuple[str, float]]:
@@ -238,6 +325,7 @@ def measure(
         "pushes_rejected": job["pushes_rejected"],
         "work_units": units,
         "leases": pushes_by_lease,
+        "time_to_threshold_s": times_to(trained),
         "curve": [[round(t, 3), s, round(a, 4)] for t, s, a in trained],
     }
 
@@ -247,7 +335,7 @@ UTILISATION_RE = re.compile(r"\butilisation=([0-9.]+)")
 CUMULATIVE_RE = re.compile(r"\bcompute_s=([0-9.]+) wall_s=([0-9.]+)")
 
 
-def parse_agent_log(path: Path, window: Sequence[float] | None) -> dict[str, Any]:
+def parse_agent_log(path: Path) -> dict[str, Any]:
     """Status-line figures from an agent log.
 
     The agent prints a status line every ``--status-interval`` s. Its ``N samples/s`` is
@@ -297,22 +385,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "settings": {
             "eval_interval_s": args.eval_interval,
+            "data_shards": args.data_shards,
             "min_train_seconds": args.min_train_seconds,
             "max_train_seconds": args.max_train_seconds,
             "warmup_seconds": args.warmup_seconds,
             "agent_threads": 1,
+            "agent_nice": 10 if args.agent_nice else 0,
             "status_interval_s": STATUS_INTERVAL_S,
         },
         "runs": [],
     }
-    for config in args.config:
-        print(f"downpour run {config.label} ...", flush=True)
-        try:
-            measured = run_one(config, args)
-        except Exception as exc:  # report the failure and go on with the other runs
-            measured = {"config": config.__dict__, "error": f"{type(exc).__name__}: {exc}"}
-        print({k: v for k, v in measured.items() if k not in ("curve",)}, flush=True)
-        result["runs"].append(measured)
+    result["runs"] = run_configs(args.config, args)
     return result
 
 
