@@ -53,6 +53,7 @@ def _choose() -> tuple[bool, bool]:
 HAVE_POSTGRES, HAVE_REDIS = _choose()
 os.environ.setdefault("STORE_PREFIX", f"downpour-test-{os.getpid()}:store:")
 os.environ.setdefault("REDIS_PREFIX", f"downpour-test-{os.getpid()}")
+os.environ.setdefault("TEST_DATABASE_NAME", f"test_downpour_{os.getpid()}")
 os.environ["FAST_PASSWORD_HASHER"] = "1"
 _var = tempfile.mkdtemp(prefix="downpour-test-var-")
 os.environ.setdefault("VAR_DIR", _var)

@@ -125,9 +125,7 @@ def _summary(db: Path, job_id: str) -> None:
             "SELECT samples_done, pushes_accepted, pushes_rejected FROM training_job WHERE id = ?",
             (job_id.replace("-", ""),),
         ).fetchone()
-        agents = conn.execute(
-            "SELECT name, credit FROM donors_agent ORDER BY name"
-        ).fetchall()
+        agents = conn.execute("SELECT name, credit FROM donors_agent ORDER BY name").fetchall()
     epochs = samples / 1437
     print(
         f"demo: {samples:,} samples ({epochs:.1f} epochs of the training split), "

@@ -86,6 +86,9 @@ TEMPLATES = [
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 if DATABASE_URL:
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+    if os.environ.get("TEST_DATABASE_NAME"):
+        # Lets concurrent test runs each create their own test database.
+        DATABASES["default"]["TEST"] = {"NAME": os.environ["TEST_DATABASE_NAME"]}
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES = {

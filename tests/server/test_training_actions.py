@@ -167,3 +167,103 @@ def test_evaluation_records_a_point_and_finishes_the_job_at_its_target(running_j
     assert running_job.keras_path and running_job.weights_path
     with np.load(running_job.weights_path, allow_pickle=False) as npz:
         assert sum(npz[k].size for k in npz.files) == running_job.param_count
+
+
+def test_a_reconnected_agent_resumes_its_live_lease(running_job, agent) -> None:  # type: ignore[no-untyped-def]
+    lease = actions.claim_work(agent)
+    assert lease is not None
+    resumed = actions.resume_lease(agent, str(lease.id))
+    assert resumed.id == lease.id and resumed.resumed == 1
+    assert resumed.expires_at >= lease.expires_at
+
+
+def test_a_lease_cannot_be_resumed_by_another_agent_or_after_it_expired(
+    running_job, agent, charlie
+) -> None:  # type: ignore[no-untyped-def]
+    lease = actions.claim_work(agent)
+    assert lease is not None
+    token, _ = AgentToken.issue(charlie, "other")
+    stranger = Agent.objects.create(token=token, name="pc-2")
+    with pytest.raises(actions.LeaseError) as err:
+        actions.resume_lease(stranger, str(lease.id))
+    assert err.value.code == "lease_not_yours"
+    Lease.objects.filter(id=lease.id).update(expires_at=timezone.now() - timedelta(seconds=1))
+    with pytest.raises(actions.LeaseError) as err:
+        actions.resume_lease(agent, str(lease.id))
+    assert err.value.code == "lease_expired"
+
+
+def test_an_agent_that_abandons_work_gets_smaller_units_and_earns_them_back(
+    running_job, agent
+) -> None:  # type: ignore[no-untyped-def]
+    first = actions.claim_work(agent)
+    assert first is not None
+    Lease.objects.filter(id=first.id).update(expires_at=timezone.now() - timedelta(seconds=1))
+    actions.reap_expired_leases()
+    agent.refresh_from_db()
+    assert agent.leases_abandoned == 1 and agent.unit_scale == 0.5
+    WorkUnit.objects.filter(id=first.unit_id).update(status=WorkUnit.Status.DONE)
+    second = actions.claim_work(agent)
+    assert second is not None
+    assert second.unit.steps < first.unit.steps
+    actions.complete_lease(agent, str(second.id), 10)
+    agent.refresh_from_db()
+    assert agent.unit_scale == 1.0 and agent.consecutive_completed == 1
+
+
+def test_warm_start_keeps_a_second_agent_out_until_k_pushes(alice, dataset, agent, charlie) -> None:  # type: ignore[no-untyped-def]
+    job = actions.submit_job(alice, dataset, params(warm_start_pushes=5))
+    assert actions.start_job(job)
+    token, _ = AgentToken.issue(charlie, "other")
+    second = Agent.objects.create(token=token, name="pc-2", samples_per_s=1000.0)
+    assert actions.claim_work(agent) is not None
+    assert actions.claim_work(second) is None
+    Job.objects.filter(id=job.id).update(pushes_accepted=5)
+    assert actions.claim_work(second) is not None
+
+
+def test_donated_compute_goes_to_the_researcher_furthest_below_their_weighted_share(
+    alice, bob, dataset, agent
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: Alice's job has had 1,000 recent samples; Bob (weight 2) has had 1,500.
+    alices = actions.submit_job(alice, dataset, params(name="a"))
+    bob_data = actions.create_dataset(bob, "b", npz_upload(**small_dataset()), n_shards=1)
+    bobs = actions.submit_job(bob, bob_data, params(name="b"))
+    bob.share_weight = 2.0
+    bob.save()
+    for job, samples in ((alices, 1000), (bobs, 1500)):
+        assert actions.start_job(job)
+        unit = WorkUnit.objects.create(
+            job=job,
+            shard=job.dataset.shards.first(),
+            steps=1,
+            seed=0,
+            status=WorkUnit.Status.DONE,
+        )
+        Lease.objects.create(
+            unit=unit,
+            agent=agent,
+            status=Lease.Status.COMPLETED,
+            samples=samples,
+            expires_at=timezone.now(),
+            ended_at=timezone.now(),
+        )
+    # Execute
+    lease = actions.claim_work(agent)
+    # Assert: 1,500 / 2 < 1,000 / 1, so Bob's job gets the unit.
+    assert lease is not None and lease.unit.job_id == bobs.id
+
+
+def test_pushes_staleness_is_merged_into_the_jobs_distribution(running_job, agent) -> None:  # type: ignore[no-untyped-def]
+    lease = actions.claim_work(agent)
+    assert lease is not None
+    actions.record_contribution(
+        str(running_job.id), str(agent.id), str(lease.id), 64, 3, 0, 40.0, {0: 2, 3: 1}
+    )
+    actions.record_contribution(
+        str(running_job.id), str(agent.id), str(lease.id), 32, 1, 0, 20.0, {3: 1}
+    )
+    running_job.refresh_from_db()
+    assert running_job.staleness_hist == {"0": 2, "3": 2}
+    summary = actions.staleness_summary(running_job)
+    assert summary["pushes"] == 4 and summary["p95"] == 3

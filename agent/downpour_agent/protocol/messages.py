@@ -36,6 +36,7 @@ AGENT_MESSAGES: dict[str, dict[str, _Field]] = {
     },
     "heartbeat": {"lease_id": (_STR, False)},
     "request_work": {},
+    "resume": {"lease_id": (_STR, True)},
     "fetch": {"lease_id": (_STR, True), "shard": (_INT, True)},
     "push": {
         "lease_id": (_STR, True),

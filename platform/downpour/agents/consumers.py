@@ -59,6 +59,7 @@ class Tally:
     accepted: int = 0
     rejected: int = 0
     credit: float = 0.0
+    staleness: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -197,6 +198,15 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await self._join(push.job_group(str(lease.unit.job_id)))
         await self._send({**message, **_ref(msg)})
 
+    async def on_resume(self, msg: dict[str, Any]) -> None:
+        """A reconnected agent takes its live lease back and carries on where it was."""
+        lease, message = await self._resume(msg["lease_id"])
+        self.state.leases[str(lease.id)] = CachedLease(
+            str(lease.id), lease.unit.job, time.monotonic() + settings.LEASE_TTL_S
+        )
+        await self._join(push.job_group(str(lease.unit.job_id)))
+        await self._send({**message, **_ref(msg)})
+
     async def on_fetch(self, msg: dict[str, Any]) -> None:
         cached = await self._lease(msg["lease_id"])
         store = job_store(cached.job)
@@ -225,6 +235,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             raise
         if result.applied:
             tally.accepted += 1
+            tally.staleness[result.staleness] = tally.staleness.get(result.staleness, 0) + 1
             # One push round sends every shard with the same samples; count them once.
             if msg["shard"] == 0 and msg["samples"] > 0:
                 tally.samples += msg["samples"]
@@ -397,6 +408,13 @@ class AgentConsumer(AsyncWebsocketConsumer):
         return lease, actions.lease_message(lease)
 
     @database_sync_to_async
+    def _resume(self, lease_id: str) -> tuple[Lease, dict[str, Any]]:
+        assert self.agent is not None
+        lease = actions.resume_lease(self.agent, lease_id)
+        lease = Lease.objects.select_related("unit__job", "unit__shard").get(id=lease.id)
+        return lease, actions.lease_message(lease)
+
+    @database_sync_to_async
     def _load_lease(self, lease_id: str) -> Lease:
         assert self.agent is not None
         return actions.get_agent_lease(lease_id, self.agent)
@@ -421,7 +439,14 @@ class AgentConsumer(AsyncWebsocketConsumer):
         assert self.agent is not None
         for lease_id, t in tallies.items():
             actions.record_contribution(
-                t.job_id, str(self.agent.id), lease_id, t.samples, t.accepted, t.rejected, t.credit
+                t.job_id,
+                str(self.agent.id),
+                lease_id,
+                t.samples,
+                t.accepted,
+                t.rejected,
+                t.credit,
+                t.staleness,
             )
 
     @database_sync_to_async

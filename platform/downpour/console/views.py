@@ -5,8 +5,10 @@ from __future__ import annotations
 from django.contrib.admin.views.decorators import staff_member_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
+from django.utils import timezone
 
 from downpour.donors.models import Agent
+from downpour.training import actions
 from downpour.training.models import Job, Lease
 
 
@@ -19,5 +21,6 @@ def overview(request: HttpRequest) -> HttpResponse:
             "agents": Agent.objects.select_related("token__owner").order_by("-last_seen_at")[:200],
             "jobs": Job.objects.select_related("owner").order_by("-created_at")[:200],
             "active_leases": Lease.objects.filter(status=Lease.Status.ACTIVE).count(),
+            "fairness": actions.fairness_windows(timezone.now()),
         },
     )

@@ -55,6 +55,10 @@ class Agent(models.Model):
     credit = models.FloatField(default=0.0)
     leases_completed = models.IntegerField(default=0)
     leases_abandoned = models.IntegerField(default=0)
+    # BOINC-style host record (downpour.scheduler.reliability): abandonments halve the
+    # agent's unit size, completions grow it back.
+    consecutive_completed = models.IntegerField(default=0)
+    unit_scale = models.FloatField(default=1.0)
 
     class Meta:
         constraints = [

@@ -185,6 +185,7 @@ class ParameterStore:
         *,
         max_commit_attempts: int = 100,
         robust: CentredClipping | None = None,
+        staleness_aware: bool = False,
     ) -> None:
         if not isinstance(job_id, str) or not job_id:
             raise ValueError(f"job_id must be a non-empty string, got {job_id!r}")
@@ -201,6 +202,8 @@ class ParameterStore:
         self.max_staleness = max_staleness
         self.max_commit_attempts = max_commit_attempts
         self.robust = robust
+        # Zhang et al. (IJCAI 2016): divide the step by the push's staleness (at least 1).
+        self.staleness_aware = staleness_aware
         self.staleness_counts: Counter[int] = Counter()
         self._counts_lock = threading.Lock()
         self._random = random.Random()
@@ -365,11 +368,14 @@ class ParameterStore:
         for attempt in range(self.max_commit_attempts):
             state = self._load(shard)
             staleness = self._staleness(shard, state.version, base_version)
+            step_size = learning_rate
+            if self.staleness_aware:
+                step_size = staleness_scaled_step(learning_rate, staleness)
             robust = state.robust
             clipped, deviation_norm = False, 0.0
             if self.robust is None or flat is None:
                 adagrad_apply_pieces(
-                    state.weights, state.accumulators, pieces, learning_rate, self.optimizer.epsilon
+                    state.weights, state.accumulators, pieces, step_size, self.optimizer.epsilon
                 )
             else:
                 step = robust_step(
@@ -385,7 +391,7 @@ class ParameterStore:
                     state.weights,
                     state.accumulators,
                     [step.gradient],
-                    learning_rate,
+                    step_size,
                     self.optimizer.epsilon,
                 )
             new_version = state.version + 1
@@ -499,3 +505,8 @@ def _check_finite(
         if nans or infs:
             problems.append(f"{spec.name!r} has {nans} NaN and {infs} infinite values")
     raise NonFinite(f"{what} for shard {shard} must be finite: " + "; ".join(problems))
+
+
+def staleness_scaled_step(learning_rate: float, staleness: int) -> float:
+    """The staleness-aware step ``learning_rate / max(1, staleness)`` (Zhang et al. 2016)."""
+    return learning_rate / max(1, staleness)

@@ -96,7 +96,9 @@ def job_new(request: HttpRequest) -> HttpResponse:
 @login_required
 def job_detail(request: HttpRequest, job_id: str) -> HttpResponse:
     job = get_object_or_404(Job, id=job_id, owner=request.user)
-    return render(request, "portal/job.html", {"job": job})
+    return render(
+        request, "portal/job.html", {"job": job, "staleness": actions.staleness_summary(job)}
+    )
 
 
 @login_required
@@ -111,6 +113,7 @@ def job_metrics(request: HttpRequest, job_id: str) -> JsonResponse:
             "pushes_accepted": job.pushes_accepted,
             "pushes_rejected": job.pushes_rejected,
             "best_accuracy": job.best_accuracy,
+            "staleness": actions.staleness_summary(job),
             "target_accuracy": job.target_accuracy,
             "points": [
                 {"elapsed_s": e, "accuracy": a, "loss": loss, "samples": s}

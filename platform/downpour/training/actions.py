@@ -8,17 +8,18 @@ WHERE status=...`` and a check that exactly one row changed.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import shutil
 import threading
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, F, Q, Sum
+from django.db.models import Count, F, Q
 from django.utils import timezone
 
 from downpour import scheduler
@@ -119,6 +120,8 @@ class JobParams:
     n_push: int = 1
     n_param_shards: int = 2
     max_staleness: int = 16
+    staleness_aware_lr: bool = False
+    warm_start_pushes: int = 0
     target_accuracy: float | None = None
     budget_samples: int | None = None
     budget_seconds: float | None = None
@@ -152,6 +155,7 @@ def submit_job(owner: Any, dataset: Dataset, params: JobParams) -> Job:
         (1 <= params.n_push <= 100_000, "n_push must be at least 1"),
         (1 <= params.n_param_shards <= 64, "parameter shards must be in [1, 64]"),
         (0 <= params.max_staleness <= 1_000_000, "max staleness must be ≥ 0"),
+        (0 <= params.warm_start_pushes <= 10_000_000, "warm start pushes must be ≥ 0"),
         (
             params.target_accuracy is None or 0 < params.target_accuracy <= 1,
             "target accuracy must be in (0, 1]",
@@ -177,6 +181,8 @@ def submit_job(owner: Any, dataset: Dataset, params: JobParams) -> Job:
         n_push=params.n_push,
         n_param_shards=params.n_param_shards,
         max_staleness=params.max_staleness,
+        staleness_aware_lr=params.staleness_aware_lr,
+        warm_start_pushes=params.warm_start_pushes,
         target_accuracy=params.target_accuracy,
         budget_samples=params.budget_samples,
         budget_seconds=params.budget_seconds,
@@ -298,53 +304,165 @@ def export_job(job: Job) -> None:
 # --- work and leases --------------------------------------------------------------------
 
 
-def _job_loads() -> list[scheduler.JobLoad]:
-    running = (
-        Job.objects.filter(status=Job.Status.RUNNING)
-        .select_related("owner")
-        .annotate(
-            in_flight=Sum(
-                F("units__steps") * F("batch_size"),
-                filter=Q(units__status=WorkUnit.Status.LEASED),
-                default=0,
-            )
-        )
-        .order_by("created_at")
+#: Decay of the fair-share window (downpour.scheduler.FairWindow): a lease that ended
+#: ``s`` seconds ago counts ``exp(-s / tau)`` of its samples.
+FAIR_WINDOW_TAU_S = 120.0
+TAIL_RULE = scheduler.TailRule()
+
+
+@dataclass
+class _JobView:
+    job: Job
+    holders: set[str]
+    fraction_left: float
+
+
+def _host(agent: Agent) -> scheduler.HostRecord:
+    return scheduler.HostRecord(
+        agent.leases_completed,
+        agent.leases_abandoned,
+        agent.consecutive_completed,
+        agent.unit_scale,
     )
-    loads = []
-    for order, job in enumerate(running):
-        if job.budget_samples and job.samples_done + job.in_flight >= job.budget_samples:
-            continue
-        loads.append(
-            scheduler.JobLoad(
-                job_id=str(job.id),
-                owner_id=job.owner_id,
-                weight=job.owner.share_weight,
-                samples_done=job.samples_done,
-                samples_in_flight=int(job.in_flight or 0),
-                created_order=order,
-            )
+
+
+def _job_loads(
+    now: datetime,
+) -> tuple[list[scheduler.JobLoad], dict[str, _JobView], scheduler.FairWindow]:
+    """The running jobs as the scheduler sees them, from PostgreSQL rows.
+
+    ``samples_recent`` decays each ended lease's samples by its age; active leases count
+    their samples so far in full and the rest of their unit as in flight.
+    """
+    jobs = list(
+        Job.objects.filter(status=Job.Status.RUNNING).select_related("owner").order_by("created_at")
+    )
+    horizon = now - timedelta(seconds=6 * FAIR_WINDOW_TAU_S)
+    recent: dict[str, float] = {}
+    in_flight: dict[str, float] = {}
+    holders: dict[str, set[str]] = {}
+    owner_recent: dict[int, float] = {}
+    leases = Lease.objects.filter(
+        Q(status=Lease.Status.ACTIVE) | Q(ended_at__gte=horizon)
+    ).values_list(
+        "status",
+        "samples",
+        "ended_at",
+        "agent_id",
+        "unit__steps",
+        "unit__job_id",
+        "unit__job__batch_size",
+        "unit__job__owner_id",
+    )
+    for status, samples, ended_at, agent_id, steps, job_id, batch, owner_id in leases:
+        key = str(job_id)
+        if status == Lease.Status.ACTIVE:
+            weight = 1.0
+            in_flight[key] = in_flight.get(key, 0.0) + max(0, steps * batch - samples)
+            holders.setdefault(key, set()).add(str(agent_id))
+        else:
+            age = (now - ended_at).total_seconds()
+            weight = math.exp(-max(0.0, age) / FAIR_WINDOW_TAU_S)
+        recent[key] = recent.get(key, 0.0) + samples * weight
+        owner_recent[owner_id] = owner_recent.get(owner_id, 0.0) + samples * weight
+    loads, views = [], {}
+    owner_active: dict[int, float] = {}
+    for order, job in enumerate(jobs):
+        key = str(job.id)
+        active_s = (now - job.started_at).total_seconds() if job.started_at else 0.0
+        owner_active[job.owner_id] = max(owner_active.get(job.owner_id, 0.0), active_s)
+        load = scheduler.JobLoad(
+            job_id=key,
+            owner_id=job.owner_id,
+            weight=job.owner.share_weight,
+            samples_done=job.samples_done,
+            samples_in_flight=int(in_flight.get(key, 0.0)),
+            created_order=order,
+            samples_recent=recent.get(key, 0.0),
+            active_s=active_s,
+            budget_samples=job.budget_samples,
         )
-    return loads
+        loads.append(load)
+        views[key] = _JobView(
+            job,
+            holders.get(key, set()),
+            scheduler.remaining_fraction(job.budget_samples, load.samples_left),
+        )
+    window = scheduler.FairWindow(
+        time_constant_s=FAIR_WINDOW_TAU_S,
+        horizon_s=settings.UNIT_TARGET_SECONDS,
+        owner_recent=owner_recent,
+        owner_active_s=owner_active,
+    )
+    return loads, views, window
+
+
+def _admits(agent: Agent, host: scheduler.HostRecord, view: _JobView) -> bool:
+    """Warm start and the tail rule: may ``agent`` get a unit of this job now?"""
+    job = view.job
+    others = view.holders - {str(agent.id)}
+    if job.warm_start_pushes and others:
+        holder = next(iter(others))
+        warm = scheduler.WarmStart(job.warm_start_pushes)
+        if not warm.allows(str(agent.id), holder, job.pushes_accepted):
+            return False
+    if view.fraction_left < TAIL_RULE.tail_fraction:
+        return scheduler.admits_to_tail(host, view.fraction_left, TAIL_RULE)
+    return True
+
+
+def _agent_steps(agent: Agent, job: Job, scale: float) -> int:
+    spec = validate_model_config(job.model_config)
+    return scheduler.unit_steps(
+        agent.samples_per_s,
+        job.batch_size,
+        settings.UNIT_TARGET_SECONDS,
+        spec.flops_per_sample,
+        scale=scale,
+    )
 
 
 def claim_work(agent: Agent) -> Lease | None:
-    """Give ``agent`` a lease: a reissued unit if any is pending, else a new unit."""
+    """Give ``agent`` a lease: a reissued unit if one fits, else a new unit.
+
+    The choice of job is ``downpour.scheduler``'s: weighted max-min fair share between
+    researchers over a decaying window, warm start, and reliable agents only for the last
+    units of a job with a budget. Units are sized to the agent's speed and reliability.
+    """
+    now = timezone.now()
     ttl = timedelta(seconds=settings.LEASE_TTL_S)
+    host = _host(agent)
+    loads, views, window = _job_loads(now)
+    eligible = {key for key, view in views.items() if _admits(agent, host, view)}
     pending = WorkUnit.objects.filter(
-        status=WorkUnit.Status.PENDING, job__status=Job.Status.RUNNING
+        status=WorkUnit.Status.PENDING, job_id__in=list(eligible)
     ).order_by("created_at")
     for unit in pending[:10]:
+        view = views[str(unit.job_id)]
+        scale = scheduler.unit_scale(host) * scheduler.tail_unit_scale(
+            view.fraction_left, TAIL_RULE
+        )
+        take, rest = scheduler.split_unit(unit.steps, _agent_steps(agent, view.job, scale))
         with transaction.atomic():
             claimed = WorkUnit.objects.filter(id=unit.id, status=WorkUnit.Status.PENDING).update(
-                status=WorkUnit.Status.LEASED, attempts=F("attempts") + 1
+                status=WorkUnit.Status.LEASED, attempts=F("attempts") + 1, steps=take
             )
             if claimed == 1:
-                return Lease.objects.create(unit=unit, agent=agent, expires_at=timezone.now() + ttl)
-    job_id = scheduler.pick_job(_job_loads())
+                if rest > 0:
+                    # A reissued unit too big for this agent: it takes what fits, the rest
+                    # waits for the next agent.
+                    WorkUnit.objects.create(
+                        job_id=unit.job_id,
+                        shard_id=unit.shard_id,
+                        steps=rest,
+                        seed=random.randrange(1 << 31),
+                    )
+                return Lease.objects.create(unit=unit, agent=agent, expires_at=now + ttl)
+    job_id = scheduler.pick_job(loads, window=window, eligible=eligible)
     if job_id is None:
         return None
-    job = Job.objects.get(id=job_id)
+    view = views[job_id]
+    job = view.job
     shard = (
         DatasetShard.objects.filter(dataset_id=job.dataset_id)
         .annotate(n_units=Count("workunit", filter=Q(workunit__job=job)))
@@ -353,10 +471,15 @@ def claim_work(agent: Agent) -> Lease | None:
     )
     if shard is None:
         return None
-    spec = validate_model_config(job.model_config)
-    steps = scheduler.unit_steps(
-        agent.samples_per_s, job.batch_size, settings.UNIT_TARGET_SECONDS, spec.flops_per_sample
-    )
+    scale = scheduler.unit_scale(host) * scheduler.tail_unit_scale(view.fraction_left, TAIL_RULE)
+    steps = _agent_steps(agent, job, scale)
+    if job.budget_samples:
+        left = (
+            job.budget_samples
+            - job.samples_done
+            - sum(load.samples_in_flight for load in loads if load.job_id == job_id)
+        )
+        steps = max(1, min(steps, math.ceil(left / job.batch_size)))
     with transaction.atomic():
         unit = WorkUnit.objects.create(
             job=job,
@@ -366,7 +489,7 @@ def claim_work(agent: Agent) -> Lease | None:
             status=WorkUnit.Status.LEASED,
             attempts=1,
         )
-        return Lease.objects.create(unit=unit, agent=agent, expires_at=timezone.now() + ttl)
+        return Lease.objects.create(unit=unit, agent=agent, expires_at=now + ttl)
 
 
 def lease_message(lease: Lease, base_url_path: str = "/api/agent/shards/") -> dict[str, Any]:
@@ -442,7 +565,41 @@ def complete_lease(agent: Agent, lease_id: str, samples: int) -> None:
         if done != 1:
             raise LeaseError("lease_expired", "the lease has expired; its work was reissued")
         WorkUnit.objects.filter(id=lease.unit_id).update(status=WorkUnit.Status.DONE, done_at=now)
-        Agent.objects.filter(id=agent.id).update(leases_completed=F("leases_completed") + 1)
+        _record_outcome(str(agent.id), completed=True)
+
+
+def _record_outcome(agent_id: str, completed: bool) -> None:
+    """Update the agent's host record (call inside a transaction)."""
+    agent = Agent.objects.select_for_update().get(id=agent_id)
+    record = scheduler.record_outcome(_host(agent), completed)
+    Agent.objects.filter(id=agent_id).update(
+        leases_completed=record.completed,
+        leases_abandoned=record.abandoned,
+        consecutive_completed=record.consecutive_completed,
+        unit_scale=record.unit_scale,
+    )
+
+
+def resume_lease(agent: Agent, lease_id: str) -> Lease:
+    """An agent that reconnected in time takes its lease back (same agent, still live)."""
+    lease = get_agent_lease(lease_id, agent)
+    now = timezone.now()
+    view = scheduler.LeaseView(
+        str(lease.id), str(lease.unit_id), str(lease.agent_id), lease.expires_at.timestamp()
+    )
+    if not scheduler.can_resume(view, str(agent.id), now.timestamp()):
+        raise LeaseError("lease_expired", "the lease has expired; its work was reissued")
+    extended = Lease.objects.filter(
+        id=lease.id, agent=agent, status=Lease.Status.ACTIVE, expires_at__gt=now
+    ).update(
+        expires_at=now + timedelta(seconds=settings.LEASE_TTL_S),
+        heartbeat_at=now,
+        resumed=F("resumed") + 1,
+    )
+    if extended != 1:
+        raise LeaseError("lease_expired", "the lease has expired; its work was reissued")
+    lease.refresh_from_db()
+    return lease
 
 
 def return_lease(agent: Agent, lease_id: str) -> None:
@@ -473,9 +630,7 @@ def reap_expired_leases() -> int:
             WorkUnit.objects.filter(id=lease.unit_id, status=WorkUnit.Status.LEASED).update(
                 status=WorkUnit.Status.PENDING
             )
-            Agent.objects.filter(id=lease.agent_id).update(
-                leases_abandoned=F("leases_abandoned") + 1
-            )
+            _record_outcome(str(lease.agent_id), completed=False)
             reaped += 1
     if reaped:
         log.info("reaped %d expired leases", reaped)
@@ -490,11 +645,24 @@ def record_contribution(
     accepted: int,
     rejected: int,
     credit: float,
+    staleness: dict[int, int] | None = None,
 ) -> None:
-    """Add a batch of push outcomes to the job, the lease, the agent and their ledger."""
+    """Add a batch of push outcomes to the job, the lease, the agent and their ledger.
+
+    ``staleness`` counts accepted pushes by staleness; it is merged into the job's
+    distribution (the job page shows its p50 and p95).
+    """
     if not (samples or accepted or rejected):
         return
     with transaction.atomic():
+        if staleness:
+            job = Job.objects.select_for_update().only("staleness_hist").get(id=job_id)
+            merged = {int(k): v for k, v in job.staleness_hist.items()}
+            for value, count in staleness.items():
+                merged[value] = merged.get(value, 0) + count
+            Job.objects.filter(id=job_id).update(
+                staleness_hist={str(k): v for k, v in sorted(merged.items())}
+            )
         Job.objects.filter(id=job_id).update(
             samples_done=F("samples_done") + samples,
             pushes_accepted=F("pushes_accepted") + accepted,
@@ -584,6 +752,49 @@ def checkpoint_running_jobs() -> int:
         except Exception:
             log.exception("job %s: checkpoint failed", job.id)
     return count
+
+
+def staleness_summary(job: Job) -> dict[str, Any]:
+    """p50/p95 of the job's accepted pushes' staleness (versions behind at apply time)."""
+    histogram = scheduler.StalenessHistogram({int(k): v for k, v in job.staleness_hist.items()})
+    total = sum(histogram.counts.values())
+    if not total:
+        return {"pushes": 0, "p50": None, "p95": None}
+    return {"pushes": total, "p50": histogram.p50, "p95": histogram.p95}
+
+
+def fairness_windows(
+    now: datetime, window_s: float = 60.0, windows: int = 10
+) -> list[dict[str, Any]]:
+    """Jain's index of compute per researcher, normalised by share weight, per window.
+
+    Compute is the samples of leases that ended in each window (and, for the newest
+    window, of active leases), counted for researchers that had a running job.
+    """
+    start = now - timedelta(seconds=window_s * windows)
+    rows = Lease.objects.filter(Q(status=Lease.Status.ACTIVE) | Q(ended_at__gte=start)).values_list(
+        "status", "samples", "ended_at", "unit__job__owner_id", "unit__job__owner__share_weight"
+    )
+    running = dict(
+        Job.objects.filter(status=Job.Status.RUNNING).values_list("owner_id", "owner__share_weight")
+    )
+    per_window: list[dict[int, float]] = [dict.fromkeys(running, 0.0) for _ in range(windows)]
+    weights = dict(running)
+    for status, samples, ended_at, owner_id, weight in rows:
+        at = now if status == Lease.Status.ACTIVE else ended_at
+        index = min(windows - 1, int((at - start).total_seconds() // window_s))
+        if index < 0:
+            continue
+        per_window[index][owner_id] = per_window[index].get(owner_id, 0.0) + samples
+        weights[owner_id] = weight
+    return [
+        {
+            "ends_s_ago": window_s * (windows - 1 - i),
+            "jain": scheduler.jain_index(alloc, {k: weights[k] for k in alloc}) if alloc else None,
+            "researchers": len(alloc),
+        }
+        for i, alloc in enumerate(per_window)
+    ]
 
 
 def delete_job_state(job: Job) -> None:

@@ -65,6 +65,12 @@ class Job(models.Model):
     n_push = models.IntegerField(default=1)
     n_param_shards = models.IntegerField(default=2)
     max_staleness = models.IntegerField(default=16)
+    # Zhang et al. 2016: divide each push's step by its staleness.
+    staleness_aware_lr = models.BooleanField(default=False)
+    # Dean et al.'s warm start: one replica alone for the first K applied pushes.
+    warm_start_pushes = models.IntegerField(default=0)
+    # {staleness: accepted pushes}, merged from every consumer's tallies.
+    staleness_hist = models.JSONField(default=dict, blank=True)
     target_accuracy = models.FloatField(null=True, blank=True)
     budget_samples = models.BigIntegerField(null=True, blank=True)
     budget_seconds = models.FloatField(null=True, blank=True)
@@ -130,6 +136,7 @@ class Lease(models.Model):
     expires_at = models.DateTimeField()
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     ended_at = models.DateTimeField(null=True, blank=True)
+    resumed = models.IntegerField(default=0)
     samples = models.BigIntegerField(default=0)
     pushes_accepted = models.IntegerField(default=0)
     pushes_rejected = models.IntegerField(default=0)

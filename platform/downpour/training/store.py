@@ -49,6 +49,7 @@ def job_store(job: Job) -> ParameterStore:
                 ShardLayout.from_json(job.layout),
                 AdagradConfig(learning_rate=job.learning_rate),
                 max_staleness=job.max_staleness,
+                staleness_aware=job.staleness_aware_lr,
             )
             _stores[key] = store
         return store
