@@ -234,7 +234,9 @@ def seed_digits_job(env: Mapping[str, str], **options: Any) -> dict[str, Any]:
 
 
 class Deployment:
-    def __init__(self, mode: str, workdir: Path, **settings: str) -> None:
+    def __init__(
+        self, mode: str, workdir: Path, redis_db: int = E2E_REDIS_DB, **settings: str
+    ) -> None:
         assert mode in ("production", "embedded")
         self.mode = mode
         self.workdir = workdir
@@ -254,12 +256,15 @@ class Deployment:
             **settings,
         }
         if mode == "production":
-            self.redis_url = f"redis://127.0.0.1:6379/{E2E_REDIS_DB}"
+            self.redis_url = f"redis://127.0.0.1:6379/{redis_db}"
             self.env.update(
                 DATABASE_URL=f"postgres://postgres@127.0.0.1:5432/{self.db_name}",
                 REDIS_URL=self.redis_url,
                 STORE_PREFIX=f"e2e-{self.db_name}:store:",
                 REDIS_PREFIX=f"e2e-{self.db_name}",
+                # Its own Celery queue too, so deployments sharing a Redis db never run
+                # each other's tasks.
+                CELERY_QUEUE=f"e2e-{self.db_name}",
             )
 
     # --- lifecycle ------------------------------------------------------------------
@@ -267,7 +272,6 @@ class Deployment:
     def start(self) -> Deployment:
         if self.mode == "production":
             self._psql(f'CREATE DATABASE "{self.db_name}"')
-            self._redis().flushdb()
         manage(["migrate", "--no-input"], self.env)
         self.start_server()
         if self.mode == "production":
@@ -285,7 +289,10 @@ class Deployment:
     def stop(self) -> None:
         stop(list(self.agents.values()) + self.procs)
         if self.mode == "production":
-            self._redis().flushdb()
+            client = self._redis()
+            for pattern in (f"e2e-{self.db_name}*", f"*{self.env['CELERY_QUEUE']}*"):
+                for key in client.scan_iter(match=pattern, count=1000):
+                    client.delete(key)
             self._psql(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
 
     # --- data -----------------------------------------------------------------------
@@ -319,6 +326,15 @@ class Deployment:
             "status_message",
         )
         return dict(zip(keys, row, strict=True))
+
+    def store_applied_ids(self, job_id: str) -> int:
+        """How many distinct push ids the Redis store has applied (all shards)."""
+        client = self._redis()
+        prefix = self.env["STORE_PREFIX"]
+        return sum(
+            int(client.scard(key))
+            for key in client.scan_iter(match=f"{prefix}job:{job_id}:shard:*:applied")
+        )
 
     def store_versions(self, job_id: str) -> list[int]:
         """Current shard versions straight from the Redis store (production only)."""

@@ -116,6 +116,7 @@ else:
     CELERY_BROKER_URL = "memory://"
     CELERY_TASK_ALWAYS_EAGER = True
 CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_QUEUE", "celery")
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Keys of the parameter store in Redis; tests give each run its own prefix.
 STORE_PREFIX = os.environ.get("STORE_PREFIX", "downpour:store:")

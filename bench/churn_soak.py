@@ -1,0 +1,171 @@
+"""Churn soak on the real production path: kill -9 agents N times, then the server once.
+
+    python bench/churn_soak.py --kills 100
+
+Starts PostgreSQL-backed daphne, a Celery worker and beat, Redis and real agent processes,
+keeps ``--agents`` agents training the digits MLP, kill -9s a random one ``--kills`` times
+(each replaced by a fresh agent), then kill -9s and restarts the server. Prints JSON:
+
+- ``double_applied``: shard-version increments minus distinct applied push ids, from the
+  store's own records (each applied push bumps one version and records its id in the same
+  atomic step; a push applied twice would bump twice under one id).
+- ``lost_units``: units whose lease expired and which were never leased again nor done,
+  although the job ran on for ``--lost-after`` seconds.
+- ``lease_reissue_p95_s``: from a kill to the killed lease's unit being leased again.
+- ``final_test_accuracy``: the job's last evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+for source_root in (ROOT / "platform", ROOT / "agent"):
+    if str(source_root) not in sys.path:
+        sys.path.insert(0, str(source_root))
+
+from downpour.localrun import Deployment  # noqa: E402
+
+SETTINGS = {
+    "HEARTBEAT_INTERVAL_S": "1",
+    "LEASE_TTL_S": "4",
+    "REAP_INTERVAL_S": "1",
+    "UNIT_TARGET_SECONDS": "4",
+    "CHECKPOINT_INTERVAL_S": "5",
+    "EVAL_INTERVAL_S": "2",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--kills", type=int, default=100)
+    p.add_argument("--agents", type=int, default=3)
+    p.add_argument("--interval", type=float, default=3.0, help="seconds between kills")
+    p.add_argument("--after-restart", type=float, default=20.0, help="seconds to train on")
+    p.add_argument("--lost-after", type=float, default=15.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--redis-db", type=int, default=12)
+    p.add_argument("--workdir", type=Path, default=None)
+    return p
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    rng = random.Random(args.seed)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="downpour-soak-"))
+    stack = Deployment("production", workdir, redis_db=args.redis_db, **SETTINGS)
+    started = time.monotonic()
+    kills: list[tuple[float, list[str]]] = []  # (wall time of the kill, its active lease ids)
+    try:
+        stack.start()
+        seeded = stack.seed(target_accuracy=1.0, name="churn-soak", tokens=1)
+        job_id, token = seeded["job_id"], seeded["token"]
+        names = [f"agent-{i}" for i in range(args.agents)]
+        for name in names:
+            stack.start_agent(name, token)
+        stack.wait_for("pushes", lambda: stack.job(job_id)["pushes_accepted"] > 0, 180)
+        for k in range(args.kills):
+            time.sleep(args.interval * rng.uniform(0.5, 1.5))
+            # Kill mid-lease: a random agent among those holding a lease (a fresh agent may
+            # still be importing TensorFlow).
+            holding = stack.wait_for(
+                "an agent holding a lease",
+                lambda names=names: [name for name in names if _active_leases(stack, name)],
+                60,
+            )
+            victim = rng.choice(holding)
+            leases = _active_leases(stack, victim)
+            stack.kill_agent(victim)
+            kills.append((time.time(), leases))
+            names.remove(victim)
+            fresh = f"agent-{args.agents + k}"
+            stack.start_agent(fresh, token)
+            names.append(fresh)
+        stack.kill_server()
+        stack.start_server()
+        time.sleep(args.after_restart)
+        for name in names:
+            stack.kill_agent(name)
+        time.sleep(2 * float(SETTINGS["REAP_INTERVAL_S"]) + float(SETTINGS["LEASE_TTL_S"]))
+        result = _measure(stack, job_id, kills, args)
+        stack.query(
+            "UPDATE training_job SET status = 'paused' WHERE id = %s AND status = 'running' "
+            "RETURNING id",
+            [job_id],
+        )
+    finally:
+        stack.stop()
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    result["seconds"] = round(time.monotonic() - started, 1)
+    result["settings"] = {**SETTINGS, "kills": args.kills, "agents": args.agents}
+    return result
+
+
+def _active_leases(stack: Deployment, agent_name: str) -> list[str]:
+    rows = stack.query(
+        "SELECT l.id FROM training_lease l JOIN donors_agent a ON l.agent_id = a.id "
+        "WHERE a.name = %s AND l.status = 'active'",
+        [agent_name],
+    )
+    return [str(row[0]) for row in rows]
+
+
+def _measure(
+    stack: Deployment, job_id: str, kills: list[tuple[float, list[str]]], args: argparse.Namespace
+) -> dict[str, Any]:
+    versions = sum(stack.store_versions(job_id))
+    applied_ids = stack.store_applied_ids(job_id)
+    reissue: list[float] = []
+    for killed_at, lease_ids in kills:
+        for lease_id in lease_ids:
+            row = stack.query(
+                "SELECT MIN(EXTRACT(EPOCH FROM n.issued_at)) FROM training_lease o "
+                "JOIN training_lease n ON n.unit_id = o.unit_id AND n.issued_at > o.issued_at "
+                "WHERE o.id = %s",
+                [lease_id],
+            )[0][0]
+            if row is not None:
+                reissue.append(float(row) - killed_at)
+    (last_eval,) = stack.query(
+        "SELECT accuracy FROM training_evaluation WHERE job_id = %s "
+        "ORDER BY created_at DESC LIMIT 1",
+        [job_id],
+    )[0]
+    lost = stack.query(
+        "SELECT COUNT(DISTINCT u.id) FROM training_workunit u "
+        "JOIN training_lease o ON o.unit_id = u.id AND o.status = 'expired' "
+        "WHERE u.job_id = %s AND u.status <> 'done' "
+        "AND o.ended_at < NOW() - make_interval(secs => %s) "
+        "AND NOT EXISTS (SELECT 1 FROM training_lease n WHERE n.unit_id = u.id "
+        "AND n.issued_at > o.ended_at)",
+        [job_id, args.lost_after],
+    )[0][0]
+    reissue.sort()
+    p95 = reissue[min(len(reissue) - 1, int(0.95 * len(reissue)))] if reissue else None
+    return {
+        "double_applied": versions - applied_ids,
+        "applied_pushes": applied_ids,
+        "lost_units": int(lost),
+        "killed_leases": sum(len(leases) for _, leases in kills),
+        "reissued_leases": len(reissue),
+        "lease_reissue_p50_s": round(statistics.median(reissue), 2) if reissue else None,
+        "lease_reissue_p95_s": round(p95, 2) if p95 is not None else None,
+        "final_test_accuracy": float(last_eval),
+    }
+
+
+def main() -> None:
+    print(json.dumps(run(parser().parse_args()), indent=2))
+
+
+if __name__ == "__main__":
+    main()
