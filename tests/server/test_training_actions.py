@@ -267,3 +267,32 @@ def test_pushes_staleness_is_merged_into_the_jobs_distribution(running_job, agen
     assert running_job.staleness_hist == {"0": 2, "3": 2}
     summary = actions.staleness_summary(running_job)
     assert summary["pushes"] == 4 and summary["p95"] == 3
+
+
+def test_a_straggling_unit_near_the_end_of_a_job_gets_a_backup_and_the_first_copy_wins(
+    alice, dataset, agent, charlie
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a job with a budget, almost all of it done, and one slow running unit.
+    job = actions.submit_job(alice, dataset, params(target_accuracy=None, budget_samples=10_000))
+    assert actions.start_job(job)
+    slow = actions.claim_work(agent)
+    assert slow is not None
+    Job.objects.filter(id=job.id).update(samples_done=10_000 - 1)
+    Lease.objects.filter(id=slow.id).update(issued_at=timezone.now() - timedelta(hours=1))
+    token, _ = AgentToken.issue(charlie, "fast")
+    fast = Agent.objects.create(
+        token=token,
+        name="fast",
+        samples_per_s=50_000.0,
+        leases_completed=10,
+        consecutive_completed=10,
+    )
+    # Execute
+    backup = actions.claim_work(fast)
+    # Assert: the backup copies the straggler; the first to complete wins.
+    assert backup is not None and backup.unit_id == slow.unit_id
+    actions.complete_lease(fast, str(backup.id), 32)
+    assert Lease.objects.get(id=slow.id).status == Lease.Status.SUPERSEDED
+    with pytest.raises(actions.LeaseError) as err:
+        actions.get_agent_lease(str(slow.id), agent)
+    assert err.value.code == "lease_expired"

@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from downpour.donors.models import Agent, AgentToken, hash_token
 from downpour.paramstore import PushResult, StoreError
+from downpour.scheduler import credit_for_push
 from downpour.training import actions
 from downpour.training.models import Job, Lease
 from downpour.training.store import job_store
@@ -239,7 +240,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             # One push round sends every shard with the same samples; count them once.
             if msg["shard"] == 0 and msg["samples"] > 0:
                 tally.samples += msg["samples"]
-                tally.credit += msg["samples"] / (1 + result.staleness)
+                tally.credit += credit_for_push(msg["samples"], result.staleness, accepted=True)
         await self._send(
             {
                 "type": "push_ack",

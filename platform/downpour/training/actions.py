@@ -458,6 +458,9 @@ def claim_work(agent: Agent) -> Lease | None:
                         seed=random.randrange(1 << 31),
                     )
                 return Lease.objects.create(unit=unit, agent=agent, expires_at=now + ttl)
+    backup = _claim_backup(agent, host, views, eligible, now)
+    if backup is not None:
+        return backup
     job_id = scheduler.pick_job(loads, window=window, eligible=eligible)
     if job_id is None:
         return None
@@ -490,6 +493,57 @@ def claim_work(agent: Agent) -> Lease | None:
             attempts=1,
         )
         return Lease.objects.create(unit=unit, agent=agent, expires_at=now + ttl)
+
+
+BACKUP_RULE = scheduler.BackupRule()
+
+
+def _claim_backup(
+    agent: Agent,
+    host: scheduler.HostRecord,
+    views: dict[str, _JobView],
+    eligible: set[str],
+    now: datetime,
+) -> Lease | None:
+    """Near the end of a job, a reliable agent gets a backup copy of a straggling unit.
+
+    As in Sandblaster: the first copy to complete wins and the others are superseded (their
+    later pushes are refused).
+    """
+    tail = [
+        key
+        for key, view in views.items()
+        if key in eligible and view.fraction_left < BACKUP_RULE.tail_fraction
+    ]
+    if not tail or not scheduler.is_reliable(host):
+        return None
+    candidates = []
+    running = Lease.objects.filter(
+        status=Lease.Status.ACTIVE, unit__job_id__in=tail, unit__status=WorkUnit.Status.LEASED
+    ).select_related("unit__job", "agent")
+    copies: dict[str, int] = {}
+    for lease in running:
+        copies[str(lease.unit_id)] = copies.get(str(lease.unit_id), 0) + 1
+    for lease in running:
+        if lease.agent_id == agent.id:
+            return None  # never two copies of the tail on one agent
+        unit, job = lease.unit, lease.unit.job
+        expected = scheduler.expected_duration_s(
+            unit.steps * job.batch_size, lease.agent.samples_per_s
+        )
+        elapsed = (now - lease.issued_at).total_seconds()
+        fraction_left = views[str(job.id)].fraction_left
+        if scheduler.should_issue_backup(
+            elapsed, expected, fraction_left, copies[str(unit.id)], BACKUP_RULE
+        ):
+            candidates.append((scheduler.straggler_order(elapsed, expected), unit))
+    if not candidates:
+        return None
+    _, unit = max(candidates, key=lambda c: c[0])
+    log.info("backup copy of straggling unit %s for agent %s", unit.id, agent.id)
+    return Lease.objects.create(
+        unit=unit, agent=agent, expires_at=now + timedelta(seconds=settings.LEASE_TTL_S)
+    )
 
 
 def lease_message(lease: Lease, base_url_path: str = "/api/agent/shards/") -> dict[str, Any]:
@@ -565,6 +619,10 @@ def complete_lease(agent: Agent, lease_id: str, samples: int) -> None:
         if done != 1:
             raise LeaseError("lease_expired", "the lease has expired; its work was reissued")
         WorkUnit.objects.filter(id=lease.unit_id).update(status=WorkUnit.Status.DONE, done_at=now)
+        # Backup copies of this unit lost the race: their remaining pushes are refused.
+        Lease.objects.filter(unit_id=lease.unit_id, status=Lease.Status.ACTIVE).update(
+            status=Lease.Status.SUPERSEDED, ended_at=now
+        )
         _record_outcome(str(agent.id), completed=True)
 
 
@@ -608,7 +666,8 @@ def return_lease(agent: Agent, lease_id: str) -> None:
         returned = Lease.objects.filter(id=lease.id, status=Lease.Status.ACTIVE).update(
             status=Lease.Status.RETURNED, ended_at=timezone.now()
         )
-        if returned == 1:
+        others = Lease.objects.filter(unit_id=lease.unit_id, status=Lease.Status.ACTIVE).count()
+        if returned == 1 and scheduler.should_reissue(False, others):
             WorkUnit.objects.filter(id=lease.unit_id, status=WorkUnit.Status.LEASED).update(
                 status=WorkUnit.Status.PENDING
             )
@@ -627,9 +686,12 @@ def reap_expired_leases() -> int:
                 != 1
             ):
                 continue
-            WorkUnit.objects.filter(id=lease.unit_id, status=WorkUnit.Status.LEASED).update(
-                status=WorkUnit.Status.PENDING
-            )
+            others = Lease.objects.filter(unit_id=lease.unit_id, status=Lease.Status.ACTIVE).count()
+            done = WorkUnit.objects.filter(id=lease.unit_id, status=WorkUnit.Status.DONE).exists()
+            if scheduler.should_reissue(done, others):
+                WorkUnit.objects.filter(id=lease.unit_id, status=WorkUnit.Status.LEASED).update(
+                    status=WorkUnit.Status.PENDING
+                )
             _record_outcome(str(lease.agent_id), completed=False)
             reaped += 1
     if reaped:

@@ -127,6 +127,8 @@ class Lease(models.Model):
         COMPLETED = "completed"
         RETURNED = "returned"
         EXPIRED = "expired"
+        # A backup copy whose unit another copy finished first: its pushes are refused.
+        SUPERSEDED = "superseded"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     unit = models.ForeignKey(WorkUnit, on_delete=models.CASCADE, related_name="leases")
