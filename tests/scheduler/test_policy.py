@@ -47,3 +47,8 @@ def test_a_costlier_model_gets_fewer_steps() -> None:
     costly = unit_steps(3200.0, 32, 30.0, flops_per_sample=10_000_000)
     assert costly < cheap
     assert costly >= 20
+
+
+def test_an_infinite_reported_speed_gets_the_largest_unit_not_a_crash() -> None:
+    assert unit_steps(float("inf"), 32, 30.0) == 20_000
+    assert unit_steps(1e308, 32, 30.0) == 20_000

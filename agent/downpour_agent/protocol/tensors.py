@@ -32,6 +32,8 @@ MAGIC = b"DPT\x01"
 MAX_FRAME_BYTES = 256 << 20
 MAX_HEADER_BYTES = 1 << 20
 MAX_TENSORS = 4096
+#: Largest tensor a frame may decode to: bounds zlib inflation whatever the shape claims.
+MAX_TENSOR_BYTES = 1 << 30
 
 #: Wire dtype names and their little-endian numpy types.
 DTYPES: dict[str, np.dtype[Any]] = {
@@ -102,6 +104,11 @@ def tensor_from_wire(tensor: WireTensor) -> npt.NDArray[Any]:
         count *= dim
     wire_dtype = DTYPES["float16"] if tensor.compression == "fp16" else DTYPES[tensor.dtype]
     expected = count * wire_dtype.itemsize
+    if expected > MAX_TENSOR_BYTES:
+        raise ProtocolError(
+            ErrorCode.BAD_FRAME,
+            f"tensor {tensor.name!r}: shape {list(tensor.shape)} is over {MAX_TENSOR_BYTES} bytes",
+        )
     raw = tensor.buffer
     if tensor.compression == "zlib":
         raw = _inflate(raw, expected, tensor.name)

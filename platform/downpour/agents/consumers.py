@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,7 +163,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 ErrorCode.UNSUPPORTED_VERSION,
                 f"server speaks protocol {PROTOCOL_VERSION}, agent {msg['protocol_version']}",
             )
-        self.agent = await self._register(msg["name"][:100] or "agent", msg["device"])
+        self.agent = await self._register(msg["name"], msg["device"])
         await self._join(push.agent_group(str(self.agent.id)))
         await self._send(
             {
@@ -237,10 +238,13 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if result.applied:
             tally.accepted += 1
             tally.staleness[result.staleness] = tally.staleness.get(result.staleness, 0) + 1
-            # One push round sends every shard with the same samples; count them once.
-            if msg["shard"] == 0 and msg["samples"] > 0:
-                tally.samples += msg["samples"]
-                tally.credit += credit_for_push(msg["samples"], result.staleness, accepted=True)
+            # One push round sends every shard with the same samples; count them once. The
+            # claim is the agent's word, so it is capped at what one push round can cover.
+            job = cached.job
+            samples = max(0, min(msg["samples"], job.batch_size * job.n_push))
+            if msg["shard"] == 0 and samples:
+                tally.samples += samples
+                tally.credit += credit_for_push(samples, result.staleness, accepted=True)
         await self._send(
             {
                 "type": "push_ack",
@@ -367,26 +371,29 @@ class AgentConsumer(AsyncWebsocketConsumer):
 
     @database_sync_to_async
     def _register(self, name: str, device: dict[str, Any]) -> Agent:
-        def num(key: str) -> Any:
+        # The device report is the agent's word: keep what fits the columns, drop the rest.
+        def num(key: str, upper: float) -> Any:
             value = device.get(key)
-            return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return None
+            return value if math.isfinite(value) and 0 <= value <= upper else None
 
-        def text(key: str) -> str:
+        def text(key: str, length: int) -> str:
             value = device.get(key)
-            return str(value)[:200] if value is not None else ""
+            return _clean_text(value, length) if isinstance(value, str) else ""
 
         assert self.token is not None
         agent, _ = Agent.objects.update_or_create(
             token=self.token,
-            name=name,
+            name=_clean_text(name, 100) or "agent",
             defaults={
-                "os": text("os"),
-                "cpu_cores": num("cpu_cores"),
-                "ram_bytes": num("ram_bytes"),
-                "gpu_name": text("gpu_name"),
-                "gpu_memory_bytes": num("gpu_memory_bytes"),
-                "tf_version": text("tf_version"),
-                "samples_per_s": num("samples_per_s"),
+                "os": text("os", 200),
+                "cpu_cores": num("cpu_cores", 1 << 20),
+                "ram_bytes": num("ram_bytes", 1 << 60),
+                "gpu_name": text("gpu_name", 200),
+                "gpu_memory_bytes": num("gpu_memory_bytes", 1 << 60),
+                "tf_version": text("tf_version", 50),
+                "samples_per_s": num("samples_per_s", 1e9),
                 "last_seen_at": timezone.now(),
                 "connected": True,
             },
@@ -463,6 +470,12 @@ def _bearer_token(scope: dict[str, Any]) -> str | None:
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
     return None
+
+
+def _clean_text(value: str, length: int) -> str:
+    """Printable text that PostgreSQL accepts: no NUL, no lone surrogates, cut to length."""
+    cleaned = "".join(ch for ch in value if ch.isprintable() and not 0xD800 <= ord(ch) <= 0xDFFF)
+    return cleaned[:length]
 
 
 def _origin_allowed(scope: dict[str, Any]) -> bool:

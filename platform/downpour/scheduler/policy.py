@@ -322,8 +322,10 @@ def unit_steps(
     speed = samples_per_s
     if flops_per_sample and flops_per_sample > 0:
         speed *= min(1.0, REFERENCE_FLOPS_PER_SAMPLE / flops_per_sample)
-    steps = int(speed * target_seconds * max(0.0, min(1.0, scale)) / batch_size)
-    return max(min_steps, min(max_steps, steps))
+    steps = speed * target_seconds * max(0.0, min(1.0, scale)) / batch_size
+    if not math.isfinite(steps):  # an absurd reported speed gets the largest unit
+        return max(min_steps, max_steps)
+    return max(min_steps, min(max_steps, int(steps)))
 
 
 def fits_agent(

@@ -12,6 +12,7 @@ import math
 import random
 import shutil
 import threading
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -582,6 +583,10 @@ def lease_message(lease: Lease, base_url_path: str = "/api/agent/shards/") -> di
 
 def get_agent_lease(lease_id: str, agent: Agent) -> Lease:
     """The active lease ``lease_id`` of ``agent``, or a :class:`LeaseError` with its code."""
+    try:
+        uuid.UUID(lease_id)
+    except (ValueError, TypeError, AttributeError):
+        raise LeaseError("unknown_lease", "a lease id is a UUID") from None
     lease = Lease.objects.select_related("unit__job", "unit__shard").filter(id=lease_id).first()
     if lease is None:
         raise LeaseError("unknown_lease", f"no lease {lease_id}")
