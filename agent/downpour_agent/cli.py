@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -26,6 +27,8 @@ from downpour_agent.connection import Agent, AgentConfig, websocket_url
 logger = logging.getLogger("downpour_agent")
 
 TOKEN_ENV = "DOWNPOUR_TOKEN"
+#: After a stop signal, quit anyway if handing the lease back takes longer than this.
+STOP_GRACE_S = 15.0
 
 
 def default_cache_dir() -> Path:
@@ -101,7 +104,8 @@ def _device(args: argparse.Namespace) -> int:
     from downpour_agent.trainer import configure_threads
 
     logging.basicConfig(level=logging.WARNING)
-    configure_threads(args.threads)
+    with contextlib.suppress(ImportError):
+        configure_threads(args.threads)
     print(json.dumps(device_info(args.benchmark_seconds), indent=2))
     return 0
 
@@ -131,9 +135,14 @@ def _join(args: argparse.Namespace) -> int:
     logger.info("measuring this machine (%.1f s benchmark)", args.benchmark_seconds)
     try:
         configure_threads(args.threads)
+        # Import Keras here, not in the first work unit's worker thread.
+        importlib.import_module("keras")
         device = device_info(args.benchmark_seconds)
     except ImportError:
-        print("downpour-agent: TensorFlow is not installed (pip install 'downpour-agent[tf]')")
+        print(
+            "downpour-agent: TensorFlow is not installed (pip install 'downpour-agent[tf]')",
+            file=sys.stderr,
+        )
         return 2
     config = AgentConfig(
         base_url=args.url,
@@ -153,14 +162,20 @@ async def _run_until_signalled(agent: Agent) -> int:
     main_task = asyncio.current_task()
     signals_seen = 0
 
+    def force_exit() -> None:
+        if main_task is not None and not main_task.done():
+            logger.warning("quitting without waiting for the server")
+            main_task.cancel()
+
     def on_signal() -> None:
         nonlocal signals_seen
         signals_seen += 1
         if signals_seen == 1:
-            logger.warning("stopping: handing back the current lease (again to force)")
+            logger.warning("stopping: handing back the current lease (Ctrl-C again to quit now)")
             agent.request_stop()
-        elif main_task is not None:
-            main_task.cancel()
+            loop.call_later(STOP_GRACE_S, force_exit)
+        else:
+            force_exit()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):

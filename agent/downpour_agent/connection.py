@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import itertools
 import json
 import logging
@@ -287,14 +288,28 @@ class AgentStats:
     leases_completed: int = 0
     leases_abandoned: int = 0
     leases_returned: int = 0
+    leases_resumed: int = 0
     pushes_sent: int = 0
     pushes_acked: int = 0
     pushes_stale: int = 0
     last_loss: float | None = None
     last_push: PushResult | None = None
+    #: Seconds spent inside ``GradientComputer.compute``, summed since training began.
+    compute_s: float = 0.0
+    #: ``time.perf_counter()`` when the first gradient step started, else None.
+    training_since: float | None = None
 
-    def status_line(self, samples_per_s: float) -> str:
-        """One human line: job, progress, speed and the last push's fate."""
+    def wall_s(self, now: float) -> float:
+        """Wall seconds since the first gradient step (``now`` from ``perf_counter``)."""
+        return 0.0 if self.training_since is None else now - self.training_since
+
+    def status_line(self, samples_per_s: float, utilisation: float = 0.0, now: float = 0.0) -> str:
+        """One human line: job, progress, speed, the last push's fate and utilisation.
+
+        Training lines end with ``utilisation=U compute_s=C wall_s=W`` (docs/benchmarks.md):
+        ``U`` is the share of the last interval spent computing gradients, ``C`` and ``W``
+        the cumulative compute and wall seconds since training began.
+        """
         if self.job_id is None:
             return f"{self.state}; {self.leases_completed} work units done"
         line = (
@@ -309,7 +324,10 @@ class AgentStats:
             line += f" | push #{p.seq} v{p.version} staleness {p.staleness} {fate}"
         if self.pushes_stale:
             line += f" ({self.pushes_stale} stale)"
-        return line
+        return (
+            f"{line} utilisation={utilisation:.3f} compute_s={self.compute_s:.2f} "
+            f"wall_s={self.wall_s(now):.2f}"
+        )
 
 
 @dataclass
@@ -344,10 +362,30 @@ class _Pending:
 class _ActiveLease:
     lease: Lease
     abandoned: LeaseAbandoned | None = None
+    #: The server knows how this lease ended (completed, returned or taken back).
+    settled: bool = False
 
     def check(self) -> None:
         if self.abandoned is not None:
             raise self.abandoned
+
+
+@dataclass
+class _Progress:
+    """Where a lease stood after its last push round that was sent in full.
+
+    After a dropped connection the agent resumes the lease from here: the steps after
+    it are computed again on fresh weights and pushed with the ``seq`` they had, so a
+    shard the server had already applied comes back as a duplicate. A round the agent
+    had sent in full but the server never read is lost, which asynchronous SGD
+    tolerates like any other dropped gradient.
+    """
+
+    next_step: int = 0
+    seq: int = 0
+    samples: int = 0
+    #: A copy of the batch sampler as it was before ``next_step``'s batch.
+    sampler: BatchSampler | None = None
 
 
 class _Session:
@@ -397,8 +435,11 @@ class _Session:
 
     async def answer(self, pending: _Pending, timeout_s: float) -> tuple[dict[str, Any], Tensors]:
         """Wait for the answer; an ``error`` answer raises."""
+        # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives
+        # just as the answer does, and the work task would then never stop.
         try:
-            msg, tensors = await asyncio.wait_for(pending.future, timeout_s)
+            async with asyncio.timeout(timeout_s):
+                msg, tensors = await pending.future
         except TimeoutError:
             raise TimeoutError(
                 f"no answer to {pending.request_type} in {timeout_s:.0f} s"
@@ -489,6 +530,8 @@ class _Session:
             self.agent._on_error(self, msg, context)
             return
         if mtype == "push_ack":
+            if isinstance(ref, int):
+                self._sent.pop(ref, None)
             self.agent._on_push_ack(msg)
             return
         if mtype == "heartbeat_ack":
@@ -546,6 +589,7 @@ class Agent:
         self._finished = asyncio.Event()
         self._running = False
         self._lease: _ActiveLease | None = None
+        self._interrupted: tuple[Lease, _Progress] | None = None
         self._idle_since: float | None = None
         self._dataset_cache: tuple[str, npt.NDArray[Any], npt.NDArray[Any]] | None = None
         self._model_cache: tuple[str, GradientComputer] | None = None
@@ -581,7 +625,8 @@ class Agent:
                 except InvalidStatus as exc:
                     if exc.response.status_code in (401, 403):
                         logger.error(
-                            "the server rejected the token (HTTP %s)", exc.response.status_code
+                            "the server refused the connection (HTTP %s); check the token",
+                            exc.response.status_code,
                         )
                         return EXIT_FATAL
                     logger.warning("connection refused: %s", exc)
@@ -600,7 +645,8 @@ class Agent:
                 delay = backoff.next_delay()
                 logger.info("reconnecting in %.1f s", delay)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), delay)
+                    async with asyncio.timeout(delay):
+                        await self._stop.wait()
             return EXIT_OK
         finally:
             if status is not None:
@@ -640,18 +686,20 @@ class Agent:
                 registered = await self._register(session)
                 backoff.reset()
                 interval = max(0.05, float(registered["heartbeat_interval_s"]))
-                tasks.append(asyncio.create_task(self._heartbeats(session, interval)))
+                heartbeats = asyncio.create_task(self._heartbeats(session, interval))
                 work = asyncio.create_task(self._work(session))
                 stop = asyncio.create_task(self._stop.wait())
-                tasks += [work, stop]
+                tasks += [heartbeats, work, stop]
                 await asyncio.wait({reader, work, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if work.done():
+                if self._stop.is_set() and not reader.done():
+                    heartbeats.cancel()
+                    await self._hand_back(session, work)
+                    return "stopped"
+                if work.done() and not work.cancelled():
                     return work.result()
                 if reader.done():
                     reader.result()
-                    raise ConnectionError("the connection closed")
-                await self._hand_back(session, work)
-                return "stopped"
+                raise ConnectionError("the connection closed")
             finally:
                 for task in tasks:
                     task.cancel()
@@ -679,10 +727,11 @@ class Agent:
         return msg
 
     async def _hand_back(self, session: _Session, work: asyncio.Task[Any]) -> None:
-        active = self._lease
         work.cancel()
-        await asyncio.gather(work, return_exceptions=True)
-        if active is not None and active.abandoned is None:
+        # The lease goes back even if some library swallowed the cancellation.
+        await asyncio.wait({work}, timeout=self.config.return_timeout_s)
+        active, self._lease = self._lease, None
+        if active is not None and not active.settled and active.abandoned is None:
             await self._return_lease(session, active.lease.lease_id)
 
     async def _return_lease(self, session: _Session, lease_id: str) -> None:
@@ -708,13 +757,16 @@ class Agent:
             await session.send_tracked(msg)
 
     async def _status_loop(self, interval_s: float) -> None:
-        last_t, last_samples = time.monotonic(), self.stats.samples_done
+        stats = self.stats
+        last_t, last_samples, last_compute = time.perf_counter(), stats.samples_done, 0.0
         while True:
             await asyncio.sleep(interval_s)
-            now = time.monotonic()
-            rate = (self.stats.samples_done - last_samples) / max(now - last_t, 1e-9)
-            last_t, last_samples = now, self.stats.samples_done
-            logger.info("%s", self.stats.status_line(rate))
+            now = time.perf_counter()
+            elapsed = max(now - max(last_t, stats.training_since or now), 1e-9)
+            rate = (stats.samples_done - last_samples) / elapsed
+            utilisation = min(1.0, (stats.compute_s - last_compute) / elapsed)
+            last_t, last_samples, last_compute = now, stats.samples_done, stats.compute_s
+            logger.info("%s", stats.status_line(rate, utilisation, now))
 
     # -- incoming, unsolicited -----------------------------------------------------
 
@@ -762,7 +814,11 @@ class Agent:
 
     async def _work(self, session: _Session) -> Outcome:
         timeout = self.config.request_timeout_s
-        while True:
+        if self._interrupted is not None:
+            lease, progress = self._interrupted
+            self._interrupted = None
+            await self._resume(session, lease, progress)
+        while not self._stop.is_set():
             if self._idle_too_long():
                 logger.info("no work for %g s; exiting", self.config.exit_when_idle_s)
                 return "idle"
@@ -790,6 +846,22 @@ class Agent:
                 continue
             self._idle_since = None
             await self._run_lease(session, msg)
+        return "stopped"
+
+    async def _resume(self, session: _Session, lease: Lease, progress: _Progress) -> None:
+        try:
+            msg, _ = await session.request(
+                {"type": "resume", "lease_id": lease.lease_id},
+                {"lease"},
+                {"lease_id": lease.lease_id},
+                timeout_s=self.config.request_timeout_s,
+            )
+        except ServerError as exc:
+            logger.info("lease %s cannot be resumed (%s); asking for work", lease.lease_id, exc)
+            return
+        self.stats.leases_resumed += 1
+        logger.info("resuming lease %s at step %d", lease.lease_id, progress.next_step)
+        await self._run_lease(session, msg, progress)
 
     def _idle_too_long(self) -> bool:
         limit = self.config.exit_when_idle_s
@@ -799,7 +871,9 @@ class Agent:
             and time.monotonic() - self._idle_since >= limit
         )
 
-    async def _run_lease(self, session: _Session, msg: dict[str, Any]) -> None:
+    async def _run_lease(
+        self, session: _Session, msg: dict[str, Any], progress: _Progress | None = None
+    ) -> None:
         lease_id = msg["lease_id"]
         try:
             lease = Lease.from_message(msg)
@@ -808,9 +882,10 @@ class Agent:
             await self._return_lease(session, lease_id)
             return
         active = _ActiveLease(lease)
+        progress = progress or _Progress()
         self._lease = active
         self.stats.job_id, self.stats.lease_id = lease.job_id, lease.lease_id
-        self.stats.steps_done, self.stats.steps_total = 0, lease.steps
+        self.stats.steps_done, self.stats.steps_total = progress.next_step, lease.steps
         self.stats.last_push = None
         logger.info(
             "lease %s: job %s, %d steps, batch %d",
@@ -826,7 +901,7 @@ class Agent:
             computer = await asyncio.to_thread(self._build_model, lease)
             check_layout(lease.layout, computer.variable_specs())
             self.stats.state = "training"
-            samples = await self._train(session, active, computer, x, y)
+            samples = await self._train(session, active, computer, x, y, progress)
             active.check()
             await session.request(
                 {"type": "complete", "lease_id": lease.lease_id, "samples": samples},
@@ -834,19 +909,30 @@ class Agent:
                 {"lease_id": lease.lease_id},
                 timeout_s=self.config.request_timeout_s,
             )
+            active.settled = True
             self.stats.leases_completed += 1
             logger.info("lease %s complete: %d samples", lease.lease_id, samples)
         except LeaseAbandoned as exc:
+            active.settled = True
             self.stats.leases_abandoned += 1
             logger.warning("stopped work on lease %s: %s", lease.lease_id, exc)
         except ServerError as exc:
+            active.settled = True
             logger.warning("server error during lease %s: %s", lease.lease_id, exc)
         except (LeaseRejected, DatasetError) as exc:
             logger.error("cannot work on lease %s: %s", lease.lease_id, exc)
             await self._return_lease(session, lease.lease_id)
+            active.settled = True
+        except BaseException:
+            # The connection failed under us: try to resume the lease after reconnecting.
+            if not (active.settled or active.abandoned or self._stop.is_set()):
+                self._interrupted = (lease, progress)
+            raise
         finally:
-            self._lease = None
-            self.stats.job_id = self.stats.lease_id = None
+            # When stopping, an unsettled lease stays current for _hand_back to return.
+            if active.settled or not self._stop.is_set():
+                self._lease = None
+                self.stats.job_id = self.stats.lease_id = None
 
     def _load_dataset(self, ref: DatasetRef) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
         cached = self._dataset_cache
@@ -878,37 +964,50 @@ class Agent:
         computer: GradientComputer,
         x: npt.NDArray[Any],
         y: npt.NDArray[Any],
+        progress: _Progress,
     ) -> int:
+        """Train from ``progress`` to the last step; returns the samples the lease covered."""
         lease, hyper = active.lease, active.lease.hyper
-        sampler = BatchSampler(len(x), hyper.batch_size, lease.seed)
+        sampler = await asyncio.to_thread(
+            _sampler_from, progress, len(x), hyper.batch_size, lease.seed
+        )
         accumulator = GradientAccumulator()
         base_versions: dict[int, int] = {}
-        seq = samples = 0
-        for step in range(lease.steps):
+        start, seq, samples = progress.next_step, progress.seq, progress.samples
+        for step in range(start, lease.steps):
             active.check()
-            if step % hyper.n_fetch == 0:
+            if self._stop.is_set():
+                # Normally the stop path cancels this task; this also ends the loop
+                # should a cancellation ever be lost on the way.
+                raise asyncio.CancelledError
+            if step % hyper.n_fetch == 0 or step == start:
                 base_versions = await self._fetch_all(session, lease, computer)
             await self._throttle()
+            if self.stats.training_since is None:
+                self.stats.training_since = time.perf_counter()
             try:
-                loss, batch = await asyncio.to_thread(
+                loss, batch, compute_s = await asyncio.to_thread(
                     _gradient_step, computer, sampler, accumulator, x, y
                 )
             except Exception as exc:  # e.g. labels out of range for the loss
                 raise LeaseRejected(f"gradient step failed: {exc}") from exc
+            self.stats.compute_s += compute_s
             samples += batch
             self.stats.samples_done += batch
             self.stats.steps_done = step + 1
             self.stats.last_loss = loss
             if (step + 1) % hyper.n_push == 0 or step + 1 == lease.steps:
                 refs = [session.next_ref("push", lease.lease_id) for _ in lease.layout]
-                frames = await asyncio.to_thread(
-                    _push_frames, accumulator, lease, seq, base_versions, refs
+                frames, snapshot = await asyncio.to_thread(
+                    _push_round, accumulator, sampler, lease, seq, base_versions, refs
                 )
                 active.check()
                 for frame in frames:
                     await session.ws.send(frame)
                 self.stats.pushes_sent += len(frames)
                 seq += 1
+                progress.next_step, progress.seq, progress.samples = step + 1, seq, samples
+                progress.sampler = snapshot
         return samples
 
     async def _fetch_all(
@@ -957,13 +1056,35 @@ def _gradient_step(
     accumulator: GradientAccumulator,
     x: npt.NDArray[Any],
     y: npt.NDArray[Any],
-) -> tuple[float, int]:
+) -> tuple[float, int, float]:
+    """One batch into the accumulator; returns (loss, batch size, seconds in compute)."""
     idx = sampler.next_indices()
-    gradients, loss = computer.compute(x[idx], y[idx])
+    xb, yb = x[idx], y[idx]
+    start = time.perf_counter()
+    gradients, loss = computer.compute(xb, yb)
+    compute_s = time.perf_counter() - start
     accumulator.add(gradients, len(idx))
     if not math.isfinite(loss):
         logger.warning("non-finite loss %s; the server will refuse this gradient", loss)
-    return loss, len(idx)
+    return loss, len(idx), compute_s
+
+
+def _sampler_from(progress: _Progress, n_samples: int, batch_size: int, seed: int) -> BatchSampler:
+    if progress.sampler is None:
+        return BatchSampler(n_samples, batch_size, seed)
+    return copy.deepcopy(progress.sampler)
+
+
+def _push_round(
+    accumulator: GradientAccumulator,
+    sampler: BatchSampler,
+    lease: Lease,
+    seq: int,
+    base_versions: Mapping[int, int],
+    refs: list[int],
+) -> tuple[list[bytes], BatchSampler]:
+    """The push frames of one round, and a copy of the sampler to resume from."""
+    return _push_frames(accumulator, lease, seq, base_versions, refs), copy.deepcopy(sampler)
 
 
 def _push_frames(

@@ -12,10 +12,13 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import os
 import random
+import re
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
 from pathlib import Path
@@ -54,6 +57,7 @@ from downpour_agent.trainer import GradientComputer, VariableSpec
 keras = pytest.importorskip("keras")
 
 TOKEN = "alice-agent-token"
+
 SHARD_PATH = "/api/agent/shards/5b1c/"
 N_SAMPLES = 40
 
@@ -136,6 +140,9 @@ class FakeServer:
         self.versions = [0] * len(layout)
         self.work = [dict(self.lease_template) for _ in range(leases)]
         self.outstanding: dict[str, dict[str, Any]] = {}
+        self.orphaned: dict[str, dict[str, Any]] = {}
+        self.resumable = True
+        self.applied: set[tuple[str, int, int]] = set()
         self.lease_ids = (f"lease-{i}" for i in itertools.count(1))
         self.received: list[dict[str, Any]] = []
         self.pushes: list[tuple[dict[str, Any], dict[str, Any]]] = []
@@ -150,6 +157,7 @@ class FakeServer:
         self.handshake_status: HTTPStatus | None = None
         self.first_push = asyncio.Event()
         self.asked_for_work = asyncio.Event()
+        self.refused_three_times = asyncio.Event()
         self.base_url = ""
         self._server: Server | None = None
 
@@ -181,6 +189,8 @@ class FakeServer:
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
         if self.handshake_status is not None:
             self.connections += 1
+            if self.connections >= 3:
+                self.refused_three_times.set()
             return connection.respond(self.handshake_status, "no\n")
         return None
 
@@ -218,9 +228,12 @@ class FakeServer:
                     return
         finally:
             self.close_codes.append(ws.close_code)
-            # The real server reissues the work of a lease whose agent went away.
+            # A lease whose agent went away can be resumed, or its work is reissued.
             for lease in self.outstanding.values():
-                self.work.insert(0, {k: v for k, v in lease.items() if k != "lease_id"})
+                if self.resumable:
+                    self.orphaned[lease["lease_id"]] = lease
+                else:
+                    self.work.insert(0, {k: v for k, v in lease.items() if k != "lease_id"})
             self.outstanding.clear()
 
     async def answer(
@@ -257,6 +270,13 @@ class FakeServer:
             lease = {**self.work.pop(0), "lease_id": next(self.lease_ids)}
             self.outstanding[lease["lease_id"]] = lease
             await reply(lease)
+        elif mtype == "resume":
+            lease = self.orphaned.pop(msg["lease_id"], None)
+            if lease is None:
+                await reply(error_message("lease_expired", "its work was reissued"))
+                return
+            self.outstanding[lease["lease_id"]] = lease
+            await reply(dict(lease))
         elif mtype == "fetch":
             shard = msg["shard"]
             names = [entry["name"] for entry in self.layout[shard]]
@@ -275,10 +295,14 @@ class FakeServer:
                 await reply(custom)
                 return
             shard = msg["shard"]
-            for name, grad in tensors.items():
-                self.params[name] -= 0.1 * grad
+            key = (msg["lease_id"], msg["seq"], shard)
+            duplicate = key in self.applied
             staleness = self.versions[shard] - msg["base_version"]
-            self.versions[shard] += 1
+            if not duplicate:
+                self.applied.add(key)
+                for name, grad in tensors.items():
+                    self.params[name] -= 0.1 * grad
+                self.versions[shard] += 1
             await reply(
                 {
                     "type": "push_ack",
@@ -287,8 +311,8 @@ class FakeServer:
                     "shard": shard,
                     "version": self.versions[shard],
                     "staleness": staleness,
-                    "applied": True,
-                    "duplicate": False,
+                    "applied": not duplicate,
+                    "duplicate": duplicate,
                 }
             )
         elif mtype == "complete":
@@ -539,10 +563,10 @@ async def test_stale_gradient_errors_are_counted_and_the_work_goes_on(
 
 
 @pytest.mark.parametrize("drop_how", ["close", "abort"])
-async def test_a_dropped_connection_mid_lease_reconnects_and_registers_again(
+async def test_a_dropped_connection_mid_lease_reconnects_and_resumes_the_lease(
     server: FakeServer, tmp_path: Path, drop_how: str
 ) -> None:
-    # Prepare
+    # Prepare: drop after the first full push round
     server.drop_after_pushes = 2
     server.drop_how = drop_how
     agent = make_agent(server, tmp_path)
@@ -554,17 +578,53 @@ async def test_a_dropped_connection_mid_lease_reconnects_and_registers_again(
     assert code == EXIT_OK
     assert server.connections == 2
     assert len(server.of_type("register")) == 2 and agent.stats.registrations == 2
+    assert [m["lease_id"] for m in server.of_type("resume")] == ["lease-1"]
+    assert agent.stats.leases_resumed == 1
+    assert [(c["lease_id"], c["samples"]) for c in server.of_type("complete")] == [("lease-1", 56)]
+    pushed = {(m["seq"], m["shard"]) for m, _ in server.pushes}
+    assert pushed == {(seq, shard) for seq in range(4) for shard in (0, 1)}
+    assert len(server.applied) == 8
+
+
+async def test_a_drop_in_the_middle_of_a_push_round_resumes_without_double_counting(
+    server: FakeServer, tmp_path: Path
+) -> None:
+    # Prepare: the server reads one shard of round 0, then the network goes.
+    server.drop_after_pushes = 1
+    server.drop_how = "abort"
+    agent = make_agent(server, tmp_path)
+
+    # Execute
+    code = await run_agent(agent)
+
+    # Assert
+    assert code == EXIT_OK
+    assert [(c["lease_id"], c["samples"]) for c in server.of_type("complete")] == [("lease-1", 56)]
+    pushed = {(m["seq"], m["shard"]) for m, _ in server.pushes}
+    assert {(seq, shard) for seq in range(1, 4) for shard in (0, 1)} <= pushed
+    assert len(server.applied) == len(pushed)
+
+
+@pytest.mark.parametrize("drop_how", ["close", "abort"])
+async def test_a_lease_that_cannot_be_resumed_is_dropped_for_new_work(
+    server: FakeServer, tmp_path: Path, drop_how: str
+) -> None:
+    # Prepare: this server reissues the work at once instead of keeping the lease.
+    server.drop_after_pushes = 2
+    server.drop_how = drop_how
+    server.resumable = False
+    agent = make_agent(server, tmp_path)
+
+    # Execute
+    code = await run_agent(agent)
+
+    # Assert
+    assert code == EXIT_OK
+    assert [m["lease_id"] for m in server.of_type("resume")] == ["lease-1"]
+    assert agent.stats.leases_resumed == 0
     assert [c["lease_id"] for c in server.of_type("complete")] == ["lease-2"]
-    assert [m["seq"] for m, _ in server.pushes if m["lease_id"] == "lease-2"] == [
-        0,
-        0,
-        1,
-        1,
-        2,
-        2,
-        3,
-        3,
-    ]
+    seqs = [m["seq"] for m, _ in server.pushes if m["lease_id"] == "lease-2"]
+    assert seqs == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
 async def test_an_agent_keeps_retrying_while_the_server_is_down(
@@ -630,8 +690,7 @@ async def test_a_server_error_at_the_handshake_is_retried(
     server.handshake_status = HTTPStatus.SERVICE_UNAVAILABLE
     agent = make_agent(server, tmp_path, backoff_initial_s=0.02, backoff_max_s=0.05)
     task = asyncio.create_task(run_agent(agent))
-    while server.connections < 3:
-        await asyncio.sleep(0.02)
+    await asyncio.wait_for(server.refused_three_times.wait(), 30)
 
     server.handshake_status = None
     code = await task
@@ -697,6 +756,30 @@ async def test_shutdown_mid_lease_returns_the_lease_and_closes_cleanly(
     assert server.of_type("complete") == []
     await asyncio.sleep(0.1)
     assert server.close_codes == [1000]
+
+
+async def test_shutdown_at_any_moment_of_a_lease_returns_it(
+    server: FakeServer, tmp_path: Path
+) -> None:
+    # Prepare: fetch and push every step, so a stop often lands while an answer arrives.
+    server.lease_template.update(steps=100_000)
+    server.lease_template["hyper"].update(n_fetch=1, n_push=1)
+    rng = random.Random(3)
+    for attempt in range(10):
+        server.work = [dict(server.lease_template)]
+        server.first_push.clear()
+        agent = make_agent(server, tmp_path, exit_when_idle_s=None)
+        task = asyncio.create_task(run_agent(agent))
+        await asyncio.wait_for(server.first_push.wait(), 30)
+        await asyncio.sleep(rng.uniform(0, 0.05))
+
+        # Execute
+        await asyncio.wait_for(agent.shutdown(), 10)
+
+        # Assert
+        assert task.result() == EXIT_OK
+        assert len(server.of_type("return_lease")) == attempt + 1
+        assert agent.stats.leases_returned == 1
 
 
 async def test_shutdown_while_idle_just_closes(server: FakeServer, tmp_path: Path) -> None:
@@ -862,10 +945,36 @@ def test_the_status_line_shows_job_progress_speed_and_the_last_push() -> None:
         seq=11, shard=0, version=345, staleness=2, applied=True, duplicate=False
     )
 
-    line = stats.status_line(samples_per_s=412.4)
+    stats.compute_s, stats.training_since = 123.45, 1000.0
+
+    line = stats.status_line(samples_per_s=412.4, utilisation=0.8734, now=1141.4)
 
     assert line.startswith("job 9c4e0f21 step 120/500 412 samples/s")
     assert "push #11 v345 staleness 2 applied" in line
+    assert line.endswith("utilisation=0.873 compute_s=123.45 wall_s=141.40")
+
+
+async def test_status_lines_are_logged_while_training(
+    server: FakeServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare
+    caplog.set_level(logging.INFO, logger="downpour_agent")
+    server.lease_template.update(steps=30)
+    server.work = [dict(server.lease_template)]
+    agent = make_agent(server, tmp_path, status_interval_s=0.1, max_steps_per_second=50)
+
+    # Execute
+    await run_agent(agent)
+
+    # Assert: the format bench/downpour_runs.py parses
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("job ")]
+    assert lines
+    pattern = re.compile(
+        r"^job 9c4e0f21 step \d+/30 \d+ samples/s(?: .*)? utilisation=[0-9.]+ "
+        r"compute_s=[0-9.]+ wall_s=[0-9.]+$"
+    )
+    assert all(pattern.match(line) for line in lines), lines
+    assert 0 < agent.stats.compute_s < agent.stats.wall_s(time.perf_counter())
 
 
 def test_join_without_a_token_exits_with_an_error(

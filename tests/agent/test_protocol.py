@@ -47,6 +47,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     },
     "heartbeat": {"type": "heartbeat", "lease_id": LEASE_ID},
     "request_work": {"type": "request_work", "ref": 7},
+    "resume": {"type": "resume", "lease_id": LEASE_ID, "ref": 8},
     "fetch": {"type": "fetch", "lease_id": LEASE_ID, "shard": 1, "ref": "f-1"},
     "push": {
         "type": "push",
