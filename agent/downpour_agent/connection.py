@@ -972,48 +972,75 @@ class Agent:
             _sampler_from, progress, len(x), hyper.batch_size, lease.seed
         )
         accumulator = GradientAccumulator()
-        base_versions: dict[int, int] = {}
         start, seq, samples = progress.next_step, progress.seq, progress.samples
-        for step in range(start, lease.steps):
-            active.check()
-            if self._stop.is_set():
-                # Normally the stop path cancels this task; this also ends the loop
-                # should a cancellation ever be lost on the way.
-                raise asyncio.CancelledError
-            if step % hyper.n_fetch == 0 or step == start:
-                base_versions = await self._fetch_all(session, lease, computer)
-            await self._throttle()
-            if self.stats.training_since is None:
-                self.stats.training_since = time.perf_counter()
-            try:
-                loss, batch, compute_s = await asyncio.to_thread(
-                    _gradient_step, computer, sampler, accumulator, x, y
-                )
-            except Exception as exc:  # e.g. labels out of range for the loss
-                raise LeaseRejected(f"gradient step failed: {exc}") from exc
-            self.stats.compute_s += compute_s
-            samples += batch
-            self.stats.samples_done += batch
-            self.stats.steps_done = step + 1
-            self.stats.last_loss = loss
-            if (step + 1) % hyper.n_push == 0 or step + 1 == lease.steps:
-                refs = [session.next_ref("push", lease.lease_id) for _ in lease.layout]
-                frames, snapshot = await asyncio.to_thread(
-                    _push_round, accumulator, sampler, lease, seq, base_versions, refs
-                )
+        # Downpour's fetches overlap computation (Dean et al. run them in their own
+        # thread): at a fetch point the request goes out and training carries on with the
+        # weights it has; the answer is applied at the first step after it arrives, and at
+        # the latest at the next fetch point. Each push names, per shard, the oldest
+        # version any of its steps computed on.
+        versions = await self._fetch_all(session, lease, computer)
+        window_base = dict(versions)
+        inflight: list[_Pending] | None = None
+        try:
+            for step in range(start, lease.steps):
                 active.check()
-                for frame in frames:
-                    await session.ws.send(frame)
-                self.stats.pushes_sent += len(frames)
-                seq += 1
-                progress.next_step, progress.seq, progress.samples = step + 1, seq, samples
-                progress.sampler = snapshot
+                if self._stop.is_set():
+                    # Normally the stop path cancels this task; this also ends the loop
+                    # should a cancellation ever be lost on the way.
+                    raise asyncio.CancelledError
+                fetch_point = step != start and step % hyper.n_fetch == 0
+                if inflight is not None and (fetch_point or all(p.future.done() for p in inflight)):
+                    # At the next fetch point an unanswered fetch is waited for: the server
+                    # answers it after applying this agent's earlier pushes, so an agent
+                    # never runs more than one fetch window ahead of the store.
+                    pendings, inflight = inflight, None
+                    versions = await self._apply_params(session, lease, computer, pendings)
+                if fetch_point:
+                    inflight = await self._request_params(session, lease)
+                for shard, version in versions.items():
+                    window_base[shard] = min(window_base.get(shard, version), version)
+                await self._throttle()
+                if self.stats.training_since is None:
+                    self.stats.training_since = time.perf_counter()
+                try:
+                    loss, batch, compute_s = await asyncio.to_thread(
+                        _gradient_step, computer, sampler, accumulator, x, y
+                    )
+                except Exception as exc:  # e.g. labels out of range for the loss
+                    raise LeaseRejected(f"gradient step failed: {exc}") from exc
+                self.stats.compute_s += compute_s
+                samples += batch
+                self.stats.samples_done += batch
+                self.stats.steps_done = step + 1
+                self.stats.last_loss = loss
+                if (step + 1) % hyper.n_push == 0 or step + 1 == lease.steps:
+                    refs = [session.next_ref("push", lease.lease_id) for _ in lease.layout]
+                    frames, snapshot = await asyncio.to_thread(
+                        _push_round, accumulator, sampler, lease, seq, window_base, refs
+                    )
+                    active.check()
+                    for frame in frames:
+                        await session.ws.send(frame)
+                    self.stats.pushes_sent += len(frames)
+                    seq += 1
+                    window_base = dict(versions)
+                    progress.next_step, progress.seq, progress.samples = step + 1, seq, samples
+                    progress.sampler = snapshot
+        finally:
+            for pending in inflight or []:
+                session.forget(pending)
         return samples
 
     async def _fetch_all(
         self, session: _Session, lease: Lease, computer: GradientComputer
     ) -> dict[int, int]:
-        pendings = [
+        """Fetch every shard, wait, and load the weights; returns the shards' versions."""
+        pendings = await self._request_params(session, lease)
+        return await self._apply_params(session, lease, computer, pendings)
+
+    async def _request_params(self, session: _Session, lease: Lease) -> list[_Pending]:
+        """Send a ``fetch`` for every shard without waiting for the answers."""
+        return [
             await session.send_request(
                 {"type": "fetch", "lease_id": lease.lease_id, "shard": shard},
                 {"params"},
@@ -1021,6 +1048,15 @@ class Agent:
             )
             for shard in range(len(lease.layout))
         ]
+
+    async def _apply_params(
+        self,
+        session: _Session,
+        lease: Lease,
+        computer: GradientComputer,
+        pendings: list[_Pending],
+    ) -> dict[int, int]:
+        """Wait for the ``params`` answers, load them into the model; returns versions."""
         weights: Tensors = {}
         versions: dict[int, int] = {}
         try:

@@ -383,8 +383,14 @@ async def test_the_agent_registers_fetches_pushes_and_completes_a_lease(
     assert [(m["seq"], m["shard"], m["samples"]) for m, _ in server.pushes] == [
         (seq, shard, samples) for seq, samples in enumerate([16, 16, 16, 8]) for shard in (0, 1)
     ]
-    # Fetches before steps 0, 3 and 6 see versions 0, 1 and 3 (pushes were after 1, 3, 5).
-    assert [m["base_version"] for m, _ in server.pushes] == [0, 0, 1, 1, 1, 1, 3, 3]
+    # Fetches go out before steps 0, 3 and 6 but overlap training: an answer is applied when
+    # it arrives, and a push names the oldest version its steps computed on. So per shard
+    # the base versions start at 0, never decrease, and never pass the pushes made before.
+    for shard in (0, 1):
+        bases = [m["base_version"] for m, _ in server.pushes if m["shard"] == shard]
+        assert bases[0] == 0
+        assert bases == sorted(bases)
+        assert all(base <= round_ for round_, base in enumerate(bases))
     for msg, tensors in server.pushes:
         shard_layout = server.layout[msg["shard"]]
         assert list(tensors) == [entry["name"] for entry in shard_layout]
@@ -397,9 +403,10 @@ async def test_the_agent_registers_fetches_pushes_and_completes_a_lease(
     # Assert: what the agent knows
     assert agent.stats.leases_completed == 1
     assert agent.stats.pushes_sent == agent.stats.pushes_acked == 8
-    assert agent.stats.last_push == PushResult(
-        seq=3, shard=1, version=4, staleness=0, applied=True, duplicate=False
-    )
+    last = agent.stats.last_push
+    assert last is not None
+    assert (last.seq, last.shard, last.version, last.applied) == (3, 1, 4, True)
+    assert 0 <= last.staleness <= 3  # overlapped fetches may leave the last push stale
 
 
 async def test_the_pushed_gradient_is_the_mean_gradient_of_the_batches_it_covers(
