@@ -11,8 +11,6 @@ import os
 import subprocess
 import sys
 import threading
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,26 +33,6 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 PLATFORM_DIR = Path(__file__).resolve().parents[2] / "platform"
 OPTIMIZER = AdagradConfig(learning_rate=0.05)
 JOB = "alice-job"
-
-
-@pytest.fixture
-def client() -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(REDIS_URL)
-    try:
-        connection.ping()
-    except redis.RedisError as exc:
-        pytest.fail(f"Redis is unreachable at {REDIS_URL} ({exc}); start it or set REDIS_URL")
-    yield connection
-    connection.close()
-
-
-@pytest.fixture
-def prefix(client: redis.Redis) -> Iterator[str]:
-    unique = f"downpour-test:{uuid.uuid4().hex}:"
-    yield unique
-    keys = list(client.scan_iter(match=unique + "*", count=1000))
-    if keys:
-        client.delete(*keys)
 
 
 @pytest.fixture

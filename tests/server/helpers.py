@@ -41,3 +41,21 @@ def _mlp_json(inputs: int, hidden: int, classes: int) -> str:
 def mlp_config(inputs: int = 8, hidden: int = 16, classes: int = 3) -> dict[str, Any]:
     """Keras 3's own ``to_json()`` of a small Sequential MLP, as a researcher submits it."""
     return dict(json.loads(_mlp_json(inputs, hidden, classes)))
+
+
+def job_form(name: str, dataset_id: object, model_json: str, **extra: Any) -> dict[str, Any]:
+    """The job form's fields as a researcher fills them in, for ``Client.post``."""
+    return {
+        "name": name,
+        "dataset": str(dataset_id),
+        "model_json": model_json,
+        "loss": "sparse_categorical_crossentropy",
+        "learning_rate": 0.05,
+        "batch_size": 32,
+        "n_fetch": 1,
+        "n_push": 1,
+        "n_param_shards": 2,
+        "max_staleness": 16,
+        "target_accuracy": 0.9,
+        **extra,
+    }

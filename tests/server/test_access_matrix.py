@@ -17,7 +17,7 @@ from downpour.donors.models import AgentToken
 from downpour.training import actions
 from downpour.training.models import Evaluation
 
-from .helpers import mlp_config, npz_upload, small_dataset
+from .helpers import job_form, mlp_config, npz_upload, small_dataset
 
 pytestmark = pytest.mark.django_db
 MARKER = "alices-secret-marker"
@@ -103,19 +103,7 @@ def test_nobody_but_alice_reads_alices_objects(world, persona: str, method: str)
 def test_bob_cannot_submit_a_job_on_alices_dataset(world, bob) -> None:  # type: ignore[no-untyped-def]
     response = world["clients"]["bob"].post(
         "/jobs/new/",
-        {
-            "name": "theft",
-            "dataset": str(world["dataset"].id),
-            "model_json": "{}",
-            "loss": "sparse_categorical_crossentropy",
-            "learning_rate": 0.05,
-            "batch_size": 32,
-            "n_fetch": 1,
-            "n_push": 1,
-            "n_param_shards": 2,
-            "max_staleness": 16,
-            "target_accuracy": 0.9,
-        },
+        job_form("theft", str(world["dataset"].id), "{}"),
     )
     assert response.status_code == 200
     assert b"Select a valid choice" in response.content

@@ -11,7 +11,7 @@ from downpour.donors.models import AgentToken, hash_token
 from downpour.training import actions
 from downpour.training.models import Dataset, Job
 
-from .helpers import mlp_config, npz_upload, small_dataset
+from .helpers import job_form, mlp_config, npz_upload, small_dataset
 
 pytestmark = pytest.mark.django_db
 
@@ -68,19 +68,7 @@ def test_a_bad_upload_shows_the_reason_and_stores_nothing(alice) -> None:  # typ
 def test_it_submits_a_job_from_pasted_json(alice, job) -> None:  # type: ignore[no-untyped-def]
     response = logged_in(alice).post(
         "/jobs/new/",
-        {
-            "name": "second",
-            "dataset": str(job.dataset_id),
-            "model_json": json.dumps(mlp_config()),
-            "loss": "sparse_categorical_crossentropy",
-            "learning_rate": 0.05,
-            "batch_size": 32,
-            "n_fetch": 1,
-            "n_push": 1,
-            "n_param_shards": 2,
-            "max_staleness": 16,
-            "target_accuracy": 0.9,
-        },
+        job_form("second", str(job.dataset_id), json.dumps(mlp_config())),
     )
     assert response.status_code == 302, response.content
     assert Job.objects.filter(owner=alice, name="second").exists()
@@ -91,19 +79,7 @@ def test_a_rejected_model_is_explained_on_the_form(alice, job) -> None:  # type:
     config["config"]["layers"][1]["class_name"] = "Lambda"
     response = logged_in(alice).post(
         "/jobs/new/",
-        {
-            "name": "evil",
-            "dataset": str(job.dataset_id),
-            "model_json": json.dumps(config),
-            "loss": "sparse_categorical_crossentropy",
-            "learning_rate": 0.05,
-            "batch_size": 32,
-            "n_fetch": 1,
-            "n_push": 1,
-            "n_param_shards": 2,
-            "max_staleness": 16,
-            "target_accuracy": 0.9,
-        },
+        job_form("evil", str(job.dataset_id), json.dumps(config)),
     )
     assert response.status_code == 200
     assert b"Lambda" in response.content
