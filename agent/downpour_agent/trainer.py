@@ -116,17 +116,23 @@ class GradientComputer:
         Raises
         ------
         ValueError
-            For an unknown name or a shape that does not match the variable. Nothing
-            is assigned in that case.
+            For an unknown name, a dtype other than the variable's, a shape that does not
+            match it, or a value that is NaN or infinite. Nothing is assigned then.
         """
         checked: list[tuple[Any, npt.NDArray[Any]]] = []
         for name, value in weights.items():
             var = self._variables.get(name)
             if var is None:
                 raise ValueError(f"unknown variable {name!r}")
-            array = np.asarray(value, dtype=np.dtype(str(var.dtype)))
+            array = np.asarray(value)
+            # Weights come from the network: refuse what does not fit exactly rather than
+            # cast it, and never load a NaN or infinity into the model.
+            if array.dtype != np.dtype(str(var.dtype)):
+                raise ValueError(f"{name}: dtype {array.dtype} != variable {var.dtype}")
             if array.shape != tuple(var.shape):
                 raise ValueError(f"{name}: shape {array.shape} != variable {tuple(var.shape)}")
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise ValueError(f"{name}: NaN or infinite values")
             checked.append((var, array))
         for var, array in checked:
             var.assign(array)

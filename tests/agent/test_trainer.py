@@ -232,3 +232,23 @@ def test_local_sgd_lowers_the_loss_on_a_learnable_problem() -> None:
 
     # Assert
     assert after < before * 0.7
+
+
+def test_weights_of_the_wrong_dtype_or_with_nan_are_refused_and_nothing_is_assigned(
+    tmp_path: object,
+) -> None:
+    import keras
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    computer = GradientComputer.from_model(model, "mean_squared_error")
+    (kernel, _, _), (bias, _, _) = computer.variable_specs()
+    before = computer.get_weights()
+    with pytest.raises(ValueError, match="dtype"):
+        computer.set_weights({kernel: np.zeros((3, 2), np.float64)})
+    with pytest.raises(ValueError, match="NaN"):
+        computer.set_weights(
+            {bias: np.zeros(2, np.float32), kernel: np.full((3, 2), np.nan, np.float32)}
+        )
+    after = computer.get_weights()
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name])
