@@ -74,7 +74,7 @@ LEASE_ENDING_CODES = frozenset(
         ErrorCode.JOB_FINISHED,
     }
 )
-FATAL_CODES = frozenset({ErrorCode.UNAUTHORIZED, ErrorCode.UNSUPPORTED_VERSION})
+FATAL_CODES = frozenset({ErrorCode.UNAUTHORIZED, ErrorCode.UNSUPPORTED_VERSION, ErrorCode.BANNED})
 
 Outcome = Literal["stopped", "idle"]
 Tensors = dict[str, npt.NDArray[Any]]

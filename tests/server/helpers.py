@@ -56,6 +56,7 @@ def job_form(name: str, dataset_id: object, model_json: str, **extra: Any) -> di
         "n_push": 1,
         "n_param_shards": 2,
         "max_staleness": 16,
+        "warm_start_pushes": 0,
         "target_accuracy": 0.9,
         **extra,
     }

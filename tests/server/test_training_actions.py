@@ -296,3 +296,35 @@ def test_a_straggling_unit_near_the_end_of_a_job_gets_a_backup_and_the_first_cop
     with pytest.raises(actions.LeaseError) as err:
         actions.get_agent_lease(str(slow.id), agent)
     assert err.value.code == "lease_expired"
+
+
+def test_an_agent_clipped_in_most_of_its_pushes_is_banned_and_staff_can_lift_it(
+    agent,
+) -> None:  # type: ignore[no-untyped-def]
+    assert not actions.record_clipping(str(agent.id), [False] * 30)
+    banned = actions.record_clipping(str(agent.id), [True] * 60)
+    agent.refresh_from_db()
+    assert banned and agent.banned_at is not None and "clipped" in agent.ban_reason
+    assert agent.rep_pushes == 90 and agent.rep_clipped == 60
+    actions.lift_ban(agent)
+    agent.refresh_from_db()
+    assert agent.banned_at is None and agent.rep_pushes == 0
+
+
+def test_an_honest_agent_clipped_now_and_then_is_not_banned(agent) -> None:  # type: ignore[no-untyped-def]
+    flags = ([False] * 19 + [True]) * 10  # 5% clipped, like honest agents in the attack runs
+    assert not actions.record_clipping(str(agent.id), flags)
+
+
+def test_a_robust_job_holds_untrusted_pushes_until_trusted_ones_set_the_centre(
+    alice, dataset
+) -> None:  # type: ignore[no-untyped-def]
+    job = actions.submit_job(alice, dataset, params(robust_aggregation=True))
+    assert actions.start_job(job)
+    job.refresh_from_db()
+    store = job_store(job)
+    grad = {v.name: np.full(v.shape, 0.1, np.float32) for v in store.layout.shards[0]}
+    held = store.push(0, grad, 0, "untrusted:0:0", trusted=False)
+    assert held.held and not held.applied and store.versions()[0] == 0
+    trusted = store.push(0, grad, 0, "trusted:0:0", trusted=True)
+    assert trusted.applied and store.versions()[0] == 1

@@ -30,6 +30,7 @@ class ErrorCode(StrEnum):
     STALE_GRADIENT = "stale_gradient"
     JOB_FINISHED = "job_finished"
     CONFLICT = "conflict"
+    BANNED = "banned"
     RATE_LIMITED = "rate_limited"
     INTERNAL = "internal"
 

@@ -77,6 +77,7 @@ class _State:
     jobs: dict[str, _JobStatus] = field(default_factory=dict)
     groups: set[str] = field(default_factory=set)
     last_flush: float = 0.0
+    clipped: list[bool] = field(default_factory=list)  # per applied push of robust jobs
 
 
 class AgentConsumer(AsyncWebsocketConsumer):
@@ -118,7 +119,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         for group in list(getattr(self, "state", _State()).groups):
             await self.channel_layer.group_discard(group, self.channel_name)
         if self.agent is not None:
-            await self._flush_tallies(force=True)
+            await self._flush_tallies(force=True, notify=False)
             await self._mark_disconnected()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
@@ -163,7 +164,14 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 ErrorCode.UNSUPPORTED_VERSION,
                 f"server speaks protocol {PROTOCOL_VERSION}, agent {msg['protocol_version']}",
             )
-        self.agent = await self._register(msg["name"], msg["device"])
+        agent = await self._register(msg["name"], msg["device"])
+        if agent.banned_at is not None:
+            await self._send(
+                error_message(ErrorCode.BANNED, f"this agent is banned: {agent.ban_reason}")
+            )
+            await self.close(code=4403)
+            return
+        self.agent = agent
         await self._join(push.agent_group(str(self.agent.id)))
         await self._send(
             {
@@ -229,12 +237,22 @@ class AgentConsumer(AsyncWebsocketConsumer):
         push_id = f"{msg['lease_id']}:{msg['seq']}:{msg['shard']}"
         tally = self.state.tallies.setdefault(msg["lease_id"], Tally(str(cached.job.id)))
         try:
+            assert self.token is not None
             result: PushResult = await asyncio.to_thread(
-                self._apply, cached.job, store, msg["shard"], tensors, msg["base_version"], push_id
+                self._apply,
+                cached.job,
+                store,
+                msg["shard"],
+                tensors,
+                msg["base_version"],
+                push_id,
+                self.token.is_trusted,
             )
         except StoreError:
             tally.rejected += 1
             raise
+        if result.applied and cached.job.robust_aggregation:
+            self.state.clipped.append(result.clipped)
         if result.applied:
             tally.accepted += 1
             tally.staleness[result.staleness] = tally.staleness.get(result.staleness, 0) + 1
@@ -319,14 +337,23 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if status.finished:
             raise actions.LeaseError("job_finished", "the job has finished")
 
-    async def _flush_tallies(self, force: bool = False) -> None:
+    async def _flush_tallies(self, force: bool = False, notify: bool = True) -> None:
         now = time.monotonic()
         if not force and now - self.state.last_flush < FLUSH_INTERVAL_S:
             return
         self.state.last_flush = now
         tallies, self.state.tallies = self.state.tallies, {}
+        clipped, self.state.clipped = self.state.clipped, []
         if tallies and self.agent is not None:
             await self._record(tallies)
+        banned = clipped and self.agent is not None and await self._record_clipping(clipped)
+        if banned and notify:
+            await self._send(
+                error_message(
+                    ErrorCode.BANNED, "this agent is banned: too many of its pushes were clipped"
+                )
+            )
+            await self.close(code=4403)
 
     def _decode_push(self, data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
         # The rate is checked before decoding, so a flood costs us as little as possible.
@@ -349,15 +376,21 @@ class AgentConsumer(AsyncWebsocketConsumer):
 
     @staticmethod
     def _apply(
-        job: Job, store: Any, shard: int, tensors: dict[str, Any], base: int, push_id: str
+        job: Job,
+        store: Any,
+        shard: int,
+        tensors: dict[str, Any],
+        base: int,
+        push_id: str,
+        trusted: bool,
     ) -> PushResult:
         try:
-            return store.push(shard, tensors, base, push_id)  # type: ignore[no-any-return]
+            return store.push(shard, tensors, base, push_id, trusted=trusted)  # type: ignore[no-any-return]
         except StoreError as exc:
             if exc.code != "unknown_job":
                 raise
             actions.ensure_store_ready(job)
-            return store.push(shard, tensors, base, push_id)  # type: ignore[no-any-return]
+            return store.push(shard, tensors, base, push_id, trusted=trusted)  # type: ignore[no-any-return]
 
     # --- database (sync, run in a thread by Channels) --------------------------------
 
@@ -456,6 +489,11 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 t.credit,
                 t.staleness,
             )
+
+    @database_sync_to_async
+    def _record_clipping(self, clipped: list[bool]) -> bool:
+        assert self.agent is not None
+        return actions.record_clipping(str(self.agent.id), clipped)
 
     @database_sync_to_async
     def _mark_disconnected(self) -> None:

@@ -22,6 +22,8 @@ class AgentToken(models.Model):
     prefix = models.CharField(max_length=12)
     created_at = models.DateTimeField(auto_now_add=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    # Staff vouch for a token's machines: their pushes set the centre of centred clipping.
+    is_trusted = models.BooleanField(default=False)
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
@@ -59,6 +61,15 @@ class Agent(models.Model):
     # agent's unit size, completions grow it back.
     consecutive_completed = models.IntegerField(default=0)
     unit_scale = models.FloatField(default=1.0)
+    # downpour.reputation.Reputation, persisted; an agent clipped too often is banned.
+    rep_pushes = models.BigIntegerField(default=0)
+    rep_clipped = models.BigIntegerField(default=0)
+    rep_spot_checks_failed = models.IntegerField(default=0)
+    rep_spot_checks_passed = models.IntegerField(default=0)
+    rep_recent_pushes = models.FloatField(default=0.0)
+    rep_recent_clipped = models.FloatField(default=0.0)
+    banned_at = models.DateTimeField(null=True, blank=True)
+    ban_reason = models.CharField(max_length=200, blank=True)
 
     class Meta:
         constraints = [

@@ -50,6 +50,17 @@ class JobForm(forms.Form):
     n_push = forms.IntegerField(initial=1, min_value=1)
     n_param_shards = forms.IntegerField(initial=2, min_value=1, max_value=64)
     max_staleness = forms.IntegerField(initial=16, min_value=0)
+    staleness_aware_lr = forms.BooleanField(
+        required=False, help_text="divide each push's step by its staleness (Zhang et al. 2016)"
+    )
+    warm_start_pushes = forms.IntegerField(
+        initial=0, min_value=0, help_text="one agent alone for the first K pushes (0: off)"
+    )
+    robust_aggregation = forms.BooleanField(
+        required=False,
+        help_text="centred clipping against faulty or malicious volunteers; "
+        "needs a trusted agent online",
+    )
     target_accuracy = forms.FloatField(
         required=False, min_value=0.0001, max_value=1, help_text="fraction, e.g. 0.95"
     )

@@ -23,7 +23,7 @@ from django.db import transaction
 from django.db.models import Count, F, Q
 from django.utils import timezone
 
-from downpour import scheduler
+from downpour import reputation, scheduler
 from downpour.donors.models import Agent
 from downpour.paramstore import ShardLayout, VariableSpec
 from downpour.paramstore.checkpoint import read_checkpoint, write_checkpoint
@@ -123,6 +123,7 @@ class JobParams:
     max_staleness: int = 16
     staleness_aware_lr: bool = False
     warm_start_pushes: int = 0
+    robust_aggregation: bool = False
     target_accuracy: float | None = None
     budget_samples: int | None = None
     budget_seconds: float | None = None
@@ -184,6 +185,7 @@ def submit_job(owner: Any, dataset: Dataset, params: JobParams) -> Job:
         max_staleness=params.max_staleness,
         staleness_aware_lr=params.staleness_aware_lr,
         warm_start_pushes=params.warm_start_pushes,
+        robust_aggregation=params.robust_aggregation,
         target_accuracy=params.target_accuracy,
         budget_samples=params.budget_samples,
         budget_seconds=params.budget_seconds,
@@ -819,6 +821,60 @@ def checkpoint_running_jobs() -> int:
         except Exception:
             log.exception("job %s: checkpoint failed", job.id)
     return count
+
+
+def record_clipping(agent_id: str, clipped: list[bool]) -> bool:
+    """Add pushes applied with centred clipping to the agent's reputation; ban if due.
+
+    Returns whether the agent is banned (now or already). Staff lift bans in the admin.
+    """
+    if not clipped:
+        return False
+    with transaction.atomic():
+        agent = Agent.objects.select_for_update().get(id=agent_id)
+        rep = reputation.Reputation(
+            agent.rep_pushes,
+            agent.rep_clipped,
+            agent.rep_spot_checks_failed,
+            agent.rep_spot_checks_passed,
+            agent.rep_recent_pushes,
+            agent.rep_recent_clipped,
+        )
+        for flag in clipped:
+            rep = reputation.record_push(rep, flag)
+        banned_at, reason = agent.banned_at, agent.ban_reason
+        if banned_at is None and reputation.should_ban(rep):
+            banned_at = timezone.now()
+            reason = (
+                f"clipped in {rep.clipped} of {rep.pushes} pushes "
+                f"({rep.recent_clipped / max(rep.recent_pushes, 1e-9):.0%} recently)"
+            )
+            log.warning("agent %s banned: %s", agent_id, reason)
+        Agent.objects.filter(id=agent_id).update(
+            rep_pushes=rep.pushes,
+            rep_clipped=rep.clipped,
+            rep_recent_pushes=rep.recent_pushes,
+            rep_recent_clipped=rep.recent_clipped,
+            banned_at=banned_at,
+            ban_reason=reason,
+        )
+    return banned_at is not None
+
+
+def lift_ban(agent: Agent) -> None:
+    """Staff review: the agent starts afresh (downpour.reputation.lift_ban)."""
+    rep = reputation.lift_ban(
+        reputation.Reputation(spot_checks_passed=agent.rep_spot_checks_passed)
+    )
+    Agent.objects.filter(id=agent.id).update(
+        banned_at=None,
+        ban_reason="",
+        rep_pushes=rep.pushes,
+        rep_clipped=rep.clipped,
+        rep_spot_checks_failed=rep.spot_checks_failed,
+        rep_recent_pushes=rep.recent_pushes,
+        rep_recent_clipped=rep.recent_clipped,
+    )
 
 
 def staleness_summary(job: Job) -> dict[str, Any]:

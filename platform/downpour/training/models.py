@@ -71,6 +71,8 @@ class Job(models.Model):
     warm_start_pushes = models.IntegerField(default=0)
     # {staleness: accepted pushes}, merged from every consumer's tallies.
     staleness_hist = models.JSONField(default=dict, blank=True)
+    # Centred clipping at the store (Karimireddy et al. 2021); needs a trusted agent online.
+    robust_aggregation = models.BooleanField(default=False)
     target_accuracy = models.FloatField(null=True, blank=True)
     budget_samples = models.BigIntegerField(null=True, blank=True)
     budget_seconds = models.FloatField(null=True, blank=True)

@@ -13,6 +13,7 @@ from django.conf import settings
 
 from downpour.paramstore import (
     AdagradConfig,
+    CentredClipping,
     ParameterStore,
     ShardLayout,
     ShardStorage,
@@ -50,6 +51,7 @@ def job_store(job: Job) -> ParameterStore:
                 AdagradConfig(learning_rate=job.learning_rate),
                 max_staleness=job.max_staleness,
                 staleness_aware=job.staleness_aware_lr,
+                robust=CentredClipping() if job.robust_aggregation else None,
             )
             _stores[key] = store
         return store
