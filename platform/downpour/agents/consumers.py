@@ -10,8 +10,9 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from channels.db import database_sync_to_async
@@ -42,6 +43,7 @@ from . import push
 from .limits import limits
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 _WIRE_CODES = {code.value for code in ErrorCode}
 JOB_STATUS_TTL_S = 1.0
 FLUSH_INTERVAL_S = 2.0
@@ -220,7 +222,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def on_fetch(self, msg: dict[str, Any]) -> None:
         cached = await self._lease(msg["lease_id"])
         store = job_store(cached.job)
-        version, tensors = await asyncio.to_thread(self._fetch, cached.job, store, msg["shard"])
+        version, tensors = await asyncio.to_thread(
+            self._with_store, cached.job, lambda: store.fetch(msg["shard"])
+        )
         reply = {
             "type": "params",
             "lease_id": msg["lease_id"],
@@ -238,15 +242,13 @@ class AgentConsumer(AsyncWebsocketConsumer):
         tally = self.state.tallies.setdefault(msg["lease_id"], Tally(str(cached.job.id)))
         try:
             assert self.token is not None
+            trusted = self.token.is_trusted
             result: PushResult = await asyncio.to_thread(
-                self._apply,
+                self._with_store,
                 cached.job,
-                store,
-                msg["shard"],
-                tensors,
-                msg["base_version"],
-                push_id,
-                self.token.is_trusted,
+                lambda: store.push(
+                    msg["shard"], tensors, msg["base_version"], push_id, trusted=trusted
+                ),
             )
         except StoreError:
             tally.rejected += 1
@@ -365,32 +367,15 @@ class AgentConsumer(AsyncWebsocketConsumer):
         return frame_from_wire(data, AGENT_MESSAGES, settings.MAX_FRAME_BYTES)
 
     @staticmethod
-    def _fetch(job: Job, store: Any, shard: int) -> tuple[int, dict[str, Any]]:
+    def _with_store(job: Job, operation: Callable[[], T]) -> T:
+        """Run a store operation; if the job's shards are gone (a restart), restore, retry."""
         try:
-            return store.fetch(shard)  # type: ignore[no-any-return]
+            return operation()
         except StoreError as exc:
             if exc.code != "unknown_job":
                 raise
             actions.ensure_store_ready(job)
-            return store.fetch(shard)  # type: ignore[no-any-return]
-
-    @staticmethod
-    def _apply(
-        job: Job,
-        store: Any,
-        shard: int,
-        tensors: dict[str, Any],
-        base: int,
-        push_id: str,
-        trusted: bool,
-    ) -> PushResult:
-        try:
-            return store.push(shard, tensors, base, push_id, trusted=trusted)  # type: ignore[no-any-return]
-        except StoreError as exc:
-            if exc.code != "unknown_job":
-                raise
-            actions.ensure_store_ready(job)
-            return store.push(shard, tensors, base, push_id, trusted=trusted)  # type: ignore[no-any-return]
+            return operation()
 
     # --- database (sync, run in a thread by Channels) --------------------------------
 

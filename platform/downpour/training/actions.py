@@ -414,13 +414,23 @@ def _admits(agent: Agent, host: scheduler.HostRecord, view: _JobView) -> bool:
     return True
 
 
+_flops_cache: dict[str, float] = {}
+
+
+def _flops_per_sample(job: Job) -> float:
+    # A job's model never changes: validate it once per process, not on every claim.
+    key = str(job.id)
+    if key not in _flops_cache:
+        _flops_cache[key] = float(validate_model_config(job.model_config).flops_per_sample)
+    return _flops_cache[key]
+
+
 def _agent_steps(agent: Agent, job: Job, scale: float) -> int:
-    spec = validate_model_config(job.model_config)
     return scheduler.unit_steps(
         agent.samples_per_s,
         job.batch_size,
         settings.UNIT_TARGET_SECONDS,
-        spec.flops_per_sample,
+        _flops_per_sample(job),
         scale=scale,
     )
 
