@@ -24,7 +24,7 @@ from downpour_agent.protocol import (
     frame_to_wire,
 )
 
-from .stack import Stack
+from .stack import FAST_LEASES, Stack, running
 
 pytestmark = [pytest.mark.e2e, pytest.mark.services]
 
@@ -32,20 +32,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.services]
 @pytest.fixture(scope="module")
 def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Short lease timings, and small connection and push-rate limits to test them."""
-    stack = Stack(
+    with running(
         "production",
         Path(tmp_path_factory.mktemp("consumer")),
-        HEARTBEAT_INTERVAL_S="1",
-        LEASE_TTL_S="4",
-        REAP_INTERVAL_S="1",
+        **FAST_LEASES,
         MAX_CONNECTIONS_PER_TOKEN="3",
         PUSHES_PER_SECOND="20",
         PUSH_BURST="40",
-    )
-    try:
-        yield stack.start()
-    finally:
-        stack.stop()
+    ) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")

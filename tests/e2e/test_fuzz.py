@@ -44,7 +44,7 @@ from downpour_agent.protocol import (
 from downpour_agent.protocol.messages import MAX_TEXT_BYTES
 from downpour_agent.protocol.tensors import MAGIC, MAX_HEADER_BYTES, MAX_TENSORS
 
-from .stack import Stack
+from .stack import Stack, running
 
 pytestmark = [pytest.mark.e2e, pytest.mark.services]
 
@@ -63,7 +63,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Small frame limit (oversize frames are cheap), no push rate limit, long leases."""
-    stack = Stack(
+    with running(
         "production",
         Path(tmp_path_factory.mktemp("fuzz")),
         MAX_FRAME_BYTES=str(MAX_FRAME_BYTES),
@@ -71,11 +71,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         PUSH_BURST="1e9",
         LEASE_TTL_S="600",
         HEARTBEAT_INTERVAL_S="60",
-    )
-    try:
-        yield stack.start()
-    finally:
-        stack.stop()
+    ) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")

@@ -7,26 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from .stack import Stack
+from .stack import FAST_LEASES, Stack, running
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
 def embedded_fast_checkpoints(tmp_path: Path) -> Iterator[Stack]:
-    stack = Stack(
+    with running(
         "embedded",
         tmp_path,
-        HEARTBEAT_INTERVAL_S="1",
-        LEASE_TTL_S="4",
-        REAP_INTERVAL_S="1",
+        **FAST_LEASES,
         UNIT_TARGET_SECONDS="5",
         CHECKPOINT_INTERVAL_S="2",
-    )
-    try:
-        yield stack.start()
-    finally:
-        stack.stop()
+    ) as stack:
+        yield stack
 
 
 def test_the_embedded_store_restores_its_last_checkpoint_after_a_kill_9(
