@@ -74,7 +74,14 @@ LEASE_ENDING_CODES = frozenset(
         ErrorCode.JOB_FINISHED,
     }
 )
-FATAL_CODES = frozenset({ErrorCode.UNAUTHORIZED, ErrorCode.UNSUPPORTED_VERSION, ErrorCode.BANNED})
+FATAL_CODES = frozenset(
+    {
+        ErrorCode.UNAUTHORIZED,
+        ErrorCode.UNSUPPORTED_VERSION,
+        ErrorCode.BANNED,
+        ErrorCode.TOO_MANY_AGENTS,
+    }
+)
 
 Outcome = Literal["stopped", "idle"]
 Tensors = dict[str, npt.NDArray[Any]]

@@ -16,7 +16,6 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +24,14 @@ from typing import IO, Any
 import numpy as np
 import numpy.typing as npt
 
+from .npz import ArchiveRejected, MissingArrays, load_npz
+
 logger = logging.getLogger("downpour_agent.data")
 
 MAX_SHARD_BYTES = 4 << 30
+# The server writes shards uncompressed (np.savez), so a real one inflates to about its own
+# size; the bound still matters for a shard that did not come from our server.
+MAX_SHARD_EXPANDED_BYTES = MAX_SHARD_BYTES
 _CHUNK = 1 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -145,7 +149,10 @@ def download_shard(
 
 
 def load_shard(
-    path: Path, n_samples: int | None = None
+    path: Path,
+    n_samples: int | None = None,
+    *,
+    max_expanded_bytes: int = MAX_SHARD_EXPANDED_BYTES,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     """Load ``(x, y)`` from a shard archive, never unpickling anything.
 
@@ -158,20 +165,16 @@ def load_shard(
     ------
     DatasetError
         Not an ``.npz`` with numeric ``x`` and ``y`` of the same length (and of
-        ``n_samples`` rows, when given).
+        ``n_samples`` rows, when given), or refused by :func:`downpour_agent.npz.load_npz`:
+        a decompression bomb, a forged header, more than ``max_expanded_bytes`` in all.
     """
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise DatasetError("a shard must be an .npz archive, not a bare array")
-        with loaded as archive:
-            if {"x", "y"} - set(archive.keys()):
-                raise DatasetError("a shard must have arrays 'x' and 'y'")
-            x, y = archive["x"], archive["y"]
-    except DatasetError:
-        raise
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        arrays = load_npz(path, ("x", "y"), max_expanded_bytes)
+    except MissingArrays:
+        raise DatasetError("a shard must have arrays 'x' and 'y'") from None
+    except (ArchiveRejected, OSError) as exc:
         raise DatasetError(f"cannot read shard: {exc}") from None
+    x, y = arrays["x"], arrays["y"]
     for name, array in (("x", x), ("y", y)):
         if array.ndim == 0 or array.dtype.kind not in "biuf":
             raise DatasetError(f"shard array {name!r} must be a numeric array of rank >= 1")

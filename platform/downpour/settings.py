@@ -138,6 +138,8 @@ MEDIA_ROOT = Path(os.environ.get("MEDIA_ROOT", VAR_DIR / "media"))
 
 # Uploads: a dataset may be large; the cap keeps a hostile upload from filling the disk.
 DATASET_MAX_BYTES = envint("DATASET_MAX_BYTES", 512 << 20)
+# ... and what its arrays may inflate to: a small deflated .npz can claim gigabytes.
+MAX_DATASET_EXPANDED_BYTES = envint("MAX_DATASET_EXPANDED_BYTES", 4 << 30)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 5 << 20
 FILE_UPLOAD_MAX_MEMORY_SIZE = 5 << 20
 
@@ -151,6 +153,8 @@ REAP_INTERVAL_S = envfloat("REAP_INTERVAL_S", 5.0)
 MAX_FRAME_BYTES = envint("MAX_FRAME_BYTES", 64 << 20)
 CHECKPOINTS_KEPT = envint("CHECKPOINTS_KEPT", 3)
 MAX_CONNECTIONS_PER_TOKEN = envint("MAX_CONNECTIONS_PER_TOKEN", 16)
+# Agent rows one token may register (each distinct name is one); re-registering is free.
+MAX_AGENTS_PER_TOKEN = envint("MAX_AGENTS_PER_TOKEN", 32)
 # Push frames (one per parameter shard) per agent: a token bucket refilled at this rate.
 PUSHES_PER_SECOND = envfloat("PUSHES_PER_SECOND", 2000.0)
 PUSH_BURST = envfloat("PUSH_BURST", 4000.0)

@@ -679,6 +679,18 @@ async def test_an_unsupported_protocol_version_ends_the_agent_with_a_clear_messa
     assert "upgrade the agent" in caplog.text
 
 
+async def test_a_token_at_its_agent_cap_ends_the_agent_without_retrying(
+    server: FakeServer, tmp_path: Path
+) -> None:
+    # The cap on a token's agents does not lift by waiting: retrying would only hammer it.
+    server.register_error = "too_many_agents"
+
+    code = await run_agent(make_agent(server, tmp_path), timeout_s=10)
+
+    assert code == EXIT_FATAL
+    assert server.connections == 1
+
+
 @pytest.mark.parametrize("status", [HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN])
 async def test_a_token_refused_at_the_handshake_ends_the_agent(
     server: FakeServer, tmp_path: Path, status: HTTPStatus

@@ -254,6 +254,28 @@ def test_a_file_that_is_not_an_npz_is_refused(tmp_path: Path, body: bytes) -> No
         load_shard(_write(tmp_path, body))
 
 
+def test_a_shard_that_inflates_like_a_bomb_is_refused_before_it_is_inflated(
+    tmp_path: Path,
+) -> None:
+    # Prepare: 64 MiB of zeros, deflated to 64 KiB; the server writes shards uncompressed.
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, x=np.zeros((1 << 20, 16), dtype=np.float32), y=np.zeros(1 << 20))
+    path = _write(tmp_path, buffer.getvalue())
+
+    # Execute / Assert
+    with pytest.raises(DatasetError, match=r"cannot read shard: member 'x.npy' inflates \d+:1"):
+        load_shard(path)
+
+
+def test_a_shard_over_the_expanded_bound_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, npz_bytes(x=np.zeros((100, 2)), y=np.zeros(100)))
+
+    with pytest.raises(DatasetError, match="over the limit of 1.0 KiB"):
+        load_shard(path, max_expanded_bytes=1024)
+
+    assert len(load_shard(path, 100, max_expanded_bytes=4096)[0]) == 100
+
+
 def test_a_bare_npy_array_is_refused(tmp_path: Path) -> None:
     buffer = io.BytesIO()
     np.save(buffer, np.zeros(3))

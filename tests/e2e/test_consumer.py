@@ -6,6 +6,7 @@ Every bad input gets a structured error, nothing is applied, and the socket stay
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -29,9 +30,13 @@ from .stack import FAST_LEASES, Stack, running
 pytestmark = [pytest.mark.e2e, pytest.mark.services]
 
 
+# Above the agents the other tests register on token 0 (one per test), below the default.
+AGENTS_PER_TOKEN = 20
+
+
 @pytest.fixture(scope="module")
 def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """Short lease timings, and small connection and push-rate limits to test them."""
+    """Short lease timings, and small connection, push-rate and agent limits to test them."""
     with running(
         "production",
         Path(tmp_path_factory.mktemp("consumer")),
@@ -39,13 +44,14 @@ def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         MAX_CONNECTIONS_PER_TOKEN="3",
         PUSHES_PER_SECOND="20",
         PUSH_BURST="40",
+        MAX_AGENTS_PER_TOKEN=str(AGENTS_PER_TOKEN),
     ) as stack:
         yield stack
 
 
 @pytest.fixture(scope="module")
 def seeded(production: Stack) -> dict[str, Any]:
-    data = production.seed(target_accuracy=1.0, budget_seconds=3600, name="consumer", tokens=2)
+    data = production.seed(target_accuracy=1.0, budget_seconds=3600, name="consumer", tokens=3)
     production.wait_for(
         "the job to start", lambda: production.job(data["job_id"])["status"] == "running", 120
     )
@@ -312,6 +318,44 @@ async def test_a_token_gets_a_limited_number_of_connections(
             assert d.close_code == 4429
     async with connect(production.ws_url, additional_headers=headers) as e:
         assert (await Client(e).register("after-release"))["type"] == "registered"
+
+
+async def test_a_token_registers_a_limited_number_of_agents_and_each_may_register_again(
+    production: Stack, seeded: dict[str, Any]
+) -> None:
+    # Prepare: one socket may register many names; token 2 is this test's alone.
+    token = seeded["tokens"][2]
+    headers = {"Authorization": f"Bearer {token}"}
+    async with connect(production.ws_url, additional_headers=headers) as ws:
+        c = Client(ws)
+        for i in range(AGENTS_PER_TOKEN):
+            assert (await c.register(f"machine-{i}"))["type"] == "registered"
+
+        # Execute
+        reply = await c.ask(
+            {
+                "type": "register",
+                "protocol_version": PROTOCOL_VERSION,
+                "name": "one-too-many",
+                "device": {},
+                "ref": 7,
+            }
+        )
+
+        # Assert: a structured refusal, then the socket is closed.
+        assert reply["type"] == "error" and reply["code"] == "too_many_agents", reply
+        assert reply["ref"] == 7 and f"already has {AGENTS_PER_TOKEN} agents" in reply["message"]
+        await asyncio.wait_for(ws.wait_closed(), 10)
+        assert ws.close_code == 4403
+    async with connect(production.ws_url, additional_headers=headers) as ws:
+        assert (await Client(ws).register("machine-0"))["type"] == "registered"
+        await Client(ws).still_usable()
+    ((agents,),) = production.query(
+        "SELECT count(*) FROM donors_agent a JOIN donors_agenttoken t ON t.id = a.token_id "
+        "WHERE t.token_hash = %s",
+        [hashlib.sha256(token.encode()).hexdigest()],
+    )
+    assert agents == AGENTS_PER_TOKEN
 
 
 async def test_a_push_flood_is_rate_limited_and_nothing_is_applied(client: Client) -> None:

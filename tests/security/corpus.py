@@ -17,6 +17,10 @@ Kinds
     ``check_model``, the dataset upload, the agent's shard loader) must refuse them.
 ``npz``
     Data files with pickled object arrays, for the dataset upload and the agent's loader.
+``bomb``
+    Data files that would make ``np.load`` allocate far more than they weigh (decompression
+    bombs, forged sizes). They carry no canary: what they would exhaust is memory.
+    ``what_a_believing_loader_takes_on`` is their positive control.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import importlib
 import io
 import json
 import marshal
+import math
+import struct
 import types
 import zipfile
 from collections.abc import Callable
@@ -35,7 +41,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-Kind = Literal["model", "archive", "npz"]
+Kind = Literal["model", "archive", "npz", "bomb"]
 INPUTS = 8
 CLASSES = 3
 
@@ -48,7 +54,7 @@ class Artefact:
     ----------
     name : str
         Test id, e.g. ``"cve-2024-3660-lambda-bytecode"``.
-    kind : {"model", "archive", "npz"}
+    kind : {"model", "archive", "npz", "bomb"}
     attack : str
         The CVE or technique it reproduces.
     filename : str
@@ -56,9 +62,10 @@ class Artefact:
     data : bytes
         The file's bytes.
     reason : str
-        A regular expression every refusal of a model route must match, so a test fails
-        if the artefact is refused for an unrelated reason (archives and data files are
-        refused as "not JSON" / "not an npz" and carry a generic reason).
+        A regular expression every refusal of a model route (and, for a bomb, of a data
+        route) must match, so a test fails if the artefact is refused for an unrelated
+        reason (archives and pickles are refused as "not JSON" / "not an npz" and carry a
+        generic reason).
     """
 
     name: str
@@ -83,6 +90,7 @@ class Artefact:
 
 Builder = Callable[[Path], Artefact]
 _BUILDERS: dict[str, Builder] = {}
+_KINDS: dict[str, Kind] = {}
 
 
 def _artefact(
@@ -96,6 +104,7 @@ def _artefact(
             return Artefact(name, kind, attack, filename, data, reason)
 
         _BUILDERS[name] = build
+        _KINDS[name] = kind
         return make
 
     return register
@@ -106,9 +115,9 @@ def build(name: str, canary: Path) -> Artefact:
     return _BUILDERS[name](canary)
 
 
-def names() -> tuple[str, ...]:
-    """Every artefact in the corpus, in a stable order."""
-    return tuple(_BUILDERS)
+def names(kind: Kind | None = None) -> tuple[str, ...]:
+    """Every artefact in the corpus (of ``kind``, if given), in a stable order."""
+    return tuple(name for name in _BUILDERS if kind is None or _KINDS[name] == kind)
 
 
 # --- benign building blocks (accepted by every route; see the control test) -----------------
@@ -663,7 +672,133 @@ def _raw_pickle(canary: Path) -> tuple[str, bytes]:
     return "data.npz", pickle.dumps({"x_train": TouchOnUnpickle(canary)})
 
 
+# --- decompression bombs: data files that weigh little and claim gigabytes ------------------
+
+#: Every array a dataset upload or a shard needs, so a bomb is refused for being a bomb.
+DATA_KEYS = ("x_train", "y_train", "x_test", "y_test", "x", "y")
+
+
+def benign_data() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        key: rng.random((10, INPUTS), dtype=np.float32)
+        if key.startswith("x")
+        else rng.integers(0, CLASSES, 10)
+        for key in DATA_KEYS
+    }
+
+
+def npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_header(shape: tuple[int, ...], dtype: Any) -> bytes:
+    """A version 1.0 ``.npy`` header for any shape, with no data behind it."""
+    buf = io.BytesIO()
+    header = {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue()
+
+
+def zip_of(members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buf.getvalue()
+
+
+def set_declared_sizes(
+    data: bytes, member: str, *, file_size: int | None = None, compress_size: int | None = None
+) -> bytes:
+    """Rewrite what the central directory declares about ``member``; the bytes stay as they are.
+
+    Only for archives without zip64 fields (``zip_of`` writes none for small members).
+    """
+    out = bytearray(data)
+    at = out.find(b"PK\x01\x02")
+    while at >= 0:
+        name_len, extra_len, comment_len = struct.unpack_from("<3H", out, at + 28)
+        if out[at + 46 : at + 46 + name_len].decode() == member:
+            if compress_size is not None:
+                struct.pack_into("<L", out, at + 20, compress_size)
+            if file_size is not None:
+                struct.pack_into("<L", out, at + 24, file_size)
+            return bytes(out)
+        at = out.find(b"PK\x01\x02", at + 46 + name_len + extra_len + comment_len)
+    raise KeyError(member)
+
+
+@_artefact("deflate-bomb-of-zeros", "bomb", "decompression bomb: deflated zeros", r"inflates \d+:1")
+def _deflate_bomb(canary: Path) -> tuple[str, bytes]:
+    zeros = np.zeros((32 << 20) // 4, dtype=np.float32)  # 32 MiB each, about 32 KiB deflated
+    arrays: dict[str, Any] = {**benign_data(), "x_train": zeros, "x": zeros}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return "data.npz", buf.getvalue()
+
+
+@_artefact(
+    "forged-npy-header",
+    "bomb",
+    "a .npy header promising 4 TiB over 64 bytes",
+    r"header of .* promises",
+)
+def _forged_header(canary: Path) -> tuple[str, bytes]:
+    members = {f"{key}.npy": npy(array) for key, array in benign_data().items()}
+    forged = npy_header((1 << 20, 1 << 20), np.float32) + bytes(64)
+    members["x_train.npy"] = members["x.npy"] = forged
+    return "data.npz", zip_of(members)
+
+
+@_artefact(
+    "declared-size-over-the-limit",
+    "bomb",
+    "central directory and header agreeing on 3.75 GiB per array over 1 KiB of data",
+    r"expands to .* over the limit",
+)
+def _declared_size(canary: Path) -> tuple[str, bytes]:
+    declared = 0xF000_0000
+    header = npy_header(((declared - 128) // 4,), np.float32)
+    assert len(header) == 128  # numpy pads headers to a multiple of 64 bytes
+    members = {f"{key}.npy": npy(array) for key, array in benign_data().items()}
+    members["x_train.npy"] = members["x.npy"] = header + bytes(1024)
+    data = zip_of(members)
+    for name in ("x_train.npy", "x.npy"):
+        data = set_declared_sizes(data, name, file_size=declared)
+    return "data.npz", data
+
+
+@_artefact(
+    "central-directory-bomb",
+    "bomb",
+    "20,000 empty members: a directory that costs far more to parse than it weighs",
+    r"central directory",
+)
+def _directory_bomb(canary: Path) -> tuple[str, bytes]:
+    members = {f"{key}.npy": npy(array) for key, array in benign_data().items()}
+    members.update({f"pad{i}.npy": b"" for i in range(20_000)})
+    return "data.npz", zip_of(members, zipfile.ZIP_STORED)
+
+
 # --- positive controls: run a payload the way the vulnerable loader would ---------------------
+
+
+def what_a_believing_loader_takes_on(data: bytes) -> tuple[int, int]:
+    """``(members, bytes)``: what zipfile parses and what np.load would allocate, trusting
+    the archive. Only headers are read; nothing of that size is allocated here."""
+    claimed = 0
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        infos = archive.infolist()
+        for info in infos:
+            with archive.open(info) as fh:
+                if info.file_size == 0 or np.lib.format.read_magic(fh) != (1, 0):
+                    continue
+                shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+                claimed += math.prod(shape) * dtype.itemsize
+    return len(infos), claimed
 
 
 def detonate_lambda(function: dict[str, Any]) -> None:

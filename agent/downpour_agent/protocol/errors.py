@@ -31,6 +31,7 @@ class ErrorCode(StrEnum):
     JOB_FINISHED = "job_finished"
     CONFLICT = "conflict"
     BANNED = "banned"
+    TOO_MANY_AGENTS = "too_many_agents"
     RATE_LIMITED = "rate_limited"
     INTERNAL = "internal"
 

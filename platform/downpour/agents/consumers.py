@@ -21,6 +21,7 @@ from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 from django.utils import timezone
 
+from downpour.donors.actions import TooManyAgents, register_agent
 from downpour.donors.models import Agent, AgentToken, hash_token
 from downpour.paramstore import PushResult, StoreError
 from downpour.scheduler import credit_for_push
@@ -166,7 +167,12 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 ErrorCode.UNSUPPORTED_VERSION,
                 f"server speaks protocol {PROTOCOL_VERSION}, agent {msg['protocol_version']}",
             )
-        agent = await self._register(msg["name"], msg["device"])
+        try:
+            agent = await self._register(msg["name"], msg["device"])
+        except TooManyAgents as exc:
+            await self._send(error_message(ErrorCode.TOO_MANY_AGENTS, str(exc), msg.get("ref")))
+            await self.close(code=4403)
+            return
         if agent.banned_at is not None:
             await self._send(
                 error_message(ErrorCode.BANNED, f"this agent is banned: {agent.ban_reason}")
@@ -401,10 +407,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
             return _clean_text(value, length) if isinstance(value, str) else ""
 
         assert self.token is not None
-        agent, _ = Agent.objects.update_or_create(
-            token=self.token,
-            name=_clean_text(name, 100) or "agent",
-            defaults={
+        return register_agent(
+            self.token,
+            _clean_text(name, 100) or "agent",
+            {
                 "os": text("os", 200),
                 "cpu_cores": num("cpu_cores", 1 << 20),
                 "ram_bytes": num("ram_bytes", 1 << 60),
@@ -416,7 +422,6 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 "connected": True,
             },
         )
-        return agent
 
     @database_sync_to_async
     def _heartbeat(self, lease_id: str | None) -> float | None:

@@ -67,7 +67,9 @@ def media_dir(*parts: str) -> Path:
 
 def create_dataset(owner: Any, name: str, upload: Any, n_shards: int = 4) -> Dataset:
     """Validate an uploaded ``.npz`` and store its test split and training shards."""
-    parsed = datasets.parse_npz(upload, settings.DATASET_MAX_BYTES)
+    parsed = datasets.parse_npz(
+        upload, settings.DATASET_MAX_BYTES, settings.MAX_DATASET_EXPANDED_BYTES
+    )
     dataset = Dataset(
         owner=owner,
         name=name[:100] or "dataset",

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from downpour_agent.npz import ArchiveRejected, MissingArrays, load_npz
 
 REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
 MAX_CLASSES = 100_000
@@ -33,8 +33,12 @@ class ParsedDataset:
         return [int(d) for d in self.x_train.shape[1:]]
 
 
-def parse_npz(source: IO[bytes] | bytes, max_bytes: int) -> ParsedDataset:
+def parse_npz(source: IO[bytes] | bytes, max_bytes: int, max_expanded_bytes: int) -> ParsedDataset:
     """Load and check an uploaded dataset without ever unpickling.
+
+    The archive is checked before anything is inflated (``downpour_agent.npz``): its
+    members may together declare at most ``max_expanded_bytes``, none may inflate like a
+    bomb, and each ``.npy`` header must account for exactly its member's declared size.
 
     ``x_*`` become float32 of shape ``[n, *input_shape]``; integer ``y_*`` become int64
     class labels of shape ``[n]``, float ``y_*`` become float32 regression targets.
@@ -43,21 +47,13 @@ def parse_npz(source: IO[bytes] | bytes, max_bytes: int) -> ParsedDataset:
     if len(data) > max_bytes:
         raise DatasetRejected(f"the file is larger than the limit of {max_bytes} bytes")
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            missing = [k for k in REQUIRED_KEYS if k not in npz.files]
-            if missing:
-                raise DatasetRejected(
-                    f"missing arrays {', '.join(missing)}; "
-                    f"a dataset needs {', '.join(REQUIRED_KEYS)}"
-                )
-            arrays = {k: npz[k] for k in REQUIRED_KEYS}
-    except DatasetRejected:
-        raise
-    except ValueError as exc:
-        # numpy says "Object arrays cannot be loaded when allow_pickle=False".
-        raise DatasetRejected(f"the file holds something other than plain arrays ({exc})") from None
-    except (zipfile.BadZipFile, OSError, EOFError, KeyError):
-        raise DatasetRejected("the file is not a valid .npz archive") from None
+        arrays = load_npz(data, REQUIRED_KEYS, max_expanded_bytes)
+    except MissingArrays as exc:
+        raise DatasetRejected(
+            f"missing arrays {', '.join(exc.missing)}; a dataset needs {', '.join(REQUIRED_KEYS)}"
+        ) from None
+    except ArchiveRejected as exc:
+        raise DatasetRejected(str(exc)) from None
 
     for key, arr in arrays.items():
         if arr.dtype.kind not in "biuf":
