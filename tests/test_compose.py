@@ -37,3 +37,15 @@ def test_every_python_service_gets_both_service_urls_and_waits_for_migrations() 
         depends = found[name]["depends_on"]
         assert isinstance(depends, dict)
         assert depends["migrate"] == {"condition": "service_completed_successfully"}
+
+
+def test_the_trusted_agent_joins_the_web_service_with_its_own_token_behind_a_profile() -> None:
+    agent = services()["trusted-agent"]
+    cmd = command(agent)
+    assert "downpour-agent join http://web:8000" in cmd
+    assert "$$DOWNPOUR_TRUSTED_TOKEN" in cmd  # expanded by the container's shell, not compose
+    env = agent["environment"]
+    assert isinstance(env, dict) and "DOWNPOUR_TRUSTED_TOKEN" in env
+    assert env["REDIS_URL"].startswith("redis://")  # the shared environment, like the others
+    assert agent["profiles"] == ["trusted-agent"]  # needs a token first: never started by default
+    assert agent["restart"] == "unless-stopped"

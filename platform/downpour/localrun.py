@@ -226,7 +226,11 @@ def seed_digits_job(env: Mapping[str, str], **options: Any) -> dict[str, Any]:
     """Create a researcher, a donor token, the digits data set and a job; return their ids."""
     args = ["seed_digits_job"]
     for key, value in options.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
+        flag = f"--{key.replace('_', '-')}"
+        if isinstance(value, bool):  # a switch such as --robust
+            args += [flag] if value else []
+        else:
+            args += [flag, str(value)]
     return dict(json.loads(manage(args, env).strip().splitlines()[-1]))
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,7 @@ import numpy as np
 import redis
 
 from downpour.paramstore.errors import CorruptState
-from downpour.paramstore.robust import RobustState
+from downpour.paramstore.robust import STATS_BYTES, RobustState, RobustStats
 from downpour.paramstore.store import CommitOutcome, ShardState
 
 WIRE_DTYPE = np.dtype("<f4")
@@ -278,6 +279,32 @@ class RedisStorage:
     def was_applied(self, job: str, shard: int, push_id: str) -> bool:
         """Whether ``push_id`` is in the shard's applied set."""
         return bool(self.client.sismember(self.shard_key(job, shard, "applied"), push_id))
+
+    def load_robust_stats(self, job: str, shards: Sequence[int]) -> list[RobustStats | None]:
+        """Each shard's robust statistics in one MULTI/EXEC round trip.
+
+        Reads the version's existence and the first :data:`STATS_BYTES` of the ``r`` key
+        (``GETRANGE``), never the weights or the momentum.
+        """
+        pipe = self.client.pipeline(transaction=True)
+        for shard in shards:
+            pipe.exists(self.shard_key(job, shard, "v"))
+            pipe.getrange(self.shard_key(job, shard, "r"), 0, STATS_BYTES - 1)
+        replies: Any = pipe.execute()
+        found: list[RobustStats | None] = []
+        for shard, exists, header in zip(shards, replies[::2], replies[1::2], strict=True):
+            if not exists:
+                found.append(None)
+            elif not header:  # GETRANGE of a missing key: a shard without robust state
+                found.append(RobustStats())
+            else:
+                try:
+                    found.append(RobustStats.from_bytes(header))
+                except ValueError as exc:
+                    raise CorruptState(
+                        f"Redis shard {shard} of job {job!r} has bad robust statistics: {exc}"
+                    ) from exc
+        return found
 
     def delete(self, job: str) -> None:
         """Remove every key of ``job``."""

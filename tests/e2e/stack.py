@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from downpour.localrun import Deployment as Stack
+from downpour.localrun import spawn
 
-__all__ = ["FAST_LEASES", "Stack", "running"]
+__all__ = ["FAST_LEASES", "ROGUE_AGENT", "Stack", "running", "start_rogue_agent"]
 
 #: Lease timings short enough that expiry and reissue happen within a test.
 FAST_LEASES = {"HEARTBEAT_INTERVAL_S": "1", "LEASE_TTL_S": "4", "REAP_INTERVAL_S": "1"}
@@ -22,3 +25,38 @@ def running(mode: str, workdir: Path, **settings: str) -> Iterator[Stack]:
         yield stack.start()
     finally:
         stack.stop()
+
+
+#: The real agent CLI with tampered gradients (``--mode scale|random``).
+ROGUE_AGENT = Path(__file__).with_name("rogue_agent.py")
+
+
+def start_rogue_agent(
+    stack: Stack, name: str, token: str, mode: str, *extra: str
+) -> subprocess.Popen[bytes]:
+    """Start ``rogue_agent.py --mode MODE join ...`` as ``Stack.start_agent`` starts agents."""
+    proc = spawn(
+        [
+            sys.executable,
+            str(ROGUE_AGENT),
+            "--mode",
+            mode,
+            "join",
+            stack.url,
+            "--token",
+            token,
+            "--name",
+            name,
+            "--threads",
+            "1",
+            "--benchmark-seconds",
+            "0.5",
+            "--cache-dir",
+            str(stack.workdir / f"cache-{name}"),
+            *extra,
+        ],
+        {"TF_CPP_MIN_LOG_LEVEL": "2"},
+        stack.workdir / f"{name}.log",
+    )
+    stack.agents[name] = proc
+    return proc

@@ -16,12 +16,15 @@ from downpour.paramstore import (
     CentredClipping,
     CorruptCheckpoint,
     InMemoryStorage,
+    NotInitialized,
     ParameterStore,
     PushResult,
     RobustState,
+    RobustStats,
     ShardLayout,
     ShardState,
     VariableSpec,
+    WarmupStatus,
     adagrad_apply,
     centred_clip,
     read_checkpoint,
@@ -371,6 +374,64 @@ def test_stored_robust_state_is_never_aliased() -> None:
     again = storage.load("job", 0)
     assert again is not None and again.robust is not None
     np.testing.assert_array_equal(again.robust.momentum, np.full(4, 2, np.float32))
+
+
+# -- warm-up status ----------------------------------------------------------------------------
+
+
+def test_the_warm_up_status_turns_warm_only_when_every_shard_has_its_trusted_pushes() -> None:
+    # Prepare: shard 0 warms up fully, shard 1 sees one trusted push and one held push
+    store = make_store()
+    rng = np.random.default_rng(12)
+    before = store.warmup_status()
+    warm_up(store, 0, rng)
+    store.push(1, honest_gradient(1, rng), 0, "staff-1", trusted=True)
+    store.push(1, honest_gradient(1, rng), 1, "bob-1")
+
+    # Execute
+    during = store.warmup_status()
+    for k in range(1, ROBUST.warmup_trusted_pushes):
+        store.push(1, honest_gradient(1, rng), store.versions()[1], f"staff-{k + 1}", trusted=True)
+    store.push(0, {n: 1e3 * t for n, t in honest_gradient(0, rng).items()}, 3, "mallory")
+    after = store.warmup_status()
+
+    # Assert
+    assert before == WarmupStatus((0, 0), 3, 0, 0) and not before.warm and before.progress == 0
+    assert during == WarmupStatus((3, 1), 3, 4, 0)
+    assert not during.warm and during.progress == 1
+    assert after is not None and after.warm and after.progress == 3
+    assert after.trusted_pushes == (3, 3) and (after.pushes, after.clipped) == (7, 1)
+    assert after.clipped_fraction == pytest.approx(1 / 7)
+    assert after.trusted_pushes == tuple(robust_of(store, s).trusted_pushes for s in (0, 1))
+
+
+def test_a_shard_without_robust_state_counts_as_fresh_in_the_warm_up_status() -> None:
+    plain = make_store(robust=None)
+    plain.push(0, honest_gradient(0, np.random.default_rng(13)), 0, "bob-1")
+    store = ParameterStore(plain.storage, JOB, plain.layout, OPTIMIZER, 100, robust=ROBUST)
+
+    assert plain.warmup_status() is None
+    assert store.warmup_status() == WarmupStatus((0, 0), ROBUST.warmup_trusted_pushes)
+
+
+def test_the_warm_up_status_of_a_job_without_parameters_raises_not_initialized() -> None:
+    store = make_store()
+    store.delete()
+
+    with pytest.raises(NotInitialized, match="shard 0"):
+        store.warmup_status()
+
+
+def test_robust_statistics_round_trip_through_the_head_of_the_state_encoding() -> None:
+    robust = RobustState(np.arange(6, dtype=np.float32), 7, 0.125, 9, 2)
+
+    stats = RobustStats.from_bytes(robust.to_bytes())
+
+    assert stats == robust.stats == RobustStats(7, 0.125, 9, 2)
+    with pytest.raises(ValueError, match="need 32 bytes"):
+        RobustStats.from_bytes(robust.to_bytes()[:31])
+    with pytest.raises(ValueError, match="whole numbers"):
+        RobustStats.from_vector(np.array([1.5, 0, 0, 0], np.float64))
 
 
 # -- checkpoints -------------------------------------------------------------------------------

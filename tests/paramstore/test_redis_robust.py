@@ -11,14 +11,18 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 import redis
 
 from downpour.paramstore import (
     AdagradConfig,
     CentredClipping,
     CommitOutcome,
+    CorruptState,
+    InMemoryStorage,
     ParameterStore,
     RobustState,
+    RobustStats,
     ShardLayout,
     ShardState,
     VariableSpec,
@@ -122,6 +126,47 @@ def test_a_commit_without_robust_state_removes_it_and_delete_removes_it_too(
     )
     storage.delete(JOB)
     assert list(client.scan_iter(match=prefix + "*")) == []
+
+
+def test_the_warm_up_status_is_read_from_the_statistics_alone_as_in_memory(
+    client: redis.Redis, prefix: str
+) -> None:
+    # Prepare: the same pushes to a Redis store and an in-memory one
+    stores = [
+        make_store(client, prefix),
+        ParameterStore(InMemoryStorage(), JOB, model_layout(), OPTIMIZER, 1_000_000, robust=ROBUST),
+    ]
+    for store in stores:
+        store.initialize(initial_weights(store.layout))
+        store.push(1, trusted_gradient(store.layout, 1, 0), 0, "t0", trusted=True)
+    during = [store.warmup_status() for store in stores]
+    for store in stores:
+        warm_up(store)
+        store.push(0, bob_gradient(store.layout, 0), store.versions()[0], "bob-1")
+
+    # Execute: a second server process, with nothing cached
+    fresh = RedisStorage(redis.Redis.from_url(REDIS_URL), prefix)
+    stats = fresh.load_robust_stats(JOB, [0, 1, 2])
+    after = [store.warmup_status() for store in stores]
+
+    # Assert
+    assert during[0] == during[1] and during[0] is not None and during[0].trusted_pushes == (0, 1)
+    assert after[0] == after[1] and after[0] is not None and after[0].warm
+    assert stats[:2] == [s.robust.stats for s in stores[0].snapshot() if s.robust is not None]
+    assert stats[2] is None  # no such shard
+    fresh.client.close()
+
+
+def test_a_shard_without_robust_state_has_fresh_statistics_and_bad_ones_are_corrupt(
+    client: redis.Redis, prefix: str
+) -> None:
+    storage = RedisStorage(client, prefix)
+    storage.initialize(JOB, 0, ShardState(0, np.zeros(4, np.float32), np.zeros(4, np.float32)))
+    assert storage.load_robust_stats(JOB, [0]) == [RobustStats()]
+
+    client.set(f"{prefix}job:{JOB}:shard:0:r", np.array([-1, 0, 0, 0], "<f8").tobytes())
+    with pytest.raises(CorruptState, match="bad robust statistics"):
+        storage.load_robust_stats(JOB, [0])
 
 
 def test_two_server_processes_see_the_same_centre(client: redis.Redis, prefix: str) -> None:

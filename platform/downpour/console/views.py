@@ -22,5 +22,9 @@ def overview(request: HttpRequest) -> HttpResponse:
             "jobs": Job.objects.select_related("owner").order_by("-created_at")[:200],
             "active_leases": Lease.objects.filter(status=Lease.Status.ACTIVE).count(),
             "fairness": actions.fairness_windows(timezone.now()),
+            "robust_waiting": actions.robust_jobs_waiting(),
+            "trusted_online": Agent.objects.filter(
+                connected=True, banned_at__isnull=True, token__is_trusted=True
+            ).count(),
         },
     )

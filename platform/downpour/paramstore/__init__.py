@@ -27,7 +27,9 @@ from downpour.paramstore.memory import InMemoryStorage
 from downpour.paramstore.robust import (
     CentredClipping,
     RobustState,
+    RobustStats,
     RobustStep,
+    WarmupStatus,
     centred_clip,
     robust_step,
 )
@@ -53,6 +55,7 @@ __all__ = [
     "ParameterStore",
     "PushResult",
     "RobustState",
+    "RobustStats",
     "RobustStep",
     "ShardLayout",
     "ShardState",
@@ -61,6 +64,7 @@ __all__ = [
     "StoreError",
     "UnknownShard",
     "VariableSpec",
+    "WarmupStatus",
     "WrongDtype",
     "WrongShape",
     "adagrad_apply",

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from downpour.paramstore.robust import RobustState
+from downpour.paramstore.robust import RobustState, RobustStats
 from downpour.paramstore.store import CommitOutcome, ShardState
 
 DEFAULT_APPLIED_CAPACITY = 100_000
@@ -138,6 +139,22 @@ class InMemoryStorage:
             return False
         with slot.lock:
             return not slot.deleted and push_id in slot.applied
+
+    def load_robust_stats(self, job: str, shards: Sequence[int]) -> list[RobustStats | None]:
+        """Each shard's robust statistics; see ``ShardStorage.load_robust_stats``."""
+        found: list[RobustStats | None] = []
+        for shard in shards:
+            slot = self._shards.get((job, shard))
+            if slot is None:
+                found.append(None)
+                continue
+            with slot.lock:
+                robust = slot.state.robust
+                if slot.deleted:
+                    found.append(None)
+                else:
+                    found.append(RobustStats() if robust is None else robust.stats)
+        return found
 
     def delete(self, job: str) -> None:
         """Forget every shard of ``job``."""

@@ -32,13 +32,16 @@ Who sets the centre and the radius:
   is applied (as ``g'``) but leaves the centre where it was.
 
 The state of one shard is a :class:`RobustState`: the momentum (float32, the shard's size) and
-four statistics. It is stored with the shard's weights and committed with them in the same
-compare-and-set, so every server process sees the same centre.
+four statistics (:class:`RobustStats`). It is stored with the shard's weights and committed with
+them in the same compare-and-set, so every server process sees the same centre. A job's
+:class:`WarmupStatus` sums the statistics of its shards up for the scheduler (a job still
+warming up takes trusted agents only) and for people.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -47,6 +50,8 @@ import numpy as np
 #: below 2**53).
 STATS_FIELDS = ("trusted_pushes", "trusted_deviation", "pushes", "clipped")
 STATS_DTYPE = np.dtype("<f8")
+#: Bytes of the statistics at the start of :meth:`RobustState.to_bytes`.
+STATS_BYTES = len(STATS_FIELDS) * STATS_DTYPE.itemsize
 MOMENTUM_DTYPE = np.dtype("<f4")
 
 
@@ -89,6 +94,126 @@ class CentredClipping:
             raise ValueError(f"tau_decay must be in [0, 1), got {self.tau_decay!r}")
 
 
+@dataclass(frozen=True)
+class RobustStats:
+    """The statistics of one shard's :class:`RobustState`, without its momentum.
+
+    A scheduler or a page that only asks how far a shard is in its warm-up reads these 32
+    bytes instead of the whole state. All zero for a shard that has seen no push.
+
+    Attributes
+    ----------
+    trusted_pushes : int
+        Trusted pushes applied to the shard.
+    trusted_deviation : float
+        Exponential moving average of ``||g - m||`` over trusted pushes (L2, gradient units).
+    pushes : int
+        Pushes applied with centred clipping (trusted and untrusted).
+    clipped : int
+        Of those, how many were clipped.
+    """
+
+    trusted_pushes: int = 0
+    trusted_deviation: float = 0.0
+    pushes: int = 0
+    clipped: int = 0
+
+    def warmed_up(self, config: CentredClipping) -> bool:
+        """Whether the shard has seen enough trusted pushes to accept untrusted ones."""
+        return self.trusted_pushes >= config.warmup_trusted_pushes
+
+    def vector(self) -> np.ndarray:
+        """The statistics as float64 ``(4,)``, in the order of :data:`STATS_FIELDS`."""
+        return np.array(
+            [self.trusted_pushes, self.trusted_deviation, self.pushes, self.clipped],
+            dtype=STATS_DTYPE,
+        )
+
+    @classmethod
+    def from_vector(cls, stats: np.ndarray) -> RobustStats:
+        """Inverse of :meth:`vector`.
+
+        Raises
+        ------
+        ValueError
+            ``stats`` is not four finite float values with non-negative integer counters.
+        """
+        if stats.shape != (len(STATS_FIELDS),) or stats.dtype.kind != "f":
+            raise ValueError(
+                f"robust statistics must be {len(STATS_FIELDS)} floats, got {stats.dtype} "
+                f"{stats.shape}"
+            )
+        values = [float(value) for value in stats]
+        if not all(math.isfinite(value) and value >= 0 for value in values):
+            raise ValueError(f"robust statistics must be finite and >= 0, got {values}")
+        trusted, deviation, pushes, clipped = values
+        if not all(count.is_integer() for count in (trusted, pushes, clipped)):
+            raise ValueError(f"robust counters must be whole numbers, got {values}")
+        return cls(int(trusted), deviation, int(pushes), int(clipped))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RobustStats:
+        """The statistics at the start of :meth:`RobustState.to_bytes` (:data:`STATS_BYTES`).
+
+        Raises
+        ------
+        ValueError
+            Fewer than :data:`STATS_BYTES` bytes, or invalid statistics.
+        """
+        if len(data) < STATS_BYTES:
+            raise ValueError(f"robust statistics need {STATS_BYTES} bytes, got {len(data)}")
+        return cls.from_vector(np.frombuffer(data, dtype=STATS_DTYPE, count=len(STATS_FIELDS)))
+
+
+@dataclass(frozen=True)
+class WarmupStatus:
+    """How far a job's shards are in the trusted warm-up, and how often pushes were clipped.
+
+    Attributes
+    ----------
+    trusted_pushes : tuple of int
+        Trusted pushes applied to each shard, by shard index.
+    required : int
+        Trusted pushes every shard needs before it accepts untrusted ones
+        (``CentredClipping.warmup_trusted_pushes``).
+    pushes : int
+        Pushes applied with centred clipping, summed over the shards.
+    clipped : int
+        Of those, how many were clipped.
+    """
+
+    trusted_pushes: tuple[int, ...]
+    required: int
+    pushes: int = 0
+    clipped: int = 0
+
+    @classmethod
+    def of(cls, config: CentredClipping, shards: Sequence[RobustStats]) -> WarmupStatus:
+        """The status of a job whose shards have the statistics ``shards``."""
+        return cls(
+            tuple(stats.trusted_pushes for stats in shards),
+            config.warmup_trusted_pushes,
+            sum(stats.pushes for stats in shards),
+            sum(stats.clipped for stats in shards),
+        )
+
+    @property
+    def warm(self) -> bool:
+        """Every shard accepts untrusted pushes."""
+        return all(count >= self.required for count in self.trusted_pushes)
+
+    @property
+    def progress(self) -> int:
+        """Trusted pushes of the shard furthest behind, at most :attr:`required` (the k of
+        "k/N trusted pushes")."""
+        return min(min(self.trusted_pushes, default=0), self.required)
+
+    @property
+    def clipped_fraction(self) -> float:
+        """Clipped pushes over pushes applied with clipping (0.0 before any push)."""
+        return self.clipped / self.pushes if self.pushes else 0.0
+
+
 @dataclass(frozen=True, eq=False)
 class RobustState:
     """Centred-clipping state of one shard.
@@ -123,6 +248,11 @@ class RobustState:
         """Whether the shard has seen enough trusted pushes to accept untrusted ones."""
         return self.trusted_pushes >= config.warmup_trusted_pushes
 
+    @property
+    def stats(self) -> RobustStats:
+        """The four statistics, without the momentum."""
+        return RobustStats(self.trusted_pushes, self.trusted_deviation, self.pushes, self.clipped)
+
     def tau(self, config: CentredClipping) -> float:
         """Clipping radius, L2 norm in gradient units."""
         return config.tau_multiplier * self.trusted_deviation
@@ -133,10 +263,7 @@ class RobustState:
 
     def stats_vector(self) -> np.ndarray:
         """The statistics as float64 ``(4,)``, in the order of :data:`STATS_FIELDS`."""
-        return np.array(
-            [self.trusted_pushes, self.trusted_deviation, self.pushes, self.clipped],
-            dtype=STATS_DTYPE,
-        )
+        return self.stats.vector()
 
     @classmethod
     def from_arrays(cls, momentum: np.ndarray, stats: np.ndarray) -> RobustState:
@@ -150,18 +277,10 @@ class RobustState:
         """
         if momentum.dtype != np.float32 or momentum.ndim != 1:
             raise ValueError(f"momentum must be a flat float32 vector, got {momentum.dtype}")
-        if stats.shape != (len(STATS_FIELDS),) or stats.dtype.kind != "f":
-            raise ValueError(
-                f"robust statistics must be {len(STATS_FIELDS)} floats, got {stats.dtype} "
-                f"{stats.shape}"
-            )
-        values = [float(value) for value in stats]
-        if not all(math.isfinite(value) and value >= 0 for value in values):
-            raise ValueError(f"robust statistics must be finite and >= 0, got {values}")
-        trusted, deviation, pushes, clipped = values
-        if not all(count.is_integer() for count in (trusted, pushes, clipped)):
-            raise ValueError(f"robust counters must be whole numbers, got {values}")
-        return cls(momentum, int(trusted), deviation, int(pushes), int(clipped))
+        counts = RobustStats.from_vector(stats)
+        return cls(
+            momentum, counts.trusted_pushes, counts.trusted_deviation, counts.pushes, counts.clipped
+        )
 
     def to_bytes(self) -> bytes:
         """Storage encoding: the float64 LE statistics (32 bytes), then float32 LE momentum."""
@@ -176,7 +295,7 @@ class RobustState:
         ValueError
             The bytes are not a valid encoding.
         """
-        header = len(STATS_FIELDS) * STATS_DTYPE.itemsize
+        header = STATS_BYTES
         if len(data) < header or (len(data) - header) % MOMENTUM_DTYPE.itemsize:
             raise ValueError(f"robust state of {len(data)} bytes is not a valid encoding")
         stats = np.frombuffer(data, dtype=STATS_DTYPE, count=len(STATS_FIELDS))

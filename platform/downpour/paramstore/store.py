@@ -30,7 +30,13 @@ from downpour.paramstore.errors import (
     WrongShape,
 )
 from downpour.paramstore.layout import ShardLayout
-from downpour.paramstore.robust import CentredClipping, RobustState, robust_step
+from downpour.paramstore.robust import (
+    CentredClipping,
+    RobustState,
+    RobustStats,
+    WarmupStatus,
+    robust_step,
+)
 
 BACKOFF_BASE_SECONDS = 0.0005
 BACKOFF_CAP_SECONDS = 0.02
@@ -102,6 +108,14 @@ class ShardStorage(Protocol):
 
     def was_applied(self, job: str, shard: int, push_id: str) -> bool:
         """Whether ``push_id`` has been applied to this shard."""
+        ...
+
+    def load_robust_stats(self, job: str, shards: Sequence[int]) -> list[RobustStats | None]:
+        """The statistics of each shard's robust state, in the order of ``shards``.
+
+        ``RobustStats()`` (all zero, as for a fresh state) for a shard stored without robust
+        state; None for an absent shard. Reads neither weights nor momentum.
+        """
         ...
 
     def delete(self, job: str) -> None:
@@ -274,6 +288,27 @@ class ParameterStore:
         """
         parts = [self.fetch(shard)[1] for shard in range(self.layout.n_shards)]
         return self.layout.merge(parts)
+
+    def warmup_status(self) -> WarmupStatus | None:
+        """How far every shard is in the trusted warm-up; None when the store does not clip.
+
+        Reads only each shard's robust statistics (32 bytes), not weights or momentum, so a
+        scheduler can ask often. A shard without robust state counts as fresh.
+
+        Raises
+        ------
+        NotInitialized
+            A shard is absent.
+        """
+        if self.robust is None:
+            return None
+        found = self.storage.load_robust_stats(self.job_id, range(self.layout.n_shards))
+        stats = []
+        for shard, shard_stats in enumerate(found):
+            if shard_stats is None:
+                raise self._not_initialized(shard)
+            stats.append(shard_stats)
+        return WarmupStatus.of(self.robust, stats)
 
     def snapshot(self) -> list[ShardState]:
         """Copy of every shard's state (each shard atomic; not a cut across shards)."""

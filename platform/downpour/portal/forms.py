@@ -58,8 +58,10 @@ class JobForm(forms.Form):
     )
     robust_aggregation = forms.BooleanField(
         required=False,
-        help_text="centred clipping against faulty or malicious volunteers; "
-        "needs a trusted agent online",
+        initial=True,
+        help_text="centred clipping against faulty or malicious volunteers. The job first "
+        "warms up on a trusted agent (a machine the operators vouch for): until its first "
+        "pushes have set the clipping centre, other agents get no work from this job",
     )
     target_accuracy = forms.FloatField(
         required=False, min_value=0.0001, max_value=1, help_text="fraction, e.g. 0.95"

@@ -100,7 +100,13 @@ def job_new(request: HttpRequest) -> HttpResponse:
 def job_detail(request: HttpRequest, job_id: str) -> HttpResponse:
     job = get_object_or_404(Job, id=job_id, owner=request.user)
     return render(
-        request, "portal/job.html", {"job": job, "staleness": actions.staleness_summary(job)}
+        request,
+        "portal/job.html",
+        {
+            "job": job,
+            "staleness": actions.staleness_summary(job),
+            "robust": actions.robust_summary(job),
+        },
     )
 
 
@@ -117,6 +123,7 @@ def job_metrics(request: HttpRequest, job_id: str) -> JsonResponse:
             "pushes_rejected": job.pushes_rejected,
             "best_accuracy": job.best_accuracy,
             "staleness": actions.staleness_summary(job),
+            "robust": actions.robust_summary(job),
             "target_accuracy": job.target_accuracy,
             "points": [
                 {"elapsed_s": e, "accuracy": a, "loss": loss, "samples": s}

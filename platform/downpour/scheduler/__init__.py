@@ -10,6 +10,7 @@ simulator in ``bench/simulate.py`` keeps them in memory. Both call the same func
 * :mod:`.backups` -- backup copies of straggling units near the end of a job.
 * :mod:`.staleness` -- push cadence, admission, staleness-aware step, warm start, histogram.
 * :mod:`.credit` -- the donors' credit ledger.
+* :mod:`.trust` -- robust jobs warming up go to trusted agents only.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from .staleness import (
     push_interval_s,
     staleness_scaled_lr,
 )
+from .trust import admits_during_warmup, warmup_eligible
 
 __all__ = [
     "REFERENCE_FLOPS_PER_SAMPLE",
@@ -73,6 +75,7 @@ __all__ = [
     "WarmStart",
     "active_seconds",
     "decayed_span",
+    "admits_during_warmup",
     "admits_replica",
     "admits_to_tail",
     "can_resume",
@@ -99,5 +102,6 @@ __all__ = [
     "tail_unit_scale",
     "unit_scale",
     "unit_steps",
+    "warmup_eligible",
     "weighted_max_min_shares",
 ]

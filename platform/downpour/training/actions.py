@@ -24,8 +24,8 @@ from django.db.models import Count, F, Q
 from django.utils import timezone
 
 from downpour import reputation, scheduler
-from downpour.donors.models import Agent
-from downpour.paramstore import ShardLayout, VariableSpec
+from downpour.donors.models import Agent, AgentToken
+from downpour.paramstore import ShardLayout, StoreError, VariableSpec
 from downpour.paramstore.checkpoint import read_checkpoint, write_checkpoint
 from downpour_agent.modelspec import ModelRejected, validate_loss, validate_model_config
 
@@ -40,7 +40,7 @@ from .models import (
     Lease,
     WorkUnit,
 )
-from .store import forget_job_store, job_store, storage
+from .store import forget_job_store, forget_warmup, job_store, storage, warming_up
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +253,7 @@ def ensure_store_ready(job: Job) -> None:
 
             _, weights = initial_weights(job.model_config, job.seed)
             store.initialize(weights)
+            forget_warmup(job.id)  # the job warms up again on trusted agents
             requeued = WorkUnit.objects.filter(job=job, status=WorkUnit.Status.DONE).update(
                 status=WorkUnit.Status.PENDING, done_at=None
             )
@@ -264,6 +265,7 @@ def ensure_store_ready(job: Job) -> None:
             return
         restored = read_checkpoint(checkpoint.path)
         store.restore(restored.states)
+        forget_warmup(job.id)  # an older checkpoint may be back in warm-up
         requeued = WorkUnit.objects.filter(
             job=job, status=WorkUnit.Status.DONE, done_at__gt=checkpoint.created_at
         ).update(status=WorkUnit.Status.PENDING, done_at=None)
@@ -416,6 +418,16 @@ def _admits(agent: Agent, host: scheduler.HostRecord, view: _JobView) -> bool:
     return True
 
 
+def _warmup_eligible(agent: Agent, views: dict[str, _JobView], eligible: set[str]) -> set[str]:
+    """Robust jobs still warming up go to trusted agents only (``scheduler.trust``)."""
+    warming = {key for key in eligible if warming_up(views[key].job)}
+    if not warming:
+        return eligible  # the common case costs no query
+    # Read the token now rather than at connect time, so staff's changes apply at once.
+    trusted = AgentToken.objects.filter(id=agent.token_id, is_trusted=True).exists()
+    return scheduler.warmup_eligible(eligible, warming, trusted)
+
+
 _flops_cache: dict[str, float] = {}
 
 
@@ -441,14 +453,16 @@ def claim_work(agent: Agent) -> Lease | None:
     """Give ``agent`` a lease: a reissued unit if one fits, else a new unit.
 
     The choice of job is ``downpour.scheduler``'s: weighted max-min fair share between
-    researchers over a decaying window, warm start, and reliable agents only for the last
-    units of a job with a budget. Units are sized to the agent's speed and reliability.
+    researchers over a decaying window, warm start, reliable agents only for the last
+    units of a job with a budget, and trusted agents only for a robust job still warming
+    up. Units are sized to the agent's speed and reliability.
     """
     now = timezone.now()
     ttl = timedelta(seconds=settings.LEASE_TTL_S)
     host = _host(agent)
     loads, views, window = _job_loads(now)
     eligible = {key for key, view in views.items() if _admits(agent, host, view)}
+    eligible = _warmup_eligible(agent, views, eligible)
     pending = WorkUnit.objects.filter(
         status=WorkUnit.Status.PENDING, job_id__in=list(eligible)
     ).order_by("created_at")
@@ -896,6 +910,47 @@ def staleness_summary(job: Job) -> dict[str, Any]:
     if not total:
         return {"pushes": 0, "p50": None, "p95": None}
     return {"pushes": total, "p50": histogram.p50, "p95": histogram.p95}
+
+
+def robust_summary(job: Job) -> dict[str, Any] | None:
+    """What the job page says about centred clipping: warm-up progress, or clipped share.
+
+    None for a job without it. Read fresh from the store (statistics only), not cached.
+    """
+    if not job.robust_aggregation:
+        return None
+    status = None
+    if job.layout is not None:
+        try:
+            status = job_store(job).warmup_status()
+        except StoreError:  # not in the store (yet, or any more)
+            status = None
+    if status is None:
+        return {"warm": None, "text": "robust: on"}
+    if not status.warm:
+        progress = f"{status.progress}/{status.required}"
+        return {
+            "warm": False,
+            "trusted_pushes": status.progress,
+            "required": status.required,
+            "text": f"waiting for trusted agents: {progress} trusted pushes",
+        }
+    return {
+        "warm": True,
+        "clipped_fraction": status.clipped_fraction,
+        "text": f"robust: warm, {status.clipped_fraction:.1%} of pushes clipped",
+    }
+
+
+def robust_jobs_waiting() -> list[dict[str, Any]]:
+    """Running robust jobs still warming up, for the operators: they need a trusted agent."""
+    waiting = []
+    jobs = Job.objects.filter(status=Job.Status.RUNNING, robust_aggregation=True)
+    for job in jobs.select_related("owner").order_by("created_at"):
+        summary = robust_summary(job)
+        if summary is not None and not summary["warm"]:
+            waiting.append({"job": job, "text": summary["text"]})
+    return waiting
 
 
 def fairness_windows(

@@ -1,12 +1,15 @@
 """The server's handle on the parameter store: picks the backend and opens job stores.
 
 The numeric core (``downpour.paramstore``) knows nothing of Django; this module binds it
-to settings (which backend), to the Job row (layout, optimiser) and to checkpoints.
+to settings (which backend), to the Job row (layout, optimiser) and to checkpoints. It also
+remembers, per process, whether each robust job has finished its trusted warm-up, so that
+``claim_work`` can ask on every claim.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from functools import cache
 
 from django.conf import settings
@@ -17,6 +20,7 @@ from downpour.paramstore import (
     ParameterStore,
     ShardLayout,
     ShardStorage,
+    StoreError,
 )
 from downpour.paramstore.memory import InMemoryStorage
 
@@ -60,3 +64,51 @@ def job_store(job: Job) -> ParameterStore:
 def forget_job_store(job_id: str) -> None:
     with _lock:
         _stores.pop(str(job_id), None)
+    forget_warmup(job_id)
+
+
+#: Seconds a process keeps a reading that a robust job is still warming up.
+WARMUP_TTL_S = 1.0
+#: ...and one that it is warm. Trusted pushes only add up, so warm stays warm, except after
+#: a restore from a checkpoint taken during warm-up (or without robust state). The process
+#: that restores forgets its reading at once; the others catch up within this time, and
+#: until then untrusted pushes to the job are held: work wasted, never harm done.
+WARM_TTL_S = 30.0
+_warmup_lock = threading.Lock()
+_warmup: dict[str, tuple[bool, float]] = {}  # job id -> (warming up, time.monotonic() read)
+
+
+def warming_up(job: Job) -> bool:
+    """Whether a robust job still holds untrusted pushes, as this process last read it.
+
+    False for a job without centred clipping. Reads only the shards' robust statistics
+    (``ParameterStore.warmup_status``), at most once per ``WARMUP_TTL_S`` while the job
+    warms up and once per ``WARM_TTL_S`` after. A job whose shards are not in the store (a
+    restart, before the restore) counts as warming up: trusted agents only, to be safe.
+    """
+    if not job.robust_aggregation:
+        return False
+    if job.layout is None:
+        return True  # not started: no store yet
+    key = str(job.id)
+    now = time.monotonic()
+    with _warmup_lock:
+        known = _warmup.get(key)
+    if known is not None:
+        warming, read_at = known
+        if now - read_at < (WARMUP_TTL_S if warming else WARM_TTL_S):
+            return warming
+    try:
+        status = job_store(job).warmup_status()
+    except StoreError:
+        status = None
+    warming = status is None or not status.warm
+    with _warmup_lock:
+        _warmup[key] = (warming, now)
+    return warming
+
+
+def forget_warmup(job_id: object) -> None:
+    """Drop this process's reading of the job's warm-up (after a restore, or a delete)."""
+    with _warmup_lock:
+        _warmup.pop(str(job_id), None)

@@ -32,6 +32,9 @@ class Command(BaseCommand):
         parser.add_argument("--target-accuracy", type=float, default=0.95)
         parser.add_argument("--budget-seconds", type=float, default=None)
         parser.add_argument("--tokens", type=int, default=1)
+        parser.add_argument(
+            "--robust", action="store_true", help="centred clipping; needs a trusted agent"
+        )
         parser.add_argument("--name", default="digits-mlp")
 
     def handle(self, *args: Any, **opts: Any) -> None:
@@ -57,6 +60,7 @@ class Command(BaseCommand):
                 max_staleness=opts["max_staleness"],
                 target_accuracy=opts["target_accuracy"],
                 budget_seconds=opts["budget_seconds"],
+                robust_aggregation=opts["robust"],
             ),
         )
         self.stdout.write(

@@ -1,0 +1,71 @@
+"""A dishonest volunteer for end-to-end tests: the real agent CLI with tampered gradients.
+
+::
+
+    python tests/e2e/rogue_agent.py --mode scale  join http://server:8000 --token TOKEN ...
+    python tests/e2e/rogue_agent.py --mode random join http://server:8000 --token TOKEN ...
+
+Everything after ``--mode`` (and ``--factor``/``--seed``) goes to ``downpour_agent.cli``
+unchanged, so the process registers, leases, fetches, heartbeats, pushes and exits exactly
+as a donor's agent does. Only ``trainer.GradientComputer.compute`` is wrapped, in this
+process; the agent package itself is untouched:
+
+* ``scale``: every gradient times ``--factor`` (1e6): the "scale" attack. Centred clipping
+  clips each of its pushes, and the agent is banned.
+* ``random``: every gradient replaced by Gaussian noise with the same L2 norm, variable by
+  variable: a "faking" agent whose pushes look plausible in size but carry no information.
+  Clipping alone does not catch it; spot checks do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+MODES = ("scale", "random")
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="rogue_agent.py", description=__doc__, allow_abbrev=False)
+    parser.add_argument("--mode", choices=MODES, required=True, help="how to tamper")
+    parser.add_argument("--factor", type=float, default=1e6, help="multiplier of --mode scale")
+    parser.add_argument("--seed", type=int, default=None, help="noise seed of --mode random")
+    parser.add_argument("agent_args", nargs=argparse.REMAINDER, help="downpour-agent arguments")
+    return parser.parse_args(argv)
+
+
+def tamper(mode: str, factor: float = 1e6, seed: int | None = None) -> None:
+    """Wrap ``GradientComputer.compute`` so every gradient it returns is tampered with."""
+    from downpour_agent import trainer
+
+    honest = trainer.GradientComputer.compute
+    rng = np.random.default_rng(seed)
+
+    def forged(gradient: np.ndarray) -> np.ndarray:
+        if mode == "scale":
+            return (gradient * np.float32(factor)).astype(np.float32)
+        noise = rng.standard_normal(gradient.shape).astype(np.float32)
+        scale = float(np.linalg.norm(gradient)) / max(float(np.linalg.norm(noise)), 1e-30)
+        return (noise * np.float32(scale)).astype(np.float32)
+
+    def compute(self: Any, x: Any, y: Any) -> tuple[dict[str, np.ndarray], float]:
+        gradients, loss = honest(self, x, y)
+        return {name: forged(gradient) for name, gradient in gradients.items()}, loss
+
+    trainer.GradientComputer.compute = compute  # type: ignore[method-assign]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    tamper(args.mode, args.factor, args.seed)
+    from downpour_agent import cli
+
+    return cli.main(args.agent_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
