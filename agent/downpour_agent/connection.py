@@ -570,6 +570,12 @@ def refusal(code: str, message: str) -> AgentFatalError:
             f"the server does not support protocol version {PROTOCOL_VERSION} "
             f"(downpour-agent {__version__}); upgrade the agent: {message}"
         )
+    if code == ErrorCode.BANNED:
+        return AgentFatalError(f"the server banned this agent; ask its operators why: {message}")
+    if code == ErrorCode.TOO_MANY_AGENTS:
+        return AgentFatalError(
+            f"this token has registered as many agents as it may; reuse a --name: {message}"
+        )
     return AgentFatalError(f"the server rejected the token; check --token: {message}")
 
 
@@ -1020,7 +1026,11 @@ class Agent:
                 self.stats.samples_done += batch
                 self.stats.steps_done = step + 1
                 self.stats.last_loss = loss
-                if (step + 1) % hyper.n_push == 0 or step + 1 == lease.steps:
+                # The first push of a lease comes no later than its first refetch, so it
+                # was computed on one set of weights, the ones the lease's first fetch
+                # returned: the server can recompute it exactly (spot checks).
+                first_window_ends = seq == 0 and (step + 1) % hyper.n_fetch == 0
+                if (step + 1) % hyper.n_push == 0 or step + 1 == lease.steps or first_window_ends:
                     refs = [session.next_ref("push", lease.lease_id) for _ in lease.layout]
                     frames, snapshot = await asyncio.to_thread(
                         _push_round, accumulator, sampler, lease, seq, window_base, refs

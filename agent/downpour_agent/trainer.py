@@ -229,6 +229,37 @@ class BatchSampler:
         return np.concatenate(parts).astype(np.int64, copy=False)
 
 
+def first_round_gradients(
+    computer: GradientComputer,
+    x: npt.NDArray[Any],
+    y: npt.NDArray[Any],
+    *,
+    batch_size: int,
+    seed: int,
+    steps: int,
+) -> tuple[Gradients, int]:
+    """The mean gradient of a lease's first push round, as an honest agent computes it.
+
+    The agent's first round runs ``steps`` batches from ``BatchSampler(len(x), batch_size,
+    seed)`` on the weights of its first fetch, which must already be loaded into
+    ``computer``. Spot checks call this with the weights the server served.
+
+    Returns
+    -------
+    gradients : dict of name -> float32 ndarray, the sample-weighted mean
+    samples : int, the samples the round covers
+    """
+    if steps <= 0:
+        raise ValueError("steps must be positive")
+    sampler = BatchSampler(len(x), batch_size, seed)
+    accumulator = GradientAccumulator()
+    for _ in range(steps):
+        idx = sampler.next_indices()
+        gradients, _loss = computer.compute(x[idx], y[idx])
+        accumulator.add(gradients, len(idx))
+    return accumulator.mean(), accumulator.samples
+
+
 class LocalTrainer:
     """Plain synchronous SGD on one machine with the same step as the agent.
 

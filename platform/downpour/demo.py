@@ -126,6 +126,12 @@ def _summary(db: Path, job_id: str) -> None:
             (job_id.replace("-", ""),),
         ).fetchone()
         agents = conn.execute("SELECT name, credit FROM donors_agent ORDER BY name").fetchall()
+        checks = dict(
+            conn.execute(
+                "SELECT status, COUNT(*) FROM training_spotcheck WHERE job_id = ? GROUP BY status",
+                (job_id.replace("-", ""),),
+            ).fetchall()
+        )
     epochs = samples / 1437
     print(
         f"demo: {samples:,} samples ({epochs:.1f} epochs of the training split), "
@@ -134,6 +140,12 @@ def _summary(db: Path, job_id: str) -> None:
     )
     for name, credit in agents:
         print(f"demo:   {name}: {credit:,.0f} credit", flush=True)
+    print(
+        f"demo: spot checks (first push rounds recomputed by the server): "
+        f"{checks.get('passed', 0)} passed, {checks.get('failed', 0)} failed, "
+        f"{checks.get('queued', 0) + checks.get('running', 0)} still queued",
+        flush=True,
+    )
 
 
 def _history(path: Path, points: list[tuple[float, float]]) -> list[dict[str, Any]]:

@@ -150,6 +150,7 @@ UNIT_TARGET_SECONDS = envfloat("UNIT_TARGET_SECONDS", 30.0)
 EVAL_INTERVAL_S = envfloat("EVAL_INTERVAL_S", 5.0)
 CHECKPOINT_INTERVAL_S = envfloat("CHECKPOINT_INTERVAL_S", 10.0)
 REAP_INTERVAL_S = envfloat("REAP_INTERVAL_S", 5.0)
+SPOT_CHECK_INTERVAL_S = envfloat("SPOT_CHECK_INTERVAL_S", 2.0)
 MAX_FRAME_BYTES = envint("MAX_FRAME_BYTES", 64 << 20)
 CHECKPOINTS_KEPT = envint("CHECKPOINTS_KEPT", 3)
 MAX_CONNECTIONS_PER_TOKEN = envint("MAX_CONNECTIONS_PER_TOKEN", 16)
@@ -174,6 +175,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "downpour.training.tasks.checkpoint_running_jobs",
         "schedule": CHECKPOINT_INTERVAL_S,
         "options": {"expires": CHECKPOINT_INTERVAL_S},
+    },
+    "run-spot-checks": {
+        "task": "downpour.training.tasks.run_spot_checks",
+        "schedule": SPOT_CHECK_INTERVAL_S,
+        "options": {"expires": SPOT_CHECK_INTERVAL_S},
     },
     "reap-expired-leases": {
         "task": "downpour.training.tasks.reap_expired_leases",

@@ -437,6 +437,43 @@ async def test_the_pushed_gradient_is_the_mean_gradient_of_the_batches_it_covers
         np.testing.assert_allclose(pushed[name], expected[name], rtol=1e-4, atol=1e-6)
 
 
+async def test_the_first_round_ends_before_the_first_refetch_and_a_spot_check_can_replay_it(
+    server: FakeServer, tmp_path: Path, model_config: dict[str, Any], shard_body: bytes
+) -> None:
+    # Prepare: refetch every 2 steps, push every 5; round 0 must not straddle a refetch.
+    server.lease_template.update(steps=7)
+    server.lease_template["hyper"].update(n_fetch=2, n_push=5)
+    server.work = [dict(server.lease_template)]
+    weights = {name: value.copy() for name, value in server.params.items()}
+
+    # Execute
+    await run_agent(make_agent(server, tmp_path))
+
+    # Assert: rounds after steps 1 (the first refetch comes at step 2), 4 and 6.
+    assert [(m["seq"], m["samples"]) for m, _ in server.pushes if m["shard"] == 0] == [
+        (0, 16),
+        (1, 24),
+        (2, 16),
+    ]
+    # The server's spot check replays round 0 from the weights it served and the seed.
+    from downpour_agent.trainer import first_round_gradients
+
+    with np.load(io.BytesIO(shard_body)) as archive:
+        x, y = archive["x"].astype(np.float32), archive["y"]
+    verifier = GradientComputer(model_config, "sparse_categorical_crossentropy", seed=7)
+    verifier.set_weights(weights)
+    expected, samples = first_round_gradients(verifier, x, y, batch_size=8, seed=42, steps=2)
+    round_0 = {
+        name: grad
+        for msg, tensors in server.pushes
+        if msg["seq"] == 0
+        for name, grad in tensors.items()
+    }
+    assert samples == 16 and round_0.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_allclose(round_0[name], expected[name], rtol=1e-4, atol=1e-6)
+
+
 async def test_heartbeats_carry_the_lease_while_it_is_worked_on(
     server: FakeServer, tmp_path: Path
 ) -> None:

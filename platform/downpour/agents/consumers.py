@@ -25,7 +25,7 @@ from downpour.donors.actions import TooManyAgents, register_agent
 from downpour.donors.models import Agent, AgentToken, hash_token
 from downpour.paramstore import PushResult, StoreError
 from downpour.scheduler import credit_for_push
-from downpour.training import actions
+from downpour.training import actions, spotchecks
 from downpour.training.models import Job, Lease
 from downpour.training.store import job_store
 from downpour_agent.protocol import (
@@ -55,6 +55,18 @@ class CachedLease:
     lease_id: str
     job: Job
     deadline: float  # time.monotonic() after which the lease must be re-read
+    spot_check: bool = False
+
+
+@dataclass
+class _Recording:
+    """A spot-checked lease's first fetch and first push round, until all shards are in."""
+
+    weights: dict[int, dict[str, Any]] = field(default_factory=dict)
+    versions: dict[int, int] = field(default_factory=dict)
+    gradients: dict[int, dict[str, Any]] = field(default_factory=dict)
+    base_versions: dict[int, int] = field(default_factory=dict)
+    samples: int = 0
 
 
 @dataclass
@@ -81,6 +93,7 @@ class _State:
     groups: set[str] = field(default_factory=set)
     last_flush: float = 0.0
     clipped: list[bool] = field(default_factory=list)  # per applied push of robust jobs
+    recordings: dict[str, _Recording] = field(default_factory=dict)
 
 
 class AgentConsumer(AsyncWebsocketConsumer):
@@ -210,18 +223,14 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await self._send({"type": "no_work", "retry_after_s": 2.0, **_ref(msg)})
             return
         lease, message = offer
-        self.state.leases[str(lease.id)] = CachedLease(
-            str(lease.id), lease.unit.job, time.monotonic() + settings.LEASE_TTL_S
-        )
+        self._cache(lease, settings.LEASE_TTL_S)
         await self._join(push.job_group(str(lease.unit.job_id)))
         await self._send({**message, **_ref(msg)})
 
     async def on_resume(self, msg: dict[str, Any]) -> None:
         """A reconnected agent takes its live lease back and carries on where it was."""
         lease, message = await self._resume(msg["lease_id"])
-        self.state.leases[str(lease.id)] = CachedLease(
-            str(lease.id), lease.unit.job, time.monotonic() + settings.LEASE_TTL_S
-        )
+        self._cache(lease, settings.LEASE_TTL_S)
         await self._join(push.job_group(str(lease.unit.job_id)))
         await self._send({**message, **_ref(msg)})
 
@@ -231,6 +240,11 @@ class AgentConsumer(AsyncWebsocketConsumer):
         version, tensors = await asyncio.to_thread(
             self._with_store, cached.job, lambda: store.fetch(msg["shard"])
         )
+        recording = self._recording(cached)
+        if recording is not None and not recording.gradients:
+            # The weights of the lease's first round: the latest fetch before round 0.
+            recording.weights[msg["shard"]] = {k: v.copy() for k, v in tensors.items()}
+            recording.versions[msg["shard"]] = version
         reply = {
             "type": "params",
             "lease_id": msg["lease_id"],
@@ -259,6 +273,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
         except StoreError:
             tally.rejected += 1
             raise
+        if msg["seq"] == 0 and not result.duplicate:
+            await self._record_first_round(cached, msg, tensors)
         if result.applied and cached.job.robust_aggregation:
             self.state.clipped.append(result.clipped)
         if result.applied:
@@ -290,12 +306,14 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await self._flush_tallies(force=True)
         await self._complete(msg["lease_id"], msg["samples"])
         self.state.leases.pop(msg["lease_id"], None)
+        self.state.recordings.pop(msg["lease_id"], None)
         await self._send({"type": "complete_ack", "lease_id": msg["lease_id"], **_ref(msg)})
 
     async def on_return_lease(self, msg: dict[str, Any]) -> None:
         await self._flush_tallies(force=True)
         await self._return(msg["lease_id"])
         self.state.leases.pop(msg["lease_id"], None)
+        self.state.recordings.pop(msg["lease_id"], None)
         await self._send({"type": "lease_returned", "lease_id": msg["lease_id"], **_ref(msg)})
 
     async def agent_message(self, event: dict[str, Any]) -> None:
@@ -309,8 +327,17 @@ class AgentConsumer(AsyncWebsocketConsumer):
                     del self.state.leases[lease_id]
             await self._flush_tallies(force=True)
         await self._send(message)
+        if message.get("code") == "banned":  # e.g. a failed spot check, judged by a worker
+            await self.close(code=4403)
 
     # --- helpers --------------------------------------------------------------------
+
+    def _cache(self, lease: Lease, ttl_s: float) -> CachedLease:
+        cached = CachedLease(
+            str(lease.id), lease.unit.job, time.monotonic() + ttl_s, lease.spot_check
+        )
+        self.state.leases[cached.lease_id] = cached
+        return cached
 
     async def _send(self, message: dict[str, Any]) -> None:
         await self.send(text_data=message_to_wire(message))
@@ -329,9 +356,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         now = time.monotonic()
         if cached is None or now >= cached.deadline:
             lease = await self._load_lease(lease_id)
-            remaining = (lease.expires_at - timezone.now()).total_seconds()
-            cached = CachedLease(lease_id, lease.unit.job, now + remaining)
-            self.state.leases[lease_id] = cached
+            cached = self._cache(lease, (lease.expires_at - timezone.now()).total_seconds())
         await self._check_job_running(cached.job)
         return cached
 
@@ -362,6 +387,27 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 )
             )
             await self.close(code=4403)
+
+    def _recording(self, cached: CachedLease) -> _Recording | None:
+        if not cached.spot_check:
+            return None
+        return self.state.recordings.setdefault(cached.lease_id, _Recording())
+
+    async def _record_first_round(
+        self, cached: CachedLease, msg: dict[str, Any], tensors: dict[str, Any]
+    ) -> None:
+        recording = self._recording(cached)
+        if recording is None or not recording.weights:
+            return  # not checked, or fetched on another connection: nothing to compare with
+        recording.gradients[msg["shard"]] = tensors
+        recording.base_versions[msg["shard"]] = msg["base_version"]
+        recording.samples = msg["samples"]
+        n_shards = len({entry["shard"] for entry in cached.job.layout["variables"]})
+        if len(recording.gradients) < n_shards:
+            return
+        del self.state.recordings[cached.lease_id]
+        if recording.gradients.keys() == recording.weights.keys():
+            await self._save_spot_check(cached.lease_id, recording)
 
     def _decode_push(self, data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
         # The rate is checked before decoding, so a flood costs us as little as possible.
@@ -484,6 +530,17 @@ class AgentConsumer(AsyncWebsocketConsumer):
     def _record_clipping(self, clipped: list[bool]) -> bool:
         assert self.agent is not None
         return actions.record_clipping(str(self.agent.id), clipped)
+
+    @database_sync_to_async
+    def _save_spot_check(self, lease_id: str, recording: _Recording) -> None:
+        spotchecks.record(
+            lease_id,
+            {k: v for shard in recording.weights.values() for k, v in shard.items()},
+            recording.versions,
+            {k: v for shard in recording.gradients.values() for k, v in shard.items()},
+            recording.base_versions,
+            recording.samples,
+        )
 
     @database_sync_to_async
     def _mark_disconnected(self) -> None:

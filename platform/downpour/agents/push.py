@@ -43,3 +43,11 @@ def notify_job_finished(job_id: str) -> None:
 
 def notify_job_finished_on_commit(job_id: str) -> None:
     transaction.on_commit(lambda: notify_job_finished(job_id))
+
+
+def notify_agent_banned(agent_id: str, reason: str) -> None:
+    """Tell a connected agent it is banned; its consumer then closes the socket."""
+    send_to_group(
+        agent_group(agent_id),
+        {"type": "error", "code": "banned", "message": f"this agent is banned: {reason}"},
+    )

@@ -68,6 +68,14 @@ class JobForm(forms.Form):
     )
     budget_samples = forms.IntegerField(required=False, min_value=1)
     budget_seconds = forms.FloatField(required=False, min_value=1)
+    spot_check_fraction = forms.FloatField(
+        initial=0.05,
+        min_value=0,
+        max_value=1,
+        required=False,
+        help_text="fraction of work units a trusted worker recomputes to catch faked "
+        "gradients; 0.05 catches an always-faking agent within 100 units with p ≥ 0.99",
+    )
 
     def __init__(self, owner: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

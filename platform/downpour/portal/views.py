@@ -83,6 +83,9 @@ def job_new(request: HttpRequest) -> HttpResponse:
             staleness_aware_lr=data["staleness_aware_lr"],
             warm_start_pushes=data["warm_start_pushes"] or 0,
             robust_aggregation=data["robust_aggregation"],
+            spot_check_fraction=(
+                0.05 if data["spot_check_fraction"] is None else data["spot_check_fraction"]
+            ),
             target_accuracy=data["target_accuracy"],
             budget_samples=data["budget_samples"],
             budget_seconds=data["budget_seconds"],

@@ -29,7 +29,7 @@ from downpour.paramstore import ShardLayout, StoreError, VariableSpec
 from downpour.paramstore.checkpoint import read_checkpoint, write_checkpoint
 from downpour_agent.modelspec import ModelRejected, validate_loss, validate_model_config
 
-from . import datasets
+from . import datasets, spotchecks
 from .models import (
     Checkpoint,
     Contribution,
@@ -126,6 +126,7 @@ class JobParams:
     staleness_aware_lr: bool = False
     warm_start_pushes: int = 0
     robust_aggregation: bool = False
+    spot_check_fraction: float = 0.05
     target_accuracy: float | None = None
     budget_samples: int | None = None
     budget_seconds: float | None = None
@@ -160,6 +161,7 @@ def submit_job(owner: Any, dataset: Dataset, params: JobParams) -> Job:
         (1 <= params.n_param_shards <= 64, "parameter shards must be in [1, 64]"),
         (0 <= params.max_staleness <= 1_000_000, "max staleness must be ≥ 0"),
         (0 <= params.warm_start_pushes <= 10_000_000, "warm start pushes must be ≥ 0"),
+        (0 <= params.spot_check_fraction <= 1, "spot-check fraction must be in [0, 1]"),
         (
             params.target_accuracy is None or 0 < params.target_accuracy <= 1,
             "target accuracy must be in (0, 1]",
@@ -188,6 +190,7 @@ def submit_job(owner: Any, dataset: Dataset, params: JobParams) -> Job:
         staleness_aware_lr=params.staleness_aware_lr,
         warm_start_pushes=params.warm_start_pushes,
         robust_aggregation=params.robust_aggregation,
+        spot_check_fraction=params.spot_check_fraction,
         target_accuracy=params.target_accuracy,
         budget_samples=params.budget_samples,
         budget_seconds=params.budget_seconds,
@@ -486,7 +489,7 @@ def claim_work(agent: Agent) -> Lease | None:
                         steps=rest,
                         seed=random.randrange(1 << 31),
                     )
-                return Lease.objects.create(unit=unit, agent=agent, expires_at=now + ttl)
+                return _new_lease(unit, view.job, agent, now + ttl)
     backup = _claim_backup(agent, host, views, eligible, now)
     if backup is not None:
         return backup
@@ -521,7 +524,16 @@ def claim_work(agent: Agent) -> Lease | None:
             status=WorkUnit.Status.LEASED,
             attempts=1,
         )
-        return Lease.objects.create(unit=unit, agent=agent, expires_at=now + ttl)
+        return _new_lease(unit, job, agent, now + ttl)
+
+
+def _new_lease(unit: WorkUnit, job: Job, agent: Agent, expires_at: datetime) -> Lease:
+    return Lease.objects.create(
+        unit=unit,
+        agent=agent,
+        expires_at=expires_at,
+        spot_check=spotchecks.should_check(job, agent),
+    )
 
 
 BACKUP_RULE = scheduler.BackupRule()
@@ -570,9 +582,7 @@ def _claim_backup(
         return None
     _, unit = max(candidates, key=lambda c: c[0])
     log.info("backup copy of straggling unit %s for agent %s", unit.id, agent.id)
-    return Lease.objects.create(
-        unit=unit, agent=agent, expires_at=now + timedelta(seconds=settings.LEASE_TTL_S)
-    )
+    return _new_lease(unit, unit.job, agent, now + timedelta(seconds=settings.LEASE_TTL_S))
 
 
 def lease_message(lease: Lease, base_url_path: str = "/api/agent/shards/") -> dict[str, Any]:
@@ -849,6 +859,42 @@ def checkpoint_running_jobs() -> int:
     return count
 
 
+def _reputation(agent: Agent) -> reputation.Reputation:
+    return reputation.Reputation(
+        agent.rep_pushes,
+        agent.rep_clipped,
+        agent.rep_spot_checks_failed,
+        agent.rep_spot_checks_passed,
+        agent.rep_recent_pushes,
+        agent.rep_recent_clipped,
+    )
+
+
+def _judge(agent_id: str, update: Any, why: Any) -> bool:
+    """Apply ``update`` to the agent's reputation and ban if due; returns whether banned.
+
+    ``update`` maps a Reputation to the new one; ``why`` words the ban reason from it.
+    """
+    with transaction.atomic():
+        agent = Agent.objects.select_for_update().get(id=agent_id)
+        rep = update(_reputation(agent))
+        banned_at, reason = agent.banned_at, agent.ban_reason
+        if banned_at is None and reputation.should_ban(rep):
+            banned_at, reason = timezone.now(), why(rep)[:500]
+            log.warning("agent %s banned: %s", agent_id, reason)
+        Agent.objects.filter(id=agent_id).update(
+            rep_pushes=rep.pushes,
+            rep_clipped=rep.clipped,
+            rep_spot_checks_failed=rep.spot_checks_failed,
+            rep_spot_checks_passed=rep.spot_checks_passed,
+            rep_recent_pushes=rep.recent_pushes,
+            rep_recent_clipped=rep.recent_clipped,
+            banned_at=banned_at,
+            ban_reason=reason,
+        )
+    return banned_at is not None
+
+
 def record_clipping(agent_id: str, clipped: list[bool]) -> bool:
     """Add pushes applied with centred clipping to the agent's reputation; ban if due.
 
@@ -856,35 +902,29 @@ def record_clipping(agent_id: str, clipped: list[bool]) -> bool:
     """
     if not clipped:
         return False
-    with transaction.atomic():
-        agent = Agent.objects.select_for_update().get(id=agent_id)
-        rep = reputation.Reputation(
-            agent.rep_pushes,
-            agent.rep_clipped,
-            agent.rep_spot_checks_failed,
-            agent.rep_spot_checks_passed,
-            agent.rep_recent_pushes,
-            agent.rep_recent_clipped,
-        )
+
+    def update(rep: reputation.Reputation) -> reputation.Reputation:
         for flag in clipped:
             rep = reputation.record_push(rep, flag)
-        banned_at, reason = agent.banned_at, agent.ban_reason
-        if banned_at is None and reputation.should_ban(rep):
-            banned_at = timezone.now()
-            reason = (
-                f"clipped in {rep.clipped} of {rep.pushes} pushes "
-                f"({rep.recent_clipped / max(rep.recent_pushes, 1e-9):.0%} recently)"
-            )
-            log.warning("agent %s banned: %s", agent_id, reason)
-        Agent.objects.filter(id=agent_id).update(
-            rep_pushes=rep.pushes,
-            rep_clipped=rep.clipped,
-            rep_recent_pushes=rep.recent_pushes,
-            rep_recent_clipped=rep.recent_clipped,
-            banned_at=banned_at,
-            ban_reason=reason,
-        )
-    return banned_at is not None
+        return rep
+
+    return _judge(
+        agent_id,
+        update,
+        lambda rep: (
+            f"clipped in {rep.clipped} of {rep.pushes} pushes "
+            f"({rep.recent_clipped / max(rep.recent_pushes, 1e-9):.0%} recently)"
+        ),
+    )
+
+
+def record_spot_check(agent_id: str, passed: bool, detail: str = "") -> bool:
+    """Add a spot check's verdict to the agent's reputation; ban if due (one failure)."""
+    return _judge(
+        agent_id,
+        lambda rep: reputation.record_spot_check(rep, passed),
+        lambda rep: f"failed {rep.spot_checks_failed} spot check(s): {detail}",
+    )
 
 
 def lift_ban(agent: Agent) -> None:

@@ -10,6 +10,7 @@ from .models import (
     Evaluation,
     Job,
     Lease,
+    SpotCheck,
     WorkUnit,
 )
 
@@ -31,6 +32,30 @@ class LeaseAdmin(admin.ModelAdmin):
 class WorkUnitAdmin(admin.ModelAdmin):
     list_display = ("id", "job", "shard", "steps", "status", "attempts")
     list_filter = ("status",)
+
+
+@admin.register(SpotCheck)
+class SpotCheckAdmin(admin.ModelAdmin):
+    # Staff review failed checks before lifting a ban; the evidence itself is binary.
+    list_display = ("created_at", "agent", "job", "status", "relative_error", "detail")
+    list_filter = ("status",)
+    exclude = ("weights", "gradients")
+    readonly_fields = (
+        "lease",
+        "job",
+        "agent",
+        "status",
+        "steps",
+        "samples",
+        "versions",
+        "relative_error",
+        "detail",
+        "started_at",
+        "checked_at",
+    )
+
+    def has_add_permission(self, request: object) -> bool:
+        return False
 
 
 admin.site.register(Dataset)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from django.conf import settings
 from django.db import close_old_connections
 
-from . import actions
+from . import actions, spotchecks
 
 log = logging.getLogger(__name__)
 _started = threading.Event()
@@ -33,6 +33,7 @@ def _loop() -> None:
         (settings.REAP_INTERVAL_S, actions.reap_expired_leases),
         (settings.EVAL_INTERVAL_S, actions.evaluate_running_jobs),
         (settings.CHECKPOINT_INTERVAL_S, actions.checkpoint_running_jobs),
+        (settings.SPOT_CHECK_INTERVAL_S, spotchecks.run_pending),
     ]
     due = [0.0] * len(schedule)
     while True:

@@ -73,6 +73,8 @@ class Job(models.Model):
     staleness_hist = models.JSONField(default=dict, blank=True)
     # Centred clipping at the store (Karimireddy et al. 2021); needs a trusted agent online.
     robust_aggregation = models.BooleanField(default=False)
+    # Fraction of leases whose first push round a trusted worker recomputes (spot checks).
+    spot_check_fraction = models.FloatField(default=0.05)
     target_accuracy = models.FloatField(null=True, blank=True)
     budget_samples = models.BigIntegerField(null=True, blank=True)
     budget_seconds = models.FloatField(null=True, blank=True)
@@ -141,6 +143,8 @@ class Lease(models.Model):
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     ended_at = models.DateTimeField(null=True, blank=True)
     resumed = models.IntegerField(default=0)
+    # Chosen at issue for a spot check; the agent is not told.
+    spot_check = models.BooleanField(default=False)
     samples = models.BigIntegerField(default=0)
     pushes_accepted = models.IntegerField(default=0)
     pushes_rejected = models.IntegerField(default=0)
@@ -204,3 +208,42 @@ class Checkpoint(models.Model):
 
     def __str__(self) -> str:
         return self.path
+
+
+class SpotCheck(models.Model):
+    """A lease's first push round, kept so a trusted worker can recompute it.
+
+    ``weights`` holds what the server served at the lease's first fetch of each shard and
+    ``gradients`` what the agent pushed in round 0, both as ``.npz`` bytes keyed by variable.
+    """
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        PASSED = "passed"
+        FAILED = "failed"
+        # Could not be judged (e.g. the model has gone); costs the agent nothing.
+        SKIPPED = "skipped"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    lease = models.OneToOneField(Lease, on_delete=models.CASCADE, related_name="spot_check_run")
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="spot_checks")
+    agent = models.ForeignKey("donors.Agent", on_delete=models.CASCADE, related_name="spot_checks")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    checked_at = models.DateTimeField(null=True, blank=True)
+    steps = models.IntegerField()
+    samples = models.IntegerField()
+    versions = models.JSONField()  # per shard: the version served (= the push's base_version)
+    weights = models.BinaryField()
+    gradients = models.BinaryField()
+    # Largest ||agent - recomputed|| / ||recomputed|| over the tensors.
+    relative_error = models.FloatField(null=True, blank=True)
+    detail = models.TextField(blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["status", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"spot check of {self.lease_id} ({self.status})"

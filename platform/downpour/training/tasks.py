@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from . import actions
+from . import actions, spotchecks
 
 
 @shared_task
@@ -25,3 +25,8 @@ def checkpoint_running_jobs() -> int:
 @shared_task
 def reap_expired_leases() -> int:
     return actions.reap_expired_leases()
+
+
+@shared_task
+def run_spot_checks() -> int:
+    return spotchecks.run_pending()

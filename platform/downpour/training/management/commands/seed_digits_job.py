@@ -36,6 +36,7 @@ class Command(BaseCommand):
             "--robust", action="store_true", help="centred clipping; needs a trusted agent"
         )
         parser.add_argument("--name", default="digits-mlp")
+        parser.add_argument("--spot-check-fraction", type=float, default=0.05)
 
     def handle(self, *args: Any, **opts: Any) -> None:
         researcher, _ = User.objects.get_or_create(
@@ -61,6 +62,7 @@ class Command(BaseCommand):
                 target_accuracy=opts["target_accuracy"],
                 budget_seconds=opts["budget_seconds"],
                 robust_aggregation=opts["robust"],
+                spot_check_fraction=opts["spot_check_fraction"],
             ),
         )
         self.stdout.write(

@@ -1,0 +1,239 @@
+"""Spot checks: a trusted worker recomputes a lease's first push round and compares.
+
+Which leases: each lease of an untrusted agent is checked with the job's
+``spot_check_fraction`` (5 % by default), decided when it is issued with the OS's random
+source; the agent is not told. An agent faking every unit is caught within 100 units with
+probability ``1 - 0.95 ** 100 = 0.994``.
+
+What: the agent's first push round (``seq`` 0). The protocol makes that round end no later
+than the step before the lease's first refetch, so it ran on exactly the weights the lease's
+first fetch returned. The consumer keeps those weights and the round's gradient; a worker
+(Celery, or the embedded thread) rebuilds the model with the agent's own trainer code, loads
+the weights, replays the same seeded mini-batches and compares per tensor with
+:func:`downpour.reputation.gradients_match`. Later rounds ran on weights that changed
+mid-round at moments only the agent knows, so they cannot be recomputed exactly.
+
+Who recomputes: the platform's own worker. A verifier has to be trusted anyway, and ours is
+the one that cannot collude with a donor; a round is ``min(n_push, n_fetch)`` steps, so at
+5 % of leases it costs the worker a small fraction of what the fleet computes.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from django.db import transaction
+from django.utils import timezone
+
+from downpour import reputation
+from downpour.donors.models import Agent
+
+from .models import Job, Lease, SpotCheck
+
+log = logging.getLogger(__name__)
+
+#: A check left ``running`` this long (its worker died) is run again.
+STALE_RUNNING = timedelta(minutes=10)
+_random = random.SystemRandom()
+_computers: OrderedDict[str, Any] = OrderedDict()  # job id -> GradientComputer, newest last
+_MAX_COMPUTERS = 2
+# A worker with a thread pool may run two checks at once; a model holds one set of weights.
+_compute_lock = threading.Lock()
+
+
+def recomputable(model_config: Mapping[str, Any]) -> bool:
+    """Whether a model's gradient is a function of weights and batch alone (no dropout)."""
+    layers = model_config.get("config", {}).get("layers", [])
+    for layer in layers:
+        config = layer.get("config", {}) if isinstance(layer, dict) else {}
+        name = layer.get("class_name") if isinstance(layer, dict) else None
+        if name == "Dropout" and config.get("rate", 0):
+            return False
+        if name in ("LSTM", "GRU") and (config.get("dropout") or config.get("recurrent_dropout")):
+            return False
+    return True
+
+
+def should_check(job: Job, agent: Agent) -> bool:
+    """Whether a new lease of ``job`` for ``agent`` is spot-checked."""
+    if agent.token.is_trusted or not recomputable(job.model_config):
+        return False
+    return reputation.should_spot_check(_random, job.spot_check_fraction)
+
+
+def round_steps(job: Job, unit_steps: int) -> int:
+    """Steps in a lease's first push round (see ``docs/protocol.md``)."""
+    return min(job.n_push, job.n_fetch, unit_steps)
+
+
+def to_npz(tensors: Mapping[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: np.asarray(value) for name, value in tensors.items()})
+    return buffer.getvalue()
+
+
+def from_npz(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(bytes(data)), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+def record(
+    lease_id: str,
+    weights: Mapping[str, np.ndarray],
+    versions: Mapping[int, int],
+    gradients: Mapping[str, np.ndarray],
+    base_versions: Mapping[int, int],
+    samples: int,
+) -> SpotCheck | None:
+    """Queue a check of a lease's first round. ``versions`` are those served per shard.
+
+    A round whose base versions are not the versions the server served, or whose sample
+    count is not what the round's steps cover, breaks the protocol: it is failed at once.
+    Returns None if the lease already has a check (a resumed lease pushes round 0 again).
+    """
+    lease = Lease.objects.select_related("unit__job", "unit__shard", "agent").get(id=lease_id)
+    job, unit = lease.unit.job, lease.unit
+    steps = round_steps(job, unit.steps)
+    expected_samples = steps * min(job.batch_size, unit.shard.n_samples)
+    problems = []
+    if dict(base_versions) != dict(versions):
+        problems.append(
+            f"round 0 claims base versions {dict(base_versions)}, served {dict(versions)}"
+        )
+    if samples != expected_samples:
+        problems.append(f"round 0 claims {samples} samples, its {steps} steps cover")
+        problems[-1] += f" {expected_samples}"
+    with transaction.atomic():
+        if SpotCheck.objects.filter(lease_id=lease_id).exists():
+            return None
+        check = SpotCheck.objects.create(
+            lease=lease,
+            job=job,
+            agent=lease.agent,
+            steps=steps,
+            samples=samples,
+            versions={str(k): v for k, v in versions.items()},
+            weights=to_npz(weights),
+            gradients=to_npz(gradients),
+        )
+    if problems:
+        _finish(check, passed=False, relative_error=None, detail="; ".join(problems))
+    return check
+
+
+def run_pending(limit: int = 20) -> int:
+    """Run queued checks (and ones whose worker died); returns how many were judged."""
+    now = timezone.now()
+    done = 0
+    candidates = SpotCheck.objects.filter(status=SpotCheck.Status.QUEUED).order_by("created_at")
+    stale = SpotCheck.objects.filter(
+        status=SpotCheck.Status.RUNNING, started_at__lt=now - STALE_RUNNING
+    )
+    for check_id, status in list(candidates.values_list("id", "status")[:limit]) + list(
+        stale.values_list("id", "status")[:limit]
+    ):
+        # Claim it: several workers may look at the same queue.
+        if (
+            SpotCheck.objects.filter(id=check_id, status=status).update(
+                status=SpotCheck.Status.RUNNING, started_at=timezone.now()
+            )
+            != 1
+        ):
+            continue
+        check = SpotCheck.objects.select_related("lease__unit__shard", "job").get(id=check_id)
+        try:
+            run(check)
+        except Exception as exc:
+            log.exception("spot check %s could not run", check_id)
+            _finish(check, passed=None, relative_error=None, detail=f"could not run: {exc}")
+        done += 1
+    return done
+
+
+def run(check: SpotCheck) -> bool:
+    """Recompute ``check``'s round and judge the agent; returns whether it passed."""
+    from downpour_agent.data import load_shard
+    from downpour_agent.trainer import first_round_gradients
+
+    job, unit = check.job, check.lease.unit
+    x, y = load_shard(Path(unit.shard.path), unit.shard.n_samples)
+    with _compute_lock:
+        computer = _computer(job)
+        computer.set_weights(from_npz(check.weights))
+        expected, samples = first_round_gradients(
+            computer, x, y, batch_size=job.batch_size, seed=unit.seed, steps=check.steps
+        )
+    pushed = from_npz(check.gradients)
+    passed = samples == check.samples and reputation.gradients_match(pushed, expected)
+    error = _relative_error(pushed, expected)
+    detail = "" if passed else f"gradients differ: relative error {error}"
+    _finish(check, passed=passed, relative_error=error, detail=detail)
+    return passed
+
+
+def _computer(job: Job) -> Any:
+    # Building a model costs about a second; consecutive checks are mostly of one job.
+    from downpour_agent.trainer import GradientComputer
+
+    key = str(job.id)
+    if key in _computers:
+        _computers.move_to_end(key)
+        return _computers[key]
+    computer = GradientComputer(job.model_config, job.loss, seed=job.seed)
+    _computers[key] = computer
+    while len(_computers) > _MAX_COMPUTERS:
+        _computers.popitem(last=False)
+    return computer
+
+
+def _relative_error(
+    pushed: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]
+) -> float | None:
+    if pushed.keys() != expected.keys():
+        return None
+    worst = 0.0
+    for name, reference in expected.items():
+        value = np.asarray(pushed[name], dtype=np.float64)
+        ref = np.asarray(reference, dtype=np.float64)
+        if value.shape != ref.shape:
+            return None
+        norm = float(np.linalg.norm(ref))
+        diff = float(np.linalg.norm(value - ref))
+        worst = max(worst, diff / norm if norm > 0 else diff)
+    return worst if np.isfinite(worst) else None
+
+
+def _finish(
+    check: SpotCheck, *, passed: bool | None, relative_error: float | None, detail: str
+) -> None:
+    """Store the verdict and fold it into the agent's reputation (None: no verdict)."""
+    from . import actions
+
+    status = {
+        True: SpotCheck.Status.PASSED,
+        False: SpotCheck.Status.FAILED,
+        None: SpotCheck.Status.SKIPPED,
+    }[passed]
+    SpotCheck.objects.filter(id=check.id).update(
+        status=status,
+        checked_at=timezone.now(),
+        relative_error=relative_error,
+        detail=detail[:2000],
+    )
+    if passed is not None:
+        banned = actions.record_spot_check(str(check.agent_id), passed, detail)
+        if not passed:
+            log.warning("agent %s failed a spot check: %s", check.agent_id, detail)
+        if banned and not passed:
+            from downpour.agents import push
+
+            push.notify_agent_banned(str(check.agent_id), f"failed a spot check ({detail})")

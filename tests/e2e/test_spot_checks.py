@@ -1,0 +1,79 @@
+"""Spot checks over real sockets: a worker recomputes agents' first push rounds.
+
+An honest agent process passes every check; an agent process that fakes its gradients
+(``rogue_agent.py --mode random``) fails its first one, is banned by the worker's verdict,
+and its socket is closed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .stack import FAST_LEASES, Stack, running, start_rogue_agent
+
+pytestmark = [pytest.mark.e2e, pytest.mark.services]
+
+
+@pytest.fixture(scope="module")
+def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    workdir = Path(tmp_path_factory.mktemp("spot-checks"))
+    with running("production", workdir, **FAST_LEASES, UNIT_TARGET_SECONDS="3") as stack:
+        yield stack
+
+
+def checks(stack: Stack, job_id: str, agent: str) -> dict[str, int]:
+    rows = stack.query(
+        "SELECT s.status, COUNT(*) FROM training_spotcheck s JOIN donors_agent a "
+        "ON s.agent_id = a.id WHERE s.job_id = %s AND a.name = %s GROUP BY s.status",
+        [job_id, agent],
+    )
+    return {status: count for status, count in rows}
+
+
+def test_an_honest_agent_passes_its_spot_checks_and_a_faking_one_is_banned(
+    production: Stack,
+) -> None:
+    # Prepare: every lease is checked, so both agents are checked on their first unit.
+    seeded = production.seed(
+        target_accuracy=1.0,
+        budget_seconds=40,
+        name="digits-spot",
+        tokens=2,
+        n_push=2,
+        n_fetch=3,
+        spot_check_fraction=1.0,
+    )
+    job_id = seeded["job_id"]
+    honest_token, rogue_token = seeded["tokens"]
+    # Execute
+    production.start_agent("honest", honest_token)
+    rogue = start_rogue_agent(production, "faker", rogue_token, "random")
+    # Assert: the faker is banned by a failed check and its process ends.
+    production.wait_for(
+        "the faker to be banned",
+        lambda: production.query(
+            "SELECT 1 FROM donors_agent WHERE name = 'faker' AND banned_at IS NOT NULL"
+        ),
+        timeout=120,
+    )
+    reason = production.query("SELECT ban_reason FROM donors_agent WHERE name = 'faker'")[0][0]
+    assert "spot check" in reason
+    assert rogue.wait(timeout=60) != 0, "a banned agent stops"
+    assert "banned" in (production.workdir / "faker.log").read_text()
+    production.wait_for(
+        "two of the honest agent's checks to pass",
+        lambda: checks(production, job_id, "honest").get("passed", 0) >= 2,
+        timeout=120,
+    )
+    assert checks(production, job_id, "faker").get("failed", 0) >= 1
+    assert checks(production, job_id, "honest").get("failed", 0) == 0
+    assert production.query("SELECT banned_at FROM donors_agent WHERE name = 'honest'") == [(None,)]
+    (worst,) = production.query(
+        "SELECT MAX(relative_error) FROM training_spotcheck s JOIN donors_agent a "
+        "ON s.agent_id = a.id WHERE a.name = 'honest' AND s.status = 'passed'"
+    )[0]
+    assert worst < 1e-3, "an honest round matches its recomputation to float rounding"
+    production.kill_agent("honest")

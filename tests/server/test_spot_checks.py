@@ -1,0 +1,213 @@
+"""Spot checks: which leases are checked, and the worker's verdict on a first push round.
+
+The rounds here are computed with the agent's own step (``connection._gradient_step``) on the
+weights the store serves, as a real agent does; ``tests/e2e/test_spot_checks.py`` does the
+same with real agent processes over the socket.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from downpour.donors.models import Agent, AgentToken
+from downpour.training import actions, spotchecks
+from downpour.training.models import SpotCheck
+from downpour.training.store import job_store
+from downpour_agent.connection import _gradient_step
+from downpour_agent.data import load_shard
+from downpour_agent.trainer import BatchSampler, GradientAccumulator, GradientComputer
+
+from .helpers import mlp_config, npz_upload, small_dataset
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def dataset(alice):  # type: ignore[no-untyped-def]
+    return actions.create_dataset(alice, "tiny", npz_upload(**small_dataset()), n_shards=2)
+
+
+@pytest.fixture
+def agent(charlie):  # type: ignore[no-untyped-def]
+    token, _ = AgentToken.issue(charlie, "pc")
+    return Agent.objects.create(token=token, name="pc-1", samples_per_s=1000.0)
+
+
+def start(alice, dataset, **overrides: Any):  # type: ignore[no-untyped-def]
+    params = {
+        "name": "mlp",
+        "model_json": mlp_config(),
+        "target_accuracy": 0.9,
+        "batch_size": 8,
+        "n_fetch": 3,
+        "n_push": 5,
+        "spot_check_fraction": 1.0,
+        **overrides,
+    }
+    job = actions.submit_job(alice, dataset, actions.JobParams(**params))
+    assert actions.start_job(job)
+    job.refresh_from_db()
+    return job
+
+
+def first_round(lease) -> tuple[dict[str, np.ndarray], dict[int, int], dict[str, Any], int]:  # type: ignore[no-untyped-def]
+    """What an honest agent fetches and pushes in round 0 of ``lease``."""
+    job, unit = lease.unit.job, lease.unit
+    store = job_store(job)
+    weights: dict[str, np.ndarray] = {}
+    versions: dict[int, int] = {}
+    for shard in range(len(store.layout.shards)):
+        versions[shard], tensors = store.fetch(shard)
+        weights.update({k: v.copy() for k, v in tensors.items()})
+    computer = GradientComputer(job.model_config, job.loss, seed=12345)
+    computer.set_weights(weights)
+    x, y = load_shard(Path(unit.shard.path), unit.shard.n_samples)
+    sampler = BatchSampler(len(x), job.batch_size, unit.seed)
+    accumulator = GradientAccumulator()
+    for _ in range(min(job.n_push, job.n_fetch, unit.steps)):
+        _gradient_step(computer, sampler, accumulator, x, y)
+    samples = accumulator.samples
+    return weights, versions, accumulator.mean(), samples
+
+
+def test_an_honest_first_round_passes_and_counts_for_the_agent(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
+    # Prepare
+    job = start(alice, dataset)
+    lease = actions.claim_work(agent)
+    assert lease is not None and lease.spot_check
+    weights, versions, gradients, samples = first_round(lease)
+    # Execute
+    spotchecks.record(str(lease.id), weights, versions, gradients, versions, samples)
+    assert spotchecks.run_pending() == 1
+    # Assert
+    check = SpotCheck.objects.get(lease=lease)
+    assert check.status == SpotCheck.Status.PASSED, check.detail
+    assert check.steps == 3 and check.samples == 3 * 8
+    assert check.relative_error is not None and check.relative_error < 1e-4
+    agent.refresh_from_db()
+    assert agent.rep_spot_checks_passed == 1 and agent.banned_at is None
+    assert check.job_id == job.id
+
+
+@pytest.mark.parametrize(
+    "fake",
+    [
+        pytest.param(
+            lambda g, rng: {k: rng.normal(size=v.shape).astype(v.dtype) for k, v in g.items()},
+            id="random",
+        ),
+        pytest.param(lambda g, rng: {k: -v for k, v in g.items()}, id="signflip"),
+        pytest.param(lambda g, rng: {k: 1.05 * v for k, v in g.items()}, id="scaled-5-percent"),
+        pytest.param(lambda g, rng: {k: np.zeros_like(v) for k, v in g.items()}, id="zeros"),
+    ],
+)
+def test_a_faked_first_round_fails_and_bans_the_agent(alice, dataset, agent, fake) -> None:  # type: ignore[no-untyped-def]
+    # Prepare
+    start(alice, dataset)
+    lease = actions.claim_work(agent)
+    weights, versions, gradients, samples = first_round(lease)
+    faked = fake(gradients, np.random.default_rng(0))
+    # Execute
+    spotchecks.record(str(lease.id), weights, versions, faked, versions, samples)
+    spotchecks.run_pending()
+    # Assert
+    check = SpotCheck.objects.get(lease=lease)
+    assert check.status == SpotCheck.Status.FAILED and "gradients differ" in check.detail
+    agent.refresh_from_db()
+    assert agent.banned_at is not None and "spot check" in agent.ban_reason
+    assert agent.rep_spot_checks_failed == 1
+
+
+def test_a_round_on_weights_the_server_never_served_fails_at_once(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
+    start(alice, dataset)
+    lease = actions.claim_work(agent)
+    weights, versions, gradients, samples = first_round(lease)
+    claimed = {shard: version + 7 for shard, version in versions.items()}
+    spotchecks.record(str(lease.id), weights, versions, gradients, claimed, samples)
+    check = SpotCheck.objects.get(lease=lease)
+    assert check.status == SpotCheck.Status.FAILED and "base versions" in check.detail
+    assert spotchecks.run_pending() == 0, "a failed check is not run again"
+
+
+def test_a_round_claiming_more_samples_than_its_steps_cover_fails(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
+    start(alice, dataset)
+    lease = actions.claim_work(agent)
+    weights, versions, gradients, samples = first_round(lease)
+    spotchecks.record(str(lease.id), weights, versions, gradients, versions, samples * 5)
+    assert SpotCheck.objects.get(lease=lease).status == SpotCheck.Status.FAILED
+
+
+def test_a_lease_is_checked_once_even_when_round_0_is_pushed_again(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
+    start(alice, dataset)
+    lease = actions.claim_work(agent)
+    weights, versions, gradients, samples = first_round(lease)
+    assert spotchecks.record(str(lease.id), weights, versions, gradients, versions, samples)
+    assert spotchecks.record(str(lease.id), weights, versions, gradients, versions, samples) is None
+    assert SpotCheck.objects.filter(lease=lease).count() == 1
+
+
+def test_a_check_whose_worker_died_is_run_again(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
+    start(alice, dataset)
+    lease = actions.claim_work(agent)
+    weights, versions, gradients, samples = first_round(lease)
+    check = spotchecks.record(str(lease.id), weights, versions, gradients, versions, samples)
+    assert check is not None
+    long_ago = check.created_at - spotchecks.STALE_RUNNING * 2
+    SpotCheck.objects.filter(id=check.id).update(status="running", started_at=long_ago)
+    assert spotchecks.run_pending() == 1
+    assert SpotCheck.objects.get(id=check.id).status == SpotCheck.Status.PASSED
+
+
+def test_leases_are_checked_at_the_jobs_fraction_and_never_for_trusted_agents(
+    alice, dataset, agent, charlie
+) -> None:  # type: ignore[no-untyped-def]
+    job = start(alice, dataset, spot_check_fraction=0.05)
+    agent = Agent.objects.select_related("token").get(id=agent.id)
+    checked = sum(spotchecks.should_check(job, agent) for _ in range(4000))
+    # Binomial(4000, 0.05): mean 200, sd 13.8; the bounds are 5 sd out.
+    assert 131 <= checked <= 269
+    trusted, _ = AgentToken.issue(charlie, "ops")
+    AgentToken.objects.filter(id=trusted.id).update(is_trusted=True)
+    ops = Agent.objects.select_related("token").create(token_id=trusted.id, name="ops-1")
+    ops = Agent.objects.select_related("token").get(id=ops.id)
+    job.spot_check_fraction = 1.0
+    assert not any(spotchecks.should_check(job, ops) for _ in range(100))
+
+
+def test_an_always_faking_agent_is_caught_within_100_units_with_probability_99(
+    alice, dataset, agent
+) -> None:  # type: ignore[no-untyped-def]
+    # The server's own choice, as claim_work makes it, at the default fraction.
+    job = start(alice, dataset, spot_check_fraction=0.05)
+    agent = Agent.objects.select_related("token").get(id=agent.id)
+    trials = 3000
+    caught = sum(
+        any(spotchecks.should_check(job, agent) for _ in range(100)) for _ in range(trials)
+    )
+    # Expected 1 - 0.95**100 = 0.9941 (sd 0.0014 over 3000 trials).
+    assert caught / trials >= 0.988
+
+
+def test_models_with_dropout_are_not_spot_checked(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
+    config = mlp_config()
+    layers = config["config"]["layers"]
+    dropout = {
+        "module": "keras.layers",
+        "class_name": "Dropout",
+        "config": {
+            "name": "drop",
+            "trainable": True,
+            "dtype": layers[1]["config"]["dtype"],
+            "rate": 0.5,
+        },
+        "registered_name": None,
+    }
+    config["config"]["layers"] = [*layers[:2], dropout, *layers[2:]]
+    job = start(alice, dataset, model_json=config)
+    assert not spotchecks.recomputable(job.model_config)
+    assert not actions.claim_work(agent).spot_check
+    assert spotchecks.recomputable(mlp_config())
