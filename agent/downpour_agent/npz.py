@@ -84,7 +84,7 @@ class Member:
 
 def load_npz(
     source: bytes | Path,
-    keys: Sequence[str],
+    keys: Sequence[str] | None,
     max_expanded_bytes: int,
     *,
     max_members: int = MAX_MEMBERS,
@@ -95,8 +95,9 @@ def load_npz(
     ----------
     source : bytes or Path
         The archive.
-    keys : sequence of str
+    keys : sequence of str, or None
         Arrays to load (member ``<key>.npy``); other members are checked but not read.
+        None loads every member.
     max_expanded_bytes : int
         Most bytes all members together may inflate to, as the central directory declares.
 
@@ -124,10 +125,11 @@ def load_npz(
         try:
             with zipfile.ZipFile(fh) as archive:
                 members = _inspect(archive, archive_bytes, max_expanded_bytes, max_members)
-                missing = [key for key in keys if key not in members]
+                wanted = list(members) if keys is None else list(keys)
+                missing = [key for key in wanted if key not in members]
                 if missing:
                     raise MissingArrays(missing)
-                return {key: _read(archive, members[key]) for key in keys}
+                return {key: _read(archive, members[key]) for key in wanted}
         except ArchiveRejected:
             raise
         except _BROKEN as exc:

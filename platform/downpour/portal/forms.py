@@ -68,6 +68,11 @@ class JobForm(forms.Form):
     )
     budget_samples = forms.IntegerField(required=False, min_value=1)
     budget_seconds = forms.FloatField(required=False, min_value=1)
+    initial_weights = forms.FileField(
+        required=False,
+        help_text="optional .npz to start from, e.g. a finished job's weights.npz: one float32 "
+        "array per variable, named as in that download",
+    )
     spot_check_fraction = forms.FloatField(
         initial=0.05,
         min_value=0,

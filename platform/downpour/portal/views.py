@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 
-from downpour.training import actions
+from downpour.training import actions, spotchecks
 from downpour.training.datasets import DatasetRejected
 from downpour.training.models import Dataset, Job
 
@@ -86,6 +89,7 @@ def job_new(request: HttpRequest) -> HttpResponse:
             spot_check_fraction=(
                 0.05 if data["spot_check_fraction"] is None else data["spot_check_fraction"]
             ),
+            initial_weights=_read_upload(data["initial_weights"]),
             target_accuracy=data["target_accuracy"],
             budget_samples=data["budget_samples"],
             budget_seconds=data["budget_seconds"],
@@ -99,6 +103,13 @@ def job_new(request: HttpRequest) -> HttpResponse:
     return render(request, "portal/job_new.html", {"form": form})
 
 
+def _read_upload(upload: Any) -> bytes | None:
+    if upload is None:
+        return None
+    # One byte over the limit is enough for submit_job to refuse it by size.
+    return bytes(upload.read(settings.DATASET_MAX_BYTES + 1))
+
+
 @login_required
 def job_detail(request: HttpRequest, job_id: str) -> HttpResponse:
     job = get_object_or_404(Job, id=job_id, owner=request.user)
@@ -109,6 +120,7 @@ def job_detail(request: HttpRequest, job_id: str) -> HttpResponse:
             "job": job,
             "staleness": actions.staleness_summary(job),
             "robust": actions.robust_summary(job),
+            "spot_checks": spotchecks.summary(job),
         },
     )
 

@@ -7,6 +7,7 @@ WHERE status=...`` and a check that exactly one row changed.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -29,7 +30,7 @@ from downpour.paramstore import ShardLayout, StoreError, VariableSpec
 from downpour.paramstore.checkpoint import read_checkpoint, write_checkpoint
 from downpour_agent.modelspec import ModelRejected, validate_loss, validate_model_config
 
-from . import datasets, spotchecks
+from . import datasets, spotchecks, weights
 from .models import (
     Checkpoint,
     Contribution,
@@ -127,6 +128,8 @@ class JobParams:
     warm_start_pushes: int = 0
     robust_aggregation: bool = False
     spot_check_fraction: float = 0.05
+    #: An ``.npz`` to start from (a finished job's ``weights.npz``); see ``weights.py``.
+    initial_weights: bytes | None = None
     target_accuracy: float | None = None
     budget_samples: int | None = None
     budget_seconds: float | None = None
@@ -174,7 +177,28 @@ def submit_job(owner: Any, dataset: Dataset, params: JobParams) -> Job:
     for ok, message in checks:
         if not ok:
             raise JobRejected(message)
-    job = Job.objects.create(
+    if params.initial_weights is not None:
+        try:
+            weights.check_upload(params.initial_weights, settings.DATASET_MAX_BYTES)
+        except weights.WeightsRejected as exc:
+            raise JobRejected(f"initial weights rejected: {exc}") from None
+    with transaction.atomic():
+        job = _create_job(owner, dataset, params, spec, loss)
+        if params.initial_weights is not None:
+            path = media_dir("jobs", str(job.id)) / "initial-weights.npz"
+            try:
+                path.write_bytes(params.initial_weights)
+            except OSError:
+                path.unlink(missing_ok=True)
+                raise
+            job.initial_weights_path = str(path)
+            job.initial_weights_sha256 = hashlib.sha256(params.initial_weights).hexdigest()
+            job.save(update_fields=["initial_weights_path", "initial_weights_sha256"])
+    return job
+
+
+def _create_job(owner: Any, dataset: Dataset, params: JobParams, spec: Any, loss: str) -> Job:
+    return Job.objects.create(
         owner=owner,
         name=params.name[:100] or "job",
         dataset=dataset,
@@ -196,7 +220,6 @@ def submit_job(owner: Any, dataset: Dataset, params: JobParams) -> Job:
         budget_seconds=params.budget_seconds,
         seed=params.seed,
     )
-    return job
 
 
 def start_job(job: Job) -> bool:
@@ -204,9 +227,7 @@ def start_job(job: Job) -> bool:
 
     Needs TensorFlow, so it runs in a Celery worker (or the embedded runner thread).
     """
-    from .evaluation import initial_weights
-
-    specs, weights = initial_weights(job.model_config, job.seed)
+    specs, start_weights = _starting_weights(job)
     layout = ShardLayout.balanced(
         [VariableSpec(n, tuple(s), d) for n, s, d in specs], job.n_param_shards
     )
@@ -216,10 +237,30 @@ def start_job(job: Job) -> bool:
     if claimed != 1:
         return False
     job.refresh_from_db()
-    job_store(job).initialize(weights)
+    job_store(job).initialize(start_weights)
     Job.objects.filter(id=job.id).update(status=Job.Status.RUNNING, started_at=timezone.now())
     log.info("job %s started: %d parameters in %d shards", job.id, job.param_count, layout.n_shards)
     return True
+
+
+def _starting_weights(
+    job: Job,
+) -> tuple[list[tuple[str, tuple[int, ...], str]], dict[str, Any]]:
+    """The model's variable specs and the weights the job starts from."""
+    from .evaluation import initial_weights
+
+    specs, start = initial_weights(job.model_config, job.seed)
+    if job.initial_weights_path:
+        try:
+            start = weights.load_for_model(
+                Path(job.initial_weights_path),
+                job.initial_weights_sha256,
+                specs,
+                settings.DATASET_MAX_BYTES,
+            )
+        except (weights.WeightsRejected, OSError) as exc:
+            raise weights.WeightsRejected(f"initial weights: {exc}") from None
+    return specs, start
 
 
 def start_queued_jobs() -> int:
@@ -252,10 +293,7 @@ def ensure_store_ready(job: Job) -> None:
             return  # another thread restored it meanwhile
         checkpoint = job.checkpoints.first()
         if checkpoint is None:
-            from .evaluation import initial_weights
-
-            _, weights = initial_weights(job.model_config, job.seed)
-            store.initialize(weights)
+            store.initialize(_starting_weights(job)[1])
             forget_warmup(job.id)  # the job warms up again on trusted agents
             requeued = WorkUnit.objects.filter(job=job, status=WorkUnit.Status.DONE).update(
                 status=WorkUnit.Status.PENDING, done_at=None

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .models import Job
+from .weights import npz_key
 
 _cache_lock = threading.Lock()
 _models: dict[str, Any] = {}
@@ -101,9 +102,5 @@ def export_model(job: Job, weights: dict[str, np.ndarray], folder: Path) -> tupl
         tmp = folder / ".model.keras.tmp.keras"
         model.save(tmp)
         tmp.replace(keras_path)
-    write_npz_atomic(weights_path, **{_npz_key(k): v for k, v in weights.items()})
+    write_npz_atomic(weights_path, **{npz_key(k): v for k, v in weights.items()})
     return keras_path, weights_path
-
-
-def _npz_key(name: str) -> str:
-    return name.replace("/", "__")

@@ -75,6 +75,10 @@ class Job(models.Model):
     robust_aggregation = models.BooleanField(default=False)
     # Fraction of leases whose first push round a trusted worker recomputes (spot checks).
     spot_check_fraction = models.FloatField(default=0.05)
+    # A researcher's starting point (e.g. a finished job's weights.npz), checked at submit
+    # and again, with its SHA-256, when the job starts.
+    initial_weights_path = models.CharField(max_length=500, blank=True)
+    initial_weights_sha256 = models.CharField(max_length=64, blank=True)
     target_accuracy = models.FloatField(null=True, blank=True)
     budget_samples = models.BigIntegerField(null=True, blank=True)
     budget_seconds = models.FloatField(null=True, blank=True)

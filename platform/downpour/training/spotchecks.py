@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 from django.db import transaction
+from django.db.models import Count
 from django.utils import timezone
 
 from downpour import reputation
@@ -68,6 +69,18 @@ def should_check(job: Job, agent: Agent) -> bool:
     if agent.token.is_trusted or not recomputable(job.model_config):
         return False
     return reputation.should_spot_check(_random, job.spot_check_fraction)
+
+
+def summary(job: Job) -> dict[str, Any]:
+    """What the job page shows: the fraction, whether the model can be checked, verdicts."""
+    counts = dict(SpotCheck.objects.filter(job=job).values_list("status").annotate(n=Count("id")))
+    return {
+        "fraction": job.spot_check_fraction,
+        "recomputable": recomputable(job.model_config),
+        "passed": counts.get(SpotCheck.Status.PASSED, 0),
+        "failed": counts.get(SpotCheck.Status.FAILED, 0),
+        "pending": counts.get(SpotCheck.Status.QUEUED, 0) + counts.get(SpotCheck.Status.RUNNING, 0),
+    }
 
 
 def round_steps(job: Job, unit_steps: int) -> int:
