@@ -12,7 +12,6 @@ import logging
 import math
 import random
 import shutil
-import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -41,7 +40,14 @@ from .models import (
     Lease,
     WorkUnit,
 )
-from .store import forget_job_store, forget_warmup, job_store, storage, warming_up
+from .store import (
+    forget_job_store,
+    forget_warmup,
+    job_store,
+    restore_lock,
+    storage,
+    warming_up,
+)
 
 log = logging.getLogger(__name__)
 
@@ -276,9 +282,6 @@ def start_queued_jobs() -> int:
     return started
 
 
-_restore_lock = threading.Lock()
-
-
 def ensure_store_ready(job: Job) -> None:
     """After a server restart the store may be empty: restore the latest checkpoint.
 
@@ -288,9 +291,9 @@ def ensure_store_ready(job: Job) -> None:
     store = job_store(job)
     if storage().load_version(str(job.id), 0) is not None:
         return
-    with _restore_lock:
+    with restore_lock(str(job.id)):
         if storage().load_version(str(job.id), 0) is not None:
-            return  # another thread restored it meanwhile
+            return  # another thread or process restored it meanwhile
         checkpoint = job.checkpoints.first()
         if checkpoint is None:
             store.initialize(_starting_weights(job)[1])

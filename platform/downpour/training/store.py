@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 
 from django.conf import settings
@@ -38,6 +40,39 @@ def storage() -> ShardStorage:
 
         return RedisStorage.from_url(settings.REDIS_URL, prefix=settings.STORE_PREFIX)
     return InMemoryStorage()
+
+
+_restore_lock = threading.Lock()
+#: Longest a restore may hold the cross-process lock; a crashed holder frees it after this.
+RESTORE_LOCK_TTL_S = 120.0
+
+
+@contextmanager
+def restore_lock(job_id: str) -> Iterator[None]:
+    """Held while this process restores a job's store after a restart.
+
+    Within a process a thread lock; with Redis also a Redis lock per job, so that of several
+    daphne or Celery processes that find the store empty at once, one restores and the
+    others, once it is released, find the store ready. Two restores racing would both
+    requeue units and the later would overwrite pushes applied after the earlier.
+    """
+    with _restore_lock:
+        backend = storage()
+        client = getattr(backend, "client", None)
+        if client is None:
+            yield
+            return
+        lock = client.lock(
+            f"{settings.STORE_PREFIX}restore:{job_id}",
+            timeout=RESTORE_LOCK_TTL_S,
+            blocking_timeout=RESTORE_LOCK_TTL_S,
+        )
+        if not lock.acquire():
+            raise TimeoutError(f"job {job_id}: another process held the restore lock too long")
+        try:
+            yield
+        finally:
+            lock.release()
 
 
 def job_store(job: Job) -> ParameterStore:
