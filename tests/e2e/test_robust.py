@@ -111,6 +111,9 @@ def test_a_robust_job_warms_up_on_its_trusted_agent_then_bans_the_attacker(
             name="robust-digits",
             tokens=2,
             robust=True,
+            # Clipping alone must catch the attacker here; spot checks (which would too) are
+            # tested in test_spot_checks.py.
+            spot_check_fraction=0,
         )
         job_id = seeded["job_id"]
         honest_token, attacker_token = seeded["tokens"]
