@@ -17,19 +17,10 @@ from downpour.training import actions
 from downpour.training.models import Job
 from downpour.training.store import job_store
 
-from .helpers import job_form, mlp_config, npz_bytes, npz_upload, small_dataset
+from .helpers import job_form, mlp_config, npz_bytes
+from .helpers import job_params as params
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def dataset(alice):  # type: ignore[no-untyped-def]
-    return actions.create_dataset(alice, "tiny", npz_upload(**small_dataset()), n_shards=2)
-
-
-def params(**overrides: Any) -> actions.JobParams:
-    base: dict[str, Any] = {"name": "mlp", "model_json": mlp_config(), "target_accuracy": 0.9}
-    return actions.JobParams(**{**base, **overrides})
 
 
 def exported_weights(alice, dataset) -> tuple[dict[str, np.ndarray], bytes]:  # type: ignore[no-untyped-def]

@@ -21,20 +21,9 @@ from downpour_agent.connection import _gradient_step
 from downpour_agent.data import load_shard
 from downpour_agent.trainer import BatchSampler, GradientAccumulator, GradientComputer
 
-from .helpers import mlp_config, npz_upload, small_dataset
+from .helpers import mlp_config
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def dataset(alice):  # type: ignore[no-untyped-def]
-    return actions.create_dataset(alice, "tiny", npz_upload(**small_dataset()), n_shards=2)
-
-
-@pytest.fixture
-def agent(charlie):  # type: ignore[no-untyped-def]
-    token, _ = AgentToken.issue(charlie, "pc")
-    return Agent.objects.create(token=token, name="pc-1", samples_per_s=1000.0)
 
 
 def start(alice, dataset, **overrides: Any):  # type: ignore[no-untyped-def]

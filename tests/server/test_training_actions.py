@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
-from typing import Any
 
 import numpy as np
 import pytest
@@ -15,25 +14,10 @@ from downpour.training import actions
 from downpour.training.models import Job, Lease, WorkUnit
 from downpour.training.store import job_store
 
+from .helpers import job_params as params
 from .helpers import mlp_config, npz_upload, small_dataset
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def dataset(alice):  # type: ignore[no-untyped-def]
-    return actions.create_dataset(alice, "tiny", npz_upload(**small_dataset()), n_shards=2)
-
-
-@pytest.fixture
-def agent(charlie):  # type: ignore[no-untyped-def]
-    token, _ = AgentToken.issue(charlie, "pc")
-    return Agent.objects.create(token=token, name="pc-1", samples_per_s=1000.0)
-
-
-def params(**overrides: Any) -> actions.JobParams:
-    base: dict[str, Any] = {"name": "mlp", "model_json": mlp_config(), "target_accuracy": 0.9}
-    return actions.JobParams(**{**base, **overrides})
 
 
 @pytest.fixture
