@@ -988,12 +988,15 @@ class Agent:
         start, seq, samples = progress.next_step, progress.seq, progress.samples
         # Downpour's fetches overlap computation (Dean et al. run them in their own
         # thread): at a fetch point the request goes out and training carries on with the
-        # weights it has; the answer is applied at the first step after it arrives, and at
-        # the latest at the next fetch point. Each push names, per shard, the oldest
-        # version any of its steps computed on.
+        # weights it has. The answer is loaded at the start of the next push round, so
+        # every round runs on one set of weights, which its pushes name as their
+        # base_version: the server can replay any round exactly (spot checks). An
+        # unanswered fetch is waited for at the next fetch point: the server answers it
+        # after applying this agent's earlier pushes, so an agent never runs more than one
+        # fetch window ahead of the store.
         versions = await self._fetch_all(session, lease, computer)
-        window_base = dict(versions)
         inflight: list[_Pending] | None = None
+        received: tuple[Tensors, dict[int, int]] | None = None
         try:
             for step in range(start, lease.steps):
                 active.check()
@@ -1002,16 +1005,17 @@ class Agent:
                     # should a cancellation ever be lost on the way.
                     raise asyncio.CancelledError
                 fetch_point = step != start and step % hyper.n_fetch == 0
-                if inflight is not None and (fetch_point or all(p.future.done() for p in inflight)):
-                    # At the next fetch point an unanswered fetch is waited for: the server
-                    # answers it after applying this agent's earlier pushes, so an agent
-                    # never runs more than one fetch window ahead of the store.
+                round_starts = step != start and step % hyper.n_push == 0
+                if inflight is not None and (
+                    fetch_point or (round_starts and all(p.future.done() for p in inflight))
+                ):
                     pendings, inflight = inflight, None
-                    versions = await self._apply_params(session, lease, computer, pendings)
+                    received = await self._receive_params(session, lease, pendings)
+                if round_starts and received is not None:
+                    versions = await self._load_params(computer, *received)
+                    received = None
                 if fetch_point:
                     inflight = await self._request_params(session, lease)
-                for shard, version in versions.items():
-                    window_base[shard] = min(window_base.get(shard, version), version)
                 await self._throttle()
                 if self.stats.training_since is None:
                     self.stats.training_since = time.perf_counter()
@@ -1026,21 +1030,16 @@ class Agent:
                 self.stats.samples_done += batch
                 self.stats.steps_done = step + 1
                 self.stats.last_loss = loss
-                # The first push of a lease comes no later than its first refetch, so it
-                # was computed on one set of weights, the ones the lease's first fetch
-                # returned: the server can recompute it exactly (spot checks).
-                first_window_ends = seq == 0 and (step + 1) % hyper.n_fetch == 0
-                if (step + 1) % hyper.n_push == 0 or step + 1 == lease.steps or first_window_ends:
+                if (step + 1) % hyper.n_push == 0 or step + 1 == lease.steps:
                     refs = [session.next_ref("push", lease.lease_id) for _ in lease.layout]
                     frames, snapshot = await asyncio.to_thread(
-                        _push_round, accumulator, sampler, lease, seq, window_base, refs
+                        _push_round, accumulator, sampler, lease, seq, versions, refs
                     )
                     active.check()
                     for frame in frames:
                         await session.ws.send(frame)
                     self.stats.pushes_sent += len(frames)
                     seq += 1
-                    window_base = dict(versions)
                     progress.next_step, progress.seq, progress.samples = step + 1, seq, samples
                     progress.sampler = snapshot
         finally:
@@ -1053,7 +1052,9 @@ class Agent:
     ) -> dict[int, int]:
         """Fetch every shard, wait, and load the weights; returns the shards' versions."""
         pendings = await self._request_params(session, lease)
-        return await self._apply_params(session, lease, computer, pendings)
+        return await self._load_params(
+            computer, *await self._receive_params(session, lease, pendings)
+        )
 
     async def _request_params(self, session: _Session, lease: Lease) -> list[_Pending]:
         """Send a ``fetch`` for every shard without waiting for the answers."""
@@ -1066,14 +1067,10 @@ class Agent:
             for shard in range(len(lease.layout))
         ]
 
-    async def _apply_params(
-        self,
-        session: _Session,
-        lease: Lease,
-        computer: GradientComputer,
-        pendings: list[_Pending],
-    ) -> dict[int, int]:
-        """Wait for the ``params`` answers, load them into the model; returns versions."""
+    async def _receive_params(
+        self, session: _Session, lease: Lease, pendings: list[_Pending]
+    ) -> tuple[Tensors, dict[int, int]]:
+        """Wait for the ``params`` answers; returns the weights and each shard's version."""
         weights: Tensors = {}
         versions: dict[int, int] = {}
         try:
@@ -1087,6 +1084,12 @@ class Agent:
         finally:
             for pending in pendings:
                 session.forget(pending)
+        return weights, versions
+
+    async def _load_params(
+        self, computer: GradientComputer, weights: Tensors, versions: dict[int, int]
+    ) -> dict[int, int]:
+        """Load received weights into the model; returns their versions."""
         try:
             await asyncio.to_thread(computer.set_weights, weights)
         except ValueError as exc:

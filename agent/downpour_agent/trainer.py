@@ -229,29 +229,33 @@ class BatchSampler:
         return np.concatenate(parts).astype(np.int64, copy=False)
 
 
-def first_round_gradients(
+def round_gradients(
     computer: GradientComputer,
     x: npt.NDArray[Any],
     y: npt.NDArray[Any],
     *,
     batch_size: int,
     seed: int,
+    first_step: int,
     steps: int,
 ) -> tuple[Gradients, int]:
-    """The mean gradient of a lease's first push round, as an honest agent computes it.
+    """The mean gradient of one push round of a lease, as an honest agent computes it.
 
-    The agent's first round runs ``steps`` batches from ``BatchSampler(len(x), batch_size,
-    seed)`` on the weights of its first fetch, which must already be loaded into
-    ``computer``. Spot checks call this with the weights the server served.
+    A round runs steps ``first_step`` to ``first_step + steps - 1`` of
+    ``BatchSampler(len(x), batch_size, seed)`` on one set of weights, which must already be
+    loaded into ``computer``. Spot checks call this with the weights the server served at
+    the versions the round's pushes name.
 
     Returns
     -------
     gradients : dict of name -> float32 ndarray, the sample-weighted mean
     samples : int, the samples the round covers
     """
-    if steps <= 0:
-        raise ValueError("steps must be positive")
+    if steps <= 0 or first_step < 0:
+        raise ValueError("steps must be positive and first_step non-negative")
     sampler = BatchSampler(len(x), batch_size, seed)
+    for _ in range(first_step):
+        sampler.next_indices()
     accumulator = GradientAccumulator()
     for _ in range(steps):
         idx = sampler.next_indices()

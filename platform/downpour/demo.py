@@ -141,7 +141,7 @@ def _summary(db: Path, job_id: str) -> None:
     for name, credit in agents:
         print(f"demo:   {name}: {credit:,.0f} credit", flush=True)
     print(
-        f"demo: spot checks (first push rounds recomputed by the server): "
+        f"demo: spot checks (push rounds replayed by the server): "
         f"{checks.get('passed', 0)} passed, {checks.get('failed', 0)} failed, "
         f"{checks.get('queued', 0) + checks.get('running', 0)} still queued",
         flush=True,

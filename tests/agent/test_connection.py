@@ -138,6 +138,8 @@ class FakeServer:
             for entry in shard
         }
         self.versions = [0] * len(layout)
+        # (shard, version) -> the weights a fetch answered with, for replaying rounds.
+        self.served: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self.work = [dict(self.lease_template) for _ in range(leases)]
         self.outstanding: dict[str, dict[str, Any]] = {}
         self.orphaned: dict[str, dict[str, Any]] = {}
@@ -287,6 +289,7 @@ class FakeServer:
                 "version": self.versions[shard],
                 "ref": ref,
             }
+            self.served[(shard, self.versions[shard])] = {n: self.params[n].copy() for n in names}
             await ws.send(frame_to_wire(header, {n: self.params[n] for n in names}))
         elif mtype == "push":
             self.first_push.set()
@@ -437,41 +440,48 @@ async def test_the_pushed_gradient_is_the_mean_gradient_of_the_batches_it_covers
         np.testing.assert_allclose(pushed[name], expected[name], rtol=1e-4, atol=1e-6)
 
 
-async def test_the_first_round_ends_before_the_first_refetch_and_a_spot_check_can_replay_it(
-    server: FakeServer, tmp_path: Path, model_config: dict[str, Any], shard_body: bytes
+@pytest.mark.parametrize(("n_fetch", "n_push"), [(2, 5), (3, 3), (1, 2), (4, 2)])
+async def test_every_round_runs_on_the_weights_it_names_so_a_spot_check_can_replay_it(
+    server: FakeServer,
+    tmp_path: Path,
+    model_config: dict[str, Any],
+    shard_body: bytes,
+    n_fetch: int,
+    n_push: int,
 ) -> None:
-    # Prepare: refetch every 2 steps, push every 5; round 0 must not straddle a refetch.
-    server.lease_template.update(steps=7)
-    server.lease_template["hyper"].update(n_fetch=2, n_push=5)
+    # Prepare: fetches overlap training, and the server's weights change with every push.
+    server.lease_template.update(steps=9)
+    server.lease_template["hyper"].update(n_fetch=n_fetch, n_push=n_push)
     server.work = [dict(server.lease_template)]
-    weights = {name: value.copy() for name, value in server.params.items()}
 
     # Execute
     await run_agent(make_agent(server, tmp_path))
 
-    # Assert: rounds after steps 1 (the first refetch comes at step 2), 4 and 6.
-    assert [(m["seq"], m["samples"]) for m, _ in server.pushes if m["shard"] == 0] == [
-        (0, 16),
-        (1, 24),
-        (2, 16),
-    ]
-    # The server's spot check replays round 0 from the weights it served and the seed.
-    from downpour_agent.trainer import first_round_gradients
+    # Assert: rounds end at multiples of n_push (and at the last step)...
+    rounds = [(m["seq"], m["samples"]) for m, _ in server.pushes if m["shard"] == 0]
+    sizes = [min(n_push, 9 - start) for start in range(0, 9, n_push)]
+    assert rounds == [(seq, size * 8) for seq, size in enumerate(sizes)]
+    # ...and each one replays exactly from the weights served at the versions it names.
+    from downpour_agent.trainer import round_gradients
 
     with np.load(io.BytesIO(shard_body)) as archive:
         x, y = archive["x"].astype(np.float32), archive["y"]
     verifier = GradientComputer(model_config, "sparse_categorical_crossentropy", seed=7)
-    verifier.set_weights(weights)
-    expected, samples = first_round_gradients(verifier, x, y, batch_size=8, seed=42, steps=2)
-    round_0 = {
-        name: grad
-        for msg, tensors in server.pushes
-        if msg["seq"] == 0
-        for name, grad in tensors.items()
-    }
-    assert samples == 16 and round_0.keys() == expected.keys()
-    for name in expected:
-        np.testing.assert_allclose(round_0[name], expected[name], rtol=1e-4, atol=1e-6)
+    for seq, size in enumerate(sizes):
+        frames = [(m, t) for m, t in server.pushes if m["seq"] == seq]
+        weights = {
+            name: value
+            for msg, _ in frames
+            for name, value in server.served[(msg["shard"], msg["base_version"])].items()
+        }
+        verifier.set_weights(weights)
+        expected, samples = round_gradients(
+            verifier, x, y, batch_size=8, seed=42, first_step=seq * n_push, steps=size
+        )
+        pushed = {name: grad for _, tensors in frames for name, grad in tensors.items()}
+        assert samples == size * 8 and pushed.keys() == expected.keys()
+        for name in expected:
+            np.testing.assert_allclose(pushed[name], expected[name], rtol=1e-4, atol=1e-6)
 
 
 async def test_heartbeats_carry_the_lease_while_it_is_worked_on(

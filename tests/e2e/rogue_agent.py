@@ -15,6 +15,8 @@ process; the agent package itself is untouched:
 * ``random``: every gradient replaced by Gaussian noise with the same L2 norm, variable by
   variable: a "faking" agent whose pushes look plausible in size but carry no information.
   Clipping alone does not catch it; spot checks do.
+* ``late``: honest for the first ``--honest-steps`` steps of every lease, ``random`` after:
+  a faker that expects only the start of a lease to be checked.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-MODES = ("scale", "random")
+MODES = ("scale", "random", "late")
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -34,16 +36,28 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--mode", choices=MODES, required=True, help="how to tamper")
     parser.add_argument("--factor", type=float, default=1e6, help="multiplier of --mode scale")
     parser.add_argument("--seed", type=int, default=None, help="noise seed of --mode random")
+    parser.add_argument(
+        "--honest-steps", type=int, default=2, help="honest steps per lease of --mode late"
+    )
     parser.add_argument("agent_args", nargs=argparse.REMAINDER, help="downpour-agent arguments")
     return parser.parse_args(argv)
 
 
-def tamper(mode: str, factor: float = 1e6, seed: int | None = None) -> None:
-    """Wrap ``GradientComputer.compute`` so every gradient it returns is tampered with."""
+def tamper(mode: str, factor: float = 1e6, seed: int | None = None, honest_steps: int = 2) -> None:
+    """Wrap ``GradientComputer.compute`` so the gradients it returns are tampered with."""
     from downpour_agent import trainer
 
     honest = trainer.GradientComputer.compute
     rng = np.random.default_rng(seed)
+    steps_in_lease = [0]
+    # The agent makes a new BatchSampler for every lease: that is where a lease starts.
+    new_sampler = trainer.BatchSampler.__init__
+
+    def sampler_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        steps_in_lease[0] = 0
+        new_sampler(self, *args, **kwargs)
+
+    trainer.BatchSampler.__init__ = sampler_init  # type: ignore[method-assign]
 
     def forged(gradient: np.ndarray) -> np.ndarray:
         if mode == "scale":
@@ -54,6 +68,9 @@ def tamper(mode: str, factor: float = 1e6, seed: int | None = None) -> None:
 
     def compute(self: Any, x: Any, y: Any) -> tuple[dict[str, np.ndarray], float]:
         gradients, loss = honest(self, x, y)
+        steps_in_lease[0] += 1
+        if mode == "late" and steps_in_lease[0] <= honest_steps:
+            return gradients, loss
         return {name: forged(gradient) for name, gradient in gradients.items()}, loss
 
     trainer.GradientComputer.compute = compute  # type: ignore[method-assign]
@@ -61,7 +78,7 @@ def tamper(mode: str, factor: float = 1e6, seed: int | None = None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    tamper(args.mode, args.factor, args.seed)
+    tamper(args.mode, args.factor, args.seed, args.honest_steps)
     from downpour_agent import cli
 
     return cli.main(args.agent_args)

@@ -1,8 +1,9 @@
-"""Spot checks over real sockets: a worker recomputes agents' first push rounds.
+"""Spot checks over real sockets: a worker replays a random push round of agents' leases.
 
-An honest agent process passes every check; an agent process that fakes its gradients
+An honest agent process passes every check. An agent process that fakes its gradients
 (``rogue_agent.py --mode random``) fails its first one, is banned by the worker's verdict,
-and its socket is closed.
+and its socket is closed; so is one that computes the first round of each lease honestly
+and fakes the rest (``--mode late``).
 """
 
 from __future__ import annotations
@@ -41,28 +42,41 @@ def test_an_honest_agent_passes_its_spot_checks_and_a_faking_one_is_banned(
         target_accuracy=1.0,
         budget_seconds=40,
         name="digits-spot",
-        tokens=2,
+        tokens=3,
         n_push=2,
         n_fetch=3,
         spot_check_fraction=1.0,
     )
     job_id = seeded["job_id"]
-    honest_token, rogue_token = seeded["tokens"]
+    honest_token, rogue_token, late_token = seeded["tokens"]
     # Execute
     production.start_agent("honest", honest_token)
-    rogue = start_rogue_agent(production, "faker", rogue_token, "random")
-    # Assert: the faker is banned by a failed check and its process ends.
-    production.wait_for(
-        "the faker to be banned",
-        lambda: production.query(
-            "SELECT 1 FROM donors_agent WHERE name = 'faker' AND banned_at IS NOT NULL"
-        ),
-        timeout=120,
-    )
-    reason = production.query("SELECT ban_reason FROM donors_agent WHERE name = 'faker'")[0][0]
-    assert "spot check" in reason
-    assert rogue.wait(timeout=60) != 0, "a banned agent stops"
-    assert "banned" in (production.workdir / "faker.log").read_text()
+    fakers = {
+        "faker": start_rogue_agent(production, "faker", rogue_token, "random"),
+        "late-faker": start_rogue_agent(production, "late-faker", late_token, "late"),
+    }
+    # Assert: each faker is banned by a failed check and its process ends.
+    for name, proc in fakers.items():
+        production.wait_for(
+            f"{name} to be banned",
+            lambda name=name: production.query(
+                "SELECT 1 FROM donors_agent WHERE name = %s AND banned_at IS NOT NULL", [name]
+            ),
+            timeout=120,
+        )
+        (reason,) = production.query("SELECT ban_reason FROM donors_agent WHERE name = %s", [name])[
+            0
+        ]
+        assert "spot check" in reason
+        assert proc.wait(timeout=60) != 0, "a banned agent stops"
+        assert "banned" in (production.workdir / f"{name}.log").read_text()
+    assert (
+        production.query(
+            "SELECT MAX(s.round) FROM training_spotcheck s JOIN donors_agent a "
+            "ON s.agent_id = a.id WHERE a.name = 'late-faker' AND s.status = 'failed'"
+        )[0][0]
+        > 0
+    ), "the late faker is caught on a round after its honest first one"
     production.wait_for(
         "two of the honest agent's checks to pass",
         lambda: checks(production, job_id, "honest").get("passed", 0) >= 2,

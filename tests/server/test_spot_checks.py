@@ -1,4 +1,4 @@
-"""Spot checks: which leases are checked, and the worker's verdict on a first push round.
+"""Spot checks: which leases and rounds are checked, and the worker's verdict on a round.
 
 The rounds here are computed with the agent's own step (``connection._gradient_step``) on the
 weights the store serves, as a real agent does; ``tests/e2e/test_spot_checks.py`` does the
@@ -43,10 +43,18 @@ def start(alice, dataset, **overrides: Any):  # type: ignore[no-untyped-def]
     return job
 
 
-def first_round(lease) -> tuple[dict[str, np.ndarray], dict[int, int], dict[str, Any], int]:  # type: ignore[no-untyped-def]
-    """What an honest agent fetches and pushes in round 0 of ``lease``."""
+def honest_round(lease, round_index: int = 0):  # type: ignore[no-untyped-def]
+    """What an honest agent fetches and pushes in round ``round_index`` of ``lease``.
+
+    Returns ``(weights, versions, gradients, samples)``: the weights it fetched and their
+    versions (the round's base versions), and its mean gradient over the round's samples.
+    """
     job, unit = lease.unit.job, lease.unit
     store = job_store(job)
+    # Other agents' pushes moved the store on since the lease began.
+    for shard, specs in enumerate(store.layout.shards):
+        grad = {v.name: np.full(v.shape, 0.01 * (round_index + 1), np.float32) for v in specs}
+        store.push(shard, grad, store.versions()[shard], f"other:{round_index}:{shard}")
     weights: dict[str, np.ndarray] = {}
     versions: dict[int, int] = {}
     for shard in range(len(store.layout.shards)):
@@ -56,11 +64,13 @@ def first_round(lease) -> tuple[dict[str, np.ndarray], dict[int, int], dict[str,
     computer.set_weights(weights)
     x, y = load_shard(Path(unit.shard.path), unit.shard.n_samples)
     sampler = BatchSampler(len(x), job.batch_size, unit.seed)
+    first, steps = spotchecks.round_span(job, unit.steps, round_index)
+    for _ in range(first):
+        sampler.next_indices()
     accumulator = GradientAccumulator()
-    for _ in range(min(job.n_push, job.n_fetch, unit.steps)):
+    for _ in range(steps):
         _gradient_step(computer, sampler, accumulator, x, y)
-    samples = accumulator.samples
-    return weights, versions, accumulator.mean(), samples
+    return weights, versions, accumulator.mean(), accumulator.samples
 
 
 def test_an_honest_first_round_passes_and_counts_for_the_agent(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
@@ -68,14 +78,14 @@ def test_an_honest_first_round_passes_and_counts_for_the_agent(alice, dataset, a
     job = start(alice, dataset)
     lease = actions.claim_work(agent)
     assert lease is not None and lease.spot_check
-    weights, versions, gradients, samples = first_round(lease)
+    weights, versions, gradients, samples = honest_round(lease)
     # Execute
-    spotchecks.record(str(lease.id), weights, versions, gradients, versions, samples)
+    spotchecks.record(str(lease.id), 0, weights, versions, gradients, samples)
     assert spotchecks.run_pending() == 1
     # Assert
     check = SpotCheck.objects.get(lease=lease)
     assert check.status == SpotCheck.Status.PASSED, check.detail
-    assert check.steps == 3 and check.samples == 3 * 8
+    assert check.steps == 5 and check.samples == 5 * 8
     assert check.relative_error is not None and check.relative_error < 1e-4
     agent.refresh_from_db()
     assert agent.rep_spot_checks_passed == 1 and agent.banned_at is None
@@ -98,10 +108,10 @@ def test_a_faked_first_round_fails_and_bans_the_agent(alice, dataset, agent, fak
     # Prepare
     start(alice, dataset)
     lease = actions.claim_work(agent)
-    weights, versions, gradients, samples = first_round(lease)
+    weights, versions, gradients, samples = honest_round(lease)
     faked = fake(gradients, np.random.default_rng(0))
     # Execute
-    spotchecks.record(str(lease.id), weights, versions, faked, versions, samples)
+    spotchecks.record(str(lease.id), 0, weights, versions, faked, samples)
     spotchecks.run_pending()
     # Assert
     check = SpotCheck.objects.get(lease=lease)
@@ -114,41 +124,90 @@ def test_a_faked_first_round_fails_and_bans_the_agent(alice, dataset, agent, fak
 def test_a_round_on_weights_the_server_never_served_fails_at_once(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
     start(alice, dataset)
     lease = actions.claim_work(agent)
-    weights, versions, gradients, samples = first_round(lease)
-    claimed = {shard: version + 7 for shard, version in versions.items()}
-    spotchecks.record(str(lease.id), weights, versions, gradients, claimed, samples)
+    spotchecks.record_unservable(str(lease.id), 0, {0: 7, 1: 9})
     check = SpotCheck.objects.get(lease=lease)
-    assert check.status == SpotCheck.Status.FAILED and "base versions" in check.detail
+    assert check.status == SpotCheck.Status.FAILED and "never served" in check.detail
+    agent.refresh_from_db()
+    assert agent.banned_at is not None
     assert spotchecks.run_pending() == 0, "a failed check is not run again"
+
+
+def test_on_a_resumed_lease_unserved_versions_are_no_verdict(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
+    start(alice, dataset)
+    lease = actions.claim_work(agent)
+    actions.resume_lease(agent, str(lease.id))  # its earlier connection may have fetched them
+    spotchecks.record_unservable(str(lease.id), 0, {0: 7, 1: 9})
+    assert SpotCheck.objects.get(lease=lease).status == SpotCheck.Status.SKIPPED
+    agent.refresh_from_db()
+    assert agent.banned_at is None
 
 
 def test_a_round_claiming_more_samples_than_its_steps_cover_fails(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
     start(alice, dataset)
     lease = actions.claim_work(agent)
-    weights, versions, gradients, samples = first_round(lease)
-    spotchecks.record(str(lease.id), weights, versions, gradients, versions, samples * 5)
+    weights, versions, gradients, samples = honest_round(lease)
+    spotchecks.record(str(lease.id), 0, weights, versions, gradients, samples * 5)
     assert SpotCheck.objects.get(lease=lease).status == SpotCheck.Status.FAILED
 
 
 def test_a_lease_is_checked_once_even_when_round_0_is_pushed_again(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
     start(alice, dataset)
     lease = actions.claim_work(agent)
-    weights, versions, gradients, samples = first_round(lease)
-    assert spotchecks.record(str(lease.id), weights, versions, gradients, versions, samples)
-    assert spotchecks.record(str(lease.id), weights, versions, gradients, versions, samples) is None
+    weights, versions, gradients, samples = honest_round(lease)
+    assert spotchecks.record(str(lease.id), 0, weights, versions, gradients, samples)
+    assert spotchecks.record(str(lease.id), 0, weights, versions, gradients, samples) is None
     assert SpotCheck.objects.filter(lease=lease).count() == 1
 
 
 def test_a_check_whose_worker_died_is_run_again(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
     start(alice, dataset)
     lease = actions.claim_work(agent)
-    weights, versions, gradients, samples = first_round(lease)
-    check = spotchecks.record(str(lease.id), weights, versions, gradients, versions, samples)
+    weights, versions, gradients, samples = honest_round(lease)
+    check = spotchecks.record(str(lease.id), 0, weights, versions, gradients, samples)
     assert check is not None
     long_ago = check.created_at - spotchecks.STALE_RUNNING * 2
     SpotCheck.objects.filter(id=check.id).update(status="running", started_at=long_ago)
     assert spotchecks.run_pending() == 1
     assert SpotCheck.objects.get(id=check.id).status == SpotCheck.Status.PASSED
+
+
+def test_a_later_round_replays_from_the_weights_it_names(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: round 2 of a lease, computed on weights the store served after other pushes.
+    start(alice, dataset, n_push=2)
+    lease = actions.claim_work(agent)
+    for earlier in (0, 1):
+        honest_round(lease, earlier)
+    weights, versions, gradients, samples = honest_round(lease, 2)
+    assert min(versions.values()) > 0
+    # Execute
+    spotchecks.record(str(lease.id), 2, weights, versions, gradients, samples)
+    spotchecks.run_pending()
+    # Assert
+    check = SpotCheck.objects.get(lease=lease)
+    assert check.status == SpotCheck.Status.PASSED, check.detail
+    assert (check.round, check.first_step, check.steps) == (2, 4, 2)
+
+
+def test_an_agent_honest_in_its_first_rounds_but_faking_later_ones_fails(
+    alice, dataset, agent
+) -> None:  # type: ignore[no-untyped-def]
+    start(alice, dataset, n_push=2)
+    lease = actions.claim_work(agent)
+    weights, versions, gradients, samples = honest_round(lease, 3)
+    # The right gradient, but of the round before (replayed data): what a lazy faker sends.
+    _, _, stale, _ = honest_round(lease, 2)
+    spotchecks.record(str(lease.id), 3, weights, versions, stale, samples)
+    spotchecks.run_pending()
+    assert SpotCheck.objects.get(lease=lease).status == SpotCheck.Status.FAILED
+
+
+def test_the_round_checked_is_drawn_over_all_of_a_leases_rounds(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
+    job = start(alice, dataset, n_push=4)
+    agent = Agent.objects.select_related("token").get(id=agent.id)
+    drawn = [spotchecks.choose_round(job, agent, 18) for _ in range(2000)]
+    counts = {k: drawn.count(k) for k in set(drawn)}
+    assert set(counts) == {0, 1, 2, 3, 4}  # ceil(18 / 4) rounds; the last one is short
+    assert min(counts.values()) > 300  # about 400 each
 
 
 def test_leases_are_checked_at_the_jobs_fraction_and_never_for_trusted_agents(

@@ -55,15 +55,19 @@ class CachedLease:
     lease_id: str
     job: Job
     deadline: float  # time.monotonic() after which the lease must be re-read
-    spot_check: bool = False
+    spot_check_round: int | None = None  # the push round a spot check replays, if any
+
+
+#: Versions of each shard a checked lease's consumer keeps. An honest agent's round runs on
+#: the newest weights it has received, at most one fetch behind the newest served.
+SERVED_KEPT = 4
 
 
 @dataclass
 class _Recording:
-    """A spot-checked lease's first fetch and first push round, until all shards are in."""
+    """A spot-checked lease: the weights served it lately, and its chosen round's pushes."""
 
-    weights: dict[int, dict[str, Any]] = field(default_factory=dict)
-    versions: dict[int, int] = field(default_factory=dict)
+    served: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)
     gradients: dict[int, dict[str, Any]] = field(default_factory=dict)
     base_versions: dict[int, int] = field(default_factory=dict)
     samples: int = 0
@@ -241,10 +245,11 @@ class AgentConsumer(AsyncWebsocketConsumer):
             self._with_store, cached.job, lambda: store.fetch(msg["shard"])
         )
         recording = self._recording(cached)
-        if recording is not None and not recording.gradients:
-            # The weights of the lease's first round: the latest fetch before round 0.
-            recording.weights[msg["shard"]] = {k: v.copy() for k, v in tensors.items()}
-            recording.versions[msg["shard"]] = version
+        if recording is not None:
+            kept = recording.served.setdefault(msg["shard"], {})
+            kept[version] = {k: v.copy() for k, v in tensors.items()}
+            for stale in sorted(kept)[:-SERVED_KEPT]:
+                del kept[stale]
         reply = {
             "type": "params",
             "lease_id": msg["lease_id"],
@@ -273,8 +278,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
         except StoreError:
             tally.rejected += 1
             raise
-        if msg["seq"] == 0 and not result.duplicate:
-            await self._record_first_round(cached, msg, tensors)
+        if msg["seq"] == cached.spot_check_round and not result.duplicate:
+            await self._record_checked_round(cached, msg, tensors)
         if result.applied and cached.job.robust_aggregation:
             self.state.clipped.append(result.clipped)
         if result.applied:
@@ -334,7 +339,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
 
     def _cache(self, lease: Lease, ttl_s: float) -> CachedLease:
         cached = CachedLease(
-            str(lease.id), lease.unit.job, time.monotonic() + ttl_s, lease.spot_check
+            str(lease.id),
+            lease.unit.job,
+            time.monotonic() + ttl_s,
+            lease.spot_check_round if lease.spot_check else None,
         )
         self.state.leases[cached.lease_id] = cached
         return cached
@@ -389,16 +397,16 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await self.close(code=4403)
 
     def _recording(self, cached: CachedLease) -> _Recording | None:
-        if not cached.spot_check:
+        if cached.spot_check_round is None:
             return None
         return self.state.recordings.setdefault(cached.lease_id, _Recording())
 
-    async def _record_first_round(
+    async def _record_checked_round(
         self, cached: CachedLease, msg: dict[str, Any], tensors: dict[str, Any]
     ) -> None:
         recording = self._recording(cached)
-        if recording is None or not recording.weights:
-            return  # not checked, or fetched on another connection: nothing to compare with
+        if recording is None:
+            return
         recording.gradients[msg["shard"]] = tensors
         recording.base_versions[msg["shard"]] = msg["base_version"]
         recording.samples = msg["samples"]
@@ -406,8 +414,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if len(recording.gradients) < n_shards:
             return
         del self.state.recordings[cached.lease_id]
-        if recording.gradients.keys() == recording.weights.keys():
-            await self._save_spot_check(cached.lease_id, recording)
+        await self._save_spot_check(cached.lease_id, cached.spot_check_round, recording)
 
     def _decode_push(self, data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
         # The rate is checked before decoding, so a flood costs us as little as possible.
@@ -532,13 +539,21 @@ class AgentConsumer(AsyncWebsocketConsumer):
         return actions.record_clipping(str(self.agent.id), clipped)
 
     @database_sync_to_async
-    def _save_spot_check(self, lease_id: str, recording: _Recording) -> None:
+    def _save_spot_check(
+        self, lease_id: str, round_index: int | None, recording: _Recording
+    ) -> None:
+        assert round_index is not None
+        versions = recording.base_versions
+        served = [recording.served.get(shard, {}).get(v) for shard, v in versions.items()]
+        if any(weights is None for weights in served):
+            spotchecks.record_unservable(lease_id, round_index, versions)
+            return
         spotchecks.record(
             lease_id,
-            {k: v for shard in recording.weights.values() for k, v in shard.items()},
-            recording.versions,
+            round_index,
+            {k: v for weights in served if weights is not None for k, v in weights.items()},
+            versions,
             {k: v for shard in recording.gradients.values() for k, v in shard.items()},
-            recording.base_versions,
             recording.samples,
         )
 

@@ -530,7 +530,7 @@ def claim_work(agent: Agent) -> Lease | None:
                         steps=rest,
                         seed=random.randrange(1 << 31),
                     )
-                return _new_lease(unit, view.job, agent, now + ttl)
+                return _new_lease(unit, view.job, agent, now + ttl, take)
     backup = _claim_backup(agent, host, views, eligible, now)
     if backup is not None:
         return backup
@@ -565,15 +565,17 @@ def claim_work(agent: Agent) -> Lease | None:
             status=WorkUnit.Status.LEASED,
             attempts=1,
         )
-        return _new_lease(unit, job, agent, now + ttl)
+        return _new_lease(unit, job, agent, now + ttl, steps)
 
 
-def _new_lease(unit: WorkUnit, job: Job, agent: Agent, expires_at: datetime) -> Lease:
+def _new_lease(unit: WorkUnit, job: Job, agent: Agent, expires_at: datetime, steps: int) -> Lease:
+    check_round = spotchecks.choose_round(job, agent, steps)
     return Lease.objects.create(
         unit=unit,
         agent=agent,
         expires_at=expires_at,
-        spot_check=spotchecks.should_check(job, agent),
+        spot_check=check_round is not None,
+        spot_check_round=check_round or 0,
     )
 
 
@@ -623,7 +625,9 @@ def _claim_backup(
         return None
     _, unit = max(candidates, key=lambda c: c[0])
     log.info("backup copy of straggling unit %s for agent %s", unit.id, agent.id)
-    return _new_lease(unit, unit.job, agent, now + timedelta(seconds=settings.LEASE_TTL_S))
+    return _new_lease(
+        unit, unit.job, agent, now + timedelta(seconds=settings.LEASE_TTL_S), unit.steps
+    )
 
 
 def lease_message(lease: Lease, base_url_path: str = "/api/agent/shards/") -> dict[str, Any]:

@@ -73,7 +73,7 @@ class Job(models.Model):
     staleness_hist = models.JSONField(default=dict, blank=True)
     # Centred clipping at the store (Karimireddy et al. 2021); needs a trusted agent online.
     robust_aggregation = models.BooleanField(default=False)
-    # Fraction of leases whose first push round a trusted worker recomputes (spot checks).
+    # Fraction of leases one of whose push rounds a trusted worker recomputes (spot checks).
     spot_check_fraction = models.FloatField(default=0.05)
     # A researcher's starting point (e.g. a finished job's weights.npz), checked at submit
     # and again, with its SHA-256, when the job starts.
@@ -147,8 +147,9 @@ class Lease(models.Model):
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     ended_at = models.DateTimeField(null=True, blank=True)
     resumed = models.IntegerField(default=0)
-    # Chosen at issue for a spot check; the agent is not told.
+    # Chosen at issue for a spot check, with the push round to replay; the agent is not told.
     spot_check = models.BooleanField(default=False)
+    spot_check_round = models.IntegerField(default=0)
     samples = models.BigIntegerField(default=0)
     pushes_accepted = models.IntegerField(default=0)
     pushes_rejected = models.IntegerField(default=0)
@@ -215,10 +216,10 @@ class Checkpoint(models.Model):
 
 
 class SpotCheck(models.Model):
-    """A lease's first push round, kept so a trusted worker can recompute it.
+    """One push round of a lease, kept so a trusted worker can recompute it.
 
-    ``weights`` holds what the server served at the lease's first fetch of each shard and
-    ``gradients`` what the agent pushed in round 0, both as ``.npz`` bytes keyed by variable.
+    ``weights`` holds what the server served at the versions the round's pushes name and
+    ``gradients`` what the agent pushed, both as ``.npz`` bytes keyed by variable.
     """
 
     class Status(models.TextChoices):
@@ -237,6 +238,8 @@ class SpotCheck(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     checked_at = models.DateTimeField(null=True, blank=True)
+    round = models.IntegerField(default=0)  # the push round's seq
+    first_step = models.IntegerField(default=0)
     steps = models.IntegerField()
     samples = models.IntegerField()
     versions = models.JSONField()  # per shard: the version served (= the push's base_version)

@@ -1,27 +1,29 @@
-"""Spot checks: a trusted worker recomputes a lease's first push round and compares.
+"""Spot checks: a trusted worker replays one push round of a lease and compares.
 
 Which leases: each lease of an untrusted agent is checked with the job's
 ``spot_check_fraction`` (5 % by default), decided when it is issued with the OS's random
-source; the agent is not told. An agent faking every unit is caught within 100 units with
-probability ``1 - 0.95 ** 100 = 0.994``.
+source, together with which of its push rounds to replay; the agent is told neither. An
+agent faking every unit is caught within 100 units with probability
+``1 - 0.95 ** 100 = 0.994``, and one faking only some rounds is caught in proportion.
 
-What: the agent's first push round (``seq`` 0). The protocol makes that round end no later
-than the step before the lease's first refetch, so it ran on exactly the weights the lease's
-first fetch returned. The consumer keeps those weights and the round's gradient; a worker
+Why any round can be replayed: the agent loads fetched weights only between push rounds, so
+each round ran on one set of weights, the one its pushes name as ``base_version`` (see
+``docs/protocol.md``). For a checked lease the consumer keeps the weights it served this
+lease at its last few versions per shard, and the gradient of the chosen round. A worker
 (Celery, or the embedded thread) rebuilds the model with the agent's own trainer code, loads
-the weights, replays the same seeded mini-batches and compares per tensor with
-:func:`downpour.reputation.gradients_match`. Later rounds ran on weights that changed
-mid-round at moments only the agent knows, so they cannot be recomputed exactly.
+the weights the round names, replays the same seeded mini-batches and compares per tensor
+with :func:`downpour.reputation.gradients_match`.
 
 Who recomputes: the platform's own worker. A verifier has to be trusted anyway, and ours is
-the one that cannot collude with a donor; a round is ``min(n_push, n_fetch)`` steps, so at
-5 % of leases it costs the worker a small fraction of what the fleet computes.
+the one that cannot collude with a donor; a round is ``n_push`` steps, so at 5 % of leases
+it costs the worker a small fraction of what the fleet computes.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import random
 import threading
 from collections import OrderedDict
@@ -71,6 +73,13 @@ def should_check(job: Job, agent: Agent) -> bool:
     return reputation.should_spot_check(_random, job.spot_check_fraction)
 
 
+def choose_round(job: Job, agent: Agent, steps: int) -> int | None:
+    """The push round to replay of a new lease of ``steps`` steps, or None: not checked."""
+    if not should_check(job, agent):
+        return None
+    return _random.randrange(math.ceil(steps / job.n_push))
+
+
 def summary(job: Job) -> dict[str, Any]:
     """What the job page shows: the fraction, whether the model can be checked, verdicts."""
     counts = dict(SpotCheck.objects.filter(job=job).values_list("status").annotate(n=Count("id")))
@@ -83,9 +92,10 @@ def summary(job: Job) -> dict[str, Any]:
     }
 
 
-def round_steps(job: Job, unit_steps: int) -> int:
-    """Steps in a lease's first push round (see ``docs/protocol.md``)."""
-    return min(job.n_push, job.n_fetch, unit_steps)
+def round_span(job: Job, unit_steps: int, round_index: int) -> tuple[int, int]:
+    """``(first_step, steps)`` of push round ``round_index`` of a lease (docs/protocol.md)."""
+    first = round_index * job.n_push
+    return first, max(0, min(job.n_push, unit_steps - first))
 
 
 def to_npz(tensors: Mapping[str, np.ndarray]) -> bytes:
@@ -101,30 +111,22 @@ def from_npz(data: bytes) -> dict[str, np.ndarray]:
 
 def record(
     lease_id: str,
+    round_index: int,
     weights: Mapping[str, np.ndarray],
     versions: Mapping[int, int],
     gradients: Mapping[str, np.ndarray],
-    base_versions: Mapping[int, int],
     samples: int,
 ) -> SpotCheck | None:
-    """Queue a check of a lease's first round. ``versions`` are those served per shard.
+    """Queue a check of one round of a lease.
 
-    A round whose base versions are not the versions the server served, or whose sample
-    count is not what the round's steps cover, breaks the protocol: it is failed at once.
-    Returns None if the lease already has a check (a resumed lease pushes round 0 again).
+    ``versions`` are the round's base versions per shard and ``weights`` what the server
+    served at them. A round claiming more or fewer samples than its steps cover breaks the
+    protocol and fails at once. Returns None if the lease already has a check.
     """
     lease = Lease.objects.select_related("unit__job", "unit__shard", "agent").get(id=lease_id)
     job, unit = lease.unit.job, lease.unit
-    steps = round_steps(job, unit.steps)
+    first_step, steps = round_span(job, unit.steps, round_index)
     expected_samples = steps * min(job.batch_size, unit.shard.n_samples)
-    problems = []
-    if dict(base_versions) != dict(versions):
-        problems.append(
-            f"round 0 claims base versions {dict(base_versions)}, served {dict(versions)}"
-        )
-    if samples != expected_samples:
-        problems.append(f"round 0 claims {samples} samples, its {steps} steps cover")
-        problems[-1] += f" {expected_samples}"
     with transaction.atomic():
         if SpotCheck.objects.filter(lease_id=lease_id).exists():
             return None
@@ -132,15 +134,44 @@ def record(
             lease=lease,
             job=job,
             agent=lease.agent,
+            round=round_index,
+            first_step=first_step,
             steps=steps,
             samples=samples,
             versions={str(k): v for k, v in versions.items()},
             weights=to_npz(weights),
             gradients=to_npz(gradients),
         )
-    if problems:
-        _finish(check, passed=False, relative_error=None, detail="; ".join(problems))
+    if steps == 0 or samples != expected_samples:
+        detail = f"round {round_index} claims {samples} samples; its {steps} steps cover "
+        _finish(check, passed=False, relative_error=None, detail=detail + str(expected_samples))
     return check
+
+
+def record_unservable(lease_id: str, round_index: int, versions: Mapping[int, int]) -> None:
+    """The checked round names versions this server never served the lease (recently).
+
+    An honest agent's round runs on the newest weights it received, which the consumer
+    keeps; so on a lease that was never resumed this is a protocol violation and fails. A
+    resumed lease may have fetched them on its earlier connection: no verdict.
+    """
+    lease = Lease.objects.select_related("unit__job", "agent").get(id=lease_id)
+    with transaction.atomic():
+        if SpotCheck.objects.filter(lease_id=lease_id).exists():
+            return
+        check = SpotCheck.objects.create(
+            lease=lease,
+            job=lease.unit.job,
+            agent=lease.agent,
+            round=round_index,
+            steps=0,
+            samples=0,
+            versions={str(k): v for k, v in versions.items()},
+            weights=b"",
+            gradients=b"",
+        )
+    detail = f"round {round_index} names base versions {dict(versions)} never served to it"
+    _finish(check, passed=None if lease.resumed else False, relative_error=None, detail=detail)
 
 
 def run_pending(limit: int = 20) -> int:
@@ -175,15 +206,21 @@ def run_pending(limit: int = 20) -> int:
 def run(check: SpotCheck) -> bool:
     """Recompute ``check``'s round and judge the agent; returns whether it passed."""
     from downpour_agent.data import load_shard
-    from downpour_agent.trainer import first_round_gradients
+    from downpour_agent.trainer import round_gradients
 
     job, unit = check.job, check.lease.unit
     x, y = load_shard(Path(unit.shard.path), unit.shard.n_samples)
     with _compute_lock:
         computer = _computer(job)
         computer.set_weights(from_npz(check.weights))
-        expected, samples = first_round_gradients(
-            computer, x, y, batch_size=job.batch_size, seed=unit.seed, steps=check.steps
+        expected, samples = round_gradients(
+            computer,
+            x,
+            y,
+            batch_size=job.batch_size,
+            seed=unit.seed,
+            first_step=check.first_step,
+            steps=check.steps,
         )
     pushed = from_npz(check.gradients)
     passed = samples == check.samples and reputation.gradients_match(pushed, expected)
