@@ -18,6 +18,15 @@ Gradients come from a small numpy MLP (forward and backward by hand): exact, det
 and about a hundred times faster per step than calling TensorFlow for batch 32, so a full run
 takes seconds. ``tests/security/test_robust_attacks.py`` checks it against TensorFlow.
 
+Data: by default every agent samples the whole training set (IID). With ``--data-shards N``
+the agents work as on the server: the training set is cut into ``N`` data shards as
+``downpour.training.datasets.split_train`` cuts it (one fixed shuffle, ``array_split``), and
+each agent works in *units*, each on one data shard, taking the shard with the fewest units
+so far (ties to the lowest index), as ``claim_work`` does. A unit lasts about
+``--unit-pushes`` pushes of an average agent: the server sizes units by time, so a fast agent
+makes more pushes per unit than a slow one. Trusted agents and attackers claim units the same
+way.
+
 Attacks (each attacker transforms the honest gradient it computed):
 
 * ``signflip``: ``-g``; ``scale1e6``: ``1e6 * g``; ``neg1000``: ``-1000 * g``;
@@ -238,6 +247,8 @@ class Agent:
     batches: Iterator[np.ndarray]
     versions: list[int] = field(default_factory=list)
     weights: Weights = field(default_factory=dict)
+    data_shard: int | None = None
+    unit_pushes_left: int = 0
     reputation: Reputation = field(default_factory=Reputation)
     pushes: int = 0
     applied: int = 0
@@ -290,6 +301,44 @@ def batch_stream(n_samples: int, rng: np.random.Generator) -> Iterator[np.ndarra
             yield order[start : start + BATCH_SIZE]
 
 
+def data_shard_indices(n_samples: int, n_shards: int) -> list[np.ndarray]:
+    """Training-set indices of each data shard, cut as the server cuts an uploaded dataset.
+
+    ``downpour.training.datasets.split_train``: one shuffle with seed 0, then
+    ``np.array_split`` into ``n_shards`` parts (that module needs Django's settings, so the
+    two lines are repeated here).
+    """
+    order = np.random.default_rng(0).permutation(n_samples)
+    return list(np.array_split(order, max(1, min(n_shards, n_samples))))
+
+
+@dataclass
+class UnitDispenser:
+    """Units of work on data shards, handed out as ``claim_work`` does.
+
+    Each claim takes the data shard with the fewest units so far (ties to the lowest index);
+    the unit lasts ``round(unit_pushes / speed)`` pushes, at least 1, so that it takes about
+    the same time on every agent (mean ``speed`` is about 1 time unit per push).
+    """
+
+    shards: list[np.ndarray]
+    unit_pushes: int
+    rng: np.random.Generator
+    units: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.units = [0] * len(self.shards)
+
+    def claim(self, agent: Agent) -> None:
+        """Give ``agent`` its next unit: a data shard, its batches and its length."""
+        shard = min(range(len(self.shards)), key=lambda index: (self.units[index], index))
+        self.units[shard] += 1
+        indices = self.shards[shard]
+        agent.data_shard = shard
+        agent.unit_pushes_left = max(1, round(self.unit_pushes / agent.speed))
+        agent.batches = (indices[batch] for batch in batch_stream(len(indices), self.rng))
+
+
 def simulate(
     data: Digits,
     *,
@@ -306,6 +355,8 @@ def simulate(
     eval_every: int = 0,
     storage_factory: Callable[[], ShardStorage] = InMemoryStorage,
     attacker_pushes: int | None = None,
+    data_shards: int = 0,
+    unit_pushes: int = 50,
 ) -> RunResult:
     """Train the digits MLP with simulated asynchronous agents through the real store.
 
@@ -336,6 +387,12 @@ def simulate(
     attacker_pushes : int or None
         Each attacker leaves once this many of its pushes were applied (not held), "hit and
         run"; None: never.
+    data_shards : int
+        0: every agent samples the whole training set. ``N >= 1``: the training set is cut
+        into ``N`` data shards and agents work in units on one shard at a time, as on the
+        server (see :class:`UnitDispenser`).
+    unit_pushes : int
+        With ``data_shards``, the pushes of one unit on an agent of average speed.
 
     Notes
     -----
@@ -358,6 +415,8 @@ def simulate(
             eval_every,
             storage_factory,
             attacker_pushes,
+            data_shards,
+            unit_pushes,
         )
 
 
@@ -376,6 +435,8 @@ def _simulate(
     eval_every: int,
     storage_factory: Callable[[], ShardStorage],
     attacker_pushes: int | None,
+    data_shards: int,
+    unit_pushes: int,
 ) -> RunResult:
     rng = np.random.default_rng(seed)
     specs = mlp_specs()
@@ -402,6 +463,19 @@ def _simulate(
         _fetch(store, agent)
         heapq.heappush(schedule, (agent.speed * rng.uniform(0.8, 1.2), agent.index))
     coalition_batches = batch_stream(len(data.y_train), rng)
+    # A separate generator, so that the default (IID) runs draw exactly what they always drew.
+    units = (
+        UnitDispenser(
+            data_shard_indices(len(data.y_train), data_shards),
+            unit_pushes,
+            np.random.default_rng([seed, data_shards]),
+        )
+        if data_shards
+        else None
+    )
+    if units is not None:
+        for agent in crew:
+            units.claim(agent)
 
     curve: list[tuple[int, float]] = []
     held = stale_rejected = 0
@@ -410,6 +484,9 @@ def _simulate(
             break
         now, index = heapq.heappop(schedule)
         agent = crew[index]
+        if units is not None and agent.unit_pushes_left <= 0:
+            units.claim(agent)
+        agent.unit_pushes_left -= 1
         batch = next(agent.batches)
         grads = mlp_gradients(agent.weights, data.x_train[batch], data.y_train[batch])
         if agent.role == "attacker":
@@ -527,6 +604,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="attackers leave once this many of their pushes were applied (default: never)",
     )
+    parser.add_argument(
+        "--data-shards",
+        type=int,
+        default=0,
+        help="cut the training set into this many data shards and give agents units on one "
+        "shard at a time, as the server does (default 0: every agent samples all of it)",
+    )
+    parser.add_argument(
+        "--unit-pushes",
+        type=int,
+        default=50,
+        help="with --data-shards, pushes per unit of an average-speed agent (default 50)",
+    )
     parser.add_argument("--max-staleness", type=int, default=64)
     parser.add_argument("--beta", type=float, default=CentredClipping.beta)
     parser.add_argument("--tau-multiplier", type=float, default=CentredClipping.tau_multiplier)
@@ -534,6 +624,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup-trusted-pushes", type=int, default=CentredClipping.warmup_trusted_pushes
     )
     parser.add_argument("--tau-decay", type=float, default=CentredClipping.tau_decay)
+    parser.add_argument(
+        "--untrusted-window",
+        type=int,
+        default=CentredClipping.untrusted_window,
+        help="recent untrusted distances that widen the radius; 0: trusted radius only",
+    )
+    parser.add_argument(
+        "--untrusted-multiplier", type=float, default=CentredClipping.untrusted_multiplier
+    )
+    parser.add_argument("--max-widening", type=float, default=CentredClipping.max_widening)
     parser.add_argument("--max-clipped-fraction", type=float, default=DEFAULT_MAX_CLIPPED_FRACTION)
     parser.add_argument("--min-pushes", type=int, default=DEFAULT_MIN_PUSHES)
     parser.add_argument("--storage", choices=["memory", "redis"], default="memory")
@@ -563,6 +663,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tau_multiplier=args.tau_multiplier,
         warmup_trusted_pushes=args.warmup_trusted_pushes,
         tau_decay=args.tau_decay,
+        untrusted_window=args.untrusted_window,
+        untrusted_multiplier=args.untrusted_multiplier,
+        max_widening=args.max_widening,
     )
     cleanups: list[Callable[[], None]] = []
     common: dict[str, Any] = {
@@ -575,6 +678,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "min_pushes": args.min_pushes,
         "eval_every": args.eval_every,
         "storage_factory": _storage_factory(args, cleanups),
+        "data_shards": args.data_shards,
+        "unit_pushes": args.unit_pushes,
     }
     # (result key, attack, attacker_pushes)
     scenarios: list[tuple[str, str, int | None]] = [
@@ -632,6 +737,8 @@ def summary(
         "trusted": args.trusted,
         "pushes": args.pushes,
         "attacker_pushes": attacker_pushes,
+        "data_shards": args.data_shards,
+        **({"unit_pushes": args.unit_pushes} if args.data_shards else {}),
         "storage": args.storage,
         "clean_accuracy": clean.accuracy,
         "attacked_accuracy": attacked.accuracy,

@@ -6,8 +6,10 @@ Keys for shard ``i`` of job ``j`` (``prefix`` defaults to ``"downpour:"``)::
     {prefix}job:{j}:shard:{i}:w        weights, raw float32 little-endian bytes
     {prefix}job:{j}:shard:{i}:a        Adagrad accumulators, same encoding
     {prefix}job:{j}:shard:{i}:r        centred-clipping state, only when the store clips:
-                                       4 float64 LE statistics, then float32 LE momentum
-                                       (``RobustState.to_bytes``)
+                                       4 float64 LE statistics, float32 LE momentum, then
+                                       the recent untrusted distances as float64 LE
+                                       (``RobustState.to_bytes``; a value written before
+                                       the distances existed has none and still loads)
     {prefix}job:{j}:shard:{i}:applied  SET of applied push ids
     {prefix}job:{j}:shards             SET of shard indices, so delete() needs no SCAN
 
@@ -327,7 +329,7 @@ def _decode_robust(data: object, size: int, job: str, shard: int) -> RobustState
     try:
         if not isinstance(data, bytes):
             raise ValueError(f"expected bytes, got {type(data).__name__}")
-        robust = RobustState.from_bytes(data)
+        robust = RobustState.from_bytes(data, size)
     except ValueError as exc:
         raise CorruptState(
             f"Redis shard {shard} of job {job!r} has a bad robust state: {exc}"

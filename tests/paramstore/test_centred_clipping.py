@@ -158,15 +158,21 @@ def test_the_config_refuses_settings_that_cannot_work() -> None:
         {"tau_multiplier": 0.0},
         {"warmup_trusted_pushes": 1},
         {"tau_decay": -0.1},
+        {"untrusted_window": -1},
+        {"untrusted_window": 5000},
+        {"untrusted_window": True},
+        {"untrusted_multiplier": 0.0},
+        {"max_widening": 0.5},
+        {"max_widening": float("inf")},
     ):
         with pytest.raises(ValueError):
             CentredClipping(**bad)  # type: ignore[arg-type]
 
 
 def test_the_robust_state_round_trips_through_its_byte_encoding() -> None:
-    state = RobustState(np.array([1.5, -2.0, 3.25], np.float32), 7, 0.125, 40, 3)
+    state = RobustState(np.array([1.5, -2.0, 3.25], np.float32), 7, 0.125, 40, 3, (0.5, 2.25))
 
-    again = RobustState.from_bytes(state.to_bytes())
+    again = RobustState.from_bytes(state.to_bytes(), 3)
 
     assert again.to_bytes() == state.to_bytes()
     assert (again.trusted_pushes, again.trusted_deviation, again.pushes, again.clipped) == (
@@ -175,9 +181,26 @@ def test_the_robust_state_round_trips_through_its_byte_encoding() -> None:
         40,
         3,
     )
+    assert again.untrusted_deviations == (0.5, 2.25)
     again.momentum[0] = 9  # writable and not shared
     with pytest.raises(ValueError, match="not a valid encoding"):
-        RobustState.from_bytes(b"\x00" * 33)
+        RobustState.from_bytes(b"\x00" * 33, 0)
+    with pytest.raises(ValueError, match="not a valid encoding"):
+        RobustState.from_bytes(state.to_bytes(), 4)  # ends inside the distances
+    with pytest.raises(ValueError, match="finite"):
+        RobustState.from_bytes(state.to_bytes()[:-8] + np.float64(-1).tobytes(), 3)
+
+
+def test_a_state_encoded_before_the_untrusted_distances_existed_decodes_with_none() -> None:
+    momentum = np.array([1.5, -2.0, 3.25], np.float32)
+    stats = np.array([7, 0.125, 40, 3], "<f8")
+    old_encoding = stats.tobytes() + momentum.astype("<f4").tobytes()
+
+    state = RobustState.from_bytes(old_encoding, 3)
+
+    assert state.untrusted_deviations == ()
+    np.testing.assert_array_equal(state.momentum, momentum)
+    assert state.to_bytes() == old_encoding  # and an empty window writes the old bytes
 
 
 # -- warm-up and poisoned pushes -----------------------------------------------------------------
@@ -261,8 +284,28 @@ def test_a_poisoned_push_after_warm_up_is_clipped_before_adagrad_sees_it() -> No
     assert after.robust.trusted_deviation == before.robust.trusted_deviation
 
 
-def test_many_poisoned_pushes_move_neither_the_centre_nor_the_radius() -> None:
+def test_many_poisoned_pushes_do_not_move_the_centre_and_widen_the_radius_at_most_so_far() -> None:
+    # Mallory alone fills the window of untrusted distances: its lower median is hers, and
+    # only max_widening stops the radius.
     store = make_store()
+    rng = np.random.default_rng(4)
+    warm_up(store, 0, rng)
+    before = robust_of(store, 0)
+
+    for k in range(40):
+        poison = {name: 1e6 * t for name, t in honest_gradient(0, rng).items()}
+        assert store.push(0, poison, store.versions()[0], f"mallory-{k}").clipped
+
+    after = robust_of(store, 0)
+    assert after.trusted_deviation == before.trusted_deviation
+    assert after.tau(ROBUST) == pytest.approx(ROBUST.max_widening * before.tau(ROBUST))
+    assert len(after.untrusted_deviations) == ROBUST.untrusted_window
+    np.testing.assert_array_equal(after.momentum, before.momentum)
+
+
+def test_without_an_untrusted_window_poisoned_pushes_leave_the_radius_alone() -> None:
+    config = dataclasses.replace(ROBUST, untrusted_window=0)
+    store = make_store(config)
     rng = np.random.default_rng(4)
     warm_up(store, 0, rng)
     before = robust_of(store, 0)
@@ -272,8 +315,62 @@ def test_many_poisoned_pushes_move_neither_the_centre_nor_the_radius() -> None:
         assert store.push(0, poison, store.versions()[0], f"mallory-{k}").clipped
 
     after = robust_of(store, 0)
-    assert after.tau(ROBUST) == before.tau(ROBUST)
-    np.testing.assert_array_equal(after.momentum, before.momentum)
+    assert after.tau(config) == before.tau(config) and after.untrusted_deviations == ()
+
+
+# -- the radius: trusted spread, widened by the untrusted one ----------------------------------
+
+
+def radius_of(trusted_deviation: float, recent: tuple[float, ...]) -> float:
+    """``tau`` of a state with this trusted EMA and these recent untrusted distances."""
+    state = RobustState(np.zeros(2, np.float32), 5, trusted_deviation, 5, 0, recent)
+    return state.tau(ROBUST)
+
+
+def test_the_radius_is_the_trusted_one_until_the_window_is_half_full() -> None:
+    # ROBUST: tau_multiplier 2, untrusted_multiplier 3, window 32 (counts from 16 on)
+    assert radius_of(1.0, ()) == 2.0
+    assert radius_of(1.0, (5.0,) * 15) == 2.0
+    assert radius_of(1.0, (5.0,) * 16) == pytest.approx(min(3 * 5.0, 4 * 2.0))
+
+
+def test_honest_spread_wider_than_the_trusted_one_widens_the_radius() -> None:
+    # Bob works on another data shard: his distances are about 1.0, the trusted EMA 0.4.
+    recent = tuple(0.8 + 0.4 * k / 19 for k in range(20))
+
+    tau = radius_of(0.4, recent)
+
+    assert tau == pytest.approx(3 * sorted(recent)[9])  # the lower median, times 3
+    assert tau > 2 * 0.4 and tau >= max(recent)
+
+
+def test_attackers_below_half_the_window_cannot_widen_the_radius_beyond_honest_distances() -> None:
+    honest = tuple(0.8 + 0.4 * k / 17 for k in range(18))
+    attackers = (1e6,) * 14  # 14 of 32
+
+    widened = radius_of(0.5, honest + attackers)
+
+    assert widened == pytest.approx(3 * max(honest[:16]))  # the 16th smallest is honest
+    assert widened < 4 * 2 * 0.5
+
+
+def test_a_narrower_untrusted_spread_never_shrinks_the_trusted_radius() -> None:
+    assert radius_of(1.0, (0.01,) * 32) == 2.0
+
+
+def test_untrusted_pushes_fill_the_window_oldest_first_and_trusted_ones_do_not() -> None:
+    config = dataclasses.replace(ROBUST, untrusted_window=4)
+    store = make_store(config)
+    rng = np.random.default_rng(21)
+    warm_up(store, 0, rng)
+    norms = []
+
+    for k in range(6):
+        result = store.push(0, honest_gradient(0, rng), store.versions()[0], f"bob-{k}")
+        norms.append(result.deviation_norm)
+    store.push(0, honest_gradient(0, rng), store.versions()[0], "trent", trusted=True)
+
+    assert robust_of(store, 0).untrusted_deviations == pytest.approx(norms[-4:])
 
 
 def test_an_unclipped_push_moves_the_centre_by_momentum() -> None:
@@ -451,6 +548,7 @@ def test_robust_state_survives_a_checkpoint_round_trip(tmp_path: Path) -> None:
 
     assert state_bytes(fresh) == state_bytes(store)
     assert robust_of(fresh, 0).clipped == 1
+    assert len(robust_of(fresh, 0).untrusted_deviations) == 1
     assert checkpoint.states[1].robust is not None  # a shard that saw no push keeps its state
     assert not fresh.push(0, honest_gradient(0, rng), 4, "bob-after-restore").held
 
@@ -465,6 +563,57 @@ def test_a_checkpoint_without_robust_state_loads_with_none(tmp_path: Path) -> No
     assert [state.robust for state in checkpoint.states] == [None, None]
     with np.load(path) as archive:
         assert sorted(archive.files) == ["a0", "a1", "manifest", "v0", "v1", "w0", "w1"]
+
+
+def test_a_checkpoint_written_before_the_untrusted_distances_loads_with_an_empty_window(
+    tmp_path: Path,
+) -> None:
+    store = make_store()
+    rng = np.random.default_rng(13)
+    warm_up(store, 0, rng)
+    store.push(0, honest_gradient(0, rng), 3, "bob")
+    path = tmp_path / "old.npz"
+    write_checkpoint(path, store.layout, store.snapshot(), {})
+    with np.load(path) as archive:
+        arrays = {key: archive[key] for key in archive.files if not key.startswith("d")}
+    with path.open("wb") as handle:
+        np.savez(handle, **arrays)
+
+    robust = read_checkpoint(path).states[0].robust
+
+    assert robust is not None and robust.untrusted_deviations == ()
+    assert (robust.trusted_pushes, robust.pushes) == (3, 4)
+    np.testing.assert_array_equal(robust.momentum, robust_of(store, 0).momentum)
+
+
+def test_a_checkpoint_with_untrusted_distances_but_no_robust_state_is_refused(
+    tmp_path: Path,
+) -> None:
+    plain = make_store(robust=None)
+    path = tmp_path / "odd.npz"
+    write_checkpoint(path, plain.layout, plain.snapshot(), {})
+    with np.load(path) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    arrays["d0"] = np.array([1.0])
+    with path.open("wb") as handle:
+        np.savez(handle, **arrays)
+
+    with pytest.raises(CorruptCheckpoint, match="shard 0 has untrusted distances d0"):
+        read_checkpoint(path)
+
+
+def test_a_checkpoint_with_bad_untrusted_distances_is_refused(tmp_path: Path) -> None:
+    store = make_store()
+    path = tmp_path / "bad.npz"
+    write_checkpoint(path, store.layout, store.snapshot(), {})
+    with np.load(path) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    arrays["d1"] = np.array([1.0, np.nan])
+    with path.open("wb") as handle:
+        np.savez(handle, **arrays)
+
+    with pytest.raises(CorruptCheckpoint, match="shard 1: untrusted deviations must be finite"):
+        read_checkpoint(path)
 
 
 def test_a_checkpoint_with_half_a_robust_state_is_refused(tmp_path: Path) -> None:

@@ -91,16 +91,20 @@ def test_the_robust_state_lives_under_the_documented_key(client: redis.Redis, pr
     storage.initialize(
         JOB, 3, ShardState(2, np.zeros(5, np.float32), np.zeros(5, np.float32), robust)
     )
-    newer = RobustState(np.full(5, 2, np.float32), 3, 0.25, 4, 1)
+    newer = RobustState(np.full(5, 2, np.float32), 3, 0.25, 4, 1, (1.5,))
 
     outcome = storage.commit(
         JOB, 3, 2, ShardState(3, np.ones(5, np.float32), np.ones(5, np.float32), newer), "p1"
     )
 
     base = f"{prefix}job:{JOB}:shard:3:"
+    stored = client.get(base + "r")
     assert outcome is CommitOutcome.APPLIED
-    assert client.get(base + "r") == newer.to_bytes()
-    assert client.get(base + "r")[:32] == np.array([3, 0.25, 4, 1], "<f8").tobytes()  # type: ignore[index]
+    assert stored == newer.to_bytes()
+    assert isinstance(stored, bytes)
+    assert stored[:32] == np.array([3, 0.25, 4, 1], "<f8").tobytes()
+    assert stored[32:52] == np.full(5, 2, "<f4").tobytes()
+    assert stored[52:] == np.array([1.5], "<f8").tobytes()  # the untrusted distances
     assert set(client.scan_iter(match=prefix + "*")) == {
         (base + suffix).encode() for suffix in ("v", "e", "w", "a", "r", "applied")
     } | {f"{prefix}job:{JOB}:shards".encode()}
@@ -189,6 +193,38 @@ def test_two_server_processes_see_the_same_centre(client: redis.Redis, prefix: s
     assert state_a.robust is not None and state_a.robust.pushes == 3 + 1
     final = server_b.snapshot()[0].robust
     assert final is not None and final.pushes == 3 + 2
+    assert final.untrusted_deviations == pytest.approx(
+        (result_b.deviation_norm, result_a.deviation_norm)
+    )
+
+
+def test_a_robust_state_stored_before_the_untrusted_distances_existed_still_loads(
+    client: redis.Redis, prefix: str
+) -> None:
+    # Prepare: a shard that saw trusted pushes only has no untrusted distances, so its r key
+    # is byte for byte the old encoding (statistics, then momentum)
+    store = make_store(client, prefix)
+    store.initialize(initial_weights(store.layout))
+    warm_up(store)
+    old = client.get(f"{prefix}job:{JOB}:shard:0:r")
+    assert isinstance(old, bytes) and len(old) == 32 + 4 * store.layout.shard_size(0)
+
+    # Execute: another server process loads it and accepts Bob's push
+    other_client = redis.Redis.from_url(REDIS_URL)
+    other = make_store(other_client, prefix)
+    loaded = other.snapshot()[0].robust
+    result = other.push(0, bob_gradient(other.layout, 0), other.versions()[0], "bob-1")
+    after = other.snapshot()[0].robust
+    other_client.close()
+
+    # Assert
+    assert loaded is not None and loaded.untrusted_deviations == ()
+    assert loaded.trusted_pushes == ROBUST.warmup_trusted_pushes
+    assert result.applied and not result.held
+    assert after is not None and after.untrusted_deviations == pytest.approx(
+        (result.deviation_norm,)
+    )
+    assert store.warmup_status() == other.warmup_status()
 
 
 def test_concurrent_pushes_from_two_clients_lose_no_update_of_the_robust_state(

@@ -137,3 +137,51 @@ def test_a_few_scale1e6_pushes_freeze_plain_adagrad_but_not_a_clipping_store(
 
     assert attacked.accuracy >= clean.accuracy - 0.04
     assert plain.accuracy <= attacked.accuracy - 0.08
+
+
+# The server's situation: each unit trains on one data shard, and one trusted agent sets the
+# centre and the trusted radius from one shard at a time. With the trusted radius alone these
+# two seeds banned the honest agent (25 % and 29 % of its pushes clipped).
+SERVER_LIKE: dict[str, Any] = {
+    "agents": 3,
+    "trusted": 1,
+    "pushes": 1500,
+    "data_shards": 3,
+    "unit_pushes": 300,
+}
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_an_honest_agent_on_another_data_shard_is_rarely_clipped_and_never_banned(
+    digits: Any, seed: int
+) -> None:
+    # Prepare: one trusted agent, one honest, one scale1e6 attacker; 3 data shards
+    robust = CentredClipping()
+
+    # Execute
+    attacked = attacks.simulate(
+        digits, attack="scale1e6", fraction=0.34, robust=robust, seed=seed, **SERVER_LIKE
+    )
+
+    # Assert
+    assert attacked.attackers_banned == attacked.attackers == 1
+    assert max(attacked.pushes_to_ban) <= MAX_PUSHES_TO_BAN
+    assert attacked.honest_banned == 0
+    assert attacked.honest_clipped_fraction_max <= 0.08
+    assert attacked.accuracy >= 0.9
+
+
+def test_agents_take_units_on_the_data_shard_with_the_fewest_units(digits: Any) -> None:
+    shards = attacks.data_shard_indices(len(digits.y_train), 3)
+    units = attacks.UnitDispenser(shards, 10, np.random.default_rng(0))
+    crew = [attacks.Agent(k, "honest", 1.0, iter(())) for k in range(4)]
+
+    for agent in crew:
+        units.claim(agent)
+    batch = next(crew[1].batches)
+
+    assert [agent.data_shard for agent in crew] == [0, 1, 2, 0]
+    assert units.units == [2, 1, 1]
+    assert sorted(np.concatenate(shards).tolist()) == list(range(len(digits.y_train)))
+    assert len(batch) == attacks.BATCH_SIZE and set(batch.tolist()) <= set(shards[1].tolist())
+    assert crew[0].unit_pushes_left == 10

@@ -11,6 +11,10 @@ File contents (``numpy.savez``, no pickles):
   ``downpour.paramstore.robust.STATS_FIELDS``. The two arrays are optional and were added
   without changing ``format_version``: a file without them loads with ``robust=None``, and
   an older reader ignores them.
+- ``d{i}`` (only beside ``m{i}`` and ``s{i}``): float64 ``(k,)``, the shard's recent
+  untrusted distances ``||g - m||``, oldest first (``RobustState.untrusted_deviations``).
+  Optional in the same way: a file written before it existed loads with an empty window,
+  which refills within a few untrusted pushes; an older reader ignores it.
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ def write_checkpoint(
         if state.robust is not None:
             vectors.append(("m", state.robust.momentum))
             arrays[f"s{shard}"] = state.robust.stats_vector()
+            arrays[f"d{shard}"] = state.robust.deviations_vector()
         for key, array in vectors:
             if array.dtype != np.float32 or array.shape != (size,):
                 raise ValueError(
@@ -199,7 +204,13 @@ def _read_shard(archive: Any, layout: ShardLayout, shard: int, path: object) -> 
 
 def _read_robust(archive: Any, size: int, shard: int, path: object) -> RobustState | None:
     present = {key for key in (f"m{shard}", f"s{shard}") if key in archive.files}
+    deviations_key = f"d{shard}"
     if not present:
+        if deviations_key in archive.files:
+            raise CorruptCheckpoint(
+                f"{path}: shard {shard} has untrusted distances {deviations_key} but no robust "
+                f"state (m{shard} and s{shard})"
+            )
         return None
     if len(present) == 1:
         raise CorruptCheckpoint(
@@ -213,7 +224,8 @@ def _read_robust(archive: Any, size: int, shard: int, path: object) -> RobustSta
             f"layout, found {momentum.dtype} {momentum.shape}"
         )
     try:
-        return RobustState.from_arrays(momentum, archive[f"s{shard}"])
+        deviations = archive[deviations_key] if deviations_key in archive.files else None
+        return RobustState.from_arrays(momentum, archive[f"s{shard}"], deviations)
     except ValueError as exc:
         raise CorruptCheckpoint(f"{path}: shard {shard}: {exc}") from exc
 
