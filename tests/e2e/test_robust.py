@@ -101,13 +101,14 @@ def test_a_robust_job_warms_up_on_its_trusted_agent_then_bans_the_attacker(
     with running("production", tmp_path, **FAST_LEASES, UNIT_TARGET_SECONDS="5") as stack:
         # Prepare: Alice's robust job; an honest donor and an attacker with untrusted tokens.
         # One agent alone takes the digits to 90 % in seconds, so the job runs for a fixed
-        # time instead, long enough for everyone to take part. One data shard: the radius is
-        # measured on the trusted agent's pushes, and an honest agent training on another
-        # shard is clipped on ~25 % of its pushes, sometimes banned (docs/robustness.md).
+        # time instead, long enough for everyone to take part. Three data shards, so the honest
+        # agent often trains on another shard than the trusted one: with a radius measured on
+        # trusted pushes alone it was clipped on ~25 % of its pushes and sometimes banned; the
+        # untrusted spread brought that to 2-3 % (docs/robustness.md, "Data shards").
         seeded = stack.seed(
             target_accuracy=1.0,
             budget_seconds=25,
-            data_shards=1,
+            data_shards=3,
             name="robust-digits",
             tokens=2,
             robust=True,
@@ -147,7 +148,9 @@ def test_a_robust_job_warms_up_on_its_trusted_agent_then_bans_the_attacker(
         assert "banned" in (stack.workdir / "attacker.log").read_text(errors="replace")
         for name in ("honest", "trusted"):
             assert agent_row(stack, name)["banned_at"] is None, stack.logs()
-        assert agent_row(stack, "honest")["pushes"] > 0
+        honest = agent_row(stack, "honest")
+        assert honest["pushes"] > 0
+        assert honest["clipped"] < 0.1 * honest["pushes"], honest
         # ...and the model trained regardless.
         job = stack.job(job_id)
         assert job["status"] == "done", stack.logs()
