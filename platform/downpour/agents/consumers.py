@@ -98,6 +98,7 @@ class _State:
     last_flush: float = 0.0
     clipped: list[bool] = field(default_factory=list)  # per applied push of robust jobs
     recordings: dict[str, _Recording] = field(default_factory=dict)
+    recorded: set[str] = field(default_factory=set)  # checked leases whose round is in
 
 
 class AgentConsumer(AsyncWebsocketConsumer):
@@ -247,7 +248,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
         recording = self._recording(cached)
         if recording is not None:
             kept = recording.served.setdefault(msg["shard"], {})
-            kept[version] = {k: v.copy() for k, v in tensors.items()}
+            # A copy: the in-memory store's arrays change with the next push.
+            kept[version] = await asyncio.to_thread(_copy_tensors, tensors)
             for stale in sorted(kept)[:-SERVED_KEPT]:
                 del kept[stale]
         reply = {
@@ -397,7 +399,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await self.close(code=4403)
 
     def _recording(self, cached: CachedLease) -> _Recording | None:
-        if cached.spot_check_round is None:
+        if cached.spot_check_round is None or cached.lease_id in self.state.recorded:
             return None
         return self.state.recordings.setdefault(cached.lease_id, _Recording())
 
@@ -414,6 +416,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if len(recording.gradients) < n_shards:
             return
         del self.state.recordings[cached.lease_id]
+        self.state.recorded.add(cached.lease_id)
         await self._save_spot_check(cached.lease_id, cached.spot_check_round, recording)
 
     def _decode_push(self, data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -561,6 +564,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
     def _mark_disconnected(self) -> None:
         assert self.agent is not None
         Agent.objects.filter(id=self.agent.id).update(connected=False, last_seen_at=timezone.now())
+
+
+def _copy_tensors(tensors: dict[str, Any]) -> dict[str, Any]:
+    return {name: value.copy() for name, value in tensors.items()}
 
 
 def _bearer_token(scope: dict[str, Any]) -> str | None:
