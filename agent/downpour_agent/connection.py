@@ -988,13 +988,16 @@ class Agent:
         start, seq, samples = progress.next_step, progress.seq, progress.samples
         # Downpour's fetches overlap computation (Dean et al. run them in their own
         # thread): at a fetch point the request goes out and training carries on with the
-        # weights it has. The answer is loaded at the start of the next push round, so
-        # every round runs on one set of weights, which its pushes name as their
-        # base_version: the server can replay any round exactly (spot checks). An
-        # unanswered fetch is waited for at the next fetch point: the server answers it
-        # after applying this agent's earlier pushes, so an agent never runs more than one
-        # fetch window ahead of the store.
+        # weights it has; the answer is loaded at the first step after it arrives, and at
+        # the latest at the next fetch point (the server answers it after applying this
+        # agent's earlier pushes, so an agent never runs more than one fetch window ahead
+        # of the store). A push names the versions its round started on (base_version) and
+        # each load within the round (loads: step offset and versions), so the server can
+        # replay any round exactly (spot checks).
         versions = await self._fetch_all(session, lease, computer)
+        round_base = dict(versions)
+        loads: list[list[Any]] = []
+        round_start = start
         inflight: list[_Pending] | None = None
         received: tuple[Tensors, dict[int, int]] | None = None
         try:
@@ -1005,15 +1008,16 @@ class Agent:
                     # should a cancellation ever be lost on the way.
                     raise asyncio.CancelledError
                 fetch_point = step != start and step % hyper.n_fetch == 0
-                round_starts = step != start and step % hyper.n_push == 0
-                if inflight is not None and (
-                    fetch_point or (round_starts and all(p.future.done() for p in inflight))
-                ):
+                if inflight is not None and (fetch_point or all(p.future.done() for p in inflight)):
                     pendings, inflight = inflight, None
                     received = await self._receive_params(session, lease, pendings)
-                if round_starts and received is not None:
+                if received is not None:
                     versions = await self._load_params(computer, *received)
                     received = None
+                    if step == round_start:
+                        round_base = dict(versions)
+                    else:
+                        loads.append([step - round_start, [versions[i] for i in sorted(versions)]])
                 if fetch_point:
                     inflight = await self._request_params(session, lease)
                 await self._throttle()
@@ -1033,13 +1037,14 @@ class Agent:
                 if (step + 1) % hyper.n_push == 0 or step + 1 == lease.steps:
                     refs = [session.next_ref("push", lease.lease_id) for _ in lease.layout]
                     frames, snapshot = await asyncio.to_thread(
-                        _push_round, accumulator, sampler, lease, seq, versions, refs
+                        _push_round, accumulator, sampler, lease, seq, round_base, loads, refs
                     )
                     active.check()
                     for frame in frames:
                         await session.ws.send(frame)
                     self.stats.pushes_sent += len(frames)
                     seq += 1
+                    round_base, loads, round_start = dict(versions), [], step + 1
                     progress.next_step, progress.seq, progress.samples = step + 1, seq, samples
                     progress.sampler = snapshot
         finally:
@@ -1137,10 +1142,12 @@ def _push_round(
     lease: Lease,
     seq: int,
     base_versions: Mapping[int, int],
+    loads: list[list[Any]],
     refs: list[int],
 ) -> tuple[list[bytes], BatchSampler]:
     """The push frames of one round, and a copy of the sampler to resume from."""
-    return _push_frames(accumulator, lease, seq, base_versions, refs), copy.deepcopy(sampler)
+    frames = _push_frames(accumulator, lease, seq, base_versions, loads, refs)
+    return frames, copy.deepcopy(sampler)
 
 
 def _push_frames(
@@ -1148,6 +1155,7 @@ def _push_frames(
     lease: Lease,
     seq: int,
     base_versions: Mapping[int, int],
+    loads: list[list[Any]],
     refs: list[int],
 ) -> list[bytes]:
     """One ``push`` frame per shard with the mean gradient, then reset the accumulator."""
@@ -1165,6 +1173,8 @@ def _push_frames(
             "samples": samples,
             "ref": refs[shard],
         }
+        if loads:
+            msg["loads"] = loads
         tensors = {name: np.asarray(mean[name], dtype=np.float32) for name, _, _ in specs}
         frames.append(frame_to_wire(msg, tensors, lease.hyper.compression))
     return frames

@@ -7,7 +7,7 @@ connection runs it in a worker thread.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -238,13 +238,15 @@ def round_gradients(
     seed: int,
     first_step: int,
     steps: int,
+    loads: Sequence[tuple[int, Mapping[str, npt.ArrayLike]]] = (),
 ) -> tuple[Gradients, int]:
     """The mean gradient of one push round of a lease, as an honest agent computes it.
 
     A round runs steps ``first_step`` to ``first_step + steps - 1`` of
-    ``BatchSampler(len(x), batch_size, seed)`` on one set of weights, which must already be
-    loaded into ``computer``. Spot checks call this with the weights the server served at
-    the versions the round's pushes name.
+    ``BatchSampler(len(x), batch_size, seed)``, starting on the weights already loaded into
+    ``computer`` and loading ``loads[i][1]`` before its step at offset ``loads[i][0]``
+    within the round. Spot checks call this with the weights the server served at the
+    versions the round's pushes name.
 
     Returns
     -------
@@ -257,7 +259,10 @@ def round_gradients(
     for _ in range(first_step):
         sampler.next_indices()
     accumulator = GradientAccumulator()
-    for _ in range(steps):
+    switches = dict(loads)
+    for offset in range(steps):
+        if offset in switches:
+            computer.set_weights(switches[offset])
         idx = sampler.next_indices()
         gradients, _loss = computer.compute(x[idx], y[idx])
         accumulator.add(gradients, len(idx))

@@ -440,8 +440,8 @@ async def test_the_pushed_gradient_is_the_mean_gradient_of_the_batches_it_covers
         np.testing.assert_allclose(pushed[name], expected[name], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize(("n_fetch", "n_push"), [(2, 5), (3, 3), (1, 2), (4, 2)])
-async def test_every_round_runs_on_the_weights_it_names_so_a_spot_check_can_replay_it(
+@pytest.mark.parametrize(("n_fetch", "n_push"), [(2, 5), (3, 3), (1, 2), (1, 4), (4, 2)])
+async def test_every_round_names_the_weights_it_ran_on_so_a_spot_check_can_replay_it(
     server: FakeServer,
     tmp_path: Path,
     model_config: dict[str, Any],
@@ -461,27 +461,41 @@ async def test_every_round_runs_on_the_weights_it_names_so_a_spot_check_can_repl
     rounds = [(m["seq"], m["samples"]) for m, _ in server.pushes if m["shard"] == 0]
     sizes = [min(n_push, 9 - start) for start in range(0, 9, n_push)]
     assert rounds == [(seq, size * 8) for seq, size in enumerate(sizes)]
-    # ...and each one replays exactly from the weights served at the versions it names.
+    # ...and each one replays exactly from the weights served at the versions it names: its
+    # base versions, then each load within the round.
     from downpour_agent.trainer import round_gradients
+
+    def served(versions: dict[int, int]) -> dict[str, np.ndarray]:
+        return {
+            k: v for shard, ver in versions.items() for k, v in server.served[(shard, ver)].items()
+        }
 
     with np.load(io.BytesIO(shard_body)) as archive:
         x, y = archive["x"].astype(np.float32), archive["y"]
     verifier = GradientComputer(model_config, "sparse_categorical_crossentropy", seed=7)
+    loaded_mid_round = 0
     for seq, size in enumerate(sizes):
         frames = [(m, t) for m, t in server.pushes if m["seq"] == seq]
-        weights = {
-            name: value
-            for msg, _ in frames
-            for name, value in server.served[(msg["shard"], msg["base_version"])].items()
-        }
-        verifier.set_weights(weights)
+        loads = frames[0][0].get("loads", [])
+        assert all(m.get("loads", []) == loads for m, _ in frames)
+        loaded_mid_round += len(loads)
+        verifier.set_weights(served({m["shard"]: m["base_version"] for m, _ in frames}))
         expected, samples = round_gradients(
-            verifier, x, y, batch_size=8, seed=42, first_step=seq * n_push, steps=size
+            verifier,
+            x,
+            y,
+            batch_size=8,
+            seed=42,
+            first_step=seq * n_push,
+            steps=size,
+            loads=[(offset, served(dict(enumerate(vs)))) for offset, vs in loads],
         )
         pushed = {name: grad for _, tensors in frames for name, grad in tensors.items()}
         assert samples == size * 8 and pushed.keys() == expected.keys()
         for name in expected:
             np.testing.assert_allclose(pushed[name], expected[name], rtol=1e-4, atol=1e-6)
+    if n_fetch < n_push:
+        assert loaded_mid_round > 0, "fetches within a round are loaded when they arrive"
 
 
 async def test_heartbeats_carry_the_lease_while_it_is_worked_on(

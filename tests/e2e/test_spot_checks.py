@@ -43,8 +43,10 @@ def test_an_honest_agent_passes_its_spot_checks_and_a_faking_one_is_banned(
         budget_seconds=40,
         name="digits-spot",
         tokens=3,
-        n_push=2,
-        n_fetch=3,
+        # Fetches every step and pushes every 4: rounds load new weights midway, and the
+        # replay must follow their loads.
+        n_push=4,
+        n_fetch=1,
         spot_check_fraction=1.0,
     )
     job_id = seeded["job_id"]

@@ -80,7 +80,7 @@ def test_an_honest_first_round_passes_and_counts_for_the_agent(alice, dataset, a
     assert lease is not None and lease.spot_check
     weights, versions, gradients, samples = honest_round(lease)
     # Execute
-    spotchecks.record(str(lease.id), 0, weights, versions, gradients, samples)
+    spotchecks.record(str(lease.id), 0, [weights], versions, [], gradients, samples)
     assert spotchecks.run_pending() == 1
     # Assert
     check = SpotCheck.objects.get(lease=lease)
@@ -111,7 +111,7 @@ def test_a_faked_first_round_fails_and_bans_the_agent(alice, dataset, agent, fak
     weights, versions, gradients, samples = honest_round(lease)
     faked = fake(gradients, np.random.default_rng(0))
     # Execute
-    spotchecks.record(str(lease.id), 0, weights, versions, faked, samples)
+    spotchecks.record(str(lease.id), 0, [weights], versions, [], faked, samples)
     spotchecks.run_pending()
     # Assert
     check = SpotCheck.objects.get(lease=lease)
@@ -132,6 +132,15 @@ def test_a_round_on_weights_the_server_never_served_fails_at_once(alice, dataset
     assert spotchecks.run_pending() == 0, "a failed check is not run again"
 
 
+def test_weights_served_but_no_longer_kept_are_no_verdict(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
+    start(alice, dataset)
+    lease = actions.claim_work(agent)
+    spotchecks.record_unservable(str(lease.id), 0, {0: 7, 1: 9}, pruned=True)
+    assert SpotCheck.objects.get(lease=lease).status == SpotCheck.Status.SKIPPED
+    agent.refresh_from_db()
+    assert agent.banned_at is None
+
+
 def test_on_a_resumed_lease_unserved_versions_are_no_verdict(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
     start(alice, dataset)
     lease = actions.claim_work(agent)
@@ -146,7 +155,7 @@ def test_a_round_claiming_more_samples_than_its_steps_cover_fails(alice, dataset
     start(alice, dataset)
     lease = actions.claim_work(agent)
     weights, versions, gradients, samples = honest_round(lease)
-    spotchecks.record(str(lease.id), 0, weights, versions, gradients, samples * 5)
+    spotchecks.record(str(lease.id), 0, [weights], versions, [], gradients, samples * 5)
     assert SpotCheck.objects.get(lease=lease).status == SpotCheck.Status.FAILED
 
 
@@ -154,8 +163,8 @@ def test_a_lease_is_checked_once_even_when_round_0_is_pushed_again(alice, datase
     start(alice, dataset)
     lease = actions.claim_work(agent)
     weights, versions, gradients, samples = honest_round(lease)
-    assert spotchecks.record(str(lease.id), 0, weights, versions, gradients, samples)
-    assert spotchecks.record(str(lease.id), 0, weights, versions, gradients, samples) is None
+    assert spotchecks.record(str(lease.id), 0, [weights], versions, [], gradients, samples)
+    assert spotchecks.record(str(lease.id), 0, [weights], versions, [], gradients, samples) is None
     assert SpotCheck.objects.filter(lease=lease).count() == 1
 
 
@@ -163,7 +172,7 @@ def test_a_check_whose_worker_died_is_run_again(alice, dataset, agent) -> None: 
     start(alice, dataset)
     lease = actions.claim_work(agent)
     weights, versions, gradients, samples = honest_round(lease)
-    check = spotchecks.record(str(lease.id), 0, weights, versions, gradients, samples)
+    check = spotchecks.record(str(lease.id), 0, [weights], versions, [], gradients, samples)
     assert check is not None
     long_ago = check.created_at - spotchecks.STALE_RUNNING * 2
     SpotCheck.objects.filter(id=check.id).update(status="running", started_at=long_ago)
@@ -180,7 +189,7 @@ def test_a_later_round_replays_from_the_weights_it_names(alice, dataset, agent) 
     weights, versions, gradients, samples = honest_round(lease, 2)
     assert min(versions.values()) > 0
     # Execute
-    spotchecks.record(str(lease.id), 2, weights, versions, gradients, samples)
+    spotchecks.record(str(lease.id), 2, [weights], versions, [], gradients, samples)
     spotchecks.run_pending()
     # Assert
     check = SpotCheck.objects.get(lease=lease)
@@ -196,9 +205,59 @@ def test_an_agent_honest_in_its_first_rounds_but_faking_later_ones_fails(
     weights, versions, gradients, samples = honest_round(lease, 3)
     # The right gradient, but of the round before (replayed data): what a lazy faker sends.
     _, _, stale, _ = honest_round(lease, 2)
-    spotchecks.record(str(lease.id), 3, weights, versions, stale, samples)
+    spotchecks.record(str(lease.id), 3, [weights], versions, [], stale, samples)
     spotchecks.run_pending()
     assert SpotCheck.objects.get(lease=lease).status == SpotCheck.Status.FAILED
+
+
+def test_a_round_that_loaded_new_weights_midway_replays_with_the_load(
+    alice, dataset, agent
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: round 1 (steps 4-7) ran 2 steps on version A, then loaded version B.
+    job = start(alice, dataset, n_push=4)
+    lease = actions.claim_work(agent)
+    unit = lease.unit
+    store = job_store(job)
+    fetched = []
+    for bump in range(2):
+        for shard, specs in enumerate(store.layout.shards):
+            grad = {v.name: np.full(v.shape, 0.02, np.float32) for v in specs}
+            store.push(shard, grad, store.versions()[shard], f"other:{bump}:{shard}")
+        versions, weights = {}, {}
+        for shard in range(len(store.layout.shards)):
+            versions[shard], tensors = store.fetch(shard)
+            weights.update({k: v.copy() for k, v in tensors.items()})
+        fetched.append((versions, weights))
+    (base, first), (later, second) = fetched
+    computer = GradientComputer(job.model_config, job.loss, seed=1)
+    x, y = load_shard(Path(unit.shard.path), unit.shard.n_samples)
+    sampler = BatchSampler(len(x), job.batch_size, unit.seed)
+    for _ in range(4):
+        sampler.next_indices()
+    accumulator = GradientAccumulator()
+    for offset in range(4):
+        computer.set_weights(first if offset < 2 else second)
+        _gradient_step(computer, sampler, accumulator, x, y)
+    loads = [[2, [later[s] for s in sorted(later)]]]
+    # Execute
+    spotchecks.record(
+        str(lease.id), 1, [first, second], base, loads, accumulator.mean(), accumulator.samples
+    )
+    spotchecks.run_pending()
+    # Assert
+    check = SpotCheck.objects.get(lease=lease)
+    assert check.status == SpotCheck.Status.PASSED, check.detail
+    assert check.loads == loads
+
+
+def test_a_round_claiming_a_load_outside_its_steps_fails(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
+    start(alice, dataset, n_push=4)
+    lease = actions.claim_work(agent)
+    weights, versions, gradients, samples = honest_round(lease, 0)
+    loads = [[9, [versions[s] for s in sorted(versions)]]]
+    spotchecks.record(str(lease.id), 0, [weights, weights], versions, loads, gradients, samples)
+    check = SpotCheck.objects.get(lease=lease)
+    assert check.status == SpotCheck.Status.FAILED and "loads outside" in check.detail
 
 
 def test_the_round_checked_is_drawn_over_all_of_a_leases_rounds(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]

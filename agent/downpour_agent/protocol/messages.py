@@ -44,6 +44,8 @@ AGENT_MESSAGES: dict[str, dict[str, _Field]] = {
         "shard": (_INT, True),
         "base_version": (_INT, True),
         "samples": (_INT, True),
+        # Weights loaded within the round: [[step offset, [version of each shard]], ...].
+        "loads": (_LIST, False),
     },
     "complete": {"lease_id": (_STR, True), "samples": (_INT, True)},
     "return_lease": {"lease_id": (_STR, True)},

@@ -58,9 +58,9 @@ class CachedLease:
     spot_check_round: int | None = None  # the push round a spot check replays, if any
 
 
-#: Versions of each shard a checked lease's consumer keeps. An honest agent's round runs on
-#: the newest weights it has received, at most one fetch behind the newest served.
-SERVED_KEPT = 4
+#: Most versions of each shard a checked lease's consumer keeps the weights of. A round needs
+#: those served from just before it to its end: ``ceil(n_push / n_fetch) + 2``.
+MAX_SERVED_KEPT = 16
 
 
 @dataclass
@@ -68,8 +68,10 @@ class _Recording:
     """A spot-checked lease: the weights served it lately, and its chosen round's pushes."""
 
     served: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)
+    served_versions: dict[int, set[int]] = field(default_factory=dict)  # every one, no weights
     gradients: dict[int, dict[str, Any]] = field(default_factory=dict)
     base_versions: dict[int, int] = field(default_factory=dict)
+    loads: list[list[Any]] = field(default_factory=list)
     samples: int = 0
 
 
@@ -247,10 +249,13 @@ class AgentConsumer(AsyncWebsocketConsumer):
         )
         recording = self._recording(cached)
         if recording is not None:
+            job = cached.job
+            keep = min(MAX_SERVED_KEPT, -(-job.n_push // job.n_fetch) + 2)
+            recording.served_versions.setdefault(msg["shard"], set()).add(version)
             kept = recording.served.setdefault(msg["shard"], {})
             # A copy: the in-memory store's arrays change with the next push.
             kept[version] = await asyncio.to_thread(_copy_tensors, tensors)
-            for stale in sorted(kept)[:-SERVED_KEPT]:
+            for stale in sorted(kept)[:-keep]:
                 del kept[stale]
         reply = {
             "type": "params",
@@ -264,6 +269,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
 
     async def on_push(self, msg: dict[str, Any], tensors: dict[str, Any]) -> None:
         cached = await self._lease(msg["lease_id"])
+        _check_loads(msg.get("loads", []), cached.job)
         store = job_store(cached.job)
         push_id = f"{msg['lease_id']}:{msg['seq']}:{msg['shard']}"
         tally = self.state.tallies.setdefault(msg["lease_id"], Tally(str(cached.job.id)))
@@ -411,6 +417,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             return
         recording.gradients[msg["shard"]] = tensors
         recording.base_versions[msg["shard"]] = msg["base_version"]
+        recording.loads = msg.get("loads", [])
         recording.samples = msg["samples"]
         n_shards = len({entry["shard"] for entry in cached.job.layout["variables"]})
         if len(recording.gradients) < n_shards:
@@ -546,16 +553,25 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self, lease_id: str, round_index: int | None, recording: _Recording
     ) -> None:
         assert round_index is not None
-        versions = recording.base_versions
-        served = [recording.served.get(shard, {}).get(v) for shard, v in versions.items()]
-        if any(weights is None for weights in served):
-            spotchecks.record_unservable(lease_id, round_index, versions)
-            return
+        base = recording.base_versions
+        wanted = [base] + [dict(enumerate(versions)) for _, versions in recording.loads]
+        sets: list[dict[str, Any]] = []
+        for versions in wanted:
+            weights: dict[str, Any] = {}
+            for shard, version in versions.items():
+                served = recording.served.get(shard, {}).get(version)
+                if served is None:
+                    pruned = version in recording.served_versions.get(shard, set())
+                    spotchecks.record_unservable(lease_id, round_index, versions, pruned)
+                    return
+                weights.update(served)
+            sets.append(weights)
         spotchecks.record(
             lease_id,
             round_index,
-            {k: v for weights in served if weights is not None for k, v in weights.items()},
-            versions,
+            sets,
+            base,
+            recording.loads,
             {k: v for shard in recording.gradients.values() for k, v in shard.items()},
             recording.samples,
         )
@@ -564,6 +580,32 @@ class AgentConsumer(AsyncWebsocketConsumer):
     def _mark_disconnected(self) -> None:
         assert self.agent is not None
         Agent.objects.filter(id=self.agent.id).update(connected=False, last_seen_at=timezone.now())
+
+
+def _check_loads(loads: Any, job: Job) -> None:
+    """A push's ``loads``: at most one per step, ``[offset, [a version per shard]]``."""
+    n_shards = len({entry["shard"] for entry in job.layout["variables"]})
+
+    def is_int(value: Any) -> bool:
+        return type(value) is int and value >= 0
+
+    if (
+        not isinstance(loads, list)
+        or len(loads) >= max(job.n_push, 1)
+        or not all(
+            isinstance(load, list)
+            and len(load) == 2
+            and is_int(load[0])
+            and isinstance(load[1], list)
+            and len(load[1]) == n_shards
+            and all(is_int(v) for v in load[1])
+            for load in loads
+        )
+    ):
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE,
+            "push: loads must be at most n_push - 1 pairs [step offset, [a version per shard]]",
+        )
 
 
 def _copy_tensors(tensors: dict[str, Any]) -> dict[str, Any]:

@@ -218,8 +218,9 @@ class Checkpoint(models.Model):
 class SpotCheck(models.Model):
     """One push round of a lease, kept so a trusted worker can recompute it.
 
-    ``weights`` holds what the server served at the versions the round's pushes name and
-    ``gradients`` what the agent pushed, both as ``.npz`` bytes keyed by variable.
+    ``weights`` holds what the server served at the versions the round's pushes name (the
+    round's base, then each load, keyed ``"<i>|<variable>"``) and ``gradients`` what the
+    agent pushed, keyed by variable; both as ``.npz`` bytes.
     """
 
     class Status(models.TextChoices):
@@ -243,6 +244,8 @@ class SpotCheck(models.Model):
     steps = models.IntegerField()
     samples = models.IntegerField()
     versions = models.JSONField()  # per shard: the version served (= the push's base_version)
+    # Weights loaded within the round: [[step offset, [version per shard]], ...].
+    loads = models.JSONField(default=list)
     weights = models.BinaryField()
     gradients = models.BinaryField()
     # Largest ||agent - recomputed|| / ||recomputed|| over the tensors.

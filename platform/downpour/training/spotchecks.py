@@ -27,7 +27,7 @@ import math
 import random
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -112,16 +112,19 @@ def from_npz(data: bytes) -> dict[str, np.ndarray]:
 def record(
     lease_id: str,
     round_index: int,
-    weights: Mapping[str, np.ndarray],
+    weight_sets: Sequence[Mapping[str, np.ndarray]],
     versions: Mapping[int, int],
+    loads: Sequence[Sequence[Any]],
     gradients: Mapping[str, np.ndarray],
     samples: int,
 ) -> SpotCheck | None:
     """Queue a check of one round of a lease.
 
-    ``versions`` are the round's base versions per shard and ``weights`` what the server
-    served at them. A round claiming more or fewer samples than its steps cover breaks the
-    protocol and fails at once. Returns None if the lease already has a check.
+    ``versions`` are the round's base versions per shard and ``loads`` the round's
+    ``[[offset, [version per shard]], ...]``; ``weight_sets`` are what the server served at
+    those versions: the base, then one set per load. A round claiming more or fewer samples
+    than its steps cover, or loads at offsets outside it, breaks the protocol and fails at
+    once. Returns None if the lease already has a check.
     """
     lease = Lease.objects.select_related("unit__job", "unit__shard", "agent").get(id=lease_id)
     job, unit = lease.unit.job, lease.unit
@@ -139,21 +142,34 @@ def record(
             steps=steps,
             samples=samples,
             versions={str(k): v for k, v in versions.items()},
-            weights=to_npz(weights),
+            loads=[[int(offset), list(v)] for offset, v in loads],
+            weights=to_npz(
+                {f"{i}|{k}": v for i, weights in enumerate(weight_sets) for k, v in weights.items()}
+            ),
             gradients=to_npz(gradients),
         )
+    problems = []
     if steps == 0 or samples != expected_samples:
-        detail = f"round {round_index} claims {samples} samples; its {steps} steps cover "
-        _finish(check, passed=False, relative_error=None, detail=detail + str(expected_samples))
+        problems.append(
+            f"round {round_index} claims {samples} samples; its {steps} steps cover "
+            f"{expected_samples}"
+        )
+    if any(not 0 < int(offset) < steps for offset, _ in loads):
+        problems.append(f"round {round_index} claims loads outside its {steps} steps")
+    if problems:
+        _finish(check, passed=False, relative_error=None, detail="; ".join(problems))
     return check
 
 
-def record_unservable(lease_id: str, round_index: int, versions: Mapping[int, int]) -> None:
-    """The checked round names versions this server never served the lease (recently).
+def record_unservable(
+    lease_id: str, round_index: int, versions: Mapping[int, int], pruned: bool = False
+) -> None:
+    """The checked round names weights the consumer does not have.
 
-    An honest agent's round runs on the newest weights it received, which the consumer
-    keeps; so on a lease that was never resumed this is a protocol violation and fails. A
-    resumed lease may have fetched them on its earlier connection: no verdict.
+    ``pruned``: they were served but no longer kept (a round of many loads): no verdict.
+    Otherwise they were never served on this connection: on a lease that was never resumed
+    that is a protocol violation and fails; a resumed lease may have fetched them on its
+    earlier connection: no verdict.
     """
     lease = Lease.objects.select_related("unit__job", "agent").get(id=lease_id)
     with transaction.atomic():
@@ -170,8 +186,12 @@ def record_unservable(lease_id: str, round_index: int, versions: Mapping[int, in
             weights=b"",
             gradients=b"",
         )
-    detail = f"round {round_index} names base versions {dict(versions)} never served to it"
-    _finish(check, passed=None if lease.resumed else False, relative_error=None, detail=detail)
+    if pruned:
+        detail = f"round {round_index}: versions {dict(versions)} are no longer kept"
+    else:
+        detail = f"round {round_index} names versions {dict(versions)} never served to it"
+    verdict = None if pruned or lease.resumed else False
+    _finish(check, passed=verdict, relative_error=None, detail=detail)
 
 
 def run_pending(limit: int = 20) -> int:
@@ -212,7 +232,8 @@ def run(check: SpotCheck) -> bool:
     x, y = load_shard(Path(unit.shard.path), unit.shard.n_samples)
     with _compute_lock:
         computer = _computer(job)
-        computer.set_weights(from_npz(check.weights))
+        sets = _weight_sets(from_npz(check.weights))
+        computer.set_weights(sets[0])
         expected, samples = round_gradients(
             computer,
             x,
@@ -221,6 +242,7 @@ def run(check: SpotCheck) -> bool:
             seed=unit.seed,
             first_step=check.first_step,
             steps=check.steps,
+            loads=[(int(offset), sets[i + 1]) for i, (offset, _) in enumerate(check.loads)],
         )
     pushed = from_npz(check.gradients)
     passed = samples == check.samples and reputation.gradients_match(pushed, expected)
@@ -228,6 +250,14 @@ def run(check: SpotCheck) -> bool:
     detail = "" if passed else f"gradients differ: relative error {error}"
     _finish(check, passed=passed, relative_error=error, detail=detail)
     return passed
+
+
+def _weight_sets(stored: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    sets: dict[int, dict[str, np.ndarray]] = {}
+    for key, value in stored.items():
+        index, _, name = key.partition("|")
+        sets.setdefault(int(index), {})[name] = value
+    return [sets[i] for i in sorted(sets)]
 
 
 def _computer(job: Job) -> Any:
