@@ -77,7 +77,7 @@ def test_an_honest_first_round_passes_and_counts_for_the_agent(alice, dataset, a
     # Prepare
     job = start(alice, dataset)
     lease = actions.claim_work(agent)
-    assert lease is not None and lease.spot_check
+    assert lease is not None and lease.spot_check_round is not None
     weights, versions, gradients, samples = honest_round(lease)
     # Execute
     spotchecks.record(str(lease.id), 0, [weights], versions, [], gradients, samples)
@@ -316,5 +316,5 @@ def test_models_with_dropout_are_not_spot_checked(alice, dataset, agent) -> None
     config["config"]["layers"] = [*layers[:2], dropout, *layers[2:]]
     job = start(alice, dataset, model_json=config)
     assert not spotchecks.recomputable(job.model_config)
-    assert not actions.claim_work(agent).spot_check
+    assert actions.claim_work(agent).spot_check_round is None
     assert spotchecks.recomputable(mlp_config())

@@ -269,8 +269,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
 
     async def on_push(self, msg: dict[str, Any], tensors: dict[str, Any]) -> None:
         cached = await self._lease(msg["lease_id"])
-        _check_loads(msg.get("loads", []), cached.job)
         store = job_store(cached.job)
+        _check_loads(msg.get("loads", []), cached.job.n_push, store.layout.n_shards)
         push_id = f"{msg['lease_id']}:{msg['seq']}:{msg['shard']}"
         tally = self.state.tallies.setdefault(msg["lease_id"], Tally(str(cached.job.id)))
         try:
@@ -350,7 +350,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             str(lease.id),
             lease.unit.job,
             time.monotonic() + ttl_s,
-            lease.spot_check_round if lease.spot_check else None,
+            lease.spot_check_round,
         )
         self.state.leases[cached.lease_id] = cached
         return cached
@@ -419,8 +419,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         recording.base_versions[msg["shard"]] = msg["base_version"]
         recording.loads = msg.get("loads", [])
         recording.samples = msg["samples"]
-        n_shards = len({entry["shard"] for entry in cached.job.layout["variables"]})
-        if len(recording.gradients) < n_shards:
+        if len(recording.gradients) < job_store(cached.job).layout.n_shards:
             return
         del self.state.recordings[cached.lease_id]
         self.state.recorded.add(cached.lease_id)
@@ -582,16 +581,15 @@ class AgentConsumer(AsyncWebsocketConsumer):
         Agent.objects.filter(id=self.agent.id).update(connected=False, last_seen_at=timezone.now())
 
 
-def _check_loads(loads: Any, job: Job) -> None:
+def _check_loads(loads: Any, n_push: int, n_shards: int) -> None:
     """A push's ``loads``: at most one per step, ``[offset, [a version per shard]]``."""
-    n_shards = len({entry["shard"] for entry in job.layout["variables"]})
 
     def is_int(value: Any) -> bool:
         return type(value) is int and value >= 0
 
     if (
         not isinstance(loads, list)
-        or len(loads) >= max(job.n_push, 1)
+        or len(loads) >= max(n_push, 1)
         or not all(
             isinstance(load, list)
             and len(load) == 2

@@ -569,13 +569,11 @@ def claim_work(agent: Agent) -> Lease | None:
 
 
 def _new_lease(unit: WorkUnit, job: Job, agent: Agent, expires_at: datetime, steps: int) -> Lease:
-    check_round = spotchecks.choose_round(job, agent, steps)
     return Lease.objects.create(
         unit=unit,
         agent=agent,
         expires_at=expires_at,
-        spot_check=check_round is not None,
-        spot_check_round=check_round or 0,
+        spot_check_round=spotchecks.choose_round(job, agent, steps),
     )
 
 

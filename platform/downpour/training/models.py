@@ -147,9 +147,9 @@ class Lease(models.Model):
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     ended_at = models.DateTimeField(null=True, blank=True)
     resumed = models.IntegerField(default=0)
-    # Chosen at issue for a spot check, with the push round to replay; the agent is not told.
-    spot_check = models.BooleanField(default=False)
-    spot_check_round = models.IntegerField(default=0)
+    # The push round a spot check replays, chosen at issue (None: not checked); the agent
+    # is not told.
+    spot_check_round = models.IntegerField(null=True, blank=True)
     samples = models.BigIntegerField(default=0)
     pushes_accepted = models.IntegerField(default=0)
     pushes_rejected = models.IntegerField(default=0)

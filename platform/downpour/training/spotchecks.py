@@ -130,24 +130,21 @@ def record(
     job, unit = lease.unit.job, lease.unit
     first_step, steps = round_span(job, unit.steps, round_index)
     expected_samples = steps * min(job.batch_size, unit.shard.n_samples)
-    with transaction.atomic():
-        if SpotCheck.objects.filter(lease_id=lease_id).exists():
-            return None
-        check = SpotCheck.objects.create(
-            lease=lease,
-            job=job,
-            agent=lease.agent,
-            round=round_index,
-            first_step=first_step,
-            steps=steps,
-            samples=samples,
-            versions={str(k): v for k, v in versions.items()},
-            loads=[[int(offset), list(v)] for offset, v in loads],
-            weights=to_npz(
-                {f"{i}|{k}": v for i, weights in enumerate(weight_sets) for k, v in weights.items()}
-            ),
-            gradients=to_npz(gradients),
-        )
+    check = _create_once(
+        lease,
+        round_index,
+        versions,
+        first_step=first_step,
+        steps=steps,
+        samples=samples,
+        loads=[[int(offset), list(v)] for offset, v in loads],
+        weights=to_npz(
+            {f"{i}|{k}": v for i, weights in enumerate(weight_sets) for k, v in weights.items()}
+        ),
+        gradients=to_npz(gradients),
+    )
+    if check is None:
+        return None
     problems = []
     if steps == 0 or samples != expected_samples:
         problems.append(
@@ -172,26 +169,34 @@ def record_unservable(
     earlier connection: no verdict.
     """
     lease = Lease.objects.select_related("unit__job", "agent").get(id=lease_id)
-    with transaction.atomic():
-        if SpotCheck.objects.filter(lease_id=lease_id).exists():
-            return
-        check = SpotCheck.objects.create(
-            lease=lease,
-            job=lease.unit.job,
-            agent=lease.agent,
-            round=round_index,
-            steps=0,
-            samples=0,
-            versions={str(k): v for k, v in versions.items()},
-            weights=b"",
-            gradients=b"",
-        )
+    check = _create_once(
+        lease, round_index, versions, steps=0, samples=0, weights=b"", gradients=b""
+    )
+    if check is None:
+        return
     if pruned:
         detail = f"round {round_index}: versions {dict(versions)} are no longer kept"
     else:
         detail = f"round {round_index} names versions {dict(versions)} never served to it"
     verdict = None if pruned or lease.resumed else False
     _finish(check, passed=verdict, relative_error=None, detail=detail)
+
+
+def _create_once(
+    lease: Lease, round_index: int, versions: Mapping[int, int], **fields: Any
+) -> SpotCheck | None:
+    """The lease's check, or None if it has one already (a resumed lease pushes again)."""
+    with transaction.atomic():
+        if SpotCheck.objects.filter(lease_id=lease.id).exists():
+            return None
+        return SpotCheck.objects.create(
+            lease=lease,
+            job=lease.unit.job,
+            agent=lease.agent,
+            round=round_index,
+            versions={str(k): v for k, v in versions.items()},
+            **fields,
+        )
 
 
 def run_pending(limit: int = 20) -> int:
