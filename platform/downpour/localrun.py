@@ -171,11 +171,17 @@ def start_celery(env: Mapping[str, str], logdir: Path) -> list[subprocess.Popen[
 
 
 def start_agent(
-    url: str, token: str, name: str, log: Path, extra_args: Sequence[str] = ()
+    url: str,
+    token: str,
+    name: str,
+    log: Path,
+    extra_args: Sequence[str] = (),
+    program: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
+    """``downpour-agent join`` (or ``program join``: a wrapper taking the same arguments)."""
     return spawn(
         [
-            str(BIN / "downpour-agent"),
+            *(program or [str(BIN / "downpour-agent")]),
             "join",
             url,
             "--token",
@@ -354,7 +360,9 @@ class Deployment:
 
     # --- agents ---------------------------------------------------------------------
 
-    def start_agent(self, name: str, token: str, *extra: str) -> subprocess.Popen[bytes]:
+    def start_agent(
+        self, name: str, token: str, *extra: str, program: Sequence[str] = ()
+    ) -> subprocess.Popen[bytes]:
         proc = start_agent(
             self.url,
             token,
@@ -367,6 +375,7 @@ class Deployment:
                 str(self.workdir / f"cache-{name}"),
                 *extra,
             ],
+            program,
         )
         self.agents[name] = proc
         return proc

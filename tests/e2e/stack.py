@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from downpour.localrun import Deployment as Stack
-from downpour.localrun import spawn
 
 __all__ = ["FAST_LEASES", "ROGUE_AGENT", "Stack", "running", "start_rogue_agent"]
 
@@ -35,28 +34,6 @@ def start_rogue_agent(
     stack: Stack, name: str, token: str, mode: str, *extra: str
 ) -> subprocess.Popen[bytes]:
     """Start ``rogue_agent.py --mode MODE join ...`` as ``Stack.start_agent`` starts agents."""
-    proc = spawn(
-        [
-            sys.executable,
-            str(ROGUE_AGENT),
-            "--mode",
-            mode,
-            "join",
-            stack.url,
-            "--token",
-            token,
-            "--name",
-            name,
-            "--threads",
-            "1",
-            "--benchmark-seconds",
-            "0.5",
-            "--cache-dir",
-            str(stack.workdir / f"cache-{name}"),
-            *extra,
-        ],
-        {"TF_CPP_MIN_LOG_LEVEL": "2"},
-        stack.workdir / f"{name}.log",
+    return stack.start_agent(
+        name, token, *extra, program=[sys.executable, str(ROGUE_AGENT), "--mode", mode]
     )
-    stack.agents[name] = proc
-    return proc

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -52,10 +51,6 @@ def test_a_job_carries_on_from_another_jobs_exported_weights(alice, dataset) -> 
         np.testing.assert_array_equal(started[name], value)
 
 
-def _weights(**arrays: Any) -> bytes:
-    return npz_bytes(**arrays)
-
-
 def _good(shapes_from_export: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k.replace("/", "__"): v.copy() for k, v in shapes_from_export.items()}
 
@@ -85,7 +80,7 @@ def test_weights_that_are_not_finite_float32_are_refused_at_submit_and_nothing_i
     alice, dataset, tamper, reason: str
 ) -> None:  # type: ignore[no-untyped-def]
     trained, _ = exported_weights(alice, dataset)
-    bad = _weights(**tamper(_good(trained)))
+    bad = npz_bytes(**tamper(_good(trained)))
     before = Job.objects.count()
     with pytest.raises(actions.JobRejected, match=reason):
         actions.submit_job(alice, dataset, params(name="bad", initial_weights=bad))
@@ -123,7 +118,7 @@ def test_weights_that_do_not_fit_the_built_model_fail_the_job_at_start_with_the_
 ) -> None:  # type: ignore[no-untyped-def]
     trained, _ = exported_weights(alice, dataset)
     job = actions.submit_job(
-        alice, dataset, params(name="misfit", initial_weights=_weights(**tamper(_good(trained))))
+        alice, dataset, params(name="misfit", initial_weights=npz_bytes(**tamper(_good(trained))))
     )
     actions.start_queued_jobs()
     job.refresh_from_db()
@@ -135,7 +130,7 @@ def test_weights_changed_on_disk_after_submit_fail_the_job(alice, dataset) -> No
     trained, download = exported_weights(alice, dataset)
     job = actions.submit_job(alice, dataset, params(name="swapped", initial_weights=download))
     swapped = {k: -v for k, v in _good(trained).items()}
-    Path(job.initial_weights_path).write_bytes(_weights(**swapped))
+    Path(job.initial_weights_path).write_bytes(npz_bytes(**swapped))
     actions.start_queued_jobs()
     job.refresh_from_db()
     assert job.status == Job.Status.FAILED and "SHA-256" in job.status_message
@@ -151,7 +146,7 @@ def test_the_job_form_takes_initial_weights_and_explains_a_refusal(alice, datase
     )
     assert ok.status_code == 302, ok.content
     assert Job.objects.get(name="from-upload").initial_weights_sha256
-    bad = _weights(**{k: v.astype(np.float64) for k, v in _good(trained).items()})
+    bad = npz_bytes(**{k: v.astype(np.float64) for k, v in _good(trained).items()})
     refused = client.post(
         "/jobs/new/",
         {
