@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from tests.paramstore.layouts import initial_weights, model_layout
 
 from downpour.paramstore import (
     AdagradConfig,
@@ -21,9 +22,7 @@ from downpour.paramstore import (
     PushResult,
     RobustState,
     RobustStats,
-    ShardLayout,
     ShardState,
-    VariableSpec,
     WarmupStatus,
     adagrad_apply,
     centred_clip,
@@ -43,21 +42,6 @@ def reference_clip(gradient: np.ndarray, centre: np.ndarray, tau: float) -> np.n
     norm = np.linalg.norm(v)
     scale = 1.0 if norm == 0 else min(1.0, tau / norm)
     return (centre.astype(np.float64) + v * scale).astype(np.float32)
-
-
-def model_layout() -> ShardLayout:
-    # 12 + 3 + 6 elements: shard 0 = dense/kernel, shard 1 = dense/bias + out/kernel
-    specs = [
-        VariableSpec("dense/kernel", (4, 3)),
-        VariableSpec("dense/bias", (3,)),
-        VariableSpec("out/kernel", (3, 2)),
-    ]
-    return ShardLayout.balanced(specs, 2)
-
-
-def initial_weights(layout: ShardLayout) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return {spec.name: rng.standard_normal(spec.shape, dtype=np.float32) for spec in layout.specs}
 
 
 def make_store(robust: CentredClipping | None = ROBUST) -> ParameterStore:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from tests.paramstore.layouts import initial_weights, model_layout
 
 from downpour.paramstore import (
     AdagradConfig,
@@ -26,21 +27,6 @@ from downpour.paramstore import (
 
 OPTIMIZER = AdagradConfig(learning_rate=0.1, initial_accumulator=0.1, epsilon=1e-7)
 JOB = "alice-mnist"
-
-
-def model_layout() -> ShardLayout:
-    # 12 + 3 + 6 elements: shard 0 = dense/kernel, shard 1 = dense/bias + out/kernel
-    specs = [
-        VariableSpec("dense/kernel", (4, 3)),
-        VariableSpec("dense/bias", (3,)),
-        VariableSpec("out/kernel", (3, 2)),
-    ]
-    return ShardLayout.balanced(specs, 2)
-
-
-def initial_weights(layout: ShardLayout) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return {spec.name: rng.standard_normal(spec.shape, dtype=np.float32) for spec in layout.specs}
 
 
 def gradient_for(layout: ShardLayout, shard: int, scale: float = 0.5) -> dict[str, np.ndarray]:

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from tests.paramstore.layouts import initial_weights
+from tests.paramstore.layouts import mlp_layout as model_layout
 
 from downpour.paramstore import (
     AdagradConfig,
@@ -25,7 +27,6 @@ from downpour.paramstore import (
     RobustStats,
     ShardLayout,
     ShardState,
-    VariableSpec,
     adagrad_apply,
     read_checkpoint,
     robust_step,
@@ -37,21 +38,6 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 OPTIMIZER = AdagradConfig(learning_rate=0.05)
 ROBUST = CentredClipping(warmup_trusted_pushes=3, tau_multiplier=2.0)
 JOB = "alice-job"
-
-
-def model_layout() -> ShardLayout:
-    specs = [
-        VariableSpec("dense/kernel", (16, 8)),
-        VariableSpec("dense/bias", (8,)),
-        VariableSpec("out/kernel", (8, 10)),
-        VariableSpec("out/bias", (10,)),
-    ]
-    return ShardLayout.balanced(specs, 2)
-
-
-def initial_weights(layout: ShardLayout) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return {s.name: rng.standard_normal(s.shape, dtype=np.float32) for s in layout.specs}
 
 
 def trusted_gradient(layout: ShardLayout, shard: int, k: int) -> dict[str, np.ndarray]:

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from tests.paramstore.layouts import initial_weights
+from tests.paramstore.layouts import mlp_layout as model_layout
 
 from downpour.paramstore import (
     AdagradConfig,
@@ -24,7 +26,6 @@ from downpour.paramstore import (
     ParameterStore,
     ShardLayout,
     ShardState,
-    VariableSpec,
     adagrad_apply,
 )
 from downpour.redisstore import RedisStorage
@@ -38,21 +39,6 @@ JOB = "alice-job"
 @pytest.fixture
 def storage(client: redis.Redis, prefix: str) -> RedisStorage:
     return RedisStorage(client, prefix)
-
-
-def model_layout() -> ShardLayout:
-    specs = [
-        VariableSpec("dense/kernel", (16, 8)),
-        VariableSpec("dense/bias", (8,)),
-        VariableSpec("out/kernel", (8, 10)),
-        VariableSpec("out/bias", (10,)),
-    ]
-    return ShardLayout.balanced(specs, 2)
-
-
-def initial_weights(layout: ShardLayout) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return {s.name: rng.standard_normal(s.shape, dtype=np.float32) for s in layout.specs}
 
 
 def gradient_for(layout: ShardLayout, shard: int) -> dict[str, np.ndarray]:
