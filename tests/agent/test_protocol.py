@@ -101,6 +101,11 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "complete_ack": {"type": "complete_ack", "lease_id": LEASE_ID},
     "lease_returned": {"type": "lease_returned", "lease_id": LEASE_ID},
     "error": {"type": "error", "code": "stale_gradient", "message": "too old", "ref": 3},
+    "job_finished": {
+        "type": "job_finished",
+        "job_id": "job-1",
+        "message": "job job-1 has finished",
+    },
 }
 
 TENSORS = {

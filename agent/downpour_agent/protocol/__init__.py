@@ -5,16 +5,31 @@ The server imports this package too, so both ends agree by construction.
 
 from __future__ import annotations
 
-from .errors import ErrorCode, ProtocolError
+from .errors import ERROR_TEXTS, CloseCode, ErrorCode, ProtocolError
 from .messages import (
     AGENT_MESSAGES,
     BINARY_TYPES,
     PROTOCOL_VERSION,
     SERVER_MESSAGES,
+    banned_message,
     error_message,
+    job_finished_message,
     message_from_wire,
     message_to_wire,
     validate_message,
+)
+from .payloads import (
+    DatasetSpec,
+    Hyper,
+    LeaseSpec,
+    VariableSpec,
+    WeightsLoad,
+    dataset_from_wire,
+    dataset_to_wire,
+    lease_from_wire,
+    lease_to_wire,
+    loads_from_wire,
+    loads_to_wire,
 )
 from .tensors import (
     COMPRESSIONS,
@@ -32,15 +47,30 @@ __all__ = [
     "BINARY_TYPES",
     "COMPRESSIONS",
     "DTYPES",
+    "ERROR_TEXTS",
     "MAX_FRAME_BYTES",
     "PROTOCOL_VERSION",
     "SERVER_MESSAGES",
+    "CloseCode",
+    "DatasetSpec",
     "ErrorCode",
+    "Hyper",
+    "LeaseSpec",
     "ProtocolError",
+    "VariableSpec",
+    "WeightsLoad",
     "WireTensor",
+    "banned_message",
+    "dataset_from_wire",
+    "dataset_to_wire",
     "error_message",
     "frame_from_wire",
     "frame_to_wire",
+    "job_finished_message",
+    "lease_from_wire",
+    "lease_to_wire",
+    "loads_from_wire",
+    "loads_to_wire",
     "message_from_wire",
     "message_to_wire",
     "tensor_from_wire",

@@ -1,13 +1,14 @@
-"""Structured errors that cross the wire.
+"""Structured errors and close codes that cross the wire.
 
 Every error sent to an agent is ``{"type": "error", "code": CODE, "message": TEXT}``
-(plus an optional ``"ref"`` echoing the request it answers). Each code is documented
-in ``docs/protocol.md``.
+(plus an optional ``"ref"`` echoing the request it answers). Each code has a standard
+text in :data:`ERROR_TEXTS`, used when no more specific one is given. Each code and each
+close code is documented in ``docs/protocol.md``.
 """
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 from typing import Any
 
 
@@ -36,13 +37,54 @@ class ErrorCode(StrEnum):
     INTERNAL = "internal"
 
 
-class ProtocolError(Exception):
-    """An error with a wire code; raised by decoders and by the server's handlers."""
+#: The standard text of each code, for an error that has nothing more specific to say.
+ERROR_TEXTS: dict[ErrorCode, str] = {
+    ErrorCode.BAD_FRAME: "the frame does not decode",
+    ErrorCode.BAD_MESSAGE: "the message is malformed",
+    ErrorCode.UNKNOWN_TYPE: "unknown message type",
+    ErrorCode.FRAME_TOO_LARGE: "the frame is over the size limit",
+    ErrorCode.UNSUPPORTED_VERSION: "unsupported protocol version",
+    ErrorCode.UNAUTHORIZED: "missing, unknown or revoked agent token",
+    ErrorCode.NOT_REGISTERED: "send register first",
+    ErrorCode.UNKNOWN_JOB: "the job's parameters are not available",
+    ErrorCode.UNKNOWN_LEASE: "no such lease",
+    ErrorCode.UNKNOWN_SHARD: "no such shard",
+    ErrorCode.LEASE_EXPIRED: "the lease has expired; its work was reissued",
+    ErrorCode.LEASE_NOT_YOURS: "this lease belongs to another agent",
+    ErrorCode.WRONG_SHAPE: "a tensor does not fit the shard",
+    ErrorCode.WRONG_DTYPE: "a tensor has the wrong dtype",
+    ErrorCode.NON_FINITE: "a gradient holds NaN or Inf",
+    ErrorCode.STALE_GRADIENT: "the gradient is too stale",
+    ErrorCode.JOB_FINISHED: "the job has finished",
+    ErrorCode.CONFLICT: "the shard was too contended; push again",
+    ErrorCode.BANNED: "this agent is banned",
+    ErrorCode.TOO_MANY_AGENTS: "this token has as many agents as it may",
+    ErrorCode.RATE_LIMITED: "too many requests; slow down",
+    ErrorCode.INTERNAL: "internal server error",
+}
 
-    def __init__(self, code: ErrorCode | str, message: str) -> None:
-        super().__init__(message)
+
+class CloseCode(IntEnum):
+    """Websocket close codes the server ends an agent socket with (4000-4999 are private)."""
+
+    #: Missing, unknown or revoked token, after an ``unauthorized`` error.
+    UNAUTHORIZED = 4401
+    #: A banned agent, a token at its agent cap, or a browser Origin that is not ours.
+    FORBIDDEN = 4403
+    #: Too many connections for the token, after a ``rate_limited`` error.
+    RATE_LIMITED = 4429
+
+
+class ProtocolError(Exception):
+    """An error with a wire code; raised by decoders and by the server's handlers.
+
+    ``message`` defaults to the code's standard text in :data:`ERROR_TEXTS`.
+    """
+
+    def __init__(self, code: ErrorCode | str, message: str | None = None) -> None:
         self.code = ErrorCode(code)
-        self.message = message
+        self.message = ERROR_TEXTS[self.code] if message is None else message
+        super().__init__(self.message)
 
     def to_message(self, ref: Any = None) -> dict[str, Any]:
         msg: dict[str, Any] = {"type": "error", "code": str(self.code), "message": self.message}

@@ -11,7 +11,7 @@ import json
 import math
 from typing import Any
 
-from .errors import ErrorCode, ProtocolError
+from .errors import ERROR_TEXTS, ErrorCode, ProtocolError
 
 PROTOCOL_VERSION = 1
 MAX_TEXT_BYTES = 1 << 20  # control messages are small; lease messages carry the model JSON
@@ -86,6 +86,8 @@ SERVER_MESSAGES: dict[str, dict[str, _Field]] = {
     "complete_ack": {"lease_id": (_STR, True)},
     "lease_returned": {"lease_id": (_STR, True)},
     "error": {"code": (_STR, True), "message": (_STR, True)},
+    # Unprompted: sent to every agent that holds or held a lease of the job.
+    "job_finished": {"job_id": (_STR, True), "message": (_STR, True)},
 }
 
 #: Messages that travel as binary tensor frames rather than text.
@@ -151,6 +153,32 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
-def error_message(code: ErrorCode | str, message: str, ref: Any = None) -> dict[str, Any]:
-    """Build a structured ``error`` message."""
+def error_message(
+    code: ErrorCode | str, message: str | None = None, ref: Any = None
+) -> dict[str, Any]:
+    """Build a structured ``error`` message.
+
+    Parameters
+    ----------
+    code : ErrorCode or str
+        One of :class:`ErrorCode`.
+    message : str, optional
+        The text; defaults to the code's standard text in ``ERROR_TEXTS``.
+    ref : str or int, optional
+        The ``ref`` of the request this error answers.
+    """
     return ProtocolError(code, message).to_message(ref)
+
+
+def banned_message(reason: str, ref: Any = None) -> dict[str, Any]:
+    """The ``banned`` error, ``"this agent is banned: REASON"``."""
+    return error_message(ErrorCode.BANNED, f"{ERROR_TEXTS[ErrorCode.BANNED]}: {reason}", ref)
+
+
+def job_finished_message(job_id: str, message: str | None = None) -> dict[str, Any]:
+    """The unprompted ``job_finished`` event for ``job_id`` (a job UUID as a string).
+
+    An agent working on a lease of that job stops at once; its leases of other jobs go on.
+    """
+    text = f"job {job_id} has finished" if message is None else message
+    return {"type": "job_finished", "job_id": job_id, "message": text}
