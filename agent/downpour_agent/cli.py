@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from downpour_agent import __version__
-from downpour_agent.connection import Agent, AgentConfig, websocket_url
+from downpour_agent.connection import Agent, AgentConfig
+from downpour_agent.session import websocket_url
 
 logger = logging.getLogger("downpour_agent")
 

@@ -16,8 +16,6 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .npz import ArchiveRejected, MissingArrays, load_npz
+from .protocol import DatasetSpec
 
 logger = logging.getLogger("downpour_agent.data")
 
@@ -42,39 +41,6 @@ class DatasetError(Exception):
 
 class ShardIntegrityError(DatasetError):
     """The downloaded bytes do not hash to the SHA-256 the lease promised."""
-
-
-@dataclass(frozen=True)
-class DatasetRef:
-    """What a lease says about its shard.
-
-    ``url`` is a path on the server (``/api/agent/shards/<uuid>/``), ``sha256`` the
-    lowercase hex digest of the file and ``n_samples`` the number of rows in ``x``/``y``.
-    """
-
-    url: str
-    sha256: str
-    n_samples: int
-
-    @classmethod
-    def from_lease(cls, dataset: Mapping[str, Any]) -> DatasetRef:
-        """Check the lease's ``dataset`` dict.
-
-        Raises
-        ------
-        DatasetError
-            When a field is missing or has the wrong type, the hash is not 64 hex
-            digits or the URL is not a path on the server.
-        """
-        url, sha256, n_samples = dataset.get("url"), dataset.get("sha256"), dataset.get("n_samples")
-        if not isinstance(url, str) or not url.startswith("/") or url.startswith("//"):
-            # Absolute URLs are refused so the token is only ever sent to the server itself.
-            raise DatasetError(f"dataset url must be a path on the server, got {url!r}")
-        if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256.lower()):
-            raise DatasetError("dataset sha256 must be 64 hex digits")
-        if type(n_samples) is not int or n_samples <= 0:
-            raise DatasetError("dataset n_samples must be a positive int")
-        return cls(url=url, sha256=sha256.lower(), n_samples=n_samples)
 
 
 def shard_url(base_url: str, path: str) -> str:
@@ -188,7 +154,7 @@ def load_shard(
 
 
 def fetch_dataset(
-    base_url: str, dataset: DatasetRef, token: str, cache_dir: Path
+    base_url: str, dataset: DatasetSpec, token: str, cache_dir: Path
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     """Download (or find in the cache), verify and load the shard a lease names."""
     path = download_shard(shard_url(base_url, dataset.url), token, dataset.sha256, cache_dir)

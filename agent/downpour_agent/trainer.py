@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-#: ``(name, shape, dtype)`` of one trainable variable, as in a lease layout.
-VariableSpec = tuple[str, tuple[int, ...], str]
+from .protocol import VariableSpec
+
 Gradients = dict[str, npt.NDArray[np.float32]]
 
 
@@ -267,42 +267,3 @@ def round_gradients(
         gradients, _loss = computer.compute(x[idx], y[idx])
         accumulator.add(gradients, len(idx))
     return accumulator.mean(), accumulator.samples
-
-
-class LocalTrainer:
-    """Plain synchronous SGD on one machine with the same step as the agent.
-
-    For benchmarks and server-side baselines: each ``step`` draws a batch with the
-    seeded sampler, computes the gradient and applies ``w -= learning_rate * g``.
-    """
-
-    def __init__(
-        self,
-        computer: GradientComputer,
-        x: npt.NDArray[Any],
-        y: npt.NDArray[Any],
-        *,
-        batch_size: int,
-        learning_rate: float,
-        seed: int = 0,
-    ) -> None:
-        if len(x) != len(y):
-            raise ValueError("x and y must have the same number of rows")
-        self.computer = computer
-        self.x, self.y = x, y
-        self.learning_rate = learning_rate
-        self.sampler = BatchSampler(len(x), batch_size, seed)
-
-    def step(self) -> float:
-        """One SGD step; returns the batch loss before the update."""
-        idx = self.sampler.next_indices()
-        grads, loss = self.computer.compute(self.x[idx], self.y[idx])
-        weights = self.computer.get_weights(grads.keys())
-        self.computer.set_weights(
-            {name: weights[name] - self.learning_rate * grads[name] for name in grads}
-        )
-        return loss
-
-    def run(self, steps: int) -> list[float]:
-        """``steps`` SGD steps; returns the loss of each."""
-        return [self.step() for _ in range(steps)]

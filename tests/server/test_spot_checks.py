@@ -1,6 +1,6 @@
 """Spot checks: which leases and rounds are checked, and the worker's verdict on a round.
 
-The rounds here are computed with the agent's own step (``connection._gradient_step``) on the
+The rounds here are computed with the agent's own step (``leases.gradient_step``) on the
 weights the store serves, as a real agent does; ``tests/e2e/test_spot_checks.py`` does the
 same with real agent processes over the socket.
 """
@@ -17,8 +17,8 @@ from downpour.donors.models import Agent, AgentToken
 from downpour.training import actions, spotchecks
 from downpour.training.models import SpotCheck
 from downpour.training.store import job_store
-from downpour_agent.connection import _gradient_step
 from downpour_agent.data import load_shard
+from downpour_agent.leases import gradient_step
 from downpour_agent.trainer import BatchSampler, GradientAccumulator, GradientComputer
 
 from .helpers import mlp_config
@@ -69,7 +69,7 @@ def honest_round(lease, round_index: int = 0):  # type: ignore[no-untyped-def]
         sampler.next_indices()
     accumulator = GradientAccumulator()
     for _ in range(steps):
-        _gradient_step(computer, sampler, accumulator, x, y)
+        gradient_step(computer, sampler, accumulator, x, y)
     return weights, versions, accumulator.mean(), accumulator.samples
 
 
@@ -237,7 +237,7 @@ def test_a_round_that_loaded_new_weights_midway_replays_with_the_load(
     accumulator = GradientAccumulator()
     for offset in range(4):
         computer.set_weights(first if offset < 2 else second)
-        _gradient_step(computer, sampler, accumulator, x, y)
+        gradient_step(computer, sampler, accumulator, x, y)
     loads = [[2, [later[s] for s in sorted(later)]]]
     # Execute
     spotchecks.record(

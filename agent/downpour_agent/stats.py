@@ -1,0 +1,74 @@
+"""What the agent reports about itself: counters, and the status line built from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class PushResult:
+    """The server's answer to one push frame."""
+
+    seq: int
+    shard: int
+    version: int
+    staleness: int
+    applied: bool
+    duplicate: bool
+
+
+@dataclass
+class AgentStats:
+    """Counters shown on the status line and checked by tests."""
+
+    state: str = "starting"
+    agent_id: str | None = None
+    job_id: str | None = None
+    lease_id: str | None = None
+    steps_done: int = 0
+    steps_total: int = 0
+    samples_done: int = 0
+    registrations: int = 0
+    leases_completed: int = 0
+    leases_abandoned: int = 0
+    leases_returned: int = 0
+    leases_resumed: int = 0
+    pushes_sent: int = 0
+    pushes_acked: int = 0
+    pushes_stale: int = 0
+    last_loss: float | None = None
+    last_push: PushResult | None = None
+    #: Seconds spent inside ``GradientComputer.compute``, summed since training began.
+    compute_s: float = 0.0
+    #: ``time.perf_counter()`` when the first gradient step started, else None.
+    training_since: float | None = None
+
+    def wall_s(self, now: float) -> float:
+        """Wall seconds since the first gradient step (``now`` from ``perf_counter``)."""
+        return 0.0 if self.training_since is None else now - self.training_since
+
+    def status_line(self, samples_per_s: float, utilisation: float = 0.0, now: float = 0.0) -> str:
+        """One human line: job, progress, speed, the last push's fate and utilisation.
+
+        Training lines end with ``utilisation=U compute_s=C wall_s=W`` (docs/benchmarks.md):
+        ``U`` is the share of the last interval spent computing gradients, ``C`` and ``W``
+        the cumulative compute and wall seconds since training began.
+        """
+        if self.job_id is None:
+            return f"{self.state}; {self.leases_completed} work units done"
+        line = (
+            f"job {self.job_id[:8]} step {self.steps_done}/{self.steps_total} "
+            f"{samples_per_s:.0f} samples/s"
+        )
+        if self.last_loss is not None:
+            line += f" loss {self.last_loss:.4g}"
+        if self.last_push is not None:
+            p = self.last_push
+            fate = "applied" if p.applied else ("duplicate" if p.duplicate else "not applied")
+            line += f" | push #{p.seq} v{p.version} staleness {p.staleness} {fate}"
+        if self.pushes_stale:
+            line += f" ({self.pushes_stale} stale)"
+        return (
+            f"{line} utilisation={utilisation:.3f} compute_s={self.compute_s:.2f} "
+            f"wall_s={self.wall_s(now):.2f}"
+        )
