@@ -75,7 +75,7 @@ class CommitOutcome(enum.Enum):
 
 
 class ShardStorage(Protocol):
-    """Where shard states live. Backends: ``InMemoryStorage``, ``downpour.redisstore``.
+    """Where shard states live. Backends: ``InMemoryStorage``, ``downpour.hotstate.store``.
 
     Arrays returned by ``load`` belong to the caller (the backend keeps no reference), and
     arrays passed to ``initialize``/``commit`` are copied, so neither side can alias the other.
