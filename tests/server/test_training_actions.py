@@ -10,7 +10,7 @@ import pytest
 from django.utils import timezone
 
 from downpour.donors.models import Agent, AgentToken
-from downpour.training.actions.bans import lift_ban, record_clipping
+from downpour.training.actions.bans import lift_ban, record_clipping, record_spot_check
 from downpour.training.actions.claims import claim_work
 from downpour.training.actions.contributions import record_contribution
 from downpour.training.actions.datasets import create_dataset
@@ -308,6 +308,19 @@ def test_an_agent_clipped_in_most_of_its_pushes_is_banned_and_staff_can_lift_it(
     lift_ban(agent)
     agent.refresh_from_db()
     assert agent.banned_at is None and agent.rep_pushes == 0
+
+
+def test_a_ban_reason_longer_than_its_column_is_stored_cut_to_it(agent) -> None:  # type: ignore[no-untyped-def]
+    # PostgreSQL refuses a value longer than a varchar column; a spot check's detail can be.
+    width = Agent._meta.get_field("ban_reason").max_length
+    detail = "gradients differ: " + "x" * (3 * width)
+
+    assert record_spot_check(str(agent.id), passed=False, detail=detail)
+
+    agent.refresh_from_db()
+    assert agent.banned_at is not None
+    assert len(agent.ban_reason) == width
+    assert agent.ban_reason.startswith("failed 1 spot check(s): gradients differ: x")
 
 
 def test_an_honest_agent_clipped_now_and_then_is_not_banned(agent) -> None:  # type: ignore[no-untyped-def]
