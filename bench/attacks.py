@@ -78,7 +78,7 @@ from downpour.paramstore import (  # noqa: E402
     StaleGradient,
     VariableSpec,
 )
-from downpour.reputation import (  # noqa: E402
+from downpour.scheduler.reputation import (  # noqa: E402
     DEFAULT_MAX_CLIPPED_FRACTION,
     DEFAULT_MIN_PUSHES,
     Reputation,
@@ -368,8 +368,8 @@ def simulate(
     fraction : float
         Fraction of the agents that attack (rounded), in ``[0, 1)``.
     robust : CentredClipping or None
-        Centred clipping in the store (and bans by :func:`downpour.reputation.should_ban`),
-        or None for plain Adagrad.
+        Centred clipping in the store (and bans by
+        :func:`downpour.scheduler.reputation.should_ban`), or None for plain Adagrad.
     agents, trusted : int
         Agents in all, and how many of the honest ones push as trusted.
     pushes : int
@@ -379,7 +379,7 @@ def simulate(
     max_staleness : int
         The store's bound; a staler push is refused and the agent refetches.
     max_clipped_fraction, min_pushes : float, int
-        Passed to :func:`~downpour.reputation.should_ban`.
+        Passed to :func:`~downpour.scheduler.reputation.should_ban`.
     eval_every : int
         Record test accuracy every this many agent pushes; 0 records only the end.
     storage_factory : callable
@@ -799,7 +799,7 @@ def _storage_factory(
 ) -> Callable[[], ShardStorage]:
     if args.storage == "memory":
         return InMemoryStorage
-    from downpour.redisstore import RedisStorage
+    from downpour.hotstate.store import RedisStorage
 
     def make() -> ShardStorage:
         storage = RedisStorage.from_url(args.redis_url, f"downpour-attacks:{uuid.uuid4().hex}:")

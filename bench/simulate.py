@@ -72,12 +72,10 @@ import numpy as np  # noqa: E402
 
 from downpour.scheduler import (  # noqa: E402
     BackupRule,
-    CreditLedger,
     DecayingTotals,
     FairWindow,
     HostRecord,
     JobLoad,
-    LeaseTerms,
     LeaseView,
     StalenessHistogram,
     TailRule,
@@ -86,6 +84,7 @@ from downpour.scheduler import (  # noqa: E402
     admits_replica,
     admits_to_tail,
     can_resume,
+    credit_for_push,
     expected_duration_s,
     expected_staleness,
     fits_agent,
@@ -106,6 +105,108 @@ from downpour.scheduler import (  # noqa: E402
     unit_scale,
     unit_steps,
 )
+
+# The simulator's own bookkeeping (the server keeps leases and credit in PostgreSQL rows).
+
+
+@dataclass(frozen=True)
+class LeaseTerms:
+    """How long leases live and how often they must be renewed.
+
+    Attributes
+    ----------
+    ttl_s : float
+        Seconds a lease lives after it is issued or last renewed (``LEASE_TTL_S``).
+    heartbeat_s : float
+        Seconds between an agent's heartbeats (``HEARTBEAT_INTERVAL_S``); < ``ttl_s``.
+    reap_interval_s : float
+        Seconds between runs of the reaper (``REAP_INTERVAL_S``).
+    """
+
+    ttl_s: float = 30.0
+    heartbeat_s: float = 10.0
+    reap_interval_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heartbeat_s < self.ttl_s:
+            raise ValueError(
+                f"need 0 < heartbeat_s < ttl_s, got heartbeat_s={self.heartbeat_s}, "
+                f"ttl_s={self.ttl_s}"
+            )
+        if not self.reap_interval_s > 0:
+            raise ValueError(f"reap_interval_s must be > 0, got {self.reap_interval_s}")
+
+    def expiry_after(self, now: float) -> float:
+        """``expires_at`` for a lease issued or renewed at ``now`` (seconds)."""
+        return now + self.ttl_s
+
+    @property
+    def max_reissue_delay_s(self) -> float:
+        """Longest time, in seconds, from an agent vanishing to its unit being pending.
+
+        The agent may vanish just after a heartbeat, so its lease lives ``ttl_s`` more;
+        the reaper may then run up to ``reap_interval_s`` later.
+        """
+        return self.ttl_s + self.reap_interval_s
+
+
+@dataclass
+class CreditLedger:
+    """Credit per agent, with each ``(lease_id, seq)`` counted at most once.
+
+    Attributes
+    ----------
+    credit : dict[str, float]
+        Credit by agent id.
+    samples_accepted : dict[str, int]
+        Accepted samples by agent id.
+    duplicates : int
+        Pushes refused because their ``(lease_id, seq)`` was already counted.
+    """
+
+    credit: dict[str, float] = field(default_factory=dict)
+    samples_accepted: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    _seen: dict[str, set[int]] = field(default_factory=dict, repr=False)
+
+    def record_push(
+        self,
+        agent_id: str,
+        lease_id: str,
+        seq: int,
+        samples: int,
+        staleness: int,
+        accepted: bool,
+    ) -> float:
+        """Count one push and return the credit it earned (0.0 for a duplicate).
+
+        Parameters
+        ----------
+        agent_id, lease_id : str
+        seq : int
+            The push's sequence number within its lease.
+        samples : int
+            Samples behind the gradient.
+        staleness : int
+            Its staleness, >= 0.
+        accepted : bool
+            Whether the store applied it.
+        """
+        seen = self._seen.setdefault(lease_id, set())
+        if seq in seen:
+            self.duplicates += 1
+            return 0.0
+        seen.add(seq)
+        earned = credit_for_push(samples, staleness, accepted)
+        if earned:
+            self.credit[agent_id] = self.credit.get(agent_id, 0.0) + earned
+            self.samples_accepted[agent_id] = self.samples_accepted.get(agent_id, 0) + samples
+        return earned
+
+    def forget_lease(self, lease_id: str) -> None:
+        """Drop the ``(lease_id, seq)`` keys of a lease that has ended, to bound memory."""
+        self._seen.pop(lease_id, None)
+
 
 DOCS = ROOT / "docs"
 DOC_PATH = DOCS / "scheduling.md"

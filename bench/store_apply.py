@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         backends["memory"] = InMemoryStorage()
     if "redis" in args.backend:
         try:
-            from downpour.redisstore import RedisStorage
+            from downpour.hotstate.store import RedisStorage
 
             redis_storage = RedisStorage.from_url(args.redis_url, f"bench:{uuid.uuid4().hex}:")
             redis_storage.client.ping()

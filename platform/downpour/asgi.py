@@ -14,8 +14,9 @@ from django.conf import settings  # noqa: E402
 
 from downpour.agents.routing import websocket_urlpatterns  # noqa: E402
 
-# Agents are not browsers: they authenticate with a bearer token in a header, so the
-# agent socket carries no Origin check (browser sockets, when added, must have one).
+# Agents authenticate with a bearer token in a header and send no Origin; the consumer
+# still refuses a socket whose Origin is not one of our hosts, so a browser page on another
+# site cannot drive it (``downpour.agents.consumers._origin_allowed``).
 application = ProtocolTypeRouter(
     {"http": django_asgi_app, "websocket": URLRouter(websocket_urlpatterns)}
 )

@@ -348,8 +348,8 @@ class Deployment:
 
     def store_versions(self, job_id: str) -> list[int]:
         """Current shard versions straight from the Redis store (production only)."""
+        from downpour.hotstate.store import RedisStorage
         from downpour.paramstore import ShardLayout
-        from downpour.redisstore import RedisStorage
 
         (layout_json,) = self.query("SELECT layout FROM training_job WHERE id = %s", [job_id])[0]
         layout = ShardLayout.from_json(

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import connect
 
+from downpour.hotstate.store import RedisStorage
 from downpour.localrun import manage
 from downpour.paramstore import CentredClipping, ShardLayout
-from downpour.redisstore import RedisStorage
 from downpour_agent.connection import EXIT_FATAL
 from downpour_agent.protocol import PROTOCOL_VERSION
 

@@ -102,20 +102,6 @@ def test_a_push_applies_adagrad_and_bumps_the_version() -> None:
     np.testing.assert_array_equal(store.fetch_flat(0)[1], expected_after_pushes(store, 0, grad, 1))
 
 
-def test_the_learning_rate_scale_multiplies_the_step() -> None:
-    store = make_store()
-    grad = gradient_for(store.layout, 1)
-    half_rate = ParameterStore(
-        InMemoryStorage(), JOB, store.layout, AdagradConfig(learning_rate=0.05), 2
-    )
-    half_rate.initialize(initial_weights(store.layout))
-
-    store.push(1, grad, 0, "scaled", lr_scale=0.5)
-    half_rate.push(1, grad, 0, "plain")
-
-    np.testing.assert_array_equal(store.fetch_flat(1)[1], half_rate.fetch_flat(1)[1])
-
-
 BAD_GRADIENTS: list[tuple[str, Callable[[dict[str, np.ndarray]], None], type[StoreError], str]] = [
     (
         "wrong shape",

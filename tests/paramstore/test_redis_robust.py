@@ -16,6 +16,7 @@ import redis
 from tests.paramstore.layouts import initial_weights
 from tests.paramstore.layouts import mlp_layout as model_layout
 
+from downpour.hotstate.store import RedisStorage
 from downpour.paramstore import (
     AdagradConfig,
     CentredClipping,
@@ -32,7 +33,6 @@ from downpour.paramstore import (
     robust_step,
     write_checkpoint,
 )
-from downpour.redisstore import RedisStorage
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 OPTIMIZER = AdagradConfig(learning_rate=0.05)

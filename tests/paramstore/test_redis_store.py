@@ -19,6 +19,7 @@ import redis
 from tests.paramstore.layouts import initial_weights
 from tests.paramstore.layouts import mlp_layout as model_layout
 
+from downpour.hotstate.store import RedisStorage
 from downpour.paramstore import (
     AdagradConfig,
     CommitOutcome,
@@ -28,7 +29,6 @@ from downpour.paramstore import (
     ShardState,
     adagrad_apply,
 )
-from downpour.redisstore import RedisStorage
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 PLATFORM_DIR = Path(__file__).resolve().parents[2] / "platform"
@@ -70,7 +70,7 @@ WORKER = """
 import json, sys, threading, time
 import numpy as np
 from downpour.paramstore import AdagradConfig, ParameterStore, ShardLayout
-from downpour.redisstore import RedisStorage
+from downpour.hotstate.store import RedisStorage
 
 (url, prefix, job, layout_json, name, threads, pushes, go_key, ready_key) = sys.argv[1:]
 threads, pushes = int(threads), int(pushes)
@@ -363,7 +363,7 @@ REPLAY = """
 import json, sys
 import numpy as np
 from downpour.paramstore import AdagradConfig, ParameterStore, ShardLayout
-from downpour.redisstore import RedisStorage
+from downpour.hotstate.store import RedisStorage
 
 url, prefix, job, layout_json, push_id = sys.argv[1:]
 layout = ShardLayout.from_json(json.loads(layout_json))

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 from downpour.scheduler import (
     DecayingTotals,
-    SlidingWindow,
     active_seconds,
     decayed_span,
     jain_index,
@@ -110,23 +109,6 @@ def test_jain_index_of_a_known_split() -> None:
 def test_jain_index_of_nothing_is_one() -> None:
     assert jain_index({}) == 1.0
     assert jain_index({ALICE: 0, BOB: 0}) == 1.0
-
-
-def test_a_sliding_window_forgets_amounts_older_than_its_width() -> None:
-    window = SlidingWindow(60)
-    window.add(0, ALICE, 5)
-    window.add(30, ALICE, 7)
-    window.add(40, BOB, 1)
-    assert window.totals(50) == {ALICE: 12, BOB: 1}
-    assert window.total(ALICE, 60) == 7  # the amount added at 0 left at 60
-    assert window.totals(101) == {}
-
-
-def test_a_sliding_window_refuses_times_that_go_backwards() -> None:
-    window = SlidingWindow(60)
-    window.add(10, ALICE, 1)
-    with pytest.raises(ValueError):
-        window.add(5, ALICE, 1)
 
 
 def test_decaying_totals_halve_after_tau_ln_2() -> None:

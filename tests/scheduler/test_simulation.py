@@ -34,7 +34,7 @@ def result(simulate: ModuleType) -> dict[str, Any]:
 
 
 def test_it_drives_the_real_policy_not_a_copy(simulate: ModuleType) -> None:
-    for name in ("pick_job", "unit_steps", "can_resume", "should_issue_backup", "CreditLedger"):
+    for name in ("pick_job", "unit_steps", "can_resume", "should_issue_backup", "credit_for_push"):
         assert getattr(simulate, name) is getattr(scheduler, name)
 
 

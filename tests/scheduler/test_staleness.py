@@ -11,24 +11,9 @@ from downpour.scheduler import (
     expected_staleness,
     push_every_steps,
     push_interval_s,
-    staleness_scaled_lr,
 )
 
 CHARLIE, DANA = "charlie-pc", "dana-pc"
-
-
-def test_the_step_is_divided_by_the_staleness() -> None:
-    assert staleness_scaled_lr(0.1, 4) == pytest.approx(0.025)
-
-
-def test_a_fresh_gradient_keeps_the_full_step() -> None:
-    assert staleness_scaled_lr(0.1, 0) == 0.1
-    assert staleness_scaled_lr(0.1, 1) == 0.1
-
-
-def test_negative_staleness_is_refused() -> None:
-    with pytest.raises(ValueError):
-        staleness_scaled_lr(0.1, -1)
 
 
 def test_fast_and_slow_agents_push_about_equally_often() -> None:

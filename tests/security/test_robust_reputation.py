@@ -1,4 +1,4 @@
-"""Reputation, bans and spot checks: the pure policy of ``downpour.reputation``."""
+"""Reputation, bans and spot checks: the pure policy of ``downpour.scheduler.reputation``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from downpour.reputation import (
+from downpour.scheduler.reputation import (
     DEFAULT_MIN_PUSHES,
     DEFAULT_SPOT_CHECK_FRACTION,
     Reputation,
@@ -213,7 +213,7 @@ def test_gradients_with_other_names_shapes_or_non_finite_values_do_not_match() -
 
 def test_the_policy_imports_no_framework_or_redis() -> None:
     code = (
-        "import sys, downpour.reputation; "
+        "import sys, downpour.scheduler.reputation; "
         "print(sorted(m for m in ('django', 'channels', 'celery', 'redis') if m in sys.modules))"
     )
     env = {**os.environ, "PYTHONPATH": str(PLATFORM_DIR)}

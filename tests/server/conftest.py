@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from downpour.donors.models import Agent, AgentToken
-from downpour.training import actions
+from downpour.training.actions.datasets import create_dataset
 
 from .helpers import npz_upload, small_dataset
 
 
 @pytest.fixture
 def dataset(alice):  # type: ignore[no-untyped-def]
-    return actions.create_dataset(alice, "tiny", npz_upload(**small_dataset()), n_shards=2)
+    return create_dataset(alice, "tiny", npz_upload(**small_dataset()), n_shards=2)
 
 
 @pytest.fixture

@@ -64,7 +64,7 @@ def job_form(name: str, dataset_id: object, model_json: str, **extra: Any) -> di
 
 def job_params(**overrides: Any) -> Any:
     """``actions.JobParams`` of a small MLP job on ``small_dataset``, with ``overrides``."""
-    from downpour.training import actions
+    from downpour.training.actions.jobs import JobParams
 
     base: dict[str, Any] = {"name": "mlp", "model_json": mlp_config(), "target_accuracy": 0.9}
-    return actions.JobParams(**{**base, **overrides})
+    return JobParams(**{**base, **overrides})

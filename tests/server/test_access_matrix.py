@@ -14,7 +14,8 @@ from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
 
 from downpour.donors.models import AgentToken
-from downpour.training import actions
+from downpour.training.actions.datasets import create_dataset
+from downpour.training.actions.jobs import JobParams, submit_job
 from downpour.training.models import Evaluation
 
 from .helpers import job_form, mlp_config, npz_upload, small_dataset
@@ -40,11 +41,11 @@ def all_routes() -> set[str]:
 
 @pytest.fixture
 def world(alice, bob, charlie):  # type: ignore[no-untyped-def]
-    dataset = actions.create_dataset(alice, MARKER + "-data", npz_upload(**small_dataset()))
-    job = actions.submit_job(
+    dataset = create_dataset(alice, MARKER + "-data", npz_upload(**small_dataset()))
+    job = submit_job(
         alice,
         dataset,
-        actions.JobParams(name=MARKER + "-job", model_json=mlp_config(), target_accuracy=0.9),
+        JobParams(name=MARKER + "-job", model_json=mlp_config(), target_accuracy=0.9),
     )
     Evaluation.objects.create(
         job=job, elapsed_s=1.0, samples=10, accuracy=0.123456, loss=1.0, versions=[0]

@@ -9,7 +9,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 from tests.security import corpus
 
-from downpour.training import actions
+from downpour.training.actions.datasets import create_dataset
 from downpour.training.datasets import DatasetRejected, parse_npz, sha256_file
 from downpour.training.models import Dataset
 
@@ -72,7 +72,7 @@ def test_it_rejects_an_upload_over_the_size_limit() -> None:
 
 @pytest.mark.django_db
 def test_create_dataset_writes_verifiable_shards_and_the_test_split(alice) -> None:  # type: ignore[no-untyped-def]
-    dataset = actions.create_dataset(alice, "tiny", npz_upload(**small_dataset()), n_shards=4)
+    dataset = create_dataset(alice, "tiny", npz_upload(**small_dataset()), n_shards=4)
     shards = list(dataset.shards.all())
     assert [s.index for s in shards] == [0, 1, 2, 3]
     assert sum(s.n_samples for s in shards) == 60
@@ -88,7 +88,7 @@ def test_create_dataset_writes_verifiable_shards_and_the_test_split(alice) -> No
 def test_a_rejected_upload_leaves_nothing_behind(alice) -> None:  # type: ignore[no-untyped-def]
     bad = {**small_dataset(), "y_train": np.zeros(3, dtype=np.int64)}
     with pytest.raises(DatasetRejected):
-        actions.create_dataset(alice, "bad", npz_upload(**bad))
+        create_dataset(alice, "bad", npz_upload(**bad))
     assert Dataset.objects.count() == 0
 
 
@@ -99,7 +99,7 @@ def test_an_upload_that_would_inflate_past_the_setting_is_refused(alice, setting
 
     # Execute / Assert
     with pytest.raises(DatasetRejected, match="expands to 3.6 KiB, over the limit of 2.0 KiB"):
-        actions.create_dataset(alice, "big", npz_upload(**small_dataset()))
+        create_dataset(alice, "big", npz_upload(**small_dataset()))
     assert Dataset.objects.count() == 0
 
 

@@ -12,7 +12,13 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
-from downpour.training import actions
+from downpour.training.actions.jobs import (
+    JobRejected,
+    export_job,
+    start_job,
+    start_queued_jobs,
+    submit_job,
+)
 from downpour.training.models import Job
 from downpour.training.store import job_store
 
@@ -24,14 +30,14 @@ pytestmark = pytest.mark.django_db
 
 def exported_weights(alice, dataset) -> tuple[dict[str, np.ndarray], bytes]:  # type: ignore[no-untyped-def]
     """A finished job's ``weights.npz``, after some training moved its weights."""
-    job = actions.submit_job(alice, dataset, params(name="first"))
-    assert actions.start_job(job)
+    job = submit_job(alice, dataset, params(name="first"))
+    assert start_job(job)
     job.refresh_from_db()
     store = job_store(job)
     for shard, specs in enumerate(store.layout.shards):
         grad = {v.name: np.full(v.shape, 0.25, np.float32) for v in specs}
         store.push(shard, grad, 0, f"trained:0:{shard}")
-    actions.export_job(job)
+    export_job(job)
     job.refresh_from_db()
     return store.weights(), Path(job.weights_path).read_bytes()
 
@@ -40,8 +46,8 @@ def test_a_job_carries_on_from_another_jobs_exported_weights(alice, dataset) -> 
     # Prepare
     trained, download = exported_weights(alice, dataset)
     # Execute
-    job = actions.submit_job(alice, dataset, params(name="second", initial_weights=download))
-    assert actions.start_job(job)
+    job = submit_job(alice, dataset, params(name="second", initial_weights=download))
+    assert start_job(job)
     # Assert
     job.refresh_from_db()
     assert len(job.initial_weights_sha256) == 64
@@ -82,8 +88,8 @@ def test_weights_that_are_not_finite_float32_are_refused_at_submit_and_nothing_i
     trained, _ = exported_weights(alice, dataset)
     bad = npz_bytes(**tamper(_good(trained)))
     before = Job.objects.count()
-    with pytest.raises(actions.JobRejected, match=reason):
-        actions.submit_job(alice, dataset, params(name="bad", initial_weights=bad))
+    with pytest.raises(JobRejected, match=reason):
+        submit_job(alice, dataset, params(name="bad", initial_weights=bad))
     assert Job.objects.count() == before
 
 
@@ -96,8 +102,8 @@ def test_pickled_weights_are_refused_and_never_unpickled(alice, dataset, tmp_pat
 
     buffer = io.BytesIO()
     np.savez(buffer, sequential__dense__kernel=np.array([Payload()], dtype=object))
-    with pytest.raises(actions.JobRejected, match="initial weights rejected"):
-        actions.submit_job(alice, dataset, params(initial_weights=buffer.getvalue()))
+    with pytest.raises(JobRejected, match="initial weights rejected"):
+        submit_job(alice, dataset, params(initial_weights=buffer.getvalue()))
     assert not canary.exists()
     # The control: a loader that trusts the archive runs the gadget.
     np.load(io.BytesIO(buffer.getvalue()), allow_pickle=True)["sequential__dense__kernel"]
@@ -117,10 +123,10 @@ def test_weights_that_do_not_fit_the_built_model_fail_the_job_at_start_with_the_
     alice, dataset, tamper, reason: str
 ) -> None:  # type: ignore[no-untyped-def]
     trained, _ = exported_weights(alice, dataset)
-    job = actions.submit_job(
+    job = submit_job(
         alice, dataset, params(name="misfit", initial_weights=npz_bytes(**tamper(_good(trained))))
     )
-    actions.start_queued_jobs()
+    start_queued_jobs()
     job.refresh_from_db()
     assert job.status == Job.Status.FAILED
     assert "initial weights" in job.status_message and reason in job.status_message
@@ -128,10 +134,10 @@ def test_weights_that_do_not_fit_the_built_model_fail_the_job_at_start_with_the_
 
 def test_weights_changed_on_disk_after_submit_fail_the_job(alice, dataset) -> None:  # type: ignore[no-untyped-def]
     trained, download = exported_weights(alice, dataset)
-    job = actions.submit_job(alice, dataset, params(name="swapped", initial_weights=download))
+    job = submit_job(alice, dataset, params(name="swapped", initial_weights=download))
     swapped = {k: -v for k, v in _good(trained).items()}
     Path(job.initial_weights_path).write_bytes(npz_bytes(**swapped))
-    actions.start_queued_jobs()
+    start_queued_jobs()
     job.refresh_from_db()
     assert job.status == Job.Status.FAILED and "SHA-256" in job.status_message
 

@@ -14,8 +14,18 @@ import numpy as np
 import pytest
 
 from downpour.donors.models import Agent, AgentToken
-from downpour.training import actions, spotchecks
+from downpour.training.actions.claims import claim_work
+from downpour.training.actions.jobs import JobParams, start_job, submit_job
+from downpour.training.actions.leases import resume_lease
 from downpour.training.models import SpotCheck
+from downpour.training.spotchecks.recording import record, record_unservable
+from downpour.training.spotchecks.replay import STALE_RUNNING, run_pending
+from downpour.training.spotchecks.selection import (
+    choose_round,
+    recomputable,
+    round_span,
+    should_check,
+)
 from downpour.training.store import job_store
 from downpour_agent.data import load_shard
 from downpour_agent.leases import gradient_step
@@ -37,8 +47,8 @@ def start(alice, dataset, **overrides: Any):  # type: ignore[no-untyped-def]
         "spot_check_fraction": 1.0,
         **overrides,
     }
-    job = actions.submit_job(alice, dataset, actions.JobParams(**params))
-    assert actions.start_job(job)
+    job = submit_job(alice, dataset, JobParams(**params))
+    assert start_job(job)
     job.refresh_from_db()
     return job
 
@@ -64,7 +74,7 @@ def honest_round(lease, round_index: int = 0):  # type: ignore[no-untyped-def]
     computer.set_weights(weights)
     x, y = load_shard(Path(unit.shard.path), unit.shard.n_samples)
     sampler = BatchSampler(len(x), job.batch_size, unit.seed)
-    first, steps = spotchecks.round_span(job, unit.steps, round_index)
+    first, steps = round_span(job, unit.steps, round_index)
     for _ in range(first):
         sampler.next_indices()
     accumulator = GradientAccumulator()
@@ -76,12 +86,12 @@ def honest_round(lease, round_index: int = 0):  # type: ignore[no-untyped-def]
 def test_an_honest_first_round_passes_and_counts_for_the_agent(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
     # Prepare
     job = start(alice, dataset)
-    lease = actions.claim_work(agent)
+    lease = claim_work(agent)
     assert lease is not None and lease.spot_check_round is not None
     weights, versions, gradients, samples = honest_round(lease)
     # Execute
-    spotchecks.record(str(lease.id), 0, [weights], versions, [], gradients, samples)
-    assert spotchecks.run_pending() == 1
+    record(str(lease.id), 0, [weights], versions, [], gradients, samples)
+    assert run_pending() == 1
     # Assert
     check = SpotCheck.objects.get(lease=lease)
     assert check.status == SpotCheck.Status.PASSED, check.detail
@@ -107,12 +117,12 @@ def test_an_honest_first_round_passes_and_counts_for_the_agent(alice, dataset, a
 def test_a_faked_first_round_fails_and_bans_the_agent(alice, dataset, agent, fake) -> None:  # type: ignore[no-untyped-def]
     # Prepare
     start(alice, dataset)
-    lease = actions.claim_work(agent)
+    lease = claim_work(agent)
     weights, versions, gradients, samples = honest_round(lease)
     faked = fake(gradients, np.random.default_rng(0))
     # Execute
-    spotchecks.record(str(lease.id), 0, [weights], versions, [], faked, samples)
-    spotchecks.run_pending()
+    record(str(lease.id), 0, [weights], versions, [], faked, samples)
+    run_pending()
     # Assert
     check = SpotCheck.objects.get(lease=lease)
     assert check.status == SpotCheck.Status.FAILED and "gradients differ" in check.detail
@@ -123,19 +133,19 @@ def test_a_faked_first_round_fails_and_bans_the_agent(alice, dataset, agent, fak
 
 def test_a_round_on_weights_the_server_never_served_fails_at_once(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
     start(alice, dataset)
-    lease = actions.claim_work(agent)
-    spotchecks.record_unservable(str(lease.id), 0, {0: 7, 1: 9})
+    lease = claim_work(agent)
+    record_unservable(str(lease.id), 0, {0: 7, 1: 9})
     check = SpotCheck.objects.get(lease=lease)
     assert check.status == SpotCheck.Status.FAILED and "never served" in check.detail
     agent.refresh_from_db()
     assert agent.banned_at is not None
-    assert spotchecks.run_pending() == 0, "a failed check is not run again"
+    assert run_pending() == 0, "a failed check is not run again"
 
 
 def test_weights_served_but_no_longer_kept_are_no_verdict(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
     start(alice, dataset)
-    lease = actions.claim_work(agent)
-    spotchecks.record_unservable(str(lease.id), 0, {0: 7, 1: 9}, pruned=True)
+    lease = claim_work(agent)
+    record_unservable(str(lease.id), 0, {0: 7, 1: 9}, pruned=True)
     assert SpotCheck.objects.get(lease=lease).status == SpotCheck.Status.SKIPPED
     agent.refresh_from_db()
     assert agent.banned_at is None
@@ -143,9 +153,9 @@ def test_weights_served_but_no_longer_kept_are_no_verdict(alice, dataset, agent)
 
 def test_on_a_resumed_lease_unserved_versions_are_no_verdict(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
     start(alice, dataset)
-    lease = actions.claim_work(agent)
-    actions.resume_lease(agent, str(lease.id))  # its earlier connection may have fetched them
-    spotchecks.record_unservable(str(lease.id), 0, {0: 7, 1: 9})
+    lease = claim_work(agent)
+    resume_lease(agent, str(lease.id))  # its earlier connection may have fetched them
+    record_unservable(str(lease.id), 0, {0: 7, 1: 9})
     assert SpotCheck.objects.get(lease=lease).status == SpotCheck.Status.SKIPPED
     agent.refresh_from_db()
     assert agent.banned_at is None
@@ -153,44 +163,44 @@ def test_on_a_resumed_lease_unserved_versions_are_no_verdict(alice, dataset, age
 
 def test_a_round_claiming_more_samples_than_its_steps_cover_fails(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
     start(alice, dataset)
-    lease = actions.claim_work(agent)
+    lease = claim_work(agent)
     weights, versions, gradients, samples = honest_round(lease)
-    spotchecks.record(str(lease.id), 0, [weights], versions, [], gradients, samples * 5)
+    record(str(lease.id), 0, [weights], versions, [], gradients, samples * 5)
     assert SpotCheck.objects.get(lease=lease).status == SpotCheck.Status.FAILED
 
 
 def test_a_lease_is_checked_once_even_when_round_0_is_pushed_again(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
     start(alice, dataset)
-    lease = actions.claim_work(agent)
+    lease = claim_work(agent)
     weights, versions, gradients, samples = honest_round(lease)
-    assert spotchecks.record(str(lease.id), 0, [weights], versions, [], gradients, samples)
-    assert spotchecks.record(str(lease.id), 0, [weights], versions, [], gradients, samples) is None
+    assert record(str(lease.id), 0, [weights], versions, [], gradients, samples)
+    assert record(str(lease.id), 0, [weights], versions, [], gradients, samples) is None
     assert SpotCheck.objects.filter(lease=lease).count() == 1
 
 
 def test_a_check_whose_worker_died_is_run_again(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
     start(alice, dataset)
-    lease = actions.claim_work(agent)
+    lease = claim_work(agent)
     weights, versions, gradients, samples = honest_round(lease)
-    check = spotchecks.record(str(lease.id), 0, [weights], versions, [], gradients, samples)
+    check = record(str(lease.id), 0, [weights], versions, [], gradients, samples)
     assert check is not None
-    long_ago = check.created_at - spotchecks.STALE_RUNNING * 2
+    long_ago = check.created_at - STALE_RUNNING * 2
     SpotCheck.objects.filter(id=check.id).update(status="running", started_at=long_ago)
-    assert spotchecks.run_pending() == 1
+    assert run_pending() == 1
     assert SpotCheck.objects.get(id=check.id).status == SpotCheck.Status.PASSED
 
 
 def test_a_later_round_replays_from_the_weights_it_names(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
     # Prepare: round 2 of a lease, computed on weights the store served after other pushes.
     start(alice, dataset, n_push=2)
-    lease = actions.claim_work(agent)
+    lease = claim_work(agent)
     for earlier in (0, 1):
         honest_round(lease, earlier)
     weights, versions, gradients, samples = honest_round(lease, 2)
     assert min(versions.values()) > 0
     # Execute
-    spotchecks.record(str(lease.id), 2, [weights], versions, [], gradients, samples)
-    spotchecks.run_pending()
+    record(str(lease.id), 2, [weights], versions, [], gradients, samples)
+    run_pending()
     # Assert
     check = SpotCheck.objects.get(lease=lease)
     assert check.status == SpotCheck.Status.PASSED, check.detail
@@ -201,12 +211,12 @@ def test_an_agent_honest_in_its_first_rounds_but_faking_later_ones_fails(
     alice, dataset, agent
 ) -> None:  # type: ignore[no-untyped-def]
     start(alice, dataset, n_push=2)
-    lease = actions.claim_work(agent)
+    lease = claim_work(agent)
     weights, versions, gradients, samples = honest_round(lease, 3)
     # The right gradient, but of the round before (replayed data): what a lazy faker sends.
     _, _, stale, _ = honest_round(lease, 2)
-    spotchecks.record(str(lease.id), 3, [weights], versions, [], stale, samples)
-    spotchecks.run_pending()
+    record(str(lease.id), 3, [weights], versions, [], stale, samples)
+    run_pending()
     assert SpotCheck.objects.get(lease=lease).status == SpotCheck.Status.FAILED
 
 
@@ -215,7 +225,7 @@ def test_a_round_that_loaded_new_weights_midway_replays_with_the_load(
 ) -> None:  # type: ignore[no-untyped-def]
     # Prepare: round 1 (steps 4-7) ran 2 steps on version A, then loaded version B.
     job = start(alice, dataset, n_push=4)
-    lease = actions.claim_work(agent)
+    lease = claim_work(agent)
     unit = lease.unit
     store = job_store(job)
     fetched = []
@@ -240,10 +250,8 @@ def test_a_round_that_loaded_new_weights_midway_replays_with_the_load(
         gradient_step(computer, sampler, accumulator, x, y)
     loads = [[2, [later[s] for s in sorted(later)]]]
     # Execute
-    spotchecks.record(
-        str(lease.id), 1, [first, second], base, loads, accumulator.mean(), accumulator.samples
-    )
-    spotchecks.run_pending()
+    record(str(lease.id), 1, [first, second], base, loads, accumulator.mean(), accumulator.samples)
+    run_pending()
     # Assert
     check = SpotCheck.objects.get(lease=lease)
     assert check.status == SpotCheck.Status.PASSED, check.detail
@@ -252,10 +260,10 @@ def test_a_round_that_loaded_new_weights_midway_replays_with_the_load(
 
 def test_a_round_claiming_a_load_outside_its_steps_fails(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
     start(alice, dataset, n_push=4)
-    lease = actions.claim_work(agent)
+    lease = claim_work(agent)
     weights, versions, gradients, samples = honest_round(lease, 0)
     loads = [[9, [versions[s] for s in sorted(versions)]]]
-    spotchecks.record(str(lease.id), 0, [weights, weights], versions, loads, gradients, samples)
+    record(str(lease.id), 0, [weights, weights], versions, loads, gradients, samples)
     check = SpotCheck.objects.get(lease=lease)
     assert check.status == SpotCheck.Status.FAILED and "loads outside" in check.detail
 
@@ -263,7 +271,7 @@ def test_a_round_claiming_a_load_outside_its_steps_fails(alice, dataset, agent) 
 def test_the_round_checked_is_drawn_over_all_of_a_leases_rounds(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]
     job = start(alice, dataset, n_push=4)
     agent = Agent.objects.select_related("token").get(id=agent.id)
-    drawn = [spotchecks.choose_round(job, agent, 18) for _ in range(2000)]
+    drawn = [choose_round(job, agent, 18) for _ in range(2000)]
     counts = {k: drawn.count(k) for k in set(drawn)}
     assert set(counts) == {0, 1, 2, 3, 4}  # ceil(18 / 4) rounds; the last one is short
     assert min(counts.values()) > 300  # about 400 each
@@ -274,7 +282,7 @@ def test_leases_are_checked_at_the_jobs_fraction_and_never_for_trusted_agents(
 ) -> None:  # type: ignore[no-untyped-def]
     job = start(alice, dataset, spot_check_fraction=0.05)
     agent = Agent.objects.select_related("token").get(id=agent.id)
-    checked = sum(spotchecks.should_check(job, agent) for _ in range(4000))
+    checked = sum(should_check(job, agent) for _ in range(4000))
     # Binomial(4000, 0.05): mean 200, sd 13.8; the bounds are 5 sd out.
     assert 131 <= checked <= 269
     trusted, _ = AgentToken.issue(charlie, "ops")
@@ -282,7 +290,7 @@ def test_leases_are_checked_at_the_jobs_fraction_and_never_for_trusted_agents(
     ops = Agent.objects.select_related("token").create(token_id=trusted.id, name="ops-1")
     ops = Agent.objects.select_related("token").get(id=ops.id)
     job.spot_check_fraction = 1.0
-    assert not any(spotchecks.should_check(job, ops) for _ in range(100))
+    assert not any(should_check(job, ops) for _ in range(100))
 
 
 def test_an_always_faking_agent_is_caught_within_100_units_with_probability_99(
@@ -292,9 +300,7 @@ def test_an_always_faking_agent_is_caught_within_100_units_with_probability_99(
     job = start(alice, dataset, spot_check_fraction=0.05)
     agent = Agent.objects.select_related("token").get(id=agent.id)
     trials = 3000
-    caught = sum(
-        any(spotchecks.should_check(job, agent) for _ in range(100)) for _ in range(trials)
-    )
+    caught = sum(any(should_check(job, agent) for _ in range(100)) for _ in range(trials))
     # Expected 1 - 0.95**100 = 0.9941 (sd 0.0014 over 3000 trials).
     assert caught / trials >= 0.988
 
@@ -315,6 +321,6 @@ def test_models_with_dropout_are_not_spot_checked(alice, dataset, agent) -> None
     }
     config["config"]["layers"] = [*layers[:2], dropout, *layers[2:]]
     job = start(alice, dataset, model_json=config)
-    assert not spotchecks.recomputable(job.model_config)
-    assert actions.claim_work(agent).spot_check_round is None
-    assert spotchecks.recomputable(mlp_config())
+    assert not recomputable(job.model_config)
+    assert claim_work(agent).spot_check_round is None
+    assert recomputable(mlp_config())

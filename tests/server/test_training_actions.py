@@ -10,8 +10,25 @@ import pytest
 from django.utils import timezone
 
 from downpour.donors.models import Agent, AgentToken
-from downpour.training import actions
+from downpour.training.actions.bans import lift_ban, record_clipping, record_spot_check
+from downpour.training.actions.claims import claim_work
+from downpour.training.actions.contributions import record_contribution
+from downpour.training.actions.datasets import create_dataset
+from downpour.training.actions.evaluations import evaluate_job
+from downpour.training.actions.jobs import JobRejected, start_job, submit_job
+from downpour.training.actions.leases import (
+    LeaseError,
+    complete_lease,
+    get_agent_lease,
+    heartbeat,
+    lease_message,
+    reap_expired_leases,
+    resume_lease,
+    return_lease,
+)
+from downpour.training.actions.recovery import checkpoint_job, ensure_store_ready
 from downpour.training.models import Job, Lease, WorkUnit
+from downpour.training.queries import staleness_summary
 from downpour.training.store import job_store
 
 from .helpers import job_params as params
@@ -22,14 +39,14 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def running_job(alice, dataset):  # type: ignore[no-untyped-def]
-    job = actions.submit_job(alice, dataset, params())
-    assert actions.start_job(job)
+    job = submit_job(alice, dataset, params())
+    assert start_job(job)
     job.refresh_from_db()
     return job
 
 
 def test_it_queues_a_valid_job_with_its_parameter_count(alice, dataset) -> None:  # type: ignore[no-untyped-def]
-    job = actions.submit_job(alice, dataset, params())
+    job = submit_job(alice, dataset, params())
     assert job.status == Job.Status.QUEUED
     assert job.param_count == 8 * 16 + 16 + 16 * 3 + 3
 
@@ -37,29 +54,29 @@ def test_it_queues_a_valid_job_with_its_parameter_count(alice, dataset) -> None:
 def test_it_rejects_a_lambda_layer_naming_it(alice, dataset) -> None:  # type: ignore[no-untyped-def]
     config = mlp_config()
     config["config"]["layers"][1]["class_name"] = "Lambda"
-    with pytest.raises(actions.JobRejected, match="Lambda"):
-        actions.submit_job(alice, dataset, params(model_json=config))
+    with pytest.raises(JobRejected, match="Lambda"):
+        submit_job(alice, dataset, params(model_json=config))
     assert Job.objects.count() == 0
 
 
 def test_it_rejects_a_model_whose_input_does_not_fit_the_data(alice, dataset) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(actions.JobRejected, match=r"inputs of shape \[5\]"):
-        actions.submit_job(alice, dataset, params(model_json=mlp_config(inputs=5)))
+    with pytest.raises(JobRejected, match=r"inputs of shape \[5\]"):
+        submit_job(alice, dataset, params(model_json=mlp_config(inputs=5)))
 
 
 def test_it_rejects_too_few_outputs_for_the_classes(alice, dataset) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(actions.JobRejected, match="2 outputs but the dataset has 3 classes"):
-        actions.submit_job(alice, dataset, params(model_json=mlp_config(classes=2)))
+    with pytest.raises(JobRejected, match="2 outputs but the dataset has 3 classes"):
+        submit_job(alice, dataset, params(model_json=mlp_config(classes=2)))
 
 
 def test_it_needs_a_target_or_a_budget(alice, dataset) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(actions.JobRejected, match="target accuracy or a budget"):
-        actions.submit_job(alice, dataset, params(target_accuracy=None))
+    with pytest.raises(JobRejected, match="target accuracy or a budget"):
+        submit_job(alice, dataset, params(target_accuracy=None))
 
 
 def test_it_rejects_garbage_json(alice, dataset) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(actions.JobRejected, match="model rejected"):
-        actions.submit_job(alice, dataset, params(model_json="{nope"))
+    with pytest.raises(JobRejected, match="model rejected"):
+        submit_job(alice, dataset, params(model_json="{nope"))
 
 
 def test_starting_a_job_writes_its_initial_weights_to_the_store(running_job) -> None:  # type: ignore[no-untyped-def]
@@ -68,13 +85,13 @@ def test_starting_a_job_writes_its_initial_weights_to_the_store(running_job) -> 
     assert store.versions() == [0, 0]
     weights = store.weights()
     assert sum(w.size for w in weights.values()) == running_job.param_count
-    assert not actions.start_job(running_job), "a job starts once"
+    assert not start_job(running_job), "a job starts once"
 
 
 def test_claim_work_leases_a_unit_and_describes_it_in_a_lease_message(running_job, agent) -> None:  # type: ignore[no-untyped-def]
-    lease = actions.claim_work(agent)
+    lease = claim_work(agent)
     assert lease is not None and lease.unit.status == WorkUnit.Status.LEASED
-    message = actions.lease_message(lease)
+    message = lease_message(lease)
     assert message["job_id"] == str(running_job.id)
     assert [v["name"] for shard in message["layout"] for v in shard]
     assert message["dataset"]["sha256"] == lease.unit.shard.sha256
@@ -82,46 +99,46 @@ def test_claim_work_leases_a_unit_and_describes_it_in_a_lease_message(running_jo
 
 
 def test_an_expired_lease_is_reaped_and_its_unit_reissued(running_job, agent, charlie) -> None:  # type: ignore[no-untyped-def]
-    lease = actions.claim_work(agent)
+    lease = claim_work(agent)
     assert lease is not None
     Lease.objects.filter(id=lease.id).update(expires_at=timezone.now() - timedelta(seconds=1))
-    assert actions.reap_expired_leases() == 1
-    assert actions.reap_expired_leases() == 0, "reaping twice changes nothing"
+    assert reap_expired_leases() == 1
+    assert reap_expired_leases() == 0, "reaping twice changes nothing"
     token, _ = AgentToken.issue(charlie, "other")
     other = Agent.objects.create(token=token, name="pc-2")
-    again = actions.claim_work(other)
+    again = claim_work(other)
     assert again is not None and again.unit_id == lease.unit_id
     assert WorkUnit.objects.get(id=lease.unit_id).attempts == 2
-    with pytest.raises(actions.LeaseError) as err:
-        actions.heartbeat(agent, str(lease.id))
+    with pytest.raises(LeaseError) as err:
+        heartbeat(agent, str(lease.id))
     assert err.value.code == "lease_expired"
 
 
 def test_heartbeats_extend_a_lease_and_foreign_leases_are_refused(
     running_job, agent, charlie
 ) -> None:  # type: ignore[no-untyped-def]
-    lease = actions.claim_work(agent)
+    lease = claim_work(agent)
     assert lease is not None
-    assert actions.heartbeat(agent, str(lease.id)) is not None
+    assert heartbeat(agent, str(lease.id)) is not None
     token, _ = AgentToken.issue(charlie, "other")
     stranger = Agent.objects.create(token=token, name="pc-2")
-    with pytest.raises(actions.LeaseError) as err:
-        actions.complete_lease(stranger, str(lease.id), 10)
+    with pytest.raises(LeaseError) as err:
+        complete_lease(stranger, str(lease.id), 10)
     assert err.value.code == "lease_not_yours"
 
 
 def test_a_returned_lease_puts_its_unit_back(running_job, agent) -> None:  # type: ignore[no-untyped-def]
-    lease = actions.claim_work(agent)
+    lease = claim_work(agent)
     assert lease is not None
-    actions.return_lease(agent, str(lease.id))
+    return_lease(agent, str(lease.id))
     assert Lease.objects.get(id=lease.id).status == Lease.Status.RETURNED
     assert WorkUnit.objects.get(id=lease.unit_id).status == WorkUnit.Status.PENDING
 
 
 def test_a_completed_lease_finishes_its_unit(running_job, agent) -> None:  # type: ignore[no-untyped-def]
-    lease = actions.claim_work(agent)
+    lease = claim_work(agent)
     assert lease is not None
-    actions.complete_lease(agent, str(lease.id), 320)
+    complete_lease(agent, str(lease.id), 320)
     assert WorkUnit.objects.get(id=lease.unit_id).status == WorkUnit.Status.DONE
     agent.refresh_from_db()
     assert agent.leases_completed == 1
@@ -133,9 +150,9 @@ def test_checkpoint_and_restore_bring_back_the_exact_state(running_job) -> None:
     grad = {v.name: np.full(v.shape, 0.5, np.float32) for v in store.layout.shards[0]}
     store.push(0, grad, 0, "lease:0:0")
     before = store.weights()
-    actions.checkpoint_job(running_job)
+    checkpoint_job(running_job)
     store.delete()
-    actions.ensure_store_ready(running_job)
+    ensure_store_ready(running_job)
     after = store.weights()
     np.testing.assert_array_equal(before[name], after[name])
     assert store.versions()[0] == 1
@@ -144,7 +161,7 @@ def test_checkpoint_and_restore_bring_back_the_exact_state(running_job) -> None:
 def test_evaluation_records_a_point_and_finishes_the_job_at_its_target(running_job) -> None:  # type: ignore[no-untyped-def]
     Job.objects.filter(id=running_job.id).update(target_accuracy=0.0001)
     running_job.refresh_from_db()
-    point = actions.evaluate_job(running_job)
+    point = evaluate_job(running_job)
     assert point is not None and 0.0 <= point.accuracy <= 1.0
     running_job.refresh_from_db()
     assert running_job.status == Job.Status.DONE
@@ -154,9 +171,9 @@ def test_evaluation_records_a_point_and_finishes_the_job_at_its_target(running_j
 
 
 def test_a_reconnected_agent_resumes_its_live_lease(running_job, agent) -> None:  # type: ignore[no-untyped-def]
-    lease = actions.claim_work(agent)
+    lease = claim_work(agent)
     assert lease is not None
-    resumed = actions.resume_lease(agent, str(lease.id))
+    resumed = resume_lease(agent, str(lease.id))
     assert resumed.id == lease.id and resumed.resumed == 1
     assert resumed.expires_at >= lease.expires_at
 
@@ -164,59 +181,59 @@ def test_a_reconnected_agent_resumes_its_live_lease(running_job, agent) -> None:
 def test_a_lease_cannot_be_resumed_by_another_agent_or_after_it_expired(
     running_job, agent, charlie
 ) -> None:  # type: ignore[no-untyped-def]
-    lease = actions.claim_work(agent)
+    lease = claim_work(agent)
     assert lease is not None
     token, _ = AgentToken.issue(charlie, "other")
     stranger = Agent.objects.create(token=token, name="pc-2")
-    with pytest.raises(actions.LeaseError) as err:
-        actions.resume_lease(stranger, str(lease.id))
+    with pytest.raises(LeaseError) as err:
+        resume_lease(stranger, str(lease.id))
     assert err.value.code == "lease_not_yours"
     Lease.objects.filter(id=lease.id).update(expires_at=timezone.now() - timedelta(seconds=1))
-    with pytest.raises(actions.LeaseError) as err:
-        actions.resume_lease(agent, str(lease.id))
+    with pytest.raises(LeaseError) as err:
+        resume_lease(agent, str(lease.id))
     assert err.value.code == "lease_expired"
 
 
 def test_an_agent_that_abandons_work_gets_smaller_units_and_earns_them_back(
     running_job, agent
 ) -> None:  # type: ignore[no-untyped-def]
-    first = actions.claim_work(agent)
+    first = claim_work(agent)
     assert first is not None
     Lease.objects.filter(id=first.id).update(expires_at=timezone.now() - timedelta(seconds=1))
-    actions.reap_expired_leases()
+    reap_expired_leases()
     agent.refresh_from_db()
     assert agent.leases_abandoned == 1 and agent.unit_scale == 0.5
     WorkUnit.objects.filter(id=first.unit_id).update(status=WorkUnit.Status.DONE)
-    second = actions.claim_work(agent)
+    second = claim_work(agent)
     assert second is not None
     assert second.unit.steps < first.unit.steps
-    actions.complete_lease(agent, str(second.id), 10)
+    complete_lease(agent, str(second.id), 10)
     agent.refresh_from_db()
     assert agent.unit_scale == 1.0 and agent.consecutive_completed == 1
 
 
 def test_warm_start_keeps_a_second_agent_out_until_k_pushes(alice, dataset, agent, charlie) -> None:  # type: ignore[no-untyped-def]
-    job = actions.submit_job(alice, dataset, params(warm_start_pushes=5))
-    assert actions.start_job(job)
+    job = submit_job(alice, dataset, params(warm_start_pushes=5))
+    assert start_job(job)
     token, _ = AgentToken.issue(charlie, "other")
     second = Agent.objects.create(token=token, name="pc-2", samples_per_s=1000.0)
-    assert actions.claim_work(agent) is not None
-    assert actions.claim_work(second) is None
+    assert claim_work(agent) is not None
+    assert claim_work(second) is None
     Job.objects.filter(id=job.id).update(pushes_accepted=5)
-    assert actions.claim_work(second) is not None
+    assert claim_work(second) is not None
 
 
 def test_donated_compute_goes_to_the_researcher_furthest_below_their_weighted_share(
     alice, bob, dataset, agent
 ) -> None:  # type: ignore[no-untyped-def]
     # Prepare: Alice's job has had 1,000 recent samples; Bob (weight 2) has had 1,500.
-    alices = actions.submit_job(alice, dataset, params(name="a"))
-    bob_data = actions.create_dataset(bob, "b", npz_upload(**small_dataset()), n_shards=1)
-    bobs = actions.submit_job(bob, bob_data, params(name="b"))
+    alices = submit_job(alice, dataset, params(name="a"))
+    bob_data = create_dataset(bob, "b", npz_upload(**small_dataset()), n_shards=1)
+    bobs = submit_job(bob, bob_data, params(name="b"))
     bob.share_weight = 2.0
     bob.save()
     for job, samples in ((alices, 1000), (bobs, 1500)):
-        assert actions.start_job(job)
+        assert start_job(job)
         unit = WorkUnit.objects.create(
             job=job,
             shard=job.dataset.shards.first(),
@@ -233,23 +250,21 @@ def test_donated_compute_goes_to_the_researcher_furthest_below_their_weighted_sh
             ended_at=timezone.now(),
         )
     # Execute
-    lease = actions.claim_work(agent)
+    lease = claim_work(agent)
     # Assert: 1,500 / 2 < 1,000 / 1, so Bob's job gets the unit.
     assert lease is not None and lease.unit.job_id == bobs.id
 
 
 def test_pushes_staleness_is_merged_into_the_jobs_distribution(running_job, agent) -> None:  # type: ignore[no-untyped-def]
-    lease = actions.claim_work(agent)
+    lease = claim_work(agent)
     assert lease is not None
-    actions.record_contribution(
+    record_contribution(
         str(running_job.id), str(agent.id), str(lease.id), 64, 3, 0, 40.0, {0: 2, 3: 1}
     )
-    actions.record_contribution(
-        str(running_job.id), str(agent.id), str(lease.id), 32, 1, 0, 20.0, {3: 1}
-    )
+    record_contribution(str(running_job.id), str(agent.id), str(lease.id), 32, 1, 0, 20.0, {3: 1})
     running_job.refresh_from_db()
     assert running_job.staleness_hist == {"0": 2, "3": 2}
-    summary = actions.staleness_summary(running_job)
+    summary = staleness_summary(running_job)
     assert summary["pushes"] == 4 and summary["p95"] == 3
 
 
@@ -257,9 +272,9 @@ def test_a_straggling_unit_near_the_end_of_a_job_gets_a_backup_and_the_first_cop
     alice, dataset, agent, charlie
 ) -> None:  # type: ignore[no-untyped-def]
     # Prepare: a job with a budget, almost all of it done, and one slow running unit.
-    job = actions.submit_job(alice, dataset, params(target_accuracy=None, budget_samples=10_000))
-    assert actions.start_job(job)
-    slow = actions.claim_work(agent)
+    job = submit_job(alice, dataset, params(target_accuracy=None, budget_samples=10_000))
+    assert start_job(job)
+    slow = claim_work(agent)
     assert slow is not None
     Job.objects.filter(id=job.id).update(samples_done=10_000 - 1)
     Lease.objects.filter(id=slow.id).update(issued_at=timezone.now() - timedelta(hours=1))
@@ -272,39 +287,52 @@ def test_a_straggling_unit_near_the_end_of_a_job_gets_a_backup_and_the_first_cop
         consecutive_completed=10,
     )
     # Execute
-    backup = actions.claim_work(fast)
+    backup = claim_work(fast)
     # Assert: the backup copies the straggler; the first to complete wins.
     assert backup is not None and backup.unit_id == slow.unit_id
-    actions.complete_lease(fast, str(backup.id), 32)
+    complete_lease(fast, str(backup.id), 32)
     assert Lease.objects.get(id=slow.id).status == Lease.Status.SUPERSEDED
-    with pytest.raises(actions.LeaseError) as err:
-        actions.get_agent_lease(str(slow.id), agent)
+    with pytest.raises(LeaseError) as err:
+        get_agent_lease(str(slow.id), agent)
     assert err.value.code == "lease_expired"
 
 
 def test_an_agent_clipped_in_most_of_its_pushes_is_banned_and_staff_can_lift_it(
     agent,
 ) -> None:  # type: ignore[no-untyped-def]
-    assert not actions.record_clipping(str(agent.id), [False] * 30)
-    banned = actions.record_clipping(str(agent.id), [True] * 60)
+    assert not record_clipping(str(agent.id), [False] * 30)
+    banned = record_clipping(str(agent.id), [True] * 60)
     agent.refresh_from_db()
     assert banned and agent.banned_at is not None and "clipped" in agent.ban_reason
     assert agent.rep_pushes == 90 and agent.rep_clipped == 60
-    actions.lift_ban(agent)
+    lift_ban(agent)
     agent.refresh_from_db()
     assert agent.banned_at is None and agent.rep_pushes == 0
 
 
+def test_a_ban_reason_longer_than_its_column_is_stored_cut_to_it(agent) -> None:  # type: ignore[no-untyped-def]
+    # PostgreSQL refuses a value longer than a varchar column; a spot check's detail can be.
+    width = Agent._meta.get_field("ban_reason").max_length
+    detail = "gradients differ: " + "x" * (3 * width)
+
+    assert record_spot_check(str(agent.id), passed=False, detail=detail)
+
+    agent.refresh_from_db()
+    assert agent.banned_at is not None
+    assert len(agent.ban_reason) == width
+    assert agent.ban_reason.startswith("failed 1 spot check(s): gradients differ: x")
+
+
 def test_an_honest_agent_clipped_now_and_then_is_not_banned(agent) -> None:  # type: ignore[no-untyped-def]
     flags = ([False] * 19 + [True]) * 10  # 5% clipped, like honest agents in the attack runs
-    assert not actions.record_clipping(str(agent.id), flags)
+    assert not record_clipping(str(agent.id), flags)
 
 
 def test_a_robust_job_holds_untrusted_pushes_until_trusted_ones_set_the_centre(
     alice, dataset
 ) -> None:  # type: ignore[no-untyped-def]
-    job = actions.submit_job(alice, dataset, params(robust_aggregation=True))
-    assert actions.start_job(job)
+    job = submit_job(alice, dataset, params(robust_aggregation=True))
+    assert start_job(job)
     job.refresh_from_db()
     store = job_store(job)
     grad = {v.name: np.full(v.shape, 0.1, np.float32) for v in store.layout.shards[0]}

@@ -17,9 +17,14 @@ from django.test import Client
 
 from downpour.donors.models import Agent, AgentToken, hash_token
 from downpour.paramstore import ParameterStore
-from downpour.training import actions
 from downpour.training import store as job_stores
+from downpour.training.actions.claims import claim_work
+from downpour.training.actions.datasets import create_dataset
+from downpour.training.actions.jobs import JobParams, start_job, submit_job
+from downpour.training.actions.leases import return_lease
+from downpour.training.actions.recovery import checkpoint_job, ensure_store_ready
 from downpour.training.models import Job, WorkUnit
+from downpour.training.queries import robust_summary
 from downpour.training.store import job_store, storage
 
 from .helpers import mlp_config, npz_upload, small_dataset
@@ -52,15 +57,15 @@ def trusted(sam):  # type: ignore[no-untyped-def]
 
 
 def started(owner: Any, name: str, robust: bool) -> Job:
-    dataset = actions.create_dataset(owner, name, npz_upload(**small_dataset()), n_shards=2)
-    job = actions.submit_job(
+    dataset = create_dataset(owner, name, npz_upload(**small_dataset()), n_shards=2)
+    job = submit_job(
         owner,
         dataset,
-        actions.JobParams(
+        JobParams(
             name=name, model_json=mlp_config(), target_accuracy=0.9, robust_aggregation=robust
         ),
     )
-    assert actions.start_job(job)
+    assert start_job(job)
     job.refresh_from_db()
     return job
 
@@ -88,10 +93,10 @@ def test_an_untrusted_agent_gets_no_unit_of_a_robust_job_until_a_trusted_agent_w
 ) -> None:  # type: ignore[no-untyped-def]
     job = started(alice, "robust", robust=True)
 
-    refused = actions.claim_work(untrusted)
-    first = actions.claim_work(trusted)
+    refused = claim_work(untrusted)
+    first = claim_work(trusted)
     warm_up(job_store(job))
-    after = actions.claim_work(untrusted)
+    after = claim_work(untrusted)
 
     assert refused is None
     assert first is not None and first.unit.job_id == job.id
@@ -102,13 +107,13 @@ def test_a_reissued_unit_of_a_robust_job_warming_up_waits_for_a_trusted_agent(
     alice, untrusted, trusted
 ) -> None:  # type: ignore[no-untyped-def]
     job = started(alice, "robust", robust=True)
-    lease = actions.claim_work(trusted)
+    lease = claim_work(trusted)
     assert lease is not None and lease.unit.job_id == job.id
-    actions.return_lease(trusted, str(lease.id))
+    return_lease(trusted, str(lease.id))
     assert WorkUnit.objects.get(id=lease.unit_id).status == WorkUnit.Status.PENDING
 
-    assert actions.claim_work(untrusted) is None
-    again = actions.claim_work(trusted)
+    assert claim_work(untrusted) is None
+    again = claim_work(trusted)
     assert again is not None and again.unit_id == lease.unit_id
 
 
@@ -116,7 +121,7 @@ def test_untrusted_agents_get_other_jobs_while_a_robust_job_warms_up(alice, bob,
     robust = started(alice, "robust", robust=True)
     plain = started(bob, "plain", robust=False)
 
-    leases = [actions.claim_work(untrusted) for _ in range(3)]
+    leases = [claim_work(untrusted) for _ in range(3)]
 
     assert all(lease is not None and lease.unit.job_id == plain.id for lease in leases)
     assert not WorkUnit.objects.filter(job=robust).exists()
@@ -127,9 +132,9 @@ def test_a_trusted_agent_goes_to_the_robust_job_warming_up_first(alice, bob, tru
     plain = started(bob, "plain", robust=False)
     robust = started(alice, "robust", robust=True)
 
-    first = actions.claim_work(trusted)
+    first = claim_work(trusted)
     warm_up(job_store(robust))
-    later = actions.claim_work(trusted)
+    later = claim_work(trusted)
 
     assert first is not None and first.unit.job_id == robust.id
     assert later is not None and later.unit.job_id == plain.id
@@ -137,11 +142,11 @@ def test_a_trusted_agent_goes_to_the_robust_job_warming_up_first(alice, bob, tru
 
 def test_staff_trusting_a_token_takes_effect_on_its_next_claim(alice, untrusted) -> None:  # type: ignore[no-untyped-def]
     job = started(alice, "robust", robust=True)
-    assert actions.claim_work(untrusted) is None
+    assert claim_work(untrusted) is None
 
     AgentToken.objects.filter(id=untrusted.token_id).update(is_trusted=True)
 
-    lease = actions.claim_work(untrusted)
+    lease = claim_work(untrusted)
     assert lease is not None and lease.unit.job_id == job.id
 
 
@@ -151,7 +156,7 @@ def test_the_warm_up_reading_is_cached_and_stays_warm_until_a_restore(
     # Prepare: a checkpoint taken during warm-up, then a warm store
     monkeypatch.setattr(job_stores, "WARMUP_TTL_S", 60.0)
     job = started(alice, "robust", robust=True)
-    actions.checkpoint_job(job)
+    checkpoint_job(job)
     assert job_stores.warming_up(job)
     warm_up(job_store(job))
 
@@ -159,12 +164,12 @@ def test_the_warm_up_reading_is_cached_and_stays_warm_until_a_restore(
     assert job_stores.warming_up(job), "read at most once per WARMUP_TTL_S"
     job_stores.forget_warmup(job.id)
     assert not job_stores.warming_up(job)
-    assert actions.claim_work(untrusted) is not None
+    assert claim_work(untrusted) is not None
     # Redis lost the job; the restore brings back the checkpoint taken during warm-up.
     storage().delete(str(job.id))
-    actions.ensure_store_ready(job)
+    ensure_store_ready(job)
     assert job_stores.warming_up(job)
-    assert actions.claim_work(untrusted) is None
+    assert claim_work(untrusted) is None
 
 
 def test_a_job_without_parameters_in_the_store_counts_as_warming_up(alice) -> None:  # type: ignore[no-untyped-def]
@@ -195,7 +200,7 @@ def test_the_job_page_shows_the_warm_up_then_the_clipped_share(alice) -> None:  
     # 2 shards x 10 trusted pushes (the 3 repeated push ids were duplicates), then one
     # clipped push: 1 of 21.
     assert metrics["robust"]["text"] == "robust: warm, 4.8% of pushes clipped"
-    assert actions.robust_summary(started(alice, "plain", robust=False)) is None
+    assert robust_summary(started(alice, "plain", robust=False)) is None
 
 
 def test_the_console_lists_robust_jobs_waiting_for_a_trusted_agent(alice, sam, trusted) -> None:  # type: ignore[no-untyped-def]

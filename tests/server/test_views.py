@@ -8,7 +8,8 @@ import pytest
 from django.test import Client
 
 from downpour.donors.models import AgentToken, hash_token
-from downpour.training import actions
+from downpour.training.actions.datasets import create_dataset
+from downpour.training.actions.jobs import JobParams, submit_job
 from downpour.training.models import Dataset, Job
 
 from .helpers import job_form, mlp_config, npz_upload, small_dataset
@@ -24,9 +25,9 @@ def logged_in(user) -> Client:  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def job(alice):  # type: ignore[no-untyped-def]
-    dataset = actions.create_dataset(alice, "tiny", npz_upload(**small_dataset()))
-    return actions.submit_job(
-        alice, dataset, actions.JobParams(name="mlp", model_json=mlp_config(), target_accuracy=0.9)
+    dataset = create_dataset(alice, "tiny", npz_upload(**small_dataset()))
+    return submit_job(
+        alice, dataset, JobParams(name="mlp", model_json=mlp_config(), target_accuracy=0.9)
     )
 
 

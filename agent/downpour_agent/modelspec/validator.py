@@ -1667,3 +1667,24 @@ def summary(spec: ModelSpec) -> str:
             f"Multiply-adds per sample: {spec.flops_per_sample:,}",
         ]
     )
+
+
+#: Layer arguments that make a training step random beyond the weights and the batch.
+_DROPOUT_KWARGS = {
+    "Dropout": ("rate",),
+    "LSTM": ("dropout", "recurrent_dropout"),
+    "GRU": ("dropout", "recurrent_dropout"),
+}
+
+
+def uses_dropout(spec: ModelSpec) -> bool:
+    """Whether training ``spec`` drops units at random (a nonzero dropout rate anywhere).
+
+    Such a model's gradient is not a function of its weights and mini-batch alone, so the
+    server cannot recompute it to spot-check an agent.
+    """
+    return any(
+        layer.kwargs.get(key)
+        for layer in spec.layers
+        for key in _DROPOUT_KWARGS.get(layer.class_name, ())
+    )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,12 +20,25 @@ from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 from django.utils import timezone
 
-from downpour.donors.actions import TooManyAgents, register_agent
-from downpour.donors.models import Agent, AgentToken, hash_token
+from downpour.donors.actions import TooManyAgents, register_reported_agent
+from downpour.donors.models import Agent, AgentToken
 from downpour.paramstore import PushResult, StoreError
-from downpour.scheduler import credit_for_push
-from downpour.training import actions, spotchecks
+from downpour.training.actions.bans import record_clipping
+from downpour.training.actions.claims import claim_work
+from downpour.training.actions.contributions import Tally, record_tallies
+from downpour.training.actions.leases import (
+    LeaseError,
+    complete_lease,
+    get_agent_lease,
+    heartbeat,
+    lease_message,
+    resume_lease,
+    return_lease,
+)
+from downpour.training.actions.recovery import ensure_store_ready
 from downpour.training.models import Job, Lease
+from downpour.training.spotchecks import recording as spot_recording
+from downpour.training.spotchecks.recording import Recording, copy_tensors
 from downpour.training.store import job_store
 from downpour_agent.protocol import (
     AGENT_MESSAGES,
@@ -41,6 +53,7 @@ from downpour_agent.protocol import (
 )
 
 from . import push
+from .auth import agent_token, scope_bearer_token
 from .limits import limits
 
 log = logging.getLogger(__name__)
@@ -48,6 +61,8 @@ T = TypeVar("T")
 _WIRE_CODES = {code.value for code in ErrorCode}
 JOB_STATUS_TTL_S = 1.0
 FLUSH_INTERVAL_S = 2.0
+#: Seconds an agent told ``no_work`` waits before it asks again.
+NO_WORK_RETRY_S = 2.0
 
 
 @dataclass
@@ -56,33 +71,6 @@ class CachedLease:
     job: Job
     deadline: float  # time.monotonic() after which the lease must be re-read
     spot_check_round: int | None = None  # the push round a spot check replays, if any
-
-
-#: Most versions of each shard a checked lease's consumer keeps the weights of. A round needs
-#: those served from just before it to its end: ``ceil(n_push / n_fetch) + 2``.
-MAX_SERVED_KEPT = 16
-
-
-@dataclass
-class _Recording:
-    """A spot-checked lease: the weights served it lately, and its chosen round's pushes."""
-
-    served: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)
-    served_versions: dict[int, set[int]] = field(default_factory=dict)  # every one, no weights
-    gradients: dict[int, dict[str, Any]] = field(default_factory=dict)
-    base_versions: dict[int, int] = field(default_factory=dict)
-    loads: list[list[Any]] = field(default_factory=list)
-    samples: int = 0
-
-
-@dataclass
-class Tally:
-    job_id: str
-    samples: int = 0
-    accepted: int = 0
-    rejected: int = 0
-    credit: float = 0.0
-    staleness: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,7 +87,7 @@ class _State:
     groups: set[str] = field(default_factory=set)
     last_flush: float = 0.0
     clipped: list[bool] = field(default_factory=list)  # per applied push of robust jobs
-    recordings: dict[str, _Recording] = field(default_factory=dict)
+    recordings: dict[str, Recording] = field(default_factory=dict)
     recorded: set[str] = field(default_factory=set)  # checked leases whose round is in
 
 
@@ -113,7 +101,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             # A browser page on another site must not drive an agent socket.
             await self.close(code=4403)
             return
-        self.token = await self._authenticate(_bearer_token(self.scope))
+        self.token = await self._authenticate(scope_bearer_token(self.scope.get("headers", [])))
         await self.accept()
         if self.token is None:
             await self._send(
@@ -169,7 +157,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 await getattr(self, f"on_{msg['type']}")(msg)
         except ProtocolError as exc:
             await self._send(exc.to_message(ref))
-        except (StoreError, actions.LeaseError) as exc:
+        except (StoreError, LeaseError) as exc:
             if exc.code in _WIRE_CODES:
                 await self._send(error_message(exc.code, str(exc), ref))
             else:  # corrupt state or checkpoint: the operator's problem, not the agent's
@@ -227,7 +215,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def on_request_work(self, msg: dict[str, Any]) -> None:
         offer = await self._claim_work()
         if offer is None:
-            await self._send({"type": "no_work", "retry_after_s": 2.0, **_ref(msg)})
+            await self._send({"type": "no_work", "retry_after_s": NO_WORK_RETRY_S, **_ref(msg)})
             return
         lease, message = offer
         self._cache(lease, settings.LEASE_TTL_S)
@@ -249,14 +237,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
         )
         recording = self._recording(cached)
         if recording is not None:
-            job = cached.job
-            keep = min(MAX_SERVED_KEPT, -(-job.n_push // job.n_fetch) + 2)
-            recording.served_versions.setdefault(msg["shard"], set()).add(version)
-            kept = recording.served.setdefault(msg["shard"], {})
-            # A copy: the in-memory store's arrays change with the next push.
-            kept[version] = await asyncio.to_thread(_copy_tensors, tensors)
-            for stale in sorted(kept)[:-keep]:
-                del kept[stale]
+            kept = await asyncio.to_thread(copy_tensors, tensors)
+            recording.keep_served(cached.job, msg["shard"], version, kept)
         reply = {
             "type": "params",
             "lease_id": msg["lease_id"],
@@ -291,15 +273,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if result.applied and cached.job.robust_aggregation:
             self.state.clipped.append(result.clipped)
         if result.applied:
-            tally.accepted += 1
-            tally.staleness[result.staleness] = tally.staleness.get(result.staleness, 0) + 1
-            # One push round sends every shard with the same samples; count them once. The
-            # claim is the agent's word, so it is capped at what one push round can cover.
-            job = cached.job
-            samples = max(0, min(msg["samples"], job.batch_size * job.n_push))
-            if msg["shard"] == 0 and samples:
-                tally.samples += samples
-                tally.credit += credit_for_push(samples, result.staleness, accepted=True)
+            tally.add_applied(cached.job, msg["shard"], msg["samples"], result.staleness)
         await self._send(
             {
                 "type": "push_ack",
@@ -384,7 +358,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             status = _JobStatus(await self._job_finished(key), now)
             self.state.jobs[key] = status
         if status.finished:
-            raise actions.LeaseError("job_finished", "the job has finished")
+            raise LeaseError("job_finished", "the job has finished")
 
     async def _flush_tallies(self, force: bool = False, notify: bool = True) -> None:
         now = time.monotonic()
@@ -404,10 +378,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
             )
             await self.close(code=4403)
 
-    def _recording(self, cached: CachedLease) -> _Recording | None:
+    def _recording(self, cached: CachedLease) -> Recording | None:
         if cached.spot_check_round is None or cached.lease_id in self.state.recorded:
             return None
-        return self.state.recordings.setdefault(cached.lease_id, _Recording())
+        return self.state.recordings.setdefault(cached.lease_id, Recording())
 
     async def _record_checked_round(
         self, cached: CachedLease, msg: dict[str, Any], tensors: dict[str, Any]
@@ -415,11 +389,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
         recording = self._recording(cached)
         if recording is None:
             return
-        recording.gradients[msg["shard"]] = tensors
-        recording.base_versions[msg["shard"]] = msg["base_version"]
-        recording.loads = msg.get("loads", [])
-        recording.samples = msg["samples"]
-        if len(recording.gradients) < job_store(cached.job).layout.n_shards:
+        recording.add_push(msg, tensors)
+        if not recording.complete(job_store(cached.job).layout.n_shards):
             return
         del self.state.recordings[cached.lease_id]
         self.state.recorded.add(cached.lease_id)
@@ -442,75 +413,46 @@ class AgentConsumer(AsyncWebsocketConsumer):
         except StoreError as exc:
             if exc.code != "unknown_job":
                 raise
-            actions.ensure_store_ready(job)
+            ensure_store_ready(job)
             return operation()
 
     # --- database (sync, run in a thread by Channels) --------------------------------
 
     @database_sync_to_async
     def _authenticate(self, token: str | None) -> AgentToken | None:
-        if not token:
-            return None
-        return AgentToken.objects.filter(
-            token_hash=hash_token(token), revoked_at__isnull=True
-        ).first()
+        return agent_token(token)
 
     @database_sync_to_async
     def _register(self, name: str, device: dict[str, Any]) -> Agent:
-        # The device report is the agent's word: keep what fits the columns, drop the rest.
-        def num(key: str, upper: float) -> Any:
-            value = device.get(key)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                return None
-            return value if math.isfinite(value) and 0 <= value <= upper else None
-
-        def text(key: str, length: int) -> str:
-            value = device.get(key)
-            return _clean_text(value, length) if isinstance(value, str) else ""
-
         assert self.token is not None
-        return register_agent(
-            self.token,
-            _clean_text(name, 100) or "agent",
-            {
-                "os": text("os", 200),
-                "cpu_cores": num("cpu_cores", 1 << 20),
-                "ram_bytes": num("ram_bytes", 1 << 60),
-                "gpu_name": text("gpu_name", 200),
-                "gpu_memory_bytes": num("gpu_memory_bytes", 1 << 60),
-                "tf_version": text("tf_version", 50),
-                "samples_per_s": num("samples_per_s", 1e9),
-                "last_seen_at": timezone.now(),
-                "connected": True,
-            },
-        )
+        return register_reported_agent(self.token, name, device)
 
     @database_sync_to_async
     def _heartbeat(self, lease_id: str | None) -> float | None:
         assert self.agent is not None
-        return actions.heartbeat(self.agent, lease_id)
+        return heartbeat(self.agent, lease_id)
 
     @database_sync_to_async
     def _claim_work(self) -> tuple[Lease, dict[str, Any]] | None:
         assert self.agent is not None
         self.agent.refresh_from_db()
-        lease = actions.claim_work(self.agent)
+        lease = claim_work(self.agent)
         if lease is None:
             return None
         lease = Lease.objects.select_related("unit__job", "unit__shard").get(id=lease.id)
-        return lease, actions.lease_message(lease)
+        return lease, lease_message(lease)
 
     @database_sync_to_async
     def _resume(self, lease_id: str) -> tuple[Lease, dict[str, Any]]:
         assert self.agent is not None
-        lease = actions.resume_lease(self.agent, lease_id)
+        lease = resume_lease(self.agent, lease_id)
         lease = Lease.objects.select_related("unit__job", "unit__shard").get(id=lease.id)
-        return lease, actions.lease_message(lease)
+        return lease, lease_message(lease)
 
     @database_sync_to_async
     def _load_lease(self, lease_id: str) -> Lease:
         assert self.agent is not None
-        return actions.get_agent_lease(lease_id, self.agent)
+        return get_agent_lease(lease_id, self.agent)
 
     @database_sync_to_async
     def _job_finished(self, job_id: str) -> bool:
@@ -520,60 +462,29 @@ class AgentConsumer(AsyncWebsocketConsumer):
     @database_sync_to_async
     def _complete(self, lease_id: str, samples: int) -> None:
         assert self.agent is not None
-        actions.complete_lease(self.agent, lease_id, samples)
+        complete_lease(self.agent, lease_id, samples)
 
     @database_sync_to_async
     def _return(self, lease_id: str) -> None:
         assert self.agent is not None
-        actions.return_lease(self.agent, lease_id)
+        return_lease(self.agent, lease_id)
 
     @database_sync_to_async
     def _record(self, tallies: dict[str, Tally]) -> None:
         assert self.agent is not None
-        for lease_id, t in tallies.items():
-            actions.record_contribution(
-                t.job_id,
-                str(self.agent.id),
-                lease_id,
-                t.samples,
-                t.accepted,
-                t.rejected,
-                t.credit,
-                t.staleness,
-            )
+        record_tallies(str(self.agent.id), tallies)
 
     @database_sync_to_async
     def _record_clipping(self, clipped: list[bool]) -> bool:
         assert self.agent is not None
-        return actions.record_clipping(str(self.agent.id), clipped)
+        return record_clipping(str(self.agent.id), clipped)
 
     @database_sync_to_async
     def _save_spot_check(
-        self, lease_id: str, round_index: int | None, recording: _Recording
+        self, lease_id: str, round_index: int | None, recording: Recording
     ) -> None:
         assert round_index is not None
-        base = recording.base_versions
-        wanted = [base] + [dict(enumerate(versions)) for _, versions in recording.loads]
-        sets: list[dict[str, Any]] = []
-        for versions in wanted:
-            weights: dict[str, Any] = {}
-            for shard, version in versions.items():
-                served = recording.served.get(shard, {}).get(version)
-                if served is None:
-                    pruned = version in recording.served_versions.get(shard, set())
-                    spotchecks.record_unservable(lease_id, round_index, versions, pruned)
-                    return
-                weights.update(served)
-            sets.append(weights)
-        spotchecks.record(
-            lease_id,
-            round_index,
-            sets,
-            base,
-            recording.loads,
-            {k: v for shard in recording.gradients.values() for k, v in shard.items()},
-            recording.samples,
-        )
+        spot_recording.save(lease_id, round_index, recording)
 
     @database_sync_to_async
     def _mark_disconnected(self) -> None:
@@ -604,25 +515,6 @@ def _check_loads(loads: Any, n_push: int, n_shards: int) -> None:
             ErrorCode.BAD_MESSAGE,
             "push: loads must be at most n_push - 1 pairs [step offset, [a version per shard]]",
         )
-
-
-def _copy_tensors(tensors: dict[str, Any]) -> dict[str, Any]:
-    return {name: value.copy() for name, value in tensors.items()}
-
-
-def _bearer_token(scope: dict[str, Any]) -> str | None:
-    for name, value in scope.get("headers", []):
-        if name.lower() == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-    return None
-
-
-def _clean_text(value: str, length: int) -> str:
-    """Printable text that PostgreSQL accepts: no NUL, no lone surrogates, cut to length."""
-    cleaned = "".join(ch for ch in value if ch.isprintable() and not 0xD800 <= ord(ch) <= 0xDFFF)
-    return cleaned[:length]
 
 
 def _origin_allowed(scope: dict[str, Any]) -> bool:

@@ -6,8 +6,9 @@ from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
-from downpour.donors.models import AgentToken, hash_token
 from downpour.training.models import DatasetShard, Lease
+
+from .auth import agent_token, bearer_token
 
 
 def _error(status: int, code: str, message: str) -> JsonResponse:
@@ -17,12 +18,7 @@ def _error(status: int, code: str, message: str) -> JsonResponse:
 @require_GET
 def shard_download(request: HttpRequest, shard_id: str) -> HttpResponse:
     """The shard file, to an agent that holds a live lease on a unit over this shard."""
-    scheme, _, plain = request.headers.get("Authorization", "").partition(" ")
-    token = None
-    if scheme.lower() == "bearer" and plain:
-        token = AgentToken.objects.filter(
-            token_hash=hash_token(plain.strip()), revoked_at__isnull=True
-        ).first()
+    token = agent_token(bearer_token(request.headers.get("Authorization")))
     if token is None:
         return _error(401, "unauthorized", "missing, unknown or revoked agent token")
     shard = DatasetShard.objects.filter(id=shard_id).first()

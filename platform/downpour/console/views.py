@@ -8,8 +8,8 @@ from django.shortcuts import render
 from django.utils import timezone
 
 from downpour.donors.models import Agent
-from downpour.training import actions
 from downpour.training.models import Job, Lease
+from downpour.training.queries import fairness_windows, robust_jobs_waiting
 
 
 @staff_member_required
@@ -21,8 +21,8 @@ def overview(request: HttpRequest) -> HttpResponse:
             "agents": Agent.objects.select_related("token__owner").order_by("-last_seen_at")[:200],
             "jobs": Job.objects.select_related("owner").order_by("-created_at")[:200],
             "active_leases": Lease.objects.filter(status=Lease.Status.ACTIVE).count(),
-            "fairness": actions.fairness_windows(timezone.now()),
-            "robust_waiting": actions.robust_jobs_waiting(),
+            "fairness": fairness_windows(timezone.now()),
+            "robust_waiting": robust_jobs_waiting(),
             "trusted_online": Agent.objects.filter(
                 connected=True, banned_at__isnull=True, token__is_trusted=True
             ).count(),

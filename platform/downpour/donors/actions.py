@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 
 from .models import Agent, AgentToken
 
@@ -34,3 +36,42 @@ def register_agent(token: AgentToken, name: str, fields: dict[str, Any]) -> Agen
             )
         agent, _ = Agent.objects.update_or_create(token=token, name=name, defaults=fields)
     return agent
+
+
+def register_reported_agent(token: AgentToken, name: str, device: dict[str, Any]) -> Agent:
+    """:func:`register_agent` from a ``register`` message's name and device report.
+
+    The report is the agent's word: keep what fits the columns, drop the rest.
+    """
+
+    def num(key: str, upper: float) -> Any:
+        value = device.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        return value if math.isfinite(value) and 0 <= value <= upper else None
+
+    def text(key: str, length: int) -> str:
+        value = device.get(key)
+        return clean_text(value, length) if isinstance(value, str) else ""
+
+    return register_agent(
+        token,
+        clean_text(name, 100) or "agent",
+        {
+            "os": text("os", 200),
+            "cpu_cores": num("cpu_cores", 1 << 20),
+            "ram_bytes": num("ram_bytes", 1 << 60),
+            "gpu_name": text("gpu_name", 200),
+            "gpu_memory_bytes": num("gpu_memory_bytes", 1 << 60),
+            "tf_version": text("tf_version", 50),
+            "samples_per_s": num("samples_per_s", 1e9),
+            "last_seen_at": timezone.now(),
+            "connected": True,
+        },
+    )
+
+
+def clean_text(value: str, length: int) -> str:
+    """Printable text that PostgreSQL accepts: no NUL, no lone surrogates, cut to length."""
+    cleaned = "".join(ch for ch in value if ch.isprintable() and not 0xD800 <= ord(ch) <= 0xDFFF)
+    return cleaned[:length]

@@ -61,7 +61,7 @@ class Agent(models.Model):
     # agent's unit size, completions grow it back.
     consecutive_completed = models.IntegerField(default=0)
     unit_scale = models.FloatField(default=1.0)
-    # downpour.reputation.Reputation, persisted; an agent clipped too often is banned.
+    # downpour.scheduler.reputation.Reputation, persisted; an agent clipped too often is banned.
     rep_pushes = models.BigIntegerField(default=0)
     rep_clipped = models.BigIntegerField(default=0)
     rep_spot_checks_failed = models.IntegerField(default=0)

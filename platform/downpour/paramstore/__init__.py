@@ -1,7 +1,7 @@
 """Sharded parameter store for asynchronous Downpour SGD (numpy only, no Django or Redis).
 
 ``ParameterStore`` applies Adagrad pushes to shards held by a ``ShardStorage`` backend:
-``InMemoryStorage`` here, or ``downpour.redisstore.RedisStorage`` for multi-process servers.
+``InMemoryStorage`` here, or ``downpour.hotstate.store.RedisStorage`` for multi-process servers.
 With ``robust=CentredClipping()`` it clips every untrusted push around the shard's momentum
 first (:mod:`downpour.paramstore.robust`).
 """

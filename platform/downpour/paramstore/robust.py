@@ -43,8 +43,8 @@ Who sets the centre and the radius:
   the plain mean of those pushes and every untrusted push is *held*: not applied, not counted,
   the state untouched. A first poisoned push therefore cannot set the centre or the radius.
 * After warm-up every untrusted push is clipped to ``tau`` around ``m``; how often an agent is
-  clipped feeds :mod:`downpour.reputation`. An unclipped push moves the centre; a clipped one
-  is applied (as ``g'``) but leaves the centre where it was.
+  clipped feeds :mod:`downpour.scheduler.reputation`. An unclipped push moves the centre; a
+  clipped one is applied (as ``g'``) but leaves the centre where it was.
 
 The state of one shard is a :class:`RobustState`: the momentum (float32, the shard's size),
 four statistics (:class:`RobustStats`) and the recent untrusted distances. It is stored with

@@ -75,7 +75,7 @@ class CommitOutcome(enum.Enum):
 
 
 class ShardStorage(Protocol):
-    """Where shard states live. Backends: ``InMemoryStorage``, ``downpour.redisstore``.
+    """Where shard states live. Backends: ``InMemoryStorage``, ``downpour.hotstate.store``.
 
     Arrays returned by ``load`` belong to the caller (the backend keeps no reference), and
     arrays passed to ``initialize``/``commit`` are copied, so neither side can alias the other.
@@ -338,7 +338,6 @@ class ParameterStore:
         grads: Mapping[str, np.ndarray],
         base_version: int,
         push_id: str,
-        lr_scale: float = 1.0,
         *,
         trusted: bool = False,
     ) -> PushResult:
@@ -354,8 +353,6 @@ class ParameterStore:
             Shard version the gradient was computed from.
         push_id : str
             Unique id of this push; a repeated id is acknowledged but not applied again.
-        lr_scale : float
-            Multiplies the learning rate for this push, ``>= 0``.
         trusted : bool
             The push comes from an agent that staff vouch for. With centred clipping, trusted
             pushes are applied unclipped and alone set the clipping radius; until a shard has
@@ -381,8 +378,6 @@ class ParameterStore:
         shard = self.layout.check_shard(shard)
         if not isinstance(push_id, str) or not push_id:
             raise ValueError(f"push_id must be a non-empty string, got {push_id!r}")
-        if not np.isfinite(lr_scale) or lr_scale < 0:
-            raise ValueError(f"lr_scale must be finite and >= 0, got {lr_scale!r}")
         pieces = self.layout.check_tensors(shard, grads)
         _check_finite(self.layout, shard, pieces, "gradient")
         if isinstance(base_version, bool) or not isinstance(base_version, int | np.integer):
@@ -397,7 +392,7 @@ class ParameterStore:
             raise self._not_initialized(shard)
         self._staleness(shard, current, base_version)  # fail fast before reading weights
 
-        learning_rate = self.optimizer.learning_rate * float(lr_scale)
+        learning_rate = self.optimizer.learning_rate
         # Centred clipping needs the gradient as one vector; plain Adagrad reads the pieces.
         flat = None if self.robust is None else _concatenate(pieces)
         for attempt in range(self.max_commit_attempts):

@@ -11,9 +11,11 @@ from django.contrib.auth.decorators import login_required
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 
-from downpour.training import actions, spotchecks
+from downpour.training.actions.datasets import create_dataset
+from downpour.training.actions.jobs import JobParams, JobRejected, submit_job
 from downpour.training.datasets import DatasetRejected
 from downpour.training.models import Dataset, Job
+from downpour.training.queries import robust_summary, spot_check_summary, staleness_summary
 
 from .forms import DatasetForm, JobForm, SignupForm
 
@@ -50,7 +52,7 @@ def dataset_new(request: HttpRequest) -> HttpResponse:
     form = DatasetForm(request.POST or None, request.FILES or None)
     if request.method == "POST" and form.is_valid():
         try:
-            dataset = actions.create_dataset(
+            dataset = create_dataset(
                 request.user,
                 form.cleaned_data["name"],
                 form.cleaned_data["file"],
@@ -73,7 +75,7 @@ def job_new(request: HttpRequest) -> HttpResponse:
     form = JobForm(request.user, request.POST or None, request.FILES or None)
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
-        params = actions.JobParams(
+        params = JobParams(
             name=data["name"],
             model_json=data["model_json"],
             loss=data["loss"],
@@ -95,8 +97,8 @@ def job_new(request: HttpRequest) -> HttpResponse:
             budget_seconds=data["budget_seconds"],
         )
         try:
-            job = actions.submit_job(request.user, data["dataset"], params)
-        except actions.JobRejected as exc:
+            job = submit_job(request.user, data["dataset"], params)
+        except JobRejected as exc:
             form.add_error(None, str(exc))
         else:
             return redirect("portal:job", job_id=job.id)
@@ -118,9 +120,9 @@ def job_detail(request: HttpRequest, job_id: str) -> HttpResponse:
         "portal/job.html",
         {
             "job": job,
-            "staleness": actions.staleness_summary(job),
-            "robust": actions.robust_summary(job),
-            "spot_checks": spotchecks.summary(job),
+            "staleness": staleness_summary(job),
+            "robust": robust_summary(job),
+            "spot_checks": spot_check_summary(job),
         },
     )
 
@@ -137,8 +139,8 @@ def job_metrics(request: HttpRequest, job_id: str) -> JsonResponse:
             "pushes_accepted": job.pushes_accepted,
             "pushes_rejected": job.pushes_rejected,
             "best_accuracy": job.best_accuracy,
-            "staleness": actions.staleness_summary(job),
-            "robust": actions.robust_summary(job),
+            "staleness": staleness_summary(job),
+            "robust": robust_summary(job),
             "target_accuracy": job.target_accuracy,
             "points": [
                 {"elapsed_s": e, "accuracy": a, "loss": loss, "samples": s}

@@ -4,29 +4,29 @@ The server rebuilds these dataclasses from PostgreSQL rows for every decision; t
 simulator in ``bench/simulate.py`` keeps them in memory. Both call the same functions.
 
 * :mod:`.policy` -- which job gets the next unit (weighted max-min fair share) and its size.
-* :mod:`.fairness` -- water-filling, Jain's index, sliding windows.
+* :mod:`.fairness` -- water-filling, Jain's index, decaying windows.
 * :mod:`.leases` -- time to live, heartbeats, expiry, resumption, reissue.
 * :mod:`.reliability` -- completed vs abandoned leases, unit scale, the tail of a job.
 * :mod:`.backups` -- backup copies of straggling units near the end of a job.
 * :mod:`.staleness` -- push cadence, admission, staleness-aware step, warm start, histogram.
-* :mod:`.credit` -- the donors' credit ledger.
+* :mod:`.credit` -- the donors' credit per push.
 * :mod:`.trust` -- robust jobs warming up go to trusted agents only.
+* :mod:`.reputation` -- clipping and spot-check verdicts, and when they ban an agent.
 """
 
 from __future__ import annotations
 
 from .backups import BackupRule, expected_duration_s, should_issue_backup, straggler_order
-from .credit import CreditLedger, credit_for_push
+from .credit import credit_for_push
 from .fairness import (
     DecayingTotals,
-    SlidingWindow,
     active_seconds,
     decayed_span,
     jain_index,
     runnable_since,
     weighted_max_min_shares,
 )
-from .leases import LeaseTerms, LeaseView, can_resume, is_expired, should_reissue
+from .leases import LeaseView, can_resume, is_expired, should_reissue
 from .policy import (
     REFERENCE_FLOPS_PER_SAMPLE,
     FairWindow,
@@ -55,21 +55,17 @@ from .staleness import (
     expected_staleness,
     push_every_steps,
     push_interval_s,
-    staleness_scaled_lr,
 )
 from .trust import admits_during_warmup, warmup_eligible
 
 __all__ = [
     "REFERENCE_FLOPS_PER_SAMPLE",
     "BackupRule",
-    "CreditLedger",
     "DecayingTotals",
     "FairWindow",
     "HostRecord",
     "JobLoad",
-    "LeaseTerms",
     "LeaseView",
-    "SlidingWindow",
     "StalenessHistogram",
     "TailRule",
     "WarmStart",
@@ -97,7 +93,6 @@ __all__ = [
     "should_issue_backup",
     "should_reissue",
     "split_unit",
-    "staleness_scaled_lr",
     "straggler_order",
     "tail_unit_scale",
     "unit_scale",

@@ -1,4 +1,4 @@
-"""Weighted max-min fair shares, Jain's fairness index and sliding-window totals.
+"""Weighted max-min fair shares, Jain's fairness index and decaying-window totals.
 
 Everything here is unit-free: an allocation can be samples, samples per second or seconds
 of compute, as long as one call uses one unit throughout. Times are seconds on any one
@@ -8,7 +8,6 @@ clock (POSIX timestamps on the server, simulated seconds in ``bench/simulate.py`
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Hashable, Iterable, Mapping
 from typing import TypeVar
 
@@ -92,55 +91,6 @@ def jain_index(allocations: Mapping[K, float], weights: Mapping[K, float] | None
     if not xs or sum_sq == 0:
         return 1.0
     return sum(xs) ** 2 / (len(xs) * sum_sq)
-
-
-class SlidingWindow:
-    """Per-key totals of amounts added in the last ``width_s`` seconds.
-
-    Amounts are added with non-decreasing times; an amount added at ``t`` counts while
-    ``now - width_s < t``. Adding and reading are amortised O(1) per amount.
-
-    Parameters
-    ----------
-    width_s : float
-        Width of the window in seconds, > 0.
-    """
-
-    def __init__(self, width_s: float) -> None:
-        if not width_s > 0:
-            raise ValueError(f"width_s must be > 0, got {width_s}")
-        self.width_s = float(width_s)
-        self._events: deque[tuple[float, Hashable, float]] = deque()
-        self._totals: dict[Hashable, float] = {}
-        self._last_t = -math.inf
-
-    def add(self, t: float, key: Hashable, amount: float) -> None:
-        """Count ``amount`` for ``key`` at time ``t`` (seconds, not before the last add)."""
-        if t < self._last_t:
-            raise ValueError(f"times must not go backwards: {t} < {self._last_t}")
-        self._last_t = t
-        self._events.append((t, key, amount))
-        self._totals[key] = self._totals.get(key, 0.0) + amount
-
-    def _evict(self, now: float) -> None:
-        horizon = now - self.width_s
-        while self._events and self._events[0][0] <= horizon:
-            _, key, amount = self._events.popleft()
-            total = self._totals[key] - amount
-            if abs(total) < 1e-9:
-                del self._totals[key]
-            else:
-                self._totals[key] = total
-
-    def total(self, key: Hashable, now: float) -> float:
-        """Sum of the amounts added for ``key`` in ``(now - width_s, now]``."""
-        self._evict(now)
-        return self._totals.get(key, 0.0)
-
-    def totals(self, now: float) -> dict[Hashable, float]:
-        """Every key's sum over ``(now - width_s, now]``; keys with nothing are absent."""
-        self._evict(now)
-        return dict(self._totals)
 
 
 class DecayingTotals:

@@ -17,47 +17,6 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class LeaseTerms:
-    """How long leases live and how often they must be renewed.
-
-    Attributes
-    ----------
-    ttl_s : float
-        Seconds a lease lives after it is issued or last renewed (``LEASE_TTL_S``).
-    heartbeat_s : float
-        Seconds between an agent's heartbeats (``HEARTBEAT_INTERVAL_S``); < ``ttl_s``.
-    reap_interval_s : float
-        Seconds between runs of the reaper (``REAP_INTERVAL_S``).
-    """
-
-    ttl_s: float = 30.0
-    heartbeat_s: float = 10.0
-    reap_interval_s: float = 5.0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.heartbeat_s < self.ttl_s:
-            raise ValueError(
-                f"need 0 < heartbeat_s < ttl_s, got heartbeat_s={self.heartbeat_s}, "
-                f"ttl_s={self.ttl_s}"
-            )
-        if not self.reap_interval_s > 0:
-            raise ValueError(f"reap_interval_s must be > 0, got {self.reap_interval_s}")
-
-    def expiry_after(self, now: float) -> float:
-        """``expires_at`` for a lease issued or renewed at ``now`` (seconds)."""
-        return now + self.ttl_s
-
-    @property
-    def max_reissue_delay_s(self) -> float:
-        """Longest time, in seconds, from an agent vanishing to its unit being pending.
-
-        The agent may vanish just after a heartbeat, so its lease lives ``ttl_s`` more;
-        the reaper may then run up to ``reap_interval_s`` later.
-        """
-        return self.ttl_s + self.reap_interval_s
-
-
-@dataclass(frozen=True)
 class LeaseView:
     """The fields of a lease row that the rules read.
 

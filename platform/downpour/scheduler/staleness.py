@@ -15,9 +15,9 @@ store rejects a push staler than the job's ``max_staleness``.
   would see; :func:`admits_replica` refuses it when even the 95th percentile (Poisson)
   would pass ``max_staleness``, so compute is not spent on gradients the store would
   reject.
-* **Step size.** :func:`staleness_scaled_lr` divides the step by the staleness (Zhang,
-  Gupta, Lian and Liu, "Staleness-aware Async-SGD for Distributed Deep Learning",
-  IJCAI 2016).
+* **Step size.** The store's ``staleness_scaled_step`` (``downpour.paramstore``) divides
+  the step by the staleness (Zhang, Gupta, Lian and Liu, "Staleness-aware Async-SGD for
+  Distributed Deep Learning", IJCAI 2016).
 * **Warm start.** Dean et al. (2012) trained one replica alone before starting the
   others; :class:`WarmStart` gives a job to a single agent for its first ``k_pushes``
   applied pushes.
@@ -30,21 +30,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-
-
-def staleness_scaled_lr(lr: float, staleness: int) -> float:
-    """Step size for a gradient ``staleness`` versions old: ``lr / max(1, staleness)``.
-
-    Parameters
-    ----------
-    lr : float
-        The job's learning rate.
-    staleness : int
-        Versions applied between the gradient's fetch and its push, >= 0.
-    """
-    if staleness < 0:
-        raise ValueError(f"staleness must be >= 0, got {staleness}")
-    return lr / max(1, staleness)
 
 
 def push_every_steps(

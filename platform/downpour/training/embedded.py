@@ -14,7 +14,11 @@ from collections.abc import Callable
 from django.conf import settings
 from django.db import close_old_connections
 
-from . import actions, spotchecks
+from .actions.evaluations import evaluate_running_jobs
+from .actions.jobs import start_queued_jobs
+from .actions.leases import reap_expired_leases
+from .actions.recovery import checkpoint_running_jobs
+from .spotchecks.replay import run_pending
 
 log = logging.getLogger(__name__)
 _started = threading.Event()
@@ -29,11 +33,11 @@ def start() -> None:
 
 def _loop() -> None:
     schedule: list[tuple[float, Callable[[], int]]] = [
-        (2.0, actions.start_queued_jobs),
-        (settings.REAP_INTERVAL_S, actions.reap_expired_leases),
-        (settings.EVAL_INTERVAL_S, actions.evaluate_running_jobs),
-        (settings.CHECKPOINT_INTERVAL_S, actions.checkpoint_running_jobs),
-        (settings.SPOT_CHECK_INTERVAL_S, spotchecks.run_pending),
+        (2.0, start_queued_jobs),
+        (settings.REAP_INTERVAL_S, reap_expired_leases),
+        (settings.EVAL_INTERVAL_S, evaluate_running_jobs),
+        (settings.CHECKPOINT_INTERVAL_S, checkpoint_running_jobs),
+        (settings.SPOT_CHECK_INTERVAL_S, run_pending),
     ]
     due = [0.0] * len(schedule)
     while True:

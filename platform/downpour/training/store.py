@@ -16,6 +16,7 @@ from functools import cache
 
 from django.conf import settings
 
+from downpour.hotstate.locks import restore_lock as redis_restore_lock
 from downpour.paramstore import (
     AdagradConfig,
     CentredClipping,
@@ -36,7 +37,7 @@ _stores: dict[str, ParameterStore] = {}
 def storage() -> ShardStorage:
     """The process-wide storage backend: Redis with ``REDIS_URL``, else in memory."""
     if settings.REDIS_URL:
-        from downpour.redisstore import RedisStorage
+        from downpour.hotstate.store import RedisStorage
 
         return RedisStorage.from_url(settings.REDIS_URL, prefix=settings.STORE_PREFIX)
     return InMemoryStorage()
@@ -57,22 +58,12 @@ def restore_lock(job_id: str) -> Iterator[None]:
     requeue units and the later would overwrite pushes applied after the earlier.
     """
     with _restore_lock:
-        backend = storage()
-        client = getattr(backend, "client", None)
+        client = getattr(storage(), "client", None)
         if client is None:
             yield
             return
-        lock = client.lock(
-            f"{settings.STORE_PREFIX}restore:{job_id}",
-            timeout=RESTORE_LOCK_TTL_S,
-            blocking_timeout=RESTORE_LOCK_TTL_S,
-        )
-        if not lock.acquire():
-            raise TimeoutError(f"job {job_id}: another process held the restore lock too long")
-        try:
+        with redis_restore_lock(client, settings.STORE_PREFIX, job_id, RESTORE_LOCK_TTL_S):
             yield
-        finally:
-            lock.release()
 
 
 def job_store(job: Job) -> ParameterStore:

@@ -4,29 +4,30 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from . import actions, spotchecks
+from .actions import evaluations, jobs, leases, recovery
+from .spotchecks import replay
 
 
 @shared_task
 def start_queued_jobs() -> int:
-    return actions.start_queued_jobs()
+    return jobs.start_queued_jobs()
 
 
 @shared_task
 def evaluate_running_jobs() -> int:
-    return actions.evaluate_running_jobs()
+    return evaluations.evaluate_running_jobs()
 
 
 @shared_task
 def checkpoint_running_jobs() -> int:
-    return actions.checkpoint_running_jobs()
+    return recovery.checkpoint_running_jobs()
 
 
 @shared_task
 def reap_expired_leases() -> int:
-    return actions.reap_expired_leases()
+    return leases.reap_expired_leases()
 
 
 @shared_task
 def run_spot_checks() -> int:
-    return spotchecks.run_pending()
+    return replay.run_pending()

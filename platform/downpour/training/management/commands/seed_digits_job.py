@@ -14,7 +14,8 @@ from django.core.management.base import BaseCommand, CommandParser
 from downpour.accounts.models import User
 from downpour.donors.models import AgentToken
 from downpour.localrun import digits_npz_bytes, mlp_json
-from downpour.training import actions
+from downpour.training.actions.datasets import create_dataset
+from downpour.training.actions.jobs import JobParams, submit_job
 
 
 class Command(BaseCommand):
@@ -45,12 +46,12 @@ class Command(BaseCommand):
         donor, _ = User.objects.get_or_create(username="demo-donor", defaults={"is_donor": True})
         tokens = [AgentToken.issue(donor, f"demo-{i}")[1] for i in range(opts["tokens"])]
         upload = SimpleUploadedFile("digits.npz", digits_npz_bytes())
-        dataset = actions.create_dataset(researcher, "digits", upload, opts["data_shards"])
+        dataset = create_dataset(researcher, "digits", upload, opts["data_shards"])
         hidden = [int(h) for h in opts["hidden"].split(",") if h]
-        job = actions.submit_job(
+        job = submit_job(
             researcher,
             dataset,
-            actions.JobParams(
+            JobParams(
                 name=opts["name"],
                 model_json=mlp_json(hidden),
                 learning_rate=opts["learning_rate"],

@@ -16,8 +16,9 @@ and every spot check with :func:`record_spot_check`, and bans the agent when
   or over its recent pushes, were clipped. The recent rate is an exponentially weighted count
   over about ``DEFAULT_RECENT_WINDOW`` pushes, so an agent cannot bank a long honest history
   and then attack until its lifetime rate catches up.
-* **Spot checks.** A fraction of work units is recomputed by a different trusted agent with
-  the same seed, weights and mini-batches; :func:`gradients_match` compares the two. An agent
+* **Spot checks.** One push round of a fraction of leases is recomputed by the platform's
+  own worker (Celery, or the embedded thread) with the same seed, weights and mini-batches;
+  :func:`gradients_match` compares the two (``downpour.training.spotchecks``). An agent
   that fakes every unit survives ``n`` units with probability ``(1 - fraction) ** n``
   (:func:`spot_check_probability_of_catch`). One failed check bans the agent.
 """
@@ -39,7 +40,7 @@ DEFAULT_MIN_PUSHES = 20
 DEFAULT_RECENT_WINDOW = 100
 #: Failed spot checks an agent may have before it is banned.
 DEFAULT_MAX_FAILED_SPOT_CHECKS = 0
-#: Fraction of work units recomputed by a trusted agent.
+#: Fraction of leases with one push round recomputed by the platform's worker.
 DEFAULT_SPOT_CHECK_FRACTION = 0.05
 #: :func:`gradients_match` tolerances: relative to the reference's L2 norm, and absolute
 #: (gradient units, L2 norm per tensor).
@@ -59,7 +60,7 @@ class Reputation:
     clipped : int
         Of those, how many were clipped.
     spot_checks_failed : int
-        Work units whose recomputation by a trusted agent did not match.
+        Work units whose recomputation by the worker did not match.
     spot_checks_passed : int
         Work units whose recomputation matched.
     recent_pushes : float

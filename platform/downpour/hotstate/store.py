@@ -1,6 +1,7 @@
 """Redis implementation of the parameter store's ``ShardStorage``.
 
-Keys for shard ``i`` of job ``j`` (``prefix`` defaults to ``"downpour:"``)::
+Keys (built by :mod:`downpour.hotstate.keys`) for shard ``i`` of job ``j`` (``prefix``
+defaults to ``"downpour:"``)::
 
     {prefix}job:{j}:shard:{i}:v        version, decimal string
     {prefix}job:{j}:shard:{i}:w        weights, raw float32 little-endian bytes
@@ -43,6 +44,7 @@ from typing import Any
 import numpy as np
 import redis
 
+from downpour.hotstate import keys
 from downpour.paramstore.errors import CorruptState
 from downpour.paramstore.robust import STATS_BYTES, RobustState, RobustStats
 from downpour.paramstore.store import CommitOutcome, ShardState
@@ -141,10 +143,10 @@ class RedisStorage:
 
     def shard_key(self, job: str, shard: int, suffix: str) -> str:
         """Key ``{prefix}job:{job}:shard:{shard}:{suffix}`` (suffix v, e, w, a, r or applied)."""
-        return f"{self.prefix}job:{job}:shard:{int(shard)}:{suffix}"
+        return keys.shard_key(self.prefix, job, shard, suffix)
 
     def _shards_key(self, job: str) -> str:
-        return f"{self.prefix}job:{job}:shards"
+        return keys.job_shards_key(self.prefix, job)
 
     # -- ShardStorage ------------------------------------------------------------------------
 

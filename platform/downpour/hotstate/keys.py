@@ -1,0 +1,42 @@
+"""The Redis key scheme, in one place. ``prefix`` is ``settings.STORE_PREFIX``.
+
+Keys for shard ``i`` of job ``j`` of the parameter store (``store.RedisStorage``)::
+
+    {prefix}job:{j}:shard:{i}:{suffix}   suffix v, e, w, a, r, applied or staged:{token}:w|a|r
+    {prefix}job:{j}:shards               SET of shard indices
+
+and beside them::
+
+    {prefix}restore:{j}                  lock held while one process restores job j
+    {prefix}limits:conn:{token}          ZSET of the token's live connections
+    {prefix}limits:push:{agent}          HASH, the agent's push-rate token bucket
+"""
+
+from __future__ import annotations
+
+
+def shard_key(prefix: str, job: str, shard: int | str, suffix: str) -> str:
+    """Key of one value of shard ``shard`` of job ``job``.
+
+    ``shard`` is an index, or ``"*"`` for a ``SCAN`` pattern over all shards (e.g.
+    ``shard_key(prefix, job, "*", "applied")`` matches every shard's applied-id set).
+    """
+    index = shard if shard == "*" else int(shard)
+    return f"{prefix}job:{job}:shard:{index}:{suffix}"
+
+
+def job_shards_key(prefix: str, job: str) -> str:
+    """Key of the set of a job's shard indices, so a delete needs no ``SCAN``."""
+    return f"{prefix}job:{job}:shards"
+
+
+def restore_lock_key(prefix: str, job: str) -> str:
+    return f"{prefix}restore:{job}"
+
+
+def connections_key(prefix: str, token_id: str) -> str:
+    return f"{prefix}limits:conn:{token_id}"
+
+
+def push_bucket_key(prefix: str, agent_id: str) -> str:
+    return f"{prefix}limits:push:{agent_id}"

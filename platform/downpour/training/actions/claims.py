@@ -1,0 +1,291 @@
+"""The scheduler adapter: which work an agent gets (``downpour.scheduler`` decides, from rows)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Count, F, Q
+from django.utils import timezone
+
+from downpour import scheduler
+from downpour.donors.models import Agent, AgentToken
+from downpour.training.models import DatasetShard, Job, Lease, WorkUnit
+from downpour.training.specs import model_spec
+from downpour.training.spotchecks.selection import choose_round
+from downpour.training.store import warming_up
+
+log = logging.getLogger(__name__)
+
+
+#: Decay of the fair-share window (downpour.scheduler.FairWindow): a lease that ended
+#: ``s`` seconds ago counts ``exp(-s / tau)`` of its samples.
+FAIR_WINDOW_TAU_S = 120.0
+
+
+TAIL_RULE = scheduler.TailRule()
+#: Pending (reissued) units one claim tries, oldest first, before it falls back to a new
+#: unit. Each try is a compare-and-set that fails only if another agent took that unit
+#: first, so a few cover any race while bounding the queries of one claim.
+REISSUE_CANDIDATES = 10
+
+
+@dataclass
+class _JobView:
+    job: Job
+    holders: set[str]
+    fraction_left: float
+
+
+def host_record(agent: Agent) -> scheduler.HostRecord:
+    return scheduler.HostRecord(
+        agent.leases_completed,
+        agent.leases_abandoned,
+        agent.consecutive_completed,
+        agent.unit_scale,
+    )
+
+
+def _job_loads(
+    now: datetime,
+) -> tuple[list[scheduler.JobLoad], dict[str, _JobView], scheduler.FairWindow]:
+    """The running jobs as the scheduler sees them, from PostgreSQL rows.
+
+    ``samples_recent`` decays each ended lease's samples by its age; active leases count
+    their samples so far in full and the rest of their unit as in flight.
+    """
+    jobs = list(
+        Job.objects.filter(status=Job.Status.RUNNING).select_related("owner").order_by("created_at")
+    )
+    horizon = now - timedelta(seconds=6 * FAIR_WINDOW_TAU_S)
+    recent: dict[str, float] = {}
+    in_flight: dict[str, float] = {}
+    holders: dict[str, set[str]] = {}
+    owner_recent: dict[int, float] = {}
+    leases = Lease.objects.filter(
+        Q(status=Lease.Status.ACTIVE) | Q(ended_at__gte=horizon)
+    ).values_list(
+        "status",
+        "samples",
+        "ended_at",
+        "agent_id",
+        "unit__steps",
+        "unit__job_id",
+        "unit__job__batch_size",
+        "unit__job__owner_id",
+    )
+    for status, samples, ended_at, agent_id, steps, job_id, batch, owner_id in leases:
+        key = str(job_id)
+        if status == Lease.Status.ACTIVE:
+            weight = 1.0
+            in_flight[key] = in_flight.get(key, 0.0) + max(0, steps * batch - samples)
+            holders.setdefault(key, set()).add(str(agent_id))
+        else:
+            age = (now - ended_at).total_seconds()
+            weight = math.exp(-max(0.0, age) / FAIR_WINDOW_TAU_S)
+        recent[key] = recent.get(key, 0.0) + samples * weight
+        owner_recent[owner_id] = owner_recent.get(owner_id, 0.0) + samples * weight
+    loads, views = [], {}
+    owner_active: dict[int, float] = {}
+    for order, job in enumerate(jobs):
+        key = str(job.id)
+        active_s = (now - job.started_at).total_seconds() if job.started_at else 0.0
+        owner_active[job.owner_id] = max(owner_active.get(job.owner_id, 0.0), active_s)
+        load = scheduler.JobLoad(
+            job_id=key,
+            owner_id=job.owner_id,
+            weight=job.owner.share_weight,
+            samples_done=job.samples_done,
+            samples_in_flight=int(in_flight.get(key, 0.0)),
+            created_order=order,
+            samples_recent=recent.get(key, 0.0),
+            active_s=active_s,
+            budget_samples=job.budget_samples,
+        )
+        loads.append(load)
+        views[key] = _JobView(
+            job,
+            holders.get(key, set()),
+            scheduler.remaining_fraction(job.budget_samples, load.samples_left),
+        )
+    window = scheduler.FairWindow(
+        time_constant_s=FAIR_WINDOW_TAU_S,
+        horizon_s=settings.UNIT_TARGET_SECONDS,
+        owner_recent=owner_recent,
+        owner_active_s=owner_active,
+    )
+    return loads, views, window
+
+
+def _admits(agent: Agent, host: scheduler.HostRecord, view: _JobView) -> bool:
+    """Warm start and the tail rule: may ``agent`` get a unit of this job now?"""
+    job = view.job
+    others = view.holders - {str(agent.id)}
+    if job.warm_start_pushes and others:
+        holder = next(iter(others))
+        warm = scheduler.WarmStart(job.warm_start_pushes)
+        if not warm.allows(str(agent.id), holder, job.pushes_accepted):
+            return False
+    if view.fraction_left < TAIL_RULE.tail_fraction:
+        return scheduler.admits_to_tail(host, view.fraction_left, TAIL_RULE)
+    return True
+
+
+def _warmup_eligible(agent: Agent, views: dict[str, _JobView], eligible: set[str]) -> set[str]:
+    """Robust jobs still warming up go to trusted agents only (``scheduler.trust``)."""
+    warming = {key for key in eligible if warming_up(views[key].job)}
+    if not warming:
+        return eligible  # the common case costs no query
+    # Read the token now rather than at connect time, so staff's changes apply at once.
+    trusted = AgentToken.objects.filter(id=agent.token_id, is_trusted=True).exists()
+    return scheduler.warmup_eligible(eligible, warming, trusted)
+
+
+def _agent_steps(agent: Agent, job: Job, scale: float) -> int:
+    return scheduler.unit_steps(
+        agent.samples_per_s,
+        job.batch_size,
+        settings.UNIT_TARGET_SECONDS,
+        float(model_spec(job).flops_per_sample),
+        scale=scale,
+    )
+
+
+def claim_work(agent: Agent) -> Lease | None:
+    """Give ``agent`` a lease: a reissued unit if one fits, else a new unit.
+
+    The choice of job is ``downpour.scheduler``'s: weighted max-min fair share between
+    researchers over a decaying window, warm start, reliable agents only for the last
+    units of a job with a budget, and trusted agents only for a robust job still warming
+    up. Units are sized to the agent's speed and reliability.
+    """
+    now = timezone.now()
+    ttl = timedelta(seconds=settings.LEASE_TTL_S)
+    host = host_record(agent)
+    loads, views, window = _job_loads(now)
+    eligible = {key for key, view in views.items() if _admits(agent, host, view)}
+    eligible = _warmup_eligible(agent, views, eligible)
+    pending = WorkUnit.objects.filter(
+        status=WorkUnit.Status.PENDING, job_id__in=list(eligible)
+    ).order_by("created_at")
+    for unit in pending[:REISSUE_CANDIDATES]:
+        view = views[str(unit.job_id)]
+        scale = scheduler.unit_scale(host) * scheduler.tail_unit_scale(
+            view.fraction_left, TAIL_RULE
+        )
+        take, rest = scheduler.split_unit(unit.steps, _agent_steps(agent, view.job, scale))
+        with transaction.atomic():
+            claimed = WorkUnit.objects.filter(id=unit.id, status=WorkUnit.Status.PENDING).update(
+                status=WorkUnit.Status.LEASED, attempts=F("attempts") + 1, steps=take
+            )
+            if claimed == 1:
+                if rest > 0:
+                    # A reissued unit too big for this agent: it takes what fits, the rest
+                    # waits for the next agent.
+                    WorkUnit.objects.create(
+                        job_id=unit.job_id,
+                        shard_id=unit.shard_id,
+                        steps=rest,
+                        seed=random.randrange(1 << 31),
+                    )
+                return _new_lease(unit, view.job, agent, now + ttl, take)
+    backup = _claim_backup(agent, host, views, eligible, now)
+    if backup is not None:
+        return backup
+    job_id = scheduler.pick_job(loads, window=window, eligible=eligible)
+    if job_id is None:
+        return None
+    view = views[job_id]
+    job = view.job
+    shard = (
+        DatasetShard.objects.filter(dataset_id=job.dataset_id)
+        .annotate(n_units=Count("workunit", filter=Q(workunit__job=job)))
+        .order_by("n_units", "index")
+        .first()
+    )
+    if shard is None:
+        return None
+    scale = scheduler.unit_scale(host) * scheduler.tail_unit_scale(view.fraction_left, TAIL_RULE)
+    steps = _agent_steps(agent, job, scale)
+    if job.budget_samples:
+        left = (
+            job.budget_samples
+            - job.samples_done
+            - sum(load.samples_in_flight for load in loads if load.job_id == job_id)
+        )
+        steps = max(1, min(steps, math.ceil(left / job.batch_size)))
+    with transaction.atomic():
+        unit = WorkUnit.objects.create(
+            job=job,
+            shard=shard,
+            steps=steps,
+            seed=random.randrange(1 << 31),
+            status=WorkUnit.Status.LEASED,
+            attempts=1,
+        )
+        return _new_lease(unit, job, agent, now + ttl, steps)
+
+
+def _new_lease(unit: WorkUnit, job: Job, agent: Agent, expires_at: datetime, steps: int) -> Lease:
+    return Lease.objects.create(
+        unit=unit,
+        agent=agent,
+        expires_at=expires_at,
+        spot_check_round=choose_round(job, agent, steps),
+    )
+
+
+BACKUP_RULE = scheduler.BackupRule()
+
+
+def _claim_backup(
+    agent: Agent,
+    host: scheduler.HostRecord,
+    views: dict[str, _JobView],
+    eligible: set[str],
+    now: datetime,
+) -> Lease | None:
+    """Near the end of a job, a reliable agent gets a backup copy of a straggling unit.
+
+    As in Sandblaster: the first copy to complete wins and the others are superseded (their
+    later pushes are refused).
+    """
+    tail = [
+        key
+        for key, view in views.items()
+        if key in eligible and view.fraction_left < BACKUP_RULE.tail_fraction
+    ]
+    if not tail or not scheduler.is_reliable(host):
+        return None
+    candidates = []
+    running = Lease.objects.filter(
+        status=Lease.Status.ACTIVE, unit__job_id__in=tail, unit__status=WorkUnit.Status.LEASED
+    ).select_related("unit__job", "agent")
+    copies: dict[str, int] = {}
+    for lease in running:
+        copies[str(lease.unit_id)] = copies.get(str(lease.unit_id), 0) + 1
+    for lease in running:
+        if lease.agent_id == agent.id:
+            return None  # never two copies of the tail on one agent
+        unit, job = lease.unit, lease.unit.job
+        expected = scheduler.expected_duration_s(
+            unit.steps * job.batch_size, lease.agent.samples_per_s
+        )
+        elapsed = (now - lease.issued_at).total_seconds()
+        fraction_left = views[str(job.id)].fraction_left
+        if scheduler.should_issue_backup(
+            elapsed, expected, fraction_left, copies[str(unit.id)], BACKUP_RULE
+        ):
+            candidates.append((scheduler.straggler_order(elapsed, expected), unit))
+    if not candidates:
+        return None
+    _, unit = max(candidates, key=lambda c: c[0])
+    log.info("backup copy of straggling unit %s for agent %s", unit.id, agent.id)
+    return _new_lease(
+        unit, unit.job, agent, now + timedelta(seconds=settings.LEASE_TTL_S), unit.steps
+    )

@@ -1,0 +1,90 @@
+"""Contributions: push outcomes added to the job, the lease, the agent and its credit."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from django.db import transaction
+from django.db.models import F
+
+from downpour.donors.models import Agent
+from downpour.scheduler import credit_for_push
+from downpour.training.models import Contribution, Job, Lease
+
+
+@dataclass
+class Tally:
+    """One lease's push outcomes since they were last recorded (a consumer batches them)."""
+
+    job_id: str
+    samples: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    credit: float = 0.0
+    staleness: dict[int, int] = field(default_factory=dict)
+
+    def add_applied(self, job: Job, shard: int, samples: int, staleness: int) -> None:
+        """Count an applied push of ``shard`` that claims ``samples`` samples."""
+        self.accepted += 1
+        self.staleness[staleness] = self.staleness.get(staleness, 0) + 1
+        # One push round sends every shard with the same samples; count them once. The
+        # claim is the agent's word, so it is capped at what one push round can cover.
+        samples = max(0, min(samples, job.batch_size * job.n_push))
+        if shard == 0 and samples:
+            self.samples += samples
+            self.credit += credit_for_push(samples, staleness, accepted=True)
+
+
+def record_tallies(agent_id: str, tallies: Mapping[str, Tally]) -> None:
+    """Record an agent's tallies, keyed by lease id (:func:`record_contribution` each)."""
+    for lease_id, t in tallies.items():
+        record_contribution(
+            t.job_id, agent_id, lease_id, t.samples, t.accepted, t.rejected, t.credit, t.staleness
+        )
+
+
+def record_contribution(
+    job_id: str,
+    agent_id: str,
+    lease_id: str,
+    samples: int,
+    accepted: int,
+    rejected: int,
+    credit: float,
+    staleness: dict[int, int] | None = None,
+) -> None:
+    """Add a batch of push outcomes to the job, the lease, the agent and their ledger.
+
+    ``staleness`` counts accepted pushes by staleness; it is merged into the job's
+    distribution (the job page shows its p50 and p95).
+    """
+    if not (samples or accepted or rejected):
+        return
+    with transaction.atomic():
+        if staleness:
+            job = Job.objects.select_for_update().only("staleness_hist").get(id=job_id)
+            merged = {int(k): v for k, v in job.staleness_hist.items()}
+            for value, count in staleness.items():
+                merged[value] = merged.get(value, 0) + count
+            Job.objects.filter(id=job_id).update(
+                staleness_hist={str(k): v for k, v in sorted(merged.items())}
+            )
+        Job.objects.filter(id=job_id).update(
+            samples_done=F("samples_done") + samples,
+            pushes_accepted=F("pushes_accepted") + accepted,
+            pushes_rejected=F("pushes_rejected") + rejected,
+        )
+        Lease.objects.filter(id=lease_id).update(
+            samples=F("samples") + samples,
+            pushes_accepted=F("pushes_accepted") + accepted,
+            pushes_rejected=F("pushes_rejected") + rejected,
+        )
+        row, _ = Contribution.objects.get_or_create(job_id=job_id, agent_id=agent_id)
+        Contribution.objects.filter(id=row.id).update(
+            samples=F("samples") + samples,
+            pushes_accepted=F("pushes_accepted") + accepted,
+            pushes_rejected=F("pushes_rejected") + rejected,
+            credit=F("credit") + credit,
+        )
+        Agent.objects.filter(id=agent_id).update(credit=F("credit") + credit)

@@ -1,0 +1,53 @@
+"""Evaluation: score the current parameters and finish a job on its target or budget."""
+
+from __future__ import annotations
+
+import logging
+
+from django.utils import timezone
+
+from downpour.training.actions.jobs import finish_job
+from downpour.training.actions.recovery import ensure_store_ready
+from downpour.training.models import Evaluation, Job
+from downpour.training.store import job_store
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_job(job: Job) -> Evaluation | None:
+    """Score the current parameters on the test split; finish the job on target or budget."""
+    from downpour.training.evaluation import evaluate
+
+    ensure_store_ready(job)
+    store = job_store(job)
+    accuracy, loss = evaluate(job, store.weights())
+    job.refresh_from_db()
+    elapsed = (timezone.now() - job.started_at).total_seconds() if job.started_at else 0.0
+    point = Evaluation.objects.create(
+        job=job,
+        elapsed_s=elapsed,
+        samples=job.samples_done,
+        accuracy=accuracy,
+        loss=loss,
+        versions=store.versions(),
+    )
+    if job.best_accuracy is None or accuracy > job.best_accuracy:
+        Job.objects.filter(id=job.id).update(best_accuracy=accuracy)
+    if job.target_accuracy is not None and accuracy >= job.target_accuracy:
+        finish_job(job, Job.Status.DONE, f"reached {accuracy:.1%} test accuracy")
+    elif job.budget_samples is not None and job.samples_done >= job.budget_samples:
+        finish_job(job, Job.Status.DONE, f"used its budget of {job.budget_samples} samples")
+    elif job.budget_seconds is not None and elapsed >= job.budget_seconds:
+        finish_job(job, Job.Status.DONE, f"used its budget of {job.budget_seconds:.0f} s")
+    return point
+
+
+def evaluate_running_jobs() -> int:
+    count = 0
+    for job in Job.objects.filter(status=Job.Status.RUNNING):
+        try:
+            evaluate_job(job)
+            count += 1
+        except Exception:
+            log.exception("job %s: evaluation failed", job.id)
+    return count

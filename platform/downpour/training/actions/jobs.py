@@ -1,0 +1,225 @@
+"""The job lifecycle: submit, start (initial weights into the store), finish and export."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from downpour.paramstore import ShardLayout, VariableSpec
+from downpour.training import weights
+from downpour.training.media import media_dir
+from downpour.training.models import Dataset, Job, Lease
+from downpour.training.store import job_store
+from downpour_agent.modelspec import ModelRejected, validate_loss, validate_model_config
+
+log = logging.getLogger(__name__)
+
+
+#: Longest status message kept on a job: it is shown on the job page, and an exception's
+#: text can be long.
+STATUS_MESSAGE_CHARS = 500
+
+
+class JobRejected(ValueError):
+    """The job cannot be submitted as asked; the message says why."""
+
+
+@dataclass
+class JobParams:
+    name: str
+    model_json: str | dict[str, Any]
+    loss: str = "sparse_categorical_crossentropy"
+    learning_rate: float = 0.05
+    batch_size: int = 32
+    n_fetch: int = 1
+    n_push: int = 1
+    n_param_shards: int = 2
+    max_staleness: int = 16
+    staleness_aware_lr: bool = False
+    warm_start_pushes: int = 0
+    robust_aggregation: bool = False
+    spot_check_fraction: float = 0.05
+    #: An ``.npz`` to start from (a finished job's ``weights.npz``); see ``weights.py``.
+    initial_weights: bytes | None = None
+    target_accuracy: float | None = None
+    budget_samples: int | None = None
+    budget_seconds: float | None = None
+    seed: int = 0
+
+
+def submit_job(owner: Any, dataset: Dataset, params: JobParams) -> Job:
+    """Validate the model against the allow-list and the dataset, then queue the job."""
+    try:
+        spec = validate_model_config(params.model_json)
+        loss = validate_loss(params.loss)
+    except ModelRejected as exc:
+        raise JobRejected(f"model rejected: {exc}") from None
+    if list(spec.input_shape) != list(dataset.input_shape):
+        raise JobRejected(
+            f"the model takes inputs of shape {list(spec.input_shape)} but the dataset's "
+            f"samples have shape {list(dataset.input_shape)}"
+        )
+    if loss.startswith("sparse") and dataset.n_classes is None:
+        raise JobRejected("sparse categorical loss needs integer class labels in the dataset")
+    if loss == "sparse_categorical_crossentropy" and dataset.n_classes:
+        out = spec.output_shape[-1] if spec.output_shape else None
+        if out is not None and out < dataset.n_classes:
+            raise JobRejected(
+                f"the model has {out} outputs but the dataset has {dataset.n_classes} classes"
+            )
+    checks = [
+        (0 < params.learning_rate <= 10, "learning rate must be in (0, 10]"),
+        (1 <= params.batch_size <= 65536, "batch size must be in [1, 65536]"),
+        (1 <= params.n_fetch <= 100_000, "n_fetch must be at least 1"),
+        (1 <= params.n_push <= 100_000, "n_push must be at least 1"),
+        (1 <= params.n_param_shards <= 64, "parameter shards must be in [1, 64]"),
+        (0 <= params.max_staleness <= 1_000_000, "max staleness must be ≥ 0"),
+        (0 <= params.warm_start_pushes <= 10_000_000, "warm start pushes must be ≥ 0"),
+        (0 <= params.spot_check_fraction <= 1, "spot-check fraction must be in [0, 1]"),
+        (
+            params.target_accuracy is None or 0 < params.target_accuracy <= 1,
+            "target accuracy must be in (0, 1]",
+        ),
+        (
+            params.target_accuracy or params.budget_samples or params.budget_seconds,
+            "give a target accuracy or a budget in samples or seconds",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise JobRejected(message)
+    if params.initial_weights is not None:
+        try:
+            weights.check_upload(params.initial_weights, settings.DATASET_MAX_BYTES)
+        except weights.WeightsRejected as exc:
+            raise JobRejected(f"initial weights rejected: {exc}") from None
+    with transaction.atomic():
+        job = _create_job(owner, dataset, params, spec, loss)
+        if params.initial_weights is not None:
+            path = media_dir("jobs", str(job.id)) / "initial-weights.npz"
+            try:
+                path.write_bytes(params.initial_weights)
+            except OSError:
+                path.unlink(missing_ok=True)
+                raise
+            job.initial_weights_path = str(path)
+            job.initial_weights_sha256 = hashlib.sha256(params.initial_weights).hexdigest()
+            job.save(update_fields=["initial_weights_path", "initial_weights_sha256"])
+    return job
+
+
+def _create_job(owner: Any, dataset: Dataset, params: JobParams, spec: Any, loss: str) -> Job:
+    return Job.objects.create(
+        owner=owner,
+        name=params.name[:100] or "job",
+        dataset=dataset,
+        model_config=spec.config,
+        loss=loss,
+        param_count=spec.param_count,
+        learning_rate=params.learning_rate,
+        batch_size=params.batch_size,
+        n_fetch=params.n_fetch,
+        n_push=params.n_push,
+        n_param_shards=params.n_param_shards,
+        max_staleness=params.max_staleness,
+        staleness_aware_lr=params.staleness_aware_lr,
+        warm_start_pushes=params.warm_start_pushes,
+        robust_aggregation=params.robust_aggregation,
+        spot_check_fraction=params.spot_check_fraction,
+        target_accuracy=params.target_accuracy,
+        budget_samples=params.budget_samples,
+        budget_seconds=params.budget_seconds,
+        seed=params.seed,
+    )
+
+
+def start_job(job: Job) -> bool:
+    """Build the model once, write its initial weights to the store, and let agents in.
+
+    Needs TensorFlow, so it runs in a Celery worker (or the embedded runner thread).
+    """
+    specs, start_weights = starting_weights(job)
+    layout = ShardLayout.balanced(
+        [VariableSpec(n, tuple(s), d) for n, s, d in specs], job.n_param_shards
+    )
+    claimed = Job.objects.filter(id=job.id, status=Job.Status.QUEUED).update(
+        layout=layout.to_json(), status_message="initialising"
+    )
+    if claimed != 1:
+        return False
+    job.refresh_from_db()
+    job_store(job).initialize(start_weights)
+    Job.objects.filter(id=job.id).update(status=Job.Status.RUNNING, started_at=timezone.now())
+    log.info("job %s started: %d parameters in %d shards", job.id, job.param_count, layout.n_shards)
+    return True
+
+
+def starting_weights(
+    job: Job,
+) -> tuple[list[tuple[str, tuple[int, ...], str]], dict[str, Any]]:
+    """The model's variable specs and the weights the job starts from."""
+    from downpour.training.evaluation import initial_weights
+
+    specs, start = initial_weights(job.model_config, job.seed)
+    if job.initial_weights_path:
+        try:
+            start = weights.load_for_model(
+                Path(job.initial_weights_path),
+                job.initial_weights_sha256,
+                specs,
+                settings.DATASET_MAX_BYTES,
+            )
+        except (weights.WeightsRejected, OSError) as exc:
+            raise weights.WeightsRejected(f"initial weights: {exc}") from None
+    return specs, start
+
+
+def start_queued_jobs() -> int:
+    started = 0
+    for job in Job.objects.filter(status=Job.Status.QUEUED, layout__isnull=True):
+        try:
+            started += start_job(job)
+        except Exception as exc:
+            log.exception("job %s failed to start", job.id)
+            Job.objects.filter(id=job.id).update(
+                status=Job.Status.FAILED,
+                status_message=f"could not start: {exc}"[:STATUS_MESSAGE_CHARS],
+            )
+    return started
+
+
+def finish_job(job: Job, status: str, message: str) -> bool:
+    """Stop the job once (CAS on status), export the model and tell its agents."""
+    from downpour.agents import push
+
+    changed = Job.objects.filter(id=job.id, status=Job.Status.RUNNING).update(
+        status=status, status_message=message[:STATUS_MESSAGE_CHARS], finished_at=timezone.now()
+    )
+    if changed != 1:
+        return False
+    job.refresh_from_db()
+    try:
+        export_job(job)
+    except Exception:
+        log.exception("job %s: export failed", job.id)
+    Lease.objects.filter(unit__job=job, status=Lease.Status.ACTIVE).update(
+        status=Lease.Status.EXPIRED, ended_at=timezone.now()
+    )
+    push.notify_job_finished_on_commit(str(job.id))
+    log.info("job %s finished (%s): %s", job.id, status, message)
+    return True
+
+
+def export_job(job: Job) -> None:
+    from downpour.training.evaluation import export_model
+
+    folder = media_dir("jobs", str(job.id))
+    keras_path, weights_path = export_model(job, job_store(job).weights(), folder)
+    Job.objects.filter(id=job.id).update(keras_path=str(keras_path), weights_path=str(weights_path))

@@ -1,0 +1,185 @@
+"""Leases after they are issued: the lease message, heartbeats, resume, complete, return, reap."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from downpour import scheduler
+from downpour.donors.models import Agent
+from downpour.paramstore import ShardLayout
+from downpour.training.actions.claims import host_record
+from downpour.training.models import Lease, WorkUnit
+
+log = logging.getLogger(__name__)
+
+
+class LeaseError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def lease_message(lease: Lease, base_url_path: str = "/api/agent/shards/") -> dict[str, Any]:
+    """The protocol ``lease`` message for ``lease``."""
+    unit = lease.unit
+    job = unit.job
+    layout = ShardLayout.from_json(job.layout)
+    return {
+        "type": "lease",
+        "lease_id": str(lease.id),
+        "job_id": str(job.id),
+        "work_unit_id": str(unit.id),
+        "steps": unit.steps,
+        "seed": unit.seed,
+        "model": job.model_config,
+        "loss": job.loss,
+        "hyper": {
+            "batch_size": job.batch_size,
+            "n_fetch": job.n_fetch,
+            "n_push": job.n_push,
+            "learning_rate": job.learning_rate,
+            "compression": "none",
+        },
+        "dataset": {
+            "url": f"{base_url_path}{unit.shard_id}/",
+            "sha256": unit.shard.sha256,
+            "n_samples": unit.shard.n_samples,
+        },
+        "layout": [
+            [{"name": v.name, "shape": list(v.shape), "dtype": v.dtype} for v in shard]
+            for shard in layout.shards
+        ],
+        "expires_in_s": settings.LEASE_TTL_S,
+    }
+
+
+def get_agent_lease(lease_id: str, agent: Agent) -> Lease:
+    """The active lease ``lease_id`` of ``agent``, or a :class:`LeaseError` with its code."""
+    try:
+        uuid.UUID(lease_id)
+    except (ValueError, TypeError, AttributeError):
+        raise LeaseError("unknown_lease", "a lease id is a UUID") from None
+    lease = Lease.objects.select_related("unit__job", "unit__shard").filter(id=lease_id).first()
+    if lease is None:
+        raise LeaseError("unknown_lease", f"no lease {lease_id}")
+    if lease.agent_id != agent.id:
+        raise LeaseError("lease_not_yours", "this lease belongs to another agent")
+    if lease.unit.job.is_finished:
+        raise LeaseError("job_finished", "the job has finished")
+    if lease.status != Lease.Status.ACTIVE or lease.expires_at <= timezone.now():
+        raise LeaseError("lease_expired", "the lease has expired; its work was reissued")
+    return lease
+
+
+def heartbeat(agent: Agent, lease_id: str | None) -> float | None:
+    """Mark the agent alive and extend its lease; returns the lease's seconds to live."""
+    now = timezone.now()
+    Agent.objects.filter(id=agent.id).update(last_seen_at=now, connected=True)
+    if lease_id is None:
+        return None
+    get_agent_lease(lease_id, agent)
+    extended = Lease.objects.filter(
+        id=lease_id, agent=agent, status=Lease.Status.ACTIVE, expires_at__gt=now
+    ).update(expires_at=now + timedelta(seconds=settings.LEASE_TTL_S), heartbeat_at=now)
+    if extended != 1:
+        raise LeaseError("lease_expired", "the lease has expired; its work was reissued")
+    return settings.LEASE_TTL_S
+
+
+def complete_lease(agent: Agent, lease_id: str, samples: int) -> None:
+    lease = get_agent_lease(lease_id, agent)
+    now = timezone.now()
+    with transaction.atomic():
+        done = Lease.objects.filter(id=lease.id, status=Lease.Status.ACTIVE).update(
+            status=Lease.Status.COMPLETED, ended_at=now
+        )
+        if done != 1:
+            raise LeaseError("lease_expired", "the lease has expired; its work was reissued")
+        WorkUnit.objects.filter(id=lease.unit_id).update(status=WorkUnit.Status.DONE, done_at=now)
+        # Backup copies of this unit lost the race: their remaining pushes are refused.
+        Lease.objects.filter(unit_id=lease.unit_id, status=Lease.Status.ACTIVE).update(
+            status=Lease.Status.SUPERSEDED, ended_at=now
+        )
+        _record_outcome(str(agent.id), completed=True)
+
+
+def _record_outcome(agent_id: str, completed: bool) -> None:
+    """Update the agent's host record (call inside a transaction)."""
+    agent = Agent.objects.select_for_update().get(id=agent_id)
+    record = scheduler.record_outcome(host_record(agent), completed)
+    Agent.objects.filter(id=agent_id).update(
+        leases_completed=record.completed,
+        leases_abandoned=record.abandoned,
+        consecutive_completed=record.consecutive_completed,
+        unit_scale=record.unit_scale,
+    )
+
+
+def resume_lease(agent: Agent, lease_id: str) -> Lease:
+    """An agent that reconnected in time takes its lease back (same agent, still live)."""
+    lease = get_agent_lease(lease_id, agent)
+    now = timezone.now()
+    view = scheduler.LeaseView(
+        str(lease.id), str(lease.unit_id), str(lease.agent_id), lease.expires_at.timestamp()
+    )
+    if not scheduler.can_resume(view, str(agent.id), now.timestamp()):
+        raise LeaseError("lease_expired", "the lease has expired; its work was reissued")
+    extended = Lease.objects.filter(
+        id=lease.id, agent=agent, status=Lease.Status.ACTIVE, expires_at__gt=now
+    ).update(
+        expires_at=now + timedelta(seconds=settings.LEASE_TTL_S),
+        heartbeat_at=now,
+        resumed=F("resumed") + 1,
+    )
+    if extended != 1:
+        raise LeaseError("lease_expired", "the lease has expired; its work was reissued")
+    lease.refresh_from_db()
+    return lease
+
+
+def return_lease(agent: Agent, lease_id: str) -> None:
+    lease = get_agent_lease(lease_id, agent)
+    with transaction.atomic():
+        returned = Lease.objects.filter(id=lease.id, status=Lease.Status.ACTIVE).update(
+            status=Lease.Status.RETURNED, ended_at=timezone.now()
+        )
+        others = Lease.objects.filter(unit_id=lease.unit_id, status=Lease.Status.ACTIVE).count()
+        if returned == 1 and scheduler.should_reissue(False, others):
+            WorkUnit.objects.filter(id=lease.unit_id, status=WorkUnit.Status.LEASED).update(
+                status=WorkUnit.Status.PENDING
+            )
+
+
+def reap_expired_leases() -> int:
+    """Expire leases whose heartbeats stopped and put their units back in the queue."""
+    now = timezone.now()
+    reaped = 0
+    for lease in Lease.objects.filter(status=Lease.Status.ACTIVE, expires_at__lte=now):
+        with transaction.atomic():
+            if (
+                Lease.objects.filter(id=lease.id, status=Lease.Status.ACTIVE).update(
+                    status=Lease.Status.EXPIRED, ended_at=now
+                )
+                != 1
+            ):
+                continue
+            others = Lease.objects.filter(unit_id=lease.unit_id, status=Lease.Status.ACTIVE).count()
+            done = WorkUnit.objects.filter(id=lease.unit_id, status=WorkUnit.Status.DONE).exists()
+            if scheduler.should_reissue(done, others):
+                WorkUnit.objects.filter(id=lease.unit_id, status=WorkUnit.Status.LEASED).update(
+                    status=WorkUnit.Status.PENDING
+                )
+            _record_outcome(str(lease.agent_id), completed=False)
+            reaped += 1
+    if reaped:
+        log.info("reaped %d expired leases", reaped)
+    return reaped

@@ -1,0 +1,87 @@
+"""Store recovery: restore a job's shards after a restart, and the checkpoints it restores from."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from django.conf import settings
+from django.utils import timezone
+
+from downpour.paramstore import ShardLayout
+from downpour.paramstore.checkpoint import read_checkpoint, write_checkpoint
+from downpour.training.actions.jobs import starting_weights
+from downpour.training.media import media_dir
+from downpour.training.models import Checkpoint, Job, WorkUnit
+from downpour.training.store import forget_warmup, job_store, restore_lock, storage
+
+log = logging.getLogger(__name__)
+
+
+def ensure_store_ready(job: Job) -> None:
+    """After a server restart the store may be empty: restore the latest checkpoint.
+
+    Units finished after that checkpoint lost their updates with the store, so they are
+    put back in the queue to be done again.
+    """
+    store = job_store(job)
+    if storage().load_version(str(job.id), 0) is not None:
+        return
+    with restore_lock(str(job.id)):
+        if storage().load_version(str(job.id), 0) is not None:
+            return  # another thread or process restored it meanwhile
+        checkpoint = job.checkpoints.first()
+        if checkpoint is None:
+            store.initialize(starting_weights(job)[1])
+            forget_warmup(job.id)  # the job warms up again on trusted agents
+            requeued = WorkUnit.objects.filter(job=job, status=WorkUnit.Status.DONE).update(
+                status=WorkUnit.Status.PENDING, done_at=None
+            )
+            log.warning(
+                "job %s: no checkpoint; restarted from initial weights, %d units requeued",
+                job.id,
+                requeued,
+            )
+            return
+        restored = read_checkpoint(checkpoint.path)
+        store.restore(restored.states)
+        forget_warmup(job.id)  # an older checkpoint may be back in warm-up
+        requeued = WorkUnit.objects.filter(
+            job=job, status=WorkUnit.Status.DONE, done_at__gt=checkpoint.created_at
+        ).update(status=WorkUnit.Status.PENDING, done_at=None)
+        log.warning(
+            "job %s: restored checkpoint %s (versions %s); %d units redone",
+            job.id,
+            checkpoint.path,
+            checkpoint.versions,
+            requeued,
+        )
+
+
+def checkpoint_job(job: Job) -> Checkpoint:
+    """Write weights, accumulators and versions atomically and keep the newest few."""
+    store = job_store(job)
+    states = store.snapshot()
+    folder = media_dir("checkpoints", str(job.id))
+    path = folder / f"ckpt-{timezone.now().strftime('%Y%m%dT%H%M%S%f')}.npz"
+    layout = ShardLayout.from_json(job.layout)
+    digest = write_checkpoint(path, layout, states, {"job": str(job.id)})
+    checkpoint = Checkpoint.objects.create(
+        job=job, path=str(path), sha256=digest, versions=[s.version for s in states]
+    )
+    for old in job.checkpoints.all()[settings.CHECKPOINTS_KEPT :]:
+        Path(old.path).unlink(missing_ok=True)
+        old.delete()
+    return checkpoint
+
+
+def checkpoint_running_jobs() -> int:
+    count = 0
+    for job in Job.objects.filter(status=Job.Status.RUNNING):
+        try:
+            ensure_store_ready(job)
+            checkpoint_job(job)
+            count += 1
+        except Exception:
+            log.exception("job %s: checkpoint failed", job.id)
+    return count

@@ -1,0 +1,191 @@
+"""What a checked lease's round was computed from, kept while it runs and stored as a check.
+
+The consumer keeps, per checked lease, the weights it served at the last few versions of
+each shard (:class:`Recording`) and the gradients of the chosen round; when every shard of
+the round is in, :func:`save` stores them as a queued ``SpotCheck`` for the worker
+(``replay``). A round that names weights never served, or breaks the protocol, is judged at
+once.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from django.db import transaction
+
+from downpour.training.models import Job, Lease, SpotCheck
+
+from .selection import round_span
+from .verdict import finish
+
+#: Most versions of each shard a checked lease's consumer keeps the weights of. A round needs
+#: those served from just before it to its end: ``ceil(n_push / n_fetch) + 2``.
+MAX_SERVED_KEPT = 16
+
+
+@dataclass
+class Recording:
+    """A spot-checked lease: the weights served it lately, and its chosen round's pushes."""
+
+    served: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)
+    served_versions: dict[int, set[int]] = field(default_factory=dict)  # every one, no weights
+    gradients: dict[int, dict[str, Any]] = field(default_factory=dict)
+    base_versions: dict[int, int] = field(default_factory=dict)
+    loads: list[list[Any]] = field(default_factory=list)
+    samples: int = 0
+
+    def keep_served(self, job: Job, shard: int, version: int, tensors: dict[str, Any]) -> None:
+        """Keep the weights served at ``version`` of ``shard`` (a copy), dropping the oldest."""
+        keep = min(MAX_SERVED_KEPT, -(-job.n_push // job.n_fetch) + 2)
+        self.served_versions.setdefault(shard, set()).add(version)
+        kept = self.served.setdefault(shard, {})
+        kept[version] = tensors
+        for stale in sorted(kept)[:-keep]:
+            del kept[stale]
+
+    def add_push(self, msg: Mapping[str, Any], tensors: dict[str, Any]) -> None:
+        """One shard's push of the checked round: its gradient, base version and loads."""
+        self.gradients[msg["shard"]] = tensors
+        self.base_versions[msg["shard"]] = msg["base_version"]
+        self.loads = msg.get("loads", [])
+        self.samples = msg["samples"]
+
+    def complete(self, n_shards: int) -> bool:
+        """Whether every shard of the round has been pushed."""
+        return len(self.gradients) >= n_shards
+
+
+def copy_tensors(tensors: dict[str, Any]) -> dict[str, Any]:
+    """A copy to keep: the in-memory store's arrays change with the next push."""
+    return {name: value.copy() for name, value in tensors.items()}
+
+
+def save(lease_id: str, round_index: int, recording: Recording) -> None:
+    """Store a complete round as a check, with the weights it names (sync: ORM writes)."""
+    base = recording.base_versions
+    wanted = [base] + [dict(enumerate(versions)) for _, versions in recording.loads]
+    sets: list[dict[str, Any]] = []
+    for versions in wanted:
+        weights: dict[str, Any] = {}
+        for shard, version in versions.items():
+            served = recording.served.get(shard, {}).get(version)
+            if served is None:
+                pruned = version in recording.served_versions.get(shard, set())
+                record_unservable(lease_id, round_index, versions, pruned)
+                return
+            weights.update(served)
+        sets.append(weights)
+    record(
+        lease_id,
+        round_index,
+        sets,
+        base,
+        recording.loads,
+        {k: v for shard in recording.gradients.values() for k, v in shard.items()},
+        recording.samples,
+    )
+
+
+def to_npz(tensors: Mapping[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: np.asarray(value) for name, value in tensors.items()})
+    return buffer.getvalue()
+
+
+def from_npz(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(bytes(data)), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+def record(
+    lease_id: str,
+    round_index: int,
+    weight_sets: Sequence[Mapping[str, np.ndarray]],
+    versions: Mapping[int, int],
+    loads: Sequence[Sequence[Any]],
+    gradients: Mapping[str, np.ndarray],
+    samples: int,
+) -> SpotCheck | None:
+    """Queue a check of one round of a lease.
+
+    ``versions`` are the round's base versions per shard and ``loads`` the round's
+    ``[[offset, [version per shard]], ...]``; ``weight_sets`` are what the server served at
+    those versions: the base, then one set per load. A round claiming more or fewer samples
+    than its steps cover, or loads at offsets outside it, breaks the protocol and fails at
+    once. Returns None if the lease already has a check.
+    """
+    lease = Lease.objects.select_related("unit__job", "unit__shard", "agent").get(id=lease_id)
+    job, unit = lease.unit.job, lease.unit
+    first_step, steps = round_span(job, unit.steps, round_index)
+    expected_samples = steps * min(job.batch_size, unit.shard.n_samples)
+    check = _create_once(
+        lease,
+        round_index,
+        versions,
+        first_step=first_step,
+        steps=steps,
+        samples=samples,
+        loads=[[int(offset), list(v)] for offset, v in loads],
+        weights=to_npz(
+            {f"{i}|{k}": v for i, weights in enumerate(weight_sets) for k, v in weights.items()}
+        ),
+        gradients=to_npz(gradients),
+    )
+    if check is None:
+        return None
+    problems = []
+    if steps == 0 or samples != expected_samples:
+        problems.append(
+            f"round {round_index} claims {samples} samples; its {steps} steps cover "
+            f"{expected_samples}"
+        )
+    if any(not 0 < int(offset) < steps for offset, _ in loads):
+        problems.append(f"round {round_index} claims loads outside its {steps} steps")
+    if problems:
+        finish(check, passed=False, relative_error=None, detail="; ".join(problems))
+    return check
+
+
+def record_unservable(
+    lease_id: str, round_index: int, versions: Mapping[int, int], pruned: bool = False
+) -> None:
+    """The checked round names weights the consumer does not have.
+
+    ``pruned``: they were served but no longer kept (a round of many loads): no verdict.
+    Otherwise they were never served on this connection: on a lease that was never resumed
+    that is a protocol violation and fails; a resumed lease may have fetched them on its
+    earlier connection: no verdict.
+    """
+    lease = Lease.objects.select_related("unit__job", "agent").get(id=lease_id)
+    check = _create_once(
+        lease, round_index, versions, steps=0, samples=0, weights=b"", gradients=b""
+    )
+    if check is None:
+        return
+    if pruned:
+        detail = f"round {round_index}: versions {dict(versions)} are no longer kept"
+    else:
+        detail = f"round {round_index} names versions {dict(versions)} never served to it"
+    verdict = None if pruned or lease.resumed else False
+    finish(check, passed=verdict, relative_error=None, detail=detail)
+
+
+def _create_once(
+    lease: Lease, round_index: int, versions: Mapping[int, int], **fields: Any
+) -> SpotCheck | None:
+    """The lease's check, or None if it has one already (a resumed lease pushes again)."""
+    with transaction.atomic():
+        if SpotCheck.objects.filter(lease_id=lease.id).exists():
+            return None
+        return SpotCheck.objects.create(
+            lease=lease,
+            job=lease.unit.job,
+            agent=lease.agent,
+            round=round_index,
+            versions={str(k): v for k, v in versions.items()},
+            **fields,
+        )

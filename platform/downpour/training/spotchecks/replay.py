@@ -1,0 +1,131 @@
+"""The worker's side: replay a checked round with the agent's trainer code and compare.
+
+Needs TensorFlow (through ``downpour_agent.trainer``), so it runs in a Celery worker or the
+embedded runner thread, never in the ASGI process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from django.utils import timezone
+
+from downpour.scheduler import reputation
+from downpour.training.models import Job, SpotCheck
+
+from .recording import from_npz
+from .verdict import finish
+
+log = logging.getLogger(__name__)
+
+#: A check left ``running`` this long (its worker died) is run again.
+STALE_RUNNING = timedelta(minutes=10)
+_computers: OrderedDict[str, Any] = OrderedDict()  # job id -> GradientComputer, newest last
+_MAX_COMPUTERS = 2
+# A worker with a thread pool may run two checks at once; a model holds one set of weights.
+_compute_lock = threading.Lock()
+
+
+def run_pending(limit: int = 20) -> int:
+    """Run queued checks (and ones whose worker died); returns how many were judged."""
+    now = timezone.now()
+    done = 0
+    candidates = SpotCheck.objects.filter(status=SpotCheck.Status.QUEUED).order_by("created_at")
+    stale = SpotCheck.objects.filter(
+        status=SpotCheck.Status.RUNNING, started_at__lt=now - STALE_RUNNING
+    )
+    for check_id, status in list(candidates.values_list("id", "status")[:limit]) + list(
+        stale.values_list("id", "status")[:limit]
+    ):
+        # Claim it: several workers may look at the same queue.
+        if (
+            SpotCheck.objects.filter(id=check_id, status=status).update(
+                status=SpotCheck.Status.RUNNING, started_at=timezone.now()
+            )
+            != 1
+        ):
+            continue
+        check = SpotCheck.objects.select_related("lease__unit__shard", "job").get(id=check_id)
+        try:
+            run(check)
+        except Exception as exc:
+            log.exception("spot check %s could not run", check_id)
+            finish(check, passed=None, relative_error=None, detail=f"could not run: {exc}")
+        done += 1
+    return done
+
+
+def run(check: SpotCheck) -> bool:
+    """Recompute ``check``'s round and judge the agent; returns whether it passed."""
+    from downpour_agent.data import load_shard
+    from downpour_agent.trainer import round_gradients
+
+    job, unit = check.job, check.lease.unit
+    x, y = load_shard(Path(unit.shard.path), unit.shard.n_samples)
+    with _compute_lock:
+        computer = _computer(job)
+        sets = _weight_sets(from_npz(check.weights))
+        computer.set_weights(sets[0])
+        expected, samples = round_gradients(
+            computer,
+            x,
+            y,
+            batch_size=job.batch_size,
+            seed=unit.seed,
+            first_step=check.first_step,
+            steps=check.steps,
+            loads=[(int(offset), sets[i + 1]) for i, (offset, _) in enumerate(check.loads)],
+        )
+    pushed = from_npz(check.gradients)
+    passed = samples == check.samples and reputation.gradients_match(pushed, expected)
+    error = _relative_error(pushed, expected)
+    detail = "" if passed else f"gradients differ: relative error {error}"
+    finish(check, passed=passed, relative_error=error, detail=detail)
+    return passed
+
+
+def _weight_sets(stored: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    sets: dict[int, dict[str, np.ndarray]] = {}
+    for key, value in stored.items():
+        index, _, name = key.partition("|")
+        sets.setdefault(int(index), {})[name] = value
+    return [sets[i] for i in sorted(sets)]
+
+
+def _computer(job: Job) -> Any:
+    # Building a model costs about a second; consecutive checks are mostly of one job.
+    from downpour_agent.trainer import GradientComputer
+
+    key = str(job.id)
+    if key in _computers:
+        _computers.move_to_end(key)
+        return _computers[key]
+    computer = GradientComputer(job.model_config, job.loss, seed=job.seed)
+    _computers[key] = computer
+    while len(_computers) > _MAX_COMPUTERS:
+        _computers.popitem(last=False)
+    return computer
+
+
+def _relative_error(
+    pushed: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]
+) -> float | None:
+    if pushed.keys() != expected.keys():
+        return None
+    worst = 0.0
+    for name, reference in expected.items():
+        value = np.asarray(pushed[name], dtype=np.float64)
+        ref = np.asarray(reference, dtype=np.float64)
+        if value.shape != ref.shape:
+            return None
+        norm = float(np.linalg.norm(ref))
+        diff = float(np.linalg.norm(value - ref))
+        worst = max(worst, diff / norm if norm > 0 else diff)
+    return worst if np.isfinite(worst) else None

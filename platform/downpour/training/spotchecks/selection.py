@@ -1,0 +1,42 @@
+"""Which leases are spot-checked, and which of their push rounds, decided at lease issue."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping
+from typing import Any
+
+from downpour.donors.models import Agent
+from downpour.scheduler import reputation
+from downpour.training.models import Job
+from downpour.training.specs import model_spec
+from downpour_agent.modelspec import validate_model_config
+from downpour_agent.modelspec.validator import uses_dropout
+
+_random = random.SystemRandom()
+
+
+def recomputable(model_config: Mapping[str, Any]) -> bool:
+    """Whether a model's gradient is a function of weights and batch alone (no dropout)."""
+    return not uses_dropout(validate_model_config(dict(model_config)))
+
+
+def should_check(job: Job, agent: Agent) -> bool:
+    """Whether a new lease of ``job`` for ``agent`` is spot-checked."""
+    if agent.token.is_trusted or uses_dropout(model_spec(job)):
+        return False
+    return reputation.should_spot_check(_random, job.spot_check_fraction)
+
+
+def choose_round(job: Job, agent: Agent, steps: int) -> int | None:
+    """The push round to replay of a new lease of ``steps`` steps, or None: not checked."""
+    if not should_check(job, agent):
+        return None
+    return _random.randrange(math.ceil(steps / job.n_push))
+
+
+def round_span(job: Job, unit_steps: int, round_index: int) -> tuple[int, int]:
+    """``(first_step, steps)`` of push round ``round_index`` of a lease (docs/protocol.md)."""
+    first = round_index * job.n_push
+    return first, max(0, min(job.n_push, unit_steps - first))
