@@ -36,8 +36,10 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
             "platform/downpour/scheduler",
             "agent/downpour_agent",
         ),
+        # The Django side, with django-stubs' plugin (models, querysets, settings).
+        ("mypy", "platform/downpour"),
     ],
-    ids=["ruff-check", "ruff-format", "import-contracts", "mypy-strict"],
+    ids=["ruff-check", "ruff-format", "import-contracts", "mypy-strict", "mypy-django"],
 )
 def test_the_code_passes(command: tuple[str, ...]) -> None:
     done = run(str(BIN / command[0]), *command[1:])

@@ -18,7 +18,7 @@ from downpour.agents.routing import websocket_urlpatterns  # noqa: E402
 # still refuses a socket whose Origin is not one of our hosts, so a browser page on another
 # site cannot drive it (``downpour.agents.consumers._origin_allowed``).
 application = ProtocolTypeRouter(
-    {"http": django_asgi_app, "websocket": URLRouter(websocket_urlpatterns)}
+    {"http": django_asgi_app, "websocket": URLRouter(websocket_urlpatterns)}  # type: ignore[arg-type]
 )
 
 if settings.EMBEDDED and os.environ.get("DOWNPOUR_EMBEDDED_JOBS", "1") == "1":

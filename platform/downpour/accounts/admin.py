@@ -10,6 +10,6 @@ from .models import User
 class DownpourUserAdmin(UserAdmin):
     list_display = ("username", "email", "is_researcher", "is_donor", "share_weight", "is_staff")
     fieldsets = (
-        *UserAdmin.fieldsets,
+        *(UserAdmin.fieldsets or ()),
         ("Downpour", {"fields": ("is_researcher", "is_donor", "share_weight")}),
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -517,7 +517,7 @@ def _check_loads(loads: Any, n_push: int, n_shards: int) -> None:
         )
 
 
-def _origin_allowed(scope: dict[str, Any]) -> bool:
+def _origin_allowed(scope: Mapping[str, Any]) -> bool:
     """Agents send no Origin; browsers always do, and theirs must be one of our hosts."""
     for name, value in scope.get("headers", []):
         if name.lower() == b"origin":

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
+import uuid
+
+from django.http import FileResponse, HttpRequest, JsonResponse
+from django.http.response import HttpResponseBase
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
@@ -16,7 +19,7 @@ def _error(status: int, code: str, message: str) -> JsonResponse:
 
 
 @require_GET
-def shard_download(request: HttpRequest, shard_id: str) -> HttpResponse:
+def shard_download(request: HttpRequest, shard_id: uuid.UUID) -> HttpResponseBase:
     """The shard file, to an agent that holds a live lease on a unit over this shard."""
     token = agent_token(bearer_token(request.headers.get("Authorization")))
     if token is None:

@@ -5,18 +5,19 @@ from __future__ import annotations
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db.models import Sum
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
+from downpour.accounts.http import AuthenticatedRequest
 from downpour.accounts.models import User
 
 from .models import Agent, AgentToken
 
 
 @login_required
-def dashboard(request: HttpRequest) -> HttpResponse:
+def dashboard(request: AuthenticatedRequest) -> HttpResponse:
     agents = Agent.objects.filter(token__owner=request.user).order_by("name")
     leaderboard = (
         User.objects.filter(agenttoken__agents__isnull=False)
@@ -39,7 +40,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
 
 @login_required
 @require_POST
-def token_new(request: HttpRequest) -> HttpResponse:
+def token_new(request: AuthenticatedRequest) -> HttpResponse:
     name = (request.POST.get("name") or "my PC").strip()[:100]
     _, plain = AgentToken.issue(request.user, name)
     # Shown once on the next page, then only its hash remains.
@@ -49,7 +50,7 @@ def token_new(request: HttpRequest) -> HttpResponse:
 
 @login_required
 @require_POST
-def token_revoke(request: HttpRequest, token_id: str) -> HttpResponse:
+def token_revoke(request: AuthenticatedRequest, token_id: str) -> HttpResponse:
     token = get_object_or_404(AgentToken, id=token_id, owner=request.user)
     if token.revoked_at is None:
         token.revoked_at = timezone.now()

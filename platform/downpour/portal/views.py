@@ -11,6 +11,7 @@ from django.contrib.auth.decorators import login_required
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 
+from downpour.accounts.http import AuthenticatedRequest
 from downpour.training.actions.datasets import create_dataset
 from downpour.training.actions.jobs import JobParams, JobRejected, submit_job
 from downpour.training.datasets import DatasetRejected
@@ -36,7 +37,7 @@ def signup(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
-def jobs(request: HttpRequest) -> HttpResponse:
+def jobs(request: AuthenticatedRequest) -> HttpResponse:
     return render(
         request,
         "portal/jobs.html",
@@ -48,7 +49,7 @@ def jobs(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
-def dataset_new(request: HttpRequest) -> HttpResponse:
+def dataset_new(request: AuthenticatedRequest) -> HttpResponse:
     form = DatasetForm(request.POST or None, request.FILES or None)
     if request.method == "POST" and form.is_valid():
         try:
@@ -71,7 +72,7 @@ def dataset_new(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
-def job_new(request: HttpRequest) -> HttpResponse:
+def job_new(request: AuthenticatedRequest) -> HttpResponse:
     form = JobForm(request.user, request.POST or None, request.FILES or None)
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
@@ -113,7 +114,7 @@ def _read_upload(upload: Any) -> bytes | None:
 
 
 @login_required
-def job_detail(request: HttpRequest, job_id: str) -> HttpResponse:
+def job_detail(request: AuthenticatedRequest, job_id: str) -> HttpResponse:
     job = get_object_or_404(Job, id=job_id, owner=request.user)
     return render(
         request,
@@ -128,7 +129,7 @@ def job_detail(request: HttpRequest, job_id: str) -> HttpResponse:
 
 
 @login_required
-def job_metrics(request: HttpRequest, job_id: str) -> JsonResponse:
+def job_metrics(request: AuthenticatedRequest, job_id: str) -> JsonResponse:
     job = get_object_or_404(Job, id=job_id, owner=request.user)
     points = list(job.evaluations.values_list("elapsed_s", "accuracy", "loss", "samples"))
     return JsonResponse(
@@ -151,7 +152,7 @@ def job_metrics(request: HttpRequest, job_id: str) -> JsonResponse:
 
 
 @login_required
-def job_download(request: HttpRequest, job_id: str, kind: str) -> FileResponse:
+def job_download(request: AuthenticatedRequest, job_id: str, kind: str) -> FileResponse:
     job = get_object_or_404(Job, id=job_id, owner=request.user)
     path = {"keras": job.keras_path, "weights": job.weights_path}.get(kind)
     if not path:

@@ -5,6 +5,8 @@ import uuid
 from django.conf import settings
 from django.db import models
 
+from downpour.paramstore import ShardLayout
+
 
 class Dataset(models.Model):
     """A researcher's uploaded ``.npz``; its training split lives in shard files."""
@@ -98,6 +100,12 @@ class Job(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def shard_layout(self) -> ShardLayout:
+        """The parameter layout, set once when the job starts."""
+        if self.layout is None:
+            raise ValueError(f"job {self.id} has no parameter layout yet")
+        return ShardLayout.from_json(self.layout)
 
     @property
     def is_finished(self) -> bool:

@@ -83,7 +83,7 @@ def fairness_windows(
     per_window: list[dict[int, float]] = [dict.fromkeys(running, 0.0) for _ in range(windows)]
     weights = dict(running)
     for status, samples, ended_at, owner_id, weight in rows:
-        at = now if status == Lease.Status.ACTIVE else ended_at
+        at = now if status == Lease.Status.ACTIVE or ended_at is None else ended_at
         index = min(windows - 1, int((at - start).total_seconds() // window_s))
         if index < 0:
             continue

@@ -21,7 +21,6 @@ from downpour.paramstore import (
     AdagradConfig,
     CentredClipping,
     ParameterStore,
-    ShardLayout,
     ShardStorage,
     StoreError,
 )
@@ -72,12 +71,10 @@ def job_store(job: Job) -> ParameterStore:
     with _lock:
         store = _stores.get(key)
         if store is None:
-            if job.layout is None:
-                raise ValueError(f"job {job.id} has no parameter layout yet")
             store = ParameterStore(
                 storage(),
                 key,
-                ShardLayout.from_json(job.layout),
+                job.shard_layout(),
                 AdagradConfig(learning_rate=job.learning_rate),
                 max_staleness=job.max_staleness,
                 staleness_aware=job.staleness_aware_lr,

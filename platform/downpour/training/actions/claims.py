@@ -86,6 +86,7 @@ def _job_loads(
             in_flight[key] = in_flight.get(key, 0.0) + max(0, steps * batch - samples)
             holders.setdefault(key, set()).add(str(agent_id))
         else:
+            assert ended_at is not None  # matched by ended_at >= horizon
             age = (now - ended_at).total_seconds()
             weight = math.exp(-max(0.0, age) / FAIR_WINDOW_TAU_S)
         recent[key] = recent.get(key, 0.0) + samples * weight

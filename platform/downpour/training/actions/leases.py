@@ -14,7 +14,6 @@ from django.utils import timezone
 
 from downpour import scheduler
 from downpour.donors.models import Agent
-from downpour.paramstore import ShardLayout
 from downpour.training.actions.claims import host_record
 from downpour.training.models import Lease, WorkUnit
 
@@ -32,7 +31,7 @@ def lease_message(lease: Lease, base_url_path: str = "/api/agent/shards/") -> di
     """The protocol ``lease`` message for ``lease``."""
     unit = lease.unit
     job = unit.job
-    layout = ShardLayout.from_json(job.layout)
+    layout = job.shard_layout()
     return {
         "type": "lease",
         "lease_id": str(lease.id),

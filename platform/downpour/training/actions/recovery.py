@@ -8,7 +8,6 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from downpour.paramstore import ShardLayout
 from downpour.paramstore.checkpoint import read_checkpoint, write_checkpoint
 from downpour.training.actions.jobs import starting_weights
 from downpour.training.media import media_dir
@@ -64,7 +63,7 @@ def checkpoint_job(job: Job) -> Checkpoint:
     states = store.snapshot()
     folder = media_dir("checkpoints", str(job.id))
     path = folder / f"ckpt-{timezone.now().strftime('%Y%m%dT%H%M%S%f')}.npz"
-    layout = ShardLayout.from_json(job.layout)
+    layout = job.shard_layout()
     digest = write_checkpoint(path, layout, states, {"job": str(job.id)})
     checkpoint = Checkpoint.objects.create(
         job=job, path=str(path), sha256=digest, versions=[s.version for s in states]

@@ -92,11 +92,12 @@ def save(lease_id: str, round_index: int, recording: Recording) -> None:
 
 def to_npz(tensors: Mapping[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
-    np.savez(buffer, **{name: np.asarray(value) for name, value in tensors.items()})
+    arrays: dict[str, Any] = {name: np.asarray(value) for name, value in tensors.items()}
+    np.savez(buffer, **arrays)
     return buffer.getvalue()
 
 
-def from_npz(data: bytes) -> dict[str, np.ndarray]:
+def from_npz(data: bytes | memoryview) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(bytes(data)), allow_pickle=False) as archive:
         return {name: archive[name] for name in archive.files}
 
