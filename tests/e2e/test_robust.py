@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import connect
 
-from downpour.localrun import manage
+from downpour.devprocs import manage
 from downpour.paramstore import CentredClipping, ShardLayout
 from downpour.redisstore import RedisStorage
 from downpour_agent.connection import EXIT_FATAL
