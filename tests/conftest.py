@@ -12,7 +12,7 @@ import pytest
 from tests import services
 
 #: Every test under these directories carries the marker, so none can be forgotten by
-#: ``make test-fast`` (``-m "not services and not e2e and not browser"``).
+#: ``make test-fast`` (``-m "not services and not e2e and not browser and not slow"``).
 MARKED_DIRECTORIES = {"e2e": "e2e", "browser": "browser"}
 
 
