@@ -3,7 +3,7 @@
 ``make test-agent`` runs it. ``downpour``, Django, Channels and Celery cannot be imported
 (``sys.modules[name] = None`` makes an import raise), pytest-django is not loaded and the
 pythonpath is ``agent/`` alone. Arguments go on to pytest; the layout test passes
-``--collect-only``, which imports every agent test module.
+``-k test_npz``: every agent test module is imported, the npz tests run.
 """
 
 from __future__ import annotations
