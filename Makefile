@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast test-agent lint bench clean
 
 $(STAMP): pyproject.toml agent/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
+
+# Unit and service-free tests (under 2 minutes): no PostgreSQL, Redis, server or agent
+# processes, browser or TensorFlow subprocess; the Django tests run on the embedded default.
+FAST_MARKERS := not services and not e2e and not browser and not slow
+test-fast: $(STAMP)
+	DOWNPOUR_NO_SERVICES=1 $(VENV)/bin/python -m pytest -m "$(FAST_MARKERS)"
+
+# The agent's tests with only agent/ importable, as on a donor's machine.
+test-agent: $(STAMP)
+	$(VENV)/bin/python tests/agent_alone.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports

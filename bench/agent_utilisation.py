@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def compute_only_samples_per_s(seconds: float, threads: int = 1) -> float:
     """Samples/s of ``GradientComputer.compute`` alone on the large MLP, batch 32."""
-    from downpour.localrun import mlp_json
+    from downpour.digits import mlp_json
     from downpour_agent.trainer import BatchSampler, GradientComputer, configure_threads
 
     configure_threads(threads)

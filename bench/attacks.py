@@ -2,7 +2,7 @@
 
 Runs the real ``ParameterStore`` (``InMemoryStorage`` or ``RedisStorage``) with honest,
 trusted and attacking agents simulated in one process, on the digits task (the fixed split of
-``downpour.localrun.digits_npz_bytes``: 1,437 train / 360 test images; MLP 64-128-128-10,
+``downpour.digits.digits_npz_bytes``: 1,437 train / 360 test images; MLP 64-128-128-10,
 Adagrad gamma 0.05, batch 32). Three runs share a seed and a schedule:
 
 * ``clean``: every agent honest, centred clipping on;
@@ -231,7 +231,7 @@ class Digits:
 
     @classmethod
     def load(cls) -> Digits:
-        from downpour.localrun import digits_npz_bytes
+        from downpour.digits import digits_npz_bytes
 
         with np.load(io.BytesIO(digits_npz_bytes())) as data:
             return cls(data["x_train"], data["y_train"], data["x_test"], data["y_test"])

@@ -42,7 +42,7 @@ MODEL_SEED = 0  # the seed ``seed_digits_job`` gives the job, so every path star
 
 @dataclass(frozen=True)
 class Digits:
-    """The digits split of ``downpour.localrun.digits_npz_bytes``: float32 x in [0, 1]."""
+    """The digits split of ``downpour.digits.digits_npz_bytes``: float32 x in [0, 1]."""
 
     x_train: npt.NDArray[np.float32]
     y_train: npt.NDArray[np.int64]
@@ -51,7 +51,7 @@ class Digits:
 
 
 def load_digits() -> Digits:
-    from downpour.localrun import digits_npz_bytes
+    from downpour.digits import digits_npz_bytes
 
     with np.load(io.BytesIO(digits_npz_bytes())) as npz:
         return Digits(npz["x_train"], npz["y_train"], npz["x_test"], npz["y_test"])
@@ -59,7 +59,7 @@ def load_digits() -> Digits:
 
 def build_mlp(size: str) -> Any:
     """The job's model exactly: ``mlp_json`` built by the agent's builder with the job's seed."""
-    from downpour.localrun import mlp_json
+    from downpour.digits import mlp_json
     from downpour_agent.modelspec import build_model
 
     return build_model(mlp_json(MODELS[size]), seed=MODEL_SEED)

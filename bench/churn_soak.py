@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-for source_root in (ROOT / "platform", ROOT / "agent"):
+for source_root in (ROOT, ROOT / "platform", ROOT / "agent"):  # ROOT: tests.harness
     if str(source_root) not in sys.path:
         sys.path.insert(0, str(source_root))
 
-from downpour.localrun import Deployment  # noqa: E402
+from tests.harness import Deployment  # noqa: E402
 
 SETTINGS = {
     "HEARTBEAT_INTERVAL_S": "1",

@@ -1,7 +1,7 @@
 """Downpour on the production path: PostgreSQL, Redis, daphne, Celery and real agents.
 
 The runs share one ``Deployment("production")`` (its own database; Redis db 13, which this
-script flushes, so the e2e tests' db 14 is left alone). Each run seeds its own digits job
+script flushes, so the tests' db is left alone). Each run seeds its own digits job
 and starts N fresh ``downpour-agent`` processes (``--threads 1 --no-nice``), all on this
 machine; at the end of the run its agents are killed and its job paused, so the next
 run's agents only see the next job.
@@ -48,9 +48,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT / "platform", ROOT / "agent", ROOT / "bench"):
+for _path in (ROOT, ROOT / "platform", ROOT / "agent", ROOT / "bench"):  # ROOT: tests.harness
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
+
+from tests.harness import Deployment  # noqa: E402
 
 from benchlib import (  # noqa: E402
     BATCH_SIZE,
@@ -63,7 +65,7 @@ from benchlib import (  # noqa: E402
     times_to,
     write_json,
 )
-from downpour.localrun import Deployment, manage  # noqa: E402
+from downpour.devprocs import manage  # noqa: E402
 
 BENCH_REDIS_DB = 13
 STATUS_INTERVAL_S = 1.0
@@ -133,12 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class BenchDeployment(Deployment):
-    """A production deployment on Redis db 13, so the e2e tests' db 14 is not flushed."""
+    """A production deployment on Redis db 13 of ``REDIS_URL``'s Redis, so the tests' db is
+    not flushed."""
 
     def __init__(self, workdir: Path, **settings: str) -> None:
-        super().__init__("production", workdir, **settings)
-        self.redis_url = f"redis://127.0.0.1:6379/{BENCH_REDIS_DB}"
-        self.env["REDIS_URL"] = self.redis_url
+        super().__init__("production", workdir, redis_db=BENCH_REDIS_DB, **settings)
 
     def issue_tokens(self, count: int) -> list[str]:
         """Agent tokens of a benchmark donor, so agents can start while a job is seeded."""

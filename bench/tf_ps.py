@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -93,9 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def free_port() -> int:
-    from downpour.localrun import free_port as localrun_free_port
-
-    return localrun_free_port()
+    # The TF servers bind it later: another process could take it first, which on this
+    # benchmark's quiet machine is a risk worth less than a port-0 dance through TF_CONFIG.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def tf_config(cluster: Cluster, role: str, index: int) -> str:

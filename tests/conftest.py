@@ -5,28 +5,45 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from tests.services import HAVE_POSTGRES, HAVE_REDIS
+from tests import services
+
+#: Every test under these directories carries the marker, so none can be forgotten by
+#: ``make test-fast`` (``-m "not services and not e2e and not browser and not slow"``).
+MARKED_DIRECTORIES = {"e2e": "e2e", "browser": "browser"}
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _kill_leftover_children() -> Iterator[None]:
     """Like hivemind's: no server, worker or agent outlives the test session."""
     yield
-    from downpour import localrun
-
-    for proc in localrun.SPAWNED:
+    # Not imported, nothing spawned; and the agent's tests run without downpour at all.
+    devprocs = sys.modules.get("downpour.devprocs")
+    for proc in devprocs.SPAWNED if devprocs is not None else ():
         if proc.poll() is None:
             kill_group(proc.pid)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    skip = pytest.mark.skip(reason="needs PostgreSQL and Redis (set DATABASE_URL/REDIS_URL)")
+    tests_dir = Path(__file__).parent
     for item in items:
-        if "services" in item.keywords and not (HAVE_POSTGRES and HAVE_REDIS):
-            item.add_marker(skip)
+        relative = item.path.relative_to(tests_dir)
+        marker = MARKED_DIRECTORIES.get(relative.parts[0]) if len(relative.parts) > 1 else None
+        if marker is not None:
+            item.add_marker(marker)
+    # Marks added above count for -m: pytest deselects after this hook.
+    if not (services.HAVE_POSTGRES and services.HAVE_REDIS):
+        skip = pytest.mark.skip(
+            reason="needs PostgreSQL and Redis (see tests/services.py; DATABASE_URL/REDIS_URL)"
+        )
+        for item in items:
+            if "services" in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from downpour import localrun
+from downpour import devprocs
 
-ROOT = localrun.ROOT
+ROOT = devprocs.ROOT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,17 +42,18 @@ def main(argv: list[str] | None = None) -> int:
         "UNIT_TARGET_SECONDS": "10",
     }
     print("demo: preparing the database, the digits data set and the job ...", flush=True)
-    localrun.manage(["migrate", "--no-input"], env)
-    seeded = localrun.seed_digits_job(env, target_accuracy=args.target)
-    port = localrun.free_port()
-    url = f"http://127.0.0.1:{port}"
+    devprocs.manage(["migrate", "--no-input"], env)
+    seeded = devprocs.seed_digits_job(env, target_accuracy=args.target)
     procs = []
     try:
-        print(f"demo: starting the server at {url} (embedded: SQLite, in-memory store)", flush=True)
-        procs.append(localrun.start_server(port, env, args.var / "server.log"))
+        print("demo: starting the server (embedded: SQLite, in-memory store)", flush=True)
+        server, port = devprocs.start_server(env, args.var / "server.log")
+        procs.append(server)
+        url = f"http://127.0.0.1:{port}"
+        print(f"demo: the server is at {url}", flush=True)
         for i in range(args.agents):
             procs.append(
-                localrun.start_agent(
+                devprocs.start_agent(
                     url,
                     seeded["token"],
                     f"demo-agent-{i + 1}",
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: started {args.agents} agents; logs in {args.var}", flush=True)
         result = _watch(args.var / "db.sqlite3", seeded["job_id"], args.timeout, procs, args.target)
     finally:
-        localrun.stop(procs)
+        devprocs.stop(procs)
     _summary(args.var / "db.sqlite3", seeded["job_id"])
     if result is None:
         print(f"demo: did not reach {args.target:.0%} within {args.timeout:.0f} s", flush=True)

@@ -65,6 +65,7 @@ def test_the_benchmark_measures_a_positive_speed() -> None:
     assert speed > 0
 
 
+@pytest.mark.slow  # a process that imports TensorFlow: tens of seconds on a busy machine
 def test_the_device_command_prints_the_device_json() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "downpour_agent", "device", "--benchmark-seconds", "0"],

@@ -1,7 +1,7 @@
 """``downpour_agent.npz``: an archive is checked before anything in it is inflated.
 
 The bombs are built here, in memory, with zipfile and numpy; see also the corpus's bombs in
-``tests/security/corpus.py``, which every data route of the server and the agent refuses.
+``tests/security/corpus_files.py``, which every data route of the server and the agent refuses.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tests.security.corpus import npy, npy_header, set_declared_sizes, zip_of
+from tests.agent.npzfiles import npy, npy_header, set_declared_sizes, zip_of
 
 from downpour_agent import npz
 from downpour_agent.npz import ArchiveRejected, MissingArrays, load_npz

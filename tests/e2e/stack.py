@@ -1,4 +1,4 @@
-"""A whole Downpour deployment as real local processes (see ``downpour.localrun``)."""
+"""A whole Downpour deployment as real local processes (see ``tests.harness``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from downpour.localrun import Deployment as Stack
+from tests.harness import Deployment as Stack
 
 __all__ = ["FAST_LEASES", "ROGUE_AGENT", "Stack", "running", "start_rogue_agent"]
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tests.waiting import async_wait_for
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
@@ -130,6 +131,14 @@ async def client(production: Stack, seeded: dict[str, Any]) -> AsyncIterator[Cli
         c = Client(ws)
         assert (await c.register(f"raw-{uuid.uuid4().hex[:6]}"))["type"] == "registered"
         yield c
+
+
+def lease_status(stack: Stack, lease_id: str, status: str) -> bool:
+    return bool(
+        stack.query(
+            "SELECT 1 FROM training_lease WHERE id = %s AND status = %s", [lease_id, status]
+        )
+    )
 
 
 def zero_grads(lease: dict[str, Any], shard: int) -> dict[str, np.ndarray]:
@@ -254,7 +263,11 @@ async def test_a_foreign_lease_is_rejected(
 async def test_a_push_on_an_expired_lease_is_rejected(client: Client, production: Stack) -> None:
     lease = await client.lease()
     # No heartbeats: the 4 s lease expires and the reaper (every 1 s) takes it back.
-    await asyncio.sleep(6.5)
+    await async_wait_for(
+        lambda: asyncio.to_thread(lease_status, production, lease["lease_id"], "expired"),
+        60,
+        "the reaper to take the lease back",
+    )
     reply = await client.push(lease, 0, zero_grads(lease, 0))
     assert reply["code"] == "lease_expired"
     await client.still_usable()
@@ -382,5 +395,14 @@ async def test_a_push_flood_is_rate_limited_and_nothing_is_applied(client: Clien
     assert limited >= 10
     assert set(codes) <= {"push_ack", "rate_limited", "stale_gradient"}
     assert (await client.fetch(lease, 0))[0] == version + applied
-    await asyncio.sleep(1.5)
     await client.still_usable()
+    # The bucket refills (20 a second), and pushes go through again.
+    seqs = iter(range(2000, 3000))
+
+    async def accepted() -> bool:
+        current, _ = await client.fetch(lease, 0)
+        reply = await client.push(lease, 0, grads, seq=next(seqs), base_version=current)
+        assert reply["type"] == "push_ack" or reply["code"] == "rate_limited", reply
+        return reply["type"] == "push_ack"
+
+    await async_wait_for(accepted, 30, "a push after the flood to be accepted", interval=0.1)

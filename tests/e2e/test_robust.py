@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import connect
 
+from downpour.devprocs import manage
 from downpour.hotstate.store import RedisStorage
-from downpour.localrun import manage
 from downpour.paramstore import CentredClipping, ShardLayout
+from downpour.training.store import WARMUP_TTL_S
 from downpour_agent.connection import EXIT_FATAL
 from downpour_agent.protocol import PROTOCOL_VERSION
 
@@ -195,9 +196,10 @@ async def test_untrusted_agents_get_no_work_from_a_robust_job_until_a_trusted_ag
             )
             assert registered["type"] == "registered"
 
-            # Execute: ask with no trusted agent around, twice (past the server's 1 s cache).
+            # Execute: ask with no trusted agent around, twice: the second time past the
+            # server's cache of the warm-up reading, so it answers from a fresh one.
             refused = [await ask({"type": "request_work"})]
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(1.5 * WARMUP_TTL_S)
             refused.append(await ask({"type": "request_work"}))
             stack.start_agent("trusted", platform_token)
             reply: dict[str, Any] = {}

@@ -1,24 +1,22 @@
-"""Redis fixtures shared by the store's Redis tests: they fail, not skip, without Redis."""
+"""Redis fixtures shared by the store's Redis tests (marked ``services``).
+
+The URL is ``tests.services.redis_url()``; without Redis the tests skip, and under
+``DOWNPOUR_REQUIRE_SERVICES=1`` the run fails (see ``tests/services.py``).
+"""
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 
 import pytest
 import redis
-
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+from tests import services
 
 
 @pytest.fixture
 def client() -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(REDIS_URL)
-    try:
-        connection.ping()
-    except redis.RedisError as exc:
-        pytest.fail(f"Redis is unreachable at {REDIS_URL} ({exc}); start it or set REDIS_URL")
+    connection = redis.Redis.from_url(services.redis_url())
     yield connection
     connection.close()
 

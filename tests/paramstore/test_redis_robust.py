@@ -1,18 +1,19 @@
 """Centred-clipping state in Redis: one key per shard, committed with the weights, shared by all.
 
-Needs Redis (``REDIS_URL``, default ``redis://127.0.0.1:6379/0``) and fails, not skips, when
-it is unreachable. Every test uses its own key prefix and deletes its keys.
+Needs Redis (``tests.services.redis_url()``): marked ``services``, these tests skip without
+it and fail the run under ``DOWNPOUR_REQUIRE_SERVICES=1``. Every test uses its own key
+prefix and deletes its keys.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
+from tests import services
 from tests.paramstore.layouts import initial_weights
 from tests.paramstore.layouts import mlp_layout as model_layout
 
@@ -34,10 +35,11 @@ from downpour.paramstore import (
     write_checkpoint,
 )
 
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 OPTIMIZER = AdagradConfig(learning_rate=0.05)
 ROBUST = CentredClipping(warmup_trusted_pushes=3, tau_multiplier=2.0)
 JOB = "alice-job"
+
+pytestmark = pytest.mark.services
 
 
 def trusted_gradient(layout: ShardLayout, shard: int, k: int) -> dict[str, np.ndarray]:
@@ -135,7 +137,7 @@ def test_the_warm_up_status_is_read_from_the_statistics_alone_as_in_memory(
         store.push(0, bob_gradient(store.layout, 0), store.versions()[0], "bob-1")
 
     # Execute: a second server process, with nothing cached
-    fresh = RedisStorage(redis.Redis.from_url(REDIS_URL), prefix)
+    fresh = RedisStorage(redis.Redis.from_url(services.redis_url()), prefix)
     stats = fresh.load_robust_stats(JOB, [0, 1, 2])
     after = [store.warmup_status() for store in stores]
 
@@ -164,7 +166,7 @@ def test_two_server_processes_see_the_same_centre(client: redis.Redis, prefix: s
     server_a = make_store(client, prefix)
     server_a.initialize(initial_weights(server_a.layout))
     warm_up(server_a)
-    other_client = redis.Redis.from_url(REDIS_URL)
+    other_client = redis.Redis.from_url(services.redis_url())
     server_b = make_store(other_client, prefix)
 
     # Execute: B accepts Bob's push (no warm-up of its own), then A sees B's update
@@ -196,7 +198,7 @@ def test_a_robust_state_stored_before_the_untrusted_distances_existed_still_load
     assert isinstance(old, bytes) and len(old) == 32 + 4 * store.layout.shard_size(0)
 
     # Execute: another server process loads it and accepts Bob's push
-    other_client = redis.Redis.from_url(REDIS_URL)
+    other_client = redis.Redis.from_url(services.redis_url())
     other = make_store(other_client, prefix)
     loaded = other.snapshot()[0].robust
     result = other.push(0, bob_gradient(other.layout, 0), other.versions()[0], "bob-1")
@@ -220,7 +222,7 @@ def test_concurrent_pushes_from_two_clients_lose_no_update_of_the_robust_state(
     store_a = make_store(client, prefix)
     store_a.initialize(initial_weights(store_a.layout))
     warm_up(store_a)
-    other_client = redis.Redis.from_url(REDIS_URL)
+    other_client = redis.Redis.from_url(services.redis_url())
     store_b = make_store(other_client, prefix)
     layout = store_a.layout
     threads_per_client, pushes = 3, 6

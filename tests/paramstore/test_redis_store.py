@@ -1,7 +1,8 @@
 """RedisStorage against a real Redis, from several threads and several processes.
 
-These tests need Redis (``REDIS_URL``, default ``redis://127.0.0.1:6379/0``) and fail, not
-skip, when it is unreachable. Every test uses its own key prefix and deletes its keys.
+These tests need Redis (``tests.services.redis_url()``): marked ``services``, they skip
+without it and fail the run under ``DOWNPOUR_REQUIRE_SERVICES=1``. Every test uses its own
+key prefix and deletes its keys.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from tests import services
 from tests.paramstore.layouts import initial_weights
 from tests.paramstore.layouts import mlp_layout as model_layout
 
@@ -30,10 +32,11 @@ from downpour.paramstore import (
     adagrad_apply,
 )
 
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 PLATFORM_DIR = Path(__file__).resolve().parents[2] / "platform"
 OPTIMIZER = AdagradConfig(learning_rate=0.05)
 JOB = "alice-job"
+
+pytestmark = pytest.mark.services
 
 
 @pytest.fixture
@@ -117,7 +120,17 @@ def start_worker(
     prefix: str, layout: ShardLayout, name: str, threads: int, pushes: int, go: str, ready: str
 ) -> subprocess.Popen[str]:
     layout_json = json.dumps(layout.to_json())
-    argv = [REDIS_URL, prefix, JOB, layout_json, name, str(threads), str(pushes), go, ready]
+    argv = [
+        services.redis_url(),
+        prefix,
+        JOB,
+        layout_json,
+        name,
+        str(threads),
+        str(pushes),
+        go,
+        ready,
+    ]
     return subprocess.Popen(
         [sys.executable, "-c", WORKER, *argv],
         env=child_env(),
@@ -388,7 +401,16 @@ def test_a_push_id_replayed_from_another_process_is_a_duplicate(
 
     # Execute
     replay = subprocess.run(
-        [sys.executable, "-c", REPLAY, REDIS_URL, prefix, JOB, layout_json, "bob-push-1"],
+        [
+            sys.executable,
+            "-c",
+            REPLAY,
+            services.redis_url(),
+            prefix,
+            JOB,
+            layout_json,
+            "bob-push-1",
+        ],
         env=child_env(),
         capture_output=True,
         text=True,
@@ -405,4 +427,4 @@ def test_a_push_id_replayed_from_another_process_is_a_duplicate(
 
 def test_a_client_that_decodes_responses_is_refused() -> None:
     with pytest.raises(ValueError, match="decode_responses=False"):
-        RedisStorage(redis.Redis.from_url(REDIS_URL, decode_responses=True))
+        RedisStorage(redis.Redis.from_url(services.redis_url(), decode_responses=True))

@@ -33,7 +33,7 @@ def small_dataset(
 
 @cache
 def _mlp_json(inputs: int, hidden: int, classes: int) -> str:
-    from downpour.localrun import mlp_json
+    from downpour.digits import mlp_json
 
     return mlp_json([hidden], inputs=inputs, classes=classes)
 

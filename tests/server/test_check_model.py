@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from downpour.localrun import ROOT, process_env
+from downpour.devprocs import ROOT, process_env
 
 from .helpers import mlp_config
 

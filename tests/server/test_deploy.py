@@ -4,7 +4,7 @@ import secrets
 import subprocess
 import sys
 
-from downpour.localrun import ROOT, process_env
+from downpour.devprocs import ROOT, process_env
 
 
 def test_the_production_settings_pass_djangos_deploy_checks() -> None:

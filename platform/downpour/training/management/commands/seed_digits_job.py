@@ -12,8 +12,8 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management.base import BaseCommand, CommandParser
 
 from downpour.accounts.models import User
+from downpour.digits import digits_npz_bytes, mlp_json
 from downpour.donors.models import AgentToken
-from downpour.localrun import digits_npz_bytes, mlp_json
 from downpour.training.actions.datasets import create_dataset
 from downpour.training.actions.jobs import JobParams, submit_job
 

@@ -1,0 +1,267 @@
+"""A whole Downpour deployment as real local processes, for the e2e tests and benchmarks.
+
+Production mode runs PostgreSQL-backed daphne, a Celery worker and beat and Redis, each
+deployment in a database of its own (created here, dropped on ``stop``) and under key
+prefixes and a Celery queue of its own; embedded mode runs daphne alone on SQLite. The
+services' URLs come from ``tests.services``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tests import services
+
+from downpour.devprocs import (
+    BIN,
+    manage,
+    seed_digits_job,
+    spawn,
+    start_agent,
+    start_server,
+    stop,
+)
+from downpour.hotstate.keys import shard_key
+
+T = TypeVar("T")
+
+
+def start_celery(env: Mapping[str, str], logdir: Path) -> list[subprocess.Popen[bytes]]:
+    """A Celery worker (threads pool: TensorFlow dislikes fork) and beat."""
+    worker = spawn(
+        [
+            str(BIN / "celery"),
+            "-A",
+            "downpour",
+            "worker",
+            "--pool",
+            "threads",
+            "--concurrency",
+            "2",
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+        ],
+        env,
+        logdir / "celery-worker.log",
+    )
+    beat = spawn(
+        [
+            str(BIN / "celery"),
+            "-A",
+            "downpour",
+            "beat",
+            "--loglevel",
+            "INFO",
+            "--schedule",
+            str(logdir / "celerybeat-schedule"),
+        ],
+        env,
+        logdir / "celery-beat.log",
+    )
+    return [worker, beat]
+
+
+class Deployment:
+    """``redis_db`` picks another db of ``REDIS_URL``'s Redis (benchmarks that flush theirs)."""
+
+    def __init__(
+        self, mode: str, workdir: Path, redis_db: int | None = None, **settings: str
+    ) -> None:
+        assert mode in ("production", "embedded")
+        self.mode = mode
+        self.workdir = workdir
+        #: Chosen by the kernel when the server first binds (see ``devprocs.start_server``).
+        self.port = 0
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.server: subprocess.Popen[bytes] | None = None
+        self.agents: dict[str, subprocess.Popen[bytes]] = {}
+        self.db_name = f"downpour_e2e_{uuid.uuid4().hex[:10]}"
+        self.env: dict[str, str] = {
+            "VAR_DIR": str(workdir),
+            "MEDIA_ROOT": str(workdir / "media"),
+            "LOG_LEVEL": "INFO",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "EVAL_INTERVAL_S": "1",
+            **settings,
+        }
+        if mode == "production":
+            redis_url = services.redis_url()
+            self.redis_url = (
+                redis_url if redis_db is None else services.with_redis_db(redis_url, redis_db)
+            )
+            self.database_url = services.with_database(services.database_url(), self.db_name)
+            self.env.update(
+                DATABASE_URL=self.database_url,
+                REDIS_URL=self.redis_url,
+                STORE_PREFIX=f"e2e-{self.db_name}:store:",
+                REDIS_PREFIX=f"e2e-{self.db_name}",
+                # Its own Celery queue too, so deployments sharing a Redis db never run
+                # each other's tasks.
+                CELERY_QUEUE=f"e2e-{self.db_name}",
+            )
+
+    @property
+    def url(self) -> str:
+        assert self.port, "the server has not started yet"
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        assert self.port, "the server has not started yet"
+        return f"ws://127.0.0.1:{self.port}/ws/agent/"
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> Deployment:
+        if self.mode == "production":
+            self._admin_sql(f'CREATE DATABASE "{self.db_name}"')
+        manage(["migrate", "--no-input"], self.env)
+        self.start_server()
+        if self.mode == "production":
+            self.procs += start_celery(self.env, self.workdir)
+        return self
+
+    def start_server(self) -> None:
+        """Start the server; after a kill, on the port it had, where the agents look for it."""
+        self.server, self.port = start_server(self.env, self.workdir / "server.log", self.port)
+        self.procs.append(self.server)
+
+    def kill_server(self) -> None:
+        assert self.server is not None
+        stop([self.server], sig=9)
+
+    def stop(self) -> None:
+        stop(list(self.agents.values()) + self.procs)
+        if self.mode == "production":
+            client = self._redis()
+            for pattern in (f"e2e-{self.db_name}*", f"*{self.env['CELERY_QUEUE']}*"):
+                for key in client.scan_iter(match=pattern, count=1000):
+                    client.delete(key)
+            self._admin_sql(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
+
+    # --- data -----------------------------------------------------------------------
+
+    def seed(self, **options: Any) -> dict[str, Any]:
+        return seed_digits_job(self.env, **options)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run SQL against the deployment's database (``%s`` placeholders)."""
+        if self.mode == "production":
+            import psycopg
+
+            with psycopg.connect(self.database_url, autocommit=True) as conn:
+                return list(conn.execute(sql, params).fetchall())  # type: ignore[arg-type]
+        with sqlite3.connect(self.workdir / "db.sqlite3", timeout=30) as conn:
+            params = [p.replace("-", "") if _is_uuid(p) else p for p in params]
+            return list(conn.execute(sql.replace("%s", "?"), params).fetchall())
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        row = self.query(
+            "SELECT status, best_accuracy, samples_done, pushes_accepted, pushes_rejected, "
+            "status_message FROM training_job WHERE id = %s",
+            [job_id],
+        )[0]
+        keys = (
+            "status",
+            "best_accuracy",
+            "samples_done",
+            "pushes_accepted",
+            "pushes_rejected",
+            "status_message",
+        )
+        return dict(zip(keys, row, strict=True))
+
+    def store_applied_ids(self, job_id: str) -> int:
+        """How many distinct push ids the Redis store has applied (all shards)."""
+        client = self._redis()
+        prefix = self.env["STORE_PREFIX"]
+        pattern = shard_key(prefix, job_id, "*", "applied")
+        return sum(int(client.scard(key)) for key in client.scan_iter(match=pattern))
+
+    def store_versions(self, job_id: str) -> list[int]:
+        """Current shard versions straight from the Redis store (production only)."""
+        from downpour.hotstate.store import RedisStorage
+        from downpour.paramstore import ShardLayout
+
+        (layout_json,) = self.query("SELECT layout FROM training_job WHERE id = %s", [job_id])[0]
+        layout = ShardLayout.from_json(
+            layout_json if isinstance(layout_json, dict) else json.loads(layout_json)
+        )
+        storage = RedisStorage.from_url(self.redis_url, prefix=self.env["STORE_PREFIX"])
+        return [storage.load_version(job_id, s) or 0 for s in range(layout.n_shards)]
+
+    # --- agents ---------------------------------------------------------------------
+
+    def start_agent(
+        self, name: str, token: str, *extra: str, program: Sequence[str] = ()
+    ) -> subprocess.Popen[bytes]:
+        proc = start_agent(
+            self.url,
+            token,
+            name,
+            self.workdir / f"{name}.log",
+            [
+                "--benchmark-seconds",
+                "0.5",
+                "--cache-dir",
+                str(self.workdir / f"cache-{name}"),
+                *extra,
+            ],
+            program,
+        )
+        self.agents[name] = proc
+        return proc
+
+    def kill_agent(self, name: str) -> None:
+        stop([self.agents[name]], sig=9, grace=5)
+
+    def logs(self) -> str:
+        parts = []
+        for path in sorted(self.workdir.glob("*.log")):
+            parts.append(f"===== {path.name} =====\n" + path.read_text(errors="replace")[-6000:])
+        return "\n".join(parts)
+
+    # --- helpers --------------------------------------------------------------------
+
+    def wait_for(self, what: str, check: Callable[[], T], timeout: float = 300) -> T:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = check()
+            if value:
+                return value
+            if self.server is not None and self.server.poll() is not None:
+                raise AssertionError(f"server died while waiting for {what}\n{self.logs()}")
+            time.sleep(0.5)
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{self.logs()}")
+
+    def _redis(self) -> Any:
+        import redis
+
+        return redis.Redis.from_url(self.redis_url)
+
+    def _admin_sql(self, sql: str) -> None:
+        """Run SQL on the server's maintenance database (to create and drop this one's)."""
+        import psycopg
+
+        admin = services.with_database(services.database_url(), "postgres")
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(sql)  # type: ignore[arg-type]
+
+
+def _is_uuid(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
