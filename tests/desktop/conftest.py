@@ -48,6 +48,4 @@ def xvfb(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 def press_key(display: str) -> None:
     """A real key press through the XTEST extension, as a person's would arrive."""
-    subprocess.run(
-        ["xdotool", "key", "shift"], env={**os.environ, "DISPLAY": display}, check=True
-    )
+    subprocess.run(["xdotool", "key", "shift"], env={**os.environ, "DISPLAY": display}, check=True)

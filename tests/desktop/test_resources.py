@@ -42,9 +42,7 @@ def test_a_desktop_without_a_battery_never_is(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def mlp_config() -> dict[str, Any]:
     keras = pytest.importorskip("keras")
-    model = keras.Sequential(
-        [keras.Input((784,)), keras.layers.Dense(128), keras.layers.Dense(10)]
-    )
+    model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(128), keras.layers.Dense(10)])
     config: dict[str, Any] = json.loads(model.to_json())
     return config
 

@@ -85,7 +85,7 @@ def test_the_cli_saves_its_flags_with_save(config_file: Path) -> None:
         ("cpu_share = 1.5", "cpu_share must be a fraction in (0, 1]"),
         ('cpu_share = "half"', "cpu_share must be a number"),
         ('run_on_battery = "yes"', "run_on_battery must be true or false"),
-        ('threads = 2.5', "threads must be a whole number"),
+        ("threads = 2.5", "threads must be a whole number"),
         ('schedule = ["22-07"]', "schedule range '22-07' is not \"HH:MM-HH:MM\""),
         ('mode = "schedule"', 'mode "schedule" needs at least one range'),
         ("idle_after_s = 0", "idle_after_s must be more than 0"),

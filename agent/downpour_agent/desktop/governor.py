@@ -153,6 +153,7 @@ class Governor:
         self.status = status or st.AgentStatus()
         self.poll_s = poll_s
         self.paused_by_donor = False
+        self._before_pause = (self.status.state, self.status.reason)
         self.pauses = 0
 
     @property
@@ -166,10 +167,16 @@ class Governor:
         self.status.update(settings=settings.to_dict())
 
     def pause(self) -> None:
+        if not self.paused_by_donor:
+            self._before_pause = (self.status.state, self.status.reason)
         self.paused_by_donor = True
+        # Shown at once, also while no step is running (no work, between leases).
+        self.status.set_state(st.PAUSED, st.BY_DONOR)
 
     def resume(self) -> None:
         self.paused_by_donor = False
+        if (self.status.state, self.status.reason) == (st.PAUSED, st.BY_DONOR):
+            self.status.set_state(*self._before_pause)
 
     def stop_after_unit(self, stop: bool = True) -> None:
         self.status.update(stop_after_unit=stop)
