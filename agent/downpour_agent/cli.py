@@ -312,6 +312,7 @@ def _join(args: argparse.Namespace) -> int:
     logger.info("measuring this machine (%.1f s benchmark)", args.benchmark_seconds)
     try:
         configure_threads(threads)
+        _configure_gpu(settings)
         # Import Keras here, not in the first work unit's worker thread.
         importlib.import_module("keras")
         device = device_info(args.benchmark_seconds)
@@ -321,6 +322,19 @@ def _join(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from downpour_agent.desktop.runtime import build_governor, start_status_page
+    from downpour_agent.desktop.settings import state_dir
+    from downpour_agent.desktop.status import CreditBook
+
+    governor = build_governor(settings, threads)
+    governor.status.update(gpu=device.get("gpu_name"))
+    page = None
+    if not args.no_status_page:
+        try:
+            page = start_status_page(governor)
+            logger.info("status page on %s (downpour-agent open logs you in)", page.url)
+        except OSError as exc:
+            logger.warning("no status page: port %s: %s", settings.status_port, exc)
     config = AgentConfig(
         base_url=settings.server_url,
         token=token,
@@ -330,8 +344,27 @@ def _join(args: argparse.Namespace) -> int:
         exit_when_idle_s=args.exit_when_idle,
         max_steps_per_second=args.max_steps_per_second,
         status_interval_s=None if args.quiet else args.status_interval,
+        governor=governor,
+        credit=CreditBook(state_dir() / "credit.json"),
+        memory_limit_mb=settings.memory_limit_mb,
     )
-    return asyncio.run(_run_until_signalled(Agent(config)))
+    try:
+        return asyncio.run(_run_until_signalled(Agent(config)))
+    finally:
+        if page is not None:
+            page.stop()
+
+
+def _configure_gpu(settings: cfg.Settings) -> None:
+    from downpour_agent.desktop.gpu import configure_gpu
+
+    try:
+        gpu = configure_gpu(settings.gpu_device, settings.gpu_memory_limit_mb)
+    except (RuntimeError, ValueError) as exc:  # TensorFlow already initialised, bad index
+        logger.warning("GPU settings not applied: %s", exc)
+        return
+    if gpu["gpu"]:
+        logger.info("computing on %s", gpu["gpu"])
 
 
 async def _run_until_signalled(agent: Agent) -> int:

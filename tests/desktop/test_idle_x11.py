@@ -7,13 +7,13 @@ import hashlib
 import time
 
 import pytest
+from tests.desktop.conftest import press_key
 
 from downpour_agent.desktop import resources
 from downpour_agent.desktop import status as st
 from downpour_agent.desktop.governor import DutyCycle, Governor, Policy
 from downpour_agent.desktop.idle import OtherLoad, X11Idle, input_idle_source
 from downpour_agent.desktop.settings import Settings
-from tests.desktop.conftest import press_key
 
 pytestmark = pytest.mark.desktop
 
@@ -59,17 +59,19 @@ async def test_it_pauses_within_a_second_of_a_key_press_and_resumes_after_the_id
     governor = Governor(policy, DutyCycle(1.0, 1), poll_s=0.1)
     step_starts: list[float] = []
     pressed_at: list[float] = []
+    computing = asyncio.Event()
 
     async def work(until: float) -> None:
         while time.monotonic() < until:
             await governor.wait_until_allowed()
             step_starts.append(time.monotonic())
+            if len(step_starts) >= 5:
+                computing.set()
             await asyncio.to_thread(busy_step)
             await governor.step_done()
 
     async def person() -> None:
-        while len(step_starts) < 5:  # wait until the agent computes
-            await asyncio.sleep(0.05)
+        await computing.wait()
         await asyncio.to_thread(press_key, xvfb)
         pressed_at.append(time.monotonic())
 
