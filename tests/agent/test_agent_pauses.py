@@ -5,6 +5,7 @@ and nothing applied twice."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,12 @@ def governor() -> Governor:
     return Governor(policy, DutyCycle(1.0, 1), poll_s=0.05)
 
 
-async def until(condition: object, timeout_s: float = 30.0) -> None:
+async def until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Poll observable state (a message seen, a state shown) until it holds."""
     async with asyncio.timeout(timeout_s):
-        while not condition():  # type: ignore[operator]
+        while True:
+            if condition():
+                return
             await asyncio.sleep(0.02)
 
 
