@@ -24,6 +24,10 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from downpour_agent import __version__
 from downpour_agent.data import DatasetError, fetch_dataset
+from downpour_agent.desktop import status as desktop
+from downpour_agent.desktop.governor import Governor
+from downpour_agent.desktop.resources import lease_fits
+from downpour_agent.desktop.status import CreditBook
 from downpour_agent.leases import (
     ActiveLease,
     LeaseRejected,
@@ -94,6 +98,16 @@ class AgentConfig:
     request_timeout_s: float = 120.0
     return_timeout_s: float = 5.0
     open_timeout_s: float = 10.0
+    #: The desktop agent's idle, battery and schedule policy, CPU share and buttons;
+    #: None computes whenever there is work (servers, containers, tests).
+    governor: Governor | None = None
+    credit: CreditBook | None = None
+    #: Refuse leases estimated to need more memory (MiB; 0: half the RAM); None: no check.
+    memory_limit_mb: int | None = None
+
+
+class PauseOutlastedLease(Exception):
+    """The agent stayed paused for longer than its lease lives: give the lease back."""
 
 
 class Agent:
@@ -117,6 +131,8 @@ class Agent:
         self._dataset_cache: tuple[str, npt.NDArray[Any], npt.NDArray[Any]] | None = None
         self._model_cache: tuple[str, GradientComputer] | None = None
         self._next_step_at = 0.0
+        #: Samples behind each push round still to be acknowledged, for the credit book.
+        self._round_samples: dict[tuple[str, int], int] = {}
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -137,6 +153,7 @@ class Agent:
             if self.config.status_interval_s
             else None
         )
+        page = asyncio.create_task(self._desktop_status_loop()) if self.config.governor else None
         try:
             while not self._stop.is_set():
                 try:
@@ -172,10 +189,11 @@ class Agent:
                         await self._stop.wait()
             return EXIT_OK
         finally:
-            if status is not None:
-                status.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await status
+            for task in (status, page):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             self.stats.state = "stopped"
             self._running = False
             self._finished.set()
@@ -329,6 +347,10 @@ class Agent:
 
     def on_push_ack(self, msg: dict[str, Any]) -> None:
         self.stats.pushes_acked += 1
+        samples = self._round_samples.pop((msg["lease_id"], msg["seq"]), 0)
+        if self.config.credit is not None and msg["applied"] and not msg["duplicate"]:
+            # The server's rule (scheduler.credit): samples / (1 + staleness), once a round.
+            self.config.credit.add(samples / (1 + max(0, msg["staleness"])))
         self.stats.last_push = PushResult(
             seq=msg["seq"],
             shard=msg["shard"],
@@ -346,7 +368,14 @@ class Agent:
             lease, progress = self._interrupted
             self._interrupted = None
             await self._resume(session, lease, progress)
+        governor = self.config.governor
         while not self._stop.is_set():
+            if governor is not None:
+                if governor.stopping_after_unit:
+                    logger.info("stopping after the unit, as the donor asked")
+                    self.request_stop()
+                    break
+                await governor.wait_until_allowed()
             if self._idle_too_long():
                 logger.info("no work for %g s; exiting", self.config.exit_when_idle_s)
                 return "idle"
@@ -375,6 +404,25 @@ class Agent:
             self._idle_since = None
             await self._run_lease(session, msg)
         return "stopped"
+
+    async def _wait_for_permission(self, active: ActiveLease) -> None:
+        """At a step boundary: pause while the governor says so, keeping the lease (the
+        heartbeat task goes on) unless the pause outlasts it."""
+        governor = self.config.governor
+        if governor is None:
+            return
+        started = time.monotonic()
+
+        def outlasted() -> None:
+            active.check()
+            if time.monotonic() - started > active.lease.expires_in_s:
+                raise PauseOutlastedLease
+            self.stats.state = "paused"
+
+        paused_s = await governor.wait_until_allowed(outlasted)
+        if paused_s:
+            self.stats.state = "training"
+            logger.info("resuming after a pause of %.1f s", paused_s)
 
     async def _resume(self, session: Session, lease: LeaseSpec, progress: Progress) -> None:
         try:
@@ -415,6 +463,18 @@ class Agent:
         self.stats.job_id, self.stats.lease_id = lease.job_id, lease.lease_id
         self.stats.steps_done, self.stats.steps_total = progress.next_step, lease.steps
         self.stats.last_push = None
+        too_big = (
+            None
+            if self.config.memory_limit_mb is None
+            else lease_fits(lease.model, lease.hyper.batch_size, self.config.memory_limit_mb)
+        )
+        if too_big is not None:
+            logger.warning("refusing lease %s: %s", lease.lease_id, too_big)
+            self._lease = None
+            self.stats.job_id = self.stats.lease_id = None
+            await self._return_lease(session, lease.lease_id)
+            await asyncio.sleep(30.0)  # the next lease is likely the same job's
+            return
         logger.info(
             "lease %s: job %s, %d steps, batch %d",
             lease.lease_id,
@@ -440,6 +500,10 @@ class Agent:
             active.settled = True
             self.stats.leases_completed += 1
             logger.info("lease %s complete: %d samples", lease.lease_id, samples)
+        except PauseOutlastedLease:
+            logger.info("paused for longer than lease %s lives: returning it", lease.lease_id)
+            await self._return_lease(session, lease.lease_id)
+            active.settled = True
         except LeaseAbandoned as exc:
             active.settled = True
             self.stats.leases_abandoned += 1
@@ -538,6 +602,7 @@ class Agent:
                         loads.append(WeightsLoad(step - round_start, shard_versions))
                 if fetch_point:
                     inflight = await request_params(session, lease)
+                await self._wait_for_permission(active)
                 await self._throttle()
                 if self.stats.training_since is None:
                     self.stats.training_since = time.perf_counter()
@@ -552,6 +617,8 @@ class Agent:
                 self.stats.samples_done += batch
                 self.stats.steps_done = step + 1
                 self.stats.last_loss = loss
+                if self.config.governor is not None:
+                    await self.config.governor.step_done()
                 if (step + 1) % hyper.n_push == 0 or step + 1 == lease.steps:
                     refs = [session.next_ref("push", lease.lease_id) for _ in lease.layout]
                     frames, snapshot = await asyncio.to_thread(
@@ -561,6 +628,7 @@ class Agent:
                     for frame in frames:
                         await session.ws.send(frame)
                     self.stats.pushes_sent += len(frames)
+                    self._round_samples[(lease.lease_id, seq)] = samples - progress.samples
                     seq += 1
                     round_base, loads, round_start = dict(versions), [], step + 1
                     progress.next_step, progress.seq, progress.samples = step + 1, seq, samples
@@ -569,6 +637,36 @@ class Agent:
             for pending in inflight or []:
                 session.forget(pending)
         return samples
+
+    async def _desktop_status_loop(self, interval_s: float = 1.0) -> None:
+        """Copy progress into the status page's snapshot once a second."""
+        governor = self.config.governor
+        assert governor is not None
+        status, stats = governor.status, self.stats
+        last_t, last_samples = time.monotonic(), stats.samples_done
+        while True:
+            await asyncio.sleep(interval_s)
+            now = time.monotonic()
+            rate = (stats.samples_done - last_samples) / max(now - last_t, 1e-9)
+            last_t, last_samples = now, stats.samples_done
+            credit = self.config.credit
+            status.update(
+                job_id=stats.job_id,
+                lease_id=stats.lease_id,
+                steps_done=stats.steps_done,
+                steps_total=stats.steps_total,
+                samples_per_s=rate,
+                credit_today=credit.today if credit else 0.0,
+                credit_total=credit.total if credit else 0.0,
+            )
+            if status.state == desktop.PAUSED:
+                continue  # the governor owns the paused state and its reason
+            if stats.state in ("connecting", "reconnecting"):
+                status.set_state(desktop.DISCONNECTED)
+            elif stats.state == "idle (no work)":
+                status.set_state(desktop.NO_WORK)
+            elif stats.state == "stopped":
+                status.set_state(desktop.STOPPED)
 
     async def _throttle(self) -> None:
         rate = self.config.max_steps_per_second

@@ -136,6 +136,10 @@ def start_agent(
             name,
             "--threads",
             "1",
+            # A harness agent computes whenever there is work and serves no status page.
+            "--mode",
+            "always",
+            "--no-status-page",
             *extra_args,
         ],
         {"TF_CPP_MIN_LOG_LEVEL": "2"},

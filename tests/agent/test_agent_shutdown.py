@@ -122,6 +122,7 @@ async def test_sigint_makes_the_agent_process_return_its_lease_and_exit_0(
         "PYTHONPATH": os.pathsep.join(sys.path),
         "DOWNPOUR_TOKEN": TOKEN,
         "TF_CPP_MIN_LOG_LEVEL": "2",
+        "DOWNPOUR_CONFIG": str(tmp_path / "agent.toml"),
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -136,6 +137,9 @@ async def test_sigint_makes_the_agent_process_return_its_lease_and_exit_0(
         "--threads",
         "1",
         "--no-nice",
+        "--mode",
+        "always",
+        "--no-status-page",
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
