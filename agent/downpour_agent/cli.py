@@ -159,8 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``downpour-agent`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    previous = os.environ.get(cfg.CONFIG_ENV)
     if args.config is not None:
-        # Every desktop module finds the file (and the state beside it) through this.
+        # Every desktop module finds the file (and the state beside it) through this; it is
+        # put back on return so that an in-process caller's environment is left as it was.
         os.environ[cfg.CONFIG_ENV] = str(args.config.resolve())
     commands = {
         "device": _device,
@@ -178,6 +180,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except cfg.SettingsError as exc:
         print(f"downpour-agent: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if previous is None:
+            os.environ.pop(cfg.CONFIG_ENV, None)
+        else:
+            os.environ[cfg.CONFIG_ENV] = previous
 
 
 def _status(args: argparse.Namespace) -> int:
