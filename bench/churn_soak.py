@@ -10,7 +10,12 @@ keeps ``--agents`` agents training the digits MLP, kill -9s a random one ``--kil
   store's own records (each applied push bumps one version and records its id in the same
   atomic step; a push applied twice would bump twice under one id).
 - ``lost_units``: units whose lease expired and which were never leased again nor done,
-  although the job ran on for ``--lost-after`` seconds.
+  although the agents trained on until no such unit waited, or for ``--drain-timeout``
+  seconds. (A reissued unit waits for the next agent that asks for work; while the soak
+  kills the agents holding leases and their replacements import TensorFlow, that can take
+  longer than a lease on a busy machine, so a fixed wait would count queueing as loss.)
+- ``passed_over``: reissued units that waited while an agent was given a unit queued
+  after them: the scheduler serves the queue first come, first served.
 - ``lease_reissue_p95_s``: from a kill to the killed lease's unit being leased again.
 - ``final_test_accuracy``: the job's last evaluation.
 """
@@ -51,7 +56,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--agents", type=int, default=3)
     p.add_argument("--interval", type=float, default=3.0, help="seconds between kills")
     p.add_argument("--after-restart", type=float, default=20.0, help="seconds to train on")
-    p.add_argument("--lost-after", type=float, default=15.0)
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=120.0,
+        help="seconds the agents get to lease again every unit whose lease expired",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--redis-db", type=int, default=12)
     p.add_argument("--workdir", type=Path, default=None)
@@ -92,10 +102,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stack.kill_server()
         stack.start_server()
         time.sleep(args.after_restart)
+        deadline = time.monotonic() + args.drain_timeout
+        while _waiting_units(stack, job_id) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        lost = _waiting_units(stack, job_id)
         for name in names:
             stack.kill_agent(name)
-        time.sleep(2 * float(SETTINGS["REAP_INTERVAL_S"]) + float(SETTINGS["LEASE_TTL_S"]))
-        result = _measure(stack, job_id, kills, args)
+        result = {**_measure(stack, job_id, kills), "lost_units": lost}
         stack.query(
             "UPDATE training_job SET status = 'paused' WHERE id = %s AND status = 'running' "
             "RETURNING id",
@@ -119,8 +132,66 @@ def _active_leases(stack: Deployment, agent_name: str) -> list[str]:
     return [str(row[0]) for row in rows]
 
 
+def _waiting_units(stack: Deployment, job_id: str) -> int:
+    """Units whose lease expired and which were not leased again since, nor done."""
+    return int(
+        stack.query(
+            "SELECT COUNT(DISTINCT u.id) FROM training_workunit u "
+            "JOIN training_lease o ON o.unit_id = u.id AND o.status = 'expired' "
+            "WHERE u.job_id = %s AND u.status <> 'done' "
+            "AND NOT EXISTS (SELECT 1 FROM training_lease n WHERE n.unit_id = u.id "
+            "AND n.issued_at > o.ended_at)",
+            [job_id],
+        )[0][0]
+    )
+
+
+#: Seconds by which another unit must have joined the queue later to count as passing
+#: (a claim that read the queue just before the reaper's commit is not a pass).
+PASS_SLACK_S = 1.0
+
+
+def _passed_over(stack: Deployment, job_id: str) -> int:
+    """Reissued units that an agent passed for a unit queued after them.
+
+    A unit joins the queue when it is made or when a lease of it ends; it leaves when it
+    is leased again. A unit was passed over if, while it waited, a lease went to a unit
+    that joined the queue more than ``PASS_SLACK_S`` after it.
+    """
+    rows = stack.query(
+        "SELECT l.unit_id, l.status, EXTRACT(EPOCH FROM l.issued_at), "
+        "EXTRACT(EPOCH FROM l.ended_at), EXTRACT(EPOCH FROM u.created_at) "
+        "FROM training_lease l JOIN training_workunit u ON l.unit_id = u.id "
+        "WHERE u.job_id = %s",
+        [job_id],
+    )
+    leases = [
+        (str(unit), status, float(issued), ended and float(ended))
+        for unit, status, issued, ended, _ in rows
+    ]
+    created = {str(row[0]): float(row[4]) for row in rows}
+
+    def queued_at(unit: str, before: float) -> float:
+        ends = [e for u, _, _, e in leases if u == unit and e is not None and e <= before]
+        return max(ends, default=created[unit])
+
+    passed = 0
+    for unit, status, _, ended in leases:
+        if status != "expired":
+            continue
+        left = min((i for u, _, i, _ in leases if u == unit and i > ended), default=float("inf"))
+        if any(
+            other != unit
+            and ended + PASS_SLACK_S < issued < left
+            and queued_at(other, issued) > ended + PASS_SLACK_S
+            for other, _, issued, _ in leases
+        ):
+            passed += 1
+    return passed
+
+
 def _measure(
-    stack: Deployment, job_id: str, kills: list[tuple[float, list[str]]], args: argparse.Namespace
+    stack: Deployment, job_id: str, kills: list[tuple[float, list[str]]]
 ) -> dict[str, Any]:
     versions = sum(stack.store_versions(job_id))
     applied_ids = stack.store_applied_ids(job_id)
@@ -140,21 +211,12 @@ def _measure(
         "ORDER BY created_at DESC LIMIT 1",
         [job_id],
     )[0]
-    lost = stack.query(
-        "SELECT COUNT(DISTINCT u.id) FROM training_workunit u "
-        "JOIN training_lease o ON o.unit_id = u.id AND o.status = 'expired' "
-        "WHERE u.job_id = %s AND u.status <> 'done' "
-        "AND o.ended_at < NOW() - make_interval(secs => %s) "
-        "AND NOT EXISTS (SELECT 1 FROM training_lease n WHERE n.unit_id = u.id "
-        "AND n.issued_at > o.ended_at)",
-        [job_id, args.lost_after],
-    )[0][0]
     reissue.sort()
     p95 = reissue[min(len(reissue) - 1, int(0.95 * len(reissue)))] if reissue else None
     return {
         "double_applied": versions - applied_ids,
         "applied_pushes": applied_ids,
-        "lost_units": int(lost),
+        "passed_over": _passed_over(stack, job_id),
         "killed_leases": sum(len(leases) for _, leases in kills),
         "reissued_leases": len(reissue),
         "lease_reissue_p50_s": round(statistics.median(reissue), 2) if reissue else None,

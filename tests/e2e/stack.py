@@ -6,11 +6,21 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tests.harness import Deployment as Stack
 
-__all__ = ["FAST_LEASES", "ROGUE_AGENT", "Stack", "running", "start_rogue_agent"]
+__all__ = [
+    "FAST_LEASES",
+    "ROGUE_AGENT",
+    "Stack",
+    "held",
+    "registrations",
+    "running",
+    "start_rogue_agent",
+    "wait_registered",
+]
 
 #: Lease timings short enough that expiry and reissue happen within a test.
 FAST_LEASES = {"HEARTBEAT_INTERVAL_S": "1", "LEASE_TTL_S": "4", "REAP_INTERVAL_S": "1"}
@@ -36,4 +46,40 @@ def start_rogue_agent(
     """Start ``rogue_agent.py --mode MODE join ...`` as ``Stack.start_agent`` starts agents."""
     return stack.start_agent(
         name, token, *extra, program=[sys.executable, str(ROGUE_AGENT), "--mode", mode]
+    )
+
+
+def registrations(stack: Stack, name: str) -> int:
+    """How many times agent ``name`` has registered: its log says so at each connect."""
+    log = stack.workdir / f"{name}.log"
+    return log.read_text(errors="replace").count("registered as agent") if log.exists() else 0
+
+
+def wait_registered(stack: Stack, *names: str, times: int = 1, timeout: float = 180) -> None:
+    """Wait until each agent in ``names`` has registered ``times`` times."""
+    stack.wait_for(
+        f"{', '.join(names)} to register {times} time(s)",
+        lambda: all(registrations(stack, name) >= times for name in names),
+        timeout,
+    )
+
+
+@contextmanager
+def held(stack: Stack, job_id: str) -> Iterator[None]:
+    """Keep a job paused while the block starts its agents; then run it, its clock from zero.
+
+    An agent imports TensorFlow and benchmarks the machine before it registers: 5 s on an
+    idle machine, 20 s or more on a busy one. Without the hold, a quick job can finish
+    before its last agent joins, and a time budget (counted from the job's start) is spent
+    waiting for agents instead of training.
+    """
+    stack.wait_for("the job to start", lambda: stack.job(job_id)["status"] == "running", 120)
+    stack.query("UPDATE training_job SET status = 'paused' WHERE id = %s RETURNING id", [job_id])
+    yield
+    now = datetime.now(UTC)
+    # SQLite holds Django's datetimes as UTC text.
+    started = now if stack.mode == "production" else now.strftime("%Y-%m-%d %H:%M:%S.%f")
+    stack.query(
+        "UPDATE training_job SET status = 'running', started_at = %s WHERE id = %s RETURNING id",
+        [started, job_id],
     )

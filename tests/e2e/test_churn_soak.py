@@ -40,6 +40,7 @@ def test_nothing_is_lost_or_applied_twice_through_five_agent_kills_and_a_server_
     result = soak.run(args)
     assert result["double_applied"] == 0, result
     assert result["lost_units"] == 0, result
+    assert result["passed_over"] == 0, result
     assert result["applied_pushes"] > 0
     assert result["reissued_leases"] >= 1, result
     assert result["final_test_accuracy"] >= 0.9, result

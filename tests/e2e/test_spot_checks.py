@@ -37,10 +37,11 @@ def checks(stack: Stack, job_id: str, agent: str) -> dict[str, int]:
 def test_an_honest_agent_passes_its_spot_checks_and_a_faking_one_is_banned(
     production: Stack,
 ) -> None:
-    # Prepare: every lease is checked, so both agents are checked on their first unit.
+    # Prepare: every lease is checked, so both agents are checked on their first unit. The
+    # job has no time budget: it trains until the test has seen its checks (on a busy
+    # machine a 40 s budget ended before the honest agent's second lease was checked).
     seeded = production.seed(
         target_accuracy=1.0,
-        budget_seconds=40,
         name="digits-spot",
         tokens=3,
         # Fetches every step and pushes every 4: rounds load new weights midway, and the

@@ -7,17 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from .stack import Stack
+from .stack import Stack, held, wait_registered
 
 pytestmark = pytest.mark.e2e
 
 
 def _trains_digits_to_90(stack: Stack) -> None:
     # Prepare
-    seeded = stack.seed(target_accuracy=0.9, name="digits-90")
-    # Execute
-    stack.start_agent("agent-a", seeded["token"])
-    stack.start_agent("agent-b", seeded["token"])
+    # At a learning rate of 0.05 the job reached 90% within 3 s of its first lease, and an
+    # idle agent asks for work every 2 s: the second agent could join after it had finished.
+    seeded = stack.seed(target_accuracy=0.9, learning_rate=0.02, name="digits-90")
+    # Execute: both agents are up before the job runs.
+    with held(stack, seeded["job_id"]):
+        stack.start_agent("agent-a", seeded["token"])
+        stack.start_agent("agent-b", seeded["token"])
+        wait_registered(stack, "agent-a", "agent-b")
     stack.wait_for(
         "the job to finish", lambda: stack.job(seeded["job_id"])["status"] in ("done", "failed")
     )
@@ -59,8 +63,10 @@ def test_training_finishes_when_an_agent_is_killed_mid_lease_and_no_push_is_appl
     # Prepare: a job that runs for a fixed time, so the kill lands mid-training.
     seeded = production.seed(target_accuracy=1.0, budget_seconds=45, name="digits-kill", tokens=2)
     job_id = seeded["job_id"]
-    victim = production.start_agent("victim", seeded["tokens"][0])
-    production.start_agent("survivor", seeded["tokens"][1])
+    with held(production, job_id):
+        victim = production.start_agent("victim", seeded["tokens"][0])
+        production.start_agent("survivor", seeded["tokens"][1])
+        wait_registered(production, "victim", "survivor")
     lease_of_victim = production.wait_for(
         "the victim to push on a lease",
         lambda: production.query(

@@ -114,6 +114,29 @@ def test_an_expired_lease_is_reaped_and_its_unit_reissued(running_job, agent, ch
     assert err.value.code == "lease_expired"
 
 
+def test_reissued_units_go_out_in_the_order_their_leases_expired_not_the_order_they_were_made(
+    running_job, agent, charlie
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: two agents hold an older and a newer unit; the newer one's lease expires first.
+    token, _ = AgentToken.issue(charlie, "other")
+    other = Agent.objects.create(token=token, name="pc-2", samples_per_s=1000.0)
+    older, newer = claim_work(agent), claim_work(other)
+    assert older is not None and newer is not None
+    assert older.unit.created_at < newer.unit.created_at
+    past = timezone.now() - timedelta(seconds=1)
+    Lease.objects.filter(id=newer.id).update(expires_at=past)
+    assert reap_expired_leases() == 1
+    Lease.objects.filter(id=older.id).update(expires_at=past)
+    assert reap_expired_leases() == 1
+    # Execute: the next two agents to ask.
+    first = claim_work(Agent.objects.create(token=token, name="pc-3"))
+    second = claim_work(Agent.objects.create(token=token, name="pc-4"))
+    # Assert: the unit that waited longest goes first (during churn, ordering by creation
+    # let older units that kept coming back pass a newer one again and again).
+    assert first is not None and first.unit_id == newer.unit_id
+    assert second is not None and second.unit_id == older.unit_id
+
+
 def test_heartbeats_extend_a_lease_and_foreign_leases_are_refused(
     running_job, agent, charlie
 ) -> None:  # type: ignore[no-untyped-def]

@@ -10,7 +10,8 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, F, Q
+from django.db.models import Count, F, Max, Q
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from downpour import scheduler
@@ -171,9 +172,13 @@ def claim_work(agent: Agent) -> Lease | None:
     loads, views, window = _job_loads(now)
     eligible = {key for key, view in views.items() if _admits(agent, host, view)}
     eligible = _warmup_eligible(agent, views, eligible)
-    pending = WorkUnit.objects.filter(
-        status=WorkUnit.Status.PENDING, job_id__in=list(eligible)
-    ).order_by("created_at")
+    # First come, first served: a unit joins the queue when it is created or when its last
+    # lease ends, so a reissued unit never waits behind units that were queued after it.
+    pending = (
+        WorkUnit.objects.filter(status=WorkUnit.Status.PENDING, job_id__in=list(eligible))
+        .annotate(queued_at=Coalesce(Max("leases__ended_at"), "created_at"))
+        .order_by("queued_at", "created_at")
+    )
     for unit in pending[:REISSUE_CANDIDATES]:
         view = views[str(unit.job_id)]
         scale = scheduler.unit_scale(host) * scheduler.tail_unit_scale(
