@@ -22,7 +22,9 @@ from django.utils import timezone
 from downpour.agents import limits, push
 from downpour.agents.routing import websocket_urlpatterns
 from downpour.donors.models import Agent, AgentToken
-from downpour.training import actions, store
+from downpour.training import store
+from downpour.training.actions.jobs import finish_job, start_job, submit_job
+from downpour.training.actions.leases import reap_expired_leases
 from downpour.training.models import Job, Lease, WorkUnit
 from downpour_agent.protocol import (
     PROTOCOL_VERSION,
@@ -68,8 +70,8 @@ def token(charlie: Any) -> str:
 @pytest.fixture
 def running_job(alice: Any, dataset: Any) -> Job:
     """A started job of two parameter shards, never spot-checked (the check is random)."""
-    job = actions.submit_job(alice, dataset, job_params(spot_check_fraction=0.0))
-    assert actions.start_job(job)
+    job = submit_job(alice, dataset, job_params(spot_check_fraction=0.0))
+    assert start_job(job)
     job.refresh_from_db()
     return job
 
@@ -547,10 +549,10 @@ async def test_a_push_older_than_max_staleness_is_refused_as_stale(
     alice: Any, dataset: Any, registered: Socket
 ) -> None:
     # Prepare: a job that accepts no staleness at all, and one push that moves shard 0 on.
-    job = await database_sync_to_async(actions.submit_job)(
+    job = await database_sync_to_async(submit_job)(
         alice, dataset, job_params(max_staleness=0, spot_check_fraction=0.0)
     )
-    assert await database_sync_to_async(actions.start_job)(job)
+    assert await database_sync_to_async(start_job)(job)
     lease = await registered.lease()
     assert (await registered.push(lease, 0, gradients(lease, 0), seq=0))["applied"]
     # Execute
@@ -600,10 +602,10 @@ async def test_loads_that_are_not_a_list_are_refused(running_job: Job, registere
 async def test_loads_of_the_wrong_form_are_refused(
     alice: Any, dataset: Any, registered: Socket, loads: Any
 ) -> None:
-    job = await database_sync_to_async(actions.submit_job)(
+    job = await database_sync_to_async(submit_job)(
         alice, dataset, job_params(n_push=3, spot_check_fraction=0.0)
     )
-    assert await database_sync_to_async(actions.start_job)(job)
+    assert await database_sync_to_async(start_job)(job)
     lease = await registered.lease()
     reply = await registered.push(lease, 0, gradients(lease, 0), loads=loads)
     assert reply["code"] == "bad_message" and reply["message"].startswith("push: loads")
@@ -631,7 +633,7 @@ async def test_a_push_on_an_expired_lease_is_refused(
     await database_sync_to_async(
         lambda: Lease.objects.filter(id=lease["lease_id"]).update(expires_at=timezone.now())
     )()
-    assert await database_sync_to_async(actions.reap_expired_leases)() == 1
+    assert await database_sync_to_async(reap_expired_leases)() == 1
     heartbeat = await registered.ask({"type": "heartbeat", "lease_id": lease["lease_id"]})
     assert heartbeat["code"] == "lease_expired"
     # Execute: the same agent on a new socket, whose consumer reads the lease afresh (the
@@ -703,9 +705,7 @@ async def test_a_finished_job_is_announced_and_its_lease_refused(
     running_job: Job, registered: Socket
 ) -> None:
     lease = await registered.lease()
-    assert await database_sync_to_async(actions.finish_job)(
-        running_job, Job.Status.DONE, "by alice"
-    )
+    assert await database_sync_to_async(finish_job)(running_job, Job.Status.DONE, "by alice")
     event, _ = await registered.recv()
     assert event["code"] == "job_finished" and event["ref"] == f"job:{running_job.id}"
     assert event["message"] == f"job {running_job.id} has finished"
