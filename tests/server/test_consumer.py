@@ -20,15 +20,20 @@ from django.db import connections
 from django.utils import timezone
 
 from downpour.agents import limits, push
+from downpour.agents.consumers import STORE_NOT_READY
 from downpour.agents.routing import websocket_urlpatterns
 from downpour.donors.models import Agent, AgentToken
 from downpour.training import store
 from downpour.training.actions.jobs import finish_job, start_job, submit_job
 from downpour.training.actions.leases import reap_expired_leases
+from downpour.training.actions.recovery import checkpoint_job, checkpoint_running_jobs
 from downpour.training.models import Job, Lease, WorkUnit
 from downpour_agent.protocol import (
+    ERROR_TEXTS,
     PROTOCOL_VERSION,
     SERVER_MESSAGES,
+    CloseCode,
+    ErrorCode,
     frame_from_wire,
     frame_to_wire,
 )
@@ -187,7 +192,7 @@ def lease_row(lease_id: str) -> Lease:
 # --- the handshake ----------------------------------------------------------------------
 
 
-async def test_a_socket_without_a_token_gets_unauthorized_and_closes_with_4401() -> None:
+async def test_a_socket_without_a_token_gets_unauthorized_and_closes_as_unauthorized() -> None:
     communicator, connected, _ = await open_socket()
     assert connected
     socket = Socket(communicator)
@@ -195,17 +200,17 @@ async def test_a_socket_without_a_token_gets_unauthorized_and_closes_with_4401()
     assert reply == {
         "type": "error",
         "code": "unauthorized",
-        "message": "missing, unknown or revoked agent token",
+        "message": ERROR_TEXTS[ErrorCode.UNAUTHORIZED],
     }
-    assert await socket.closed_with() == 4401
+    assert await socket.closed_with() == CloseCode.UNAUTHORIZED
 
 
-async def test_an_unknown_token_gets_unauthorized_and_closes_with_4401() -> None:
+async def test_an_unknown_token_gets_unauthorized_and_closes_as_unauthorized() -> None:
     communicator, connected, _ = await open_socket("dp_not-a-token")
     assert connected
     socket = Socket(communicator)
     assert (await socket.recv())[0]["code"] == "unauthorized"
-    assert await socket.closed_with() == 4401
+    assert await socket.closed_with() == CloseCode.UNAUTHORIZED
 
 
 async def test_a_revoked_token_gets_unauthorized(token: str) -> None:
@@ -213,12 +218,12 @@ async def test_a_revoked_token_gets_unauthorized(token: str) -> None:
     communicator, _, _ = await open_socket(token)
     socket = Socket(communicator)
     assert (await socket.recv())[0]["code"] == "unauthorized"
-    assert await socket.closed_with() == 4401
+    assert await socket.closed_with() == CloseCode.UNAUTHORIZED
 
 
 async def test_a_page_of_another_site_is_refused_before_the_socket_opens(token: str) -> None:
     _, connected, code = await open_socket(token, origin="https://evil.example")
-    assert (connected, code) == (False, 4403)
+    assert (connected, code) == (False, CloseCode.FORBIDDEN)
 
 
 async def test_a_page_of_this_site_may_open_one(token: str) -> None:
@@ -229,7 +234,7 @@ async def test_a_page_of_this_site_may_open_one(token: str) -> None:
     await database_sync_to_async(connections.close_all)()
 
 
-async def test_a_token_over_its_connection_cap_gets_rate_limited_and_4429(
+async def test_a_token_over_its_connection_cap_is_closed_as_rate_limited(
     token: str, settings: Any
 ) -> None:
     settings.MAX_CONNECTIONS_PER_TOKEN = 1
@@ -240,7 +245,7 @@ async def test_a_token_over_its_connection_cap_gets_rate_limited_and_4429(
     over = Socket(second)
     reply, _ = await over.recv()
     assert reply["code"] == "rate_limited" and "already has 1 connections" in reply["message"]
-    assert await over.closed_with() == 4429
+    assert await over.closed_with() == CloseCode.RATE_LIMITED
     await first.disconnect(timeout=REPLY_TIMEOUT_S)
     await database_sync_to_async(connections.close_all)()
 
@@ -297,7 +302,7 @@ async def test_device_fields_that_do_not_fit_are_dropped_and_the_name_is_cleaned
     assert agent.tf_version == "2.16" and agent.samples_per_s == 1234.5
 
 
-async def test_a_banned_agent_is_told_why_and_closed_with_4403(socket: Socket) -> None:
+async def test_a_banned_agent_is_told_why_and_closed_as_forbidden(socket: Socket) -> None:
     assert (await socket.register())["type"] == "registered"
     await database_sync_to_async(
         lambda: Agent.objects.update(banned_at=timezone.now(), ban_reason="a spot check failed")
@@ -308,7 +313,7 @@ async def test_a_banned_agent_is_told_why_and_closed_with_4403(socket: Socket) -
         "code": "banned",
         "message": "this agent is banned: a spot check failed",
     }
-    assert await socket.closed_with() == 4403
+    assert await socket.closed_with() == CloseCode.FORBIDDEN
 
 
 async def test_a_request_before_register_gets_not_registered_with_its_ref(socket: Socket) -> None:
@@ -316,7 +321,7 @@ async def test_a_request_before_register_gets_not_registered_with_its_ref(socket
     assert reply == {
         "type": "error",
         "code": "not_registered",
-        "message": "send register first",
+        "message": ERROR_TEXTS[ErrorCode.NOT_REGISTERED],
         "ref": 3,
     }
 
@@ -646,7 +651,7 @@ async def test_a_push_on_an_expired_lease_is_refused(
     assert reply == {
         "type": "error",
         "code": "lease_expired",
-        "message": "the lease has expired; its work was reissued",
+        "message": ERROR_TEXTS[ErrorCode.LEASE_EXPIRED],
     }
     await communicator.disconnect(timeout=REPLY_TIMEOUT_S)
 
@@ -707,13 +712,19 @@ async def test_a_finished_job_is_announced_and_its_lease_refused(
     lease = await registered.lease()
     assert await database_sync_to_async(finish_job)(running_job, Job.Status.DONE, "by alice")
     event, _ = await registered.recv()
-    assert event["code"] == "job_finished" and event["ref"] == f"job:{running_job.id}"
-    assert event["message"] == f"job {running_job.id} has finished"
+    assert event == {
+        "type": "job_finished",
+        "job_id": str(running_job.id),
+        "message": f"job {running_job.id} has finished",
+    }
     reply = await registered.push(lease, 0, gradients(lease, 0))
-    assert (reply["code"], reply["message"]) == ("job_finished", "the job has finished")
+    assert (reply["code"], reply["message"]) == (
+        "job_finished",
+        ERROR_TEXTS[ErrorCode.JOB_FINISHED],
+    )
 
 
-async def test_a_ban_is_announced_and_the_socket_closed_with_4403(registered: Socket) -> None:
+async def test_a_ban_is_announced_and_the_socket_closed_as_forbidden(registered: Socket) -> None:
     agent = await database_sync_to_async(Agent.objects.get)(name="pc-1")
     await database_sync_to_async(push.notify_agent_banned)(str(agent.id), "a spot check failed")
     event, _ = await registered.recv()
@@ -722,4 +733,50 @@ async def test_a_ban_is_announced_and_the_socket_closed_with_4403(registered: So
         "code": "banned",
         "message": "this agent is banned: a spot check failed",
     }
-    assert await registered.closed_with() == 4403
+    assert await registered.closed_with() == CloseCode.FORBIDDEN
+
+
+# --- a store emptied by a restart -------------------------------------------------------
+
+
+def restart_the_store() -> None:
+    """What a restart of the embedded server does to its in-memory store: empties it."""
+    _forget_backends()
+
+
+async def test_a_job_with_a_checkpoint_is_restored_by_the_socket_itself(
+    running_job: Job, registered: Socket
+) -> None:
+    # Prepare: a checkpoint at version 1 of shard 0, then one more push it lacks.
+    lease = await registered.lease()
+    assert (await registered.push(lease, 0, gradients(lease, 0), seq=0))["applied"]
+    await database_sync_to_async(checkpoint_job)(running_job)
+    assert (await registered.push(lease, 0, gradients(lease, 0), seq=1, base_version=1))["applied"]
+    restart_the_store()
+    # Execute
+    version, _ = await registered.fetch(lease, 0)
+    # Assert
+    assert version == 1
+    assert store.job_store(running_job).versions() == [1, 0]
+
+
+async def test_a_job_with_no_checkpoint_waits_for_a_worker_to_restart_it(
+    running_job: Job, registered: Socket
+) -> None:
+    # Prepare: one unit done, then the store is lost with no checkpoint to restore.
+    done = await registered.lease()
+    reply = await registered.ask({"type": "complete", "lease_id": done["lease_id"], "samples": 0})
+    assert reply["type"] == "complete_ack"
+    lease = await registered.lease()
+    restart_the_store()
+    # Execute
+    reply = await registered.ask(
+        {"type": "fetch", "lease_id": lease["lease_id"], "shard": 0, "ref": 2}
+    )
+    # Assert: a retryable refusal, and the socket restarted nothing (that builds the model).
+    assert reply == {"type": "error", "code": "unknown_job", "message": STORE_NOT_READY, "ref": 2}
+    assert (await lease_row(done["lease_id"])).unit.status == WorkUnit.Status.DONE
+    # The worker's periodic pass restarts the job from its initial weights.
+    assert await database_sync_to_async(checkpoint_running_jobs)() == 1
+    assert (await lease_row(done["lease_id"])).unit.status == WorkUnit.Status.PENDING
+    assert (await registered.fetch(lease, 0))[0] == 0
