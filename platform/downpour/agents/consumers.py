@@ -105,13 +105,13 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.state = _State()
         if not _origin_allowed(self.scope):
             # A browser page on another site must not drive an agent socket.
-            await self.close(code=CloseCode.FORBIDDEN)
+            await self._close(CloseCode.FORBIDDEN)
             return
         self.token = await self._authenticate(scope_bearer_token(self.scope.get("headers", [])))
         await self.accept()
         if self.token is None:
             await self._send(error_message(ErrorCode.UNAUTHORIZED))
-            await self.close(code=CloseCode.UNAUTHORIZED)
+            await self._close(CloseCode.UNAUTHORIZED)
             return
         if not await asyncio.to_thread(
             limits().acquire_connection, str(self.token.id), self.channel_name
@@ -124,7 +124,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
                     "connections",
                 )
             )
-            await self.close(code=CloseCode.RATE_LIMITED)
+            await self._close(CloseCode.RATE_LIMITED)
 
     async def disconnect(self, code: int) -> None:
         if self.token is not None:
@@ -183,11 +183,11 @@ class AgentConsumer(AsyncWebsocketConsumer):
             agent = await self._register(msg["name"], msg["device"])
         except TooManyAgents as exc:
             await self._send(error_message(ErrorCode.TOO_MANY_AGENTS, str(exc), msg.get("ref")))
-            await self.close(code=CloseCode.FORBIDDEN)
+            await self._close(CloseCode.FORBIDDEN)
             return
         if agent.banned_at is not None:
             await self._send(banned_message(agent.ban_reason))
-            await self.close(code=CloseCode.FORBIDDEN)
+            await self._close(CloseCode.FORBIDDEN)
             return
         self.agent = agent
         await self._join(push.agent_group(str(self.agent.id)))
@@ -314,7 +314,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await self._flush_tallies(force=True)
         await self._send(message)
         if message.get("code") == ErrorCode.BANNED:  # e.g. a failed spot check, by a worker
-            await self.close(code=CloseCode.FORBIDDEN)
+            await self._close(CloseCode.FORBIDDEN)
 
     # --- helpers --------------------------------------------------------------------
 
@@ -327,6 +327,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
         )
         self.state.leases[cached.lease_id] = cached
         return cached
+
+    async def _close(self, code: CloseCode) -> None:
+        # A plain int: autobahn (under daphne) refuses an int subclass and closes with 1011.
+        await self.close(code=int(code))
 
     async def _send(self, message: dict[str, Any]) -> None:
         await self.send(text_data=message_to_wire(message))
@@ -371,7 +375,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         banned = clipped and self.agent is not None and await self._record_clipping(clipped)
         if banned and notify:
             await self._send(banned_message("too many of its pushes were clipped"))
-            await self.close(code=CloseCode.FORBIDDEN)
+            await self._close(CloseCode.FORBIDDEN)
 
     def _recording(self, cached: CachedLease) -> Recording | None:
         if cached.spot_check_round is None or cached.lease_id in self.state.recorded:
