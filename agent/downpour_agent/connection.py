@@ -321,11 +321,9 @@ class Agent:
             logger.debug("push rejected as stale: %s", text)
             return
         active = self._lease
-        if (
-            code in LEASE_ENDING_CODES
-            and active is not None
-            and lease_id in (None, active.lease.lease_id)
-        ):
+        # Only an answer to a request about the active lease ends it: a job's end is announced
+        # by the job_finished message, not by an error without a request (its old form).
+        if code in LEASE_ENDING_CODES and active is not None and lease_id == active.lease.lease_id:
             self._abandon(session, active, LeaseAbandoned(code, text))
             return
         logger.warning(

@@ -98,6 +98,8 @@ class FakeServer:
         self.close_codes: list[int | None] = []
         self.garbage: list[str | bytes] = []
         self.push_reply: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
+        #: Sent as they are (no ``ref`` added) when the next push arrives, before its answer.
+        self.events_on_push: list[dict[str, Any]] = []
         self.drop_after_pushes: int | None = None
         self.drop_how = "close"
         self.register_error: str | None = None
@@ -238,6 +240,9 @@ class FakeServer:
             await ws.send(frame_to_wire(header, {n: self.params[n] for n in names}))
         elif mtype == "push":
             self.first_push.set()
+            events, self.events_on_push = self.events_on_push, []
+            for event in events:
+                await ws.send(message_to_wire(event))
             custom = self.push_reply(msg) if self.push_reply else None
             if custom is not None:
                 await reply(custom)

@@ -327,6 +327,21 @@ async def test_a_finished_job_ends_its_lease_at_once_and_new_work_is_requested(
     assert any(m["type"] == "request_work" for m in server.received[last_push:])
 
 
+async def test_an_error_that_answers_no_request_does_not_end_the_lease(
+    server: FakeServer, tmp_path: Path
+) -> None:
+    # The job_finished announcement's old form: an error with a ref the agent never sent.
+    job_id = server.lease_template["job_id"]
+    server.events_on_push = [error_message("job_finished", "done", f"job:{job_id}")]
+    agent = make_agent(server, tmp_path)
+
+    code = await run_agent(agent)
+
+    assert code == EXIT_OK
+    assert agent.stats.leases_abandoned == 0
+    assert [c["lease_id"] for c in server.of_type("complete")] == ["lease-1"]
+
+
 async def test_another_jobs_end_does_not_stop_the_lease(server: FakeServer, tmp_path: Path) -> None:
     server.push_reply = lambda msg: job_finished_message("another-job")
     agent = make_agent(server, tmp_path)

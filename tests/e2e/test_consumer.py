@@ -22,6 +22,7 @@ from websockets.exceptions import InvalidStatus
 from downpour_agent.protocol import (
     PROTOCOL_VERSION,
     SERVER_MESSAGES,
+    CloseCode,
     frame_from_wire,
     frame_to_wire,
 )
@@ -150,7 +151,7 @@ async def test_it_refuses_a_socket_without_a_token(production: Stack) -> None:
         reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
         assert reply["code"] == "unauthorized"
         await asyncio.wait_for(ws.wait_closed(), 10)
-        assert ws.close_code == 4401
+        assert ws.close_code == CloseCode.UNAUTHORIZED
 
 
 async def test_it_refuses_an_unknown_token(production: Stack) -> None:
@@ -328,7 +329,7 @@ async def test_a_token_gets_a_limited_number_of_connections(
             reply = json.loads(await asyncio.wait_for(d.recv(), 10))
             assert reply["code"] == "rate_limited"
             await asyncio.wait_for(d.wait_closed(), 10)
-            assert d.close_code == 4429
+            assert d.close_code == CloseCode.RATE_LIMITED
     async with connect(production.ws_url, additional_headers=headers) as e:
         assert (await Client(e).register("after-release"))["type"] == "registered"
 
@@ -359,7 +360,7 @@ async def test_a_token_registers_a_limited_number_of_agents_and_each_may_registe
         assert reply["type"] == "error" and reply["code"] == "too_many_agents", reply
         assert reply["ref"] == 7 and f"already has {AGENTS_PER_TOKEN} agents" in reply["message"]
         await asyncio.wait_for(ws.wait_closed(), 10)
-        assert ws.close_code == 4403
+        assert ws.close_code == CloseCode.FORBIDDEN
     async with connect(production.ws_url, additional_headers=headers) as ws:
         assert (await Client(ws).register("machine-0"))["type"] == "registered"
         await Client(ws).still_usable()

@@ -48,6 +48,10 @@ def test_two_agents_train_the_digits_mlp_to_90_percent_on_the_production_path(
     production: Stack,
 ) -> None:
     _trains_digits_to_90(production)
+    # The web process served the whole exchange without TensorFlow: workers build models.
+    assert production.server is not None
+    maps = Path(f"/proc/{production.server.pid}/maps").read_text()
+    assert "tensorflow" not in maps
 
 
 def test_two_agents_train_the_digits_mlp_to_90_percent_on_the_embedded_path(

@@ -1,7 +1,8 @@
 """The agent websocket: the only server code that speaks the protocol.
 
 ORM access goes through private ``database_sync_to_async`` methods and numpy work through
-``asyncio.to_thread``, so the event loop only moves frames.
+``asyncio.to_thread``, so the event loop only moves frames. TensorFlow never loads here: a
+job whose store is empty and has no checkpoint waits for a worker to rebuild it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from downpour.training.actions.leases import (
     resume_lease,
     return_lease,
 )
-from downpour.training.actions.recovery import ensure_store_ready
+from downpour.training.actions.recovery import restore_store
 from downpour.training.models import Job, Lease
 from downpour.training.spotchecks import recording as spot_recording
 from downpour.training.spotchecks.recording import Recording, copy_tensors
@@ -43,11 +44,14 @@ from downpour.training.store import job_store
 from downpour_agent.protocol import (
     AGENT_MESSAGES,
     PROTOCOL_VERSION,
+    CloseCode,
     ErrorCode,
     ProtocolError,
+    banned_message,
     error_message,
     frame_from_wire,
     frame_to_wire,
+    loads_from_wire,
     message_from_wire,
     message_to_wire,
 )
@@ -63,6 +67,8 @@ JOB_STATUS_TTL_S = 1.0
 FLUSH_INTERVAL_S = 2.0
 #: Seconds an agent told ``no_work`` waits before it asks again.
 NO_WORK_RETRY_S = 2.0
+#: The ``unknown_job`` text while a worker restarts a job with no checkpoint.
+STORE_NOT_READY = "the job's parameters are being restored by a worker; ask for work again"
 
 
 @dataclass
@@ -99,15 +105,13 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.state = _State()
         if not _origin_allowed(self.scope):
             # A browser page on another site must not drive an agent socket.
-            await self.close(code=4403)
+            await self._close(CloseCode.FORBIDDEN)
             return
         self.token = await self._authenticate(scope_bearer_token(self.scope.get("headers", [])))
         await self.accept()
         if self.token is None:
-            await self._send(
-                error_message(ErrorCode.UNAUTHORIZED, "missing, unknown or revoked agent token")
-            )
-            await self.close(code=4401)
+            await self._send(error_message(ErrorCode.UNAUTHORIZED))
+            await self._close(CloseCode.UNAUTHORIZED)
             return
         if not await asyncio.to_thread(
             limits().acquire_connection, str(self.token.id), self.channel_name
@@ -120,7 +124,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
                     "connections",
                 )
             )
-            await self.close(code=4429)
+            await self._close(CloseCode.RATE_LIMITED)
 
     async def disconnect(self, code: int) -> None:
         if self.token is not None:
@@ -162,10 +166,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 await self._send(error_message(exc.code, str(exc), ref))
             else:  # corrupt state or checkpoint: the operator's problem, not the agent's
                 log.error("agent %s: %s", self.agent and self.agent.id, exc)
-                await self._send(error_message(ErrorCode.INTERNAL, "internal server error", ref))
+                await self._send(error_message(ErrorCode.INTERNAL, ref=ref))
         except Exception:
             log.exception("agent %s: unexpected error", self.agent and self.agent.id)
-            await self._send(error_message(ErrorCode.INTERNAL, "internal server error", ref))
+            await self._send(error_message(ErrorCode.INTERNAL, ref=ref))
 
     # --- handlers -------------------------------------------------------------------
 
@@ -179,13 +183,11 @@ class AgentConsumer(AsyncWebsocketConsumer):
             agent = await self._register(msg["name"], msg["device"])
         except TooManyAgents as exc:
             await self._send(error_message(ErrorCode.TOO_MANY_AGENTS, str(exc), msg.get("ref")))
-            await self.close(code=4403)
+            await self._close(CloseCode.FORBIDDEN)
             return
         if agent.banned_at is not None:
-            await self._send(
-                error_message(ErrorCode.BANNED, f"this agent is banned: {agent.ban_reason}")
-            )
-            await self.close(code=4403)
+            await self._send(banned_message(agent.ban_reason))
+            await self._close(CloseCode.FORBIDDEN)
             return
         self.agent = agent
         await self._join(push.agent_group(str(self.agent.id)))
@@ -232,9 +234,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def on_fetch(self, msg: dict[str, Any]) -> None:
         cached = await self._lease(msg["lease_id"])
         store = job_store(cached.job)
-        version, tensors = await asyncio.to_thread(
-            self._with_store, cached.job, lambda: store.fetch(msg["shard"])
-        )
+        version, tensors = await self._in_store(cached.job, lambda: store.fetch(msg["shard"]))
         recording = self._recording(cached)
         if recording is not None:
             kept = await asyncio.to_thread(copy_tensors, tensors)
@@ -252,20 +252,19 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def on_push(self, msg: dict[str, Any], tensors: dict[str, Any]) -> None:
         cached = await self._lease(msg["lease_id"])
         store = job_store(cached.job)
-        _check_loads(msg.get("loads", []), cached.job.n_push, store.layout.n_shards)
+        loads_from_wire(msg.get("loads", []), cached.job.n_push, store.layout.n_shards)
         push_id = f"{msg['lease_id']}:{msg['seq']}:{msg['shard']}"
         tally = self.state.tallies.setdefault(msg["lease_id"], Tally(str(cached.job.id)))
         try:
             assert self.token is not None
             trusted = self.token.is_trusted
-            result: PushResult = await asyncio.to_thread(
-                self._with_store,
+            result: PushResult = await self._in_store(
                 cached.job,
                 lambda: store.push(
                     msg["shard"], tensors, msg["base_version"], push_id, trusted=trusted
                 ),
             )
-        except StoreError:
+        except (StoreError, ProtocolError):
             tally.rejected += 1
             raise
         if msg["seq"] == cached.spot_check_round and not result.duplicate:
@@ -306,16 +305,16 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def agent_message(self, event: dict[str, Any]) -> None:
         """Relay an event from ``agents/push.py`` to this agent."""
         message = event["message"]
-        if message.get("code") == "job_finished":
-            job_id = str(message.get("ref", "")).removeprefix("job:")
+        if message["type"] == "job_finished":
+            job_id = message["job_id"]
             self.state.jobs[job_id] = _JobStatus(True, time.monotonic())
             for lease_id, cached in list(self.state.leases.items()):
                 if str(cached.job.id) == job_id:
                     del self.state.leases[lease_id]
             await self._flush_tallies(force=True)
         await self._send(message)
-        if message.get("code") == "banned":  # e.g. a failed spot check, judged by a worker
-            await self.close(code=4403)
+        if message.get("code") == ErrorCode.BANNED:  # e.g. a failed spot check, by a worker
+            await self._close(CloseCode.FORBIDDEN)
 
     # --- helpers --------------------------------------------------------------------
 
@@ -329,6 +328,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.state.leases[cached.lease_id] = cached
         return cached
 
+    async def _close(self, code: CloseCode) -> None:
+        # A plain int: autobahn (under daphne) refuses an int subclass and closes with 1011.
+        await self.close(code=int(code))
+
     async def _send(self, message: dict[str, Any]) -> None:
         await self.send(text_data=message_to_wire(message))
 
@@ -339,7 +342,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
 
     async def _require_registered(self) -> None:
         if self.agent is None:
-            raise ProtocolError(ErrorCode.NOT_REGISTERED, "send register first")
+            raise ProtocolError(ErrorCode.NOT_REGISTERED)
 
     async def _lease(self, lease_id: str) -> CachedLease:
         cached = self.state.leases.get(lease_id)
@@ -358,7 +361,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             status = _JobStatus(await self._job_finished(key), now)
             self.state.jobs[key] = status
         if status.finished:
-            raise LeaseError("job_finished", "the job has finished")
+            raise LeaseError(ErrorCode.JOB_FINISHED)
 
     async def _flush_tallies(self, force: bool = False, notify: bool = True) -> None:
         now = time.monotonic()
@@ -371,12 +374,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await self._record(tallies)
         banned = clipped and self.agent is not None and await self._record_clipping(clipped)
         if banned and notify:
-            await self._send(
-                error_message(
-                    ErrorCode.BANNED, "this agent is banned: too many of its pushes were clipped"
-                )
-            )
-            await self.close(code=4403)
+            await self._send(banned_message("too many of its pushes were clipped"))
+            await self._close(CloseCode.FORBIDDEN)
 
     def _recording(self, cached: CachedLease) -> Recording | None:
         if cached.spot_check_round is None or cached.lease_id in self.state.recorded:
@@ -405,18 +404,31 @@ class AgentConsumer(AsyncWebsocketConsumer):
             )
         return frame_from_wire(data, AGENT_MESSAGES, settings.MAX_FRAME_BYTES)
 
-    @staticmethod
-    def _with_store(job: Job, operation: Callable[[], T]) -> T:
-        """Run a store operation; if the job's shards are gone (a restart), restore, retry."""
+    async def _in_store(self, job: Job, operation: Callable[[], T]) -> T:
+        """Run a store operation off the loop; if the job's shards are gone (a restart),
+        restore them from the job's latest checkpoint and run it again.
+
+        Raises
+        ------
+        ProtocolError
+            ``unknown_job`` while the job has no checkpoint to restore: a worker restarts
+            it from its initial weights, and the agent asks for work again meanwhile.
+        """
         try:
-            return operation()
+            return await asyncio.to_thread(operation)
         except StoreError as exc:
-            if exc.code != "unknown_job":
+            if exc.code != ErrorCode.UNKNOWN_JOB:
                 raise
-            ensure_store_ready(job)
-            return operation()
+        if not await self._restore_store(job):
+            raise ProtocolError(ErrorCode.UNKNOWN_JOB, STORE_NOT_READY)
+        return await asyncio.to_thread(operation)
 
     # --- database (sync, run in a thread by Channels) --------------------------------
+
+    @database_sync_to_async
+    def _restore_store(self, job: Job) -> bool:
+        # Reads the checkpoint (numpy) on Channels' database thread: restores are rare.
+        return restore_store(job, from_initial_weights=False)
 
     @database_sync_to_async
     def _authenticate(self, token: str | None) -> AgentToken | None:
@@ -490,31 +502,6 @@ class AgentConsumer(AsyncWebsocketConsumer):
     def _mark_disconnected(self) -> None:
         assert self.agent is not None
         Agent.objects.filter(id=self.agent.id).update(connected=False, last_seen_at=timezone.now())
-
-
-def _check_loads(loads: Any, n_push: int, n_shards: int) -> None:
-    """A push's ``loads``: at most one per step, ``[offset, [a version per shard]]``."""
-
-    def is_int(value: Any) -> bool:
-        return type(value) is int and value >= 0
-
-    if (
-        not isinstance(loads, list)
-        or len(loads) >= max(n_push, 1)
-        or not all(
-            isinstance(load, list)
-            and len(load) == 2
-            and is_int(load[0])
-            and isinstance(load[1], list)
-            and len(load[1]) == n_shards
-            and all(is_int(v) for v in load[1])
-            for load in loads
-        )
-    ):
-        raise ProtocolError(
-            ErrorCode.BAD_MESSAGE,
-            "push: loads must be at most n_push - 1 pairs [step offset, [a version per shard]]",
-        )
 
 
 def _origin_allowed(scope: Mapping[str, Any]) -> bool:

@@ -13,6 +13,8 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
+from downpour_agent.protocol import banned_message, job_finished_message
+
 
 def job_group(job_id: str) -> str:
     return f"job.{job_id}"
@@ -30,15 +32,7 @@ def send_to_group(group: str, message: dict[str, Any]) -> None:
 
 
 def notify_job_finished(job_id: str) -> None:
-    send_to_group(
-        job_group(job_id),
-        {
-            "type": "error",
-            "code": "job_finished",
-            "message": f"job {job_id} has finished",
-            "ref": f"job:{job_id}",
-        },
-    )
+    send_to_group(job_group(job_id), job_finished_message(job_id))
 
 
 def notify_job_finished_on_commit(job_id: str) -> None:
@@ -47,7 +41,4 @@ def notify_job_finished_on_commit(job_id: str) -> None:
 
 def notify_agent_banned(agent_id: str, reason: str) -> None:
     """Tell a connected agent it is banned; its consumer then closes the socket."""
-    send_to_group(
-        agent_group(agent_id),
-        {"type": "error", "code": "banned", "message": f"this agent is banned: {reason}"},
-    )
+    send_to_group(agent_group(agent_id), banned_message(reason))

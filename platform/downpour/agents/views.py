@@ -10,6 +10,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET
 
 from downpour.training.models import DatasetShard, Lease
+from downpour_agent.protocol import ERROR_TEXTS, ErrorCode
 
 from .auth import agent_token, bearer_token
 
@@ -23,7 +24,7 @@ def shard_download(request: HttpRequest, shard_id: uuid.UUID) -> HttpResponseBas
     """The shard file, to an agent that holds a live lease on a unit over this shard."""
     token = agent_token(bearer_token(request.headers.get("Authorization")))
     if token is None:
-        return _error(401, "unauthorized", "missing, unknown or revoked agent token")
+        return _error(401, ErrorCode.UNAUTHORIZED, ERROR_TEXTS[ErrorCode.UNAUTHORIZED])
     shard = DatasetShard.objects.filter(id=shard_id).first()
     live = Lease.objects.filter(
         agent__token=token,

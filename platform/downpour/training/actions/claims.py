@@ -179,14 +179,14 @@ def claim_work(agent: Agent) -> Lease | None:
         .annotate(queued_at=Coalesce(Max("leases__ended_at"), "created_at"))
         .order_by("queued_at", "created_at")
     )
-    for unit in pending[:REISSUE_CANDIDATES]:
-        view = views[str(unit.job_id)]
+    for waiting in pending[:REISSUE_CANDIDATES]:
+        view = views[str(waiting.job_id)]
         scale = scheduler.unit_scale(host) * scheduler.tail_unit_scale(
             view.fraction_left, TAIL_RULE
         )
-        take, rest = scheduler.split_unit(unit.steps, _agent_steps(agent, view.job, scale))
+        take, rest = scheduler.split_unit(waiting.steps, _agent_steps(agent, view.job, scale))
         with transaction.atomic():
-            claimed = WorkUnit.objects.filter(id=unit.id, status=WorkUnit.Status.PENDING).update(
+            claimed = WorkUnit.objects.filter(id=waiting.id, status=WorkUnit.Status.PENDING).update(
                 status=WorkUnit.Status.LEASED, attempts=F("attempts") + 1, steps=take
             )
             if claimed == 1:
@@ -194,12 +194,12 @@ def claim_work(agent: Agent) -> Lease | None:
                     # A reissued unit too big for this agent: it takes what fits, the rest
                     # waits for the next agent.
                     WorkUnit.objects.create(
-                        job_id=unit.job_id,
-                        shard_id=unit.shard_id,
+                        job_id=waiting.job_id,
+                        shard_id=waiting.shard_id,
                         steps=rest,
                         seed=random.randrange(1 << 31),
                     )
-                return _new_lease(unit, view.job, agent, now + ttl, take)
+                return _new_lease(waiting, view.job, agent, now + ttl, take)
     backup = _claim_backup(agent, host, views, eligible, now)
     if backup is not None:
         return backup

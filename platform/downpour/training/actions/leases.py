@@ -16,15 +16,25 @@ from downpour import scheduler
 from downpour.donors.models import Agent
 from downpour.training.actions.claims import host_record
 from downpour.training.models import Lease, WorkUnit
+from downpour_agent.protocol import (
+    ERROR_TEXTS,
+    DatasetSpec,
+    ErrorCode,
+    Hyper,
+    LeaseSpec,
+    lease_to_wire,
+)
 
 log = logging.getLogger(__name__)
 
 
 class LeaseError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
+    """A lease request refused with a wire code; the text defaults to the code's standard one."""
+
+    def __init__(self, code: ErrorCode, message: str | None = None) -> None:
         self.code = code
-        self.message = message
+        self.message = ERROR_TEXTS[code] if message is None else message
+        super().__init__(self.message)
 
 
 def lease_message(lease: Lease, base_url_path: str = "/api/agent/shards/") -> dict[str, Any]:
@@ -32,33 +42,29 @@ def lease_message(lease: Lease, base_url_path: str = "/api/agent/shards/") -> di
     unit = lease.unit
     job = unit.job
     layout = job.shard_layout()
-    return {
-        "type": "lease",
-        "lease_id": str(lease.id),
-        "job_id": str(job.id),
-        "work_unit_id": str(unit.id),
-        "steps": unit.steps,
-        "seed": unit.seed,
-        "model": job.model_config,
-        "loss": job.loss,
-        "hyper": {
-            "batch_size": job.batch_size,
-            "n_fetch": job.n_fetch,
-            "n_push": job.n_push,
-            "learning_rate": job.learning_rate,
-            "compression": "none",
-        },
-        "dataset": {
-            "url": f"{base_url_path}{unit.shard_id}/",
-            "sha256": unit.shard.sha256,
-            "n_samples": unit.shard.n_samples,
-        },
-        "layout": [
-            [{"name": v.name, "shape": list(v.shape), "dtype": v.dtype} for v in shard]
-            for shard in layout.shards
-        ],
-        "expires_in_s": settings.LEASE_TTL_S,
-    }
+    spec = LeaseSpec(
+        lease_id=str(lease.id),
+        job_id=str(job.id),
+        work_unit_id=str(unit.id),
+        steps=unit.steps,
+        seed=unit.seed,
+        model=job.model_config,
+        loss=job.loss,
+        hyper=Hyper(
+            batch_size=job.batch_size,
+            n_fetch=job.n_fetch,
+            n_push=job.n_push,
+            learning_rate=job.learning_rate,
+        ),
+        dataset=DatasetSpec(
+            url=f"{base_url_path}{unit.shard_id}/",
+            sha256=unit.shard.sha256,
+            n_samples=unit.shard.n_samples,
+        ),
+        layout=[[(v.name, tuple(v.shape), v.dtype) for v in shard] for shard in layout.shards],
+        expires_in_s=settings.LEASE_TTL_S,
+    )
+    return lease_to_wire(spec)
 
 
 def get_agent_lease(lease_id: str, agent: Agent) -> Lease:
@@ -66,16 +72,16 @@ def get_agent_lease(lease_id: str, agent: Agent) -> Lease:
     try:
         uuid.UUID(lease_id)
     except (ValueError, TypeError, AttributeError):
-        raise LeaseError("unknown_lease", "a lease id is a UUID") from None
+        raise LeaseError(ErrorCode.UNKNOWN_LEASE, "a lease id is a UUID") from None
     lease = Lease.objects.select_related("unit__job", "unit__shard").filter(id=lease_id).first()
     if lease is None:
-        raise LeaseError("unknown_lease", f"no lease {lease_id}")
+        raise LeaseError(ErrorCode.UNKNOWN_LEASE, f"no lease {lease_id}")
     if lease.agent_id != agent.id:
-        raise LeaseError("lease_not_yours", "this lease belongs to another agent")
+        raise LeaseError(ErrorCode.LEASE_NOT_YOURS)
     if lease.unit.job.is_finished:
-        raise LeaseError("job_finished", "the job has finished")
+        raise LeaseError(ErrorCode.JOB_FINISHED)
     if lease.status != Lease.Status.ACTIVE or lease.expires_at <= timezone.now():
-        raise LeaseError("lease_expired", "the lease has expired; its work was reissued")
+        raise LeaseError(ErrorCode.LEASE_EXPIRED)
     return lease
 
 
@@ -90,7 +96,7 @@ def heartbeat(agent: Agent, lease_id: str | None) -> float | None:
         id=lease_id, agent=agent, status=Lease.Status.ACTIVE, expires_at__gt=now
     ).update(expires_at=now + timedelta(seconds=settings.LEASE_TTL_S), heartbeat_at=now)
     if extended != 1:
-        raise LeaseError("lease_expired", "the lease has expired; its work was reissued")
+        raise LeaseError(ErrorCode.LEASE_EXPIRED)
     return settings.LEASE_TTL_S
 
 
@@ -102,7 +108,7 @@ def complete_lease(agent: Agent, lease_id: str, samples: int) -> None:
             status=Lease.Status.COMPLETED, ended_at=now
         )
         if done != 1:
-            raise LeaseError("lease_expired", "the lease has expired; its work was reissued")
+            raise LeaseError(ErrorCode.LEASE_EXPIRED)
         WorkUnit.objects.filter(id=lease.unit_id).update(status=WorkUnit.Status.DONE, done_at=now)
         # Backup copies of this unit lost the race: their remaining pushes are refused.
         Lease.objects.filter(unit_id=lease.unit_id, status=Lease.Status.ACTIVE).update(
@@ -131,7 +137,7 @@ def resume_lease(agent: Agent, lease_id: str) -> Lease:
         str(lease.id), str(lease.unit_id), str(lease.agent_id), lease.expires_at.timestamp()
     )
     if not scheduler.can_resume(view, str(agent.id), now.timestamp()):
-        raise LeaseError("lease_expired", "the lease has expired; its work was reissued")
+        raise LeaseError(ErrorCode.LEASE_EXPIRED)
     extended = Lease.objects.filter(
         id=lease.id, agent=agent, status=Lease.Status.ACTIVE, expires_at__gt=now
     ).update(
@@ -140,7 +146,7 @@ def resume_lease(agent: Agent, lease_id: str) -> Lease:
         resumed=F("resumed") + 1,
     )
     if extended != 1:
-        raise LeaseError("lease_expired", "the lease has expired; its work was reissued")
+        raise LeaseError(ErrorCode.LEASE_EXPIRED)
     lease.refresh_from_db()
     return lease
 

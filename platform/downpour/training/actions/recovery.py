@@ -20,17 +20,30 @@ log = logging.getLogger(__name__)
 def ensure_store_ready(job: Job) -> None:
     """After a server restart the store may be empty: restore the latest checkpoint.
 
+    Without a checkpoint the job starts again from its initial weights, which builds the
+    model: TensorFlow, so only workers (Celery, the embedded runner) call this.
+    """
+    restore_store(job, from_initial_weights=True)
+
+
+def restore_store(job: Job, from_initial_weights: bool) -> bool:
+    """Refill an empty store from the latest checkpoint; whether the store is ready.
+
     Units finished after that checkpoint lost their updates with the store, so they are
-    put back in the queue to be done again.
+    put back in the queue to be done again. A job with no checkpoint is restarted from its
+    initial weights only with ``from_initial_weights``; otherwise it is left, not ready, for
+    a worker's ``ensure_store_ready`` (the agent socket never builds a model).
     """
     store = job_store(job)
     if storage().load_version(str(job.id), 0) is not None:
-        return
+        return True
     with restore_lock(str(job.id)):
         if storage().load_version(str(job.id), 0) is not None:
-            return  # another thread or process restored it meanwhile
+            return True  # another thread or process restored it meanwhile
         checkpoint = job.checkpoints.first()
         if checkpoint is None:
+            if not from_initial_weights:
+                return False
             store.initialize(starting_weights(job)[1])
             forget_warmup(job.id)  # the job warms up again on trusted agents
             requeued = WorkUnit.objects.filter(job=job, status=WorkUnit.Status.DONE).update(
@@ -41,7 +54,7 @@ def ensure_store_ready(job: Job) -> None:
                 job.id,
                 requeued,
             )
-            return
+            return True
         restored = read_checkpoint(checkpoint.path)
         store.restore(restored.states)
         forget_warmup(job.id)  # an older checkpoint may be back in warm-up
@@ -55,6 +68,7 @@ def ensure_store_ready(job: Job) -> None:
             checkpoint.versions,
             requeued,
         )
+        return True
 
 
 def checkpoint_job(job: Job) -> Checkpoint:
