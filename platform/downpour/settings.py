@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 
@@ -29,8 +30,15 @@ def envfloat(name: str, default: float) -> float:
 
 
 DEBUG = envbool("DEBUG", False)
-SECRET_KEY = os.environ.get("SECRET_KEY", "dev-only-secret-key-change-me-in-production-" + "x" * 20)
+DEFAULT_SECRET_KEY = "dev-only-secret-key-change-me-in-production-" + "x" * 20
+#: Keys published in this repository (ours, and docker-compose's former default): anyone
+#: can forge sessions and password-reset links signed with them.
+KNOWN_SECRET_KEYS = frozenset(
+    {DEFAULT_SECRET_KEY, "change-me-to-a-long-random-string-before-deploying"}
+)
+SECRET_KEY = os.environ.get("SECRET_KEY", DEFAULT_SECRET_KEY)
 ALLOWED_HOSTS = os.environ.get("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver").split(",")
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "[::1]", "testserver"}
 SITE_ROOT = os.environ.get("SITE_ROOT", "http://127.0.0.1:8000")
 VAR_DIR = Path(os.environ.get("VAR_DIR", BASE_DIR / "var"))
 
@@ -211,3 +219,12 @@ if envbool("BEHIND_PROXY", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+
+# Serving anything but loopback, or behind TLS, is production: a published key there lets
+# anyone sign sessions. (`check --deploy` refuses it everywhere: downpour.accounts.checks.)
+SERVES_PUBLIC = HTTPS or any(host not in LOOPBACK_HOSTS for host in ALLOWED_HOSTS)
+if not DEBUG and SERVES_PUBLIC and SECRET_KEY in KNOWN_SECRET_KEYS:
+    raise ImproperlyConfigured(
+        "SECRET_KEY is a default published in the Downpour repository; set SECRET_KEY to a "
+        "long random string (e.g. python -c 'import secrets; print(secrets.token_urlsafe(50))')"
+    )
