@@ -11,5 +11,16 @@ class DownpourUserAdmin(UserAdmin):
     list_display = ("username", "email", "is_researcher", "is_donor", "share_weight", "is_staff")
     fieldsets = (
         *(UserAdmin.fieldsets or ()),
-        ("Downpour", {"fields": ("is_researcher", "is_donor", "share_weight")}),
+        (
+            "Downpour",
+            {
+                "fields": (
+                    "is_researcher",
+                    "is_donor",
+                    "share_weight",
+                    "show_on_leaderboard",
+                    "display_name",
+                )
+            },
+        ),
     )

@@ -11,3 +11,13 @@ class User(AbstractUser):
     is_donor = models.BooleanField(default=False)
     # Weighted max-min fair share of donated compute between researchers.
     share_weight = models.FloatField(default=1.0)
+    # The donor leaderboard names a donor only if they opt in, by their display name if
+    # they give one; everyone else is an "anonymous donor".
+    show_on_leaderboard = models.BooleanField(default=False)
+    display_name = models.CharField(max_length=50, blank=True)
+
+    @property
+    def leaderboard_name(self) -> str:
+        if not self.show_on_leaderboard:
+            return "anonymous donor"
+        return self.display_name or self.username
