@@ -82,7 +82,7 @@ def test_one_address_guessing_across_many_accounts_is_cut_off() -> None:
     name = f"judy-{uuid.uuid4().hex[:8]}"
     User.objects.create_user(name, password="judy's real password")
 
-    for i in range(50):
+    for _ in range(50):
         login(client, f"nobody-{uuid.uuid4().hex[:8]}", "x", address)
 
     assert login(client, name, "judy's real password", address) == 429
