@@ -172,8 +172,20 @@ MEDIA_ROOT = Path(os.environ.get("MEDIA_ROOT", VAR_DIR / "media"))
 DATASET_MAX_BYTES = envint("DATASET_MAX_BYTES", 512 << 20)
 # ... and what its arrays may inflate to: a small deflated .npz can claim gigabytes.
 MAX_DATASET_EXPANDED_BYTES = envint("MAX_DATASET_EXPANDED_BYTES", 4 << 30)
-DATA_UPLOAD_MAX_MEMORY_SIZE = 5 << 20
-FILE_UPLOAD_MAX_MEMORY_SIZE = 5 << 20
+# Request bodies are capped before anything buffers them (downpour.bodylimits): anonymous
+# requests are small, a logged-in user's non-upload requests a little larger, and only the
+# upload routes take a file of DATASET_MAX_BYTES (plus the form around it).
+ANONYMOUS_REQUEST_MAX_BYTES = envint("ANONYMOUS_REQUEST_MAX_BYTES", 64 << 10)
+REQUEST_MAX_BYTES = envint("REQUEST_MAX_BYTES", 2 << 20)
+UPLOAD_REQUEST_MAX_BYTES = DATASET_MAX_BYTES + (4 << 20)
+# Form fields (a pasted model JSON is at most 1 MiB) in memory; files go to disk at once.
+DATA_UPLOAD_MAX_MEMORY_SIZE = 2 << 20
+FILE_UPLOAD_MAX_MEMORY_SIZE = 256 << 10
+FILE_UPLOAD_HANDLERS = [
+    "downpour.uploads.BoundedUploadHandler",
+    "django.core.files.uploadhandler.MemoryFileUploadHandler",
+    "django.core.files.uploadhandler.TemporaryFileUploadHandler",
+]
 
 # Training service knobs (see docs/operations.md).
 HEARTBEAT_INTERVAL_S = envfloat("HEARTBEAT_INTERVAL_S", 10.0)

@@ -43,8 +43,17 @@ def parse_npz(source: IO[bytes] | bytes, max_bytes: int, max_expanded_bytes: int
     ``x_*`` become float32 of shape ``[n, *input_shape]``; integer ``y_*`` become int64
     class labels of shape ``[n]``, float ``y_*`` become float32 regression targets.
     """
-    data = source if isinstance(source, bytes) else source.read(max_bytes + 1)
-    if len(data) > max_bytes:
+    data: bytes | Path
+    if isinstance(source, bytes):
+        data, size = source, len(source)
+    elif hasattr(source, "temporary_file_path"):
+        # Django streamed the upload to disk: read it from there, member by member.
+        data = Path(source.temporary_file_path())
+        size = data.stat().st_size
+    else:
+        data = source.read(max_bytes + 1)
+        size = len(data)
+    if size > max_bytes:
         raise DatasetRejected(f"the file is larger than the limit of {max_bytes} bytes")
     try:
         arrays = load_npz(data, REQUIRED_KEYS, max_expanded_bytes)
