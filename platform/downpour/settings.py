@@ -187,6 +187,12 @@ FILE_UPLOAD_HANDLERS = [
     "django.core.files.uploadhandler.TemporaryFileUploadHandler",
 ]
 
+# Per-user quotas; operators override them per user in the admin.
+QUOTA_ACTIVE_JOBS = envint("QUOTA_ACTIVE_JOBS", 4)
+QUOTA_DATASET_BYTES = envint("QUOTA_DATASET_BYTES", 4 << 30)
+QUOTA_PARAMS_PER_JOB = envint("QUOTA_PARAMS_PER_JOB", 20_000_000)
+QUOTA_STORE_BYTES = envint("QUOTA_STORE_BYTES", 1 << 30)
+
 # Training service knobs (see docs/operations.md).
 HEARTBEAT_INTERVAL_S = envfloat("HEARTBEAT_INTERVAL_S", 10.0)
 LEASE_TTL_S = envfloat("LEASE_TTL_S", 30.0)
@@ -196,7 +202,6 @@ CHECKPOINT_INTERVAL_S = envfloat("CHECKPOINT_INTERVAL_S", 10.0)
 REAP_INTERVAL_S = envfloat("REAP_INTERVAL_S", 5.0)
 SPOT_CHECK_INTERVAL_S = envfloat("SPOT_CHECK_INTERVAL_S", 2.0)
 MAX_FRAME_BYTES = envint("MAX_FRAME_BYTES", 64 << 20)
-CHECKPOINTS_KEPT = envint("CHECKPOINTS_KEPT", 3)
 MAX_CONNECTIONS_PER_TOKEN = envint("MAX_CONNECTIONS_PER_TOKEN", 16)
 # Agent rows one token may register (each distinct name is one); re-registering is free.
 MAX_AGENTS_PER_TOKEN = envint("MAX_AGENTS_PER_TOKEN", 32)

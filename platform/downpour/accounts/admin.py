@@ -23,4 +23,15 @@ class DownpourUserAdmin(UserAdmin):
                 )
             },
         ),
+        (
+            "Quotas (empty: the server's default)",
+            {
+                "fields": (
+                    "max_active_jobs",
+                    "max_dataset_bytes",
+                    "max_params_per_job",
+                    "max_store_bytes",
+                )
+            },
+        ),
     )

@@ -32,6 +32,11 @@ class ParsedDataset:
     def input_shape(self) -> list[int]:
         return [int(d) for d in self.x_train.shape[1:]]
 
+    @property
+    def stored_bytes(self) -> int:
+        """About what the stored test split and shards take on disk (uncompressed)."""
+        return sum(int(a.nbytes) for a in (self.x_train, self.y_train, self.x_test, self.y_test))
+
 
 def parse_npz(source: IO[bytes] | bytes, max_bytes: int, max_expanded_bytes: int) -> ParsedDataset:
     """Load and check an uploaded dataset without ever unpickling.
