@@ -172,6 +172,8 @@ MEDIA_ROOT = Path(os.environ.get("MEDIA_ROOT", VAR_DIR / "media"))
 DATASET_MAX_BYTES = envint("DATASET_MAX_BYTES", 512 << 20)
 # ... and what its arrays may inflate to: a small deflated .npz can claim gigabytes.
 MAX_DATASET_EXPANDED_BYTES = envint("MAX_DATASET_EXPANDED_BYTES", 4 << 30)
+# ... and what it takes stored (x keeps its dtype: uint8 stays uint8).
+MAX_DATASET_STORED_BYTES = envint("MAX_DATASET_STORED_BYTES", 2 << 30)
 # Request bodies are capped before anything buffers them (downpour.bodylimits): anonymous
 # requests are small, a logged-in user's non-upload requests a little larger, and only the
 # upload routes take a file of DATASET_MAX_BYTES (plus the form around it).

@@ -18,7 +18,10 @@ from downpour.training.models import Dataset, DatasetShard
 def create_dataset(owner: Any, name: str, upload: Any, n_shards: int = 4) -> Dataset:
     """Validate an uploaded ``.npz`` and store its test split and training shards."""
     parsed = datasets.parse_npz(
-        upload, settings.DATASET_MAX_BYTES, settings.MAX_DATASET_EXPANDED_BYTES
+        upload,
+        settings.DATASET_MAX_BYTES,
+        settings.MAX_DATASET_EXPANDED_BYTES,
+        settings.MAX_DATASET_STORED_BYTES,
     )
     _check_dataset_quota(owner, parsed.stored_bytes)
     dataset = Dataset(
