@@ -1,8 +1,9 @@
 """Dataset shards: download once over HTTP, cache by SHA-256, verify, load without pickle.
 
-A shard is an ``.npz`` file with two arrays: ``x`` (features, ``[n, *input_shape]``,
-loaded as float32) and ``y`` (``[n, ...]`` int64 labels or float targets). It is cached
-as ``CACHE_DIR/<sha256>.npz`` and only ever trusted after its hash has been checked.
+A shard is an ``.npz`` file with two arrays: ``x`` (features, ``[n, *input_shape]``, in
+the dataset's stored numeric dtype, e.g. uint8 or float32; the trainer converts each batch
+to float32) and ``y`` (``[n, ...]`` int64 labels or float targets). It is cached as
+``CACHE_DIR/<sha256>.npz`` and only ever trusted after its hash has been checked.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def load_shard(
 
     Returns
     -------
-    x : ndarray of float32, shape ``[n, *input_shape]``
+    x : ndarray, shape ``[n, *input_shape]``, in its stored numeric dtype
     y : ndarray, shape ``[n, ...]``; integer labels are int64, float targets float32
 
     Raises
@@ -148,7 +149,8 @@ def load_shard(
         raise DatasetError(f"shard has {len(x)} rows of x but {len(y)} of y")
     if n_samples is not None and len(x) != n_samples:
         raise DatasetError(f"shard has {len(x)} samples, lease says {n_samples}")
-    x = x.astype(np.float32, copy=False)
+    # x keeps its stored dtype (uint8 images stay uint8: a quarter of float32's memory);
+    # the trainer converts each batch to float32.
     y = y.astype(np.int64 if y.dtype.kind in "biu" else np.float32, copy=False)
     return x, y
 

@@ -150,7 +150,8 @@ class GradientComputer:
         gradients : dict of name -> float32 ndarray of the variable's shape
         loss : float, the loss value the gradient is of
         """
-        grads, loss = self._gradient_step(np.asarray(x), np.asarray(y))
+        # Shards keep their stored dtype (e.g. uint8); the model computes in float32.
+        grads, loss = self._gradient_step(np.asarray(x, dtype=np.float32), np.asarray(y))
         gradients = {
             spec[0]: np.asarray(g.numpy(), dtype=np.float32)
             for spec, g in zip(self._specs, grads, strict=True)

@@ -13,12 +13,17 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 
 from downpour.agents.routing import websocket_urlpatterns  # noqa: E402
+from downpour.bodylimits import BodyLimitMiddleware, install_in_daphne  # noqa: E402
+
+# Bodies are capped before they are buffered: in daphne's request (when daphne serves us)
+# and again in front of Django for any ASGI server.
+install_in_daphne()
 
 # Agents authenticate with a bearer token in a header and send no Origin; the consumer
 # still refuses a socket whose Origin is not one of our hosts, so a browser page on another
 # site cannot drive it (``downpour.agents.consumers._origin_allowed``).
 application = ProtocolTypeRouter(
-    {"http": django_asgi_app, "websocket": URLRouter(websocket_urlpatterns)}  # type: ignore[arg-type]
+    {"http": BodyLimitMiddleware(django_asgi_app), "websocket": URLRouter(websocket_urlpatterns)}  # type: ignore[arg-type]
 )
 
 if settings.EMBEDDED and os.environ.get("DOWNPOUR_EMBEDDED_JOBS", "1") == "1":

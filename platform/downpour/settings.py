@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 
@@ -29,8 +30,15 @@ def envfloat(name: str, default: float) -> float:
 
 
 DEBUG = envbool("DEBUG", False)
-SECRET_KEY = os.environ.get("SECRET_KEY", "dev-only-secret-key-change-me-in-production-" + "x" * 20)
+DEFAULT_SECRET_KEY = "dev-only-secret-key-change-me-in-production-" + "x" * 20
+#: Keys published in this repository (ours, and docker-compose's former default): anyone
+#: can forge sessions and password-reset links signed with them.
+KNOWN_SECRET_KEYS = frozenset(
+    {DEFAULT_SECRET_KEY, "change-me-to-a-long-random-string-before-deploying"}
+)
+SECRET_KEY = os.environ.get("SECRET_KEY", DEFAULT_SECRET_KEY)
 ALLOWED_HOSTS = os.environ.get("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver").split(",")
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "[::1]", "testserver"}
 SITE_ROOT = os.environ.get("SITE_ROOT", "http://127.0.0.1:8000")
 VAR_DIR = Path(os.environ.get("VAR_DIR", BASE_DIR / "var"))
 
@@ -121,6 +129,30 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Keys of the parameter store in Redis; tests give each run its own prefix.
 STORE_PREFIX = os.environ.get("STORE_PREFIX", "downpour:store:")
 
+# Login throttling (downpour.accounts.throttle) counts failures here; with Redis every
+# server process shares the counts.
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": os.environ.get("REDIS_PREFIX", "downpour") + ":cache",
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+# Failed logins before a cool-off: per username and address, and per address alone.
+LOGIN_FAILURES_PER_USER = envint("LOGIN_FAILURES_PER_USER", 5)
+LOGIN_FAILURES_PER_ADDRESS = envint("LOGIN_FAILURES_PER_ADDRESS", 50)
+LOGIN_COOLOFF_S = envint("LOGIN_COOLOFF_S", 15 * 60)
+
 PASSWORD_HASHERS = [
     "django.contrib.auth.hashers.PBKDF2PasswordHasher",
 ]
@@ -140,8 +172,28 @@ MEDIA_ROOT = Path(os.environ.get("MEDIA_ROOT", VAR_DIR / "media"))
 DATASET_MAX_BYTES = envint("DATASET_MAX_BYTES", 512 << 20)
 # ... and what its arrays may inflate to: a small deflated .npz can claim gigabytes.
 MAX_DATASET_EXPANDED_BYTES = envint("MAX_DATASET_EXPANDED_BYTES", 4 << 30)
-DATA_UPLOAD_MAX_MEMORY_SIZE = 5 << 20
-FILE_UPLOAD_MAX_MEMORY_SIZE = 5 << 20
+# ... and what it takes stored (x keeps its dtype: uint8 stays uint8).
+MAX_DATASET_STORED_BYTES = envint("MAX_DATASET_STORED_BYTES", 2 << 30)
+# Request bodies are capped before anything buffers them (downpour.bodylimits): anonymous
+# requests are small, a logged-in user's non-upload requests a little larger, and only the
+# upload routes take a file of DATASET_MAX_BYTES (plus the form around it).
+ANONYMOUS_REQUEST_MAX_BYTES = envint("ANONYMOUS_REQUEST_MAX_BYTES", 64 << 10)
+REQUEST_MAX_BYTES = envint("REQUEST_MAX_BYTES", 2 << 20)
+UPLOAD_REQUEST_MAX_BYTES = DATASET_MAX_BYTES + (4 << 20)
+# Form fields (a pasted model JSON is at most 1 MiB) in memory; files go to disk at once.
+DATA_UPLOAD_MAX_MEMORY_SIZE = 2 << 20
+FILE_UPLOAD_MAX_MEMORY_SIZE = 256 << 10
+FILE_UPLOAD_HANDLERS = [
+    "downpour.uploads.BoundedUploadHandler",
+    "django.core.files.uploadhandler.MemoryFileUploadHandler",
+    "django.core.files.uploadhandler.TemporaryFileUploadHandler",
+]
+
+# Per-user quotas; operators override them per user in the admin.
+QUOTA_ACTIVE_JOBS = envint("QUOTA_ACTIVE_JOBS", 4)
+QUOTA_DATASET_BYTES = envint("QUOTA_DATASET_BYTES", 4 << 30)
+QUOTA_PARAMS_PER_JOB = envint("QUOTA_PARAMS_PER_JOB", 20_000_000)
+QUOTA_STORE_BYTES = envint("QUOTA_STORE_BYTES", 1 << 30)
 
 # Training service knobs (see docs/operations.md).
 HEARTBEAT_INTERVAL_S = envfloat("HEARTBEAT_INTERVAL_S", 10.0)
@@ -152,7 +204,6 @@ CHECKPOINT_INTERVAL_S = envfloat("CHECKPOINT_INTERVAL_S", 10.0)
 REAP_INTERVAL_S = envfloat("REAP_INTERVAL_S", 5.0)
 SPOT_CHECK_INTERVAL_S = envfloat("SPOT_CHECK_INTERVAL_S", 2.0)
 MAX_FRAME_BYTES = envint("MAX_FRAME_BYTES", 64 << 20)
-CHECKPOINTS_KEPT = envint("CHECKPOINTS_KEPT", 3)
 MAX_CONNECTIONS_PER_TOKEN = envint("MAX_CONNECTIONS_PER_TOKEN", 16)
 # Agent rows one token may register (each distinct name is one); re-registering is free.
 MAX_AGENTS_PER_TOKEN = envint("MAX_AGENTS_PER_TOKEN", 32)
@@ -211,3 +262,12 @@ if envbool("BEHIND_PROXY", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+
+# Serving anything but loopback, or behind TLS, is production: a published key there lets
+# anyone sign sessions. (`check --deploy` refuses it everywhere: downpour.accounts.checks.)
+SERVES_PUBLIC = HTTPS or any(host not in LOOPBACK_HOSTS for host in ALLOWED_HOSTS)
+if not DEBUG and SERVES_PUBLIC and SECRET_KEY in KNOWN_SECRET_KEYS:
+    raise ImproperlyConfigured(
+        "SECRET_KEY is a default published in the Downpour repository; set SECRET_KEY to a "
+        "long random string (e.g. python -c 'import secrets; print(secrets.token_urlsafe(50))')"
+    )

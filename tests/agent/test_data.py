@@ -208,12 +208,41 @@ def _write(tmp_path: Path, body: bytes) -> Path:
     return path
 
 
-def test_float_targets_load_as_float32_and_int_features_as_float32(tmp_path: Path) -> None:
+def test_float_targets_load_as_float32_and_int_features_keep_their_dtype(tmp_path: Path) -> None:
     path = _write(tmp_path, npz_bytes(x=np.arange(6).reshape(3, 2), y=np.array([0.5, 1.5, 2.5])))
 
     x, y = load_shard(path, 3)
 
-    assert x.dtype == np.float32 and y.dtype == np.float32
+    assert x.dtype == np.int64 and y.dtype == np.float32
+
+
+def test_a_uint8_shard_stays_uint8_and_trains_exactly_as_its_float32_copy(
+    tmp_path: Path, model_config: dict[str, Any]
+) -> None:
+    from downpour_agent.trainer import GradientComputer, round_gradients
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (64, 3), dtype=np.uint8)
+    labels = rng.integers(0, 2, 64)
+    x, y = load_shard(_write(tmp_path, npz_bytes(x=pixels, y=labels)), 64)
+    computer = GradientComputer(model_config, "sparse_categorical_crossentropy", seed=3)
+    start = {
+        name: np.asarray(v)
+        for name, v in zip(
+            [n for n, _, _ in computer.variable_specs()],
+            computer.model.trainable_variables,
+            strict=True,
+        )
+    }
+    args = {"batch_size": 16, "seed": 5, "first_step": 0, "steps": 3}
+
+    from_uint8, _ = round_gradients(computer, x, y, **args)
+    computer.set_weights(start)
+    from_float, _ = round_gradients(computer, pixels.astype(np.float32), y, **args)
+
+    assert x.dtype == np.uint8 and x.nbytes == 64 * 3
+    for name in from_float:
+        np.testing.assert_array_equal(from_uint8[name], from_float[name])
 
 
 def test_a_shard_with_pickled_objects_is_refused(tmp_path: Path) -> None:

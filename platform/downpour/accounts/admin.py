@@ -11,5 +11,27 @@ class DownpourUserAdmin(UserAdmin):
     list_display = ("username", "email", "is_researcher", "is_donor", "share_weight", "is_staff")
     fieldsets = (
         *(UserAdmin.fieldsets or ()),
-        ("Downpour", {"fields": ("is_researcher", "is_donor", "share_weight")}),
+        (
+            "Downpour",
+            {
+                "fields": (
+                    "is_researcher",
+                    "is_donor",
+                    "share_weight",
+                    "show_on_leaderboard",
+                    "display_name",
+                )
+            },
+        ),
+        (
+            "Quotas (empty: the server's default)",
+            {
+                "fields": (
+                    "max_active_jobs",
+                    "max_dataset_bytes",
+                    "max_params_per_job",
+                    "max_store_bytes",
+                )
+            },
+        ),
     )

@@ -40,6 +40,21 @@ def dashboard(request: AuthenticatedRequest) -> HttpResponse:
 
 @login_required
 @require_POST
+def leaderboard_settings(request: AuthenticatedRequest) -> HttpResponse:
+    """The donor chooses whether the leaderboard names them, and how."""
+    user = request.user
+    user.show_on_leaderboard = request.POST.get("show_on_leaderboard") == "on"
+    user.display_name = (request.POST.get("display_name") or "").strip()[:50]
+    user.save(update_fields=["show_on_leaderboard", "display_name"])
+    messages.info(
+        request,
+        f"The leaderboard shows you as {user.leaderboard_name}.",
+    )
+    return redirect("donors:dashboard")
+
+
+@login_required
+@require_POST
 def token_new(request: AuthenticatedRequest) -> HttpResponse:
     name = (request.POST.get("name") or "my PC").strip()[:100]
     _, plain = AgentToken.issue(request.user, name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django import forms
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import login
@@ -17,6 +18,7 @@ from downpour.training.actions.jobs import JobParams, JobRejected, submit_job
 from downpour.training.datasets import DatasetRejected
 from downpour.training.models import Dataset, Job
 from downpour.training.queries import robust_summary, spot_check_summary, staleness_summary
+from downpour.uploads import OVER_LIMIT
 
 from .forms import DatasetForm, JobForm, SignupForm
 
@@ -51,7 +53,9 @@ def jobs(request: AuthenticatedRequest) -> HttpResponse:
 @login_required
 def dataset_new(request: AuthenticatedRequest) -> HttpResponse:
     form = DatasetForm(request.POST or None, request.FILES or None)
-    if request.method == "POST" and form.is_valid():
+    if _upload_over_limit(request, form):
+        pass
+    elif request.method == "POST" and form.is_valid():
         try:
             dataset = create_dataset(
                 request.user,
@@ -74,7 +78,9 @@ def dataset_new(request: AuthenticatedRequest) -> HttpResponse:
 @login_required
 def job_new(request: AuthenticatedRequest) -> HttpResponse:
     form = JobForm(request.user, request.POST or None, request.FILES or None)
-    if request.method == "POST" and form.is_valid():
+    if _upload_over_limit(request, form):
+        pass
+    elif request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         params = JobParams(
             name=data["name"],
@@ -104,6 +110,14 @@ def job_new(request: AuthenticatedRequest) -> HttpResponse:
         else:
             return redirect("portal:job", job_id=job.id)
     return render(request, "portal/job_new.html", {"form": form})
+
+
+def _upload_over_limit(request: HttpRequest, form: forms.Form) -> bool:
+    """Whether the upload handler stopped a file past the limit (``downpour.uploads``)."""
+    if not request.META.get(OVER_LIMIT):
+        return False
+    form.add_error(None, f"the file is larger than the limit of {settings.DATASET_MAX_BYTES} bytes")
+    return True
 
 
 def _read_upload(upload: Any) -> bytes | None:

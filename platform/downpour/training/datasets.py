@@ -32,19 +32,41 @@ class ParsedDataset:
     def input_shape(self) -> list[int]:
         return [int(d) for d in self.x_train.shape[1:]]
 
+    @property
+    def stored_bytes(self) -> int:
+        """About what the stored test split and shards take on disk (uncompressed)."""
+        return sum(int(a.nbytes) for a in (self.x_train, self.y_train, self.x_test, self.y_test))
 
-def parse_npz(source: IO[bytes] | bytes, max_bytes: int, max_expanded_bytes: int) -> ParsedDataset:
+
+def parse_npz(
+    source: IO[bytes] | bytes,
+    max_bytes: int,
+    max_expanded_bytes: int,
+    max_stored_bytes: int | None = None,
+) -> ParsedDataset:
     """Load and check an uploaded dataset without ever unpickling.
 
     The archive is checked before anything is inflated (``downpour_agent.npz``): its
     members may together declare at most ``max_expanded_bytes``, none may inflate like a
     bomb, and each ``.npy`` header must account for exactly its member's declared size.
 
-    ``x_*`` become float32 of shape ``[n, *input_shape]``; integer ``y_*`` become int64
-    class labels of shape ``[n]``, float ``y_*`` become float32 regression targets.
+    ``x_*`` keep their dtype (uint8 images stay uint8; agents and the evaluation convert
+    each batch to float32), except that float64 is narrowed to float32 and bool stored as
+    uint8; shape ``[n, *input_shape]``. Integer ``y_*`` become int64 class labels of shape
+    ``[n]``, float ``y_*`` become float32 regression targets. What would be stored may be at
+    most ``max_stored_bytes`` (default: ``max_expanded_bytes``).
     """
-    data = source if isinstance(source, bytes) else source.read(max_bytes + 1)
-    if len(data) > max_bytes:
+    data: bytes | Path
+    if isinstance(source, bytes):
+        data, size = source, len(source)
+    elif hasattr(source, "temporary_file_path"):
+        # Django streamed the upload to disk: read it from there, member by member.
+        data = Path(source.temporary_file_path())
+        size = data.stat().st_size
+    else:
+        data = source.read(max_bytes + 1)
+        size = len(data)
+    if size > max_bytes:
         raise DatasetRejected(f"the file is larger than the limit of {max_bytes} bytes")
     try:
         arrays = load_npz(data, REQUIRED_KEYS, max_expanded_bytes)
@@ -72,9 +94,11 @@ def parse_npz(source: IO[bytes] | bytes, max_bytes: int, max_expanded_bytes: int
             f"x_train samples have shape {list(x_train.shape[1:])} "
             f"but x_test samples have {list(x_test.shape[1:])}"
         )
-    x_train = x_train.astype(np.float32)
-    x_test = x_test.astype(np.float32)
-    if not (np.isfinite(x_train).all() and np.isfinite(x_test).all()):
+    x_train, x_test = _stored_features(x_train), _stored_features(x_test)
+    if x_train.dtype != x_test.dtype:
+        x_test = x_test.astype(np.result_type(x_train, x_test))
+        x_train = x_train.astype(x_test.dtype, copy=False)
+    if x_train.dtype.kind == "f" and not (np.isfinite(x_train).all() and np.isfinite(x_test).all()):
         raise DatasetRejected("x_train and x_test must not contain NaN or infinity")
 
     n_classes: int | None = None
@@ -91,7 +115,23 @@ def parse_npz(source: IO[bytes] | bytes, max_bytes: int, max_expanded_bytes: int
         y_train, y_test = y_train.astype(np.float32), y_test.astype(np.float32)
         if not (np.isfinite(y_train).all() and np.isfinite(y_test).all()):
             raise DatasetRejected("y_train and y_test must not contain NaN or infinity")
-    return ParsedDataset(x_train, y_train, x_test, y_test, n_classes)
+    parsed = ParsedDataset(x_train, y_train, x_test, y_test, n_classes)
+    limit = max_expanded_bytes if max_stored_bytes is None else max_stored_bytes
+    if parsed.stored_bytes > limit:
+        raise DatasetRejected(
+            f"the dataset would take {parsed.stored_bytes} bytes stored, over the limit of "
+            f"{limit} bytes"
+        )
+    return parsed
+
+
+def _stored_features(x: np.ndarray) -> np.ndarray:
+    """The dtype ``x`` is stored in: its own, but float64 as float32 and bool as uint8."""
+    if x.dtype == np.bool_:
+        return x.astype(np.uint8)
+    if x.dtype.kind == "f" and x.dtype.itemsize > 4:
+        return x.astype(np.float32)
+    return x
 
 
 def write_npz_atomic(path: Path, **arrays: Any) -> str:

@@ -78,7 +78,11 @@ def evaluate(job: Job, weights: dict[str, np.ndarray]) -> tuple[float, float]:
     with _cache_lock:  # one evaluation per model object at a time
         _set_weights(model, weights)
         predictions = np.concatenate(
-            [np.asarray(model(x[i : i + 1024], training=False)) for i in range(0, len(x), 1024)]
+            [
+                # The test split keeps its stored dtype (e.g. uint8); convert one batch at a time.
+                np.asarray(model(x[i : i + 1024].astype(np.float32), training=False))
+                for i in range(0, len(x), 1024)
+            ]
         )
     loss = float(np.asarray(build_loss(job.loss)(y, predictions)))
     if y.dtype.kind in "iu":

@@ -22,6 +22,8 @@ class Dataset(models.Model):
     n_classes = models.IntegerField(null=True)
     test_path = models.CharField(max_length=500)
     sha256 = models.CharField(max_length=64)
+    # Bytes on disk (test split and shards): counted against the owner's dataset quota.
+    stored_bytes = models.BigIntegerField(default=0)
 
     def __str__(self) -> str:
         return self.name
@@ -106,6 +108,11 @@ class Job(models.Model):
         if self.layout is None:
             raise ValueError(f"job {self.id} has no parameter layout yet")
         return ShardLayout.from_json(self.layout)
+
+    @property
+    def store_bytes(self) -> int:
+        """Parameter-store memory: weights and Adagrad accumulators, plus the clipping centre."""
+        return int(self.param_count) * 4 * (3 if self.robust_aggregation else 2)
 
     @property
     def is_finished(self) -> bool:
@@ -215,6 +222,8 @@ class Checkpoint(models.Model):
     path = models.CharField(max_length=500)
     sha256 = models.CharField(max_length=64)
     versions = models.JSONField()
+    # Test accuracy of exactly these weights, when an evaluation wrote the checkpoint.
+    accuracy = models.FloatField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]

@@ -7,7 +7,7 @@ import logging
 from django.utils import timezone
 
 from downpour.training.actions.jobs import finish_job
-from downpour.training.actions.recovery import ensure_store_ready
+from downpour.training.actions.recovery import checkpoint_job, ensure_store_ready
 from downpour.training.models import Evaluation, Job
 from downpour.training.store import job_store
 
@@ -20,7 +20,13 @@ def evaluate_job(job: Job) -> Evaluation | None:
 
     ensure_store_ready(job)
     store = job_store(job)
-    accuracy, loss = evaluate(job, store.weights())
+    # Score a snapshot, so that a new best can be checkpointed as exactly what scored.
+    states = store.snapshot()
+    layout = job.shard_layout()
+    weights = layout.merge(
+        [layout.unflatten_shard(shard, state.weights) for shard, state in enumerate(states)]
+    )
+    accuracy, loss = evaluate(job, weights)
     job.refresh_from_db()
     elapsed = (timezone.now() - job.started_at).total_seconds() if job.started_at else 0.0
     point = Evaluation.objects.create(
@@ -29,10 +35,11 @@ def evaluate_job(job: Job) -> Evaluation | None:
         samples=job.samples_done,
         accuracy=accuracy,
         loss=loss,
-        versions=store.versions(),
+        versions=[state.version for state in states],
     )
     if job.best_accuracy is None or accuracy > job.best_accuracy:
         Job.objects.filter(id=job.id).update(best_accuracy=accuracy)
+        checkpoint_job(job, states, accuracy)
     if job.target_accuracy is not None and accuracy >= job.target_accuracy:
         finish_job(job, Job.Status.DONE, f"reached {accuracy:.1%} test accuracy")
     elif job.budget_samples is not None and job.samples_done >= job.budget_samples:

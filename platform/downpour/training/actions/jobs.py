@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 
@@ -16,7 +17,7 @@ from downpour.paramstore import ShardLayout, VariableSpec
 from downpour.training import weights
 from downpour.training.media import media_dir
 from downpour.training.models import Dataset, Job, Lease
-from downpour.training.store import job_store
+from downpour.training.store import forget_job_store, job_store
 from downpour_agent.modelspec import ModelRejected, validate_loss, validate_model_config
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ def submit_job(owner: Any, dataset: Dataset, params: JobParams) -> Job:
         except weights.WeightsRejected as exc:
             raise JobRejected(f"initial weights rejected: {exc}") from None
     with transaction.atomic():
+        _check_job_quotas(owner, spec.param_count, params.robust_aggregation)
         job = _create_job(owner, dataset, params, spec, loss)
         if params.initial_weights is not None:
             path = media_dir("jobs", str(job.id)) / "initial-weights.npz"
@@ -113,6 +115,35 @@ def submit_job(owner: Any, dataset: Dataset, params: JobParams) -> Job:
             job.initial_weights_sha256 = hashlib.sha256(params.initial_weights).hexdigest()
             job.save(update_fields=["initial_weights_path", "initial_weights_sha256"])
     return job
+
+
+#: Jobs that hold a place in the store or the queue, for the quotas.
+ACTIVE_STATUSES = (Job.Status.QUEUED, Job.Status.RUNNING, Job.Status.PAUSED)
+
+
+def _check_job_quotas(owner: Any, param_count: int, robust: bool) -> None:
+    """Refuse a job past the owner's quotas. Call inside a transaction: locks the owner's
+    row, so two submits at once cannot both pass."""
+    user = get_user_model().objects.select_for_update().get(pk=owner.pk)
+    if param_count > user.quota("max_params_per_job"):
+        raise JobRejected(
+            f"the model has {param_count:,} parameters; your quota is "
+            f"{user.quota('max_params_per_job'):,} per job"
+        )
+    active = list(Job.objects.filter(owner=user, status__in=ACTIVE_STATUSES))
+    if len(active) >= user.quota("max_active_jobs"):
+        raise JobRejected(
+            f"you have {len(active)} queued, running or paused jobs; your quota is "
+            f"{user.quota('max_active_jobs')}. Wait for one to finish."
+        )
+    held = sum(job.store_bytes for job in active)
+    needed = param_count * 4 * (3 if robust else 2)
+    if held + needed > user.quota("max_store_bytes"):
+        raise JobRejected(
+            f"this job needs {needed / 2**20:.0f} MiB of parameter-store memory and your "
+            f"active jobs hold {held / 2**20:.0f} MiB; your quota is "
+            f"{user.quota('max_store_bytes') / 2**20:.0f} MiB"
+        )
 
 
 def _create_job(owner: Any, dataset: Dataset, params: JobParams, spec: Any, loss: str) -> Job:
@@ -209,12 +240,26 @@ def finish_job(job: Job, status: str, message: str) -> bool:
         export_job(job)
     except Exception:
         log.exception("job %s: export failed", job.id)
+    free_job_store(job)
     Lease.objects.filter(unit__job=job, status=Lease.Status.ACTIVE).update(
         status=Lease.Status.EXPIRED, ended_at=timezone.now()
     )
     push.notify_job_finished_on_commit(str(job.id))
     log.info("job %s finished (%s): %s", job.id, status, message)
     return True
+
+
+def free_job_store(job: Job) -> None:
+    """Delete a finished job's parameters from the store; its checkpoints keep the last and
+    the best state, and the export the weights."""
+    from downpour.training.actions.recovery import prune_checkpoints
+
+    try:
+        job_store(job).delete()
+    except Exception:
+        log.exception("job %s: could not free the store", job.id)
+    forget_job_store(str(job.id))
+    prune_checkpoints(job)
 
 
 def export_job(job: Job) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from django.conf import settings
 from django.utils import timezone
 
+from downpour.paramstore import NotInitialized, ShardState
 from downpour.paramstore.checkpoint import read_checkpoint, write_checkpoint
 from downpour.training.actions.jobs import starting_weights
 from downpour.training.media import media_dir
@@ -37,6 +37,10 @@ def restore_store(job: Job, from_initial_weights: bool) -> bool:
     store = job_store(job)
     if storage().load_version(str(job.id), 0) is not None:
         return True
+    if Job.objects.filter(id=job.id, status__in=(Job.Status.DONE, Job.Status.FAILED)).exists():
+        # A finished job's store was freed on purpose (finish_job): a late push or fetch
+        # must not bring it back.
+        raise NotInitialized(f"job {job.id} has finished")
     with restore_lock(str(job.id)):
         if storage().load_version(str(job.id), 0) is not None:
             return True  # another thread or process restored it meanwhile
@@ -71,21 +75,39 @@ def restore_store(job: Job, from_initial_weights: bool) -> bool:
         return True
 
 
-def checkpoint_job(job: Job) -> Checkpoint:
-    """Write weights, accumulators and versions atomically and keep the newest few."""
-    store = job_store(job)
-    states = store.snapshot()
+def checkpoint_job(
+    job: Job, states: list[ShardState] | None = None, accuracy: float | None = None
+) -> Checkpoint:
+    """Write weights, accumulators and versions atomically; keep the last and the best.
+
+    ``states`` (default: a snapshot of the store now) and the test ``accuracy`` they
+    scored, when an evaluation writes the checkpoint of a new best.
+    """
+    if states is None:
+        states = job_store(job).snapshot()
     folder = media_dir("checkpoints", str(job.id))
     path = folder / f"ckpt-{timezone.now().strftime('%Y%m%dT%H%M%S%f')}.npz"
     layout = job.shard_layout()
     digest = write_checkpoint(path, layout, states, {"job": str(job.id)})
     checkpoint = Checkpoint.objects.create(
-        job=job, path=str(path), sha256=digest, versions=[s.version for s in states]
+        job=job,
+        path=str(path),
+        sha256=digest,
+        versions=[s.version for s in states],
+        accuracy=accuracy,
     )
-    for old in job.checkpoints.all()[settings.CHECKPOINTS_KEPT :]:
+    prune_checkpoints(job)
+    return checkpoint
+
+
+def prune_checkpoints(job: Job) -> None:
+    """Keep the newest checkpoint (to restore from) and the most accurate one; delete the rest."""
+    newest = job.checkpoints.order_by("-created_at").first()
+    best = job.checkpoints.filter(accuracy__isnull=False).order_by("-accuracy").first()
+    keep = {c.pk for c in (newest, best) if c is not None}
+    for old in job.checkpoints.exclude(pk__in=keep):
         Path(old.path).unlink(missing_ok=True)
         old.delete()
-    return checkpoint
 
 
 def checkpoint_running_jobs() -> int:
