@@ -142,7 +142,9 @@ def start_agent(
             "--no-status-page",
             *extra_args,
         ],
-        {"TF_CPP_MIN_LOG_LEVEL": "2"},
+        # Each agent keeps its settings and state (the credit book) beside its log, never in
+        # the donor's ~/.config or ~/.local/state, which all local agents would share.
+        {"TF_CPP_MIN_LOG_LEVEL": "2", "DOWNPOUR_CONFIG": str(log.parent / name / "agent.toml")},
         log,
     )
 
