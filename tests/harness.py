@@ -202,8 +202,14 @@ class Deployment:
     # --- agents ---------------------------------------------------------------------
 
     def start_agent(
-        self, name: str, token: str, *extra: str, program: Sequence[str] = ()
+        self,
+        name: str,
+        token: str,
+        *extra: str,
+        program: Sequence[str] = (),
+        status_page: bool = False,
     ) -> subprocess.Popen[bytes]:
+        """``status_page`` serves the agent's page on the port in :meth:`agent_config`'s file."""
         proc = start_agent(
             self.url,
             token,
@@ -217,9 +223,20 @@ class Deployment:
                 *extra,
             ],
             program,
+            env=self.agent_env(name),
+            status_page=status_page,
         )
         self.agents[name] = proc
         return proc
+
+    def agent_config(self, name: str) -> Path:
+        """Agent ``name``'s settings file; its status secret and credit book live beside it
+        (so no agent here reads or writes the user's ``~/.config/downpour``)."""
+        return self.workdir / f"config-{name}" / "agent.toml"
+
+    def agent_env(self, name: str) -> dict[str, str]:
+        """The environment under which ``downpour-agent`` commands act on agent ``name``."""
+        return {"DOWNPOUR_CONFIG": str(self.agent_config(name))}
 
     def kill_agent(self, name: str) -> None:
         stop([self.agents[name]], sig=9, grace=5)

@@ -123,8 +123,14 @@ def start_agent(
     log: Path,
     extra_args: Sequence[str] = (),
     program: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    status_page: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """``downpour-agent join`` (or ``program join``: a wrapper taking the same arguments)."""
+    """``downpour-agent join`` (or ``program join``: a wrapper taking the same arguments).
+
+    ``status_page`` keeps the local status page (on the port its settings file names);
+    ``extra_args`` may override ``--mode always`` (the last ``--mode`` wins).
+    """
     return spawn(
         [
             *(program or [str(BIN / "downpour-agent")]),
@@ -139,10 +145,10 @@ def start_agent(
             # A harness agent computes whenever there is work and serves no status page.
             "--mode",
             "always",
-            "--no-status-page",
+            *([] if status_page else ["--no-status-page"]),
             *extra_args,
         ],
-        {"TF_CPP_MIN_LOG_LEVEL": "2"},
+        {"TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
         log,
     )
 
