@@ -21,6 +21,7 @@ from tests import services
 
 from downpour.devprocs import (
     BIN,
+    agent_config_path,
     manage,
     seed_digits_job,
     spawn,
@@ -223,16 +224,14 @@ class Deployment:
                 *extra,
             ],
             program,
-            env=self.agent_env(name),
             status_page=status_page,
         )
         self.agents[name] = proc
         return proc
 
     def agent_config(self, name: str) -> Path:
-        """Agent ``name``'s settings file; its status secret and credit book live beside it
-        (so no agent here reads or writes the user's ``~/.config/downpour``)."""
-        return self.workdir / f"config-{name}" / "agent.toml"
+        """Agent ``name``'s settings file; its status secret and credit book live beside it."""
+        return agent_config_path(self.workdir / f"{name}.log", name)
 
     def agent_env(self, name: str) -> dict[str, str]:
         """The environment under which ``downpour-agent`` commands act on agent ``name``."""

@@ -343,6 +343,7 @@ def _join(args: argparse.Namespace) -> int:
             logger.info("status page on %s (downpour-agent open logs you in)", page.url)
         except OSError as exc:
             logger.warning("no status page: port %s: %s", settings.status_port, exc)
+    credit = CreditBook(state_dir() / "credit.json")
     config = AgentConfig(
         base_url=settings.server_url,
         token=token,
@@ -353,12 +354,13 @@ def _join(args: argparse.Namespace) -> int:
         max_steps_per_second=args.max_steps_per_second,
         status_interval_s=None if args.quiet else args.status_interval,
         governor=governor,
-        credit=CreditBook(state_dir() / "credit.json"),
+        credit=credit,
         memory_limit_mb=settings.memory_limit_mb,
     )
     try:
         return asyncio.run(_run_until_signalled(Agent(config)))
     finally:
+        credit.save()
         if page is not None:
             page.stop()
 

@@ -203,6 +203,9 @@ EVAL_INTERVAL_S = envfloat("EVAL_INTERVAL_S", 5.0)
 CHECKPOINT_INTERVAL_S = envfloat("CHECKPOINT_INTERVAL_S", 10.0)
 REAP_INTERVAL_S = envfloat("REAP_INTERVAL_S", 5.0)
 SPOT_CHECK_INTERVAL_S = envfloat("SPOT_CHECK_INTERVAL_S", 2.0)
+# A finished job's store is freed this long after it ends: pushes in flight land first and
+# the final state can still be read (its last checkpoint and export keep it after that).
+STORE_FREE_AFTER_S = envfloat("STORE_FREE_AFTER_S", max(60.0, 2 * LEASE_TTL_S))
 MAX_FRAME_BYTES = envint("MAX_FRAME_BYTES", 64 << 20)
 MAX_CONNECTIONS_PER_TOKEN = envint("MAX_CONNECTIONS_PER_TOKEN", 16)
 # Agent rows one token may register (each distinct name is one); re-registering is free.
@@ -231,6 +234,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "downpour.training.tasks.run_spot_checks",
         "schedule": SPOT_CHECK_INTERVAL_S,
         "options": {"expires": SPOT_CHECK_INTERVAL_S},
+    },
+    "free-finished-stores": {
+        "task": "downpour.training.tasks.free_finished_stores",
+        "schedule": REAP_INTERVAL_S,
+        "options": {"expires": REAP_INTERVAL_S},
     },
     "reap-expired-leases": {
         "task": "downpour.training.tasks.reap_expired_leases",

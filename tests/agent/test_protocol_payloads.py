@@ -245,6 +245,10 @@ def test_no_loads_is_an_empty_list() -> None:
         [[1, [4, 7, 9]]],
         [[1, [4, -7]]],
         [[-1, [4, 7]]],
+        [[0, [4, 7]]],  # offset 0 runs on base_version
+        [[5, [4, 7]]],  # offset n_push is the next round's first step
+        [[3, [4, 7]], [1, [5, 7]]],  # offsets increase
+        [[2, [4, 7]], [2, [5, 7]]],
         [[True, [4, 7]]],
         [[1, [4, 7.0]]],
         [[1, 4, 7]],

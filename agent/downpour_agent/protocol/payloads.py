@@ -234,22 +234,28 @@ def loads_from_wire(value: Any, n_push: int, n_shards: int) -> list[WeightsLoad]
     ------
     ProtocolError
         ``bad_message`` when ``value`` is not a list of at most ``n_push - 1`` pairs
-        ``[offset, [version, ...]]`` of non-negative ints with ``n_shards`` versions.
+        ``[offset, [version, ...]]`` of non-negative ints with ``n_shards`` versions, or
+        when the offsets are not strictly increasing within ``[1, n_push - 1]``: offset 0
+        is the round's first step, which runs on its ``base_version``, and ``n_push`` is
+        the next round's.
     """
     if not isinstance(value, list) or len(value) >= max(n_push, 1):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, _LOADS_RULE)
     loads = []
+    previous = 0
     for load in value:
         if not (
             isinstance(load, list)
             and len(load) == 2
             and _is_count(load[0])
+            and previous < load[0] < n_push
             and isinstance(load[1], list)
             and len(load[1]) == n_shards
             and all(_is_count(v) for v in load[1])
         ):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, _LOADS_RULE)
         loads.append(WeightsLoad(load[0], tuple(load[1])))
+        previous = load[0]
     return loads
 
 

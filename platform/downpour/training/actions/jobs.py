@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from downpour.paramstore import ShardLayout, VariableSpec
 from downpour.training import weights
 from downpour.training.media import media_dir
 from downpour.training.models import Dataset, Job, Lease
-from downpour.training.store import forget_job_store, job_store
+from downpour.training.store import forget_job_store, job_store, storage
 from downpour_agent.modelspec import ModelRejected, validate_loss, validate_model_config
 
 log = logging.getLogger(__name__)
@@ -240,13 +241,38 @@ def finish_job(job: Job, status: str, message: str) -> bool:
         export_job(job)
     except Exception:
         log.exception("job %s: export failed", job.id)
-    free_job_store(job)
     Lease.objects.filter(unit__job=job, status=Lease.Status.ACTIVE).update(
         status=Lease.Status.EXPIRED, ended_at=timezone.now()
     )
     push.notify_job_finished_on_commit(str(job.id))
     log.info("job %s finished (%s): %s", job.id, status, message)
     return True
+
+
+#: How far back ``free_finished_stores`` looks: a job finished longer ago than this plus
+#: ``STORE_FREE_AFTER_S`` while no worker ran keeps its store until an operator deletes it.
+FREE_HORIZON = timedelta(hours=1)
+
+
+def free_finished_stores(now: datetime | None = None) -> int:
+    """Free the stores of jobs that finished ``STORE_FREE_AFTER_S`` ago; how many were freed.
+
+    Not at ``finish_job`` itself: pushes already in flight still land in the store, so its
+    versions stay the exact record of what was applied until every lease has wound down.
+    """
+    now = now or timezone.now()
+    due = now - timedelta(seconds=settings.STORE_FREE_AFTER_S)
+    freed = 0
+    finished = Job.objects.filter(
+        status__in=(Job.Status.DONE, Job.Status.FAILED),
+        finished_at__lte=due,
+        finished_at__gt=due - FREE_HORIZON,
+    )
+    for job in finished:
+        if storage().load_version(str(job.id), 0) is not None:
+            free_job_store(job)
+            freed += 1
+    return freed
 
 
 def free_job_store(job: Job) -> None:

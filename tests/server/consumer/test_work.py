@@ -1,28 +1,26 @@
-"""The agent websocket in process: Channels' ``WebsocketCommunicator`` on the embedded default.
-
-The in-memory channel layer and store stand in for Redis, so these drive the protocol's
-server side in a fraction of the time of ``tests/e2e/test_consumer.py``, which runs the
-same consumer in a real daphne. Each reply is awaited with a timeout; nothing sleeps.
-"""
+"""The agent socket in process: work, pushes, lease ends, server events, restarts."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 from channels.db import database_sync_to_async
-from channels.routing import URLRouter
-from channels.testing import WebsocketCommunicator
-from django.db import connections
 from django.utils import timezone
+from tests.server.consumer.client import (
+    REPLY_TIMEOUT_S,
+    Socket,
+    forget_backends,
+    gradients,
+    lease_row,
+    open_socket,
+)
+from tests.server.helpers import job_params
 
-from downpour.agents import limits, push
+from downpour.agents import push
 from downpour.agents.consumers import STORE_NOT_READY
-from downpour.agents.routing import websocket_urlpatterns
-from downpour.donors.models import Agent, AgentToken
+from downpour.donors.models import Agent
 from downpour.training import store
 from downpour.training.actions.jobs import finish_job, start_job, submit_job
 from downpour.training.actions.leases import reap_expired_leases
@@ -30,377 +28,11 @@ from downpour.training.actions.recovery import checkpoint_job, checkpoint_runnin
 from downpour.training.models import Job, Lease, WorkUnit
 from downpour_agent.protocol import (
     ERROR_TEXTS,
-    PROTOCOL_VERSION,
-    SERVER_MESSAGES,
     CloseCode,
     ErrorCode,
-    frame_from_wire,
-    frame_to_wire,
 )
 
-from .helpers import job_params
-
 pytestmark = pytest.mark.django_db(transaction=True)
-
-#: Longest any one reply may take; a reply normally comes in milliseconds.
-REPLY_TIMEOUT_S = 10.0
-
-application = URLRouter(websocket_urlpatterns)
-
-
-@pytest.fixture(autouse=True)
-def embedded(settings: Any) -> Iterator[None]:
-    """The embedded default: in-memory channel layer, store and connection limits."""
-    settings.REDIS_URL = ""
-    settings.EMBEDDED = True
-    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-    _forget_backends()
-    yield
-    _forget_backends()
-
-
-def _forget_backends() -> None:
-    store.storage.cache_clear()
-    limits.limits.cache_clear()
-    for job_id in list(store._stores):
-        store.forget_job_store(job_id)
-
-
-@pytest.fixture
-def token(charlie: Any) -> str:
-    _, secret = AgentToken.issue(charlie, "pc")
-    return str(secret)
-
-
-@pytest.fixture
-def running_job(alice: Any, dataset: Any) -> Job:
-    """A started job of two parameter shards, never spot-checked (the check is random)."""
-    job = submit_job(alice, dataset, job_params(spot_check_fraction=0.0))
-    assert start_job(job)
-    job.refresh_from_db()
-    return job
-
-
-class Socket:
-    """One agent's socket, speaking the protocol as JSON text and binary tensor frames."""
-
-    def __init__(self, communicator: WebsocketCommunicator) -> None:
-        self.communicator = communicator
-
-    async def send(self, msg: dict[str, Any]) -> None:
-        await self.communicator.send_to(text_data=json.dumps(msg))
-
-    async def send_bytes(self, data: bytes) -> None:
-        await self.communicator.send_to(bytes_data=data)
-
-    async def recv(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        data = await self.communicator.receive_from(REPLY_TIMEOUT_S)
-        if isinstance(data, bytes):
-            return frame_from_wire(data, SERVER_MESSAGES)
-        return json.loads(data), {}
-
-    async def ask(self, msg: dict[str, Any]) -> dict[str, Any]:
-        await self.send(msg)
-        return (await self.recv())[0]
-
-    async def closed_with(self) -> int:
-        """The code of the close that the server sends next."""
-        output = await self.communicator.receive_output(REPLY_TIMEOUT_S)
-        assert output["type"] == "websocket.close", output
-        # A plain int, as daphne needs: it turns an int subclass into a 1011 close.
-        assert type(output["code"]) is int, output
-        return int(output["code"])
-
-    async def register(self, name: str = "pc-1", **extra: Any) -> dict[str, Any]:
-        msg = {"type": "register", "protocol_version": PROTOCOL_VERSION, "name": name}
-        return await self.ask({"device": {"cpu_cores": 4}, **msg, **extra})
-
-    async def lease(self) -> dict[str, Any]:
-        reply = await self.ask({"type": "request_work", "ref": 1})
-        assert reply["type"] == "lease", reply
-        return reply
-
-    async def fetch(self, lease: dict[str, Any], shard: int) -> tuple[int, dict[str, np.ndarray]]:
-        await self.send({"type": "fetch", "lease_id": lease["lease_id"], "shard": shard})
-        msg, tensors = await self.recv()
-        assert msg["type"] == "params", msg
-        return int(msg["version"]), tensors
-
-    async def push(
-        self, lease: dict[str, Any], shard: int, tensors: dict[str, np.ndarray], **fields: Any
-    ) -> dict[str, Any]:
-        msg = {
-            "type": "push",
-            "lease_id": lease["lease_id"],
-            "seq": 0,
-            "shard": shard,
-            "base_version": 0,
-            "samples": 32,
-            **fields,
-        }
-        await self.send_bytes(frame_to_wire(msg, tensors))
-        return (await self.recv())[0]
-
-    async def still_usable(self) -> None:
-        assert (await self.ask({"type": "heartbeat", "ref": "still"})) == {
-            "type": "heartbeat_ack",
-            "ref": "still",
-        }
-
-
-def headers(token: str | None = None, origin: str | None = None) -> list[tuple[bytes, bytes]]:
-    found = []
-    if token is not None:
-        found.append((b"authorization", f"Bearer {token}".encode()))
-    if origin is not None:
-        found.append((b"origin", origin.encode()))
-    return found
-
-
-async def open_socket(
-    token: str | None = None, origin: str | None = None
-) -> tuple[WebsocketCommunicator, bool, Any]:
-    communicator = WebsocketCommunicator(application, "/ws/agent/", headers(token, origin))
-    connected, detail = await communicator.connect(REPLY_TIMEOUT_S)
-    return communicator, connected, detail
-
-
-@pytest.fixture
-async def socket(token: str) -> AsyncIterator[Socket]:
-    """Charlie's agent, connected and not yet registered."""
-    communicator, connected, _ = await open_socket(token)
-    assert connected
-    yield Socket(communicator)
-    await communicator.disconnect(timeout=REPLY_TIMEOUT_S)
-    # The consumer's thread keeps its connection (CONN_MAX_AGE); the flush needs it gone.
-    await database_sync_to_async(connections.close_all)()
-
-
-@pytest.fixture
-async def registered(socket: Socket) -> Socket:
-    assert (await socket.register())["type"] == "registered"
-    return socket
-
-
-def gradients(lease: dict[str, Any], shard: int, value: float = 0.01) -> dict[str, np.ndarray]:
-    return {v["name"]: np.full(v["shape"], value, dtype=np.float32) for v in lease["layout"][shard]}
-
-
-@database_sync_to_async
-def lease_row(lease_id: str) -> Lease:
-    return Lease.objects.select_related("unit").get(id=lease_id)
-
-
-# --- the handshake ----------------------------------------------------------------------
-
-
-async def test_a_socket_without_a_token_gets_unauthorized_and_closes_as_unauthorized() -> None:
-    communicator, connected, _ = await open_socket()
-    assert connected
-    socket = Socket(communicator)
-    reply, _ = await socket.recv()
-    assert reply == {
-        "type": "error",
-        "code": "unauthorized",
-        "message": ERROR_TEXTS[ErrorCode.UNAUTHORIZED],
-    }
-    assert await socket.closed_with() == CloseCode.UNAUTHORIZED
-
-
-async def test_an_unknown_token_gets_unauthorized_and_closes_as_unauthorized() -> None:
-    communicator, connected, _ = await open_socket("dp_not-a-token")
-    assert connected
-    socket = Socket(communicator)
-    assert (await socket.recv())[0]["code"] == "unauthorized"
-    assert await socket.closed_with() == CloseCode.UNAUTHORIZED
-
-
-async def test_a_revoked_token_gets_unauthorized(token: str) -> None:
-    await database_sync_to_async(lambda: AgentToken.objects.update(revoked_at=timezone.now()))()
-    communicator, _, _ = await open_socket(token)
-    socket = Socket(communicator)
-    assert (await socket.recv())[0]["code"] == "unauthorized"
-    assert await socket.closed_with() == CloseCode.UNAUTHORIZED
-
-
-async def test_a_page_of_another_site_is_refused_before_the_socket_opens(token: str) -> None:
-    _, connected, code = await open_socket(token, origin="https://evil.example")
-    assert (connected, code) == (False, CloseCode.FORBIDDEN)
-    assert type(code) is int
-
-
-async def test_a_page_of_this_site_may_open_one(token: str) -> None:
-    communicator, connected, _ = await open_socket(token, origin="http://localhost:8000")
-    assert connected
-    assert (await Socket(communicator).register())["type"] == "registered"
-    await communicator.disconnect(timeout=REPLY_TIMEOUT_S)
-    await database_sync_to_async(connections.close_all)()
-
-
-async def test_a_token_over_its_connection_cap_is_closed_as_rate_limited(
-    token: str, settings: Any
-) -> None:
-    settings.MAX_CONNECTIONS_PER_TOKEN = 1
-    first, connected, _ = await open_socket(token)
-    assert connected
-    second, connected, _ = await open_socket(token)
-    assert connected
-    over = Socket(second)
-    reply, _ = await over.recv()
-    assert reply["code"] == "rate_limited" and "already has 1 connections" in reply["message"]
-    assert await over.closed_with() == CloseCode.RATE_LIMITED
-    await first.disconnect(timeout=REPLY_TIMEOUT_S)
-    await database_sync_to_async(connections.close_all)()
-
-
-# --- register ---------------------------------------------------------------------------
-
-
-async def test_register_answers_registered_with_the_servers_timings(
-    socket: Socket, settings: Any
-) -> None:
-    reply = await socket.register(ref=7)
-    agent = await database_sync_to_async(Agent.objects.get)(name="pc-1")
-    assert reply == {
-        "type": "registered",
-        "agent_id": str(agent.id),
-        "heartbeat_interval_s": settings.HEARTBEAT_INTERVAL_S,
-        "lease_ttl_s": settings.LEASE_TTL_S,
-        "ref": 7,
-    }
-    assert agent.connected and agent.cpu_cores == 4
-
-
-async def test_an_old_protocol_version_is_refused_with_its_ref(socket: Socket) -> None:
-    reply = await socket.register(protocol_version=PROTOCOL_VERSION - 1, ref="hello")
-    assert reply == {
-        "type": "error",
-        "code": "unsupported_version",
-        "message": f"server speaks protocol {PROTOCOL_VERSION}, agent {PROTOCOL_VERSION - 1}",
-        "ref": "hello",
-    }
-    assert (await socket.register())["type"] == "registered"
-
-
-async def test_device_fields_that_do_not_fit_are_dropped_and_the_name_is_cleaned(
-    socket: Socket,
-) -> None:
-    device = {
-        "os": "Linux\x00\ud800" + "x" * 300,
-        "cpu_cores": -3,
-        "ram_bytes": True,
-        "gpu_name": 17,
-        "gpu_memory_bytes": 1e300,
-        "tf_version": "2.16",
-        "samples_per_s": 1234.5,
-        "unknown": "ignored",
-    }
-    reply = await socket.register(name="\x07", device=device)
-    assert reply["type"] == "registered"
-    agent = await database_sync_to_async(Agent.objects.get)(id=reply["agent_id"])
-    assert agent.name == "agent"
-    assert agent.os == "Linux" + "x" * 195
-    assert agent.cpu_cores is None and agent.ram_bytes is None
-    assert agent.gpu_name == "" and agent.gpu_memory_bytes is None
-    assert agent.tf_version == "2.16" and agent.samples_per_s == 1234.5
-
-
-async def test_a_banned_agent_is_told_why_and_closed_as_forbidden(socket: Socket) -> None:
-    assert (await socket.register())["type"] == "registered"
-    await database_sync_to_async(
-        lambda: Agent.objects.update(banned_at=timezone.now(), ban_reason="a spot check failed")
-    )()
-    reply = await socket.register()
-    assert reply == {
-        "type": "error",
-        "code": "banned",
-        "message": "this agent is banned: a spot check failed",
-    }
-    assert await socket.closed_with() == CloseCode.FORBIDDEN
-
-
-async def test_a_request_before_register_gets_not_registered_with_its_ref(socket: Socket) -> None:
-    reply = await socket.ask({"type": "request_work", "ref": 3})
-    assert reply == {
-        "type": "error",
-        "code": "not_registered",
-        "message": ERROR_TEXTS[ErrorCode.NOT_REGISTERED],
-        "ref": 3,
-    }
-
-
-async def test_a_binary_frame_before_register_gets_not_registered(socket: Socket) -> None:
-    msg = {
-        "type": "push",
-        "lease_id": "x",
-        "seq": 0,
-        "shard": 0,
-        "base_version": 0,
-        "samples": 1,
-        "ref": 4,
-    }
-    await socket.send_bytes(frame_to_wire(msg, {"w": np.zeros(2, np.float32)}))
-    reply, _ = await socket.recv()
-    assert (reply["code"], reply["ref"]) == ("not_registered", 4)
-    assert (await socket.register())["type"] == "registered"
-
-
-# --- malformed input --------------------------------------------------------------------
-
-
-async def test_malformed_json_gets_bad_frame_and_the_socket_stays_usable(
-    registered: Socket,
-) -> None:
-    await registered.communicator.send_to(text_data="{not json")
-    reply, _ = await registered.recv()
-    assert reply["type"] == "error" and reply["code"] == "bad_frame"
-    await registered.still_usable()
-
-
-async def test_garbage_bytes_get_bad_frame(registered: Socket) -> None:
-    await registered.send_bytes(b"\x00\x01garbage")
-    assert (await registered.recv())[0]["code"] == "bad_frame"
-    await registered.still_usable()
-
-
-async def test_an_unknown_type_gets_unknown_type(registered: Socket) -> None:
-    reply = await registered.ask({"type": "teleport", "ref": 9})
-    assert reply["type"] == "error" and reply["code"] == "unknown_type"
-    assert "teleport" in reply["message"]
-    await registered.still_usable()
-
-
-async def test_a_field_of_the_wrong_type_gets_bad_message(registered: Socket) -> None:
-    reply = await registered.ask({"type": "fetch", "lease_id": 7, "shard": 0})
-    assert reply["code"] == "bad_message" and "lease_id" in reply["message"]
-    await registered.still_usable()
-
-
-async def test_a_push_sent_as_text_gets_bad_message_with_its_ref(registered: Socket) -> None:
-    msg = {
-        "type": "push",
-        "lease_id": "x",
-        "seq": 0,
-        "shard": 0,
-        "base_version": 0,
-        "samples": 1,
-        "ref": 5,
-    }
-    reply = await registered.ask(msg)
-    assert reply == {
-        "type": "error",
-        "code": "bad_message",
-        "message": "push must be a binary tensor frame",
-        "ref": 5,
-    }
-
-
-async def test_a_text_message_sent_as_a_binary_frame_gets_bad_message(registered: Socket) -> None:
-    await registered.send_bytes(frame_to_wire({"type": "heartbeat", "ref": 6}, {}))
-    reply, _ = await registered.recv()
-    assert (reply["code"], reply["ref"]) == ("bad_message", 6)
-    assert reply["message"] == "heartbeat is not a binary message"
-
 
 # --- work -------------------------------------------------------------------------------
 
@@ -744,7 +376,7 @@ async def test_a_ban_is_announced_and_the_socket_closed_as_forbidden(registered:
 
 def restart_the_store() -> None:
     """What a restart of the embedded server does to its in-memory store: empties it."""
-    _forget_backends()
+    forget_backends()
 
 
 async def test_a_job_with_a_checkpoint_is_restored_by_the_socket_itself(

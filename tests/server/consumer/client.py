@@ -1,0 +1,127 @@
+"""The in-process socket tests' client: a ``Socket`` over Channels' ``WebsocketCommunicator``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from channels.db import database_sync_to_async
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
+
+from downpour.agents import limits
+from downpour.agents.routing import websocket_urlpatterns
+from downpour.training import store
+from downpour.training.models import Lease
+from downpour_agent.protocol import (
+    PROTOCOL_VERSION,
+    SERVER_MESSAGES,
+    frame_from_wire,
+    frame_to_wire,
+)
+
+REPLY_TIMEOUT_S = 10.0
+
+
+application = URLRouter(websocket_urlpatterns)
+
+
+def forget_backends() -> None:
+    store.storage.cache_clear()
+    limits.limits.cache_clear()
+    for job_id in list(store._stores):
+        store.forget_job_store(job_id)
+
+
+class Socket:
+    """One agent's socket, speaking the protocol as JSON text and binary tensor frames."""
+
+    def __init__(self, communicator: WebsocketCommunicator) -> None:
+        self.communicator = communicator
+
+    async def send(self, msg: dict[str, Any]) -> None:
+        await self.communicator.send_to(text_data=json.dumps(msg))
+
+    async def send_bytes(self, data: bytes) -> None:
+        await self.communicator.send_to(bytes_data=data)
+
+    async def recv(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        data = await self.communicator.receive_from(REPLY_TIMEOUT_S)
+        if isinstance(data, bytes):
+            return frame_from_wire(data, SERVER_MESSAGES)
+        return json.loads(data), {}
+
+    async def ask(self, msg: dict[str, Any]) -> dict[str, Any]:
+        await self.send(msg)
+        return (await self.recv())[0]
+
+    async def closed_with(self) -> int:
+        """The code of the close that the server sends next."""
+        output = await self.communicator.receive_output(REPLY_TIMEOUT_S)
+        assert output["type"] == "websocket.close", output
+        # A plain int, as daphne needs: it turns an int subclass into a 1011 close.
+        assert type(output["code"]) is int, output
+        return int(output["code"])
+
+    async def register(self, name: str = "pc-1", **extra: Any) -> dict[str, Any]:
+        msg = {"type": "register", "protocol_version": PROTOCOL_VERSION, "name": name}
+        return await self.ask({"device": {"cpu_cores": 4}, **msg, **extra})
+
+    async def lease(self) -> dict[str, Any]:
+        reply = await self.ask({"type": "request_work", "ref": 1})
+        assert reply["type"] == "lease", reply
+        return reply
+
+    async def fetch(self, lease: dict[str, Any], shard: int) -> tuple[int, dict[str, np.ndarray]]:
+        await self.send({"type": "fetch", "lease_id": lease["lease_id"], "shard": shard})
+        msg, tensors = await self.recv()
+        assert msg["type"] == "params", msg
+        return int(msg["version"]), tensors
+
+    async def push(
+        self, lease: dict[str, Any], shard: int, tensors: dict[str, np.ndarray], **fields: Any
+    ) -> dict[str, Any]:
+        msg = {
+            "type": "push",
+            "lease_id": lease["lease_id"],
+            "seq": 0,
+            "shard": shard,
+            "base_version": 0,
+            "samples": 32,
+            **fields,
+        }
+        await self.send_bytes(frame_to_wire(msg, tensors))
+        return (await self.recv())[0]
+
+    async def still_usable(self) -> None:
+        assert (await self.ask({"type": "heartbeat", "ref": "still"})) == {
+            "type": "heartbeat_ack",
+            "ref": "still",
+        }
+
+
+def headers(token: str | None = None, origin: str | None = None) -> list[tuple[bytes, bytes]]:
+    found = []
+    if token is not None:
+        found.append((b"authorization", f"Bearer {token}".encode()))
+    if origin is not None:
+        found.append((b"origin", origin.encode()))
+    return found
+
+
+async def open_socket(
+    token: str | None = None, origin: str | None = None
+) -> tuple[WebsocketCommunicator, bool, Any]:
+    communicator = WebsocketCommunicator(application, "/ws/agent/", headers(token, origin))
+    connected, detail = await communicator.connect(REPLY_TIMEOUT_S)
+    return communicator, connected, detail
+
+
+def gradients(lease: dict[str, Any], shard: int, value: float = 0.01) -> dict[str, np.ndarray]:
+    return {v["name"]: np.full(v["shape"], value, dtype=np.float32) for v in lease["layout"][shard]}
+
+
+@database_sync_to_async
+def lease_row(lease_id: str) -> Lease:
+    return Lease.objects.select_related("unit").get(id=lease_id)
