@@ -49,6 +49,12 @@ class Agent(models.Model):
     ram_bytes = models.BigIntegerField(null=True)
     gpu_name = models.CharField(max_length=200, blank=True)
     gpu_memory_bytes = models.BigIntegerField(null=True)
+    # The GPU settings the agent applied: TensorFlow's device name, how many GPUs it saw,
+    # the donor's memory cap (MiB, null: none) and whether memory grows on demand.
+    gpu_device = models.CharField(max_length=200, blank=True)
+    gpu_count = models.IntegerField(null=True)
+    gpu_memory_limit_mb = models.IntegerField(null=True)
+    gpu_memory_growth = models.BooleanField(null=True)
     tf_version = models.CharField(max_length=50, blank=True)
     samples_per_s = models.FloatField(null=True)
     registered_at = models.DateTimeField(auto_now_add=True)
