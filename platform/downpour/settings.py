@@ -9,6 +9,7 @@ thread of the server process.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import dj_database_url
@@ -171,6 +172,8 @@ STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", VAR_DIR / "static"))
 # The image runs collectstatic into STATIC_ROOT; without it (the embedded default, tests)
 # WhiteNoise serves straight from the apps' static folders.
 WHITENOISE_USE_FINDERS = True
+# ...and so an absent STATIC_ROOT is expected, not worth WhiteNoise's warning.
+warnings.filterwarnings("ignore", message=r"No directory at: .*static")
 STATICFILES_DIRS = [Path(__file__).resolve().parent / "static"]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
