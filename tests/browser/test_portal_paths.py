@@ -148,6 +148,10 @@ def test_a_researcher_signs_up_uploads_submits_watches_the_chart_and_downloads(
         timeout=8_000,
     )
 
+    # The agents' training loss is charted beside the test loss.
+    page.wait_for_function(
+        "document.querySelector('#plot-loss .u-legend')?.textContent.includes('training loss')"
+    )
     page.hover("#plot-accuracy .u-over")
     value = page.inner_text("#plot-accuracy .u-legend .u-series:nth-child(2) .u-value")
     assert re.fullmatch(r"\d+\.\d%", value), value

@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from downpour.accounts.http import AuthenticatedRequest
 from downpour.training.models import Evaluation, Job
+from downpour.training.trainloss import training_loss
 
 #: Other runs on the dataset shown for comparison, newest first.
 MAX_OTHER_RUNS = 6
@@ -38,7 +39,8 @@ def _run(job: Job, current: bool) -> dict[str, Any]:
 @login_required
 def job_chart(request: AuthenticatedRequest, job_id: str) -> JsonResponse:
     """``points`` are ``[elapsed_s, test accuracy, test loss, samples]``; ``now_s`` is the
-    job's age (seconds since it started) as the server reads it, with ``samples_done``.
+    job's age (seconds since it started) as the server reads it, with ``samples_done``;
+    ``train_loss`` is the agents' ``[elapsed_s, training loss]``.
 
     ``?others=1`` adds the owner's other jobs on the same dataset.
     """
@@ -48,6 +50,10 @@ def job_chart(request: AuthenticatedRequest, job_id: str) -> JsonResponse:
     if job.started_at is not None:
         end = job.finished_at or timezone.now()
         now_s = round((end - job.started_at).total_seconds(), 3)
+    train_loss = []
+    if job.started_at is not None:
+        start = job.started_at.timestamp()
+        train_loss = [[round(t - start, 3), loss] for t, loss in training_loss(job.id)]
     runs = [_run(job, current=True)]
     if request.GET.get("others"):
         others = (
@@ -65,5 +71,6 @@ def job_chart(request: AuthenticatedRequest, job_id: str) -> JsonResponse:
             "pushes_rejected": job.pushes_rejected,
             "target_accuracy": job.target_accuracy,
             "runs": runs,
+            "train_loss": train_loss,
         }
     )

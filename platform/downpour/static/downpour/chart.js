@@ -16,27 +16,30 @@
   let shown = {};     // run id -> shown
   let plots = null;
   let target = null;
+  let trainLoss = []; // [[t, training loss]] the agents reported for the current run
 
   const fmt = (digits) => (u, v) => (v == null ? "–" : v.toFixed(digits));
   const pct = (u, v) => (v == null ? "–" : (100 * v).toFixed(1) + "%");
   const rate = (u, v) => (v == null ? "–" : Math.round(v).toLocaleString() + "/s");
   const secs = (u, v) => (v == null ? "–" : v.toFixed(1) + " s");
 
-  function colorOf(i, run) { return run.current ? RUN_COLOR : COLORS[1 + (i % (COLORS.length - 1))]; }
+  // The current run is always first (i = 0) and blue; the others take the next colours.
+  function colorOf(i, run) { return run.current ? RUN_COLOR : COLORS[1 + ((i - 1) % (COLORS.length - 1))]; }
 
   function width() { return Math.max(240, root.querySelector(".charts").clientWidth >= 700 ? (root.querySelector(".charts").clientWidth - 13) / 2 : root.querySelector(".charts").clientWidth); }
 
-  function opts(title, yLabel, series, valueFmt, yRange) {
+  function opts(title, yLabel, series, valueFmt, yRange, tickFmt) {
     return {
       width: width(), height: 220, title: "",
       cursor: { drag: { x: true, y: false } },
       legend: { live: true },
       scales: { x: { time: false }, y: yRange ? { range: yRange } : { auto: true } },
       axes: [
-        { label: "seconds since start", size: 36, labelSize: 16 },
-        { label: yLabel, size: 52, labelSize: 16, values: (u, ticks) => ticks.map((t) => valueFmt(u, t)) },
+        { label: "seconds since start", size: 36, labelSize: 18 },
+        Object.assign({ label: yLabel, size: 58, labelSize: 18, labelGap: 2 },
+          tickFmt ? { values: (u, ticks) => ticks.map((t) => tickFmt(t)) } : {}),
       ],
-      series: [{ label: "t", value: secs }].concat(series.map((s) => ({
+      series: [{ label: "time", value: secs }].concat(series.map((s) => ({
         label: s.label, stroke: s.color, width: s.width || 1.5, dash: s.dash, show: s.show !== false,
         spanGaps: true, points: { show: s.points !== false, size: 4 }, value: valueFmt,
       }))),
@@ -70,27 +73,34 @@
     return uPlot.join(tables.filter((t) => t[0].length));
   }
 
+  // Test loss of each run, then the current run's training loss as the last series.
+  function joinedLoss() {
+    const tables = withPoints().map((r) => [r.points.map((p) => p[0]), r.points.map((p) => p[2])]);
+    if (trainLoss.length) tables.push([trainLoss.map((p) => p[0]), trainLoss.map((p) => p[1])]);
+    return tables.length ? uPlot.join(tables) : null;
+  }
+
   function withPoints() { return runs.filter((r) => r.points.length); }
 
   let shape = "";
   // Rebuilds when the set of series changes; otherwise only the data, so hover survives.
   function update() {
     const tp = throughput();
-    const key = [withPoints().map((r) => r.id).join(","), target, tp[0].length > 0, width()].join("|");
+    const key = [withPoints().map((r) => r.id).join(","), target, tp[0].length > 0, trainLoss.length > 0, width()].join("|");
     if (key !== shape || !plots) { shape = key; build(); return; }
     const acc = joined(1);
     if (acc && plots.acc) {
       if (target != null) acc.push(acc[0].map(() => target));
       plots.acc.setData(acc);
-      plots.loss.setData(joined(2));
     }
+    if (plots.loss) plots.loss.setData(joinedLoss());
     if (plots.rate) plots.rate.setData(tp);
     root.dataset.points = String(countPoints());
   }
 
   function build() {
     const box = root.querySelector(".charts");
-    const acc = joined(1), loss = joined(2);
+    const acc = joined(1), loss = joinedLoss();
     const present = withPoints();
     const runSeries = (dash) => present.map((r, i) => ({
       label: r.current ? r.name + " (this run)" : r.name, color: colorOf(i, r), width: r.current ? 2 : 1.2,
@@ -101,13 +111,17 @@
     if (acc) {
       const ser = runSeries([4, 3]);
       const data = acc;
-      if (target != null) { ser.push({ label: "target", color: "#1f7a32", dash: [6, 4], width: 1, points: false }); data.push(acc[0].map(() => target)); }
-      plots.acc = new uPlot(opts("Test accuracy", "test accuracy", ser, pct, [0, 1]), data, box.querySelector("#plot-accuracy"));
-      plots.loss = new uPlot(opts("Test loss", "test loss", runSeries([4, 3]), fmt(4)), loss, box.querySelector("#plot-loss"));
+      if (target != null) { ser.push({ label: "target", color: "#6b7385", dash: [6, 4], width: 1, points: false }); data.push(acc[0].map(() => target)); }
+      plots.acc = new uPlot(opts("Test accuracy", "test accuracy", ser, pct, [0, 1], (t) => Math.round(100 * t) + "%"), data, box.querySelector("#plot-accuracy"));
+    }
+    if (loss) {
+      const ser = runSeries([4, 3]).map((s) => Object.assign(s, { label: "test: " + s.label }));
+      if (trainLoss.length) ser.push({ label: "training loss (this run)", color: "#8fb0e8", width: 1.2, points: trainLoss.length < 120 });
+      plots.loss = new uPlot(opts("Loss", "loss", ser, fmt(4)), loss, box.querySelector("#plot-loss"));
     }
     const tp = throughput();
     if (tp[0].length) {
-      plots.rate = new uPlot(opts("Throughput", "samples/s", [{ label: "samples/s", color: "#1f7a32", points: tp[0].length < 200 }], rate), tp, box.querySelector("#plot-throughput"));
+      plots.rate = new uPlot(opts("Throughput", "samples/s", [{ label: "samples/s", color: "#1f7a32", points: tp[0].length < 200 }], rate, null, (t) => (t >= 1000 ? t / 1000 + "k" : String(t))), tp, box.querySelector("#plot-throughput"));
     }
     root.dataset.points = String(countPoints());
     toggles();
@@ -115,7 +129,7 @@
 
   function countPoints() {
     const cur = runs.find((r) => r.current);
-    return (cur ? cur.points.length : 0) + throughput()[0].length;
+    return (cur ? cur.points.length : 0) + throughput()[0].length + trainLoss.length;
   }
 
   function toggles() {
@@ -155,6 +169,7 @@
     } catch (e) { /* transient; try again */ }
     if (data) {
       target = data.target_accuracy;
+      trainLoss = data.train_loss || [];
       const others = first ? data.runs.filter((r) => !r.current) : runs.filter((r) => !r.current);
       runs = data.runs.filter((r) => r.current).concat(others);
       first = false;
