@@ -9,6 +9,7 @@ thread of the server process.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import dj_database_url
@@ -61,6 +62,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Serves /static/ in production too (the admin's styles, the site's CSS and charts).
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -165,7 +168,17 @@ USE_I18N = False
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = VAR_DIR / "static"
+STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", VAR_DIR / "static"))
+# The image runs collectstatic into STATIC_ROOT; without it (the embedded default, tests)
+# WhiteNoise serves straight from the apps' static folders.
+WHITENOISE_USE_FINDERS = True
+# ...and so an absent STATIC_ROOT is expected, not worth WhiteNoise's warning.
+warnings.filterwarnings("ignore", message=r"No directory at: .*static")
+STATICFILES_DIRS = [Path(__file__).resolve().parent / "static"]
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
 MEDIA_ROOT = Path(os.environ.get("MEDIA_ROOT", VAR_DIR / "media"))
 
 # Uploads: a dataset may be large; the cap keeps a hostile upload from filling the disk.

@@ -273,6 +273,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
             self.state.clipped.append(result.clipped)
         if result.applied:
             tally.add_applied(cached.job, msg["shard"], msg["samples"], result.staleness)
+            if msg["shard"] == 0:
+                tally.add_loss(msg.get("loss"), msg["samples"])
         await self._send(
             {
                 "type": "push_ack",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -11,6 +12,7 @@ from django.db.models import F
 from downpour.donors.models import Agent
 from downpour.scheduler import credit_for_push
 from downpour.training.models import Contribution, Job, Lease
+from downpour.training.trainloss import record_training_loss
 
 
 @dataclass
@@ -23,6 +25,9 @@ class Tally:
     rejected: int = 0
     credit: float = 0.0
     staleness: dict[int, int] = field(default_factory=dict)
+    # The agent's training loss over its applied push rounds, weighted by their samples.
+    loss_sum: float = 0.0
+    loss_samples: int = 0
 
     def add_applied(self, job: Job, shard: int, samples: int, staleness: int) -> None:
         """Count an applied push of ``shard`` that claims ``samples`` samples."""
@@ -35,6 +40,12 @@ class Tally:
             self.samples += samples
             self.credit += credit_for_push(samples, staleness, accepted=True)
 
+    def add_loss(self, loss: object, samples: int) -> None:
+        """Count a push round's mean training loss (the agent's word: only for the chart)."""
+        if isinstance(loss, int | float) and math.isfinite(loss) and samples > 0:
+            self.loss_sum += float(loss) * samples
+            self.loss_samples += samples
+
 
 def record_tallies(agent_id: str, tallies: Mapping[str, Tally]) -> None:
     """Record an agent's tallies, keyed by lease id (:func:`record_contribution` each)."""
@@ -42,6 +53,8 @@ def record_tallies(agent_id: str, tallies: Mapping[str, Tally]) -> None:
         record_contribution(
             t.job_id, agent_id, lease_id, t.samples, t.accepted, t.rejected, t.credit, t.staleness
         )
+        if t.loss_samples:
+            record_training_loss(t.job_id, t.loss_sum / t.loss_samples)
 
 
 def record_contribution(
