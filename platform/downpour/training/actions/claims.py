@@ -18,7 +18,7 @@ from downpour import scheduler
 from downpour.donors.models import Agent, AgentToken
 from downpour.training.models import DatasetShard, Job, Lease, WorkUnit
 from downpour.training.specs import model_spec
-from downpour.training.spotchecks.selection import choose_round
+from downpour.training.spotcheck_selection import choose_round
 from downpour.training.store import warming_up
 
 log = logging.getLogger(__name__)
