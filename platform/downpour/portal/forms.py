@@ -6,6 +6,7 @@ from django import forms
 from django.contrib.auth.forms import UserCreationForm
 
 from downpour.accounts.models import User
+from downpour.paramstore import DEFAULT_MAX_GRAD_NORM
 from downpour.training.models import Dataset
 
 
@@ -62,6 +63,12 @@ class JobForm(forms.Form):
         help_text="centred clipping against faulty or malicious volunteers. The job first "
         "warms up on a trusted agent (a machine the operators vouch for): until its first "
         "pushes have set the clipping centre, other agents get no work from this job",
+    )
+    max_grad_norm = forms.FloatField(
+        required=False,
+        initial=DEFAULT_MAX_GRAD_NORM,
+        min_value=0,
+        help_text="each push is scaled down to this gradient norm (0: no clip)",
     )
     target_accuracy = forms.FloatField(
         required=False, min_value=0.0001, max_value=1, help_text="fraction, e.g. 0.95"
