@@ -202,8 +202,6 @@ class AgentConsumer(AsyncWebsocketConsumer):
         )
 
     async def on_heartbeat(self, msg: dict[str, Any]) -> None:
-        assert self.token is not None
-        await asyncio.to_thread(limits().acquire_connection, str(self.token.id), self.channel_name)
         lease_id = msg.get("lease_id")
         ttl = await self._heartbeat(lease_id)
         reply: dict[str, Any] = {"type": "heartbeat_ack", **_ref(msg)}

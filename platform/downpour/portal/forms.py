@@ -8,6 +8,7 @@ from django.contrib.auth.forms import UserCreationForm
 from django.forms import BoundField
 
 from downpour.accounts.models import User
+from downpour.paramstore import DEFAULT_MAX_GRAD_NORM
 from downpour.training.models import Dataset
 
 
@@ -65,7 +66,7 @@ class JobForm(forms.Form):
         ("Starting point", ("warm_start_pushes", "initial_weights"), True),
         (
             "Protection against faulty volunteers",
-            ("robust_aggregation", "spot_check_fraction"),
+            ("robust_aggregation", "max_grad_norm", "spot_check_fraction"),
             True,
         ),
     )
@@ -180,6 +181,14 @@ class JobForm(forms.Form):
         help_text="centred clipping against faulty or malicious volunteers. The job first "
         "warms up on a trusted agent (a machine the operators vouch for): until its first "
         "pushes have set the clipping centre, other agents get no work from this job",
+    )
+    max_grad_norm = forms.FloatField(
+        label="Largest gradient norm",
+        required=False,
+        initial=DEFAULT_MAX_GRAD_NORM,
+        min_value=0,
+        help_text="each push is scaled down to this size (its L2 norm) before it is applied, "
+        "so one broken or hostile push cannot wreck the model (0: no limit)",
     )
     spot_check_fraction = forms.FloatField(
         initial=0.05,

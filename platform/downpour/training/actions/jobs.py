@@ -14,7 +14,7 @@ from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 
-from downpour.paramstore import ShardLayout, VariableSpec
+from downpour.paramstore import DEFAULT_MAX_GRAD_NORM, ShardLayout, VariableSpec
 from downpour.training import weights
 from downpour.training.media import media_dir
 from downpour.training.models import Dataset, Job, Lease
@@ -47,6 +47,8 @@ class JobParams:
     staleness_aware_lr: bool = False
     warm_start_pushes: int = 0
     robust_aggregation: bool = False
+    #: None or 0: pushes are not norm-clipped (``downpour.paramstore.bounds``).
+    max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM
     spot_check_fraction: float = 0.05
     #: An ``.npz`` to start from (a finished job's ``weights.npz``); see ``weights.py``.
     initial_weights: bytes | None = None
@@ -164,6 +166,7 @@ def _create_job(owner: Any, dataset: Dataset, params: JobParams, spec: Any, loss
         staleness_aware_lr=params.staleness_aware_lr,
         warm_start_pushes=params.warm_start_pushes,
         robust_aggregation=params.robust_aggregation,
+        max_grad_norm=params.max_grad_norm or None,
         spot_check_fraction=params.spot_check_fraction,
         target_accuracy=params.target_accuracy,
         budget_samples=params.budget_samples,

@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from downpour import scheduler
 from downpour.donors.models import Agent
-from downpour.training.actions.claims import host_record
+from downpour.training.actions.claims import host_record, record_lease_rate
 from downpour.training.models import Lease, WorkUnit
 from downpour_agent.protocol import (
     ERROR_TEXTS,
@@ -115,6 +115,7 @@ def complete_lease(agent: Agent, lease_id: str, samples: int) -> None:
             status=Lease.Status.SUPERSEDED, ended_at=now
         )
         _record_outcome(str(agent.id), completed=True)
+        record_lease_rate(str(agent.id), lease, now)
 
 
 def _record_outcome(agent_id: str, completed: bool) -> None:
