@@ -407,7 +407,13 @@ async def test_a_text_message_sent_as_a_binary_frame_gets_bad_message(registered
 
 async def test_no_running_job_means_no_work(registered: Socket) -> None:
     reply = await registered.ask({"type": "request_work", "ref": 2})
-    assert reply == {"type": "no_work", "retry_after_s": 2.0, "ref": 2}
+    assert reply == {
+        "type": "no_work",
+        "retry_after_s": 2.0,
+        "reason": "no_jobs",
+        "message": "no job is running",
+        "ref": 2,
+    }
 
 
 async def test_request_work_leases_a_unit_described_by_the_lease_message(

@@ -40,3 +40,7 @@ def connections_key(prefix: str, token_id: str) -> str:
 
 def push_bucket_key(prefix: str, agent_id: str) -> str:
     return f"{prefix}limits:push:{agent_id}"
+
+
+def claim_bucket_key(prefix: str, agent_id: str) -> str:
+    return f"{prefix}limits:claim:{agent_id}"
