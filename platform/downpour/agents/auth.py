@@ -58,5 +58,5 @@ def token_banned(agent: Agent) -> bool:
     return Agent.objects.filter(
         token_id=agent.token_id,
         banned_at__isnull=False,
-        banned_at__gte=agent.registered_at,
+        banned_at__lte=agent.registered_at,
     ).exists()
