@@ -4,6 +4,7 @@ Pausing is not finishing, a resumed job is served again, claims are bounded, and
 a token, banning an agent or deactivating an account cuts its live sockets off at once.
 """
 
+# ruff: noqa: F811  (the socket fixtures are imported from test_consumer, then requested)
 from __future__ import annotations
 
 from typing import Any
@@ -130,10 +131,10 @@ async def test_revoking_a_token_closes_its_socket_and_reissues_its_lease(
 ) -> None:
     # Prepare
     lease = await registered.lease()
-    token = await call(lambda: AgentToken.objects.get())
+    token_row = await call(lambda: AgentToken.objects.get())
 
     # Execute
-    assert await call(control.revoke_token, token)
+    assert await call(control.revoke_token, token_row)
 
     # Assert
     told, _ = await registered.recv()
