@@ -538,7 +538,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
     @database_sync_to_async
     def _authority_refusal(self) -> dict[str, Any] | None:
         assert self.token is not None
-        return authority_refusal(str(self.token.id), self.agent and str(self.agent.id))
+        agent_id = None if self.agent is None else str(self.agent.id)
+        return authority_refusal(str(self.token.id), agent_id)
 
     @database_sync_to_async
     def _token_banned(self, agent: Agent) -> bool:

@@ -239,6 +239,7 @@ def device_activity(agents: list[Any], now: datetime, window_s: float = 3600.0) 
         agent_id__in=ids, ended_at__gte=now - timedelta(seconds=window_s), samples__gt=0
     ).values_list("agent_id", "samples", "issued_at", "ended_at")
     for agent_id, samples, issued_at, ended_at in ended:
+        assert ended_at is not None  # matched by ended_at >= ...
         total = work.setdefault(agent_id, [0.0, 0.0])
         total[0] += samples
         total[1] += max(0.0, (ended_at - issued_at).total_seconds())
@@ -253,8 +254,8 @@ def device_activity(agents: list[Any], now: datetime, window_s: float = 3600.0) 
             agent.doing = f"training {active[agent.id][0]}"
         else:
             agent.doing = "online, waiting for work"
-        samples, seconds = work.get(agent.id, (0.0, 0.0))
-        agent.measured_samples_per_s = samples / seconds if seconds > 0 else None
+        done, seconds = work.get(agent.id, (0.0, 0.0))
+        agent.measured_samples_per_s = done / seconds if seconds > 0 else None
         agent.reliability = scheduler.reliability(
             scheduler.HostRecord(agent.leases_completed, agent.leases_abandoned)
         )
