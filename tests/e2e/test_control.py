@@ -55,7 +55,9 @@ def test_a_paused_job_hands_its_leases_back_without_a_storm_and_resumes_from_the
     production: Stack,
 ) -> None:
     # Prepare: two agents training one job
-    seeded = production.seed(target_accuracy=0.9, learning_rate=0.02, name="digits-pause", tokens=2)
+    # A time budget, so the job is still running when it is paused; the pause counts
+    # against it, and the rest is long enough to see training go on.
+    seeded = production.seed(target_accuracy=1.0, budget_seconds=60, name="digits-pause", tokens=2)
     job_id = seeded["job_id"]
     with held(production, job_id):
         production.start_agent("pause-a", seeded["tokens"][0])
