@@ -260,3 +260,24 @@ async def test_cancelling_a_paused_job_finishes_it_and_queues_nothing(
     assert told["type"] == "job_finished"
     assert (await registered.ask({"type": "request_work", "ref": 2}))["type"] == "no_work"
     assert await call(lambda: WorkUnit.objects.filter(status="leased").count()) == 0
+
+
+async def test_a_fetch_that_races_the_end_of_the_job_hears_job_finished_not_unknown_job(
+    running_job: Job, registered: Socket
+) -> None:
+    # Prepare: the job finishes (its store freed) between the socket's status reads
+    from downpour.training.actions.jobs import free_job_store
+
+    lease = await registered.lease()
+    await registered.fetch(lease, 0)
+    await set_job_status(running_job, Job.Status.DONE)
+    await call(free_job_store, running_job)
+
+    # Execute
+    reply = await registered.ask(
+        {"type": "fetch", "lease_id": lease["lease_id"], "shard": 1, "ref": 4}
+    )
+
+    # Assert
+    assert (reply["type"], reply["code"]) == ("error", ErrorCode.JOB_FINISHED)
+    assert (await lease_and_unit(lease["lease_id"]))[0] == "returned"

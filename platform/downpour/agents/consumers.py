@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -27,6 +28,7 @@ from downpour.paramstore import PushResult, StoreError
 from downpour.training.actions.bans import record_clipping
 from downpour.training.actions.claims import claim_work
 from downpour.training.actions.contributions import Tally, record_tallies
+from downpour.training.actions.control import take_back_leases
 from downpour.training.actions.leases import (
     LeaseError,
     complete_lease,
@@ -161,6 +163,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if self.token is None:
             return
         ref: Any = None
+        msg: dict[str, Any] = {}
         try:
             if bytes_data is not None:
                 msg, tensors = await asyncio.to_thread(self._decode_push, bytes_data)
@@ -184,6 +187,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
         except ProtocolError as exc:
             await self._send(exc.to_message(ref))
         except (StoreError, LeaseError) as exc:
+            if exc.code in (ErrorCode.JOB_PAUSED, ErrorCode.JOB_FINISHED) and self.agent:
+                # Refused by the server, not dropped by the donor: never counted as abandoned.
+                self.state.leases.pop(str(msg.get("lease_id")), None)
+                await self._take_back(msg.get("lease_id"))
             if exc.code in _WIRE_CODES:
                 await self._send(error_message(exc.code, str(exc), ref))
             else:  # corrupt state or checkpoint: the operator's problem, not the agent's
@@ -483,6 +490,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
         except StoreError as exc:
             if exc.code != ErrorCode.UNKNOWN_JOB:
                 raise
+        # The store may be gone because the job just finished: say so, not unknown_job.
+        self.state.jobs.pop(str(job.id), None)
+        await self._check_job_running(job)
         if not await self._restore_store(job):
             raise ProtocolError(ErrorCode.UNKNOWN_JOB, STORE_NOT_READY)
         return await asyncio.to_thread(operation)
@@ -529,6 +539,12 @@ class AgentConsumer(AsyncWebsocketConsumer):
     def _load_lease(self, lease_id: str) -> Lease:
         assert self.agent is not None
         return get_agent_lease(lease_id, self.agent)
+
+    @database_sync_to_async
+    def _take_back(self, lease_id: Any) -> None:
+        assert self.agent is not None
+        if isinstance(lease_id, str) and _is_uuid(lease_id):
+            take_back_leases(Lease.objects.filter(id=lease_id, agent_id=self.agent.id))
 
     @database_sync_to_async
     def _job_status(self, job_id: str) -> str:
@@ -589,6 +605,14 @@ def _origin_allowed(scope: Mapping[str, Any]) -> bool:
         if name.lower() == b"origin":
             domain, _ = split_domain_port(urlsplit(value.decode("latin-1")).netloc)
             return bool(domain) and validate_host(domain, settings.ALLOWED_HOSTS)
+    return True
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
     return True
 
 
