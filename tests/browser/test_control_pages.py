@@ -6,6 +6,8 @@ revokes a token while its agent runs, and the agent is cut off.
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,10 @@ from tests.e2e.stack import Stack, running, wait_registered
 from downpour.devprocs import manage
 from downpour_agent.connection import EXIT_FATAL
 
-from .test_agent_status_page import CHROMIUM, CHROMIUM_ARGS, shoot
+#: Debian's chromium, launched as in test_agent_status_page.py.
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
+SCREENSHOTS = os.environ.get("DOWNPOUR_SCREENSHOTS")
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
@@ -39,6 +44,12 @@ def browser() -> Iterator[Any]:
         launched = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield launched
         launched.close()
+
+
+def shoot(page: Any, name: str) -> None:
+    if SCREENSHOTS:
+        Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SCREENSHOTS) / name), full_page=True)
 
 
 def set_password(stack: Stack, username: str) -> None:
