@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast test-agent lint bench clean
+.PHONY: demo serve test test-fast test-agent lint bench clean
 
 $(STAMP): pyproject.toml agent/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,11 @@ $(STAMP): pyproject.toml agent/pyproject.toml
 
 demo: $(STAMP)
 	env -u DATABASE_URL -u REDIS_URL $(VENV)/bin/python -m downpour.demo
+
+# The portal and the agents' endpoint on the embedded default, data kept in var/serve/
+# between runs (HOST, PORT: where it listens; default 127.0.0.1:8000).
+serve: $(STAMP)
+	env -u DATABASE_URL -u REDIS_URL $(VENV)/bin/python -m downpour.serve
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest

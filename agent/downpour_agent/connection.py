@@ -48,6 +48,7 @@ from downpour_agent.protocol import (
 )
 from downpour_agent.session import (
     FATAL_CODES,
+    JOB_ENDING_CODES,
     LEASE_ENDING_CODES,
     AgentFatalError,
     Backoff,
@@ -128,6 +129,7 @@ class Agent:
         self._lease: ActiveLease | None = None
         self._interrupted: tuple[LeaseSpec, Progress] | None = None
         self._idle_since: float | None = None
+        self._idle_reason: str | None = None  # the last no_work reason logged
         self._dataset_cache: tuple[str, npt.NDArray[Any], npt.NDArray[Any]] | None = None
         self._model_cache: tuple[str, GradientComputer] | None = None
         self._next_step_at = 0.0
@@ -326,6 +328,9 @@ class Agent:
         if code in LEASE_ENDING_CODES and active is not None and lease_id == active.lease.lease_id:
             self._abandon(session, active, LeaseAbandoned(code, text))
             return
+        if code in JOB_ENDING_CODES:  # a late answer about a lease already handed back
+            logger.debug("%s for %s: %s", code, request_type, text)
+            return
         logger.warning(
             "server error%s: %s: %s", f" for {request_type}" if request_type else "", code, text
         )
@@ -334,12 +339,27 @@ class Agent:
         active = self._lease
         if active is not None and active.lease.job_id == msg["job_id"]:
             self._abandon(session, active, LeaseAbandoned(ErrorCode.JOB_FINISHED, msg["message"]))
-        else:
-            logger.info("job %s has finished", msg["job_id"])
+
+    def on_job_paused(self, session: Session, msg: dict[str, Any]) -> None:
+        """The server took the job's leases back (not counted against us): move on."""
+        active = self._lease
+        if active is not None and active.lease.job_id == msg["job_id"]:
+            self._abandon(session, active, LeaseAbandoned(ErrorCode.JOB_PAUSED, msg["message"]))
 
     def _abandon(self, session: Session, active: ActiveLease, reason: LeaseAbandoned) -> None:
         if active.abandoned is None:
-            logger.warning("lease %s abandoned: %s", active.lease.lease_id, reason)
+            if reason.code in JOB_ENDING_CODES:
+                # The job's normal course: the one line a donor sees about it.
+                what = "paused" if reason.code == ErrorCode.JOB_PAUSED else "finished"
+                logger.info(
+                    "job %s %s (%s); lease %s handed back, asking for other work",
+                    active.lease.job_id,
+                    what,
+                    reason.message,
+                    active.lease.lease_id,
+                )
+            else:
+                logger.warning("lease %s abandoned: %s", active.lease.lease_id, reason)
             active.abandoned = reason
             session.fail_lease_requests(active.lease.lease_id, reason)
 
@@ -389,7 +409,11 @@ class Agent:
                 await asyncio.sleep(5.0)
                 continue
             if msg["type"] == "no_work":
-                self.stats.state = "idle (no work)"
+                reason = msg.get("message") or msg.get("reason") or "no work"
+                if self._idle_reason != reason:
+                    logger.info("idle: %s", reason)  # once per reason, not per request
+                    self._idle_reason = reason
+                self.stats.state = f"idle ({reason})"
                 now = time.monotonic()
                 if self._idle_since is None:
                     self._idle_since = now
@@ -399,7 +423,7 @@ class Agent:
                     delay = max(0.0, min(delay, remaining))
                 await asyncio.sleep(delay)
                 continue
-            self._idle_since = None
+            self._idle_since = self._idle_reason = None
             await self._run_lease(session, msg)
         return "stopped"
 
@@ -505,7 +529,8 @@ class Agent:
         except LeaseAbandoned as exc:
             active.settled = True
             self.stats.leases_abandoned += 1
-            logger.warning("stopped work on lease %s: %s", lease.lease_id, exc)
+            if exc.code not in JOB_ENDING_CODES:  # a job's end was logged once, in _abandon
+                logger.warning("stopped work on lease %s: %s", lease.lease_id, exc)
         except ServerError as exc:
             active.settled = True
             logger.warning("server error during lease %s: %s", lease.lease_id, exc)
@@ -672,7 +697,7 @@ class Agent:
                 continue  # the governor owns the paused state and its reason
             if stats.state in ("connecting", "reconnecting"):
                 status.set_state(desktop.DISCONNECTED)
-            elif stats.state == "idle (no work)":
+            elif stats.state.startswith("idle ("):
                 status.set_state(desktop.NO_WORK)
             elif stats.state == "stopped":
                 status.set_state(desktop.STOPPED)

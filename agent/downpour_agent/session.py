@@ -2,8 +2,8 @@
 
 A single reader task (:meth:`Session.read_loop`) decodes every incoming frame and routes
 it: answers go to the request that is waiting for them (matched by the echoed ``ref``,
-else by type and lease/shard); ``push_ack``, unsolicited ``error`` and ``job_finished``
-messages go to the session's :class:`Listener` (the agent).
+else by type and lease/shard); ``push_ack``, unsolicited ``error``, ``job_finished`` and
+``job_paused`` messages go to the session's :class:`Listener` (the agent).
 
 Also here: what a connection needs before it exists (the URLs, the reconnect backoff)
 and the errors that end a request, a lease or the agent.
@@ -47,8 +47,11 @@ LEASE_ENDING_CODES = frozenset(
         ErrorCode.UNKNOWN_LEASE,
         ErrorCode.UNKNOWN_JOB,
         ErrorCode.JOB_FINISHED,
+        ErrorCode.JOB_PAUSED,
     }
 )
+#: Lease endings that are the job's normal course, not a fault: one INFO line, no warning.
+JOB_ENDING_CODES = frozenset({ErrorCode.JOB_FINISHED, ErrorCode.JOB_PAUSED})
 FATAL_CODES = frozenset(
     {
         ErrorCode.UNAUTHORIZED,
@@ -147,6 +150,8 @@ class Listener(Protocol):
     def on_push_ack(self, msg: dict[str, Any]) -> None: ...
 
     def on_job_finished(self, session: Session, msg: dict[str, Any]) -> None: ...
+
+    def on_job_paused(self, session: Session, msg: dict[str, Any]) -> None: ...
 
 
 class Session:
@@ -297,6 +302,9 @@ class Session:
             return
         if mtype == "job_finished":
             self.listener.on_job_finished(self, msg)
+            return
+        if mtype == "job_paused":
+            self.listener.on_job_paused(self, msg)
             return
         if mtype == "heartbeat_ack":
             if isinstance(ref, int):

@@ -226,6 +226,10 @@ MAX_AGENTS_PER_TOKEN = envint("MAX_AGENTS_PER_TOKEN", 32)
 # Push frames (one per parameter shard) per agent: a token bucket refilled at this rate.
 PUSHES_PER_SECOND = envfloat("PUSHES_PER_SECOND", 2000.0)
 PUSH_BURST = envfloat("PUSH_BURST", 4000.0)
+# Work requests (claims) per agent: a token bucket, so an agent whose leases are refused
+# cannot storm the scheduler (issue 9). A refused claim is answered no_work rate_limited.
+CLAIMS_PER_SECOND = envfloat("CLAIMS_PER_SECOND", 2.0)
+CLAIM_BURST = envfloat("CLAIM_BURST", 5.0)
 
 CELERY_BEAT_SCHEDULE = {
     "start-queued-jobs": {

@@ -97,6 +97,8 @@ class FakeServer:
         self.connections = 0
         self.close_codes: list[int | None] = []
         self.garbage: list[str | bytes] = []
+        #: Extra fields of ``no_work`` (``reason``, ``message``).
+        self.no_work_extra: dict[str, Any] = {}
         self.push_reply: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
         #: Sent as they are (no ``ref`` added) when the next push arrives, before its answer.
         self.events_on_push: list[dict[str, Any]] = []
@@ -214,7 +216,7 @@ class FakeServer:
                 await ws.send(junk)
             self.garbage = []
             if not self.work:
-                await reply({"type": "no_work", "retry_after_s": 0.05})
+                await reply({"type": "no_work", "retry_after_s": 0.05, **self.no_work_extra})
                 return
             lease = {**self.work.pop(0), "lease_id": next(self.lease_ids)}
             self.outstanding[lease["lease_id"]] = lease

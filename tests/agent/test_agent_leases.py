@@ -25,6 +25,7 @@ from downpour_agent.protocol import (
     PROTOCOL_VERSION,
     error_message,
     job_finished_message,
+    job_paused_message,
 )
 from downpour_agent.trainer import GradientComputer
 
@@ -325,6 +326,54 @@ async def test_a_finished_job_ends_its_lease_at_once_and_new_work_is_requested(
     assert len(server.pushes) < 20
     last_push = max(i for i, m in enumerate(server.received) if m["type"] == "push")
     assert any(m["type"] == "request_work" for m in server.received[last_push:])
+
+
+@pytest.mark.parametrize(
+    ("announce", "said"), [(job_finished_message, "finished"), (job_paused_message, "paused")]
+)
+async def test_a_job_that_ends_or_pauses_is_one_info_line_and_no_warning(
+    server: FakeServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    announce: Any,
+    said: str,
+) -> None:
+    # Prepare: the job ends (or is paused) as the first push arrives.
+    server.lease_template.update(steps=200)
+    server.lease_template["hyper"].update(n_push=1)
+    server.work = [dict(server.lease_template)]
+    job_id = server.lease_template["job_id"]
+    server.push_reply = lambda msg: announce(job_id)
+    agent = make_agent(server, tmp_path)
+
+    # Execute
+    with caplog.at_level("INFO", logger="downpour_agent"):
+        code = await run_agent(agent)
+
+    # Assert: said once, in words, at INFO; nothing louder
+    assert code == EXIT_OK
+    assert server.of_type("complete") == []
+    lines = [r for r in caplog.records if f"job {job_id} {said}" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelname == "INFO"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= 30] == []
+
+
+async def test_the_agent_logs_why_it_is_idle_once_per_reason(
+    server: FakeServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: no work, for a stated reason
+    server.work = []
+    server.no_work_extra = {"reason": "trusted_warmup", "message": "waiting for a trusted agent"}
+    agent = make_agent(server, tmp_path, exit_when_idle_s=0.5)
+
+    # Execute
+    with caplog.at_level("INFO", logger="downpour_agent"):
+        await run_agent(agent)
+
+    # Assert
+    idle = [r.getMessage() for r in caplog.records if r.getMessage().startswith("idle:")]
+    assert idle == ["idle: waiting for a trusted agent"]
+    assert len(server.of_type("request_work")) > 1
 
 
 async def test_an_error_that_answers_no_request_does_not_end_the_lease(

@@ -106,6 +106,11 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "job_id": "job-1",
         "message": "job job-1 has finished",
     },
+    "job_paused": {
+        "type": "job_paused",
+        "job_id": "job-1",
+        "message": "job job-1 was paused",
+    },
 }
 
 TENSORS = {

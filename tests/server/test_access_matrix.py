@@ -13,7 +13,7 @@ import pytest
 from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
 
-from downpour.donors.models import AgentToken
+from downpour.donors.models import Agent, AgentToken
 from downpour.training.actions.datasets import create_dataset
 from downpour.training.actions.jobs import JobParams, submit_job
 from downpour.training.models import Evaluation
@@ -51,6 +51,7 @@ def world(alice, bob, charlie):  # type: ignore[no-untyped-def]
         job=job, elapsed_s=1.0, samples=10, accuracy=0.123456, loss=1.0, versions=[0]
     )
     token, _ = AgentToken.issue(alice, MARKER + "-token")
+    agent = Agent.objects.create(token=token, name=MARKER + "-agent")
     charlie_token, charlie_plain = AgentToken.issue(charlie, "charlie-pc")
     clients = {"stranger": Client()}
     for name, user in (("alice", alice), ("bob", bob), ("charlie", charlie)):
@@ -61,6 +62,7 @@ def world(alice, bob, charlie):  # type: ignore[no-untyped-def]
         "dataset": dataset,
         "shard": dataset.shards.first(),
         "alice_token": token,
+        "agent": agent,
         "charlie_plain": charlie_plain,
         "clients": clients,
     }
@@ -72,8 +74,13 @@ def concrete(route: str, world: dict[str, Any]) -> list[str]:
     path = path.replace("<uuid:job_id>", str(world["job"].id))
     path = path.replace("<uuid:token_id>", str(world["alice_token"].id))
     path = path.replace("<uuid:shard_id>", str(world["shard"].id))
+    path = path.replace("<uuid:dataset_id>", str(world["dataset"].id))
+    path = path.replace("<uuid:agent_id>", str(world["agent"].id))
     if "<str:kind>" in path:
         return [path.replace("<str:kind>", kind) for kind in ("keras", "weights", "other")]
+    if "<str:action>" in path:
+        actions = ("pause", "resume", "cancel", "delete", "ban", "unban", "revoke-token", "x")
+        return [path.replace("<str:action>", action) for action in actions]
     return [path]
 
 

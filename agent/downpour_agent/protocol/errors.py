@@ -30,6 +30,7 @@ class ErrorCode(StrEnum):
     NON_FINITE = "non_finite"
     STALE_GRADIENT = "stale_gradient"
     JOB_FINISHED = "job_finished"
+    JOB_PAUSED = "job_paused"
     CONFLICT = "conflict"
     BANNED = "banned"
     TOO_MANY_AGENTS = "too_many_agents"
@@ -56,6 +57,7 @@ ERROR_TEXTS: dict[ErrorCode, str] = {
     ErrorCode.NON_FINITE: "a gradient holds NaN or Inf, or values too large to square",
     ErrorCode.STALE_GRADIENT: "the gradient is too stale",
     ErrorCode.JOB_FINISHED: "the job has finished",
+    ErrorCode.JOB_PAUSED: "the job is paused; its lease was taken back, ask for other work",
     ErrorCode.CONFLICT: "the shard was too contended; push again",
     ErrorCode.BANNED: "this agent is banned",
     ErrorCode.TOO_MANY_AGENTS: "this token has as many agents as it may",

@@ -74,7 +74,8 @@ SERVER_MESSAGES: dict[str, dict[str, _Field]] = {
         "layout": (_LIST, True),
         "expires_in_s": (_NUM, True),
     },
-    "no_work": {"retry_after_s": (_NUM, True)},
+    # ``reason``: one of NO_WORK_REASONS, so the agent can say why it is idle.
+    "no_work": {"retry_after_s": (_NUM, True), "reason": (_STR, False), "message": (_STR, False)},
     "params": {"lease_id": (_STR, True), "shard": (_INT, True), "version": (_INT, True)},
     "push_ack": {
         "lease_id": (_STR, True),
@@ -90,7 +91,19 @@ SERVER_MESSAGES: dict[str, dict[str, _Field]] = {
     "error": {"code": (_STR, True), "message": (_STR, True)},
     # Unprompted: sent to every agent that holds or held a lease of the job.
     "job_finished": {"job_id": (_STR, True), "message": (_STR, True)},
+    # Unprompted: the job was paused; its leases are already back on the server.
+    "job_paused": {"job_id": (_STR, True), "message": (_STR, True)},
 }
+
+#: Why the server has no work for an agent (``no_work``'s optional ``reason``).
+NO_WORK_REASONS = frozenset(
+    {
+        "no_jobs",  # no job is running
+        "trusted_warmup",  # every running job waits for a trusted agent to warm it up
+        "not_eligible",  # running jobs exist but none admits this agent now (tail, warm start)
+        "rate_limited",  # the agent asked for work too often; wait retry_after_s
+    }
+)
 
 #: Messages that travel as binary tensor frames rather than text.
 BINARY_TYPES = frozenset({"push", "params"})
@@ -184,3 +197,18 @@ def job_finished_message(job_id: str, message: str | None = None) -> dict[str, A
     """
     text = f"job {job_id} has finished" if message is None else message
     return {"type": "job_finished", "job_id": job_id, "message": text}
+
+
+def job_paused_message(job_id: str, message: str | None = None) -> dict[str, Any]:
+    """The unprompted ``job_paused`` event for ``job_id`` (a job UUID as a string).
+
+    The server has already taken the job's leases back without counting them against
+    their agents; an agent on one stops it and asks for other work.
+    """
+    text = f"job {job_id} was paused" if message is None else message
+    return {"type": "job_paused", "job_id": job_id, "message": text}
+
+
+def no_work_message(retry_after_s: float, reason: str, text: str) -> dict[str, Any]:
+    """The ``no_work`` answer with its ``reason`` (one of :data:`NO_WORK_REASONS`)."""
+    return {"type": "no_work", "retry_after_s": retry_after_s, "reason": reason, "message": text}

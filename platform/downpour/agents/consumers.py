@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -27,6 +28,7 @@ from downpour.paramstore import PushResult, StoreError
 from downpour.training.actions.bans import record_clipping
 from downpour.training.actions.claims import claim_work
 from downpour.training.actions.contributions import Tally, record_tallies
+from downpour.training.actions.control import take_back_leases
 from downpour.training.actions.leases import (
     LeaseError,
     complete_lease,
@@ -38,6 +40,7 @@ from downpour.training.actions.leases import (
 )
 from downpour.training.actions.recovery import restore_store
 from downpour.training.models import Job, Lease
+from downpour.training.queries import why_no_work
 from downpour.training.spotchecks import recording as spot_recording
 from downpour.training.spotchecks.recording import Recording, copy_tensors
 from downpour.training.store import job_store
@@ -54,10 +57,11 @@ from downpour_agent.protocol import (
     loads_from_wire,
     message_from_wire,
     message_to_wire,
+    no_work_message,
 )
 
 from . import push
-from .auth import agent_token, scope_bearer_token
+from .auth import agent_token, authority_refusal, scope_bearer_token, token_banned
 from .limits import limits
 
 log = logging.getLogger(__name__)
@@ -71,6 +75,10 @@ NO_WORK_RETRY_S = 2.0
 STORE_NOT_READY = "the job's parameters are being restored by a worker; ask for work again"
 
 
+class _CutOff(Exception):
+    """The token was revoked or the agent banned: the socket has been told and is closing."""
+
+
 @dataclass
 class CachedLease:
     lease_id: str
@@ -81,7 +89,18 @@ class CachedLease:
 
 @dataclass
 class _JobStatus:
-    finished: bool
+    status: str
+    checked_at: float
+
+
+#: Seconds a socket trusts its last read of its token's revocation and its agent's ban;
+#: revocations and bans also push a close to the socket at once (``agents/push.py``).
+AUTHORITY_TTL_S = 1.0
+
+
+@dataclass
+class _Authority:
+    refusal: dict[str, Any] | None  # the error to close with, or None while allowed
     checked_at: float
 
 
@@ -95,6 +114,7 @@ class _State:
     clipped: list[bool] = field(default_factory=list)  # per applied push of robust jobs
     recordings: dict[str, Recording] = field(default_factory=dict)
     recorded: set[str] = field(default_factory=set)  # checked leases whose round is in
+    authority: _Authority | None = None
 
 
 class AgentConsumer(AsyncWebsocketConsumer):
@@ -125,6 +145,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 )
             )
             await self._close(CloseCode.RATE_LIMITED)
+            return
+        await self._join(push.token_group(str(self.token.id)))
 
     async def disconnect(self, code: int) -> None:
         if self.token is not None:
@@ -141,6 +163,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if self.token is None:
             return
         ref: Any = None
+        msg: dict[str, Any] = {}
         try:
             if bytes_data is not None:
                 msg, tensors = await asyncio.to_thread(self._decode_push, bytes_data)
@@ -159,9 +182,15 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 if msg["type"] != "register":
                     await self._require_registered()
                 await getattr(self, f"on_{msg['type']}")(msg)
+        except _CutOff:
+            pass  # the refusal is sent and the socket is closing
         except ProtocolError as exc:
             await self._send(exc.to_message(ref))
         except (StoreError, LeaseError) as exc:
+            if exc.code in (ErrorCode.JOB_PAUSED, ErrorCode.JOB_FINISHED) and self.agent:
+                # Refused by the server, not dropped by the donor: never counted as abandoned.
+                self.state.leases.pop(str(msg.get("lease_id")), None)
+                await self._take_back(msg.get("lease_id"))
             if exc.code in _WIRE_CODES:
                 await self._send(error_message(exc.code, str(exc), ref))
             else:  # corrupt state or checkpoint: the operator's problem, not the agent's
@@ -185,8 +214,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await self._send(error_message(ErrorCode.TOO_MANY_AGENTS, str(exc), msg.get("ref")))
             await self._close(CloseCode.FORBIDDEN)
             return
-        if agent.banned_at is not None:
-            await self._send(banned_message(agent.ban_reason))
+        if agent.banned_at is not None or await self._token_banned(agent):
+            await self._send(banned_message(agent.ban_reason or "another agent of this token"))
             await self._close(CloseCode.FORBIDDEN)
             return
         self.agent = agent
@@ -202,6 +231,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
         )
 
     async def on_heartbeat(self, msg: dict[str, Any]) -> None:
+        if not await self._still_allowed():
+            return
         lease_id = msg.get("lease_id")
         ttl = await self._heartbeat(lease_id)
         reply: dict[str, Any] = {"type": "heartbeat_ack", **_ref(msg)}
@@ -213,11 +244,23 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await self._send(reply)
 
     async def on_request_work(self, msg: dict[str, Any]) -> None:
+        if not await self._still_allowed():
+            return
+        assert self.agent is not None
+        if not await asyncio.to_thread(limits().allow_claim, str(self.agent.id)):
+            reason = f"over {settings.CLAIMS_PER_SECOND:g} work requests per second"
+            await self._send(
+                {**no_work_message(NO_WORK_RETRY_S, "rate_limited", reason), **_ref(msg)}
+            )
+            return
         offer = await self._claim_work()
         if offer is None:
-            await self._send({"type": "no_work", "retry_after_s": NO_WORK_RETRY_S, **_ref(msg)})
+            reason, text = await self._why_no_work()
+            await self._send({**no_work_message(NO_WORK_RETRY_S, reason, text), **_ref(msg)})
             return
         lease, message = offer
+        # The claim saw the job running: forget an older "paused" or "finished" read of it.
+        self.state.jobs[str(lease.unit.job_id)] = _JobStatus(Job.Status.RUNNING, time.monotonic())
         self._cache(lease, settings.LEASE_TTL_S)
         await self._join(push.job_group(str(lease.unit.job_id)))
         await self._send({**message, **_ref(msg)})
@@ -305,9 +348,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def agent_message(self, event: dict[str, Any]) -> None:
         """Relay an event from ``agents/push.py`` to this agent."""
         message = event["message"]
-        if message["type"] == "job_finished":
+        if message["type"] in ("job_finished", "job_paused"):
             job_id = message["job_id"]
-            self.state.jobs[job_id] = _JobStatus(True, time.monotonic())
+            status = Job.Status.PAUSED if message["type"] == "job_paused" else Job.Status.DONE
+            self.state.jobs[job_id] = _JobStatus(status, time.monotonic())
             for lease_id, cached in list(self.state.leases.items()):
                 if str(cached.job.id) == job_id:
                     del self.state.leases[lease_id]
@@ -315,6 +359,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await self._send(message)
         if message.get("code") == ErrorCode.BANNED:  # e.g. a failed spot check, by a worker
             await self._close(CloseCode.FORBIDDEN)
+        elif message.get("code") == ErrorCode.UNAUTHORIZED:  # token revoked, account closed
+            self.state.authority = _Authority(message, time.monotonic())
+            await self._close(CloseCode.UNAUTHORIZED)
 
     # --- helpers --------------------------------------------------------------------
 
@@ -350,18 +397,42 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if cached is None or now >= cached.deadline:
             lease = await self._load_lease(lease_id)
             cached = self._cache(lease, (lease.expires_at - timezone.now()).total_seconds())
+        if not await self._still_allowed():
+            raise _CutOff
         await self._check_job_running(cached.job)
         return cached
 
     async def _check_job_running(self, job: Job) -> None:
+        """Refuse work on a job that is not running; re-read its status once a second.
+
+        Paused is not finished: a resumed job must be served again (issue 9, blocker 1).
+        """
         key = str(job.id)
-        status = self.state.jobs.get(key)
+        known = self.state.jobs.get(key)
         now = time.monotonic()
-        if status is None or (not status.finished and now - status.checked_at > JOB_STATUS_TTL_S):
-            status = _JobStatus(await self._job_finished(key), now)
-            self.state.jobs[key] = status
-        if status.finished:
+        final = known is not None and known.status in (Job.Status.DONE, Job.Status.FAILED)
+        if known is None or (not final and now - known.checked_at > JOB_STATUS_TTL_S):
+            known = _JobStatus(await self._job_status(key), now)
+            self.state.jobs[key] = known
+        if known.status == Job.Status.PAUSED:
+            raise LeaseError(ErrorCode.JOB_PAUSED)
+        if known.status != Job.Status.RUNNING:
             raise LeaseError(ErrorCode.JOB_FINISHED)
+
+    async def _still_allowed(self) -> bool:
+        """Whether the token is live, its owner active and the agent not banned; if not,
+        send the refusal and close. Read at most once per ``AUTHORITY_TTL_S``."""
+        known = self.state.authority
+        now = time.monotonic()
+        if known is None or (known.refusal is None and now - known.checked_at > AUTHORITY_TTL_S):
+            known = _Authority(await self._authority_refusal(), now)
+            self.state.authority = known
+        if known.refusal is None:
+            return True
+        await self._send(known.refusal)
+        banned = known.refusal["code"] == ErrorCode.BANNED
+        await self._close(CloseCode.FORBIDDEN if banned else CloseCode.UNAUTHORIZED)
+        return False
 
     async def _flush_tallies(self, force: bool = False, notify: bool = True) -> None:
         now = time.monotonic()
@@ -419,6 +490,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
         except StoreError as exc:
             if exc.code != ErrorCode.UNKNOWN_JOB:
                 raise
+        # The store may be gone because the job just finished: say so, not unknown_job.
+        self.state.jobs.pop(str(job.id), None)
+        await self._check_job_running(job)
         if not await self._restore_store(job):
             raise ProtocolError(ErrorCode.UNKNOWN_JOB, STORE_NOT_READY)
         return await asyncio.to_thread(operation)
@@ -467,9 +541,30 @@ class AgentConsumer(AsyncWebsocketConsumer):
         return get_agent_lease(lease_id, self.agent)
 
     @database_sync_to_async
-    def _job_finished(self, job_id: str) -> bool:
+    def _take_back(self, lease_id: Any) -> None:
+        assert self.agent is not None
+        if isinstance(lease_id, str) and _is_uuid(lease_id):
+            take_back_leases(Lease.objects.filter(id=lease_id, agent_id=self.agent.id))
+
+    @database_sync_to_async
+    def _job_status(self, job_id: str) -> str:
         status = Job.objects.filter(id=job_id).values_list("status", flat=True).first()
-        return status != Job.Status.RUNNING
+        return status or Job.Status.FAILED
+
+    @database_sync_to_async
+    def _authority_refusal(self) -> dict[str, Any] | None:
+        assert self.token is not None
+        agent_id = None if self.agent is None else str(self.agent.id)
+        return authority_refusal(str(self.token.id), agent_id)
+
+    @database_sync_to_async
+    def _token_banned(self, agent: Agent) -> bool:
+        return token_banned(agent)
+
+    @database_sync_to_async
+    def _why_no_work(self) -> tuple[str, str]:
+        assert self.agent is not None
+        return why_no_work(self.agent)
 
     @database_sync_to_async
     def _complete(self, lease_id: str, samples: int) -> None:
@@ -510,6 +605,14 @@ def _origin_allowed(scope: Mapping[str, Any]) -> bool:
         if name.lower() == b"origin":
             domain, _ = split_domain_port(urlsplit(value.decode("latin-1")).netloc)
             return bool(domain) and validate_host(domain, settings.ALLOWED_HOSTS)
+    return True
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
     return True
 
 

@@ -1,4 +1,4 @@
-"""Per-token connection caps and per-agent push rates, shared by all server processes.
+"""Per-token connection caps and per-agent push and claim rates, shared by all server processes.
 
 With ``REDIS_URL`` the counters live in Redis (``downpour.hotstate.limits``); the embedded
 default keeps them in this process, which is all there is.
@@ -30,6 +30,7 @@ class Limits(Protocol):
     def release_connection(self, token_id: str, connection: str) -> None: ...
     def refresh_server(self) -> None: ...
     def allow_push(self, agent_id: str) -> bool: ...
+    def allow_claim(self, agent_id: str) -> bool: ...
 
 
 class LocalLimits:
@@ -60,13 +61,19 @@ class LocalLimits:
         """Nothing to do: this process's slots die with it."""
 
     def allow_push(self, agent_id: str) -> bool:
+        return self._take(agent_id, settings.PUSHES_PER_SECOND, settings.PUSH_BURST)
+
+    def allow_claim(self, agent_id: str) -> bool:
+        """A work request's token from the agent's claim bucket (``CLAIMS_PER_SECOND``)."""
+        return self._take(f"claim:{agent_id}", settings.CLAIMS_PER_SECOND, settings.CLAIM_BURST)
+
+    def _take(self, key: str, rate: float, burst: float) -> bool:
         now = self._clock()
-        rate, burst = settings.PUSHES_PER_SECOND, settings.PUSH_BURST
         with self._lock:
-            tokens, ts = self._buckets.get(agent_id, (burst, now))
+            tokens, ts = self._buckets.get(key, (burst, now))
             tokens = min(burst, tokens + (now - ts) * rate)
             allowed = tokens >= 1
-            self._buckets[agent_id] = (tokens - 1 if allowed else tokens, now)
+            self._buckets[key] = (tokens - 1 if allowed else tokens, now)
             return allowed
 
 

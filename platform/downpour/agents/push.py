@@ -13,7 +13,13 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
-from downpour_agent.protocol import banned_message, job_finished_message
+from downpour_agent.protocol import (
+    ErrorCode,
+    banned_message,
+    error_message,
+    job_finished_message,
+    job_paused_message,
+)
 
 
 def job_group(job_id: str) -> str:
@@ -22,6 +28,11 @@ def job_group(job_id: str) -> str:
 
 def agent_group(agent_id: str) -> str:
     return f"agent.{agent_id}"
+
+
+def token_group(token_id: str) -> str:
+    """Every socket authenticated with the token, registered or not."""
+    return f"token.{token_id}"
 
 
 def send_to_group(group: str, message: dict[str, Any]) -> None:
@@ -42,3 +53,21 @@ def notify_job_finished_on_commit(job_id: str) -> None:
 def notify_agent_banned(agent_id: str, reason: str) -> None:
     """Tell a connected agent it is banned; its consumer then closes the socket."""
     send_to_group(agent_group(agent_id), banned_message(reason))
+
+
+def notify_agent_banned_on_commit(agent_id: str, reason: str) -> None:
+    transaction.on_commit(lambda: notify_agent_banned(agent_id, reason))
+
+
+def notify_job_paused(job_id: str) -> None:
+    send_to_group(job_group(job_id), job_paused_message(job_id))
+
+
+def notify_job_paused_on_commit(job_id: str) -> None:
+    transaction.on_commit(lambda: notify_job_paused(job_id))
+
+
+def notify_token_revoked_on_commit(token_id: str, why: str) -> None:
+    """Cut off every live socket of the token (``unauthorized``, then close 4401)."""
+    message = error_message(ErrorCode.UNAUTHORIZED, why)
+    transaction.on_commit(lambda: send_to_group(token_group(token_id), message))

@@ -28,6 +28,7 @@ def shard_download(request: HttpRequest, shard_id: uuid.UUID) -> HttpResponseBas
     shard = DatasetShard.objects.filter(id=shard_id).first()
     live = Lease.objects.filter(
         agent__token=token,
+        agent__banned_at__isnull=True,
         unit__shard_id=shard_id,
         status=Lease.Status.ACTIVE,
         expires_at__gt=timezone.now(),

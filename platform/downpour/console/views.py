@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from django.contrib import messages
 from django.contrib.admin.views.decorators import staff_member_required
-from django.http import HttpRequest, HttpResponse
-from django.shortcuts import render
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
+from django.views.decorators.http import require_POST
 
-from downpour.donors.models import Agent
+from downpour.donors.models import Agent, AgentToken
+from downpour.training.actions.bans import lift_ban
+from downpour.training.actions.control import ban_agent, revoke_token
 from downpour.training.models import Job, Lease
 from downpour.training.queries import fairness_windows, robust_jobs_waiting
 
@@ -31,3 +35,23 @@ def overview(request: HttpRequest) -> HttpResponse:
             ).count(),
         },
     )
+
+
+@staff_member_required
+@require_POST
+def agent_control(request: HttpRequest, agent_id: str, action: str) -> HttpResponse:
+    """Ban or unban an agent, or revoke its token; the page's buttons confirm first."""
+    agent = get_object_or_404(Agent.objects.select_related("token"), id=agent_id)
+    if action == "ban":
+        reason = (request.POST.get("reason") or "").strip() or "banned by an operator"
+        done = ban_agent(agent, reason)
+        messages.info(request, f"Agent {agent.name} banned." if done else "Already banned.")
+    elif action == "unban":
+        lift_ban(agent)
+        messages.info(request, f"Agent {agent.name}'s ban lifted.")
+    elif action == "revoke-token":
+        done = revoke_token(AgentToken.objects.get(id=agent.token_id))
+        messages.info(request, f"Token {agent.token.name} revoked." if done else "Already revoked.")
+    else:
+        raise Http404("no such action")
+    return redirect("console:overview")

@@ -12,13 +12,17 @@ from django.views.decorators.http import require_POST
 
 from downpour.accounts.http import AuthenticatedRequest
 from downpour.accounts.models import User
+from downpour.training.actions.control import revoke_token
+from downpour.training.queries import device_activity
 
 from .models import Agent, AgentToken
 
 
 @login_required
 def dashboard(request: AuthenticatedRequest) -> HttpResponse:
-    agents = Agent.objects.filter(token__owner=request.user).order_by("name")
+    agents = (
+        Agent.objects.filter(token__owner=request.user).select_related("token").order_by("name")
+    )
     leaderboard = (
         User.objects.filter(agenttoken__agents__isnull=False)
         .annotate(total=Sum("agenttoken__agents__credit"))
@@ -29,7 +33,7 @@ def dashboard(request: AuthenticatedRequest) -> HttpResponse:
         "donors/dashboard.html",
         {
             "tokens": AgentToken.objects.filter(owner=request.user).order_by("-created_at"),
-            "agents": agents,
+            "agents": device_activity(list(agents), timezone.now()),
             "credit": agents.aggregate(total=Sum("credit"))["total"] or 0.0,
             "leaderboard": leaderboard,
             "new_token": request.session.pop("new_token", None),
@@ -67,8 +71,6 @@ def token_new(request: AuthenticatedRequest) -> HttpResponse:
 @require_POST
 def token_revoke(request: AuthenticatedRequest, token_id: str) -> HttpResponse:
     token = get_object_or_404(AgentToken, id=token_id, owner=request.user)
-    if token.revoked_at is None:
-        token.revoked_at = timezone.now()
-        token.save(update_fields=["revoked_at"])
-        messages.info(request, f"Token {token.name} revoked.")
+    if revoke_token(token):
+        messages.info(request, f"Token {token.name} revoked; its agents were cut off.")
     return redirect("donors:dashboard")

@@ -46,3 +46,7 @@ def servers_key(prefix: str) -> str:
 
 def push_bucket_key(prefix: str, agent_id: str) -> str:
     return f"{prefix}limits:push:{agent_id}"
+
+
+def claim_bucket_key(prefix: str, agent_id: str) -> str:
+    return f"{prefix}limits:claim:{agent_id}"

@@ -90,3 +90,9 @@ class RedisLimits:
         key = keys.push_bucket_key(self.prefix, agent_id)
         args = [self._clock(), settings.PUSHES_PER_SECOND, settings.PUSH_BURST]
         return bool(self._bucket(keys=[key], args=args))
+
+    def allow_claim(self, agent_id: str) -> bool:
+        """A work request's token from the agent's claim bucket (``CLAIMS_PER_SECOND``)."""
+        key = keys.claim_bucket_key(self.prefix, agent_id)
+        args = [time.time(), settings.CLAIMS_PER_SECOND, settings.CLAIM_BURST]
+        return bool(self._bucket(keys=[key], args=args))

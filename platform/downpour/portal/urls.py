@@ -13,4 +13,6 @@ urlpatterns = [
     path("<uuid:job_id>/metrics.json", views.job_metrics, name="job_metrics"),
     path("<uuid:job_id>/chart.json", charts.job_chart, name="job_chart"),
     path("<uuid:job_id>/download/<str:kind>/", views.job_download, name="job_download"),
+    path("<uuid:job_id>/<str:action>/", views.job_control, name="job_control"),
+    path("datasets/<uuid:dataset_id>/delete/", views.dataset_delete, name="dataset_delete"),
 ]

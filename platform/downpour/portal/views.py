@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from django import forms
@@ -11,14 +12,22 @@ from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
+from django.views.decorators.http import require_POST
 
 from downpour.accounts.http import AuthenticatedRequest
 from downpour.paramstore import DEFAULT_MAX_GRAD_NORM
+from downpour.training.actions import control
 from downpour.training.actions.datasets import create_dataset
 from downpour.training.actions.jobs import JobParams, JobRejected, submit_job
 from downpour.training.datasets import DatasetRejected
 from downpour.training.models import Dataset, Job
-from downpour.training.queries import robust_summary, spot_check_summary, staleness_summary
+from downpour.training.queries import (
+    job_activity,
+    robust_summary,
+    spot_check_summary,
+    staleness_summary,
+)
 from downpour.uploads import OVER_LIMIT
 
 from .forms import DatasetForm, JobForm, SignupForm
@@ -78,7 +87,12 @@ def dataset_new(request: AuthenticatedRequest) -> HttpResponse:
 
 @login_required
 def job_new(request: AuthenticatedRequest) -> HttpResponse:
-    form = JobForm(request.user, request.POST or None, request.FILES or None)
+    form = JobForm(
+        request.user,
+        request.POST or None,
+        request.FILES or None,
+        initial=_clone_initial(request),
+    )
     if _upload_over_limit(request, form):
         pass
     elif request.method == "POST" and form.is_valid():
@@ -116,6 +130,60 @@ def job_new(request: AuthenticatedRequest) -> HttpResponse:
     return render(request, "portal/job_new.html", {"form": form})
 
 
+#: JobForm fields a clone copies from the job it was made from.
+CLONED_FIELDS = (
+    "loss",
+    "learning_rate",
+    "batch_size",
+    "n_fetch",
+    "n_push",
+    "n_param_shards",
+    "max_staleness",
+    "staleness_aware_lr",
+    "warm_start_pushes",
+    "robust_aggregation",
+    "spot_check_fraction",
+    "target_accuracy",
+    "budget_samples",
+    "budget_seconds",
+)
+
+
+def _clone_initial(request: AuthenticatedRequest) -> dict[str, Any]:
+    """``?from=<job id>``: the form pre-filled with that job's settings, to run it again."""
+    source = request.GET.get("from")
+    if request.method != "GET" or not source:
+        return {}
+    job = _visible_jobs(request).filter(id=source).first() if _is_uuid(source) else None
+    if job is None:
+        return {}
+    initial = {name: getattr(job, name) for name in CLONED_FIELDS}
+    initial.update(
+        name=f"{job.name} (again)"[:100],
+        model_json=json.dumps(job.model_config),
+    )
+    if job.dataset.owner_id == request.user.id:
+        initial["dataset"] = job.dataset_id
+    return initial
+
+
+def _is_uuid(value: str) -> bool:
+    import uuid
+
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _visible_jobs(request: AuthenticatedRequest) -> Any:
+    """The owner's jobs; staff (operators) see and control every job."""
+    if request.user.is_staff:
+        return Job.objects.all()
+    return Job.objects.filter(owner=request.user)
+
+
 def _upload_over_limit(request: HttpRequest, form: forms.Form) -> bool:
     """Whether the upload handler stopped a file past the limit (``downpour.uploads``)."""
     if not request.META.get(OVER_LIMIT):
@@ -133,12 +201,13 @@ def _read_upload(upload: Any) -> bytes | None:
 
 @login_required
 def job_detail(request: AuthenticatedRequest, job_id: str) -> HttpResponse:
-    job = get_object_or_404(Job, id=job_id, owner=request.user)
+    job = get_object_or_404(_visible_jobs(request), id=job_id)
     return render(
         request,
         "portal/job.html",
         {
             "job": job,
+            "activity": job_activity(job, timezone.now()),
             "staleness": staleness_summary(job),
             "robust": robust_summary(job),
             "spot_checks": spot_check_summary(job),
@@ -148,12 +217,13 @@ def job_detail(request: AuthenticatedRequest, job_id: str) -> HttpResponse:
 
 @login_required
 def job_metrics(request: AuthenticatedRequest, job_id: str) -> JsonResponse:
-    job = get_object_or_404(Job, id=job_id, owner=request.user)
+    job = get_object_or_404(_visible_jobs(request), id=job_id)
     points = list(job.evaluations.values_list("elapsed_s", "accuracy", "loss", "samples"))
     return JsonResponse(
         {
             "status": job.status,
             "status_message": job.status_message,
+            "activity": job_activity(job, timezone.now()),
             "samples_done": job.samples_done,
             "pushes_accepted": job.pushes_accepted,
             "pushes_rejected": job.pushes_rejected,
@@ -171,9 +241,51 @@ def job_metrics(request: AuthenticatedRequest, job_id: str) -> JsonResponse:
 
 @login_required
 def job_download(request: AuthenticatedRequest, job_id: str, kind: str) -> FileResponse:
-    job = get_object_or_404(Job, id=job_id, owner=request.user)
+    job = get_object_or_404(_visible_jobs(request), id=job_id)
     path = {"keras": job.keras_path, "weights": job.weights_path}.get(kind)
     if not path:
         raise Http404("the trained model is not ready yet")
     name = f"{job.name}.keras" if kind == "keras" else f"{job.name}-weights.npz"
     return FileResponse(open(path, "rb"), as_attachment=True, filename=name)  # noqa: SIM115
+
+
+#: The job page's control buttons: action -> (function, what the flash message says).
+JOB_ACTIONS = {
+    "pause": (control.pause_job, "paused"),
+    "resume": (control.resume_job, "resumed"),
+    "cancel": (control.cancel_job, "cancelled"),
+}
+
+
+@login_required
+@require_POST
+def job_control(request: AuthenticatedRequest, job_id: str, action: str) -> HttpResponse:
+    """Pause, resume, cancel or delete a job (its owner, or staff); POST only, and the
+    page's buttons ask for confirmation first."""
+    job = get_object_or_404(_visible_jobs(request), id=job_id)
+    if action == "delete":
+        control.delete_job(job, request.user)
+        messages.info(request, f"Job {job.name} deleted with its files and checkpoints.")
+        return redirect("portal:jobs")
+    if action not in JOB_ACTIONS:
+        raise Http404("no such action")
+    act, done = JOB_ACTIONS[action]
+    if act(job, request.user):
+        messages.info(request, f"Job {job.name} {done}.")
+    else:
+        job.refresh_from_db()
+        messages.error(request, f"Job {job.name} is {job.status}; it cannot be {done} now.")
+    return redirect("portal:job", job_id=job.id)
+
+
+@login_required
+@require_POST
+def dataset_delete(request: AuthenticatedRequest, dataset_id: str) -> HttpResponse:
+    dataset = get_object_or_404(Dataset, id=dataset_id, owner=request.user)
+    try:
+        control.delete_dataset(dataset)
+    except control.ControlRefused as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.info(request, f"Dataset {dataset.name} deleted with its files.")
+    return redirect("portal:jobs")

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
-from django.contrib import admin
+from typing import Any
 
+from django.contrib import admin, messages
+
+from .actions import control
 from .models import (
     Checkpoint,
     Contribution,
@@ -19,7 +22,25 @@ from .models import (
 class JobAdmin(admin.ModelAdmin):
     list_display = ("name", "owner", "status", "samples_done", "best_accuracy", "created_at")
     list_filter = ("status",)
-    readonly_fields = ("layout",)
+    # Status changes go through the actions (compare-and-set, agents told), never the form.
+    readonly_fields = ("layout", "status", "status_message")
+    actions = ["pause", "resume", "cancel"]
+
+    def _act(self, request: Any, queryset: Any, action: Any, done: str) -> None:
+        changed = sum(action(job, request.user) for job in queryset)
+        self.message_user(request, f"{changed} job(s) {done}.", messages.INFO)
+
+    @admin.action(description="Pause the selected jobs")
+    def pause(self, request: Any, queryset: Any) -> None:
+        self._act(request, queryset, control.pause_job, "paused")
+
+    @admin.action(description="Resume the selected jobs")
+    def resume(self, request: Any, queryset: Any) -> None:
+        self._act(request, queryset, control.resume_job, "resumed")
+
+    @admin.action(description="Cancel the selected jobs")
+    def cancel(self, request: Any, queryset: Any) -> None:
+        self._act(request, queryset, control.cancel_job, "cancelled")
 
 
 @admin.register(Lease)

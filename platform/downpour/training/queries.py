@@ -109,3 +109,154 @@ def spot_check_summary(job: Job) -> dict[str, Any]:
         "failed": counts.get(SpotCheck.Status.FAILED, 0),
         "pending": counts.get(SpotCheck.Status.QUEUED, 0) + counts.get(SpotCheck.Status.RUNNING, 0),
     }
+
+
+def why_no_work(agent: Any) -> tuple[str, str]:
+    """Why a claim found nothing for ``agent``: a ``no_work`` reason code and its words."""
+    from downpour.training.store import warming_up
+
+    running = list(Job.objects.filter(status=Job.Status.RUNNING))
+    if not running:
+        paused = Job.objects.filter(status=Job.Status.PAUSED).count()
+        return "no_jobs", "no job is running" + (f" ({paused} paused)" if paused else "")
+    trusted = agent.token.is_trusted if getattr(agent, "token", None) else False
+    if not trusted and all(warming_up(job) for job in running):
+        return (
+            "trusted_warmup",
+            f"{len(running)} running job(s) use robust aggregation and wait for a trusted "
+            "agent to warm them up",
+        )
+    return "not_eligible", "the running jobs have all the agents they can use now"
+
+
+def job_activity(job: Job, now: datetime) -> str:
+    """What the job is doing now, in words, for its page (and its metrics JSON)."""
+    if job.status == Job.Status.QUEUED:
+        return job.status_message or "queued: waiting for a worker to build the model"
+    if job.status == Job.Status.PAUSED:
+        return f"{job.status_message or 'paused'}; resume to carry on from where it stopped"
+    if job.status == Job.Status.DONE:
+        return f"done: {job.status_message}"
+    if job.status == Job.Status.FAILED:
+        return f"failed: {job.status_message}"
+    holders = (
+        Lease.objects.filter(unit__job=job, status=Lease.Status.ACTIVE)
+        .values("agent_id")
+        .distinct()
+        .count()
+    )
+    robust = robust_summary(job)
+    if robust is not None and robust["warm"] is False:
+        from downpour.donors.models import Agent
+
+        trusted = Agent.objects.filter(
+            connected=True, banned_at__isnull=True, token__is_trusted=True
+        ).count()
+        who = (
+            "no trusted agent is connected; an operator must mark a token trusted"
+            if not trusted
+            else f"{trusted} trusted agent(s) connected"
+        )
+        return f"waiting for a trusted agent to warm up robust aggregation ({who})"
+    if holders == 0:
+        from downpour.donors.models import Agent
+
+        online = Agent.objects.filter(connected=True, banned_at__isnull=True).count()
+        if not online:
+            return "waiting for agents: none is connected"
+        return f"waiting for agents: {online} connected, none working on this job yet"
+    rate = samples_per_s(job, now)
+    text = f"training on {holders} agent(s) at {rate:,.0f} samples/s"
+    eta = _eta_s(job, rate)
+    if eta is not None:
+        text += f", about {_duration(eta)} to {eta_target(job)}"
+    return text
+
+
+def samples_per_s(job: Job, now: datetime, window_s: float = 30.0) -> float:
+    """Samples of the job's leases over the last ``window_s`` seconds (pushed samples)."""
+    points = list(
+        job.evaluations.filter(created_at__gte=now - timedelta(seconds=window_s))
+        .order_by("created_at")
+        .values_list("created_at", "samples")
+    )
+    if len(points) >= 2 and points[-1][0] > points[0][0]:
+        dt = (points[-1][0] - points[0][0]).total_seconds()
+        return max(0.0, (points[-1][1] - points[0][1]) / dt)
+    if job.started_at is not None:
+        elapsed = (now - job.started_at).total_seconds()
+        return job.samples_done / elapsed if elapsed > 0 else 0.0
+    return 0.0
+
+
+def eta_target(job: Job) -> str:
+    if job.budget_samples:
+        return f"its budget of {job.budget_samples:,} samples"
+    if job.target_accuracy is not None:
+        return f"its {job.target_accuracy:.0%} target"
+    return "its budget"
+
+
+def _eta_s(job: Job, rate: float) -> float | None:
+    """Seconds to the budget at ``rate``; to a target accuracy, from the accuracy's trend."""
+    if rate <= 0:
+        return None
+    if job.budget_samples:
+        return max(0.0, (job.budget_samples - job.samples_done) / rate)
+    if job.target_accuracy is not None:
+        points = list(
+            job.evaluations.order_by("-created_at").values_list("samples", "accuracy")[:6]
+        )
+        if len(points) >= 2:
+            (s1, a1), (s0, a0) = points[0], points[-1]
+            if s1 > s0 and a1 > a0:
+                samples_left = (job.target_accuracy - a1) * (s1 - s0) / (a1 - a0)
+                return max(0.0, samples_left / rate)
+    return None
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def device_activity(agents: list[Any], now: datetime, window_s: float = 3600.0) -> list[Any]:
+    """Annotate each agent with ``doing`` (now, in words), ``measured_samples_per_s`` (from
+    the samples of its leases that ended in the last ``window_s``, not the registration
+    benchmark) and ``reliability`` (completed vs abandoned leases, smoothed)."""
+    ids = [agent.id for agent in agents]
+    active = {
+        agent_id: (name, status)
+        for agent_id, name, status in Lease.objects.filter(
+            agent_id__in=ids, status=Lease.Status.ACTIVE
+        ).values_list("agent_id", "unit__job__name", "unit__job__status")
+    }
+    work: dict[Any, list[float]] = {}
+    ended = Lease.objects.filter(
+        agent_id__in=ids, ended_at__gte=now - timedelta(seconds=window_s), samples__gt=0
+    ).values_list("agent_id", "samples", "issued_at", "ended_at")
+    for agent_id, samples, issued_at, ended_at in ended:
+        assert ended_at is not None  # matched by ended_at >= ...
+        total = work.setdefault(agent_id, [0.0, 0.0])
+        total[0] += samples
+        total[1] += max(0.0, (ended_at - issued_at).total_seconds())
+    for agent in agents:
+        if agent.banned_at is not None:
+            agent.doing = f"banned: {agent.ban_reason}"
+        elif agent.token.revoked_at is not None:
+            agent.doing = "cut off: its token was revoked"
+        elif not agent.connected:
+            agent.doing = "offline"
+        elif agent.id in active:
+            agent.doing = f"training {active[agent.id][0]}"
+        else:
+            agent.doing = "online, waiting for work"
+        done, seconds = work.get(agent.id, (0.0, 0.0))
+        agent.measured_samples_per_s = done / seconds if seconds > 0 else None
+        agent.reliability = scheduler.reliability(
+            scheduler.HostRecord(agent.leases_completed, agent.leases_abandoned)
+        )
+    return agents

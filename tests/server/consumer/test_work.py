@@ -40,7 +40,13 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 async def test_no_running_job_means_no_work(registered: Socket) -> None:
     reply = await registered.ask({"type": "request_work", "ref": 2})
-    assert reply == {"type": "no_work", "retry_after_s": 2.0, "ref": 2}
+    assert reply == {
+        "type": "no_work",
+        "retry_after_s": 2.0,
+        "reason": "no_jobs",
+        "message": "no job is running",
+        "ref": 2,
+    }
 
 
 async def test_request_work_leases_a_unit_described_by_the_lease_message(

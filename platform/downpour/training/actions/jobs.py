@@ -191,7 +191,12 @@ def start_job(job: Job) -> bool:
         return False
     job.refresh_from_db()
     job_store(job).initialize(start_weights)
-    Job.objects.filter(id=job.id).update(status=Job.Status.RUNNING, started_at=timezone.now())
+    started = Job.objects.filter(id=job.id, status=Job.Status.QUEUED).update(
+        status=Job.Status.RUNNING, started_at=timezone.now()
+    )
+    if started != 1:  # cancelled while it was initialising
+        free_job_store(job)
+        return False
     log.info("job %s started: %d parameters in %d shards", job.id, job.param_count, layout.n_shards)
     return True
 

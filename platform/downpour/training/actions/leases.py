@@ -15,7 +15,7 @@ from django.utils import timezone
 from downpour import scheduler
 from downpour.donors.models import Agent
 from downpour.training.actions.claims import host_record, record_lease_rate
-from downpour.training.models import Lease, WorkUnit
+from downpour.training.models import Job, Lease, WorkUnit
 from downpour_agent.protocol import (
     ERROR_TEXTS,
     DatasetSpec,
@@ -80,6 +80,8 @@ def get_agent_lease(lease_id: str, agent: Agent) -> Lease:
         raise LeaseError(ErrorCode.LEASE_NOT_YOURS)
     if lease.unit.job.is_finished:
         raise LeaseError(ErrorCode.JOB_FINISHED)
+    if lease.unit.job.status == Job.Status.PAUSED:
+        raise LeaseError(ErrorCode.JOB_PAUSED)
     if lease.status != Lease.Status.ACTIVE or lease.expires_at <= timezone.now():
         raise LeaseError(ErrorCode.LEASE_EXPIRED)
     return lease
@@ -165,11 +167,19 @@ def return_lease(agent: Agent, lease_id: str) -> None:
             )
 
 
+def _abandoned_by_agent(lease: Lease) -> bool:
+    """An expired lease counts against its agent only if the job was still running: a
+    lease of a paused or stopped job was refused by the server, not dropped by the donor."""
+    return Job.objects.filter(id=lease.unit.job_id, status=Job.Status.RUNNING).exists()
+
+
 def reap_expired_leases() -> int:
     """Expire leases whose heartbeats stopped and put their units back in the queue."""
     now = timezone.now()
     reaped = 0
-    for lease in Lease.objects.filter(status=Lease.Status.ACTIVE, expires_at__lte=now):
+    for lease in Lease.objects.filter(
+        status=Lease.Status.ACTIVE, expires_at__lte=now
+    ).select_related("unit"):
         with transaction.atomic():
             if (
                 Lease.objects.filter(id=lease.id, status=Lease.Status.ACTIVE).update(
@@ -184,7 +194,8 @@ def reap_expired_leases() -> int:
                 WorkUnit.objects.filter(id=lease.unit_id, status=WorkUnit.Status.LEASED).update(
                     status=WorkUnit.Status.PENDING
                 )
-            _record_outcome(str(lease.agent_id), completed=False)
+            if _abandoned_by_agent(lease):
+                _record_outcome(str(lease.agent_id), completed=False)
             reaped += 1
     if reaped:
         log.info("reaped %d expired leases", reaped)
