@@ -105,6 +105,13 @@ class CentredClipping:
     max_widening : float
         ... but at most this multiple of the trusted radius ``tau_multiplier * EMA``,
         ``>= 1``. Bounds what attackers who fill most of the window can gain.
+    min_cosine : float or None
+        The direction test, in ``[-1, 1)``: an untrusted push whose cosine with the centre
+        ``m`` is below this is *rejected*: applied as ``m`` itself (clipped to radius 0),
+        reported as clipped (so it counts against the agent's reputation), and kept out of
+        the centre and of the untrusted spread. A sign flip (``-g``) or an inner-product
+        manipulation (``-eps * mean``) points against the centre and fails it; honest pushes
+        agree with the momentum of honest pushes. None turns the test off.
     """
 
     beta: float = 0.9
@@ -114,6 +121,7 @@ class CentredClipping:
     untrusted_window: int = 32
     untrusted_multiplier: float = 3.0
     max_widening: float = 4.0
+    min_cosine: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.beta < 1:
@@ -139,6 +147,8 @@ class CentredClipping:
             raise ValueError(f"untrusted_multiplier must be finite and > 0, got {multiplier!r}")
         if not math.isfinite(self.max_widening) or self.max_widening < 1:
             raise ValueError(f"max_widening must be finite and >= 1, got {self.max_widening!r}")
+        if self.min_cosine is not None and not -1 <= self.min_cosine < 1:
+            raise ValueError(f"min_cosine must be None or in [-1, 1), got {self.min_cosine!r}")
 
 
 @dataclass(frozen=True)
@@ -431,6 +441,9 @@ class RobustStep:
     deviation_norm : float
         ``||g - m||`` before clipping (L2, gradient units); 0.0 when there was no centre yet
         (the first trusted push) or the push was held.
+    rejected : bool
+        The push failed the direction test (``CentredClipping.min_cosine``): ``gradient`` is
+        the centre, and ``clipped`` is True.
     """
 
     held: bool
@@ -438,6 +451,28 @@ class RobustStep:
     state: RobustState
     clipped: bool
     deviation_norm: float
+    rejected: bool = False
+
+
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine of the angle between two flat vectors, computed in float64.
+
+    Parameters
+    ----------
+    a, b : ndarray
+        Shape ``(n,)``, any float dtype, finite.
+
+    Returns
+    -------
+    float
+        In ``[-1, 1]``; 1.0 when either vector is zero (no direction to disagree with).
+    """
+    left = np.asarray(a, dtype=np.float64)
+    right = np.asarray(b, dtype=np.float64)
+    norms = math.sqrt(float(np.dot(left, left))) * math.sqrt(float(np.dot(right, right)))
+    if norms == 0 or not math.isfinite(norms):
+        return 1.0
+    return max(-1.0, min(1.0, float(np.dot(left, right)) / norms))
 
 
 def centred_clip(
@@ -526,8 +561,16 @@ def robust_step(
         # No centre before the first trusted push: its distance from zero means nothing.
         measured = deviation_norm if state.trusted_pushes > 0 else 0.0
         return RobustStep(False, gradient, new_state, False, measured)
-    accepted, deviation_norm, clipped, unclipped = _clip(gradient, centre, state.tau(config))
     window = config.untrusted_window
+    if config.min_cosine is not None:
+        cosine = cosine_similarity(gradient, centre)
+        if cosine < config.min_cosine:
+            _, deviation_norm = _deviation(gradient, centre)
+            # Rejected: the centre stands in for it (a radius of 0), and its distance stays
+            # out of the spread, so flipped pushes can neither drag the centre nor widen tau.
+            rejected = replace(state, pushes=state.pushes + 1)
+            return RobustStep(False, np.zeros_like(centre), rejected, False, deviation_norm, True)
+    accepted, deviation_norm, clipped, unclipped = _clip(gradient, centre, state.tau(config))
     new_state = replace(
         state,
         momentum=(
