@@ -77,12 +77,14 @@ from downpour.paramstore import (  # noqa: E402
     ShardStorage,
     StaleGradient,
     VariableSpec,
+    root_reference,
 )
 from downpour.scheduler.reputation import (  # noqa: E402
     DEFAULT_MAX_CLIPPED_FRACTION,
     DEFAULT_MIN_PUSHES,
     Reputation,
     clipped_fraction,
+    recent_clipped_fraction,
     record_push,
     should_ban,
 )
@@ -600,6 +602,7 @@ class StackAgent:
     index: int
     role: str  # "trusted", "honest" or "attacker"
     samples_per_s: float
+    data_shard: int = 0
     shard_x: np.ndarray | None = None
     shard_y: np.ndarray | None = None
     sampler: Any = None
@@ -614,6 +617,7 @@ class StackAgent:
     pushes: int = 0
     store_pushes: int = 0
     clipped: int = 0
+    max_recent_clipped: float = 0.0
     banned_at_s: float | None = None
     banned_after: int | None = None
     first_unit_s: float | None = None
@@ -646,9 +650,8 @@ class KerasGradients:
     """The agent's own :class:`downpour_agent.trainer.GradientComputer` on the digits MLP."""
 
     def __init__(self) -> None:
-        from downpour_agent.trainer import GradientComputer
-
         from downpour.digits import mlp_json
+        from downpour_agent.trainer import GradientComputer
 
         self.computer = GradientComputer(
             json.loads(mlp_json()), "sparse_categorical_crossentropy", seed=0
@@ -683,6 +686,10 @@ def simulate_stack(
     seed: int = 0,
     gradients: str = "numpy",
     eval_every_s: float = 1.0,
+    root_sample: int = 0,
+    reference_every_s: float = 0.5,
+    per_shard_reference: bool = False,
+    min_agreement: float = 0.3,
 ) -> StackResult:
     """A robust job as the server runs it, with the real store, scheduler policy and bans.
 
@@ -707,6 +714,11 @@ def simulate_stack(
       ``min_pushes_for_shards(2)``, as ``training.actions.bans.record_clipping`` does.
     * **Gradients**: ``"numpy"`` (the hand-written MLP, exact and fast) or ``"keras"`` (the
       agent's ``GradientComputer`` on ``downpour.digits.mlp_json``).
+    * **Root gradient** (``root_sample > 0``, with ``robust``): every ``reference_every_s`` the
+      server computes the mean gradient of a fixed root sample of ``root_sample`` training
+      images (drawn from the whole training set, so from every data shard) at the store's
+      current weights, and passes each shard's part to ``ParameterStore.push(reference=...)``
+      for the direction test (FLTrust; ``CentredClipping.min_cosine``).
     """
     with threadpool_limits(limits=1, user_api="blas"):
         return _simulate_stack(
@@ -725,6 +737,10 @@ def simulate_stack(
             seed,
             gradients,
             eval_every_s,
+            root_sample,
+            reference_every_s,
+            per_shard_reference,
+            min_agreement,
         )
 
 
@@ -744,11 +760,14 @@ def _simulate_stack(
     seed: int,
     gradients: str,
     eval_every_s: float,
+    root_sample: int,
+    reference_every_s: float,
+    per_shard_reference: bool,
+    min_agreement: float,
 ) -> StackResult:
-    from downpour_agent.trainer import BatchSampler
-
     from downpour.scheduler import admits_during_warmup, unit_steps
     from downpour.scheduler.reputation import min_pushes_for_shards
+    from downpour_agent.trainer import BatchSampler
 
     rng = np.random.default_rng(seed)
     specs = mlp_specs()
@@ -760,9 +779,7 @@ def _simulate_stack(
     else:
         gradient_of = mlp_gradients
         initial = glorot_weights(specs, np.random.default_rng(seed))
-    store = ParameterStore(
-        InMemoryStorage(), JOB, layout, OPTIMIZER, max_staleness, robust=robust
-    )
+    store = ParameterStore(InMemoryStorage(), JOB, layout, OPTIMIZER, max_staleness, robust=robust)
     store.initialize(initial)
     n_attackers = round(fraction * agents) if attack is not None else 0
     if trusted + n_attackers > agents:
@@ -783,6 +800,47 @@ def _simulate_stack(
     coalition = batch_stream(len(data.y_train), rng)
     alie_z_value = alie_z(agents, n_attackers) if attack == "alie" else 0.0
 
+    # The server's root samples: per data shard (the lease's shard is known when a push
+    # arrives), or one from the whole training set.
+    root_rng = np.random.default_rng([seed, 7])
+    roots = (
+        [root_rng.permutation(indices)[:root_sample] for indices in shards]
+        if per_shard_reference
+        else [root_rng.permutation(len(data.y_train))[:root_sample]]
+    )
+    references: list[list[np.ndarray | None]] = []
+    reference_at = -math.inf
+
+    def refresh_references(now: float) -> None:
+        nonlocal references, reference_at
+        if robust is None or not root_sample or now - reference_at < reference_every_s:
+            return
+        reference_at = now
+        weights = store.weights()
+        references = []
+        for root in roots:
+            halves = [
+                layout.split(gradient_of(weights, data.x_train[half], data.y_train[half]))
+                for half in np.array_split(root, 2)
+            ]
+            references.append(
+                [
+                    root_reference(
+                        *(
+                            np.concatenate([h[shard][spec.name].ravel() for spec in specs_])
+                            for h in halves
+                        ),
+                        min_agreement=min_agreement,
+                    )
+                    for shard, specs_ in enumerate(layout.shards)
+                ]
+            )
+
+    def reference_for(agent: StackAgent, shard: int) -> np.ndarray | None:
+        if not references:
+            return None
+        return references[agent.data_shard if per_shard_reference else 0][shard]
+
     def warming_up() -> bool:
         status = store.warmup_status()
         return status is not None and not status.warm
@@ -793,6 +851,7 @@ def _simulate_stack(
         shard = min(range(len(shards)), key=lambda index: (units_per_shard[index], index))
         units_per_shard[shard] += 1
         indices = shards[shard]
+        agent.data_shard = shard
         agent.shard_x, agent.shard_y = data.x_train[indices], data.y_train[indices]
         agent.sampler = BatchSampler(len(indices), BATCH_SIZE, int(rng.integers(1 << 31)))
         agent.steps_left = unit_steps(agent.samples_per_s, BATCH_SIZE, UNIT_TARGET_SECONDS)
@@ -836,6 +895,7 @@ def _simulate_stack(
         if agent.role == "attacker":
             mean = tamper(agent, mean)
         agent.pushes += 1
+        refresh_references(now)
         for shard, part in enumerate(layout.split(mean)):
             try:
                 result = store.push(
@@ -844,6 +904,7 @@ def _simulate_stack(
                     agent.versions[shard],
                     f"agent{agent.index}-{agent.pushes}-{shard}",
                     trusted=agent.role == "trusted",
+                    reference=reference_for(agent, shard),
                 )
             except StaleGradient:
                 stale[0] += 1
@@ -859,6 +920,10 @@ def _simulate_stack(
             for flag in agent.unflushed:
                 agent.reputation = record_push(agent.reputation, flag)
             agent.unflushed = []
+            if agent.reputation.pushes >= min_pushes:
+                agent.max_recent_clipped = max(
+                    agent.max_recent_clipped, recent_clipped_fraction(agent.reputation)
+                )
             if should_ban(agent.reputation, min_pushes=min_pushes):
                 agent.banned_at_s = now
                 agent.banned_after = agent.reputation.pushes
@@ -893,7 +958,9 @@ def _simulate_stack(
         if agent.step_in_unit % n_fetch == 0:
             fetch(agent)
         batch = agent.sampler.next_indices()
-        agent.accumulated.append(gradient_of(agent.weights, agent.shard_x[batch], agent.shard_y[batch]))
+        agent.accumulated.append(
+            gradient_of(agent.weights, agent.shard_x[batch], agent.shard_y[batch])
+        )
         agent.step_in_unit += 1
         agent.steps_left -= 1
         step_s = BATCH_SIZE / agent.samples_per_s * float(rng.uniform(0.8, 1.2))
@@ -940,6 +1007,7 @@ def _simulate_stack(
                 "clipped": a.clipped,
                 "banned_after": a.banned_after,
                 "banned_at_s": a.banned_at_s and round(a.banned_at_s, 2),
+                "max_recent_clipped": round(a.max_recent_clipped, 3),
             }
             for a in crew
         ],
@@ -976,7 +1044,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-cosine",
         type=float,
         default=CentredClipping.min_cosine,
-        help="direction test: reject untrusted pushes below this cosine with the centre",
+        help="direction test: flag untrusted pushes below this cosine with the root gradient",
+    )
+    parser.add_argument(
+        "--root-sample",
+        type=int,
+        default=400,
+        help="stack: training images in the server's root sample for the reference gradient "
+        "of the direction test (default 400; 0: no reference, no direction test)",
+    )
+    parser.add_argument(
+        "--reference-every-s",
+        type=float,
+        default=0.5,
+        help="stack: seconds between the server's reference gradients (default 0.5)",
+    )
+    parser.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.5,
+        help="stack: least cosine between the root sample's two halves for a reference",
+    )
+    parser.add_argument(
+        "--reject-opposed", action="store_true", default=CentredClipping.reject_opposed
+    )
+    parser.add_argument(
+        "--flag-multiplier",
+        type=float,
+        default=CentredClipping.flag_multiplier,
+        help="flag clipped pushes beyond this multiple of tau only (default %(default)s)",
     )
     parser.add_argument("--output", type=Path, help="also write the JSON to this file")
     parser.add_argument(
@@ -1053,6 +1149,9 @@ def run_stack(args: argparse.Namespace, robust: CentredClipping) -> dict[str, An
         "max_staleness": args.max_staleness,
         "seed": args.seed,
         "gradients": args.gradients,
+        "root_sample": args.root_sample,
+        "reference_every_s": args.reference_every_s,
+        "min_agreement": args.min_agreement,
     }
     started = time.perf_counter()
     clean = simulate_stack(data, attack=None, fraction=0.0, robust=robust, **common)
@@ -1067,6 +1166,8 @@ def run_stack(args: argparse.Namespace, robust: CentredClipping) -> dict[str, An
         **common,
         "attackers": attacked.attackers,
         "min_cosine": robust.min_cosine,
+        "reject_opposed": robust.reject_opposed,
+        "flag_multiplier": robust.flag_multiplier,
         "clean_accuracy": clean.accuracy,
         "clean_best_accuracy": clean.best_accuracy,
         "attacked_accuracy": attacked.accuracy,
@@ -1114,6 +1215,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         untrusted_multiplier=args.untrusted_multiplier,
         max_widening=args.max_widening,
         min_cosine=args.min_cosine,
+        reject_opposed=args.reject_opposed,
+        flag_multiplier=args.flag_multiplier,
     )
     if args.engine == "stack":
         if args.attack == "all":
@@ -1266,7 +1369,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.engine == "stack":
         # The stack's defaults: the runs of issue 10 (one trusted agent, 4 data shards).
-        for name, value in (("agents", 5), ("trusted", 1), ("data_shards", 4), ("max_staleness", 16)):
+        for name, value in (
+            ("agents", 5),
+            ("trusted", 1),
+            ("data_shards", 4),
+            ("max_staleness", 16),
+        ):
             if getattr(args, name) == parser_default(name):
                 setattr(args, name, value)
     result = run(args)
