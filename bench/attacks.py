@@ -689,7 +689,7 @@ def simulate_stack(
     root_sample: int = 0,
     reference_every_s: float = 0.5,
     per_shard_reference: bool = False,
-    min_agreement: float = 0.3,
+    min_agreement: float = 0.5,
 ) -> StackResult:
     """A robust job as the server runs it, with the real store, scheduler policy and bans.
 
