@@ -46,6 +46,12 @@ Who sets the centre and the radius:
   clipped feeds :mod:`downpour.scheduler.reputation`. An unclipped push moves the centre; a
   clipped one is applied (as ``g'``) but leaves the centre where it was.
 
+* **Direction test** (issue 10). When the server passes a reference gradient (FLTrust's root
+  gradient on a small root sample, :func:`root_reference`), an untrusted push whose cosine
+  with it is below ``min_cosine`` is flagged and kept out of the centre and the spread: sign
+  flips and inner-product manipulation point against it. A clipped push is flagged only from
+  ``flag_multiplier`` radii out. Flags are what reputation counts (``PushResult.clipped``).
+
 The state of one shard is a :class:`RobustState`: the momentum (float32, the shard's size),
 four statistics (:class:`RobustStats`) and the recent untrusted distances. It is stored with
 the shard's weights and committed with them in the same compare-and-set, so every server
