@@ -656,15 +656,16 @@ class KerasGradients:
         self.computer = GradientComputer(
             json.loads(mlp_json()), "sparse_categorical_crossentropy", seed=0
         )
-        self.loaded: int | None = None
+
+    def specs(self) -> list[VariableSpec]:
+        """The model's variables under Keras's own names (``sequential/dense/kernel``...)."""
+        return [VariableSpec(name, shape) for name, shape, _ in self.computer.variable_specs()]
 
     def initial_weights(self) -> Weights:
         return self.computer.get_weights()
 
     def __call__(self, weights: Weights, x: np.ndarray, y: np.ndarray) -> Gradients:
-        if self.loaded != id(weights):
-            self.computer.set_weights(weights)
-            self.loaded = id(weights)
+        self.computer.set_weights(weights)
         gradients, _loss = self.computer.compute(x, y)
         return gradients
 
@@ -771,14 +772,15 @@ def _simulate_stack(
 
     rng = np.random.default_rng(seed)
     specs = mlp_specs()
-    layout = ShardLayout.balanced(specs, N_SHARDS)
     if gradients == "keras":
         keras_gradients = KerasGradients()
+        specs = keras_gradients.specs()
         gradient_of: Callable[[Weights, np.ndarray, np.ndarray], Gradients] = keras_gradients
         initial = keras_gradients.initial_weights()
     else:
         gradient_of = mlp_gradients
         initial = glorot_weights(specs, np.random.default_rng(seed))
+    layout = ShardLayout.balanced(specs, N_SHARDS)
     store = ParameterStore(InMemoryStorage(), JOB, layout, OPTIMIZER, max_staleness, robust=robust)
     store.initialize(initial)
     n_attackers = round(fraction * agents) if attack is not None else 0
