@@ -77,17 +77,19 @@ from downpour.paramstore import (  # noqa: E402
     ShardStorage,
     StaleGradient,
     VariableSpec,
+    root_reference,
 )
 from downpour.scheduler.reputation import (  # noqa: E402
     DEFAULT_MAX_CLIPPED_FRACTION,
     DEFAULT_MIN_PUSHES,
     Reputation,
     clipped_fraction,
+    recent_clipped_fraction,
     record_push,
     should_ban,
 )
 
-ATTACKS = ("signflip", "scale1e6", "neg1000", "alie")
+ATTACKS = ("signflip", "ipm", "scale1e6", "neg1000", "alie")
 #: Attacks whose pushes lie far outside the honest spread: they must be clipped and banned.
 SCALE_ATTACKS = ("scale1e6", "neg1000")
 HIDDEN = (128, 128)
@@ -581,13 +583,500 @@ def _fetch(store: ParameterStore, agent: Agent) -> None:
     agent.weights = store.layout.merge(parts)
 
 
+# -- the server's situation --------------------------------------------------------------------
+
+#: The server's defaults that shape a robust job's pushes (``downpour.settings``, the job form).
+UNIT_TARGET_SECONDS = 30.0
+FLUSH_INTERVAL_S = 2.0  # the consumer folds clipping into reputation this often
+WARMUP_CACHE_S = 1.0  # a server process rereads a warming job's status this often
+#: IPM's epsilon (Xie, Koyejo and Gupta, UAI 2019): attackers send ``-epsilon * mean(g)``.
+IPM_EPSILON = 0.5
+#: Mini-batches the colluding IPM and ALIE attackers sample to estimate the honest gradient.
+COALITION_BATCHES = 4
+
+
+@dataclass
+class StackAgent:
+    """One agent process as the server sees it: units on data shards, n_fetch/n_push steps."""
+
+    index: int
+    role: str  # "trusted", "honest" or "attacker"
+    samples_per_s: float
+    data_shard: int = 0
+    shard_x: np.ndarray | None = None
+    shard_y: np.ndarray | None = None
+    sampler: Any = None
+    steps_left: int = 0
+    step_in_unit: int = 0
+    versions: list[int] = field(default_factory=list)
+    weights: Weights = field(default_factory=dict)
+    accumulated: list[Gradients] = field(default_factory=list)
+    reputation: Reputation = field(default_factory=Reputation)
+    unflushed: list[bool] = field(default_factory=list)
+    last_flush: float = 0.0
+    pushes: int = 0
+    store_pushes: int = 0
+    clipped: int = 0
+    max_recent_clipped: float = 0.0
+    banned_at_s: float | None = None
+    banned_after: int | None = None
+    first_unit_s: float | None = None
+    staleness: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StackResult:
+    """Outcome of one :func:`simulate_stack` run (accuracies 0..1, times in job seconds)."""
+
+    accuracy: float
+    best_accuracy: float
+    curve: list[tuple[float, float]]
+    attackers: int
+    attackers_banned: int
+    honest_banned: int
+    pushes_to_ban: list[int]
+    seconds_to_ban: list[float]
+    honest_clipped_fraction: float
+    honest_clipped_fraction_max: float
+    attacker_clipped_fraction: float
+    warm_at_s: float | None
+    staleness_p50: float
+    staleness_p95: float
+    stale_rejected: int
+    agents: list[dict[str, Any]] = field(default_factory=list)
+
+
+class KerasGradients:
+    """The agent's own :class:`downpour_agent.trainer.GradientComputer` on the digits MLP."""
+
+    def __init__(self) -> None:
+        from downpour.digits import mlp_json
+        from downpour_agent.trainer import GradientComputer
+
+        self.computer = GradientComputer(
+            json.loads(mlp_json()), "sparse_categorical_crossentropy", seed=0
+        )
+
+    def specs(self) -> list[VariableSpec]:
+        """The model's variables under Keras's own names (``sequential/dense/kernel``...)."""
+        return [VariableSpec(name, shape) for name, shape, _ in self.computer.variable_specs()]
+
+    def initial_weights(self) -> Weights:
+        return self.computer.get_weights()
+
+    def __call__(self, weights: Weights, x: np.ndarray, y: np.ndarray) -> Gradients:
+        self.computer.set_weights(weights)
+        gradients, _loss = self.computer.compute(x, y)
+        return gradients
+
+
+def simulate_stack(
+    data: Digits,
+    *,
+    attack: str | None,
+    fraction: float,
+    robust: CentredClipping | None,
+    agents: int = 5,
+    trusted: int = 1,
+    seconds: float = 60.0,
+    data_shards: int = 4,
+    n_fetch: int = 1,
+    n_push: int = 1,
+    samples_per_s: tuple[float, float] = (800.0, 2000.0),
+    max_staleness: int = 16,
+    seed: int = 0,
+    gradients: str = "numpy",
+    eval_every_s: float = 1.0,
+    root_sample: int = 0,
+    reference_every_s: float = 0.5,
+    per_shard_reference: bool = False,
+    min_agreement: float = 0.5,
+) -> StackResult:
+    """A robust job as the server runs it, with the real store, scheduler policy and bans.
+
+    * **Store**: :class:`~downpour.paramstore.ParameterStore` on ``InMemoryStorage``, 2
+      parameter shards, Adagrad 0.05, the job's ``max_staleness`` (16), with ``robust``
+      (centred clipping) or without it (plain Adagrad, "plain mean").
+    * **Data**: the training set cut into ``data_shards`` as ``split_train`` cuts it. Each unit
+      is on the data shard with the fewest units so far (``claim_work``), sized by
+      :func:`downpour.scheduler.unit_steps` to ``UNIT_TARGET_SECONDS`` at the agent's speed,
+      with a fresh seed; batches come from the agent's own ``BatchSampler``.
+    * **Agents** (``trusted`` of them trusted, ``round(fraction * agents)`` attackers) each step
+      at ``batch / samples_per_s * U(0.8, 1.2)`` seconds, speeds log-uniform in
+      ``samples_per_s``. Within a unit an agent loads the store's weights before every
+      ``n_fetch``-th step and pushes the mean gradient of every ``n_push`` steps (and at the
+      unit's end), each shard with the version it loaded, as ``downpour_agent`` does. All agents
+      run interleaved on one clock, so a push is as stale as the pushes others made meanwhile.
+    * **Warm-up**: while the store says the job is warming up, untrusted agents get no unit
+      (``downpour.scheduler.trust``), and ask again every second.
+    * **Bans**: clipping flags of applied pushes are folded into the agent's
+      :class:`~downpour.scheduler.reputation.Reputation` every ``FLUSH_INTERVAL_S``, and the
+      agent is banned (and leaves) when ``should_ban`` says so with
+      ``min_pushes_for_shards(2)``, as ``training.actions.bans.record_clipping`` does.
+    * **Gradients**: ``"numpy"`` (the hand-written MLP, exact and fast) or ``"keras"`` (the
+      agent's ``GradientComputer`` on ``downpour.digits.mlp_json``).
+    * **Root gradient** (``root_sample > 0``, with ``robust``): every ``reference_every_s`` the
+      server computes the mean gradient of a fixed root sample of ``root_sample`` training
+      images (drawn from the whole training set, so from every data shard) at the store's
+      current weights, and passes each shard's part to ``ParameterStore.push(reference=...)``
+      for the direction test (FLTrust; ``CentredClipping.min_cosine``).
+    """
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _simulate_stack(
+            data,
+            attack,
+            fraction,
+            robust,
+            agents,
+            trusted,
+            seconds,
+            data_shards,
+            n_fetch,
+            n_push,
+            samples_per_s,
+            max_staleness,
+            seed,
+            gradients,
+            eval_every_s,
+            root_sample,
+            reference_every_s,
+            per_shard_reference,
+            min_agreement,
+        )
+
+
+def _simulate_stack(
+    data: Digits,
+    attack: str | None,
+    fraction: float,
+    robust: CentredClipping | None,
+    agents: int,
+    trusted: int,
+    seconds: float,
+    data_shards: int,
+    n_fetch: int,
+    n_push: int,
+    samples_per_s: tuple[float, float],
+    max_staleness: int,
+    seed: int,
+    gradients: str,
+    eval_every_s: float,
+    root_sample: int,
+    reference_every_s: float,
+    per_shard_reference: bool,
+    min_agreement: float,
+) -> StackResult:
+    from downpour.scheduler import admits_during_warmup, unit_steps
+    from downpour.scheduler.reputation import min_pushes_for_shards
+    from downpour_agent.trainer import BatchSampler
+
+    rng = np.random.default_rng(seed)
+    specs = mlp_specs()
+    if gradients == "keras":
+        keras_gradients = KerasGradients()
+        specs = keras_gradients.specs()
+        gradient_of: Callable[[Weights, np.ndarray, np.ndarray], Gradients] = keras_gradients
+        initial = keras_gradients.initial_weights()
+    else:
+        gradient_of = mlp_gradients
+        initial = glorot_weights(specs, np.random.default_rng(seed))
+    layout = ShardLayout.balanced(specs, N_SHARDS)
+    store = ParameterStore(InMemoryStorage(), JOB, layout, OPTIMIZER, max_staleness, robust=robust)
+    store.initialize(initial)
+    n_attackers = round(fraction * agents) if attack is not None else 0
+    if trusted + n_attackers > agents:
+        raise ValueError(f"{trusted} trusted and {n_attackers} attackers exceed {agents} agents")
+    attacker_ids = set((trusted + rng.permutation(agents - trusted)[:n_attackers]).tolist())
+    low, high = samples_per_s
+    crew = [
+        StackAgent(
+            index,
+            "trusted" if index < trusted else "attacker" if index in attacker_ids else "honest",
+            float(np.exp(rng.uniform(np.log(low), np.log(high)))),
+        )
+        for index in range(agents)
+    ]
+    shards = data_shard_indices(len(data.y_train), data_shards)
+    units_per_shard = [0] * len(shards)
+    min_pushes = min_pushes_for_shards(layout.n_shards)
+    coalition = batch_stream(len(data.y_train), rng)
+    alie_z_value = alie_z(agents, n_attackers) if attack == "alie" else 0.0
+
+    # The server's root samples: per data shard (the lease's shard is known when a push
+    # arrives), or one from the whole training set.
+    root_rng = np.random.default_rng([seed, 7])
+    roots = (
+        [root_rng.permutation(indices)[:root_sample] for indices in shards]
+        if per_shard_reference
+        else [root_rng.permutation(len(data.y_train))[:root_sample]]
+    )
+    references: list[list[np.ndarray | None]] = []
+    reference_at = -math.inf
+
+    def refresh_references(now: float) -> None:
+        nonlocal references, reference_at
+        if robust is None or not root_sample or now - reference_at < reference_every_s:
+            return
+        reference_at = now
+        weights = store.weights()
+        references = []
+        for root in roots:
+            halves = [
+                layout.split(gradient_of(weights, data.x_train[half], data.y_train[half]))
+                for half in np.array_split(root, 2)
+            ]
+            references.append(
+                [
+                    root_reference(
+                        *(
+                            np.concatenate([h[shard][spec.name].ravel() for spec in specs_])
+                            for h in halves
+                        ),
+                        min_agreement=min_agreement,
+                    )
+                    for shard, specs_ in enumerate(layout.shards)
+                ]
+            )
+
+    def reference_for(agent: StackAgent, shard: int) -> np.ndarray | None:
+        if not references:
+            return None
+        return references[agent.data_shard if per_shard_reference else 0][shard]
+
+    def warming_up() -> bool:
+        status = store.warmup_status()
+        return status is not None and not status.warm
+
+    def claim(agent: StackAgent, now: float) -> bool:
+        if not admits_during_warmup(agent.role == "trusted", warming_up()):
+            return False
+        shard = min(range(len(shards)), key=lambda index: (units_per_shard[index], index))
+        units_per_shard[shard] += 1
+        indices = shards[shard]
+        agent.data_shard = shard
+        agent.shard_x, agent.shard_y = data.x_train[indices], data.y_train[indices]
+        agent.sampler = BatchSampler(len(indices), BATCH_SIZE, int(rng.integers(1 << 31)))
+        agent.steps_left = unit_steps(agent.samples_per_s, BATCH_SIZE, UNIT_TARGET_SECONDS)
+        agent.step_in_unit = 0
+        agent.accumulated = []
+        if agent.first_unit_s is None:
+            agent.first_unit_s = now
+        return True
+
+    def fetch(agent: StackAgent) -> None:
+        versions, parts = [], []
+        for shard in range(layout.n_shards):
+            version, tensors = store.fetch(shard)
+            versions.append(version)
+            parts.append(tensors)
+        agent.versions, agent.weights = versions, layout.merge(parts)
+
+    def tamper(agent: StackAgent, honest: Gradients) -> Gradients:
+        if attack == "signflip":
+            return scaled(honest, -1.0)
+        if attack == "scale1e6":
+            return scaled(honest, 1e6)
+        if attack == "neg1000":
+            return scaled(honest, -1000.0)
+        samples = [honest]
+        for _ in range(COALITION_BATCHES):
+            batch = next(coalition)
+            samples.append(gradient_of(agent.weights, data.x_train[batch], data.y_train[batch]))
+        if attack == "ipm":
+            mean = {name: np.mean([s[name] for s in samples], axis=0) for name in honest}
+            return scaled(mean, -IPM_EPSILON)
+        return alie_gradients(samples, alie_z_value)
+
+    def push(agent: StackAgent, now: float) -> None:
+        count = len(agent.accumulated)
+        mean = {
+            name: (sum(g[name] for g in agent.accumulated) / count).astype(np.float32)
+            for name in agent.accumulated[0]
+        }
+        agent.accumulated = []
+        if agent.role == "attacker":
+            mean = tamper(agent, mean)
+        agent.pushes += 1
+        refresh_references(now)
+        for shard, part in enumerate(layout.split(mean)):
+            try:
+                result = store.push(
+                    shard,
+                    part,
+                    agent.versions[shard],
+                    f"agent{agent.index}-{agent.pushes}-{shard}",
+                    trusted=agent.role == "trusted",
+                    reference=reference_for(agent, shard),
+                )
+            except StaleGradient:
+                stale[0] += 1
+                continue
+            if result.applied:
+                agent.staleness.append(result.staleness)
+                agent.store_pushes += 1
+                if robust is not None:
+                    agent.unflushed.append(result.clipped)
+                    agent.clipped += result.clipped
+        if robust is not None and now - agent.last_flush >= FLUSH_INTERVAL_S:
+            agent.last_flush = now
+            for flag in agent.unflushed:
+                agent.reputation = record_push(agent.reputation, flag)
+            agent.unflushed = []
+            if agent.reputation.pushes >= min_pushes:
+                agent.max_recent_clipped = max(
+                    agent.max_recent_clipped, recent_clipped_fraction(agent.reputation)
+                )
+            if should_ban(agent.reputation, min_pushes=min_pushes):
+                agent.banned_at_s = now
+                agent.banned_after = agent.reputation.pushes
+
+    stale = [0]
+    schedule: list[tuple[float, int]] = []
+    for agent in crew:
+        heapq.heappush(schedule, (float(rng.uniform(0, 0.2)), agent.index))
+    curve: list[tuple[float, float]] = []
+    next_eval = eval_every_s
+    warm_at: float | None = None
+    while schedule:
+        now, index = heapq.heappop(schedule)
+        while next_eval <= min(now, seconds):
+            curve.append((next_eval, accuracy(store.weights(), data.x_test, data.y_test)))
+            next_eval += eval_every_s
+        if now >= seconds:
+            break
+        agent = crew[index]
+        # The step that ends now was computed on the weights loaded when it began: others
+        # pushed in between, so its push is as stale as on the server.
+        if agent.accumulated and (len(agent.accumulated) >= n_push or agent.steps_left <= 0):
+            push(agent, now)
+            if agent.banned_at_s is not None:
+                continue
+        if agent.steps_left <= 0 and not claim(agent, now):
+            heapq.heappush(schedule, (now + WARMUP_CACHE_S, index))
+            continue
+        if warm_at is None and robust is not None and not warming_up():
+            warm_at = now
+        # One step: load the weights every n_fetch steps, compute, push every n_push steps.
+        if agent.step_in_unit % n_fetch == 0:
+            fetch(agent)
+        batch = agent.sampler.next_indices()
+        agent.accumulated.append(
+            gradient_of(agent.weights, agent.shard_x[batch], agent.shard_y[batch])
+        )
+        agent.step_in_unit += 1
+        agent.steps_left -= 1
+        step_s = BATCH_SIZE / agent.samples_per_s * float(rng.uniform(0.8, 1.2))
+        heapq.heappush(schedule, (now + step_s, index))
+
+    final = accuracy(store.weights(), data.x_test, data.y_test)
+    curve.append((seconds, final))
+    attackers = [a for a in crew if a.role == "attacker"]
+    honest = [a for a in crew if a.role == "honest"]
+    honest_pushes = sum(a.store_pushes for a in honest)
+    attacker_pushes = sum(a.store_pushes for a in attackers)
+    staleness = [s for a in crew for s in a.staleness]
+    return StackResult(
+        accuracy=final,
+        best_accuracy=max(value for _, value in curve),
+        curve=curve,
+        attackers=len(attackers),
+        attackers_banned=sum(a.banned_after is not None for a in attackers),
+        honest_banned=sum(a.banned_after is not None for a in crew if a.role != "attacker"),
+        pushes_to_ban=[a.banned_after for a in attackers if a.banned_after is not None],
+        seconds_to_ban=[
+            round(a.banned_at_s - (a.first_unit_s or 0.0), 2)
+            for a in attackers
+            if a.banned_at_s is not None
+        ],
+        honest_clipped_fraction=(
+            sum(a.clipped for a in honest) / honest_pushes if honest_pushes else 0.0
+        ),
+        honest_clipped_fraction_max=max(
+            (a.clipped / a.store_pushes for a in honest if a.store_pushes), default=0.0
+        ),
+        attacker_clipped_fraction=(
+            sum(a.clipped for a in attackers) / attacker_pushes if attacker_pushes else 0.0
+        ),
+        warm_at_s=warm_at,
+        staleness_p50=float(np.percentile(staleness, 50)) if staleness else 0.0,
+        staleness_p95=float(np.percentile(staleness, 95)) if staleness else 0.0,
+        stale_rejected=stale[0],
+        agents=[
+            {
+                "role": a.role,
+                "samples_per_s": round(a.samples_per_s),
+                "store_pushes": a.store_pushes,
+                "clipped": a.clipped,
+                "banned_after": a.banned_after,
+                "banned_at_s": a.banned_at_s and round(a.banned_at_s, 2),
+                "max_recent_clipped": round(a.max_recent_clipped, 3),
+            }
+            for a in crew
+        ],
+    )
+
+
 # -- the benchmark -----------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options; :func:`run` accepts the parsed namespace."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--attack", choices=[*ATTACKS, "all"], default="all")
+    parser.add_argument(
+        "--engine",
+        choices=["stack", "simple"],
+        default="stack",
+        help="stack (default): the server's situation (simulate_stack): few agents, data "
+        "shards, units, n_fetch/n_push steps, warm-up, flushed bans, job seconds; simple: the "
+        "older push-level simulation (simulate), 20 agents",
+    )
+    parser.add_argument("--attack", choices=[*ATTACKS, "all"], default="signflip")
+    parser.add_argument(
+        "--seconds", type=float, default=60.0, help="stack: job length, seconds (default 60)"
+    )
+    parser.add_argument("--n-fetch", type=int, default=1, help="stack: the job's n_fetch")
+    parser.add_argument("--n-push", type=int, default=1, help="stack: the job's n_push")
+    parser.add_argument(
+        "--gradients",
+        choices=["numpy", "keras"],
+        default="numpy",
+        help="stack: the numpy MLP, or the agent's GradientComputer (TensorFlow, slower)",
+    )
+    parser.add_argument(
+        "--min-cosine",
+        type=float,
+        default=CentredClipping.min_cosine,
+        help="direction test: flag untrusted pushes below this cosine with the root gradient",
+    )
+    parser.add_argument(
+        "--root-sample",
+        type=int,
+        default=400,
+        help="stack: training images in the server's root sample for the reference gradient "
+        "of the direction test (default 400; 0: no reference, no direction test)",
+    )
+    parser.add_argument(
+        "--reference-every-s",
+        type=float,
+        default=0.5,
+        help="stack: seconds between the server's reference gradients (default 0.5)",
+    )
+    parser.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.5,
+        help="stack: least cosine between the root sample's two halves for a reference",
+    )
+    parser.add_argument(
+        "--reject-opposed", action="store_true", default=CentredClipping.reject_opposed
+    )
+    parser.add_argument(
+        "--flag-multiplier",
+        type=float,
+        default=CentredClipping.flag_multiplier,
+        help="flag clipped pushes beyond this multiple of tau only (default %(default)s)",
+    )
+    parser.add_argument("--output", type=Path, help="also write the JSON to this file")
     parser.add_argument(
         "--fraction", type=float, default=0.2, help="fraction of attacking agents (default 0.2)"
     )
@@ -649,6 +1138,68 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_stack(args: argparse.Namespace, robust: CentredClipping) -> dict[str, Any]:
+    """``--engine stack``: clean, attacked and plain-mean runs of :func:`simulate_stack`."""
+    data = Digits.load()
+    common: dict[str, Any] = {
+        "agents": args.agents,
+        "trusted": args.trusted,
+        "seconds": args.seconds,
+        "data_shards": args.data_shards,
+        "n_fetch": args.n_fetch,
+        "n_push": args.n_push,
+        "max_staleness": args.max_staleness,
+        "seed": args.seed,
+        "gradients": args.gradients,
+        "root_sample": args.root_sample,
+        "reference_every_s": args.reference_every_s,
+        "min_agreement": args.min_agreement,
+    }
+    started = time.perf_counter()
+    clean = simulate_stack(data, attack=None, fraction=0.0, robust=robust, **common)
+    attacked = simulate_stack(
+        data, attack=args.attack, fraction=args.fraction, robust=robust, **common
+    )
+    plain = simulate_stack(data, attack=args.attack, fraction=args.fraction, robust=None, **common)
+    return {
+        "engine": "stack",
+        "attack": args.attack,
+        "fraction": args.fraction,
+        **common,
+        "attackers": attacked.attackers,
+        "min_cosine": robust.min_cosine,
+        "reject_opposed": robust.reject_opposed,
+        "flag_multiplier": robust.flag_multiplier,
+        "clean_accuracy": clean.accuracy,
+        "clean_best_accuracy": clean.best_accuracy,
+        "attacked_accuracy": attacked.accuracy,
+        "attacked_best_accuracy": attacked.best_accuracy,
+        "plain_mean_accuracy": plain.accuracy,
+        "plain_mean_best_accuracy": plain.best_accuracy,
+        "plain_mean_worst_accuracy": min(value for _, value in plain.curve),
+        "attackers_banned": attacked.attackers_banned,
+        "honest_banned": attacked.honest_banned,
+        "clean_honest_banned": clean.honest_banned,
+        "pushes_to_ban": attacked.pushes_to_ban,
+        "seconds_to_ban": attacked.seconds_to_ban,
+        "honest_clipped_fraction": round(attacked.honest_clipped_fraction, 4),
+        "honest_clipped_fraction_max": round(attacked.honest_clipped_fraction_max, 4),
+        "attacker_clipped_fraction": round(attacked.attacker_clipped_fraction, 4),
+        "clean_honest_clipped_fraction_max": round(clean.honest_clipped_fraction_max, 4),
+        "warm_at_s": attacked.warm_at_s,
+        "staleness_p50": attacked.staleness_p50,
+        "staleness_p95": attacked.staleness_p95,
+        "stale_rejected": attacked.stale_rejected,
+        "agents_detail": attacked.agents,
+        "curves": {
+            "clean": clean.curve,
+            "attacked": attacked.curve,
+            "plain_mean": plain.curve,
+        },
+        "seconds_total": round(time.perf_counter() - started, 1),
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the clean run once and, per attack, the attacked and plain-mean runs.
 
@@ -657,7 +1208,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dict
         For one attack, its results; for ``--attack all``, results keyed by attack.
     """
-    data = Digits.load()
     robust = CentredClipping(
         beta=args.beta,
         tau_multiplier=args.tau_multiplier,
@@ -666,7 +1216,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         untrusted_window=args.untrusted_window,
         untrusted_multiplier=args.untrusted_multiplier,
         max_widening=args.max_widening,
+        min_cosine=args.min_cosine,
+        reject_opposed=args.reject_opposed,
+        flag_multiplier=args.flag_multiplier,
     )
+    if args.engine == "stack":
+        if args.attack == "all":
+            raise SystemExit("--engine stack runs one attack at a time (--attack signflip, ...)")
+        return run_stack(args, robust)
+    data = Digits.load()
     cleanups: list[Callable[[], None]] = []
     common: dict[str, Any] = {
         "agents": args.agents,
@@ -811,7 +1369,27 @@ def _storage_factory(
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    print(json.dumps(run(args), indent=2))
+    if args.engine == "stack":
+        # The stack's defaults: the runs of issue 10 (one trusted agent, 4 data shards).
+        for name, value in (
+            ("agents", 5),
+            ("trusted", 1),
+            ("data_shards", 4),
+            ("max_staleness", 16),
+        ):
+            if getattr(args, name) == parser_default(name):
+                setattr(args, name, value)
+    result = run(args)
+    text = json.dumps(result, indent=2)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text + "\n")
+    print(text)
+
+
+def parser_default(name: str) -> Any:
+    """The default of option ``name`` in :func:`build_parser`."""
+    return build_parser().get_default(name)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,10 @@ from downpour.paramstore.robust import (
     RobustStep,
     WarmupStatus,
     centred_clip,
+    cosine_similarity,
+    passes_direction_test,
     robust_step,
+    root_reference,
 )
 from downpour.paramstore.store import (
     CommitOutcome,
@@ -72,7 +75,10 @@ __all__ = [
     "adagrad_apply",
     "adagrad_apply_pieces",
     "centred_clip",
+    "cosine_similarity",
+    "passes_direction_test",
     "read_checkpoint",
     "robust_step",
+    "root_reference",
     "write_checkpoint",
 ]

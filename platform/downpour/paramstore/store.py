@@ -351,6 +351,7 @@ class ParameterStore:
         push_id: str,
         *,
         trusted: bool = False,
+        reference: np.ndarray | None = None,
     ) -> PushResult:
         """Apply one gradient to one shard with Adagrad (after centred clipping, if enabled).
 
@@ -369,6 +370,11 @@ class ParameterStore:
             pushes are applied unclipped and alone set the clipping radius; until a shard has
             seen ``robust.warmup_trusted_pushes`` of them, untrusted pushes are held
             (``PushResult.held``). Ignored without centred clipping.
+        reference : ndarray or None
+            float ``(shard_size,)``: a root gradient of this shard for centred clipping's
+            direction test (:func:`~downpour.paramstore.robust.passes_direction_test`); an
+            untrusted push pointing against it is rejected and reported as clipped. None (the
+            default) skips the test. Ignored without centred clipping.
 
         Returns
         -------
@@ -432,6 +438,7 @@ class ParameterStore:
                     robust if robust is not None else RobustState.fresh(flat.shape[0]),
                     flat,
                     bool(trusted),
+                    reference,
                 )
                 if step.held:
                     return PushResult(False, False, state.version, staleness, held=True)

@@ -10,8 +10,10 @@ and every spot check with :func:`record_spot_check`, and bans the agent when
   shard's recent updates (:mod:`downpour.paramstore.robust`). Honest agents are clipped now
   and then (1 to 4 % of their pushes in ``bench/attacks.py``, at most 8.7 % for any one
   agent; see ``docs/robustness.md``); an agent that scales its gradients up is clipped on
-  every push. Sign-flipped or "A Little Is Enough" gradients stay inside the radius: they are
-  not banned, only bounded, and spot checks are what catch them. An agent is banned once
+  every push. Only *flagged* pushes count (``PushResult.clipped``): clipped from far outside
+  the radius, or opposed to the server's root gradient when there is one (sign flips, IPM).
+  "A Little Is Enough" gradients stay inside the radius: they are not banned, only bounded,
+  and spot checks are what catch them. An agent is banned once
   it has ``min_pushes`` pushes and more than ``max_clipped_fraction`` of them, over its life
   or over its recent pushes, were clipped. The recent rate is an exponentially weighted count
   over about ``DEFAULT_RECENT_WINDOW`` pushes, so an agent cannot bank a long honest history
