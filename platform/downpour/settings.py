@@ -203,6 +203,9 @@ EVAL_INTERVAL_S = envfloat("EVAL_INTERVAL_S", 5.0)
 CHECKPOINT_INTERVAL_S = envfloat("CHECKPOINT_INTERVAL_S", 10.0)
 REAP_INTERVAL_S = envfloat("REAP_INTERVAL_S", 5.0)
 SPOT_CHECK_INTERVAL_S = envfloat("SPOT_CHECK_INTERVAL_S", 2.0)
+# Server reference gradients for centred clipping (FLTrust): how often, on how many examples.
+REFERENCE_INTERVAL_S = envfloat("REFERENCE_INTERVAL_S", 5.0)
+REFERENCE_ROOT_SAMPLES = envint("REFERENCE_ROOT_SAMPLES", 256)
 MAX_FRAME_BYTES = envint("MAX_FRAME_BYTES", 64 << 20)
 MAX_CONNECTIONS_PER_TOKEN = envint("MAX_CONNECTIONS_PER_TOKEN", 16)
 # Agent rows one token may register (each distinct name is one); re-registering is free.
@@ -231,6 +234,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "downpour.training.tasks.run_spot_checks",
         "schedule": SPOT_CHECK_INTERVAL_S,
         "options": {"expires": SPOT_CHECK_INTERVAL_S},
+    },
+    "push-reference-gradients": {
+        "task": "downpour.training.tasks.push_reference_gradients",
+        "schedule": REFERENCE_INTERVAL_S,
+        "options": {"expires": REFERENCE_INTERVAL_S},
     },
     "reap-expired-leases": {
         "task": "downpour.training.tasks.reap_expired_leases",

@@ -34,7 +34,7 @@ class Command(BaseCommand):
         parser.add_argument("--budget-seconds", type=float, default=None)
         parser.add_argument("--tokens", type=int, default=1)
         parser.add_argument(
-            "--robust", action="store_true", help="centred clipping; needs a trusted agent"
+            "--robust", action="store_true", help="centred clipping (the form's default)"
         )
         parser.add_argument("--name", default="digits-mlp")
         parser.add_argument("--spot-check-fraction", type=float, default=0.05)
