@@ -94,17 +94,37 @@ def evaluate(job: Job, weights: dict[str, np.ndarray]) -> tuple[float, float]:
     return accuracy, loss
 
 
-def export_model(job: Job, weights: dict[str, np.ndarray], folder: Path) -> tuple[Path, Path]:
-    """Write the trained model as ``model.keras`` and its weights as ``weights.npz``."""
+def export_model(
+    job: Job, weights: dict[str, np.ndarray], folder: Path, stem: str = ""
+) -> tuple[Path, Path]:
+    """Write the trained model as ``model{stem}.keras`` and its weights as ``weights{stem}.npz``.
+
+    The ``.keras`` file is compiled with the job's loss, Adagrad at the job's learning rate and
+    the ``accuracy`` metric, so ``keras.models.load_model(path).evaluate(x, y)`` works as is.
+    """
     from .datasets import write_npz_atomic
 
     model = _model_for(job)
-    keras_path = folder / "model.keras"
-    weights_path = folder / "weights.npz"
+    keras_path = folder / f"model{stem}.keras"
+    weights_path = folder / f"weights{stem}.npz"
     with _cache_lock:
         _set_weights(model, weights)
-        tmp = folder / ".model.keras.tmp.keras"
+        _compile_for_export(model, job)
+        tmp = folder / f".model{stem}.keras.tmp.keras"
         model.save(tmp)
         tmp.replace(keras_path)
     write_npz_atomic(weights_path, **{npz_key(k): v for k, v in weights.items()})
     return keras_path, weights_path
+
+
+def _compile_for_export(model: Any, job: Job) -> None:
+    import keras
+
+    from downpour_agent.modelspec import build_loss
+
+    metrics = ["accuracy"] if job.loss != "mean_squared_error" else []
+    model.compile(
+        optimizer=keras.optimizers.Adagrad(learning_rate=job.learning_rate),
+        loss=build_loss(job.loss),
+        metrics=metrics,
+    )

@@ -6,7 +6,7 @@ import logging
 
 from django.utils import timezone
 
-from downpour.training.actions.jobs import finish_job
+from downpour.training.actions.jobs import Evaluated, finish_job
 from downpour.training.actions.recovery import checkpoint_job, ensure_store_ready
 from downpour.training.models import Evaluation, Job
 from downpour.training.store import job_store
@@ -40,12 +40,13 @@ def evaluate_job(job: Job) -> Evaluation | None:
     if job.best_accuracy is None or accuracy > job.best_accuracy:
         Job.objects.filter(id=job.id).update(best_accuracy=accuracy)
         checkpoint_job(job, states, accuracy)
+    scored = Evaluated(weights, accuracy)
     if job.target_accuracy is not None and accuracy >= job.target_accuracy:
-        finish_job(job, Job.Status.DONE, f"reached {accuracy:.1%} test accuracy")
+        finish_job(job, Job.Status.DONE, f"reached {accuracy:.1%} test accuracy", scored)
     elif job.budget_samples is not None and job.samples_done >= job.budget_samples:
-        finish_job(job, Job.Status.DONE, f"used its budget of {job.budget_samples} samples")
+        finish_job(job, Job.Status.DONE, f"used its budget of {job.budget_samples} samples", scored)
     elif job.budget_seconds is not None and elapsed >= job.budget_seconds:
-        finish_job(job, Job.Status.DONE, f"used its budget of {job.budget_seconds:.0f} s")
+        finish_job(job, Job.Status.DONE, f"used its budget of {job.budget_seconds:.0f} s", scored)
     return point
 
 

@@ -226,8 +226,20 @@ def start_queued_jobs() -> int:
     return started
 
 
-def finish_job(job: Job, status: str, message: str) -> bool:
-    """Stop the job once (CAS on status), export the model and tell its agents."""
+@dataclass(frozen=True)
+class Evaluated:
+    """Weights as an evaluation scored them, with the test accuracy they scored."""
+
+    weights: dict[str, Any]
+    accuracy: float
+
+
+def finish_job(job: Job, status: str, message: str, evaluated: Evaluated | None = None) -> bool:
+    """Stop the job once (CAS on status), export the model and tell its agents.
+
+    ``evaluated`` is what the evaluation that ended the job scored: exported as the last
+    model, so the download is exactly what the page shows.
+    """
     from downpour.agents import push
 
     changed = Job.objects.filter(id=job.id, status=Job.Status.RUNNING).update(
@@ -237,7 +249,7 @@ def finish_job(job: Job, status: str, message: str) -> bool:
         return False
     job.refresh_from_db()
     try:
-        export_job(job)
+        export_job(job, evaluated)
     except Exception:
         log.exception("job %s: export failed", job.id)
     free_job_store(job)
@@ -262,9 +274,37 @@ def free_job_store(job: Job) -> None:
     prune_checkpoints(job)
 
 
-def export_job(job: Job) -> None:
-    from downpour.training.evaluation import export_model
+def export_job(job: Job, evaluated: Evaluated | None = None) -> None:
+    """Export the last evaluated weights and, if an earlier evaluation scored higher, the best.
+
+    Without ``evaluated`` (a job stopped other than by its evaluation) the store's weights
+    now are scored and exported as the last. The best are read from the best checkpoint,
+    which holds exactly the weights that scored ``Checkpoint.accuracy``.
+    """
+    from downpour.paramstore.checkpoint import read_checkpoint
+    from downpour.training.evaluation import evaluate, export_model
 
     folder = media_dir("jobs", str(job.id))
-    keras_path, weights_path = export_model(job, job_store(job).weights(), folder)
-    Job.objects.filter(id=job.id).update(keras_path=str(keras_path), weights_path=str(weights_path))
+    if evaluated is None:
+        store_weights = job_store(job).weights()
+        evaluated = Evaluated(store_weights, evaluate(job, store_weights)[0])
+    keras_path, weights_path = export_model(job, evaluated.weights, folder)
+    fields: dict[str, Any] = {
+        "keras_path": str(keras_path),
+        "weights_path": str(weights_path),
+        "export_accuracy": evaluated.accuracy,
+    }
+    best = job.checkpoints.filter(accuracy__isnull=False).order_by("-accuracy").first()
+    if best is not None and best.accuracy is not None and best.accuracy > evaluated.accuracy:
+        checkpoint = read_checkpoint(best.path, best.sha256)
+        layout = checkpoint.layout
+        best_weights = layout.merge(
+            [layout.unflatten_shard(i, state.weights) for i, state in enumerate(checkpoint.states)]
+        )
+        best_keras, best_npz = export_model(job, best_weights, folder, stem="-best")
+        fields |= {
+            "best_keras_path": str(best_keras),
+            "best_weights_path": str(best_npz),
+            "best_export_accuracy": best.accuracy,
+        }
+    Job.objects.filter(id=job.id).update(**fields)
