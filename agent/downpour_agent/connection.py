@@ -620,7 +620,15 @@ class Agent:
                 if (step + 1) % hyper.n_push == 0 or step + 1 == lease.steps:
                     refs = [session.next_ref("push", lease.lease_id) for _ in lease.layout]
                     frames, snapshot = await asyncio.to_thread(
-                        push_round, accumulator, sampler, lease, seq, round_base, loads, refs
+                        push_round,
+                        accumulator,
+                        sampler,
+                        lease,
+                        seq,
+                        round_base,
+                        loads,
+                        refs,
+                        computer,
                     )
                     active.check()
                     for frame in frames:

@@ -31,6 +31,12 @@ from .payloads import (
     loads_from_wire,
     loads_to_wire,
 )
+from .statistics import (
+    STATISTICS_PREFIX,
+    STATISTICS_SHARD,
+    split_statistics,
+    statistics_to_frame,
+)
 from .tensors import (
     COMPRESSIONS,
     DTYPES,
@@ -51,6 +57,8 @@ __all__ = [
     "MAX_FRAME_BYTES",
     "PROTOCOL_VERSION",
     "SERVER_MESSAGES",
+    "STATISTICS_PREFIX",
+    "STATISTICS_SHARD",
     "CloseCode",
     "DatasetSpec",
     "ErrorCode",
@@ -73,6 +81,8 @@ __all__ = [
     "loads_to_wire",
     "message_from_wire",
     "message_to_wire",
+    "split_statistics",
+    "statistics_to_frame",
     "tensor_from_wire",
     "tensor_to_wire",
     "validate_message",

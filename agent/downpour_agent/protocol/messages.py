@@ -71,6 +71,8 @@ SERVER_MESSAGES: dict[str, dict[str, _Field]] = {
         "dataset": (_DICT, True),
         "layout": (_LIST, True),
         "expires_in_s": (_NUM, True),
+        # Non-trainable variables carried in shard 0's frames (protocol/statistics.py).
+        "statistics": (_LIST, False),
     },
     "no_work": {"retry_after_s": (_NUM, True)},
     "params": {"lease_id": (_STR, True), "shard": (_INT, True), "version": (_INT, True)},

@@ -33,6 +33,7 @@ from downpour.paramstore.robust import (
     centred_clip,
     robust_step,
 )
+from downpour.paramstore.statistics import StatisticsState, fold_report
 from downpour.paramstore.store import (
     CommitOutcome,
     ParameterStore,
@@ -61,6 +62,7 @@ __all__ = [
     "ShardState",
     "ShardStorage",
     "StaleGradient",
+    "StatisticsState",
     "StoreError",
     "UnknownShard",
     "VariableSpec",
@@ -70,6 +72,7 @@ __all__ = [
     "adagrad_apply",
     "adagrad_apply_pieces",
     "centred_clip",
+    "fold_report",
     "read_checkpoint",
     "robust_step",
     "write_checkpoint",

@@ -21,19 +21,50 @@ _models: dict[str, Any] = {}
 _test_sets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
 
+Spec = tuple[str, tuple[int, ...], str]
+
+
 def initial_weights(
     model_config: dict[str, Any], seed: int
-) -> tuple[list[tuple[str, tuple[int, ...], str]], dict[str, np.ndarray]]:
-    """Build the model with a fixed seed; return its variable specs and initial values."""
-    from downpour_agent.modelspec import build_model, variable_specs
+) -> tuple[list[Spec], dict[str, np.ndarray], list[Spec]]:
+    """Build the model with a fixed seed.
+
+    Returns
+    -------
+    specs : the trainable variables' ``(name, shape, dtype)``
+    weights : initial values of every variable, trainable and non-trainable, by name
+    statistics : the non-trainable variables' specs (BatchNormalization statistics, ...)
+    """
+    from downpour_agent.modelspec import build_model
 
     model = build_model(model_config, seed=seed)
-    specs = variable_specs(model)
-    weights = {
-        name: np.asarray(v.numpy(), dtype=np.float32)
-        for (name, _, _), v in zip(specs, model.trainable_variables, strict=True)
+    specs, statistics = _specs_of(model)
+    return specs, _values_of(model), statistics
+
+
+def _specs_of(model: Any) -> tuple[list[Spec], list[Spec]]:
+    from downpour_agent.modelspec import statistic_specs, variable_specs
+
+    specs = [(n, tuple(s), d) for n, s, d in variable_specs(model)]
+    return specs, [(n, tuple(s), d) for n, s, d in statistic_specs(model)]
+
+
+def _variables_of(model: Any) -> dict[str, Any]:
+    """Every variable the store keeps, by its store name."""
+    from downpour_agent.modelspec import statistic_variables
+
+    specs, statistics = _specs_of(model)
+    variables = list(model.trainable_variables) + statistic_variables(model)
+    return {
+        name: variable for (name, _, _), variable in zip(specs + statistics, variables, strict=True)
     }
-    return [(n, tuple(s), d) for n, s, d in specs], weights
+
+
+def _values_of(model: Any) -> dict[str, np.ndarray]:
+    return {
+        name: np.asarray(variable.numpy(), dtype=np.float32)
+        for name, variable in _variables_of(model).items()
+    }
 
 
 def _model_for(job: Job) -> Any:
@@ -49,12 +80,11 @@ def _model_for(job: Job) -> Any:
 
 
 def _set_weights(model: Any, weights: dict[str, np.ndarray]) -> None:
-    from downpour_agent.modelspec import variable_specs
-
-    for (name, _, _), variable in zip(
-        variable_specs(model), model.trainable_variables, strict=True
-    ):
-        variable.assign(weights[name])
+    """Assign every variable; the non-trainable statistics too, when ``weights`` has them
+    (a job without them keeps the model's initial values)."""
+    for name, variable in _variables_of(model).items():
+        if name in weights:
+            variable.assign(weights[name])
 
 
 def _test_set(job: Job) -> tuple[np.ndarray, np.ndarray]:

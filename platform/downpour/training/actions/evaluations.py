@@ -22,10 +22,13 @@ def evaluate_job(job: Job) -> Evaluation | None:
     store = job_store(job)
     # Score a snapshot, so that a new best can be checkpointed as exactly what scored.
     states = store.snapshot()
+    statistics = store.statistics_state()
     layout = job.shard_layout()
     weights = layout.merge(
         [layout.unflatten_shard(shard, state.weights) for shard, state in enumerate(states)]
     )
+    if statistics is not None:  # BatchNormalization's moving statistics, and the like
+        weights |= layout.unflatten_statistics(statistics.values)
     accuracy, loss = evaluate(job, weights)
     job.refresh_from_db()
     elapsed = (timezone.now() - job.started_at).total_seconds() if job.started_at else 0.0
@@ -39,7 +42,7 @@ def evaluate_job(job: Job) -> Evaluation | None:
     )
     if job.best_accuracy is None or accuracy > job.best_accuracy:
         Job.objects.filter(id=job.id).update(best_accuracy=accuracy)
-        checkpoint_job(job, states, accuracy)
+        checkpoint_job(job, states, accuracy, statistics)
     scored = Evaluated(weights, accuracy)
     if job.target_accuracy is not None and accuracy >= job.target_accuracy:
         finish_job(job, Job.Status.DONE, f"reached {accuracy:.1%} test accuracy", scored)

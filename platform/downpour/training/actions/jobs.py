@@ -176,9 +176,11 @@ def start_job(job: Job) -> bool:
 
     Needs TensorFlow, so it runs in a Celery worker (or the embedded runner thread).
     """
-    specs, start_weights = starting_weights(job)
+    specs, start_weights, statistics = starting_weights(job)
     layout = ShardLayout.balanced(
-        [VariableSpec(n, tuple(s), d) for n, s, d in specs], job.n_param_shards
+        [VariableSpec(n, tuple(s), d) for n, s, d in specs],
+        job.n_param_shards,
+        [VariableSpec(n, tuple(s), d) for n, s, d in statistics],
     )
     claimed = Job.objects.filter(id=job.id, status=Job.Status.QUEUED).update(
         layout=layout.to_json(), status_message="initialising"
@@ -194,22 +196,27 @@ def start_job(job: Job) -> bool:
 
 def starting_weights(
     job: Job,
-) -> tuple[list[tuple[str, tuple[int, ...], str]], dict[str, Any]]:
-    """The model's variable specs and the weights the job starts from."""
+) -> tuple[
+    list[tuple[str, tuple[int, ...], str]], dict[str, Any], list[tuple[str, tuple[int, ...], str]]
+]:
+    """The model's trainable specs, the weights the job starts from (every variable), and
+    its non-trainable specs (BatchNormalization statistics...)."""
     from downpour.training.evaluation import initial_weights
 
-    specs, start = initial_weights(job.model_config, job.seed)
+    specs, start, statistics = initial_weights(job.model_config, job.seed)
     if job.initial_weights_path:
         try:
-            start = weights.load_for_model(
+            uploaded = weights.load_for_model(
                 Path(job.initial_weights_path),
                 job.initial_weights_sha256,
-                specs,
+                specs + statistics,
                 settings.DATASET_MAX_BYTES,
+                optional={name for name, _, _ in statistics},
             )
+            start = start | uploaded
         except (weights.WeightsRejected, OSError) as exc:
             raise weights.WeightsRejected(f"initial weights: {exc}") from None
-    return specs, start
+    return specs, start, statistics
 
 
 def start_queued_jobs() -> int:
@@ -296,11 +303,7 @@ def export_job(job: Job, evaluated: Evaluated | None = None) -> None:
     }
     best = job.checkpoints.filter(accuracy__isnull=False).order_by("-accuracy").first()
     if best is not None and best.accuracy is not None and best.accuracy > evaluated.accuracy:
-        checkpoint = read_checkpoint(best.path, best.sha256)
-        layout = checkpoint.layout
-        best_weights = layout.merge(
-            [layout.unflatten_shard(i, state.weights) for i, state in enumerate(checkpoint.states)]
-        )
+        best_weights = read_checkpoint(best.path, best.sha256).weights()
         best_keras, best_npz = export_model(job, best_weights, folder, stem="-best")
         fields |= {
             "best_keras_path": str(best_keras),
