@@ -203,7 +203,9 @@ EVAL_INTERVAL_S = envfloat("EVAL_INTERVAL_S", 5.0)
 CHECKPOINT_INTERVAL_S = envfloat("CHECKPOINT_INTERVAL_S", 10.0)
 REAP_INTERVAL_S = envfloat("REAP_INTERVAL_S", 5.0)
 SPOT_CHECK_INTERVAL_S = envfloat("SPOT_CHECK_INTERVAL_S", 2.0)
-# Server reference gradients for centred clipping (FLTrust): how often, on how many examples.
+# Server reference gradients for centred clipping (FLTrust): whether the server computes
+# them (off: robust jobs warm up on trusted agents only), how often, on how many examples.
+REFERENCE_GRADIENTS = envbool("REFERENCE_GRADIENTS", True)
 REFERENCE_INTERVAL_S = envfloat("REFERENCE_INTERVAL_S", 5.0)
 REFERENCE_ROOT_SAMPLES = envint("REFERENCE_ROOT_SAMPLES", 256)
 MAX_FRAME_BYTES = envint("MAX_FRAME_BYTES", 64 << 20)

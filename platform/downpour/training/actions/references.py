@@ -135,7 +135,10 @@ def push_running_references() -> int:
 
     A job still warming up gets as many rounds as its warm-up needs, so that a fresh job
     lets ordinary agents in within one call rather than one call per trusted push.
+    Nothing with ``REFERENCE_GRADIENTS`` off: robust jobs then wait for trusted agents.
     """
+    if not settings.REFERENCE_GRADIENTS:
+        return 0
     count = 0
     for job in Job.objects.filter(status=Job.Status.RUNNING, robust_aggregation=True):
         try:
