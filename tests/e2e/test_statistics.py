@@ -48,7 +48,11 @@ def test_the_downloaded_bn_cnn_is_within_half_a_point_of_recalibrated_statistics
     import keras
 
     # Prepare
-    seeded = embedded.seed(model="cnn-bn", target_accuracy=0.95, name="digits-cnn-bn")
+    # A fixed budget: the job trains on past its fast first seconds, as the run did
+    # (the curve sat at 93-94 % for minutes while the statistics stayed 0 and 1).
+    seeded = embedded.seed(
+        model="cnn-bn", target_accuracy=1.0, budget_seconds=40, name="digits-cnn-bn"
+    )
     job_id = seeded["job_id"]
     with held(embedded, job_id):
         embedded.start_agent("bn-agent", seeded["token"])
@@ -61,7 +65,12 @@ def test_the_downloaded_bn_cnn_is_within_half_a_point_of_recalibrated_statistics
     )
     # Assert
     assert embedded.job(job_id)["status"] == "done", embedded.logs()
-    ((keras_path,),) = embedded.query("SELECT keras_path FROM training_job WHERE id = %s", [job_id])
+    # The job is marked done first (once), then exported.
+    keras_path = embedded.wait_for(
+        "the export",
+        lambda: embedded.query("SELECT keras_path FROM training_job WHERE id = %s", [job_id])[0][0],
+        timeout=120,
+    )
     data = _digit_images()
     downloaded = keras.models.load_model(Path(keras_path))
     moving_means = [
