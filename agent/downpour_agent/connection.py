@@ -656,6 +656,7 @@ class Agent:
                         loads,
                         refs,
                         sum(round_losses) / len(round_losses) if round_losses else None,
+                        computer,
                     )
                     round_losses = []
                     active.check()

@@ -70,7 +70,11 @@ class GradientComputer:
     def _setup(self, model: Any, loss_fn: Any) -> None:
         import tensorflow as tf
 
-        from downpour_agent.modelspec.builder import variable_specs
+        from downpour_agent.modelspec.builder import (
+            statistic_specs,
+            statistic_variables,
+            variable_specs,
+        )
 
         self.model = model
         self._specs: list[VariableSpec] = [
@@ -83,6 +87,27 @@ class GradientComputer:
         self._variables: dict[str, Any] = {
             spec[0]: var for spec, var in zip(self._specs, variables, strict=True)
         }
+        # Non-trainable state (BatchNormalization moving statistics): no gradient, but the
+        # server keeps a running average of what agents report (protocol/statistics.py).
+        self._statistic_specs: list[VariableSpec] = [
+            (str(name), tuple(int(d) for d in shape), str(dtype))
+            for name, shape, dtype in statistic_specs(model)
+        ]
+        self._statistics: dict[str, Any] = {
+            spec[0]: var
+            for spec, var in zip(self._statistic_specs, statistic_variables(model), strict=True)
+        }
+        if self._statistics:
+            # With momentum 0 a BatchNormalization's moving statistics are exactly the last
+            # batch's after each step; ``compute`` averages them over the batches since the
+            # last ``take_statistics``. The server keeps the running average across agents:
+            # an agent's own moving average, restarted from the server's at every fetch,
+            # would move the server's by 1% of a batch per push and never catch up.
+            for layer in _layers(model):
+                if hasattr(layer, "moving_mean") and hasattr(layer, "momentum"):
+                    layer.momentum = 0.0
+        self._statistic_sums: dict[str, npt.NDArray[np.float64]] = {}
+        self._statistic_samples = 0
 
         def gradient_step(x: Any, y: Any) -> tuple[list[Any], Any]:
             with tf.GradientTape() as tape:
@@ -105,13 +130,37 @@ class GradientComputer:
         """``(name, shape, dtype)`` of every trainable variable, in model order."""
         return list(self._specs)
 
+    def statistic_specs(self) -> list[VariableSpec]:
+        """``(name, shape, dtype)`` of every non-trainable float variable, in model order."""
+        return list(self._statistic_specs)
+
+    def get_statistics(self) -> dict[str, npt.NDArray[np.float32]]:
+        """Copies of the current non-trainable variables (e.g. BN moving mean and variance)."""
+        return {
+            name: np.array(var.numpy(), dtype=np.float32) for name, var in self._statistics.items()
+        }
+
+    def take_statistics(self) -> tuple[dict[str, npt.NDArray[np.float32]], int]:
+        """The sample-weighted mean of the batch statistics since the last call, and the
+        samples it covers; then start again. Before any batch: the current values, 0."""
+        if not self._statistic_samples:
+            return self.get_statistics(), 0
+        mean = {
+            name: (total / self._statistic_samples).astype(np.float32)
+            for name, total in self._statistic_sums.items()
+        }
+        samples = self._statistic_samples
+        self._statistic_sums, self._statistic_samples = {}, 0
+        return mean, samples
+
     def get_weights(self, names: Iterable[str] | None = None) -> dict[str, npt.NDArray[Any]]:
         """Copies of the current values of the named variables (all when ``names`` is None)."""
         wanted = self._variables if names is None else {n: self._variables[n] for n in names}
         return {name: np.array(var.numpy()) for name, var in wanted.items()}
 
     def set_weights(self, weights: Mapping[str, npt.ArrayLike]) -> None:
-        """Assign values to the named variables; variables not named keep their values.
+        """Assign values to the named variables (trainable or statistics); variables not
+        named keep their values.
 
         Raises
         ------
@@ -121,7 +170,7 @@ class GradientComputer:
         """
         checked: list[tuple[Any, npt.NDArray[Any]]] = []
         for name, value in weights.items():
-            var = self._variables.get(name)
+            var = self._variables.get(name, self._statistics.get(name))
             if var is None:
                 raise ValueError(f"unknown variable {name!r}")
             array = np.asarray(value)
@@ -152,11 +201,29 @@ class GradientComputer:
         """
         # Shards keep their stored dtype (e.g. uint8); the model computes in float32.
         grads, loss = self._gradient_step(np.asarray(x, dtype=np.float32), np.asarray(y))
+        if self._statistics:
+            batch = int(np.shape(x)[0])
+            for name, value in self.get_statistics().items():
+                weighted = value.astype(np.float64) * batch
+                if name in self._statistic_sums:
+                    self._statistic_sums[name] += weighted
+                else:
+                    self._statistic_sums[name] = weighted
+            self._statistic_samples += batch
         gradients = {
             spec[0]: np.asarray(g.numpy(), dtype=np.float32)
             for spec, g in zip(self._specs, grads, strict=True)
         }
         return gradients, float(loss.numpy())
+
+
+def _layers(model: Any) -> list[Any]:
+    """Every layer of ``model``, nested models' layers included."""
+    found: list[Any] = []
+    for layer in getattr(model, "layers", []):
+        found.append(layer)
+        found.extend(_layers(layer))
+    return found
 
 
 class GradientAccumulator:

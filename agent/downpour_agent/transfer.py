@@ -11,7 +11,15 @@ from typing import Any
 import numpy as np
 
 from downpour_agent.leases import LeaseRejected
-from downpour_agent.protocol import LeaseSpec, WeightsLoad, frame_to_wire, loads_to_wire
+from downpour_agent.protocol import (
+    STATISTICS_SHARD,
+    LeaseSpec,
+    WeightsLoad,
+    frame_to_wire,
+    loads_to_wire,
+    split_statistics,
+    statistics_to_frame,
+)
 from downpour_agent.session import Pending, Session, Tensors
 from downpour_agent.trainer import BatchSampler, GradientAccumulator, GradientComputer
 
@@ -36,11 +44,18 @@ async def receive_params(
     versions: dict[int, int] = {}
     try:
         for shard, pending in enumerate(pendings):
-            msg, tensors = await session.answer(pending, timeout_s)
+            msg, frame = await session.answer(pending, timeout_s)
+            tensors, statistics = split_statistics(frame)
             expected = {name for name, _, _ in lease.layout[shard]}
             if set(tensors) != expected:
                 raise LeaseRejected(f"params for shard {shard} name other variables")
+            # Shard 0 brings the job's statistics; a server may send none (then the
+            # model keeps its own), but never others than the lease names.
+            allowed = {n for n, _, _ in lease.statistics} if shard == STATISTICS_SHARD else set()
+            if not set(statistics) <= allowed:
+                raise LeaseRejected(f"params for shard {shard} name unknown statistics")
             weights.update(tensors)
+            weights.update(statistics)
             versions[shard] = msg["version"]
     finally:
         for pending in pendings:
@@ -76,9 +91,20 @@ def push_round(
     loads: Sequence[WeightsLoad],
     refs: list[int],
     loss: float | None = None,
+    computer: GradientComputer | None = None,
 ) -> tuple[list[bytes], BatchSampler]:
-    """The push frames of one round, and a copy of the sampler to resume from."""
-    frames = push_frames(accumulator, lease, seq, base_versions, loads, refs, loss)
+    """The push frames of one round, and a copy of the sampler to resume from.
+
+    With ``computer`` and a lease that names statistics, shard 0's frame carries the mean
+    of the round's batch statistics too (weighted, like the gradient, by ``samples``).
+    """
+    statistics: Tensors = {}
+    if computer is not None and lease.statistics:
+        names = {name for name, _, _ in lease.statistics}
+        measured, samples = computer.take_statistics()
+        if samples:
+            statistics = {k: v for k, v in measured.items() if k in names}
+    frames = push_frames(accumulator, lease, seq, base_versions, loads, refs, loss, statistics)
     return frames, copy.deepcopy(sampler)
 
 
@@ -90,8 +116,12 @@ def push_frames(
     loads: Sequence[WeightsLoad],
     refs: list[int],
     loss: float | None = None,
+    statistics: Mapping[str, Any] | None = None,
 ) -> list[bytes]:
-    """One ``push`` frame per shard with the mean gradient, then reset the accumulator."""
+    """One ``push`` frame per shard with the mean gradient, then reset the accumulator.
+
+    ``statistics`` (non-trainable variables by name) ride in shard 0's frame, prefixed.
+    """
     mean = accumulator.mean()
     samples = accumulator.samples
     accumulator.reset()
@@ -111,5 +141,9 @@ def push_frames(
         if shard == 0 and loss is not None and math.isfinite(loss):
             msg["loss"] = loss  # the round's mean training loss, for the job's chart
         tensors = {name: np.asarray(mean[name], dtype=np.float32) for name, _, _ in specs}
+        if statistics and shard == STATISTICS_SHARD:
+            tensors |= statistics_to_frame(
+                {k: np.asarray(v, dtype=np.float32) for k, v in statistics.items()}
+            )
         frames.append(frame_to_wire(msg, tensors, lease.hyper.compression))
     return frames

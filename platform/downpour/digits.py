@@ -11,10 +11,11 @@ import numpy as np
 DIGITS_TEST_SIZE = 360
 
 
-def digits_npz_bytes() -> bytes:
+def digits_npz_bytes(images: bool = False) -> bytes:
     """The digits data set as an upload: 1,437 train / 360 test images scaled to [0, 1].
 
     The split is fixed (stratified, ``random_state=0``) so every run sees the same data.
+    Samples are flat ``(64,)`` vectors, or ``(8, 8, 1)`` images with ``images``.
     """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -25,6 +26,8 @@ def digits_npz_bytes() -> bytes:
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=DIGITS_TEST_SIZE, random_state=0, stratify=y
     )
+    if images:
+        x_train, x_test = x_train.reshape(-1, 8, 8, 1), x_test.reshape(-1, 8, 8, 1)
     buf = io.BytesIO()
     np.savez(buf, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     return buf.getvalue()
@@ -37,4 +40,22 @@ def mlp_json(hidden: Sequence[int] = (128, 128), inputs: int = 64, classes: int 
     layers: list[Any] = [keras.Input(shape=(inputs,))]
     layers += [keras.layers.Dense(units, activation="relu") for units in hidden]
     layers.append(keras.layers.Dense(classes, activation="softmax"))
+    return str(keras.Sequential(layers).to_json())
+
+
+def cnn_bn_json(filters: Sequence[int] = (16, 32), classes: int = 10) -> str:
+    """``model.to_json()`` of a small Conv-BatchNorm CNN on ``(8, 8, 1)`` digit images."""
+    import keras
+
+    layers: list[Any] = [keras.Input(shape=(8, 8, 1))]
+    for width in filters:
+        layers += [
+            keras.layers.Conv2D(width, 3, padding="same", use_bias=False),
+            keras.layers.BatchNormalization(),
+            keras.layers.Activation("relu"),
+        ]
+    layers += [
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(classes, activation="softmax"),
+    ]
     return str(keras.Sequential(layers).to_json())

@@ -219,6 +219,11 @@ SPOT_CHECK_INTERVAL_S = envfloat("SPOT_CHECK_INTERVAL_S", 2.0)
 # A finished job's store is freed this long after it ends: pushes in flight land first and
 # the final state can still be read (its last checkpoint and export keep it after that).
 STORE_FREE_AFTER_S = envfloat("STORE_FREE_AFTER_S", max(60.0, 2 * LEASE_TTL_S))
+# Server reference gradients for centred clipping (FLTrust): whether the server computes
+# them (off: robust jobs warm up on trusted agents only), how often, on how many examples.
+REFERENCE_GRADIENTS = envbool("REFERENCE_GRADIENTS", True)
+REFERENCE_INTERVAL_S = envfloat("REFERENCE_INTERVAL_S", 5.0)
+REFERENCE_ROOT_SAMPLES = envint("REFERENCE_ROOT_SAMPLES", 256)
 MAX_FRAME_BYTES = envint("MAX_FRAME_BYTES", 64 << 20)
 MAX_CONNECTIONS_PER_TOKEN = envint("MAX_CONNECTIONS_PER_TOKEN", 16)
 # Agent rows one token may register (each distinct name is one); re-registering is free.
@@ -256,6 +261,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "downpour.training.tasks.free_finished_stores",
         "schedule": REAP_INTERVAL_S,
         "options": {"expires": REAP_INTERVAL_S},
+    },
+    "push-reference-gradients": {
+        "task": "downpour.training.tasks.push_reference_gradients",
+        "schedule": REFERENCE_INTERVAL_S,
+        "options": {"expires": REFERENCE_INTERVAL_S},
     },
     "reap-expired-leases": {
         "task": "downpour.training.tasks.reap_expired_leases",

@@ -1,5 +1,8 @@
 """End to end: a robust job warms up on its trusted agent only, then bans an attacker.
 
+The server's own reference gradients are off here (``REFERENCE_GRADIENTS=0``), so these
+tests keep the trusted-agent path honest; test_reference.py covers the default.
+
 Real daphne, Celery, PostgreSQL, Redis and agent processes on the production path. The
 trusted agent's token comes from ``manage.py create_agent_token --trusted``; the attacker
 is the real agent CLI with every gradient multiplied by 1e6 (``rogue_agent.py``).
@@ -28,6 +31,8 @@ from .stack import FAST_LEASES, Stack, held, running, start_rogue_agent, wait_re
 
 pytestmark = [pytest.mark.e2e, pytest.mark.services]
 
+#: Settings of a deployment whose robust jobs warm up on trusted agents alone.
+TRUSTED_ONLY = {**FAST_LEASES, "UNIT_TARGET_SECONDS": "5", "REFERENCE_GRADIENTS": "0"}
 #: Trusted pushes each shard needs (the server's default ``CentredClipping``).
 WARMUP = CentredClipping().warmup_trusted_pushes
 
@@ -99,7 +104,7 @@ def agent_row(stack: Stack, name: str) -> dict[str, Any]:
 def test_a_robust_job_warms_up_on_its_trusted_agent_then_bans_the_attacker(
     tmp_path: Path,
 ) -> None:
-    with running("production", tmp_path, **FAST_LEASES, UNIT_TARGET_SECONDS="5") as stack:
+    with running("production", tmp_path, **TRUSTED_ONLY) as stack:
         # Prepare: Alice's robust job; an honest donor and an attacker with untrusted tokens.
         # One agent alone takes the digits to 90 % in seconds, so the job runs for a fixed
         # time instead, long enough for everyone to take part. Three data shards, so the honest
@@ -169,7 +174,7 @@ def test_a_robust_job_warms_up_on_its_trusted_agent_then_bans_the_attacker(
 async def test_untrusted_agents_get_no_work_from_a_robust_job_until_a_trusted_agent_warms_it(
     tmp_path: Path,
 ) -> None:
-    with running("production", tmp_path, **FAST_LEASES, UNIT_TARGET_SECONDS="5") as stack:
+    with running("production", tmp_path, **TRUSTED_ONLY) as stack:
         # Prepare
         seeded = stack.seed(
             target_accuracy=1.0, budget_seconds=120, name="robust-waits", robust=True

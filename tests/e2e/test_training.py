@@ -29,8 +29,14 @@ def _trains_digits_to_90(stack: Stack) -> None:
     job = stack.job(seeded["job_id"])
     assert job["status"] == "done", stack.logs()
     assert job["best_accuracy"] >= 0.9
-    (keras_path, weights_path) = stack.query(
-        "SELECT keras_path, weights_path FROM training_job WHERE id = %s", [seeded["job_id"]]
+    # The job is marked done first (once), then exported.
+    (keras_path, weights_path) = stack.wait_for(
+        "the export",
+        lambda: stack.query(
+            "SELECT keras_path, weights_path FROM training_job WHERE id = %s AND keras_path <> ''",
+            [seeded["job_id"]],
+        ),
+        timeout=120,
     )[0]
     assert Path(keras_path).stat().st_size > 0 and Path(weights_path).stat().st_size > 0
     agents = stack.query(

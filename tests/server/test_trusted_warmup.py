@@ -222,14 +222,14 @@ def test_the_console_lists_robust_jobs_waiting_for_a_trusted_agent(alice, sam, t
     assert warm.name not in section
 
 
-def test_the_job_form_turns_robust_aggregation_on_and_says_it_needs_a_trusted_agent(
+def test_the_job_form_turns_robust_aggregation_on_and_says_the_server_sets_the_centre(
     alice,
 ) -> None:  # type: ignore[no-untyped-def]
     page = logged_in(alice).get("/jobs/new/").content.decode()
 
     checkbox = page.split('name="robust_aggregation"')[1].split(">")[0]
     assert "checked" in checkbox
-    assert "warms up on a trusted agent" in page
+    assert "The server sets the clipping centre itself" in page
 
 
 # --- create_agent_token -------------------------------------------------------------------

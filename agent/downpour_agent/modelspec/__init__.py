@@ -6,7 +6,13 @@ imports Keras only inside its functions.
 
 from __future__ import annotations
 
-from downpour_agent.modelspec.builder import build_loss, build_model, variable_specs
+from downpour_agent.modelspec.builder import (
+    build_loss,
+    build_model,
+    statistic_specs,
+    statistic_variables,
+    variable_specs,
+)
 from downpour_agent.modelspec.validator import (
     DEFAULT_LIMITS,
     LOSSES,
@@ -33,5 +39,7 @@ __all__ = [
     "summary",
     "validate_loss",
     "validate_model_config",
+    "statistic_specs",
+    "statistic_variables",
     "variable_specs",
 ]

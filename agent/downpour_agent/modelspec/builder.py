@@ -140,6 +140,34 @@ def variable_specs(model: keras.Model) -> list[tuple[str, tuple[int, ...], str]]
     return specs
 
 
+def statistic_variables(model: keras.Model) -> list[Any]:
+    """The model's non-trainable float variables: BatchNormalization's moving statistics
+    and the like, state that training changes without a gradient.
+
+    Random-number state (dropout's seed generators, integer) is excluded: it is per agent.
+    """
+    return [
+        variable
+        for variable in model.non_trainable_variables
+        if str(variable.dtype).startswith("float") and "seed_generator" not in str(variable.path)
+    ]
+
+
+def statistic_specs(model: keras.Model) -> list[tuple[str, tuple[int, ...], str]]:
+    """Names, shapes and dtypes of :func:`statistic_variables`, named as
+    :func:`variable_specs` names trainable ones (a name never repeats one of those)."""
+    seen: dict[str, int] = {}
+    for variable in model.trainable_variables:
+        seen[str(variable.path)] = seen.get(str(variable.path), 0) + 1
+    specs: list[tuple[str, tuple[int, ...], str]] = []
+    for variable in statistic_variables(model):
+        path = str(variable.path)
+        seen[path] = seen.get(path, 0) + 1
+        name = path if seen[path] == 1 else f"{path}#{seen[path]}"
+        specs.append((name, tuple(int(dim) for dim in variable.shape), str(variable.dtype)))
+    return specs
+
+
 class _Tables:
     """The explicit class tables: the only way from a validated name to Keras code."""
 

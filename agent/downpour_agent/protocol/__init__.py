@@ -34,6 +34,12 @@ from .payloads import (
     loads_from_wire,
     loads_to_wire,
 )
+from .statistics import (
+    STATISTICS_PREFIX,
+    STATISTICS_SHARD,
+    split_statistics,
+    statistics_to_frame,
+)
 from .tensors import (
     COMPRESSIONS,
     DTYPES,
@@ -55,6 +61,8 @@ __all__ = [
     "NO_WORK_REASONS",
     "PROTOCOL_VERSION",
     "SERVER_MESSAGES",
+    "STATISTICS_PREFIX",
+    "STATISTICS_SHARD",
     "CloseCode",
     "DatasetSpec",
     "ErrorCode",
@@ -79,6 +87,8 @@ __all__ = [
     "message_from_wire",
     "message_to_wire",
     "no_work_message",
+    "split_statistics",
+    "statistics_to_frame",
     "tensor_from_wire",
     "tensor_to_wire",
     "validate_message",

@@ -73,6 +73,8 @@ SERVER_MESSAGES: dict[str, dict[str, _Field]] = {
         "dataset": (_DICT, True),
         "layout": (_LIST, True),
         "expires_in_s": (_NUM, True),
+        # Non-trainable variables carried in shard 0's frames (protocol/statistics.py).
+        "statistics": (_LIST, False),
     },
     # ``reason``: one of NO_WORK_REASONS, so the agent can say why it is idle.
     "no_work": {"retry_after_s": (_NUM, True), "reason": (_STR, False), "message": (_STR, False)},

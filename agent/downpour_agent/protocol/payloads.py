@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from .errors import ErrorCode, ProtocolError
@@ -95,6 +95,9 @@ class LeaseSpec:
         Per parameter shard, its variables in order; non-empty, and no shard empty.
     expires_in_s : float
         Seconds the lease lives without a heartbeat, >= 0.
+    statistics : list of VariableSpec
+        The non-trainable variables that travel in shard 0's frames; on the wire only when
+        not empty.
     """
 
     lease_id: str
@@ -108,6 +111,8 @@ class LeaseSpec:
     dataset: DatasetSpec
     layout: list[list[VariableSpec]]
     expires_in_s: float
+    #: The model's non-trainable variables (``protocol.statistics``); empty for most models.
+    statistics: list[VariableSpec] = field(default_factory=list)
 
 
 class WeightsLoad(NamedTuple):
@@ -150,7 +155,16 @@ def lease_to_wire(lease: LeaseSpec) -> dict[str, Any]:
             for shard in lease.layout
         ],
         "expires_in_s": lease.expires_in_s,
-    }
+    } | (
+        {
+            "statistics": [
+                {"name": name, "shape": list(shape), "dtype": dtype}
+                for name, shape, dtype in lease.statistics
+            ]
+        }
+        if lease.statistics
+        else {}
+    )
 
 
 def lease_from_wire(msg: Any) -> LeaseSpec:
@@ -184,6 +198,7 @@ def lease_from_wire(msg: Any) -> LeaseSpec:
         dataset=dataset_from_wire(msg["dataset"]),
         layout=_layout_from_wire(msg["layout"]),
         expires_in_s=msg["expires_in_s"],
+        statistics=_statistics_from_wire(msg.get("statistics", [])),
     )
 
 
@@ -289,6 +304,12 @@ def _layout_from_wire(value: Any) -> list[list[VariableSpec]]:
             raise _bad("layout must be a non-empty list of non-empty shards")
         layout.append([_variable_from_wire(entry) for entry in shard])
     return layout
+
+
+def _statistics_from_wire(value: Any) -> list[VariableSpec]:
+    if not isinstance(value, list):
+        raise _bad("statistics must be a list of variables")
+    return [_variable_from_wire(entry) for entry in value]
 
 
 def _variable_from_wire(entry: Any) -> VariableSpec:

@@ -25,6 +25,7 @@ from django.utils import timezone
 from downpour.donors.actions import TooManyAgents, register_reported_agent
 from downpour.donors.models import Agent, AgentToken
 from downpour.paramstore import PushResult, StoreError
+from downpour.paramstore.statistics import check_statistics
 from downpour.training.actions.bans import record_clipping
 from downpour.training.actions.claims import claim_work
 from downpour.training.actions.contributions import Tally, record_tallies
@@ -47,6 +48,7 @@ from downpour.training.store import job_store
 from downpour_agent.protocol import (
     AGENT_MESSAGES,
     PROTOCOL_VERSION,
+    STATISTICS_SHARD,
     CloseCode,
     ErrorCode,
     ProtocolError,
@@ -58,6 +60,8 @@ from downpour_agent.protocol import (
     message_from_wire,
     message_to_wire,
     no_work_message,
+    split_statistics,
+    statistics_to_frame,
 )
 
 from . import push
@@ -287,12 +291,25 @@ class AgentConsumer(AsyncWebsocketConsumer):
             "version": version,
             **_ref(msg),
         }
+        if msg["shard"] == STATISTICS_SHARD and store.layout.statistics:
+            statistics = await self._in_store(cached.job, store.statistics)
+            tensors = tensors | statistics_to_frame(statistics)
         frame = await asyncio.to_thread(frame_to_wire, reply, tensors)
         await self.send(bytes_data=frame)
 
-    async def on_push(self, msg: dict[str, Any], tensors: dict[str, Any]) -> None:
+    async def on_push(self, msg: dict[str, Any], frame: dict[str, Any]) -> None:
         cached = await self._lease(msg["lease_id"])
         store = job_store(cached.job)
+        tensors, statistics = split_statistics(frame)
+        if statistics:
+            # Checked before the gradient is applied, so a bad report never half-lands.
+            if msg["shard"] != STATISTICS_SHARD or not store.layout.statistics:
+                raise ProtocolError(
+                    ErrorCode.BAD_MESSAGE,
+                    f"statistics travel only in shard {STATISTICS_SHARD}'s push of a model "
+                    "that has them",
+                )
+            await asyncio.to_thread(check_statistics, store.layout, statistics)
         loads_from_wire(msg.get("loads", []), cached.job.n_push, store.layout.n_shards)
         push_id = f"{msg['lease_id']}:{msg['seq']}:{msg['shard']}"
         tally = self.state.tallies.setdefault(msg["lease_id"], Tally(str(cached.job.id)))
@@ -308,6 +325,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
         except (StoreError, ProtocolError):
             tally.rejected += 1
             raise
+        if result.applied and statistics:
+            await self._report_statistics(cached.job, statistics, msg["samples"], push_id)
         if msg["seq"] == cached.spot_check_round and not result.duplicate:
             await self._record_checked_round(cached, msg, tensors)
         if result.applied and cached.job.robust_aggregation:
@@ -465,6 +484,13 @@ class AgentConsumer(AsyncWebsocketConsumer):
         del self.state.recordings[cached.lease_id]
         self.state.recorded.add(cached.lease_id)
         await self._save_spot_check(cached.lease_id, cached.spot_check_round, recording)
+
+    async def _report_statistics(
+        self, job: Job, statistics: dict[str, Any], samples: int, push_id: str
+    ) -> None:
+        """Fold the agent's non-trainable statistics into the job's average (once per push)."""
+        store = job_store(job)
+        await self._in_store(job, lambda: store.report_statistics(statistics, samples, push_id))
 
     def _decode_push(self, data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
         # The rate is checked before decoding, so a flood costs us as little as possible.

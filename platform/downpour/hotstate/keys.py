@@ -4,6 +4,8 @@ Keys for shard ``i`` of job ``j`` of the parameter store (``store.RedisStorage``
 
     {prefix}job:{j}:shard:{i}:{suffix}   suffix v, e, w, a, r, applied or staged:{token}:w|a|r
     {prefix}job:{j}:shards               SET of shard indices
+    {prefix}job:{j}:statistics           non-trainable statistics (StatisticsState.to_bytes)
+    {prefix}job:{j}:statistics:applied   SET of applied report (push) ids
 
 and beside them::
 
@@ -29,6 +31,11 @@ def shard_key(prefix: str, job: str, shard: int | str, suffix: str) -> str:
 def job_shards_key(prefix: str, job: str) -> str:
     """Key of the set of a job's shard indices, so a delete needs no ``SCAN``."""
     return f"{prefix}job:{job}:shards"
+
+
+def statistics_key(prefix: str, job: str, suffix: str = "") -> str:
+    """Key of a job's non-trainable statistics (``suffix`` ``""``) or its applied ids."""
+    return f"{prefix}job:{job}:statistics" + (f":{suffix}" if suffix else "")
 
 
 def restore_lock_key(prefix: str, job: str) -> str:

@@ -13,6 +13,13 @@ defaults to ``"downpour:"``)::
                                        the distances existed has none and still loads)
     {prefix}job:{j}:shard:{i}:applied  SET of applied push ids
     {prefix}job:{j}:shards             SET of shard indices, so delete() needs no SCAN
+    {prefix}job:{j}:statistics         non-trainable statistics, only for a model with any:
+                                       int64 LE version, float64 LE samples, float32 LE
+                                       values (``StatisticsState.to_bytes``)
+    {prefix}job:{j}:statistics:applied SET of applied statistics report ids
+
+A statistics report commits with ``WATCH``/``MULTI`` on those two keys (a compare-and-set on
+the version and a duplicate check on the id), separately from the shards.
 
 A commit is one Lua script (duplicate check, version check, install of the new values,
 version bump, push id), so it is atomic across every server process that shares the Redis
@@ -45,8 +52,10 @@ import numpy as np
 import redis
 
 from downpour.hotstate import keys
+from downpour.hotstate import keys as keys_module
 from downpour.paramstore.errors import CorruptState
 from downpour.paramstore.robust import STATS_BYTES, RobustState, RobustStats
+from downpour.paramstore.statistics import StatisticsState
 from downpour.paramstore.store import CommitOutcome, ShardState
 
 WIRE_DTYPE = np.dtype("<f4")
@@ -320,11 +329,60 @@ class RedisStorage:
                     ) from exc
         return found
 
+    # -- non-trainable statistics (``downpour.paramstore.statistics.StatisticsStorage``) ----
+
+    def load_statistics(self, job: str) -> StatisticsState | None:
+        """The job's statistics, or None."""
+        data: Any = self.client.get(keys.statistics_key(self.prefix, job))
+        return None if data is None else self._decode_statistics(job, bytes(data))
+
+    def initialize_statistics(self, job: str, state: StatisticsState) -> None:
+        """Store ``state`` and forget the applied report ids, in one transaction."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(keys.statistics_key(self.prefix, job), state.to_bytes())
+        pipe.delete(keys.statistics_key(self.prefix, job, "applied"))
+        pipe.execute()
+
+    def commit_statistics(
+        self, job: str, expected_version: int, state: StatisticsState, push_id: str
+    ) -> CommitOutcome:
+        """Compare-and-set on the statistics' version, exactly once per ``push_id``."""
+        key = keys.statistics_key(self.prefix, job)
+        applied = keys.statistics_key(self.prefix, job, "applied")
+        with self.client.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(key, applied)
+                if pipe.sismember(applied, push_id):
+                    return CommitOutcome.DUPLICATE
+                data: Any = pipe.get(key)
+                if data is None or self._decode_statistics(job, bytes(data)).version != (
+                    expected_version
+                ):
+                    return CommitOutcome.CONFLICT
+                pipe.multi()
+                pipe.set(key, state.to_bytes())
+                pipe.sadd(applied, push_id)
+                pipe.execute()
+            except redis.WatchError:
+                return CommitOutcome.CONFLICT
+        return CommitOutcome.APPLIED
+
+    def _decode_statistics(self, job: str, data: bytes) -> StatisticsState:
+        size = (len(data) - 16) // 4
+        try:
+            return StatisticsState.from_bytes(data, size)
+        except ValueError as exc:
+            raise CorruptState(f"Redis statistics of job {job!r}: {exc}") from exc
+
     def delete(self, job: str) -> None:
         """Remove every key of ``job``."""
         shards_key = self._shards_key(job)
         members: Any = self.client.smembers(shards_key)
-        keys = [shards_key]
+        keys = [
+            shards_key,
+            keys_module.statistics_key(self.prefix, job),
+            keys_module.statistics_key(self.prefix, job, "applied"),
+        ]
         for member in members:
             for suffix in ("v", "e", "w", "a", "r", "applied"):
                 keys.append(self.shard_key(job, int(member), suffix))

@@ -37,6 +37,7 @@ from downpour.paramstore.robust import (
     robust_step,
     root_reference,
 )
+from downpour.paramstore.statistics import StatisticsState, fold_report
 from downpour.paramstore.store import (
     CommitOutcome,
     ParameterStore,
@@ -66,6 +67,7 @@ __all__ = [
     "ShardState",
     "ShardStorage",
     "StaleGradient",
+    "StatisticsState",
     "StoreError",
     "UnknownShard",
     "VariableSpec",
@@ -77,6 +79,7 @@ __all__ = [
     "centred_clip",
     "cosine_similarity",
     "passes_direction_test",
+    "fold_report",
     "read_checkpoint",
     "robust_step",
     "root_reference",

@@ -15,6 +15,10 @@ File contents (``numpy.savez``, no pickles):
   untrusted distances ``||g - m||``, oldest first (``RobustState.untrusted_deviations``).
   Optional in the same way: a file written before it existed loads with an empty window,
   which refills within a few untrusted pushes; an older reader ignores it.
+- ``statistics`` and ``statistics_meta`` (only for a model with non-trainable variables,
+  ``layout.statistics``): float32 ``(layout.statistics_size,)`` running averages and float64
+  ``(2,)`` ``[version, samples]`` (``downpour.paramstore.statistics.StatisticsState``).
+  Optional in the same way; a layout with statistics requires them.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import numpy as np
 from downpour.paramstore.errors import CorruptCheckpoint
 from downpour.paramstore.layout import ShardLayout
 from downpour.paramstore.robust import RobustState
+from downpour.paramstore.statistics import StatisticsState
 from downpour.paramstore.store import ShardState
 
 FORMAT = "downpour-paramstore"
@@ -57,12 +62,25 @@ class Checkpoint:
         The JSON metadata given to :func:`write_checkpoint`.
     sha256 : str
         Hex digest of the file's bytes.
+    statistics : StatisticsState or None
+        The non-trainable statistics, for a layout that has any.
     """
 
     layout: ShardLayout
     states: list[ShardState]
     meta: dict[str, Any]
     sha256: str
+    statistics: StatisticsState | None = None
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """Every variable by name: the shards' weights, then the statistics (if any)."""
+        layout = self.layout
+        merged = layout.merge(
+            [layout.unflatten_shard(i, state.weights) for i, state in enumerate(self.states)]
+        )
+        if self.statistics is not None:
+            merged |= layout.unflatten_statistics(self.statistics.values)
+        return merged
 
 
 def write_checkpoint(
@@ -70,6 +88,7 @@ def write_checkpoint(
     layout: ShardLayout,
     states: Sequence[ShardState],
     meta: dict[str, Any],
+    statistics: StatisticsState | None = None,
 ) -> str:
     """Write a checkpoint atomically.
 
@@ -87,6 +106,8 @@ def write_checkpoint(
         robust state) of ``layout.shard_size(i)`` elements.
     meta : dict
         JSON-serialisable metadata (job id, step, wall-clock time, ...).
+    statistics : StatisticsState, optional
+        Required when ``layout.statistics`` is not empty.
 
     Returns
     -------
@@ -112,6 +133,15 @@ def write_checkpoint(
                 )
             arrays[f"{key}{shard}"] = array
         arrays[f"v{shard}"] = np.array(state.version, dtype=np.int64)
+    if layout.statistics:
+        if statistics is None or statistics.values.shape != (layout.statistics_size,):
+            raise ValueError(
+                f"the layout has {layout.statistics_size} statistics values; pass them"
+            )
+        arrays["statistics"] = np.asarray(statistics.values, dtype=np.float32)
+        arrays["statistics_meta"] = np.array(
+            [statistics.version, statistics.samples], dtype=np.float64
+        )
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -170,6 +200,7 @@ def read_checkpoint(path: str | os.PathLike[str], expected_sha256: str | None = 
                 )
             layout = ShardLayout.from_json(manifest["layout"])
             states = [_read_shard(archive, layout, shard, path) for shard in range(layout.n_shards)]
+            statistics = _read_statistics(archive, layout, path)
             meta = manifest["meta"]
     except CorruptCheckpoint:
         raise
@@ -180,7 +211,23 @@ def read_checkpoint(path: str | os.PathLike[str], expected_sha256: str | None = 
         ) from exc
     if not isinstance(meta, dict):
         raise CorruptCheckpoint(f"{path}: meta must be a JSON object, got {type(meta).__name__}")
-    return Checkpoint(layout, states, meta, digest)
+    return Checkpoint(layout, states, meta, digest, statistics)
+
+
+def _read_statistics(archive: Any, layout: ShardLayout, path: object) -> StatisticsState | None:
+    if not layout.statistics:
+        return None
+    if "statistics" not in archive.files or "statistics_meta" not in archive.files:
+        raise CorruptCheckpoint(f"{path}: the layout has statistics but the file holds none")
+    values, meta = archive["statistics"], archive["statistics_meta"]
+    if values.dtype != np.float32 or values.shape != (layout.statistics_size,):
+        raise CorruptCheckpoint(
+            f"{path}: statistics should be float32 ({layout.statistics_size},), "
+            f"found {values.dtype} {values.shape}"
+        )
+    if meta.shape != (2,) or not np.isfinite(meta).all() or meta[0] < 0:
+        raise CorruptCheckpoint(f"{path}: bad statistics_meta {meta!r}")
+    return StatisticsState(int(meta[0]), values, float(meta[1]))
 
 
 def _read_shard(archive: Any, layout: ShardLayout, shard: int, path: object) -> ShardState:

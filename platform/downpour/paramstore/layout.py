@@ -90,14 +90,20 @@ class ShardLayout:
     the concatenation of its variables in C order.
     """
 
-    def __init__(self, specs: Sequence[VariableSpec], assignment: Sequence[int]) -> None:
+    def __init__(
+        self,
+        specs: Sequence[VariableSpec],
+        assignment: Sequence[int],
+        statistics: Sequence[VariableSpec] = (),
+    ) -> None:
         specs = tuple(specs)
+        statistics = tuple(statistics)
         assignment = tuple(int(shard) for shard in assignment)
         if not specs:
             raise ValueError("a layout needs at least one variable")
         if len(assignment) != len(specs):
             raise ValueError(f"assignment has {len(assignment)} entries for {len(specs)} variables")
-        names = [spec.name for spec in specs]
+        names = [spec.name for spec in specs + statistics]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"variable names must be unique; repeated: {duplicates}")
@@ -118,9 +124,15 @@ class ShardLayout:
             sizes[shard] += spec.size
         self._shards = tuple(tuple(group) for group in members)
         self._sizes = tuple(sizes)
+        self._statistics = statistics
 
     @classmethod
-    def balanced(cls, specs: Sequence[VariableSpec], n_shards: int) -> ShardLayout:
+    def balanced(
+        cls,
+        specs: Sequence[VariableSpec],
+        n_shards: int,
+        statistics: Sequence[VariableSpec] = (),
+    ) -> ShardLayout:
         """Split variables into shards of roughly equal element count.
 
         Greedy longest-processing-time: variables are taken largest first (ties by original
@@ -134,6 +146,8 @@ class ShardLayout:
             The model's variables in their original order.
         n_shards : int
             Wanted number of shards, ``>= 1``; clamped to ``len(specs)``.
+        statistics : sequence of VariableSpec
+            The model's non-trainable variables (kept apart from the shards).
 
         Returns
         -------
@@ -153,7 +167,7 @@ class ShardLayout:
             elements, count, shard = heapq.heappop(heap)
             assignment[index] = shard
             heapq.heappush(heap, (elements + specs[index].size, count + 1, shard))
-        return cls(specs, assignment)
+        return cls(specs, assignment, statistics)
 
     # -- description -------------------------------------------------------------------------
 
@@ -174,8 +188,54 @@ class ShardLayout:
 
     @property
     def size(self) -> int:
-        """Total number of elements in the model."""
+        """Total number of trainable elements in the model."""
         return sum(self._sizes)
+
+    @property
+    def statistics(self) -> tuple[VariableSpec, ...]:
+        """The non-trainable variables (e.g. BatchNormalization moving statistics), in model
+        order; they live beside the shards (``downpour.paramstore.statistics``)."""
+        return self._statistics
+
+    @property
+    def statistics_size(self) -> int:
+        """Number of float32 elements of all non-trainable variables."""
+        return sum(spec.size for spec in self._statistics)
+
+    def flatten_statistics(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Concatenate exactly the non-trainable variables into a new float32 vector.
+
+        Raises
+        ------
+        WrongShape, WrongDtype
+            A variable is missing or unknown, or an array does not match its spec.
+        """
+        self._check_names(self._statistics, tensors, "the statistics")
+        flat = np.empty(self.statistics_size, dtype=FLOAT32)
+        offset = 0
+        for spec in self._statistics:
+            array = tensors[spec.name]
+            if not isinstance(array, np.ndarray) or array.dtype != FLOAT32:
+                raise WrongDtype(f"statistic {spec.name!r}: expected a float32 array")
+            if array.shape != spec.shape:
+                raise WrongShape(
+                    f"statistic {spec.name!r}: expected shape {spec.shape}, got {array.shape}"
+                )
+            flat[offset : offset + spec.size].reshape(spec.shape)[...] = array
+            offset += spec.size
+        return flat
+
+    def unflatten_statistics(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """Split the statistics vector into named tensors (views into ``flat``)."""
+        if flat.shape != (self.statistics_size,):
+            raise WrongShape(
+                f"statistics: expected shape ({self.statistics_size},), got {flat.shape}"
+            )
+        tensors, offset = {}, 0
+        for spec in self._statistics:
+            tensors[spec.name] = flat[offset : offset + spec.size].reshape(spec.shape)
+            offset += spec.size
+        return tensors
 
     def shard_size(self, shard: int) -> int:
         """Number of float32 elements in ``shard``."""
@@ -322,13 +382,20 @@ class ShardLayout:
     # -- serialisation -----------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready description: ``{"variables": [{"name", "shape", "dtype", "shard"}]}``."""
-        return {
+        """JSON-ready description: ``{"variables": [{"name", "shape", "dtype", "shard"}]}``,
+        plus ``"statistics": [{"name", "shape", "dtype"}]`` when the model has any."""
+        data: dict[str, Any] = {
             "variables": [
                 {"name": spec.name, "shape": list(spec.shape), "dtype": spec.dtype, "shard": shard}
                 for spec, shard in zip(self._specs, self._assignment, strict=True)
             ]
         }
+        if self._statistics:
+            data["statistics"] = [
+                {"name": spec.name, "shape": list(spec.shape), "dtype": spec.dtype}
+                for spec in self._statistics
+            ]
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ShardLayout:
@@ -337,11 +404,15 @@ class ShardLayout:
             entries = data["variables"]
             specs = [VariableSpec(e["name"], tuple(e["shape"]), e["dtype"]) for e in entries]
             assignment = [e["shard"] for e in entries]
-        except (KeyError, TypeError) as exc:
+            statistics = [
+                VariableSpec(e["name"], tuple(e["shape"]), e["dtype"])
+                for e in data.get("statistics", [])
+            ]
+        except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"malformed layout description: {exc!r}") from exc
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in assignment):
             raise ValueError(f"malformed layout description: shard ids {assignment}")
-        return cls(specs, assignment)
+        return cls(specs, assignment, statistics)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -361,10 +432,14 @@ class ShardLayout:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ShardLayout):
             return NotImplemented
-        return self._specs == other._specs and self._assignment == other._assignment
+        return (
+            self._specs == other._specs
+            and self._assignment == other._assignment
+            and self._statistics == other._statistics
+        )
 
     def __hash__(self) -> int:
-        return hash((self._specs, self._assignment))
+        return hash((self._specs, self._assignment, self._statistics))
 
     def __repr__(self) -> str:
         return (

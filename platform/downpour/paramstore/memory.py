@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from downpour.paramstore.robust import RobustState, RobustStats
+from downpour.paramstore.statistics import StatisticsState
 from downpour.paramstore.store import CommitOutcome, ShardState
 
 DEFAULT_APPLIED_CAPACITY = 100_000
@@ -55,6 +56,9 @@ class InMemoryStorage:
         self._applied_capacity = applied_capacity
         self._shards: dict[tuple[str, int], _Shard] = {}
         self._registry_lock = threading.Lock()
+        # job -> (statistics, applied report ids, their order); under _statistics_lock.
+        self._statistics: dict[str, tuple[StatisticsState, set[str], deque[str]]] = {}
+        self._statistics_lock = threading.Lock()
 
     def memory_bytes(self) -> int:
         """Bytes held in arrays (weights, accumulators, robust centres) over every shard."""
@@ -168,8 +172,43 @@ class InMemoryStorage:
                     found.append(RobustStats() if robust is None else robust.stats)
         return found
 
+    # -- non-trainable statistics (``downpour.paramstore.statistics.StatisticsStorage``) ----
+
+    def load_statistics(self, job: str) -> StatisticsState | None:
+        """Copy of the job's statistics, or None."""
+        with self._statistics_lock:
+            entry = self._statistics.get(job)
+            return None if entry is None else entry[0].copy()
+
+    def initialize_statistics(self, job: str, state: StatisticsState) -> None:
+        """Store a copy of ``state`` and forget the applied report ids."""
+        with self._statistics_lock:
+            self._statistics[job] = (state.copy(), set(), deque())
+
+    def commit_statistics(
+        self, job: str, expected_version: int, state: StatisticsState, push_id: str
+    ) -> CommitOutcome:
+        """Compare-and-set on the statistics' version, exactly once per ``push_id``."""
+        with self._statistics_lock:
+            entry = self._statistics.get(job)
+            if entry is None:
+                return CommitOutcome.CONFLICT
+            current, applied, order = entry
+            if push_id in applied:
+                return CommitOutcome.DUPLICATE
+            if current.version != expected_version:
+                return CommitOutcome.CONFLICT
+            applied.add(push_id)
+            order.append(push_id)
+            if len(order) > self._applied_capacity:
+                applied.discard(order.popleft())
+            self._statistics[job] = (state.copy(), applied, order)
+        return CommitOutcome.APPLIED
+
     def delete(self, job: str) -> None:
-        """Forget every shard of ``job``."""
+        """Forget every shard of ``job``, and its statistics."""
+        with self._statistics_lock:
+            self._statistics.pop(job, None)
         with self._registry_lock:
             keys = [key for key in self._shards if key[0] == job]
             slots = [self._shards.pop(key) for key in keys]

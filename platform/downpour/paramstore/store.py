@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 
@@ -38,6 +38,7 @@ from downpour.paramstore.robust import (
     WarmupStatus,
     robust_step,
 )
+from downpour.paramstore.statistics import StatisticsState, StatisticsStorage, fold_report
 
 BACKOFF_BASE_SECONDS = 0.0005
 BACKOFF_CAP_SECONDS = 0.02
@@ -246,6 +247,7 @@ class ParameterStore:
         weights : mapping of str to ndarray
             One finite float32 array per variable of the layout, with its shape.
         """
+        weights, statistics = self._split_statistics(weights)
         flats = []
         for shard, part in enumerate(self.layout.split(weights)):
             _check_finite(self.layout, shard, self.layout.check_tensors(shard, part), "weights")
@@ -255,12 +257,105 @@ class ParameterStore:
             accumulators = np.full(flat.shape, self.optimizer.initial_accumulator, np.float32)
             robust = None if self.robust is None else RobustState.fresh(flat.shape[0])
             self.storage.initialize(self.job_id, shard, ShardState(0, flat, accumulators, robust))
+        if statistics is not None:
+            self._statistics_storage().initialize_statistics(
+                self.job_id, StatisticsState(0, statistics, 0.0)
+            )
         with self._counts_lock:
             self.staleness_counts.clear()
 
     def delete(self) -> None:
-        """Remove the job's parameters from storage."""
+        """Remove the job's parameters (and its statistics) from storage."""
         self.storage.delete(self.job_id)
+
+    # -- non-trainable statistics ------------------------------------------------------------
+
+    def statistics_state(self) -> StatisticsState | None:
+        """The job's running average of its non-trainable variables; None when it has none.
+
+        Raises
+        ------
+        NotInitialized
+            The layout has statistics but the store holds none for the job.
+        """
+        if not self.layout.statistics:
+            return None
+        state = self._statistics_storage().load_statistics(self.job_id)
+        if state is None:
+            raise NotInitialized(f"job {self.job_id!r} has no statistics in the store")
+        return state
+
+    def statistics(self) -> dict[str, np.ndarray]:
+        """The non-trainable variables by name (float32 copies); empty when there are none."""
+        state = self.statistics_state()
+        if state is None:
+            return {}
+        return self.layout.unflatten_statistics(state.values.copy())
+
+    def report_statistics(
+        self, tensors: Mapping[str, np.ndarray], samples: int, push_id: str
+    ) -> bool:
+        """Fold an agent's non-trainable variables into the job's running average, once.
+
+        Parameters
+        ----------
+        tensors : mapping of str to ndarray
+            Exactly the layout's statistics, finite float32 with their shapes.
+        samples : int
+            Samples the reporting round covered, ``> 0``: the report's weight.
+        push_id : str
+            A repeated id is not applied again.
+
+        Returns
+        -------
+        bool
+            Whether the report was applied (False for a duplicate).
+        """
+        if not isinstance(push_id, str) or not push_id:
+            raise ValueError(f"push_id must be a non-empty string, got {push_id!r}")
+        flat = self.layout.flatten_statistics(tensors)
+        storage = self._statistics_storage()
+        for attempt in range(self.max_commit_attempts):
+            state = self.statistics_state()
+            assert state is not None  # statistics_state raises without statistics
+            new = fold_report(state, flat, samples)
+            outcome = storage.commit_statistics(self.job_id, state.version, new, push_id)
+            if outcome is CommitOutcome.APPLIED:
+                return True
+            if outcome is CommitOutcome.DUPLICATE:
+                return False
+            ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2**attempt)
+            time.sleep(self._random.uniform(0, ceiling))
+        raise Conflict(f"statistics of job {self.job_id!r} kept changing; try again")
+
+    def restore_statistics(self, state: StatisticsState | None) -> None:
+        """Overwrite the statistics (from a checkpoint); a no-op for a model without any."""
+        if not self.layout.statistics:
+            return
+        if state is None or state.values.shape != (self.layout.statistics_size,):
+            raise ValueError(
+                f"job {self.job_id!r} has {self.layout.statistics_size} statistics values; "
+                "the checkpoint holds none or another number"
+            )
+        self._statistics_storage().initialize_statistics(self.job_id, state)
+
+    def _split_statistics(
+        self, weights: Mapping[str, np.ndarray]
+    ) -> tuple[Mapping[str, np.ndarray], np.ndarray | None]:
+        """The trainable part of a full set of weights, and the flat statistics (or None)."""
+        if not self.layout.statistics:
+            return weights, None
+        names = {spec.name for spec in self.layout.statistics}
+        statistics = {name: array for name, array in weights.items() if name in names}
+        flat = self.layout.flatten_statistics(statistics)
+        if not np.isfinite(flat).all():
+            raise NonFinite("the initial statistics must be finite")
+        return {n: a for n, a in weights.items() if n not in names}, flat
+
+    def _statistics_storage(self) -> StatisticsStorage:
+        if not hasattr(self.storage, "commit_statistics"):
+            raise TypeError(f"{type(self.storage).__name__} cannot keep statistics")
+        return cast(StatisticsStorage, self.storage)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -292,13 +387,14 @@ class ParameterStore:
         return versions
 
     def weights(self) -> dict[str, np.ndarray]:
-        """All current weights, float32, in the layout's original variable order.
+        """All current weights, float32, in the layout's original variable order, then the
+        non-trainable statistics (if the model has any).
 
         Each shard is read atomically; shards are read one after another, so concurrent
         pushes may land between them.
         """
         parts = [self.fetch(shard)[1] for shard in range(self.layout.n_shards)]
-        return self.layout.merge(parts)
+        return self.layout.merge(parts) | self.statistics()
 
     def warmup_status(self) -> WarmupStatus | None:
         """How far every shard is in the trusted warm-up; None when the store does not clip.

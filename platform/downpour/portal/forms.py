@@ -178,9 +178,9 @@ class JobForm(forms.Form):
     robust_aggregation = forms.BooleanField(
         required=False,
         initial=True,
-        help_text="centred clipping against faulty or malicious volunteers. The job first "
-        "warms up on a trusted agent (a machine the operators vouch for): until its first "
-        "pushes have set the clipping centre, other agents get no work from this job",
+        help_text="centred clipping against faulty or malicious volunteers. The server sets "
+        "the clipping centre itself from gradients it computes on a few hundred of your "
+        "training examples; agents the operators vouch for add to it",
     )
     max_grad_norm = forms.FloatField(
         label="Largest gradient norm",

@@ -231,6 +231,7 @@ def job_metrics(request: AuthenticatedRequest, job_id: str) -> JsonResponse:
             "staleness": staleness_summary(job),
             "robust": robust_summary(job),
             "target_accuracy": job.target_accuracy,
+            "downloads": len(job.downloads()),
             "points": [
                 {"elapsed_s": e, "accuracy": a, "loss": loss, "samples": s}
                 for e, a, loss, s in points
@@ -242,11 +243,14 @@ def job_metrics(request: AuthenticatedRequest, job_id: str) -> JsonResponse:
 @login_required
 def job_download(request: AuthenticatedRequest, job_id: str, kind: str) -> FileResponse:
     job = get_object_or_404(_visible_jobs(request), id=job_id)
-    path = {"keras": job.keras_path, "weights": job.weights_path}.get(kind)
-    if not path:
-        raise Http404("the trained model is not ready yet")
-    name = f"{job.name}.keras" if kind == "keras" else f"{job.name}-weights.npz"
-    return FileResponse(open(path, "rb"), as_attachment=True, filename=name)  # noqa: SIM115
+    found = {d["kind"]: d["path"] for d in job.downloads()}
+    if kind not in found:
+        raise Http404("no such model for this job")
+    which = "-best" if kind.startswith("best-") else ""
+    name = (
+        f"{job.name}{which}.keras" if kind.endswith("keras") else f"{job.name}{which}-weights.npz"
+    )
+    return FileResponse(open(found[kind], "rb"), as_attachment=True, filename=name)  # noqa: SIM115
 
 
 #: The job page's control buttons: action -> (function, what the flash message says).

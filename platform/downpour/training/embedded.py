@@ -18,6 +18,7 @@ from .actions.evaluations import evaluate_running_jobs
 from .actions.jobs import free_finished_stores, start_queued_jobs
 from .actions.leases import reap_expired_leases
 from .actions.recovery import checkpoint_running_jobs
+from .actions.references import push_running_references
 from .spotchecks.replay import run_pending
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ def start() -> None:
 def _loop() -> None:
     schedule: list[tuple[float, Callable[[], int]]] = [
         (2.0, start_queued_jobs),
+        (settings.REFERENCE_INTERVAL_S, push_running_references),
         (settings.REAP_INTERVAL_S, reap_expired_leases),
         (settings.REAP_INTERVAL_S, free_finished_stores),
         (settings.EVAL_INTERVAL_S, evaluate_running_jobs),

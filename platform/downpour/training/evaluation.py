@@ -21,19 +21,50 @@ _models: dict[str, Any] = {}
 _test_sets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
 
+Spec = tuple[str, tuple[int, ...], str]
+
+
 def initial_weights(
     model_config: dict[str, Any], seed: int
-) -> tuple[list[tuple[str, tuple[int, ...], str]], dict[str, np.ndarray]]:
-    """Build the model with a fixed seed; return its variable specs and initial values."""
-    from downpour_agent.modelspec import build_model, variable_specs
+) -> tuple[list[Spec], dict[str, np.ndarray], list[Spec]]:
+    """Build the model with a fixed seed.
+
+    Returns
+    -------
+    specs : the trainable variables' ``(name, shape, dtype)``
+    weights : initial values of every variable, trainable and non-trainable, by name
+    statistics : the non-trainable variables' specs (BatchNormalization statistics, ...)
+    """
+    from downpour_agent.modelspec import build_model
 
     model = build_model(model_config, seed=seed)
-    specs = variable_specs(model)
-    weights = {
-        name: np.asarray(v.numpy(), dtype=np.float32)
-        for (name, _, _), v in zip(specs, model.trainable_variables, strict=True)
+    specs, statistics = _specs_of(model)
+    return specs, _values_of(model), statistics
+
+
+def _specs_of(model: Any) -> tuple[list[Spec], list[Spec]]:
+    from downpour_agent.modelspec import statistic_specs, variable_specs
+
+    specs = [(n, tuple(s), d) for n, s, d in variable_specs(model)]
+    return specs, [(n, tuple(s), d) for n, s, d in statistic_specs(model)]
+
+
+def _variables_of(model: Any) -> dict[str, Any]:
+    """Every variable the store keeps, by its store name."""
+    from downpour_agent.modelspec import statistic_variables
+
+    specs, statistics = _specs_of(model)
+    variables = list(model.trainable_variables) + statistic_variables(model)
+    return {
+        name: variable for (name, _, _), variable in zip(specs + statistics, variables, strict=True)
     }
-    return [(n, tuple(s), d) for n, s, d in specs], weights
+
+
+def _values_of(model: Any) -> dict[str, np.ndarray]:
+    return {
+        name: np.asarray(variable.numpy(), dtype=np.float32)
+        for name, variable in _variables_of(model).items()
+    }
 
 
 def _model_for(job: Job) -> Any:
@@ -49,12 +80,11 @@ def _model_for(job: Job) -> Any:
 
 
 def _set_weights(model: Any, weights: dict[str, np.ndarray]) -> None:
-    from downpour_agent.modelspec import variable_specs
-
-    for (name, _, _), variable in zip(
-        variable_specs(model), model.trainable_variables, strict=True
-    ):
-        variable.assign(weights[name])
+    """Assign every variable; the non-trainable statistics too, when ``weights`` has them
+    (a job without them keeps the model's initial values)."""
+    for name, variable in _variables_of(model).items():
+        if name in weights:
+            variable.assign(weights[name])
 
 
 def _test_set(job: Job) -> tuple[np.ndarray, np.ndarray]:
@@ -94,17 +124,37 @@ def evaluate(job: Job, weights: dict[str, np.ndarray]) -> tuple[float, float]:
     return accuracy, loss
 
 
-def export_model(job: Job, weights: dict[str, np.ndarray], folder: Path) -> tuple[Path, Path]:
-    """Write the trained model as ``model.keras`` and its weights as ``weights.npz``."""
+def export_model(
+    job: Job, weights: dict[str, np.ndarray], folder: Path, stem: str = ""
+) -> tuple[Path, Path]:
+    """Write the trained model as ``model{stem}.keras`` and its weights as ``weights{stem}.npz``.
+
+    The ``.keras`` file is compiled with the job's loss, Adagrad at the job's learning rate and
+    the ``accuracy`` metric, so ``keras.models.load_model(path).evaluate(x, y)`` works as is.
+    """
     from .datasets import write_npz_atomic
 
     model = _model_for(job)
-    keras_path = folder / "model.keras"
-    weights_path = folder / "weights.npz"
+    keras_path = folder / f"model{stem}.keras"
+    weights_path = folder / f"weights{stem}.npz"
     with _cache_lock:
         _set_weights(model, weights)
-        tmp = folder / ".model.keras.tmp.keras"
+        _compile_for_export(model, job)
+        tmp = folder / f".model{stem}.keras.tmp.keras"
         model.save(tmp)
         tmp.replace(keras_path)
     write_npz_atomic(weights_path, **{npz_key(k): v for k, v in weights.items()})
     return keras_path, weights_path
+
+
+def _compile_for_export(model: Any, job: Job) -> None:
+    import keras
+
+    from downpour_agent.modelspec import build_loss
+
+    metrics = ["accuracy"] if job.loss != "mean_squared_error" else []
+    model.compile(
+        optimizer=keras.optimizers.Adagrad(learning_rate=job.learning_rate),
+        loss=build_loss(job.loss),
+        metrics=metrics,
+    )

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 from django.db import models
@@ -99,8 +101,14 @@ class Job(models.Model):
     pushes_accepted = models.BigIntegerField(default=0)
     pushes_rejected = models.BigIntegerField(default=0)
     best_accuracy = models.FloatField(null=True, blank=True)
+    # The exported models: the last evaluated weights (keras_path, weights_path) and, when an
+    # earlier evaluation scored higher, the best; each with the test accuracy it scored.
     keras_path = models.CharField(max_length=500, blank=True)
     weights_path = models.CharField(max_length=500, blank=True)
+    export_accuracy = models.FloatField(null=True, blank=True)
+    best_keras_path = models.CharField(max_length=500, blank=True)
+    best_weights_path = models.CharField(max_length=500, blank=True)
+    best_export_accuracy = models.FloatField(null=True, blank=True)
 
     def __str__(self) -> str:
         return self.name
@@ -115,6 +123,30 @@ class Job(models.Model):
     def store_bytes(self) -> int:
         """Parameter-store memory: weights and Adagrad accumulators, plus the clipping centre."""
         return int(self.param_count) * 4 * (3 if self.robust_aggregation else 2)
+
+    def downloads(self) -> list[dict[str, Any]]:
+        """The exported files that exist, each with the accuracy its weights scored.
+
+        ``kind`` is what ``portal:job_download`` serves; a failed export, or a job that never
+        trained, offers nothing rather than links that would 404.
+        """
+        files = [
+            ("keras", "last", self.keras_path, self.export_accuracy),
+            ("weights", "last", self.weights_path, self.export_accuracy),
+            ("best-keras", "best", self.best_keras_path, self.best_export_accuracy),
+            ("best-weights", "best", self.best_weights_path, self.best_export_accuracy),
+        ]
+        return [
+            {
+                "kind": kind,
+                "which": which,
+                "path": path,
+                "accuracy": accuracy,
+                "percent": "" if accuracy is None else f"{accuracy:.1%}",
+            }
+            for kind, which, path, accuracy in files
+            if path and Path(path).is_file()
+        ]
 
     @property
     def is_finished(self) -> bool:

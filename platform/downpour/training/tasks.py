@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from .actions import evaluations, jobs, leases, recovery
+from .actions import evaluations, jobs, leases, recovery, references
 from .spotchecks import replay
 
 
@@ -36,3 +36,8 @@ def reap_expired_leases() -> int:
 @shared_task
 def run_spot_checks() -> int:
     return replay.run_pending()
+
+
+@shared_task
+def push_reference_gradients() -> int:
+    return references.push_running_references()

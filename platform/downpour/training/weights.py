@@ -14,7 +14,7 @@ variables with exactly their shapes.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +63,12 @@ def load_for_model(
     sha256: str,
     specs: Sequence[tuple[str, tuple[int, ...], str]],
     max_bytes: int,
+    optional: Collection[str] = (),
 ) -> dict[str, np.ndarray]:
     """The stored weights for a model's variables ``specs``, checked against the model.
+
+    Variables named in ``optional`` (non-trainable statistics, which a ``weights.npz`` from
+    before they were exported lacks) may be absent; they are then not in the result.
 
     Returns
     -------
@@ -80,7 +84,8 @@ def load_for_model(
     if hashlib.sha256(data).hexdigest() != sha256:
         raise WeightsRejected("the stored file no longer has the SHA-256 recorded at submit")
     arrays = check_upload(data, max_bytes)
-    return match_model(arrays, specs)
+    present = [spec for spec in specs if spec[0] not in optional or npz_key(spec[0]) in arrays]
+    return match_model(arrays, present)
 
 
 def match_model(

@@ -6,7 +6,7 @@ import logging
 
 from django.utils import timezone
 
-from downpour.training.actions.jobs import finish_job
+from downpour.training.actions.jobs import Evaluated, finish_job
 from downpour.training.actions.recovery import checkpoint_job, ensure_store_ready
 from downpour.training.models import Evaluation, Job
 from downpour.training.store import job_store
@@ -22,10 +22,13 @@ def evaluate_job(job: Job) -> Evaluation | None:
     store = job_store(job)
     # Score a snapshot, so that a new best can be checkpointed as exactly what scored.
     states = store.snapshot()
+    statistics = store.statistics_state()
     layout = job.shard_layout()
     weights = layout.merge(
         [layout.unflatten_shard(shard, state.weights) for shard, state in enumerate(states)]
     )
+    if statistics is not None:  # BatchNormalization's moving statistics, and the like
+        weights |= layout.unflatten_statistics(statistics.values)
     accuracy, loss = evaluate(job, weights)
     job.refresh_from_db()
     elapsed = (timezone.now() - job.started_at).total_seconds() if job.started_at else 0.0
@@ -39,13 +42,14 @@ def evaluate_job(job: Job) -> Evaluation | None:
     )
     if job.best_accuracy is None or accuracy > job.best_accuracy:
         Job.objects.filter(id=job.id).update(best_accuracy=accuracy)
-        checkpoint_job(job, states, accuracy)
+        checkpoint_job(job, states, accuracy, statistics)
+    scored = Evaluated(weights, accuracy)
     if job.target_accuracy is not None and accuracy >= job.target_accuracy:
-        finish_job(job, Job.Status.DONE, f"reached {accuracy:.1%} test accuracy")
+        finish_job(job, Job.Status.DONE, f"reached {accuracy:.1%} test accuracy", scored)
     elif job.budget_samples is not None and job.samples_done >= job.budget_samples:
-        finish_job(job, Job.Status.DONE, f"used its budget of {job.budget_samples} samples")
+        finish_job(job, Job.Status.DONE, f"used its budget of {job.budget_samples} samples", scored)
     elif job.budget_seconds is not None and elapsed >= job.budget_seconds:
-        finish_job(job, Job.Status.DONE, f"used its budget of {job.budget_seconds:.0f} s")
+        finish_job(job, Job.Status.DONE, f"used its budget of {job.budget_seconds:.0f} s", scored)
     return point
 
 

@@ -180,9 +180,11 @@ def start_job(job: Job) -> bool:
 
     Needs TensorFlow, so it runs in a Celery worker (or the embedded runner thread).
     """
-    specs, start_weights = starting_weights(job)
+    specs, start_weights, statistics = starting_weights(job)
     layout = ShardLayout.balanced(
-        [VariableSpec(n, tuple(s), d) for n, s, d in specs], job.n_param_shards
+        [VariableSpec(n, tuple(s), d) for n, s, d in specs],
+        job.n_param_shards,
+        [VariableSpec(n, tuple(s), d) for n, s, d in statistics],
     )
     claimed = Job.objects.filter(id=job.id, status=Job.Status.QUEUED).update(
         layout=layout.to_json(), status_message="initialising"
@@ -203,22 +205,27 @@ def start_job(job: Job) -> bool:
 
 def starting_weights(
     job: Job,
-) -> tuple[list[tuple[str, tuple[int, ...], str]], dict[str, Any]]:
-    """The model's variable specs and the weights the job starts from."""
+) -> tuple[
+    list[tuple[str, tuple[int, ...], str]], dict[str, Any], list[tuple[str, tuple[int, ...], str]]
+]:
+    """The model's trainable specs, the weights the job starts from (every variable), and
+    its non-trainable specs (BatchNormalization statistics...)."""
     from downpour.training.evaluation import initial_weights
 
-    specs, start = initial_weights(job.model_config, job.seed)
+    specs, start, statistics = initial_weights(job.model_config, job.seed)
     if job.initial_weights_path:
         try:
-            start = weights.load_for_model(
+            uploaded = weights.load_for_model(
                 Path(job.initial_weights_path),
                 job.initial_weights_sha256,
-                specs,
+                specs + statistics,
                 settings.DATASET_MAX_BYTES,
+                optional={name for name, _, _ in statistics},
             )
+            start = start | uploaded
         except (weights.WeightsRejected, OSError) as exc:
             raise weights.WeightsRejected(f"initial weights: {exc}") from None
-    return specs, start
+    return specs, start, statistics
 
 
 def start_queued_jobs() -> int:
@@ -235,8 +242,20 @@ def start_queued_jobs() -> int:
     return started
 
 
-def finish_job(job: Job, status: str, message: str) -> bool:
-    """Stop the job once (CAS on status), export the model and tell its agents."""
+@dataclass(frozen=True)
+class Evaluated:
+    """Weights as an evaluation scored them, with the test accuracy they scored."""
+
+    weights: dict[str, Any]
+    accuracy: float
+
+
+def finish_job(job: Job, status: str, message: str, evaluated: Evaluated | None = None) -> bool:
+    """Stop the job once (CAS on status), export the model and tell its agents.
+
+    ``evaluated`` is what the evaluation that ended the job scored: exported as the last
+    model, so the download is exactly what the page shows.
+    """
     from downpour.agents import push
 
     changed = Job.objects.filter(id=job.id, status=Job.Status.RUNNING).update(
@@ -246,7 +265,7 @@ def finish_job(job: Job, status: str, message: str) -> bool:
         return False
     job.refresh_from_db()
     try:
-        export_job(job)
+        export_job(job, evaluated)
     except Exception:
         log.exception("job %s: export failed", job.id)
     Lease.objects.filter(unit__job=job, status=Lease.Status.ACTIVE).update(
@@ -296,9 +315,33 @@ def free_job_store(job: Job) -> None:
     prune_checkpoints(job)
 
 
-def export_job(job: Job) -> None:
-    from downpour.training.evaluation import export_model
+def export_job(job: Job, evaluated: Evaluated | None = None) -> None:
+    """Export the last evaluated weights and, if an earlier evaluation scored higher, the best.
+
+    Without ``evaluated`` (a job stopped other than by its evaluation) the store's weights
+    now are scored and exported as the last. The best are read from the best checkpoint,
+    which holds exactly the weights that scored ``Checkpoint.accuracy``.
+    """
+    from downpour.paramstore.checkpoint import read_checkpoint
+    from downpour.training.evaluation import evaluate, export_model
 
     folder = media_dir("jobs", str(job.id))
-    keras_path, weights_path = export_model(job, job_store(job).weights(), folder)
-    Job.objects.filter(id=job.id).update(keras_path=str(keras_path), weights_path=str(weights_path))
+    if evaluated is None:
+        store_weights = job_store(job).weights()
+        evaluated = Evaluated(store_weights, evaluate(job, store_weights)[0])
+    keras_path, weights_path = export_model(job, evaluated.weights, folder)
+    fields: dict[str, Any] = {
+        "keras_path": str(keras_path),
+        "weights_path": str(weights_path),
+        "export_accuracy": evaluated.accuracy,
+    }
+    best = job.checkpoints.filter(accuracy__isnull=False).order_by("-accuracy").first()
+    if best is not None and best.accuracy is not None and best.accuracy > evaluated.accuracy:
+        best_weights = read_checkpoint(best.path, best.sha256).weights()
+        best_keras, best_npz = export_model(job, best_weights, folder, stem="-best")
+        fields |= {
+            "best_keras_path": str(best_keras),
+            "best_weights_path": str(best_npz),
+            "best_export_accuracy": best.accuracy,
+        }
+    Job.objects.filter(id=job.id).update(**fields)

@@ -63,6 +63,7 @@ def lease_message(lease: Lease, base_url_path: str = "/api/agent/shards/") -> di
         ),
         layout=[[(v.name, tuple(v.shape), v.dtype) for v in shard] for shard in layout.shards],
         expires_in_s=settings.LEASE_TTL_S,
+        statistics=[(v.name, tuple(v.shape), v.dtype) for v in layout.statistics],
     )
     return lease_to_wire(spec)
 

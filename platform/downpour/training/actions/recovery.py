@@ -7,7 +7,7 @@ from pathlib import Path
 
 from django.utils import timezone
 
-from downpour.paramstore import NotInitialized, ShardState
+from downpour.paramstore import NotInitialized, ShardState, StatisticsState
 from downpour.paramstore.checkpoint import read_checkpoint, write_checkpoint
 from downpour.training.actions.jobs import starting_weights
 from downpour.training.media import media_dir
@@ -61,6 +61,7 @@ def restore_store(job: Job, from_initial_weights: bool) -> bool:
             return True
         restored = read_checkpoint(checkpoint.path)
         store.restore(restored.states)
+        store.restore_statistics(restored.statistics)
         forget_warmup(job.id)  # an older checkpoint may be back in warm-up
         requeued = WorkUnit.objects.filter(
             job=job, status=WorkUnit.Status.DONE, done_at__gt=checkpoint.created_at
@@ -76,19 +77,25 @@ def restore_store(job: Job, from_initial_weights: bool) -> bool:
 
 
 def checkpoint_job(
-    job: Job, states: list[ShardState] | None = None, accuracy: float | None = None
+    job: Job,
+    states: list[ShardState] | None = None,
+    accuracy: float | None = None,
+    statistics: StatisticsState | None = None,
 ) -> Checkpoint:
-    """Write weights, accumulators and versions atomically; keep the last and the best.
+    """Write weights, accumulators, versions and statistics atomically; keep the last and
+    the best.
 
-    ``states`` (default: a snapshot of the store now) and the test ``accuracy`` they
-    scored, when an evaluation writes the checkpoint of a new best.
+    ``states`` and ``statistics`` (default: a snapshot of the store now) and the test
+    ``accuracy`` they scored, when an evaluation writes the checkpoint of a new best.
     """
     if states is None:
-        states = job_store(job).snapshot()
+        store = job_store(job)
+        states = store.snapshot()
+        statistics = store.statistics_state()
     folder = media_dir("checkpoints", str(job.id))
     path = folder / f"ckpt-{timezone.now().strftime('%Y%m%dT%H%M%S%f')}.npz"
     layout = job.shard_layout()
-    digest = write_checkpoint(path, layout, states, {"job": str(job.id)})
+    digest = write_checkpoint(path, layout, states, {"job": str(job.id)}, statistics)
     checkpoint = Checkpoint.objects.create(
         job=job,
         path=str(path),

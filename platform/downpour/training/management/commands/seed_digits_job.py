@@ -12,7 +12,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management.base import BaseCommand, CommandParser
 
 from downpour.accounts.models import User
-from downpour.digits import digits_npz_bytes, mlp_json
+from downpour.digits import cnn_bn_json, digits_npz_bytes, mlp_json
 from downpour.donors.models import AgentToken
 from downpour.training.actions.datasets import create_dataset
 from downpour.training.actions.jobs import JobParams, submit_job
@@ -23,6 +23,12 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--hidden", default="128,128", help="hidden layer widths")
+        parser.add_argument(
+            "--model",
+            choices=("mlp", "cnn-bn"),
+            default="mlp",
+            help="an MLP on flat digits, or a Conv-BatchNorm CNN on 8x8x1 images",
+        )
         parser.add_argument("--learning-rate", type=float, default=0.05)
         parser.add_argument("--batch-size", type=int, default=32)
         parser.add_argument("--n-fetch", type=int, default=1)
@@ -34,7 +40,7 @@ class Command(BaseCommand):
         parser.add_argument("--budget-seconds", type=float, default=None)
         parser.add_argument("--tokens", type=int, default=1)
         parser.add_argument(
-            "--robust", action="store_true", help="centred clipping; needs a trusted agent"
+            "--robust", action="store_true", help="centred clipping (the form's default)"
         )
         parser.add_argument("--name", default="digits-mlp")
         parser.add_argument("--spot-check-fraction", type=float, default=0.05)
@@ -45,7 +51,8 @@ class Command(BaseCommand):
         )
         donor, _ = User.objects.get_or_create(username="demo-donor", defaults={"is_donor": True})
         tokens = [AgentToken.issue(donor, f"demo-{i}")[1] for i in range(opts["tokens"])]
-        upload = SimpleUploadedFile("digits.npz", digits_npz_bytes())
+        cnn = opts["model"] == "cnn-bn"
+        upload = SimpleUploadedFile("digits.npz", digits_npz_bytes(images=cnn))
         dataset = create_dataset(researcher, "digits", upload, opts["data_shards"])
         hidden = [int(h) for h in opts["hidden"].split(",") if h]
         job = submit_job(
@@ -53,7 +60,7 @@ class Command(BaseCommand):
             dataset,
             JobParams(
                 name=opts["name"],
-                model_json=mlp_json(hidden),
+                model_json=cnn_bn_json() if cnn else mlp_json(hidden),
                 learning_rate=opts["learning_rate"],
                 batch_size=opts["batch_size"],
                 n_fetch=opts["n_fetch"],
