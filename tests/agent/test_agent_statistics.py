@@ -107,7 +107,7 @@ def test_statistics_travel_in_shard_0s_push_frame_only() -> None:
     accumulator = GradientAccumulator()
     accumulator.add({"a": np.ones(2, np.float32), "b": np.ones(1, np.float32)}, 4)
     frames = push_frames(
-        accumulator, spec, 0, {0: 0, 1: 0}, [], [1, 2], {"bn/moving_mean": np.ones(3)}
+        accumulator, spec, 0, {0: 0, 1: 0}, [], [1, 2], statistics={"bn/moving_mean": np.ones(3)}
     )
     decoded = [frame_from_wire(frame, AGENT_MESSAGES, 1 << 20)[1] for frame in frames]
     assert set(decoded[0]) == {"a", STATISTICS_PREFIX + "bn/moving_mean"}

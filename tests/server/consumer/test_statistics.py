@@ -11,18 +11,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tests.server.consumer.client import Socket, gradients
+from tests.server.helpers import job_params
 
 from downpour.training import store
 from downpour.training.actions.jobs import start_job, submit_job
 from downpour.training.models import Job
 from downpour_agent.protocol import STATISTICS_PREFIX, statistics_to_frame
 
-from . import test_consumer as base
-from .helpers import job_params
-from .test_consumer import Socket, gradients
-
 # The socket fixtures of test_consumer.py, shared by name.
-embedded, token, socket, registered = base.embedded, base.token, base.socket, base.registered
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
