@@ -46,17 +46,22 @@ from downpour_agent.protocol import (
     PROTOCOL_VERSION,
     CloseCode,
     ErrorCode,
+    FrameHeader,
     ProtocolError,
     banned_message,
     error_message,
-    frame_from_wire,
+    frame_header_from_wire,
+    frame_ref,
+    frame_tensors_from_wire,
     frame_to_wire,
     loads_from_wire,
     message_from_wire,
     message_to_wire,
+    wire_ref,
 )
 
-from . import push
+from . import admission, push
+from .admission import LeaseBounds
 from .auth import agent_token, scope_bearer_token
 from .limits import limits
 
@@ -67,6 +72,8 @@ JOB_STATUS_TTL_S = 1.0
 FLUSH_INTERVAL_S = 2.0
 #: Seconds an agent told ``no_work`` waits before it asks again.
 NO_WORK_RETRY_S = 2.0
+#: Store refusals of a push that was computed all the same: its round counts as arrived.
+_ROUND_ARRIVED_CODES = frozenset({ErrorCode.STALE_GRADIENT, ErrorCode.CONFLICT})
 #: The ``unknown_job`` text while a worker restarts a job with no checkpoint.
 STORE_NOT_READY = "the job's parameters are being restored by a worker; ask for work again"
 
@@ -76,6 +83,7 @@ class CachedLease:
     lease_id: str
     job: Job
     deadline: float  # time.monotonic() after which the lease must be re-read
+    bounds: LeaseBounds
     spot_check_round: int | None = None  # the push round a spot check replays, if any
 
 
@@ -143,14 +151,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
         ref: Any = None
         try:
             if bytes_data is not None:
-                msg, tensors = await asyncio.to_thread(self._decode_push, bytes_data)
-                ref = msg.get("ref")
-                if msg["type"] != "push":
-                    raise ProtocolError(
-                        ErrorCode.BAD_MESSAGE, f"{msg['type']} is not a binary message"
-                    )
-                await self._require_registered()
-                await self.on_push(msg, tensors)
+                header = await self._frame_header(bytes_data)
+                ref = header.msg.get("ref")
+                await self.on_push(header)
             else:
                 msg = message_from_wire(text_data or "", AGENT_MESSAGES)
                 ref = msg.get("ref")
@@ -249,12 +252,20 @@ class AgentConsumer(AsyncWebsocketConsumer):
         frame = await asyncio.to_thread(frame_to_wire, reply, tensors)
         await self.send(bytes_data=frame)
 
-    async def on_push(self, msg: dict[str, Any], tensors: dict[str, Any]) -> None:
+    async def on_push(self, header: FrameHeader) -> None:
+        """A push, checked against its lease and the job's layout before it is inflated."""
+        msg = header.msg
+        await self._check_push_rate()
         cached = await self._lease(msg["lease_id"])
         store = job_store(cached.job)
-        loads_from_wire(msg.get("loads", []), cached.job.n_push, store.layout.n_shards)
         push_id = f"{msg['lease_id']}:{msg['seq']}:{msg['shard']}"
         tally = self.state.tallies.setdefault(msg["lease_id"], Tally(str(cached.job.id)))
+        try:
+            tensors = await self._admit_push(cached, header)
+        except (StoreError, ProtocolError):
+            tally.rejected += 1
+            raise
+        await self._check_round_order(cached, msg["seq"])
         try:
             assert self.token is not None
             trusted = self.token.is_trusted
@@ -264,15 +275,19 @@ class AgentConsumer(AsyncWebsocketConsumer):
                     msg["shard"], tensors, msg["base_version"], push_id, trusted=trusted
                 ),
             )
-        except (StoreError, ProtocolError):
+        except (StoreError, ProtocolError) as exc:
             tally.rejected += 1
+            if exc.code in _ROUND_ARRIVED_CODES:
+                tally.add_pushed(msg["shard"], msg["samples"])
+                await self._record_checked_round(cached, msg, tensors)
             raise
-        if msg["seq"] == cached.spot_check_round and not result.duplicate:
-            await self._record_checked_round(cached, msg, tensors)
+        await self._record_checked_round(cached, msg, tensors)
         if result.applied and cached.job.robust_aggregation:
             self.state.clipped.append(result.clipped)
         if result.applied:
             tally.add_applied(cached.job, msg["shard"], msg["samples"], result.staleness)
+        if not result.duplicate:
+            tally.add_pushed(msg["shard"], msg["samples"])
         await self._send(
             {
                 "type": "push_ack",
@@ -319,10 +334,14 @@ class AgentConsumer(AsyncWebsocketConsumer):
     # --- helpers --------------------------------------------------------------------
 
     def _cache(self, lease: Lease, ttl_s: float) -> CachedLease:
+        job = lease.unit.job
         cached = CachedLease(
             str(lease.id),
-            lease.unit.job,
+            job,
             time.monotonic() + ttl_s,
+            LeaseBounds(
+                lease.unit.steps, job.n_push, min(job.batch_size, lease.unit.shard.n_samples)
+            ),
             lease.spot_check_round,
         )
         self.state.leases[cached.lease_id] = cached
@@ -385,8 +404,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def _record_checked_round(
         self, cached: CachedLease, msg: dict[str, Any], tensors: dict[str, Any]
     ) -> None:
+        # A duplicate counts: a resumed lease sends its interrupted round again in full.
         recording = self._recording(cached)
-        if recording is None:
+        if recording is None or msg["seq"] != cached.spot_check_round:
             return
         recording.add_push(msg, tensors)
         if not recording.complete(job_store(cached.job).layout.n_shards):
@@ -395,14 +415,58 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.state.recorded.add(cached.lease_id)
         await self._save_spot_check(cached.lease_id, cached.spot_check_round, recording)
 
-    def _decode_push(self, data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
-        # The rate is checked before decoding, so a flood costs us as little as possible.
-        if self.agent is not None and not limits().allow_push(str(self.agent.id)):
+    async def _check_round_order(self, cached: CachedLease, seq: int) -> None:
+        """A push past the checked round before that round arrived in full fails the check:
+        rounds are pushed in order, so the agent skipped it (issue 10)."""
+        checked = cached.spot_check_round
+        if checked is None or seq <= checked or cached.lease_id in self.state.recorded:
+            return
+        self.state.recordings.pop(cached.lease_id, None)
+        self.state.recorded.add(cached.lease_id)
+        await self._fail_skipped_round(cached.lease_id, checked, seq)
+
+    async def _frame_header(self, data: bytes) -> FrameHeader:
+        """A binary frame's header, read only on a registered socket; nothing is inflated."""
+        if len(data) > settings.MAX_FRAME_BYTES:
+            raise ProtocolError(
+                ErrorCode.FRAME_TOO_LARGE,
+                f"frame of {len(data)} bytes over {settings.MAX_FRAME_BYTES}",
+            )
+        if self.agent is None:
+            # Nothing of a frame is decoded before registration; only its ref is echoed.
+            ref = await asyncio.to_thread(frame_ref, data)
+            raise ProtocolError(ErrorCode.NOT_REGISTERED, ref=ref)
+        header = await asyncio.to_thread(
+            frame_header_from_wire, data, AGENT_MESSAGES, settings.MAX_FRAME_BYTES
+        )
+        if header.msg["type"] != "push":
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE,
+                f"{header.msg['type']} is not a binary message",
+                wire_ref(header.msg),
+            )
+        return header
+
+    async def _check_push_rate(self) -> None:
+        # Before the lease is read or anything decoded: a flood costs as little as possible.
+        assert self.agent is not None
+        if not await asyncio.to_thread(limits().allow_push, str(self.agent.id)):
             raise ProtocolError(
                 ErrorCode.RATE_LIMITED,
                 f"over {settings.PUSHES_PER_SECOND:g} push frames per second; slow down",
             )
-        return frame_from_wire(data, AGENT_MESSAGES, settings.MAX_FRAME_BYTES)
+
+    async def _admit_push(self, cached: CachedLease, header: FrameHeader) -> dict[str, Any]:
+        """Check the push against its lease and the shard's layout, then decode it with the
+        shard's float32 size as the cap on what it may inflate to."""
+        msg = header.msg
+        layout = job_store(cached.job).layout
+        layout.check_shard(msg["shard"])
+        admission.check_round(cached.bounds, msg)
+        loads_from_wire(msg.get("loads", []), cached.job.n_push, layout.n_shards)
+        admission.check_tensors(layout, msg["shard"], header.tensors)
+        cap = admission.expected_bytes(layout, msg["shard"])
+        return await asyncio.to_thread(frame_tensors_from_wire, header, cap)
 
     async def _in_store(self, job: Job, operation: Callable[[], T]) -> T:
         """Run a store operation off the loop; if the job's shards are gone (a restart),
@@ -497,6 +561,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
     ) -> None:
         assert round_index is not None
         spot_recording.save(lease_id, round_index, recording)
+
+    @database_sync_to_async
+    def _fail_skipped_round(self, lease_id: str, round_index: int, seq: int) -> None:
+        spot_recording.record_skipped(lease_id, round_index, seq)
 
     @database_sync_to_async
     def _mark_disconnected(self) -> None:

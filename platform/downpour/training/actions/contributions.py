@@ -23,6 +23,8 @@ class Tally:
     rejected: int = 0
     credit: float = 0.0
     staleness: dict[int, int] = field(default_factory=dict)
+    #: Samples of the rounds that reached the store, applied or not: what ``complete`` claims.
+    pushed: int = 0
 
     def add_applied(self, job: Job, shard: int, samples: int, staleness: int) -> None:
         """Count an applied push of ``shard`` that claims ``samples`` samples."""
@@ -35,12 +37,25 @@ class Tally:
             self.samples += samples
             self.credit += credit_for_push(samples, staleness, accepted=True)
 
+    def add_pushed(self, shard: int, samples: int) -> None:
+        """Count a round that reached the store (once: by its shard 0), whatever its verdict."""
+        if shard == 0:
+            self.pushed += samples
+
 
 def record_tallies(agent_id: str, tallies: Mapping[str, Tally]) -> None:
     """Record an agent's tallies, keyed by lease id (:func:`record_contribution` each)."""
     for lease_id, t in tallies.items():
         record_contribution(
-            t.job_id, agent_id, lease_id, t.samples, t.accepted, t.rejected, t.credit, t.staleness
+            t.job_id,
+            agent_id,
+            lease_id,
+            t.samples,
+            t.accepted,
+            t.rejected,
+            t.credit,
+            t.staleness,
+            pushed=t.pushed,
         )
 
 
@@ -53,13 +68,15 @@ def record_contribution(
     rejected: int,
     credit: float,
     staleness: dict[int, int] | None = None,
+    pushed: int = 0,
 ) -> None:
     """Add a batch of push outcomes to the job, the lease, the agent and their ledger.
 
     ``staleness`` counts accepted pushes by staleness; it is merged into the job's
-    distribution (the job page shows its p50 and p95).
+    distribution (the job page shows its p50 and p95). ``pushed`` adds to the lease's
+    ``samples_pushed``, which its ``complete`` must match.
     """
-    if not (samples or accepted or rejected):
+    if not (samples or accepted or rejected or pushed):
         return
     with transaction.atomic():
         if staleness:
@@ -77,6 +94,7 @@ def record_contribution(
         )
         Lease.objects.filter(id=lease_id).update(
             samples=F("samples") + samples,
+            samples_pushed=F("samples_pushed") + pushed,
             pushes_accepted=F("pushes_accepted") + accepted,
             pushes_rejected=F("pushes_rejected") + rejected,
         )

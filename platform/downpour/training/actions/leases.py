@@ -15,7 +15,7 @@ from django.utils import timezone
 from downpour import scheduler
 from downpour.donors.models import Agent
 from downpour.training.actions.claims import host_record
-from downpour.training.models import Lease, WorkUnit
+from downpour.training.models import Lease, SpotCheck, WorkUnit
 from downpour_agent.protocol import (
     ERROR_TEXTS,
     DatasetSpec,
@@ -101,7 +101,9 @@ def heartbeat(agent: Agent, lease_id: str | None) -> float | None:
 
 
 def complete_lease(agent: Agent, lease_id: str, samples: int) -> None:
+    """End a lease as done; refused unless its pushes arrived (see :func:`check_complete`)."""
     lease = get_agent_lease(lease_id, agent)
+    check_complete(lease, samples)
     now = timezone.now()
     with transaction.atomic():
         done = Lease.objects.filter(id=lease.id, status=Lease.Status.ACTIVE).update(
@@ -115,6 +117,29 @@ def complete_lease(agent: Agent, lease_id: str, samples: int) -> None:
             status=Lease.Status.SUPERSEDED, ended_at=now
         )
         _record_outcome(str(agent.id), completed=True)
+
+
+def check_complete(lease: Lease, samples: int) -> None:
+    """A ``complete`` must follow pushes, claim the samples they covered, and come after the
+    spot-checked round (if any) arrived in full; the text does not say which round that is.
+
+    Raises
+    ------
+    LeaseError
+        ``bad_message``.
+    """
+    if lease.samples_pushed == 0:
+        raise LeaseError(ErrorCode.BAD_MESSAGE, "complete: no push of this lease has arrived")
+    if samples != lease.samples_pushed:
+        raise LeaseError(
+            ErrorCode.BAD_MESSAGE,
+            f"complete: {samples} samples claimed; this lease's pushes covered "
+            f"{lease.samples_pushed}",
+        )
+    if lease.spot_check_round is not None and not SpotCheck.objects.filter(lease=lease).exists():
+        raise LeaseError(
+            ErrorCode.BAD_MESSAGE, "complete: a round of this lease has not arrived in full"
+        )
 
 
 def _record_outcome(agent_id: str, completed: bool) -> None:
