@@ -315,18 +315,17 @@ async def test_complete_finishes_the_unit_and_records_the_agents_contribution(
     running_job: Job, registered: Socket
 ) -> None:
     lease = await registered.lease()
-    for shard in (0, 1):
-        assert (await registered.push(lease, shard, gradients(lease, shard)))["applied"]
+    samples = await push_every_round(registered, lease)
     reply = await registered.ask(
-        {"type": "complete", "lease_id": lease["lease_id"], "samples": 30, "ref": 6}
+        {"type": "complete", "lease_id": lease["lease_id"], "samples": samples, "ref": 6}
     )
     assert reply == {"type": "complete_ack", "lease_id": lease["lease_id"], "ref": 6}
     row = await lease_row(lease["lease_id"])
     assert row.status == Lease.Status.COMPLETED and row.unit.status == WorkUnit.Status.DONE
-    assert row.pushes_accepted == 2
+    # 20 rounds of one step over 2 shards, batches of 30 (a shard's 30 samples, batch 32).
+    assert row.pushes_accepted == 40 and samples == 20 * 30
     job = await database_sync_to_async(Job.objects.get)(id=running_job.id)
-    # One round of one step, batches of 30 (a shard's 30 samples under batch_size 32).
-    assert job.pushes_accepted == 2 and job.samples_done == 30
+    assert job.pushes_accepted == 40 and job.samples_done == samples
 
 
 async def test_return_lease_puts_the_unit_back_in_the_queue(

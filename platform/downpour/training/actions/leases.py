@@ -120,21 +120,24 @@ def complete_lease(agent: Agent, lease_id: str, samples: int) -> None:
 
 
 def check_complete(lease: Lease, samples: int) -> None:
-    """A ``complete`` must follow pushes, claim the samples they covered, and come after the
-    spot-checked round (if any) arrived in full; the text does not say which round that is.
+    """A ``complete`` must follow pushes of the whole lease (``steps × batch`` samples), claim
+    the samples they covered, and come after the spot-checked round (if any) arrived in
+    full; the text does not say which round that is.
 
     Raises
     ------
     LeaseError
         ``bad_message``.
     """
+    unit = lease.unit
+    size = unit.steps * min(unit.job.batch_size, unit.shard.n_samples)
     if lease.samples_pushed == 0:
         raise LeaseError(ErrorCode.BAD_MESSAGE, "complete: no push of this lease has arrived")
-    if samples != lease.samples_pushed:
+    if samples != lease.samples_pushed or samples != size:
         raise LeaseError(
             ErrorCode.BAD_MESSAGE,
             f"complete: {samples} samples claimed; this lease's pushes covered "
-            f"{lease.samples_pushed}",
+            f"{lease.samples_pushed} of its {size}",
         )
     if lease.spot_check_round is not None and not SpotCheck.objects.filter(lease=lease).exists():
         raise LeaseError(
