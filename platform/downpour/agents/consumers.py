@@ -103,6 +103,7 @@ class _State:
     clipped: list[bool] = field(default_factory=list)  # per applied push of robust jobs
     recordings: dict[str, Recording] = field(default_factory=dict)
     recorded: set[str] = field(default_factory=set)  # checked leases whose round is in
+    closed: bool = False  # the server closed the socket: nothing more is read or sent
 
 
 class AgentConsumer(AsyncWebsocketConsumer):
@@ -146,7 +147,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await self._mark_disconnected()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        if self.token is None:
+        if self.token is None or self.state.closed:
             return
         ref: Any = None
         try:
@@ -250,7 +251,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
             **_ref(msg),
         }
         frame = await asyncio.to_thread(frame_to_wire, reply, tensors)
-        await self.send(bytes_data=frame)
+        if not self.state.closed:
+            await self.send(bytes_data=frame)
 
     async def on_push(self, header: FrameHeader) -> None:
         """A push, checked against its lease and the job's layout before it is inflated."""
@@ -348,11 +350,14 @@ class AgentConsumer(AsyncWebsocketConsumer):
         return cached
 
     async def _close(self, code: CloseCode) -> None:
+        self.state.closed = True
         # A plain int: autobahn (under daphne) refuses an int subclass and closes with 1011.
         await self.close(code=int(code))
 
     async def _send(self, message: dict[str, Any]) -> None:
-        await self.send(text_data=message_to_wire(message))
+        # Frames queued behind a ban are not answered: autobahn raises on a send after close.
+        if not self.state.closed:
+            await self.send(text_data=message_to_wire(message))
 
     async def _join(self, group: str) -> None:
         if group not in self.state.groups:

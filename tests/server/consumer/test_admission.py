@@ -27,11 +27,13 @@ from tests.server.consumer.client import (
 )
 from tests.server.helpers import job_params
 
+from downpour.agents import push
 from downpour.donors.models import Agent
 from downpour.training import store
 from downpour.training.actions.jobs import start_job, submit_job
 from downpour.training.models import Job, SpotCheck
 from downpour.training.spotchecks import selection
+from downpour_agent.protocol import CloseCode, frame_to_wire
 from downpour_agent.protocol.tensors import MAGIC
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -410,3 +412,25 @@ async def test_a_rate_limited_push_echoes_the_ref(
 
     # Assert
     assert (reply["code"], reply["ref"]) == ("rate_limited", "late")
+
+
+# --- Low 11: nothing is sent on a socket the server closed -------------------------------------
+
+
+async def test_frames_queued_behind_a_ban_get_no_answer_after_the_close(
+    running_job: Job, registered: Socket
+) -> None:
+    # Prepare: a push round is on its way when the ban arrives.
+    lease = await registered.lease()
+    agent = await database_sync_to_async(Agent.objects.get)(name="pc-1")
+    await database_sync_to_async(push.notify_agent_banned)(str(agent.id), "a spot check failed")
+
+    # Execute
+    await registered.send_bytes(frame_to_wire(push_msg(lease["lease_id"]), gradients(lease, 0)))
+    await registered.send({"type": "heartbeat", "ref": 2})
+
+    # Assert: the ban, the close, and nothing after it (daphne would raise on each send).
+    event, _ = await registered.recv()
+    assert event["code"] == "banned"
+    assert await registered.closed_with() == CloseCode.FORBIDDEN
+    assert await registered.communicator.receive_nothing(timeout=0.5)
