@@ -257,26 +257,28 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def on_push(self, header: FrameHeader) -> None:
         """A push, checked against its lease and the job's layout before it is inflated."""
         msg = header.msg
-        await self._check_push_rate()
         cached = await self._lease(msg["lease_id"])
         store = job_store(cached.job)
         push_id = f"{msg['lease_id']}:{msg['seq']}:{msg['shard']}"
         tally = self.state.tallies.setdefault(msg["lease_id"], Tally(str(cached.job.id)))
         try:
-            tensors = await self._admit_push(cached, header)
+            cap = self._admit_push(cached, header)
         except (StoreError, ProtocolError):
             tally.rejected += 1
             raise
         await self._check_round_order(cached, msg["seq"])
+        tensors: dict[str, Any] = {}
+
+        def decode_and_push() -> PushResult:
+            # One thread hop for both: inflating is bounded by ``cap`` (checked above).
+            if not tensors:
+                tensors.update(frame_tensors_from_wire(header, cap))
+            return store.push(msg["shard"], tensors, msg["base_version"], push_id, trusted=trusted)
+
         try:
             assert self.token is not None
             trusted = self.token.is_trusted
-            result: PushResult = await self._in_store(
-                cached.job,
-                lambda: store.push(
-                    msg["shard"], tensors, msg["base_version"], push_id, trusted=trusted
-                ),
-            )
+            result: PushResult = await self._in_store(cached.job, decode_and_push)
         except (StoreError, ProtocolError) as exc:
             tally.rejected += 1
             if exc.code in _ROUND_ARRIVED_CODES:
@@ -441,37 +443,35 @@ class AgentConsumer(AsyncWebsocketConsumer):
             # Nothing of a frame is decoded before registration; only its ref is echoed.
             ref = await asyncio.to_thread(frame_ref, data)
             raise ProtocolError(ErrorCode.NOT_REGISTERED, ref=ref)
-        header = await asyncio.to_thread(
-            frame_header_from_wire, data, AGENT_MESSAGES, settings.MAX_FRAME_BYTES
-        )
+        return await asyncio.to_thread(self._read_push_header, data, str(self.agent.id))
+
+    def _read_push_header(self, data: bytes, agent_id: str) -> FrameHeader:
+        # In a thread: parse the header, then the rate (Redis with REDIS_URL), before the lease
+        # is read or anything is decoded, so a flood costs as little as possible.
+        header = frame_header_from_wire(data, AGENT_MESSAGES, settings.MAX_FRAME_BYTES)
+        ref = wire_ref(header.msg)
         if header.msg["type"] != "push":
             raise ProtocolError(
-                ErrorCode.BAD_MESSAGE,
-                f"{header.msg['type']} is not a binary message",
-                wire_ref(header.msg),
+                ErrorCode.BAD_MESSAGE, f"{header.msg['type']} is not a binary message", ref
             )
-        return header
-
-    async def _check_push_rate(self) -> None:
-        # Before the lease is read or anything decoded: a flood costs as little as possible.
-        assert self.agent is not None
-        if not await asyncio.to_thread(limits().allow_push, str(self.agent.id)):
+        if not limits().allow_push(agent_id):
             raise ProtocolError(
                 ErrorCode.RATE_LIMITED,
                 f"over {settings.PUSHES_PER_SECOND:g} push frames per second; slow down",
+                ref,
             )
+        return header
 
-    async def _admit_push(self, cached: CachedLease, header: FrameHeader) -> dict[str, Any]:
-        """Check the push against its lease and the shard's layout, then decode it with the
-        shard's float32 size as the cap on what it may inflate to."""
+    def _admit_push(self, cached: CachedLease, header: FrameHeader) -> int:
+        """Check the push against its lease and the shard's layout (its declarations only:
+        nothing is decoded); returns the shard's float32 size, the cap on decoding."""
         msg = header.msg
         layout = job_store(cached.job).layout
         layout.check_shard(msg["shard"])
         admission.check_round(cached.bounds, msg)
         loads_from_wire(msg.get("loads", []), cached.job.n_push, layout.n_shards)
         admission.check_tensors(layout, msg["shard"], header.tensors)
-        cap = admission.expected_bytes(layout, msg["shard"])
-        return await asyncio.to_thread(frame_tensors_from_wire, header, cap)
+        return admission.expected_bytes(layout, msg["shard"])
 
     async def _in_store(self, job: Job, operation: Callable[[], T]) -> T:
         """Run a store operation off the loop; if the job's shards are gone (a restart),
