@@ -35,7 +35,6 @@ async def test_a_ban_that_closes_the_socket_mid_push_ends_the_agent_with_one_cle
     # Assert
     assert code == EXIT_FATAL
     records = [r for r in caplog.records if r.name.startswith("downpour_agent")]
-    print([(r.levelname, r.getMessage()) for r in records])
     assert not [r for r in records if r.exc_info], "no traceback"
     errors = [r.getMessage() for r in records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "banned" in errors[0], errors
