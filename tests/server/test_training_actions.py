@@ -388,3 +388,23 @@ def test_a_complete_without_the_leases_pushes_is_refused(running_job, agent) -> 
             complete_lease(agent, str(lease.id), claimed)
         assert err.value.code == "bad_message"
     assert Lease.objects.get(id=lease.id).status == Lease.Status.ACTIVE
+
+
+def test_a_lease_counts_no_more_samples_than_its_size_even_if_its_rounds_apply_twice(  # type: ignore[no-untyped-def]
+    running_job, agent
+) -> None:
+    # Prepare: a lease whose rounds are recorded twice (a restore forgot the applied ids).
+    lease = claim_work(agent)
+    assert lease is not None
+    size = pushed_in_full(lease)
+
+    # Execute
+    for _ in range(2):
+        record_contribution(str(running_job.id), str(agent.id), str(lease.id), size, 1, 0, 10.0)
+
+    # Assert: the second batch counts nothing, and earns nothing.
+    assert Lease.objects.get(id=lease.id).samples == size
+    running_job.refresh_from_db()
+    assert running_job.samples_done == size
+    agent.refresh_from_db()
+    assert agent.credit == 10.0

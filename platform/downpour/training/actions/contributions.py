@@ -10,6 +10,7 @@ from django.db.models import F
 
 from downpour.donors.models import Agent
 from downpour.scheduler import credit_for_push
+from downpour.training.actions.leases import lease_size
 from downpour.training.models import Contribution, Job, Lease
 
 
@@ -59,6 +60,24 @@ def record_tallies(agent_id: str, tallies: Mapping[str, Tally]) -> None:
         )
 
 
+def _within_lease(lease_id: str, samples: int, credit: float) -> tuple[int, float]:
+    """Cut ``samples`` (and the credit with them) to what the lease has left of its size, so
+    a lease counts at most ``steps × batch`` even if its rounds are applied twice (after a
+    restore forgot the applied push ids). Locks the lease row (call inside a transaction)."""
+    lease = (
+        Lease.objects.select_for_update(of=("self",))
+        .select_related("unit__job", "unit__shard")
+        .filter(id=lease_id)
+        .first()
+    )
+    if lease is None or samples <= 0:
+        return samples, credit
+    room = max(0, lease_size(lease) - lease.samples)
+    if samples <= room:
+        return samples, credit
+    return room, credit * room / samples
+
+
 def record_contribution(
     job_id: str,
     agent_id: str,
@@ -79,6 +98,7 @@ def record_contribution(
     if not (samples or accepted or rejected or pushed):
         return
     with transaction.atomic():
+        samples, credit = _within_lease(lease_id, samples, credit)
         if staleness:
             job = Job.objects.select_for_update().only("staleness_hist").get(id=job_id)
             merged = {int(k): v for k, v in job.staleness_hist.items()}

@@ -119,6 +119,12 @@ def complete_lease(agent: Agent, lease_id: str, samples: int) -> None:
         _record_outcome(str(agent.id), completed=True)
 
 
+def lease_size(lease: Lease) -> int:
+    """Samples a lease covers: its steps × the batch its agent draws (at most the shard)."""
+    unit = lease.unit
+    return int(unit.steps * min(unit.job.batch_size, unit.shard.n_samples))
+
+
 def check_complete(lease: Lease, samples: int) -> None:
     """A ``complete`` must follow pushes of the whole lease (``steps × batch`` samples), claim
     the samples they covered, and come after the spot-checked round (if any) arrived in
@@ -129,8 +135,7 @@ def check_complete(lease: Lease, samples: int) -> None:
     LeaseError
         ``bad_message``.
     """
-    unit = lease.unit
-    size = unit.steps * min(unit.job.batch_size, unit.shard.n_samples)
+    size = lease_size(lease)
     if lease.samples_pushed == 0:
         raise LeaseError(ErrorCode.BAD_MESSAGE, "complete: no push of this lease has arrived")
     if samples != lease.samples_pushed or samples != size:
