@@ -98,9 +98,10 @@ def record_contribution(
     if not (samples or accepted or rejected or pushed):
         return
     with transaction.atomic():
+        # The job's row first, then the lease's: the order the other writers take them in.
+        job = Job.objects.select_for_update().only("staleness_hist").get(id=job_id)
         samples, credit = _within_lease(lease_id, samples, credit)
         if staleness:
-            job = Job.objects.select_for_update().only("staleness_hist").get(id=job_id)
             merged = {int(k): v for k, v in job.staleness_hist.items()}
             for value, count in staleness.items():
                 merged[value] = merged.get(value, 0) + count
