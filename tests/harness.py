@@ -21,6 +21,7 @@ from tests import services
 
 from downpour.devprocs import (
     BIN,
+    agent_config_path,
     manage,
     seed_digits_job,
     spawn,
@@ -202,8 +203,14 @@ class Deployment:
     # --- agents ---------------------------------------------------------------------
 
     def start_agent(
-        self, name: str, token: str, *extra: str, program: Sequence[str] = ()
+        self,
+        name: str,
+        token: str,
+        *extra: str,
+        program: Sequence[str] = (),
+        status_page: bool = False,
     ) -> subprocess.Popen[bytes]:
+        """``status_page`` serves the agent's page on the port in :meth:`agent_config`'s file."""
         proc = start_agent(
             self.url,
             token,
@@ -217,9 +224,18 @@ class Deployment:
                 *extra,
             ],
             program,
+            status_page=status_page,
         )
         self.agents[name] = proc
         return proc
+
+    def agent_config(self, name: str) -> Path:
+        """Agent ``name``'s settings file; its status secret and credit book live beside it."""
+        return agent_config_path(self.workdir / f"{name}.log", name)
+
+    def agent_env(self, name: str) -> dict[str, str]:
+        """The environment under which ``downpour-agent`` commands act on agent ``name``."""
+        return {"DOWNPOUR_CONFIG": str(self.agent_config(name))}
 
     def kill_agent(self, name: str) -> None:
         stop([self.agents[name]], sig=9, grace=5)

@@ -25,6 +25,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from downpour_agent import __version__
 from downpour_agent.connection import Agent, AgentConfig
@@ -319,10 +320,10 @@ def _join(args: argparse.Namespace) -> int:
     logger.info("measuring this machine (%.1f s benchmark)", args.benchmark_seconds)
     try:
         configure_threads(threads)
-        _configure_gpu(settings)
+        gpu = _configure_gpu(settings)
         # Import Keras here, not in the first work unit's worker thread.
         importlib.import_module("keras")
-        device = device_info(args.benchmark_seconds)
+        device = {**device_info(args.benchmark_seconds, settings.gpu_device), **gpu}
     except ImportError:
         print(
             "downpour-agent: TensorFlow is not installed (pip install 'downpour-agent[tf]')",
@@ -342,6 +343,7 @@ def _join(args: argparse.Namespace) -> int:
             logger.info("status page on %s (downpour-agent open logs you in)", page.url)
         except OSError as exc:
             logger.warning("no status page: port %s: %s", settings.status_port, exc)
+    credit = CreditBook(state_dir() / "credit.json")
     config = AgentConfig(
         base_url=settings.server_url,
         token=token,
@@ -352,26 +354,29 @@ def _join(args: argparse.Namespace) -> int:
         max_steps_per_second=args.max_steps_per_second,
         status_interval_s=None if args.quiet else args.status_interval,
         governor=governor,
-        credit=CreditBook(state_dir() / "credit.json"),
+        credit=credit,
         memory_limit_mb=settings.memory_limit_mb,
     )
     try:
         return asyncio.run(_run_until_signalled(Agent(config)))
     finally:
+        credit.save()
         if page is not None:
             page.stop()
 
 
-def _configure_gpu(settings: cfg.Settings) -> None:
+def _configure_gpu(settings: cfg.Settings) -> dict[str, Any]:
+    """The GPU settings applied, as registration fields (none when they could not be)."""
     from downpour_agent.desktop.gpu import configure_gpu
 
     try:
         gpu = configure_gpu(settings.gpu_device, settings.gpu_memory_limit_mb)
     except (RuntimeError, ValueError) as exc:  # TensorFlow already initialised, bad index
         logger.warning("GPU settings not applied: %s", exc)
-        return
-    if gpu["gpu"]:
-        logger.info("computing on %s", gpu["gpu"])
+        return {}
+    if gpu["gpu_device"]:
+        logger.info("computing on %s", gpu["gpu_device"])
+    return gpu
 
 
 async def _run_until_signalled(agent: Agent) -> int:

@@ -574,6 +574,7 @@ class Agent:
         versions = await fetch_all(session, lease, computer, self.config.request_timeout_s)
         round_base = dict(versions)
         loads: list[WeightsLoad] = []
+        round_losses: list[float] = []
         round_start = start
         inflight: list[Pending] | None = None
         received: tuple[Tensors, dict[int, int]] | None = None
@@ -615,13 +616,23 @@ class Agent:
                 self.stats.samples_done += batch
                 self.stats.steps_done = step + 1
                 self.stats.last_loss = loss
+                round_losses.append(loss)
                 if self.config.governor is not None:
                     await self.config.governor.step_done()
                 if (step + 1) % hyper.n_push == 0 or step + 1 == lease.steps:
                     refs = [session.next_ref("push", lease.lease_id) for _ in lease.layout]
                     frames, snapshot = await asyncio.to_thread(
-                        push_round, accumulator, sampler, lease, seq, round_base, loads, refs
+                        push_round,
+                        accumulator,
+                        sampler,
+                        lease,
+                        seq,
+                        round_base,
+                        loads,
+                        refs,
+                        sum(round_losses) / len(round_losses) if round_losses else None,
                     )
+                    round_losses = []
                     active.check()
                     for frame in frames:
                         await session.ws.send(frame)

@@ -17,16 +17,18 @@ BENCHMARK_LAYERS = (64, 128, 128, 10)
 BENCHMARK_BATCH = 32
 
 
-def device_info(benchmark_seconds: float = 1.5) -> dict[str, Any]:
+def device_info(benchmark_seconds: float = 1.5, gpu_device: int = 0) -> dict[str, Any]:
     """The ``device`` dict sent in ``register``.
 
-    Keys: ``os``, ``python``, ``cpu_cores``, ``ram_bytes``, ``gpu_name``,
-    ``gpu_memory_bytes``, ``tf_version`` and ``samples_per_s`` (training samples per
-    second on the benchmark MLP; None when ``benchmark_seconds`` is 0 or TensorFlow
-    is missing). Values the machine does not reveal are None.
+    Keys: ``os``, ``python``, ``cpu_cores``, ``ram_bytes``, ``gpu_name`` and
+    ``gpu_memory_bytes`` (of GPU number ``gpu_device``, the one the agent computes on),
+    ``tf_version`` and ``samples_per_s`` (training samples per second on the benchmark
+    MLP; None when ``benchmark_seconds`` is 0 or TensorFlow is missing). Values the
+    machine does not reveal are None. The desktop agent adds the GPU settings it applied
+    (:func:`downpour_agent.desktop.gpu.configure_gpu`).
     """
     tf_version = _tf_version()
-    gpu_name, gpu_memory = gpu_info() if tf_version else (None, None)
+    gpu_name, gpu_memory = gpu_info(gpu_device) if tf_version else (None, None)
     samples_per_s = None
     if tf_version and benchmark_seconds > 0:
         samples_per_s = benchmark_samples_per_s(benchmark_seconds)
@@ -50,19 +52,20 @@ def total_ram_bytes() -> int | None:
         return None
 
 
-def gpu_info() -> tuple[str | None, int | None]:
-    """Name and memory in bytes of the first GPU TensorFlow sees, else ``(None, None)``."""
+def gpu_info(index: int = 0) -> tuple[str | None, int | None]:
+    """Name and memory in bytes of GPU number ``index`` among those TensorFlow sees, else
+    ``(None, None)`` (no such GPU, or ``index`` -1: the GPU is not used)."""
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
+    if not 0 <= index < len(gpus):
         return None, None
-    details = tf.config.experimental.get_device_details(gpus[0])
-    name = str(details.get("device_name") or gpus[0].name)
-    return name, _nvidia_memory_bytes()
+    details = tf.config.experimental.get_device_details(gpus[index])
+    name = str(details.get("device_name") or gpus[index].name)
+    return name, _nvidia_memory_bytes(index)
 
 
-def _nvidia_memory_bytes() -> int | None:
+def _nvidia_memory_bytes(index: int) -> int | None:
     # TensorFlow reports usage, not capacity; nvidia-smi knows the capacity.
     exe = shutil.which("nvidia-smi")
     if exe is None:
@@ -75,7 +78,7 @@ def _nvidia_memory_bytes() -> int | None:
             timeout=5,
             check=True,
         ).stdout
-        return int(out.splitlines()[0].strip()) << 20
+        return int(out.splitlines()[index].strip()) << 20
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None
 

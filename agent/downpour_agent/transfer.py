@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -74,9 +75,10 @@ def push_round(
     base_versions: Mapping[int, int],
     loads: Sequence[WeightsLoad],
     refs: list[int],
+    loss: float | None = None,
 ) -> tuple[list[bytes], BatchSampler]:
     """The push frames of one round, and a copy of the sampler to resume from."""
-    frames = push_frames(accumulator, lease, seq, base_versions, loads, refs)
+    frames = push_frames(accumulator, lease, seq, base_versions, loads, refs, loss)
     return frames, copy.deepcopy(sampler)
 
 
@@ -87,6 +89,7 @@ def push_frames(
     base_versions: Mapping[int, int],
     loads: Sequence[WeightsLoad],
     refs: list[int],
+    loss: float | None = None,
 ) -> list[bytes]:
     """One ``push`` frame per shard with the mean gradient, then reset the accumulator."""
     mean = accumulator.mean()
@@ -105,6 +108,8 @@ def push_frames(
         }
         if loads:
             msg["loads"] = loads_to_wire(loads)
+        if shard == 0 and loss is not None and math.isfinite(loss):
+            msg["loss"] = loss  # the round's mean training loss, for the job's chart
         tensors = {name: np.asarray(mean[name], dtype=np.float32) for name, _, _ in specs}
         frames.append(frame_to_wire(msg, tensors, lease.hyper.compression))
     return frames

@@ -123,8 +123,14 @@ def start_agent(
     log: Path,
     extra_args: Sequence[str] = (),
     program: Sequence[str] = (),
+    status_page: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """``downpour-agent join`` (or ``program join``: a wrapper taking the same arguments)."""
+    """``downpour-agent join`` (or ``program join``: a wrapper taking the same arguments).
+
+    ``status_page`` keeps the local status page (on the port its settings file,
+    :func:`agent_config_path`, names);
+    ``extra_args`` may override ``--mode always`` (the last ``--mode`` wins).
+    """
     return spawn(
         [
             *(program or [str(BIN / "downpour-agent")]),
@@ -139,12 +145,19 @@ def start_agent(
             # A harness agent computes whenever there is work and serves no status page.
             "--mode",
             "always",
-            "--no-status-page",
+            *([] if status_page else ["--no-status-page"]),
             *extra_args,
         ],
-        {"TF_CPP_MIN_LOG_LEVEL": "2"},
+        # Each agent keeps its settings and state (the credit book) beside its log, never in
+        # the donor's ~/.config or ~/.local/state, which all local agents would share.
+        {"TF_CPP_MIN_LOG_LEVEL": "2", "DOWNPOUR_CONFIG": str(agent_config_path(log, name))},
         log,
     )
+
+
+def agent_config_path(log: Path, name: str) -> Path:
+    """The settings file of agent ``name`` logging to ``log`` (``$DOWNPOUR_CONFIG``)."""
+    return log.parent / name / "agent.toml"
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:

@@ -9,6 +9,7 @@ thread of the server process.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import dj_database_url
@@ -61,6 +62,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Serves /static/ in production too (the admin's styles, the site's CSS and charts).
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -165,7 +168,17 @@ USE_I18N = False
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = VAR_DIR / "static"
+STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", VAR_DIR / "static"))
+# The image runs collectstatic into STATIC_ROOT; without it (the embedded default, tests)
+# WhiteNoise serves straight from the apps' static folders.
+WHITENOISE_USE_FINDERS = True
+# ...and so an absent STATIC_ROOT is expected, not worth WhiteNoise's warning.
+warnings.filterwarnings("ignore", message=r"No directory at: .*static")
+STATICFILES_DIRS = [Path(__file__).resolve().parent / "static"]
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
 MEDIA_ROOT = Path(os.environ.get("MEDIA_ROOT", VAR_DIR / "media"))
 
 # Uploads: a dataset may be large; the cap keeps a hostile upload from filling the disk.
@@ -203,6 +216,9 @@ EVAL_INTERVAL_S = envfloat("EVAL_INTERVAL_S", 5.0)
 CHECKPOINT_INTERVAL_S = envfloat("CHECKPOINT_INTERVAL_S", 10.0)
 REAP_INTERVAL_S = envfloat("REAP_INTERVAL_S", 5.0)
 SPOT_CHECK_INTERVAL_S = envfloat("SPOT_CHECK_INTERVAL_S", 2.0)
+# A finished job's store is freed this long after it ends: pushes in flight land first and
+# the final state can still be read (its last checkpoint and export keep it after that).
+STORE_FREE_AFTER_S = envfloat("STORE_FREE_AFTER_S", max(60.0, 2 * LEASE_TTL_S))
 MAX_FRAME_BYTES = envint("MAX_FRAME_BYTES", 64 << 20)
 MAX_CONNECTIONS_PER_TOKEN = envint("MAX_CONNECTIONS_PER_TOKEN", 16)
 # Agent rows one token may register (each distinct name is one); re-registering is free.
@@ -231,6 +247,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "downpour.training.tasks.run_spot_checks",
         "schedule": SPOT_CHECK_INTERVAL_S,
         "options": {"expires": SPOT_CHECK_INTERVAL_S},
+    },
+    "free-finished-stores": {
+        "task": "downpour.training.tasks.free_finished_stores",
+        "schedule": REAP_INTERVAL_S,
+        "options": {"expires": REAP_INTERVAL_S},
     },
     "reap-expired-leases": {
         "task": "downpour.training.tasks.reap_expired_leases",

@@ -118,3 +118,28 @@ def test_a_donor_reads_the_state_pauses_resumes_and_changes_a_setting(
     page.get_by_role("button", name="Save").click()
     expect(page.locator("#message")).to_contain_text('is not "HH:MM-HH:MM"')
     assert cfg.load().mode == "always"
+
+
+def test_on_a_phone_width_screen_the_page_fits_and_its_buttons_work(
+    page_server: StatusPage, browser_page: object
+) -> None:
+    from playwright.sync_api import Page, expect
+
+    # Prepare: 390 px, the width of a common phone, paused because the person is active
+    page: Page = browser_page  # type: ignore[assignment]
+    page.set_viewport_size({"width": 390, "height": 844})
+    governor = page_server.governor
+    governor.status.update(job_id="mnist-cnn-3f2a", steps_done=120, steps_total=400)
+    governor.status.set_state(st.PAUSED, st.PERSON_ACTIVE)
+
+    # Execute
+    page.goto(f"{page_server.url}login?code={page_server.new_login_code()}")
+    expect(page.locator("#reason")).to_have_text("— the person is active")
+    shoot(page, "status-phone.png")
+
+    # Assert: nothing wider than the screen, and the buttons answer
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.get_by_role("button", name="Pause").click()
+    expect(page.locator("#reason")).to_have_text("— paused by you")
+    page.get_by_role("button", name="Resume").click()
+    expect(page.locator("#reason")).to_have_text("— the person is active")

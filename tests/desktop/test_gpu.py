@@ -17,9 +17,10 @@ def test_on_a_machine_without_a_gpu_it_reports_none() -> None:
     tf = pytest.importorskip("tensorflow")
 
     assert configure_gpu(0, 0, tf.config) == {
-        "gpu": None,
+        "gpu_device": None,
         "gpu_count": 0,
         "gpu_memory_limit_mb": None,
+        "gpu_memory_growth": None,
     }
 
 
@@ -60,7 +61,12 @@ def test_the_chosen_gpu_gets_memory_growth() -> None:
 
     info = configure_gpu(1, 0, config)
 
-    assert info == {"gpu": "GPU:1", "gpu_count": 2, "gpu_memory_limit_mb": None}
+    assert info == {
+        "gpu_device": "GPU:1",
+        "gpu_count": 2,
+        "gpu_memory_limit_mb": None,
+        "gpu_memory_growth": True,
+    }
     assert config.calls == [("visible", ["GPU:1"]), ("growth", ("GPU:1", True))]
 
 
@@ -69,12 +75,12 @@ def test_a_memory_cap_becomes_a_logical_device_limit() -> None:
 
     info = configure_gpu(0, 2048, config)
 
-    assert info["gpu_memory_limit_mb"] == 2048
+    assert info["gpu_memory_limit_mb"] == 2048 and info["gpu_memory_growth"] is False
     assert config.calls == [("visible", ["GPU:0"]), ("limit", ("GPU:0", 2048))]
 
 
 def test_device_minus_one_hides_every_gpu() -> None:
     config = Config()
 
-    assert configure_gpu(-1, 0, config)["gpu"] is None
+    assert configure_gpu(-1, 0, config)["gpu_device"] is None
     assert config.calls == [("visible", [])]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import stat
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from downpour_agent.desktop import settings as cfg
+from downpour_agent.desktop.status import CreditBook
 
 
 def test_a_missing_file_gives_the_defaults(config_file: Path) -> None:
@@ -123,3 +125,45 @@ def test_a_schedule_may_be_given_as_one_comma_separated_flag() -> None:
 
     assert settings.schedule == ("22:00-07:00", "12:00-13:00")
     assert cfg.schedule_minutes(settings.schedule) == [(1320, 420), (720, 780)]
+
+
+def test_the_credit_book_survives_a_restart_and_several_writers(tmp_path: Path) -> None:
+    # Prepare: two agents on one machine writing the same book at once (the old code raced
+    # on one shared temporary name and crashed an agent with FileNotFoundError).
+    path = tmp_path / "state" / "credit.json"
+    books = [CreditBook(path, save_interval_s=0.0) for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def earn(book: CreditBook) -> None:
+        try:
+            for _ in range(300):
+                book.add(0.5)
+        except BaseException as exc:  # the assertion below names it
+            errors.append(exc)
+
+    # Execute
+    threads = [threading.Thread(target=earn, args=(book,)) for book in books]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    # Assert: every write landed whole, and a new book reads the last one.
+    assert errors == []
+    assert CreditBook(path).total == 150.0
+    assert [p.name for p in path.parent.iterdir()] == ["credit.json"]
+
+
+def test_the_credit_book_logs_a_failed_write_instead_of_raising(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: the book's folder is a file, so no write can succeed.
+    (tmp_path / "state").write_text("not a folder")
+    book = CreditBook(tmp_path / "state" / "credit.json", save_interval_s=0.0)
+
+    # Execute
+    book.add(1.0)
+
+    # Assert: training goes on; the donor's log says why the book was not saved.
+    assert book.total == 1.0
+    assert "not saved" in caplog.text

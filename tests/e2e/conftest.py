@@ -5,6 +5,9 @@ from pathlib import Path
 
 import pytest
 
+# The desktop tests' private X server, for the desktop agent's idle test here.
+from tests.desktop.conftest import xvfb  # noqa: F401
+
 from .stack import FAST_LEASES, Stack, running
 
 

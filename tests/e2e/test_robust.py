@@ -24,7 +24,7 @@ from downpour.training.store import WARMUP_TTL_S
 from downpour_agent.connection import EXIT_FATAL
 from downpour_agent.protocol import PROTOCOL_VERSION
 
-from .stack import FAST_LEASES, Stack, running, start_rogue_agent
+from .stack import FAST_LEASES, Stack, held, running, start_rogue_agent, wait_registered
 
 pytestmark = [pytest.mark.e2e, pytest.mark.services]
 
@@ -120,12 +120,14 @@ def test_a_robust_job_warms_up_on_its_trusted_agent_then_bans_the_attacker(
         job_id = seeded["job_id"]
         honest_token, attacker_token = seeded["tokens"]
         platform_token = trusted_token(stack)
-        stack.wait_for("the job to start", lambda: stack.job(job_id)["status"] == "running", 120)
-
-        # Execute: all three at once; the store says when the warm-up ended.
-        stack.start_agent("honest", honest_token)
-        attacker = start_rogue_agent(stack, "attacker", attacker_token, "scale")
-        stack.start_agent("trusted", platform_token)
+        # Execute: all three at once; the store says when the warm-up ended. The job is held
+        # while they start: its 25 s must not go by while agents import TensorFlow (20 s and
+        # more on a busy machine), or it ends at the trusted agent's first small unit.
+        with held(stack, job_id):
+            stack.start_agent("honest", honest_token)
+            attacker = start_rogue_agent(stack, "attacker", attacker_token, "scale")
+            stack.start_agent("trusted", platform_token)
+            wait_registered(stack, "honest", "attacker", "trusted")
         warming_until = last_seen_warming(stack, job_id)
         stack.wait_for(
             "the attacker to be banned", lambda: agent_row(stack, "attacker").get("banned_at"), 60

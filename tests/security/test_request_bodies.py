@@ -8,14 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +19,11 @@ import numpy as np
 import pytest
 import requests
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+from downpour import devprocs
+
+# A real daphne process: outside `make test-fast`.
+pytestmark = pytest.mark.e2e
+
 MiB = 1 << 20
 #: What one hostile request may add to the server's peak memory.
 PEAK_BOUND = 64 * MiB
@@ -56,71 +54,45 @@ class Server:
         before = self.reset_peak()
         assert callable(attack)
         attack()
-        time.sleep(0.5)  # let the server finish with the request
-        return self.rss()[1] - before
+        return self.settled_peak() - before
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    def settled_peak(self, timeout: float = 10.0) -> int:
+        """The peak once the server is done with the request: unchanged over 3 reads."""
+        seen: list[int] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            seen.append(self.rss()[1])
+            if len(seen) >= 3 and seen[-1] == seen[-2] == seen[-3]:
+                break
+            time.sleep(0.1)
+        return seen[-1]
 
 
 def server_env(var_dir: Path) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("DATABASE_URL", "REDIS_URL", "DATASET_MAX_BYTES")
+    """The portal on SQLite in ``var_dir``, with a small dataset cap (no services needed)."""
+    return {
+        "VAR_DIR": str(var_dir),
+        "DOWNPOUR_EMBEDDED_JOBS": "0",
+        "FAST_PASSWORD_HASHER": "1",
+        "DATASET_MAX_BYTES": str(DATASET_MAX_BYTES),
     }
-    env.update(
-        PYTHONPATH=os.pathsep.join([str(ROOT / "platform"), str(ROOT / "agent")]),
-        DJANGO_SETTINGS_MODULE="downpour.settings",
-        PYTHONUNBUFFERED="1",
-        VAR_DIR=str(var_dir),
-        DOWNPOUR_EMBEDDED_JOBS="0",
-        FAST_PASSWORD_HASHER="1",
-        DATASET_MAX_BYTES=str(DATASET_MAX_BYTES),
-    )
-    return env
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     var_dir = tmp_path_factory.mktemp("bodies")
     env = server_env(var_dir)
-    manage = [sys.executable, str(ROOT / "manage.py")]
-    subprocess.run([*manage, "migrate", "-v0"], env=env, check=True, timeout=300)
+    devprocs.manage(["migrate", "-v0"], env)
     create = (
         "from downpour.accounts.models import User; "
         f"User.objects.create_user('alice', password={PASSWORD!r}, is_researcher=True)"
     )
-    subprocess.run([*manage, "shell", "-c", create], env=env, check=True, timeout=120)
-    port = free_port()
-    log = open(var_dir / "daphne.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "downpour.asgi:application"],
-        env=env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    devprocs.manage(["shell", "-c", create], env, timeout=120)
+    proc, port = devprocs.start_server(env, var_dir / "daphne.log")
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (var_dir / "daphne.log").read_text()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/login/", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "daphne did not answer"
-                time.sleep(0.3)
         yield Server(port, proc.pid)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        log.close()
+        devprocs.stop([proc])
 
 
 def logged_in(server: Server) -> requests.Session:

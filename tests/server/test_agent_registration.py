@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from django.db import connections
 
-from downpour.donors.actions import TooManyAgents, register_agent
+from downpour.donors.actions import TooManyAgents, register_agent, register_reported_agent
 from downpour.donors.models import Agent, AgentToken
 
 pytestmark = pytest.mark.django_db
@@ -106,3 +106,56 @@ def test_concurrent_registrations_of_new_names_never_pass_the_cap(
     # Assert
     assert sorted(outcomes) == ["refused"] * 6 + ["registered"] * 2
     assert Agent.objects.filter(token=token).count() == 5
+
+
+def test_the_gpu_settings_an_agent_reports_are_stored(token: AgentToken) -> None:
+    # What a desktop agent computing on its second GPU, capped at 4 GiB, sends.
+    device = {
+        "gpu_name": "NVIDIA GeForce RTX 3060",
+        "gpu_memory_bytes": 12 << 30,
+        "gpu_device": "/physical_device:GPU:1",
+        "gpu_count": 2,
+        "gpu_memory_limit_mb": 4096,
+        "gpu_memory_growth": False,
+    }
+
+    agent = register_reported_agent(token, "gamer", device)
+
+    agent.refresh_from_db()
+    assert agent.gpu_name == "NVIDIA GeForce RTX 3060" and agent.gpu_memory_bytes == 12 << 30
+    assert agent.gpu_device == "/physical_device:GPU:1"
+    assert (agent.gpu_count, agent.gpu_memory_limit_mb, agent.gpu_memory_growth) == (
+        2,
+        4096,
+        False,
+    )
+
+
+def test_gpu_settings_that_do_not_fit_are_dropped(token: AgentToken) -> None:
+    device = {
+        "gpu_device": "GPU:\x00" + "x" * 300,
+        "gpu_count": 2.5,
+        "gpu_memory_limit_mb": 1 << 40,
+        "gpu_memory_growth": "yes",
+    }
+
+    agent = register_reported_agent(token, "odd", device)
+
+    agent.refresh_from_db()
+    assert agent.gpu_device == "GPU:" + "x" * 196
+    assert agent.gpu_count is None and agent.gpu_memory_limit_mb is None
+    assert agent.gpu_memory_growth is None
+
+
+def test_an_agent_without_a_gpu_registers_null_gpu_settings(token: AgentToken) -> None:
+    device = {
+        "gpu_device": None,
+        "gpu_count": 0,
+        "gpu_memory_limit_mb": None,
+        "gpu_memory_growth": None,
+    }
+
+    agent = register_reported_agent(token, "laptop", device)
+
+    agent.refresh_from_db()
+    assert (agent.gpu_device, agent.gpu_count, agent.gpu_memory_growth) == ("", 0, None)

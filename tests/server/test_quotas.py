@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.conf import settings
 from django.test import Client
 
 from downpour.paramstore import NotInitialized
 from downpour.training.actions.datasets import create_dataset
 from downpour.training.actions.evaluations import evaluate_job
-from downpour.training.actions.jobs import JobRejected, finish_job, start_job, submit_job
+from downpour.training.actions.jobs import (
+    JobRejected,
+    finish_job,
+    free_finished_stores,
+    start_job,
+    submit_job,
+)
 from downpour.training.actions.recovery import checkpoint_job, ensure_store_ready
 from downpour.training.datasets import DatasetRejected
 from downpour.training.models import Dataset, Job
@@ -124,9 +132,16 @@ def test_a_finished_job_is_deleted_from_the_store_and_stays_gone(running_job) ->
     assert storage().load_version(str(running_job.id), 0) is not None
 
     assert finish_job(running_job, Job.Status.DONE, "done")
+    running_job.refresh_from_db()
+    assert running_job.finished_at is not None
+    # Pushes in flight still land: the store stays until STORE_FREE_AFTER_S has passed.
+    assert free_finished_stores(running_job.finished_at) == 0
+    assert storage().load_version(str(running_job.id), 0) is not None
+
+    later = running_job.finished_at + timedelta(seconds=settings.STORE_FREE_AFTER_S)
+    assert free_finished_stores(later) == 1
 
     assert storage().load_version(str(running_job.id), 0) is None
-    running_job.refresh_from_db()
     assert Path(running_job.weights_path).exists()  # exported before it was freed
     with pytest.raises(NotInitialized):
         ensure_store_ready(running_job)  # a late push must not restore it

@@ -18,17 +18,15 @@ from downpour.training.actions.claims import claim_work
 from downpour.training.actions.jobs import JobParams, start_job, submit_job
 from downpour.training.actions.leases import resume_lease
 from downpour.training.models import SpotCheck
+from downpour.training.specs import model_spec
+from downpour.training.spotcheck_selection import choose_round, round_span, should_check
 from downpour.training.spotchecks.recording import record, record_unservable
 from downpour.training.spotchecks.replay import STALE_RUNNING, run_pending
-from downpour.training.spotchecks.selection import (
-    choose_round,
-    recomputable,
-    round_span,
-    should_check,
-)
 from downpour.training.store import job_store
 from downpour_agent.data import load_shard
 from downpour_agent.leases import gradient_step
+from downpour_agent.modelspec import validate_model_config
+from downpour_agent.modelspec.validator import uses_dropout
 from downpour_agent.trainer import BatchSampler, GradientAccumulator, GradientComputer
 
 from .helpers import mlp_config
@@ -321,6 +319,6 @@ def test_models_with_dropout_are_not_spot_checked(alice, dataset, agent) -> None
     }
     config["config"]["layers"] = [*layers[:2], dropout, *layers[2:]]
     job = start(alice, dataset, model_json=config)
-    assert not recomputable(job.model_config)
+    assert uses_dropout(model_spec(job))
     assert claim_work(agent).spot_check_round is None
-    assert recomputable(mlp_config())
+    assert not uses_dropout(validate_model_config(mlp_config()))

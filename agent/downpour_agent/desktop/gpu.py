@@ -16,8 +16,10 @@ def configure_gpu(device: int, memory_limit_mb: int, tf_config: Any = None) -> d
     Returns
     -------
     dict
-        For registration and the status page: ``gpu`` (the device name or None),
-        ``gpu_count`` (GPUs TensorFlow sees) and ``gpu_memory_limit_mb`` (None: no cap).
+        The GPU fields of the registration's ``device`` (and the status page's):
+        ``gpu_device`` (TensorFlow's name of the chosen device, or None), ``gpu_count``
+        (GPUs TensorFlow sees), ``gpu_memory_limit_mb`` (None: no cap) and
+        ``gpu_memory_growth`` (True when TensorFlow takes memory as it needs it).
     """
     if tf_config is None:
         import tensorflow as tf
@@ -27,7 +29,12 @@ def configure_gpu(device: int, memory_limit_mb: int, tf_config: Any = None) -> d
     chosen = gpus[device] if 0 <= device < len(gpus) else None
     tf_config.set_visible_devices([chosen] if chosen is not None else [], "GPU")
     if chosen is None:
-        return {"gpu": None, "gpu_count": len(gpus), "gpu_memory_limit_mb": None}
+        return {
+            "gpu_device": None,
+            "gpu_count": len(gpus),
+            "gpu_memory_limit_mb": None,
+            "gpu_memory_growth": None,
+        }
     if memory_limit_mb > 0:
         # A logical device with a limit replaces memory growth (TensorFlow allows one).
         tf_config.set_logical_device_configuration(
@@ -36,7 +43,8 @@ def configure_gpu(device: int, memory_limit_mb: int, tf_config: Any = None) -> d
     else:
         tf_config.experimental.set_memory_growth(chosen, True)
     return {
-        "gpu": str(chosen.name),
+        "gpu_device": str(chosen.name),
         "gpu_count": len(gpus),
         "gpu_memory_limit_mb": memory_limit_mb or None,
+        "gpu_memory_growth": memory_limit_mb <= 0,
     }

@@ -6,12 +6,17 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import logging
+import math
 import os
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+
+logger = logging.getLogger(__name__)
 
 # States, and the reasons shown beside "paused".
 STARTING: Final = "starting"
@@ -71,10 +76,17 @@ class AgentStatus:
 class CreditBook:
     """Credit earned on this machine, today (local date) and in total, kept in a JSON
     file so it survives restarts. The server's ledger is the authority; this is what
-    the agent saw in its push acknowledgements."""
+    the agent saw in its push acknowledgements.
 
-    def __init__(self, path: Path) -> None:
+    The file is written at most every ``save_interval_s`` (and by :meth:`save`): a push
+    ack must not cost a disk write. A failed write is logged, never raised: the book is
+    a convenience and must not stop training.
+    """
+
+    def __init__(self, path: Path, save_interval_s: float = 5.0) -> None:
         self.path = path
+        self.save_interval_s = save_interval_s
+        self._saved_at = -math.inf
         self.day = dt.datetime.now().astimezone().date().isoformat()
         self.today = 0.0
         self.total = 0.0
@@ -92,7 +104,18 @@ class CreditBook:
             self.day, self.today = day, 0.0
         self.today += credit
         self.total += credit
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"day": self.day, "today": self.today, "total": self.total}))
-        os.replace(tmp, self.path)
+        if time.monotonic() - self._saved_at >= self.save_interval_s:
+            self.save()
+
+    def save(self) -> None:
+        """Write the book atomically (a private temporary file, then a rename)."""
+        self._saved_at = time.monotonic()
+        body = json.dumps({"day": self.day, "today": self.today, "total": self.total})
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".")
+            with os.fdopen(fd, "w") as fh:
+                fh.write(body)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            logger.warning("credit book %s not saved: %s", self.path, exc)

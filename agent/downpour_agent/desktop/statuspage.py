@@ -326,14 +326,18 @@ PAGE: Final = """<!doctype html>
  #state{font-size:22px;font-weight:600}
  .computing{color:#1a7f37}.paused{color:#b35900}.disconnected,.stopped{color:#b42318}
  #reason{color:#4a5868;margin-left:8px}
- dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 18px;margin:10px 0 0}
- dt{color:#4a5868} dd{margin:0}
+ dl{display:grid;grid-template-columns:max-content minmax(0,1fr);gap:4px 18px;margin:10px 0 0}
+ dt{color:#4a5868} dd{margin:0;overflow-wrap:anywhere}
  button{font:inherit;padding:7px 16px;border-radius:6px;border:1px solid #1d3557;
-  background:#fff;color:#1d3557;cursor:pointer;margin-right:8px}
+  background:#fff;color:#1d3557;cursor:pointer;margin:0 8px 8px 0}
  button.primary{background:#1d3557;color:#fff}
- form label{display:grid;grid-template-columns:230px 1fr;align-items:center;margin:6px 0}
- input,select{font:inherit;padding:4px 6px}
+ form label{display:grid;grid-template-columns:230px minmax(0,1fr);align-items:center;
+  margin:6px 0}
+ input,select{font:inherit;padding:4px 6px;max-width:100%;box-sizing:border-box}
+ input[type=checkbox]{justify-self:start}
  #message{margin-left:10px}
+ /* A phone: each setting's label above its field. */
+ @media (max-width:520px){form label{grid-template-columns:minmax(0,1fr);gap:2px}}
 </style></head>
 <body><header>Downpour agent</header><main>
 <section><h2>Now</h2>

@@ -144,6 +144,11 @@ class _Tables:
     """The explicit class tables: the only way from a validated name to Keras code."""
 
     def __init__(self, keras: Any) -> None:
+        # Two layer classes Keras defines inside its applications, not in keras.layers.
+        from keras.src.applications.convnext import LayerScale
+        from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
+
+        self.keras = keras
         layers, inits, regs, cons, acts = (
             keras.layers,
             keras.initializers,
@@ -177,10 +182,15 @@ class _Tables:
             "ReLU": layers.ReLU,
             "Rescaling": layers.Rescaling,
             "Embedding": layers.Embedding,
+            "LayerNormalization": layers.LayerNormalization,
+            "Normalization": layers.Normalization,
+            "Cropping2D": layers.Cropping2D,
+            "LayerScale": LayerScale,
+            "CustomScaleLayer": CustomScaleLayer,
             "LSTM": layers.LSTM,
             "GRU": layers.GRU,
         }
-        self.merges = frozenset({"Add", "Concatenate", "Multiply"})
+        self.merges = frozenset({"Add", "Concatenate", "Multiply", "CustomScaleLayer"})
         self.initializers: Mapping[str, Any] = {
             "GlorotUniform": inits.GlorotUniform,
             "GlorotNormal": inits.GlorotNormal,
@@ -238,6 +248,14 @@ class _Tables:
         return layer.class_name in self.merges
 
     def layer(self, layer: LayerSpec) -> Any:
+        if layer.class_name == "Sequential":
+            # Built on its first call, inside the outer model, as keras.applications do;
+            # its InputLayer (sublayers[0]) is implied by that call.
+            return self.keras.Sequential(
+                [self.layer(inner) for inner in layer.sublayers[1:]],
+                trainable=layer.kwargs.get("trainable", True),
+                name=layer.name,
+            )
         kwargs = {key: self._argument(key, value) for key, value in layer.kwargs.items()}
         return self.layers[layer.class_name](**kwargs)
 

@@ -15,6 +15,7 @@ bounds without TensorFlow.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -64,9 +65,11 @@ class Limits:
         Rough multiply-adds for one sample in the forward pass.
     """
 
+    # Every keras.applications model fits (NASNetLarge: 1,041 layers, 1,033,352 bytes);
+    # validation is linear in both, so they bound work, not memory.
     max_config_bytes: int = 1 << 20
     max_json_depth: int = 64
-    max_layers: int = 512
+    max_layers: int = 2048
     max_params: int = 50_000_000
     max_flops_per_sample: int = 5_000_000_000
 
@@ -116,6 +119,9 @@ class LayerSpec:
         Weights of this layer, trainable and not.
     flops_per_sample : int
         Rough multiply-adds for one sample.
+    sublayers : tuple of LayerSpec
+        The layers of a nested ``Sequential`` (its ``InputLayer`` first); empty for
+        every other class. ``param_count`` and ``flops_per_sample`` include them.
     """
 
     name: str
@@ -127,6 +133,7 @@ class LayerSpec:
     output_shape: Shape
     param_count: int
     flops_per_sample: int
+    sublayers: tuple[LayerSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -195,6 +202,22 @@ ALLOWED_MODULES: Final = frozenset(
     }
 )
 KERAS_TENSOR: Final = "__keras_tensor__"
+#: Where else Keras itself writes an allowed layer class, with the ``registered_name`` it
+#: writes there: ``x + y`` and ``x * y`` in a functional model become operations from
+#: ``keras.src.ops.numpy``, a nested ``keras.Sequential`` is written from ``keras``, and
+#: ConvNeXt's ``LayerScale`` from its application module. These only say which envelope
+#: is genuine Keras output: the class name alone picks what the builder constructs.
+LAYER_MODULES: Final[Mapping[str, Mapping[str, str | None]]] = {
+    "Add": {LAYERS_MODULE: None, "keras.src.ops.numpy": "Add"},
+    "Multiply": {LAYERS_MODULE: None, "keras.src.ops.numpy": "Multiply"},
+    "Sequential": {SEQUENTIAL_MODULE: None},
+    "LayerScale": {"keras.src.applications.convnext": "LayerScale"},
+    "CustomScaleLayer": {"keras.src.applications.inception_resnet_v2": "CustomScaleLayer"},
+}
+#: Every other layer class is written from ``keras.layers`` with no registered name.
+DEFAULT_LAYER_MODULES: Final[Mapping[str, str | None]] = {LAYERS_MODULE: None}
+#: Modules of operations (called on tensors as positional arguments, not on a list).
+OPERATION_MODULES: Final = frozenset({"keras.src.ops.numpy"})
 
 _MAX_DIM: Final = 1 << 20
 _MAX_UNITS: Final = 65_536
@@ -757,12 +780,19 @@ def _infer_zero_padding(kw: Mapping[str, Any], inputs: Sequence[Shape]) -> Infer
     return out, 0, _prod(out)
 
 
-def _infer_same_shape_merge(kw: Mapping[str, Any], inputs: Sequence[Shape]) -> Inference:
-    if any(shape != inputs[0] for shape in inputs):
-        raise _ShapeError(
-            "inputs must all have the same shape, got " + ", ".join(map(_fmt, inputs))
-        )
-    return inputs[0], 0, len(inputs) * _prod(inputs[0])
+def _infer_broadcast_merge(kw: Mapping[str, Any], inputs: Sequence[Shape]) -> Inference:
+    """Element-wise merge with NumPy broadcasting, as EfficientNet's squeeze-and-excite."""
+    rank = max(len(shape) for shape in inputs)
+    out = []
+    for dims in zip(*((1,) * (rank - len(shape)) + shape for shape in inputs), strict=True):
+        sizes = {d for d in dims if d != 1}
+        if len(sizes) > 1:
+            raise _ShapeError(
+                "inputs must have the same shape or broadcast to one, got "
+                + ", ".join(map(_fmt, inputs))
+            )
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out), 0, len(inputs) * _prod(out)
 
 
 def _infer_concatenate(kw: Mapping[str, Any], inputs: Sequence[Shape]) -> Inference:
@@ -803,6 +833,118 @@ def _infer_rnn(gates: int) -> Callable[[Mapping[str, Any], Sequence[Shape]], Inf
     return infer
 
 
+def _kept_axes(axis: int | list[int], shape: Shape) -> list[int]:
+    axes = [axis] if isinstance(axis, int) else axis
+    kept = sorted({_axis_index(a, shape) for a in axes})
+    if len(kept) != len(axes):
+        raise _ShapeError(f"axis {axis} names the same axis twice")
+    return kept
+
+
+def _infer_layer_norm(kw: Mapping[str, Any], inputs: Sequence[Shape]) -> Inference:
+    shape = _one(inputs)
+    size = _prod([shape[i] for i in _kept_axes(kw.get("axis", -1), shape)])
+    per_value = int(kw.get("center", True)) + int(kw.get("scale", True))
+    return shape, per_value * size, 3 * _prod(shape)
+
+
+def _infer_normalization(kw: Mapping[str, Any], inputs: Sequence[Shape]) -> Inference:
+    shape = _one(inputs)
+    kept = _kept_axes(kw.get("axis", -1), shape)
+    size = _prod([shape[i] for i in kept])
+    mean = kw.get("mean")
+    if mean is None:
+        # Without given statistics Keras adds mean and variance weights, and a count.
+        return shape, 2 * size + 1, 2 * _prod(shape)
+    if isinstance(mean, list) and len(mean) != shape[kept[-1]]:
+        raise _ShapeError(
+            f"'mean' and 'variance' have {len(mean)} values, but axis {kept[-1] + 1} "
+            f"has size {shape[kept[-1]]}"
+        )
+    return shape, 0, 2 * _prod(shape)
+
+
+def _infer_layer_scale(kw: Mapping[str, Any], inputs: Sequence[Shape]) -> Inference:
+    shape = _one(inputs)
+    if shape[-1] != kw["projection_dim"]:
+        raise _ShapeError(
+            f"projection_dim {kw['projection_dim']} does not match the last axis of {_fmt(shape)}"
+        )
+    return shape, kw["projection_dim"], _prod(shape)
+
+
+def _infer_scaled_sum(kw: Mapping[str, Any], inputs: Sequence[Shape]) -> Inference:
+    """InceptionResNetV2's ``inputs[0] + inputs[1] * scale``."""
+    if len(inputs) != 2:
+        raise _ShapeError(f"expects exactly two inputs, got {len(inputs)}")
+    out, _, _ = _infer_broadcast_merge(kw, inputs)
+    return out, 0, 2 * _prod(out)
+
+
+def _infer_cropping(kw: Mapping[str, Any], inputs: Sequence[Shape]) -> Inference:
+    shape = _one(inputs)
+    _rank(shape, 3, "height, width, channels")
+    (top, bottom), (left, right) = kw.get("cropping", [[0, 0], [0, 0]])
+    out = (shape[0] - top - bottom, shape[1] - left - right, shape[2])
+    if min(out[:2]) < 1:
+        raise _ShapeError(f"cropping {kw.get('cropping')} leaves nothing of {_fmt(shape)}")
+    return out, 0, 0
+
+
+def _infer_dropout(kw: Mapping[str, Any], inputs: Sequence[Shape]) -> Inference:
+    shape = _one(inputs)
+    noise = kw.get("noise_shape")
+    if noise is not None and (
+        len(noise) != len(shape) + 1
+        or any(d is not None and d not in (1, n) for d, n in zip(noise[1:], shape, strict=False))
+    ):
+        raise _ShapeError(
+            f"noise_shape {noise} must have a dimension per input axis, each null, 1 "
+            f"or the input's, for input {_fmt(shape)}"
+        )
+    return shape, 0, _prod(shape)
+
+
+def _noise_shape(value: Any, path: str) -> list[int | None] | None:
+    """Dropout's ``noise_shape``, e.g. ``[null, 1, 1, 1]`` (EfficientNet's stochastic depth)."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or not 2 <= len(value) <= 6
+        or any(d is not None and (type(d) is not int or not 1 <= d <= _MAX_DIM) for d in value)
+    ):
+        _fail(path, f"{_key(path)!r} must be null or a list of 2 to 6 dimensions or nulls")
+    return list(value)
+
+
+def _infer_nested_placeholder(kw: Mapping[str, Any], inputs: Sequence[Shape]) -> Inference:
+    raise AssertionError("a nested Sequential is inferred from its layers")
+
+
+def _statistics(value: Any, path: str) -> float | list[float] | None:
+    """Normalization's ``mean``/``variance``: null, a number or a list of numbers."""
+    number = _float(-1e9, 1e9)
+    if value is None or not isinstance(value, list):
+        single: float | None = _nullable(number)(value, path)
+        return single
+    if not 1 <= len(value) <= _MAX_UNITS:
+        _fail(path, f"{_key(path)!r} must hold 1 to {_MAX_UNITS} numbers")
+    return [number(v, f"{path}[{i}]") for i, v in enumerate(value)]
+
+
+def _normalization_keys(kwargs: dict[str, Any], path: str) -> None:
+    mean, variance = kwargs.get("mean"), kwargs.get("variance")
+    if (mean is None) != (variance is None):
+        _fail(path, "give both 'mean' and 'variance', or neither")
+    if isinstance(mean, list) != isinstance(variance, list) or (
+        isinstance(mean, list) and len(mean) != len(variance or [])
+    ):
+        _fail(path, "'mean' and 'variance' must have the same shape")
+    if any(v < 0 for v in (variance if isinstance(variance, list) else [variance or 0.0])):
+        _fail(_join(path, "variance"), "'variance' must not be negative")
+
+
 # ---------------------------------------------------------------------------
 # The allow-list of layers and their arguments.
 
@@ -813,6 +955,8 @@ class _LayerRule:
     required: tuple[str, ...]
     infer: Callable[[Mapping[str, Any], Sequence[Shape]], Inference]
     merge: bool = False
+    #: A check across keys, after each key is checked.
+    together: Callable[[dict[str, Any], str], None] | None = None
 
 
 _COMMON: Final[Mapping[str, Check]] = {
@@ -838,8 +982,9 @@ def _rule(
     required: tuple[str, ...] = (),
     *,
     merge: bool = False,
+    together: Callable[[dict[str, Any], str], None] | None = None,
 ) -> _LayerRule:
-    return _LayerRule({**_COMMON, **keys}, ("name", *required), infer, merge)
+    return _LayerRule({**_COMMON, **keys}, ("name", *required), infer, merge, together)
 
 
 def _conv_keys(rank: int, paddings: tuple[str, ...]) -> dict[str, Check]:
@@ -991,9 +1136,9 @@ LAYER_RULES: Final[Mapping[str, _LayerRule]] = {
         {
             "rate": _RATE,
             "seed": _SEED,
-            "noise_shape": _exactly(None, "custom noise shapes are not supported"),
+            "noise_shape": _noise_shape,
         },
-        _infer_elementwise,
+        _infer_dropout,
         ("rate",),
     ),
     "Flatten": _rule({"data_format": _CHANNELS_LAST}, _infer_flatten),
@@ -1001,8 +1146,8 @@ LAYER_RULES: Final[Mapping[str, _LayerRule]] = {
     "ZeroPadding2D": _rule(
         {"padding": _padding_2d, "data_format": _CHANNELS_LAST}, _infer_zero_padding
     ),
-    "Add": _rule({}, _infer_same_shape_merge, merge=True),
-    "Multiply": _rule({}, _infer_same_shape_merge, merge=True),
+    "Add": _rule({}, _infer_broadcast_merge, merge=True),
+    "Multiply": _rule({}, _infer_broadcast_merge, merge=True),
     "Concatenate": _rule({"axis": _AXIS}, _infer_concatenate, merge=True),
     "Activation": _rule({"activation": _enum(*ACTIVATIONS)}, _infer_elementwise, ("activation",)),
     "ReLU": _rule(
@@ -1027,6 +1172,39 @@ LAYER_RULES: Final[Mapping[str, _LayerRule]] = {
         _infer_embedding,
         ("input_dim", "output_dim"),
     ),
+    "LayerNormalization": _rule(
+        {
+            "axis": _axes,
+            "epsilon": _float(0.0, 1.0, lo_open=True),
+            "center": _bool,
+            "scale": _bool,
+            "rms_scaling": _exactly(False, "rms_scaling is deprecated in Keras"),
+            "beta_initializer": _initializer,
+            "gamma_initializer": _initializer,
+            "beta_regularizer": _regularizer,
+            "gamma_regularizer": _regularizer,
+            "beta_constraint": _constraint,
+            "gamma_constraint": _constraint,
+        },
+        _infer_layer_norm,
+    ),
+    "Normalization": _rule(
+        {"axis": _axes, "mean": _statistics, "variance": _statistics, "invert": _bool},
+        _infer_normalization,
+        together=_normalization_keys,
+    ),
+    "LayerScale": _rule(
+        {"init_values": _float(-1e6, 1e6), "projection_dim": _int(1, _MAX_UNITS)},
+        _infer_layer_scale,
+        ("init_values", "projection_dim"),
+    ),
+    "CustomScaleLayer": _rule({"scale": _SCALE}, _infer_scaled_sum, ("scale",), merge=True),
+    "Cropping2D": _rule({"cropping": _padding_2d, "data_format": _CHANNELS_LAST}, _infer_cropping),
+    "Sequential": _rule(
+        {"layers": lambda v, p: v, "build_input_shape": _loose_shape},
+        _infer_nested_placeholder,
+        ("layers",),
+    ),
     "LSTM": _rule({**_rnn_keys(), "unit_forget_bias": _bool}, _infer_rnn(4), ("units",)),
     "GRU": _rule({**_rnn_keys(), "reset_after": _bool}, _infer_rnn(3), ("units",)),
 }
@@ -1034,8 +1212,7 @@ LAYER_RULES: Final[Mapping[str, _LayerRule]] = {
 _NOT_ALLOWED_HINTS: Final = {
     "NotEqual": "; Keras adds it for Embedding(mask_zero=True) in a functional model: "
     "use a Sequential model or mask_zero=False",
-    "Sequential": "; nested models are not supported",
-    "Functional": "; nested models are not supported",
+    "Functional": "; nested functional models are not supported (a nested Sequential is)",
 }
 
 
@@ -1139,10 +1316,18 @@ def _screen(tree: Any) -> None:
                 f"{prefix}class {class_name!r} is not allowed: it makes Keras load code or data",
             )
         module = node.get("module")
-        if "module" in node and (not isinstance(module, str) or module not in ALLOWED_MODULES):
+        # A layer's other modules hold only for its own class, and only as a layer.
+        elsewhere = LAYER_MODULES.get(str(class_name), {}) if is_layer else {}
+        if "module" in node and not (
+            isinstance(module, str) and (module in ALLOWED_MODULES or module in elsewhere)
+        ):
             _fail(_join(path, "module"), f"{prefix}module {_show(module)} is not allowed")
         registered = node.get("registered_name")
-        if registered is not None and not (path == "" and registered == FUNCTIONAL_REGISTERED_NAME):
+        if (
+            registered is not None
+            and not (path == "" and registered == FUNCTIONAL_REGISTERED_NAME)
+            and not (isinstance(module, str) and registered == elsewhere.get(module, False))
+        ):
             _fail(
                 _join(path, "registered_name"),
                 f"{prefix}registered_name {_show(registered)} is not allowed: "
@@ -1172,6 +1357,10 @@ class _RawLayer:
     declared: tuple[tuple[int | None, ...], ...] = ()
     call_kwargs: dict[str, Any] | None = None
     nodes: list[dict[str, Any]] | None = None
+    #: Written as an operation (``x + y``): called on positional tensors, not a list.
+    operation: bool = False
+    #: The layers of a nested ``Sequential``, wired in order.
+    sublayers: list[_RawLayer] | None = None
 
 
 def validate_model_config(
@@ -1274,6 +1463,13 @@ def _validate_model(tree: Any, limits: Limits) -> ModelSpec:
         _read_layer(layer, f"config.layers[{i}]", i, kind == "functional")
         for i, layer in enumerate(layer_list)
     ]
+    total = len(raw) + sum(len(layer.sublayers or ()) for layer in raw)
+    if total > limits.max_layers:
+        _fail(
+            "config.layers",
+            f"the model has {total} layers with its nested ones, above the limit of "
+            f"{limits.max_layers}",
+        )
     names: dict[str, _RawLayer] = {}
     for layer in raw:
         if layer.name in names:
@@ -1322,36 +1518,71 @@ def _validate_model(tree: Any, limits: Limits) -> ModelSpec:
 def _read_layer(layer: Any, path: str, index: int, functional: bool) -> _RawLayer:
     label = _layer_label(layer, index)
     try:
+        # _screen has checked that a layer object's class is in LAYER_RULES.
+        class_name = str(layer.get("class_name")) if isinstance(layer, dict) else ""
+        modules = LAYER_MODULES.get(class_name, DEFAULT_LAYER_MODULES)
         envelope: dict[str, Check] = {
-            "module": _exactly(LAYERS_MODULE, "layers come from keras.layers"),
+            "module": (
+                _exactly(LAYERS_MODULE, "layers come from keras.layers")
+                if modules is DEFAULT_LAYER_MODULES
+                else _enum(*modules)
+            ),
             "class_name": lambda v, p: v,
             "config": lambda v, p: v,
-            "registered_name": _exactly(None, "only built-in layers are allowed"),
+            "registered_name": lambda v, p: v,
             "build_config": lambda v, p: _object(v, p, {"input_shape": _loose_shape}, ()),
         }
         required = ["module", "class_name", "config"]
+        if class_name == "Sequential":
+            envelope["compile_config"] = _UNCOMPILED
         if functional:
             envelope["name"] = _name
             envelope["inbound_nodes"] = lambda v, p: v
             required += ["name", "inbound_nodes"]
         obj = _object(layer, path, envelope, required)
-        class_name = obj["class_name"]
+        module = obj["module"]
+        _exactly(modules[module], f"Keras writes it so from {module}")(
+            obj.get("registered_name"), _join(path, "registered_name")
+        )
+        if class_name == "Sequential" and not functional:
+            _fail(path, "a nested Sequential must be called in a functional model")
         rule = LAYER_RULES[class_name]
         kwargs = _object(obj["config"], _join(path, "config"), rule.keys, rule.required)
+        if rule.together is not None:
+            rule.together(kwargs, _join(path, "config"))
         if class_name == "InputLayer":
             kwargs = _normalize_input(kwargs, _join(path, "config"))
         if functional and obj["name"] != kwargs["name"]:
             _fail(_join(path, "name"), f"'name' must equal config.name {kwargs['name']!r}")
         raw = _RawLayer(path, label, kwargs["name"], class_name, kwargs)
+        raw.operation = module in OPERATION_MODULES
+        if class_name == "Sequential":
+            raw.sublayers = _read_nested(kwargs, _join(path, "config.layers"))
         if functional:
             nodes = obj["inbound_nodes"]
             if not isinstance(nodes, list):
                 _fail(_join(path, "inbound_nodes"), "'inbound_nodes' must be a list")
             raw.nodes = nodes
+            if raw.operation:
+                rule = _scalar_operation(raw) or rule
             _read_nodes(raw, rule)
         return raw
     except _Invalid as exc:
         raise _Invalid(exc.path, f"{label}: {exc.detail}") from None
+
+
+def _read_nested(kwargs: dict[str, Any], path: str) -> list[_RawLayer]:
+    """The layers of a ``Sequential`` called as a layer (ConvNeXt's stem, for example)."""
+    layers = kwargs.pop("layers")
+    kwargs.pop("build_input_shape", None)
+    if not isinstance(layers, list) or len(layers) < 2:
+        _fail(path, "a nested Sequential needs an InputLayer and at least one layer")
+    inner = []
+    for i, layer in enumerate(layers):
+        if isinstance(layer, dict) and layer.get("class_name") == "Sequential":
+            _fail(f"{path}[{i}]", "models are nested one level deep at most")
+        inner.append(_read_layer(layer, f"{path}[{i}]", i, False))
+    return _wire_sequential(inner)[0]
 
 
 def _normalize_input(kwargs: dict[str, Any], path: str) -> dict[str, Any]:
@@ -1362,6 +1593,35 @@ def _normalize_input(kwargs: dict[str, Any], path: str) -> dict[str, Any]:
     result.update({k: v for k, v in kwargs.items() if k in ("sparse", "ragged", "optional")})
     result["name"] = kwargs["name"]
     return result
+
+
+def _scalar_operation(raw: _RawLayer) -> _LayerRule | None:
+    """Read ``x + c`` or ``x * c`` (MobileNetV3's hard sigmoid) as the ``Rescaling`` it is.
+
+    Returns the ``Rescaling`` rule after rewriting ``raw`` in place, or None when neither
+    operand is a number.
+    """
+    nodes = raw.nodes or []
+    node = nodes[0] if len(nodes) == 1 and isinstance(nodes[0], dict) else {}
+    args = node.get("args")
+    if not isinstance(args, list) or len(args) != 2:
+        return None
+    numbers = [i for i, a in enumerate(args) if isinstance(a, int | float) and type(a) is not bool]
+    if len(numbers) != 1:
+        return None
+    index = numbers[0]
+    path = f"{_join(raw.path, 'inbound_nodes')}[0].args[{index}]"
+    constant = _SCALE(args[index], path)
+    add = raw.class_name == "Add"
+    raw.class_name = "Rescaling"
+    raw.kwargs = {
+        "name": raw.name,
+        "scale": 1.0 if add else constant,
+        "offset": constant if add else 0.0,
+    }
+    raw.operation = False
+    raw.nodes = [{**node, "args": [args[1 - index]]}]
+    return LAYER_RULES["Rescaling"]
 
 
 def _read_nodes(raw: _RawLayer, rule: _LayerRule) -> None:
@@ -1382,9 +1642,14 @@ def _read_nodes(raw: _RawLayer, rule: _LayerRule) -> None:
         nodes[0], node_path, {"args": lambda v, p: v, "kwargs": lambda v, p: v}, ("args", "kwargs")
     )
     args = node["args"]
-    if not isinstance(args, list) or len(args) != 1:
+    if raw.operation:
+        # ``x + y``: Keras records the operation's two operands as positional arguments.
+        if not isinstance(args, list) or len(args) != 2:
+            _fail(_join(node_path, "args"), f"{raw.class_name} must be called on two tensors")
+        args = [args]
+    elif not isinstance(args, list) or len(args) != 1:
         _fail(_join(node_path, "args"), "'args' must hold exactly one argument")
-    arg_path = _join(node_path, "args") + "[0]"
+    arg_path = _join(node_path, "args") + ("" if raw.operation else "[0]")
     if rule.merge:
         tensors = args[0]
         if not isinstance(tensors, list) or len(tensors) < 2:
@@ -1528,10 +1793,13 @@ def _read_endpoints(value: Any, path: str, names: Mapping[str, _RawLayer]) -> li
     return [ref[0]]
 
 
-def _infer_all(ordered: list[_RawLayer], limits: Limits) -> list[LayerSpec]:
+def _infer_all(
+    ordered: list[_RawLayer], limits: Limits, totals: list[int] | None = None
+) -> list[LayerSpec]:
+    """Shapes and counts layer by layer; ``totals`` is ``[params, flops]`` so far."""
     shapes: dict[str, Shape] = {}
     specs: list[LayerSpec] = []
-    params = flops = 0
+    totals = [0, 0] if totals is None else totals
     for layer in ordered:
         rule = LAYER_RULES[layer.class_name]
         inputs = tuple(shapes[source] for source in layer.inbound)
@@ -1542,24 +1810,20 @@ def _infer_all(ordered: list[_RawLayer], limits: Limits) -> list[LayerSpec]:
                     f"{layer.label}: the input from {source!r} is declared as "
                     f"{list(declared)} but {source!r} outputs {_fmt(shapes[source])}",
                 )
-        try:
-            out, layer_params, layer_flops = rule.infer(layer.kwargs, inputs)
-        except _ShapeError as exc:
-            _fail(layer.path, f"{layer.label}: {exc}")
-        params += layer_params
-        flops += layer_flops
-        if params > limits.max_params:
-            _fail(
-                layer.path,
-                f"{layer.label} brings the parameter count to {params:,}, above the limit "
-                f"of {limits.max_params:,}",
-            )
-        if flops > limits.max_flops_per_sample:
-            _fail(
-                layer.path,
-                f"{layer.label} brings the compute to {flops:,} multiply-adds per sample, "
-                f"above the limit of {limits.max_flops_per_sample:,}",
-            )
+        sublayers: tuple[LayerSpec, ...] = ()
+        if layer.sublayers is not None:
+            sublayers = _infer_nested(layer, inputs[0], limits, totals)
+            out = sublayers[-1].output_shape
+            layer_params = sum(inner.param_count for inner in sublayers)
+            layer_flops = sum(inner.flops_per_sample for inner in sublayers)
+        else:
+            try:
+                out, layer_params, layer_flops = rule.infer(layer.kwargs, inputs)
+            except _ShapeError as exc:
+                _fail(layer.path, f"{layer.label}: {exc}")
+            totals[0] += layer_params
+            totals[1] += layer_flops
+            _check_totals(layer, totals, limits)
         shapes[layer.name] = out
         specs.append(
             LayerSpec(
@@ -1572,17 +1836,61 @@ def _infer_all(ordered: list[_RawLayer], limits: Limits) -> list[LayerSpec]:
                 output_shape=out,
                 param_count=layer_params,
                 flops_per_sample=layer_flops,
+                sublayers=sublayers,
             )
         )
     return specs
 
 
+def _infer_nested(
+    layer: _RawLayer, shape: Shape, limits: Limits, totals: list[int]
+) -> tuple[LayerSpec, ...]:
+    inner = layer.sublayers or []
+    declared = tuple(inner[0].kwargs["batch_shape"][1:])
+    if declared != shape:
+        _fail(
+            inner[0].path,
+            f"{layer.label}: its input is declared as {_fmt(declared)} but it is called "
+            f"on {_fmt(shape)}",
+        )
+    if inner[0].kwargs["dtype"] != "float32":
+        _fail(inner[0].path, f"{layer.label}: a nested model takes float32 inputs")
+    specs = _infer_all(inner, limits, totals)
+    # The nested InputLayer is not a computation; its size is already counted outside.
+    totals[1] -= specs[0].flops_per_sample
+    return (dataclasses.replace(specs[0], flops_per_sample=0), *specs[1:])
+
+
+def _check_totals(layer: _RawLayer, totals: list[int], limits: Limits) -> None:
+    params, flops = totals
+    if params > limits.max_params:
+        _fail(
+            layer.path,
+            f"{layer.label} brings the parameter count to {params:,}, above the limit "
+            f"of {limits.max_params:,}",
+        )
+    if flops > limits.max_flops_per_sample:
+        _fail(
+            layer.path,
+            f"{layer.label} brings the compute to {flops:,} multiply-adds per sample, "
+            f"above the limit of {limits.max_flops_per_sample:,}",
+        )
+
+
 def _canonical_layer(layer: _RawLayer, kind: str) -> dict[str, Any]:
+    # Operations are stored as the equivalent merge layer; the other classes Keras writes
+    # from one module only are stored with it.
+    module, registered = LAYERS_MODULE, None
+    if layer.class_name in ("Sequential", "LayerScale", "CustomScaleLayer"):
+        ((module, registered),) = LAYER_MODULES[layer.class_name].items()
+    config = json.loads(json.dumps(layer.kwargs))
+    if layer.sublayers is not None:
+        config["layers"] = [_canonical_layer(inner, "sequential") for inner in layer.sublayers]
     result: dict[str, Any] = {
-        "module": LAYERS_MODULE,
+        "module": module,
         "class_name": layer.class_name,
-        "config": json.loads(json.dumps(layer.kwargs)),
-        "registered_name": None,
+        "config": config,
+        "registered_name": registered,
     }
     if kind == "functional":
         result["name"] = layer.name
@@ -1605,7 +1913,7 @@ def _canonical_layer(layer: _RawLayer, kind: str) -> dict[str, Any]:
 
 def _declared_dtypes(layer: _RawLayer) -> list[str]:
     node = (layer.nodes or [{}])[0]
-    arg = node["args"][0]
+    arg = node["args"] if layer.operation else node["args"][0]
     tensors = arg if isinstance(arg, list) else [arg]
     return [t["config"]["dtype"] for t in tensors]
 
@@ -1683,8 +1991,9 @@ def uses_dropout(spec: ModelSpec) -> bool:
     Such a model's gradient is not a function of its weights and mini-batch alone, so the
     server cannot recompute it to spot-check an agent.
     """
+    layers = [*spec.layers, *(inner for layer in spec.layers for inner in layer.sublayers)]
     return any(
         layer.kwargs.get(key)
-        for layer in spec.layers
+        for layer in layers
         for key in _DROPOUT_KWARGS.get(layer.class_name, ())
     )

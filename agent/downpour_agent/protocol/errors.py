@@ -53,7 +53,7 @@ ERROR_TEXTS: dict[ErrorCode, str] = {
     ErrorCode.LEASE_NOT_YOURS: "this lease belongs to another agent",
     ErrorCode.WRONG_SHAPE: "a tensor does not fit the shard",
     ErrorCode.WRONG_DTYPE: "a tensor has the wrong dtype",
-    ErrorCode.NON_FINITE: "a gradient holds NaN or Inf",
+    ErrorCode.NON_FINITE: "a gradient holds NaN or Inf, or values too large to square",
     ErrorCode.STALE_GRADIENT: "the gradient is too stale",
     ErrorCode.JOB_FINISHED: "the job has finished",
     ErrorCode.CONFLICT: "the shard was too contended; push again",

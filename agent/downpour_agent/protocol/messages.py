@@ -46,6 +46,8 @@ AGENT_MESSAGES: dict[str, dict[str, _Field]] = {
         "samples": (_INT, True),
         # Weights loaded within the round: [[step offset, [version of each shard]], ...].
         "loads": (_LIST, False),
+        # The round's mean training loss (shard 0's push only): the job page charts it.
+        "loss": (_NUM, False),
     },
     "complete": {"lease_id": (_STR, True), "samples": (_INT, True)},
     "return_lease": {"lease_id": (_STR, True)},

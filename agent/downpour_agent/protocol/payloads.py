@@ -26,10 +26,7 @@ _LEASE_SCHEMA = {"lease": SERVER_MESSAGES["lease"]}
 _HYPER_KEYS = ("batch_size", "n_fetch", "n_push", "learning_rate", "compression")
 _DATASET_KEYS = ("url", "sha256", "n_samples")
 _LAYOUT_KEYS = ("name", "shape", "dtype")
-_LOADS_RULE = (
-    "push: loads must be at most n_push - 1 pairs [step offset, [a version per shard]], "
-    "each offset in [1, n_push)"
-)
+_LOADS_RULE = "push: loads must be at most n_push - 1 pairs [step offset, [a version per shard]]"
 
 
 @dataclass(frozen=True)
@@ -237,25 +234,28 @@ def loads_from_wire(value: Any, n_push: int, n_shards: int) -> list[WeightsLoad]
     ------
     ProtocolError
         ``bad_message`` when ``value`` is not a list of at most ``n_push - 1`` pairs
-        ``[offset, [version, ...]]`` of non-negative ints with ``n_shards`` versions, each
-        offset in ``[1, n_push)``: a load happens at a step boundary inside the round (one
-        at offset 0 is the round's ``base_version``).
+        ``[offset, [version, ...]]`` of non-negative ints with ``n_shards`` versions, or
+        when the offsets are not strictly increasing within ``[1, n_push - 1]``: offset 0
+        is the round's first step, which runs on its ``base_version``, and ``n_push`` is
+        the next round's.
     """
     if not isinstance(value, list) or len(value) >= max(n_push, 1):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, _LOADS_RULE)
     loads = []
+    previous = 0
     for load in value:
         if not (
             isinstance(load, list)
             and len(load) == 2
             and _is_count(load[0])
-            and 0 < load[0] < n_push
+            and previous < load[0] < n_push
             and isinstance(load[1], list)
             and len(load[1]) == n_shards
             and all(_is_count(v) for v in load[1])
         ):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, _LOADS_RULE)
         loads.append(WeightsLoad(load[0], tuple(load[1])))
+        previous = load[0]
     return loads
 
 

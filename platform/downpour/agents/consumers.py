@@ -206,8 +206,6 @@ class AgentConsumer(AsyncWebsocketConsumer):
         )
 
     async def on_heartbeat(self, msg: dict[str, Any]) -> None:
-        assert self.token is not None
-        await asyncio.to_thread(limits().acquire_connection, str(self.token.id), self.channel_name)
         lease_id = msg.get("lease_id")
         ttl = await self._heartbeat(lease_id)
         reply: dict[str, Any] = {"type": "heartbeat_ack", **_ref(msg)}
@@ -290,6 +288,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
             self.state.clipped.append(result.clipped)
         if result.applied:
             tally.add_applied(cached.job, msg["shard"], msg["samples"], result.staleness)
+            if msg["shard"] == 0:
+                tally.add_loss(msg.get("loss"), msg["samples"])
         if not result.duplicate:
             tally.add_pushed(msg["shard"], msg["samples"])
         await self._send(

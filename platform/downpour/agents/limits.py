@@ -2,47 +2,65 @@
 
 With ``REDIS_URL`` the counters live in Redis (``downpour.hotstate.limits``); the embedded
 default keeps them in this process, which is all there is.
+
+A connection's slot lasts as long as its socket: it is taken on connect and given back on
+disconnect, whatever the socket sends in between (an idle socket keeps its slot, so it
+counts against the cap). In Redis each slot names the server process that holds it, and
+that process marks itself alive every ``SERVER_REFRESH_S`` (:func:`start_server_refresher`);
+the slots of a server that stopped doing so for ``LEASE_TTL_S`` are swept.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from functools import cache
 from typing import Protocol
 
 from django.conf import settings
 
+log = logging.getLogger(__name__)
+
 
 class Limits(Protocol):
     def acquire_connection(self, token_id: str, connection: str) -> bool: ...
     def release_connection(self, token_id: str, connection: str) -> None: ...
+    def refresh_server(self) -> None: ...
     def allow_push(self, agent_id: str) -> bool: ...
 
 
 class LocalLimits:
-    def __init__(self) -> None:
+    """The limits of the one server process there is: a slot lives until it is released."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
         self._lock = threading.Lock()
-        self._connections: dict[str, dict[str, float]] = {}
+        self._connections: dict[str, set[str]] = {}
         self._buckets: dict[str, tuple[float, float]] = {}
 
     def acquire_connection(self, token_id: str, connection: str) -> bool:
-        now = time.time()
         with self._lock:
-            live = {c: t for c, t in self._connections.get(token_id, {}).items() if t > now}
+            live = self._connections.setdefault(token_id, set())
             if connection not in live and len(live) >= settings.MAX_CONNECTIONS_PER_TOKEN:
-                self._connections[token_id] = live
                 return False
-            live[connection] = now + settings.LEASE_TTL_S
-            self._connections[token_id] = live
+            live.add(connection)
             return True
 
     def release_connection(self, token_id: str, connection: str) -> None:
         with self._lock:
-            self._connections.get(token_id, {}).pop(connection, None)
+            live = self._connections.get(token_id, set())
+            live.discard(connection)
+            if not live:
+                self._connections.pop(token_id, None)
+
+    def refresh_server(self) -> None:
+        """Nothing to do: this process's slots die with it."""
 
     def allow_push(self, agent_id: str) -> bool:
-        now = time.time()
+        now = self._clock()
         rate, burst = settings.PUSHES_PER_SECOND, settings.PUSH_BURST
         with self._lock:
             tokens, ts = self._buckets.get(agent_id, (burst, now))
@@ -52,6 +70,34 @@ class LocalLimits:
             return allowed
 
 
+def server_instance_id() -> str:
+    """A fresh id for one server process (the owner of its sockets' slots)."""
+    return uuid.uuid4().hex
+
+
+def server_refresh_s() -> float:
+    """How often a server marks itself alive: three times per ``LEASE_TTL_S``."""
+    return float(settings.LEASE_TTL_S) / 3
+
+
+def start_server_refresher(target: Limits, interval_s: float) -> threading.Event:
+    """Call ``target.refresh_server()`` every ``interval_s`` seconds in a daemon thread.
+
+    Returns the event that stops the thread when set.
+    """
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(interval_s):
+            try:
+                target.refresh_server()
+            except Exception:  # Redis down for a moment: the next round retries
+                log.exception("could not mark this server alive")
+
+    threading.Thread(target=run, name="limits-refresher", daemon=True).start()
+    return stop
+
+
 @cache
 def limits() -> Limits:
     if settings.REDIS_URL:
@@ -59,5 +105,10 @@ def limits() -> Limits:
 
         from downpour.hotstate.limits import RedisLimits
 
-        return RedisLimits(redis.Redis.from_url(settings.REDIS_URL), settings.STORE_PREFIX)
+        shared = RedisLimits(
+            redis.Redis.from_url(settings.REDIS_URL), settings.STORE_PREFIX, server_instance_id()
+        )
+        shared.refresh_server()
+        start_server_refresher(shared, server_refresh_s())
+        return shared
     return LocalLimits()

@@ -11,6 +11,8 @@ from downpour.donors.models import Agent
 from downpour.training.models import Job, Lease
 from downpour.training.queries import fairness_windows, robust_jobs_waiting
 
+from .totals import read_totals
+
 
 @staff_member_required
 def overview(request: HttpRequest) -> HttpResponse:
@@ -21,6 +23,7 @@ def overview(request: HttpRequest) -> HttpResponse:
             "agents": Agent.objects.select_related("token__owner").order_by("-last_seen_at")[:200],
             "jobs": Job.objects.select_related("owner").order_by("-created_at")[:200],
             "active_leases": Lease.objects.filter(status=Lease.Status.ACTIVE).count(),
+            "totals": read_totals(timezone.now()),
             "fairness": fairness_windows(timezone.now()),
             "robust_waiting": robust_jobs_waiting(),
             "trusted_online": Agent.objects.filter(

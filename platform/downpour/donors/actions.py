@@ -50,9 +50,19 @@ def register_reported_agent(token: AgentToken, name: str, device: dict[str, Any]
             return None
         return value if math.isfinite(value) and 0 <= value <= upper else None
 
+    def whole(key: str, upper: int) -> int | None:
+        value = device.get(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            return None
+        return value if 0 <= value <= upper else None
+
     def text(key: str, length: int) -> str:
         value = device.get(key)
         return clean_text(value, length) if isinstance(value, str) else ""
+
+    def flag(key: str) -> bool | None:
+        value = device.get(key)
+        return value if isinstance(value, bool) else None
 
     return register_agent(
         token,
@@ -63,6 +73,11 @@ def register_reported_agent(token: AgentToken, name: str, device: dict[str, Any]
             "ram_bytes": num("ram_bytes", 1 << 60),
             "gpu_name": text("gpu_name", 200),
             "gpu_memory_bytes": num("gpu_memory_bytes", 1 << 60),
+            "gpu_device": text("gpu_device", 200),
+            "gpu_count": whole("gpu_count", 1024),
+            # 16 TiB: more than any GPU has, within the column's 32 bits.
+            "gpu_memory_limit_mb": whole("gpu_memory_limit_mb", 1 << 24),
+            "gpu_memory_growth": flag("gpu_memory_growth"),
             "tf_version": text("tf_version", 50),
             "samples_per_s": num("samples_per_s", 1e9),
             "last_seen_at": timezone.now(),

@@ -49,8 +49,17 @@ class Agent(models.Model):
     ram_bytes = models.BigIntegerField(null=True)
     gpu_name = models.CharField(max_length=200, blank=True)
     gpu_memory_bytes = models.BigIntegerField(null=True)
+    # The GPU settings the agent applied: TensorFlow's device name, how many GPUs it saw,
+    # the donor's memory cap (MiB, null: none) and whether memory grows on demand.
+    gpu_device = models.CharField(max_length=200, blank=True)
+    gpu_count = models.IntegerField(null=True)
+    gpu_memory_limit_mb = models.IntegerField(null=True)
+    gpu_memory_growth = models.BooleanField(null=True)
     tf_version = models.CharField(max_length=50, blank=True)
-    samples_per_s = models.FloatField(null=True)
+    samples_per_s = models.FloatField(null=True)  # as the agent reports it; not for sizing
+    # Reference-model samples/s measured on completed leases (downpour.scheduler.sizing);
+    # null until the first completes. Units are sized from this, never from the report.
+    measured_samples_per_s = models.FloatField(null=True, blank=True)
     registered_at = models.DateTimeField(auto_now_add=True)
     last_seen_at = models.DateTimeField(null=True)
     connected = models.BooleanField(default=False)

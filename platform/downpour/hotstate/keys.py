@@ -8,7 +8,8 @@ Keys for shard ``i`` of job ``j`` of the parameter store (``store.RedisStorage``
 and beside them::
 
     {prefix}restore:{j}                  lock held while one process restores job j
-    {prefix}limits:conn:{token}          ZSET of the token's live connections
+    {prefix}limits:slots:{token}         HASH of the token's live connections -> their server
+    {prefix}limits:servers               ZSET of live server processes, scored by alive-until
     {prefix}limits:push:{agent}          HASH, the agent's push-rate token bucket
 """
 
@@ -35,7 +36,12 @@ def restore_lock_key(prefix: str, job: str) -> str:
 
 
 def connections_key(prefix: str, token_id: str) -> str:
-    return f"{prefix}limits:conn:{token_id}"
+    # "slots", not the old "conn" ZSET: a rolling upgrade must not meet a key of another type.
+    return f"{prefix}limits:slots:{token_id}"
+
+
+def servers_key(prefix: str) -> str:
+    return f"{prefix}limits:servers"
 
 
 def push_bucket_key(prefix: str, agent_id: str) -> str:

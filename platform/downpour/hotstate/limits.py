@@ -6,18 +6,29 @@ The limits themselves (and the in-process version) are in ``downpour.agents.limi
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
 
 from downpour.hotstate import keys
 
-# KEYS[1] zset of live connections; ARGV: now, expires_at, member, limit
+# KEYS[1] hash of the token's slots, connection -> server; KEYS[2] zset of live servers,
+# scored by the time each one is alive until. ARGV: now, server, alive_until, connection,
+# limit. Slots whose server is no longer alive are swept first.
 _ACQUIRE_LUA = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZSCORE', KEYS[1], ARGV[3]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[4]) then
-    redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-    redis.call('EXPIRE', KEYS[1], math.ceil(ARGV[2] - ARGV[1]) + 1)
+local now = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+local slots = redis.call('HGETALL', KEYS[1])
+for i = 1, #slots, 2 do
+    if not redis.call('ZSCORE', KEYS[2], slots[i + 1]) then
+        redis.call('HDEL', KEYS[1], slots[i])
+    end
+end
+if redis.call('HEXISTS', KEYS[1], ARGV[4]) == 1
+        or redis.call('HLEN', KEYS[1]) < tonumber(ARGV[5]) then
+    redis.call('HSET', KEYS[1], ARGV[4], ARGV[2])
     return 1
 end
 return 0
@@ -42,26 +53,40 @@ return allowed
 
 
 class RedisLimits:
-    """``downpour.agents.limits.Limits`` in Redis: Lua scripts keep each check atomic."""
+    """``downpour.agents.limits.Limits`` in Redis: Lua scripts keep each check atomic.
 
-    def __init__(self, client: Any, prefix: str) -> None:
+    ``server`` names this server process; its sockets' slots live while it marks itself
+    alive (:meth:`refresh_server`, at least once per ``LEASE_TTL_S``).
+    """
+
+    def __init__(
+        self, client: Any, prefix: str, server: str, clock: Callable[[], float] = time.time
+    ) -> None:
         self.client = client
         self.prefix = prefix
+        self.server = server
+        self._clock = clock
         self._acquire = client.register_script(_ACQUIRE_LUA)
         self._bucket = client.register_script(_BUCKET_LUA)
 
     def acquire_connection(self, token_id: str, connection: str) -> bool:
-        # A connection's entry lives for a lease TTL and is renewed on every heartbeat, so
-        # a server that dies without releasing frees its slots by itself.
-        now = time.time()
-        key = keys.connections_key(self.prefix, token_id)
-        args = [now, now + settings.LEASE_TTL_S, connection, settings.MAX_CONNECTIONS_PER_TOKEN]
-        return bool(self._acquire(keys=[key], args=args))
+        now = self._clock()
+        slots = keys.connections_key(self.prefix, token_id)
+        servers = keys.servers_key(self.prefix)
+        alive_until = now + settings.LEASE_TTL_S
+        args = [now, self.server, alive_until, connection, settings.MAX_CONNECTIONS_PER_TOKEN]
+        return bool(self._acquire(keys=[slots, servers], args=args))
 
     def release_connection(self, token_id: str, connection: str) -> None:
-        self.client.zrem(keys.connections_key(self.prefix, token_id), connection)
+        self.client.hdel(keys.connections_key(self.prefix, token_id), connection)
+
+    def refresh_server(self) -> None:
+        """Mark this server alive for another ``LEASE_TTL_S``, and so all its slots."""
+        self.client.zadd(
+            keys.servers_key(self.prefix), {self.server: self._clock() + settings.LEASE_TTL_S}
+        )
 
     def allow_push(self, agent_id: str) -> bool:
         key = keys.push_bucket_key(self.prefix, agent_id)
-        args = [time.time(), settings.PUSHES_PER_SECOND, settings.PUSH_BURST]
+        args = [self._clock(), settings.PUSHES_PER_SECOND, settings.PUSH_BURST]
         return bool(self._bucket(keys=[key], args=args))

@@ -148,6 +148,16 @@ class RedisStorage:
     def _shards_key(self, job: str) -> str:
         return keys.job_shards_key(self.prefix, job)
 
+    def memory_bytes(self, max_keys: int = 10_000) -> int:
+        """Redis's ``MEMORY USAGE`` summed over this store's keys (the first ``max_keys``)."""
+        names = list(self.client.scan_iter(match=f"{self.prefix}*", count=1000))[:max_keys]
+        if not names:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.memory_usage(name)
+        return sum(int(n or 0) for n in pipe.execute())
+
     # -- ShardStorage ------------------------------------------------------------------------
 
     def load(self, job: str, shard: int) -> ShardState | None:

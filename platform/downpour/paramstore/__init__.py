@@ -9,6 +9,7 @@ first (:mod:`downpour.paramstore.robust`).
 from __future__ import annotations
 
 from downpour.paramstore.adagrad import AdagradConfig, adagrad_apply, adagrad_apply_pieces
+from downpour.paramstore.bounds import DEFAULT_MAX_GRAD_NORM
 from downpour.paramstore.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from downpour.paramstore.errors import (
     Conflict,
@@ -42,6 +43,7 @@ from downpour.paramstore.store import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_GRAD_NORM",
     "AdagradConfig",
     "CentredClipping",
     "Checkpoint",

@@ -56,6 +56,18 @@ class InMemoryStorage:
         self._shards: dict[tuple[str, int], _Shard] = {}
         self._registry_lock = threading.Lock()
 
+    def memory_bytes(self) -> int:
+        """Bytes held in arrays (weights, accumulators, robust centres) over every shard."""
+        total = 0
+        for slot in list(self._shards.values()):
+            state = slot.state
+            if slot.deleted:
+                continue
+            total += state.weights.nbytes + state.accumulators.nbytes
+            if state.robust is not None:
+                total += state.robust.momentum.nbytes
+        return total
+
     def load(self, job: str, shard: int) -> ShardState | None:
         """Copy of the shard's state, or None."""
         slot = self._shards.get((job, shard))

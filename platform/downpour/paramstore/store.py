@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from downpour.paramstore.adagrad import AdagradConfig, adagrad_apply_pieces
+from downpour.paramstore.bounds import check_squarable, clip_to_norm
 from downpour.paramstore.errors import (
     Conflict,
     CorruptState,
@@ -181,6 +182,12 @@ class ParameterStore:
         Clip every untrusted push around the shard's momentum before Adagrad sees it (see
         :mod:`downpour.paramstore.robust`). None (the default) applies pushes as they come.
         Every server process of a job must use the same setting.
+    max_grad_norm : float or None
+        Scale each push down to this L2 norm (over the shard's gradient) before anything
+        else sees it; None or 0 (the default here) leaves pushes unclipped. Jobs default to
+        ``bounds.DEFAULT_MAX_GRAD_NORM``. Whatever the setting, a push whose values' squares
+        would overflow float32, or that would carry an accumulator past the float32 range,
+        is refused with NonFinite.
 
     Notes
     -----
@@ -200,6 +207,7 @@ class ParameterStore:
         max_commit_attempts: int = 100,
         robust: CentredClipping | None = None,
         staleness_aware: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         if not isinstance(job_id, str) or not job_id:
             raise ValueError(f"job_id must be a non-empty string, got {job_id!r}")
@@ -209,8 +217,11 @@ class ParameterStore:
             raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
         if max_commit_attempts < 1:
             raise ValueError(f"max_commit_attempts must be >= 1, got {max_commit_attempts}")
+        if max_grad_norm is not None and not (np.isfinite(max_grad_norm) and max_grad_norm >= 0):
+            raise ValueError(f"max_grad_norm must be finite and >= 0, got {max_grad_norm}")
         self.storage = storage
         self.job_id = job_id
+        self.max_grad_norm = max_grad_norm or None
         self.layout = layout
         self.optimizer = optimizer
         self.max_staleness = max_staleness
@@ -380,6 +391,7 @@ class ParameterStore:
             raise ValueError(f"push_id must be a non-empty string, got {push_id!r}")
         pieces = self.layout.check_tensors(shard, grads)
         _check_finite(self.layout, shard, pieces, "gradient")
+        check_squarable(self.layout, shard, pieces)
         if isinstance(base_version, bool) or not isinstance(base_version, int | np.integer):
             raise StaleGradient(f"base_version must be an integer, got {base_version!r}")
         if base_version < 0:
@@ -392,6 +404,8 @@ class ParameterStore:
             raise self._not_initialized(shard)
         self._staleness(shard, current, base_version)  # fail fast before reading weights
 
+        if self.max_grad_norm is not None:
+            pieces, _ = clip_to_norm(pieces, self.max_grad_norm)
         learning_rate = self.optimizer.learning_rate
         # Centred clipping needs the gradient as one vector; plain Adagrad reads the pieces.
         flat = None if self.robust is None else _concatenate(pieces)
@@ -404,9 +418,14 @@ class ParameterStore:
             robust = state.robust
             clipped, deviation_norm = False, 0.0
             if self.robust is None or flat is None:
-                adagrad_apply_pieces(
-                    state.weights, state.accumulators, pieces, step_size, self.optimizer.epsilon
-                )
+                with np.errstate(over="ignore"):  # an overflow is refused just below
+                    adagrad_apply_pieces(
+                        state.weights,
+                        state.accumulators,
+                        pieces,
+                        step_size,
+                        self.optimizer.epsilon,
+                    )
             else:
                 step = robust_step(
                     self.robust,
@@ -417,13 +436,15 @@ class ParameterStore:
                 if step.held:
                     return PushResult(False, False, state.version, staleness, held=True)
                 robust, clipped, deviation_norm = step.state, step.clipped, step.deviation_norm
-                adagrad_apply_pieces(
-                    state.weights,
-                    state.accumulators,
-                    [step.gradient],
-                    step_size,
-                    self.optimizer.epsilon,
-                )
+                with np.errstate(over="ignore"):
+                    adagrad_apply_pieces(
+                        state.weights,
+                        state.accumulators,
+                        [step.gradient],
+                        step_size,
+                        self.optimizer.epsilon,
+                    )
+            _check_accumulators(shard, state.accumulators)
             new_version = state.version + 1
             outcome = self.storage.commit(
                 self.job_id,
@@ -535,6 +556,18 @@ def _check_finite(
         if nans or infs:
             problems.append(f"{spec.name!r} has {nans} NaN and {infs} infinite values")
     raise NonFinite(f"{what} for shard {shard} must be finite: " + "; ".join(problems))
+
+
+def _check_accumulators(shard: int, accumulators: np.ndarray) -> None:
+    """Refuse (NonFinite) an update that carried an accumulator past the float32 range.
+
+    Checked on the loaded copy before the commit, so nothing is stored.
+    """
+    if not np.isfinite(accumulators).all():
+        raise NonFinite(
+            f"gradient for shard {shard} would overflow Adagrad's float32 accumulator; "
+            "nothing was applied"
+        )
 
 
 def staleness_scaled_step(learning_rate: float, staleness: int) -> float:

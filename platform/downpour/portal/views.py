@@ -13,6 +13,7 @@ from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonRe
 from django.shortcuts import get_object_or_404, redirect, render
 
 from downpour.accounts.http import AuthenticatedRequest
+from downpour.paramstore import DEFAULT_MAX_GRAD_NORM
 from downpour.training.actions.datasets import create_dataset
 from downpour.training.actions.jobs import JobParams, JobRejected, submit_job
 from downpour.training.datasets import DatasetRejected
@@ -95,6 +96,9 @@ def job_new(request: AuthenticatedRequest) -> HttpResponse:
             staleness_aware_lr=data["staleness_aware_lr"],
             warm_start_pushes=data["warm_start_pushes"] or 0,
             robust_aggregation=data["robust_aggregation"],
+            max_grad_norm=(
+                DEFAULT_MAX_GRAD_NORM if data["max_grad_norm"] is None else data["max_grad_norm"]
+            ),
             spot_check_fraction=(
                 0.05 if data["spot_check_fraction"] is None else data["spot_check_fraction"]
             ),

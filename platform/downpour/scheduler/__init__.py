@@ -6,6 +6,7 @@ simulator in ``bench/simulate.py`` keeps them in memory. Both call the same func
 * :mod:`.policy` -- which job gets the next unit (weighted max-min fair share) and its size.
 * :mod:`.fairness` -- water-filling, Jain's index, decaying windows.
 * :mod:`.leases` -- time to live, heartbeats, expiry, resumption, reissue.
+* :mod:`.sizing` -- units sized from measured work; leases per agent; share of a budget.
 * :mod:`.reliability` -- completed vs abandoned leases, unit scale, the tail of a job.
 * :mod:`.backups` -- backup copies of straggling units near the end of a job.
 * :mod:`.staleness` -- push cadence, admission, staleness-aware step, warm start, histogram.
@@ -48,6 +49,14 @@ from .reliability import (
     tail_unit_scale,
     unit_scale,
 )
+from .sizing import (
+    SizingRule,
+    may_take_lease,
+    measured_unit_steps,
+    reference_rate,
+    share_cap_steps,
+    update_measured_rate,
+)
 from .staleness import (
     StalenessHistogram,
     WarmStart,
@@ -59,6 +68,11 @@ from .staleness import (
 from .trust import admits_during_warmup, warmup_eligible
 
 __all__ = [
+    "may_take_lease",
+    "measured_unit_steps",
+    "reference_rate",
+    "share_cap_steps",
+    "update_measured_rate",
     "REFERENCE_FLOPS_PER_SAMPLE",
     "BackupRule",
     "DecayingTotals",
@@ -66,6 +80,7 @@ __all__ = [
     "HostRecord",
     "JobLoad",
     "LeaseView",
+    "SizingRule",
     "StalenessHistogram",
     "TailRule",
     "WarmStart",

@@ -15,7 +15,7 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from .actions.evaluations import evaluate_running_jobs
-from .actions.jobs import start_queued_jobs
+from .actions.jobs import free_finished_stores, start_queued_jobs
 from .actions.leases import reap_expired_leases
 from .actions.recovery import checkpoint_running_jobs
 from .spotchecks.replay import run_pending
@@ -35,6 +35,7 @@ def _loop() -> None:
     schedule: list[tuple[float, Callable[[], int]]] = [
         (2.0, start_queued_jobs),
         (settings.REAP_INTERVAL_S, reap_expired_leases),
+        (settings.REAP_INTERVAL_S, free_finished_stores),
         (settings.EVAL_INTERVAL_S, evaluate_running_jobs),
         (settings.CHECKPOINT_INTERVAL_S, checkpoint_running_jobs),
         (settings.SPOT_CHECK_INTERVAL_S, run_pending),

@@ -5,7 +5,7 @@ import uuid
 from django.conf import settings
 from django.db import models
 
-from downpour.paramstore import ShardLayout
+from downpour.paramstore import DEFAULT_MAX_GRAD_NORM, ShardLayout
 
 
 class Dataset(models.Model):
@@ -77,6 +77,8 @@ class Job(models.Model):
     staleness_hist = models.JSONField(default=dict, blank=True)
     # Centred clipping at the store (Karimireddy et al. 2021); needs a trusted agent online.
     robust_aggregation = models.BooleanField(default=False)
+    # Each push is scaled down to this L2 norm in the store; null or 0 turns the clip off.
+    max_grad_norm = models.FloatField(null=True, blank=True, default=DEFAULT_MAX_GRAD_NORM)
     # Fraction of leases one of whose push rounds a trusted worker recomputes (spot checks).
     spot_check_fraction = models.FloatField(default=0.05)
     # A researcher's starting point (e.g. a finished job's weights.npz), checked at submit

@@ -79,6 +79,7 @@ def job_store(job: Job) -> ParameterStore:
                 max_staleness=job.max_staleness,
                 staleness_aware=job.staleness_aware_lr,
                 robust=CentredClipping() if job.robust_aggregation else None,
+                max_grad_norm=job.max_grad_norm,
             )
             _stores[key] = store
         return store

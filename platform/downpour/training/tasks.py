@@ -24,6 +24,11 @@ def checkpoint_running_jobs() -> int:
 
 
 @shared_task
+def free_finished_stores() -> int:
+    return jobs.free_finished_stores()
+
+
+@shared_task
 def reap_expired_leases() -> int:
     return leases.reap_expired_leases()
 

@@ -100,3 +100,11 @@ def lift_ban(agent: Agent) -> None:
         rep_recent_pushes=rep.recent_pushes,
         rep_recent_clipped=rep.recent_clipped,
     )
+
+
+def ban(agent: Agent, reason: str) -> None:
+    """Staff ban: the agent gets no more work until the ban is lifted (keeps an older ban)."""
+    Agent.objects.filter(id=agent.id, banned_at__isnull=True).update(
+        banned_at=timezone.now(), ban_reason=reason[:BAN_REASON_CHARS]
+    )
+    log.warning("agent %s banned by staff: %s", agent.id, reason)

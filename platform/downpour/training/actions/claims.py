@@ -18,7 +18,7 @@ from downpour import scheduler
 from downpour.donors.models import Agent, AgentToken
 from downpour.training.models import DatasetShard, Job, Lease, WorkUnit
 from downpour.training.specs import model_spec
-from downpour.training.spotchecks.selection import choose_round
+from downpour.training.spotcheck_selection import choose_round
 from downpour.training.store import warming_up
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,8 @@ FAIR_WINDOW_TAU_S = 120.0
 
 
 TAIL_RULE = scheduler.TailRule()
+#: Units from measured work, leases per agent, share of a budget (``scheduler.sizing``).
+SIZING = scheduler.SizingRule()
 #: Pending (reissued) units one claim tries, oldest first, before it falls back to a new
 #: unit. Each try is a compare-and-set that fails only if another agent took that unit
 #: first, so a few cover any race while bounding the queries of one claim.
@@ -148,14 +150,56 @@ def _warmup_eligible(agent: Agent, views: dict[str, _JobView], eligible: set[str
     return scheduler.warmup_eligible(eligible, warming, trusted)
 
 
-def _agent_steps(agent: Agent, job: Job, scale: float) -> int:
-    return scheduler.unit_steps(
-        agent.samples_per_s,
+def _agent_steps(agent: Agent, job: Job, scale: float, cap: int | None = None) -> int:
+    """The agent's unit of ``job``: from its measured rate, within its share ``cap``."""
+    steps = scheduler.unit_steps(
+        agent.measured_samples_per_s,
         job.batch_size,
         settings.UNIT_TARGET_SECONDS,
         float(model_spec(job).flops_per_sample),
         scale=scale,
     )
+    steps = scheduler.measured_unit_steps(agent.measured_samples_per_s, steps, scale, SIZING)
+    return steps if cap is None else max(1, min(steps, cap))
+
+
+def _active_leases(agent: Agent) -> int:
+    return Lease.objects.filter(agent=agent, status=Lease.Status.ACTIVE).count()
+
+
+def _share_caps(agent: Agent, views: dict[str, _JobView]) -> dict[str, int | None]:
+    """Per job, the most steps a new unit may have for ``agent`` (``scheduler.share_cap_steps``).
+
+    0 means the agent already holds its share of what is left of the job's budget.
+    """
+    held: dict[str, float] = {}
+    for job_id, steps, batch, samples in Lease.objects.filter(
+        agent=agent, status=Lease.Status.ACTIVE
+    ).values_list("unit__job_id", "unit__steps", "unit__job__batch_size", "samples"):
+        held[str(job_id)] = held.get(str(job_id), 0.0) + max(0, steps * batch - samples)
+    caps = {}
+    for key, view in views.items():
+        job = view.job
+        remaining = None
+        if job.budget_samples:
+            remaining = float(max(0, job.budget_samples - job.samples_done))
+        caps[key] = scheduler.share_cap_steps(job.batch_size, remaining, held.get(key, 0.0), SIZING)
+    return caps
+
+
+def record_lease_rate(agent_id: str, lease: Lease, ended_at: datetime) -> None:
+    """Fold a completed lease's measured throughput into the agent's rate (in a transaction).
+
+    The samples are the server's tally of the lease's applied pushes, not the agent's word.
+    """
+    lease.refresh_from_db(fields=["samples"])
+    seconds = (ended_at - lease.issued_at).total_seconds()
+    flops = float(model_spec(lease.unit.job).flops_per_sample)
+    agent = Agent.objects.select_for_update().only("measured_samples_per_s").get(id=agent_id)
+    rate = scheduler.update_measured_rate(
+        agent.measured_samples_per_s, lease.samples, seconds, flops, SIZING
+    )
+    Agent.objects.filter(id=agent_id).update(measured_samples_per_s=rate)
 
 
 def claim_work(agent: Agent) -> Lease | None:
@@ -164,13 +208,18 @@ def claim_work(agent: Agent) -> Lease | None:
     The choice of job is ``downpour.scheduler``'s: weighted max-min fair share between
     researchers over a decaying window, warm start, reliable agents only for the last
     units of a job with a budget, and trusted agents only for a robust job still warming
-    up. Units are sized to the agent's speed and reliability.
+    up. Units are sized to the agent's measured speed and reliability; an agent holds at
+    most ``SIZING.max_active_leases`` leases, and at most ``SIZING.max_budget_share`` of
+    what is left of a job's budget.
     """
+    if not scheduler.may_take_lease(_active_leases(agent), SIZING):
+        return None
     now = timezone.now()
     ttl = timedelta(seconds=settings.LEASE_TTL_S)
     host = host_record(agent)
     loads, views, window = _job_loads(now)
-    eligible = {key for key, view in views.items() if _admits(agent, host, view)}
+    caps = _share_caps(agent, views)
+    eligible = {key for key, view in views.items() if caps[key] != 0 and _admits(agent, host, view)}
     eligible = _warmup_eligible(agent, views, eligible)
     # First come, first served: a unit joins the queue when it is created or when its last
     # lease ends, so a reissued unit never waits behind units that were queued after it.
@@ -184,7 +233,10 @@ def claim_work(agent: Agent) -> Lease | None:
         scale = scheduler.unit_scale(host) * scheduler.tail_unit_scale(
             view.fraction_left, TAIL_RULE
         )
-        take, rest = scheduler.split_unit(waiting.steps, _agent_steps(agent, view.job, scale))
+        cap = caps[str(waiting.job_id)]
+        take, rest = scheduler.split_unit(waiting.steps, _agent_steps(agent, view.job, scale, cap))
+        if cap is not None and take > cap:  # split_unit's slack must not pass the share
+            take, rest = cap, waiting.steps - cap
         with transaction.atomic():
             claimed = WorkUnit.objects.filter(id=waiting.id, status=WorkUnit.Status.PENDING).update(
                 status=WorkUnit.Status.LEASED, attempts=F("attempts") + 1, steps=take
@@ -217,7 +269,7 @@ def claim_work(agent: Agent) -> Lease | None:
     if shard is None:
         return None
     scale = scheduler.unit_scale(host) * scheduler.tail_unit_scale(view.fraction_left, TAIL_RULE)
-    steps = _agent_steps(agent, job, scale)
+    steps = _agent_steps(agent, job, scale, caps[job_id])
     if job.budget_samples:
         left = (
             job.budget_samples
@@ -279,9 +331,9 @@ def _claim_backup(
         if lease.agent_id == agent.id:
             return None  # never two copies of the tail on one agent
         unit, job = lease.unit, lease.unit.job
-        expected = scheduler.expected_duration_s(
-            unit.steps * job.batch_size, lease.agent.samples_per_s
-        )
+        # The reported speed only until a rate is measured: at worst a needless backup.
+        speed = lease.agent.measured_samples_per_s or lease.agent.samples_per_s
+        expected = scheduler.expected_duration_s(unit.steps * job.batch_size, speed)
         elapsed = (now - lease.issued_at).total_seconds()
         fraction_left = views[str(job.id)].fraction_left
         if scheduler.should_issue_backup(

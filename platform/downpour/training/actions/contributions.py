@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -12,6 +13,7 @@ from downpour.donors.models import Agent
 from downpour.scheduler import credit_for_push
 from downpour.training.actions.leases import lease_size
 from downpour.training.models import Contribution, Job, Lease
+from downpour.training.trainloss import record_training_loss
 
 
 @dataclass
@@ -26,6 +28,9 @@ class Tally:
     staleness: dict[int, int] = field(default_factory=dict)
     #: Samples of the rounds that reached the store, applied or not: what ``complete`` claims.
     pushed: int = 0
+    # The agent's training loss over its applied push rounds, weighted by their samples.
+    loss_sum: float = 0.0
+    loss_samples: int = 0
 
     def add_applied(self, job: Job, shard: int, samples: int, staleness: int) -> None:
         """Count an applied push of ``shard`` that claims ``samples`` samples."""
@@ -43,6 +48,12 @@ class Tally:
         if shard == 0:
             self.pushed += samples
 
+    def add_loss(self, loss: object, samples: int) -> None:
+        """Count a push round's mean training loss (the agent's word: only for the chart)."""
+        if isinstance(loss, int | float) and math.isfinite(loss) and samples > 0:
+            self.loss_sum += float(loss) * samples
+            self.loss_samples += samples
+
 
 def record_tallies(agent_id: str, tallies: Mapping[str, Tally]) -> None:
     """Record an agent's tallies, keyed by lease id (:func:`record_contribution` each)."""
@@ -58,6 +69,8 @@ def record_tallies(agent_id: str, tallies: Mapping[str, Tally]) -> None:
             t.staleness,
             pushed=t.pushed,
         )
+        if t.loss_samples:
+            record_training_loss(t.job_id, t.loss_sum / t.loss_samples)
 
 
 def _within_lease(lease_id: str, samples: int, credit: float) -> tuple[int, float]:

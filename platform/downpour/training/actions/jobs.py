@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,11 @@ from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 
-from downpour.paramstore import ShardLayout, VariableSpec
+from downpour.paramstore import DEFAULT_MAX_GRAD_NORM, ShardLayout, VariableSpec
 from downpour.training import weights
 from downpour.training.media import media_dir
 from downpour.training.models import Dataset, Job, Lease
-from downpour.training.store import forget_job_store, job_store
+from downpour.training.store import forget_job_store, job_store, storage
 from downpour_agent.modelspec import ModelRejected, validate_loss, validate_model_config
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class JobParams:
     staleness_aware_lr: bool = False
     warm_start_pushes: int = 0
     robust_aggregation: bool = False
+    #: None or 0: pushes are not norm-clipped (``downpour.paramstore.bounds``).
+    max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM
     spot_check_fraction: float = 0.05
     #: An ``.npz`` to start from (a finished job's ``weights.npz``); see ``weights.py``.
     initial_weights: bytes | None = None
@@ -163,6 +166,7 @@ def _create_job(owner: Any, dataset: Dataset, params: JobParams, spec: Any, loss
         staleness_aware_lr=params.staleness_aware_lr,
         warm_start_pushes=params.warm_start_pushes,
         robust_aggregation=params.robust_aggregation,
+        max_grad_norm=params.max_grad_norm or None,
         spot_check_fraction=params.spot_check_fraction,
         target_accuracy=params.target_accuracy,
         budget_samples=params.budget_samples,
@@ -240,13 +244,38 @@ def finish_job(job: Job, status: str, message: str) -> bool:
         export_job(job)
     except Exception:
         log.exception("job %s: export failed", job.id)
-    free_job_store(job)
     Lease.objects.filter(unit__job=job, status=Lease.Status.ACTIVE).update(
         status=Lease.Status.EXPIRED, ended_at=timezone.now()
     )
     push.notify_job_finished_on_commit(str(job.id))
     log.info("job %s finished (%s): %s", job.id, status, message)
     return True
+
+
+#: How far back ``free_finished_stores`` looks: a job finished longer ago than this plus
+#: ``STORE_FREE_AFTER_S`` while no worker ran keeps its store until an operator deletes it.
+FREE_HORIZON = timedelta(hours=1)
+
+
+def free_finished_stores(now: datetime | None = None) -> int:
+    """Free the stores of jobs that finished ``STORE_FREE_AFTER_S`` ago; how many were freed.
+
+    Not at ``finish_job`` itself: pushes already in flight still land in the store, so its
+    versions stay the exact record of what was applied until every lease has wound down.
+    """
+    now = now or timezone.now()
+    due = now - timedelta(seconds=settings.STORE_FREE_AFTER_S)
+    freed = 0
+    finished = Job.objects.filter(
+        status__in=(Job.Status.DONE, Job.Status.FAILED),
+        finished_at__lte=due,
+        finished_at__gt=due - FREE_HORIZON,
+    )
+    for job in finished:
+        if storage().load_version(str(job.id), 0) is not None:
+            free_job_store(job)
+            freed += 1
+    return freed
 
 
 def free_job_store(job: Job) -> None:

@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from downpour import scheduler
 from downpour.donors.models import Agent
-from downpour.training.actions.claims import host_record
+from downpour.training.actions.claims import host_record, record_lease_rate
 from downpour.training.models import Lease, SpotCheck, WorkUnit
 from downpour_agent.protocol import (
     ERROR_TEXTS,
@@ -117,6 +117,7 @@ def complete_lease(agent: Agent, lease_id: str, samples: int) -> None:
             status=Lease.Status.SUPERSEDED, ended_at=now
         )
         _record_outcome(str(agent.id), completed=True)
+        record_lease_rate(str(agent.id), lease, now)
 
 
 def lease_size(lease: Lease) -> int:

@@ -1,6 +1,7 @@
 """Spot checks: the platform's worker replays one push round of a lease and compares.
 
-Which leases (``selection``): each lease of an untrusted agent is checked with the job's
+Which leases (``training.spotcheck_selection``, outside this package so that the actions
+never import it): each lease of an untrusted agent is checked with the job's
 ``spot_check_fraction`` (5 % by default), decided when it is issued with the OS's random
 source, together with which of its push rounds to replay; the agent is told neither. An
 agent faking every unit is caught within 100 units with probability

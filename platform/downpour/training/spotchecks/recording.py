@@ -18,8 +18,8 @@ import numpy as np
 from django.db import transaction
 
 from downpour.training.models import Job, Lease, SpotCheck
+from downpour.training.spotcheck_selection import round_span
 
-from .selection import round_span
 from .verdict import finish
 
 #: Most versions of each shard a checked lease's consumer keeps the weights of. A round needs

@@ -11,6 +11,10 @@ from downpour.training.models import SpotCheck
 
 log = logging.getLogger(__name__)
 
+#: Characters of a check's detail kept on its row (the column is a TextField; a detail
+#: names tensors and errors, so this only guards against a runaway message).
+DETAIL_CHARS = 2000
+
 
 def finish(
     check: SpotCheck, *, passed: bool | None, relative_error: float | None, detail: str
@@ -25,7 +29,7 @@ def finish(
         status=status,
         checked_at=timezone.now(),
         relative_error=relative_error,
-        detail=detail[:2000],
+        detail=detail[:DETAIL_CHARS],
     )
     if passed is not None:
         banned = record_spot_check(str(check.agent_id), passed, detail)

@@ -1,25 +1,21 @@
-"""Which leases are spot-checked, and which of their push rounds, decided at lease issue."""
+"""Which leases are spot-checked, and which of their push rounds, decided at lease issue.
+
+Outside the ``spotchecks`` package on purpose: ``actions.claims`` asks it at lease issue,
+and ``spotchecks`` (recording, replay, verdict) sits above ``actions``, never below.
+"""
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping
-from typing import Any
 
 from downpour.donors.models import Agent
 from downpour.scheduler import reputation
 from downpour.training.models import Job
 from downpour.training.specs import model_spec
-from downpour_agent.modelspec import validate_model_config
 from downpour_agent.modelspec.validator import uses_dropout
 
 _random = random.SystemRandom()
-
-
-def recomputable(model_config: Mapping[str, Any]) -> bool:
-    """Whether a model's gradient is a function of weights and batch alone (no dropout)."""
-    return not uses_dropout(validate_model_config(dict(model_config)))
 
 
 def should_check(job: Job, agent: Agent) -> bool:

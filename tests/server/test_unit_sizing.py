@@ -1,0 +1,106 @@
+"""An agent cannot hoard a job: units come from measured work, and what one agent holds is capped.
+
+Reported: an agent claiming ``samples_per_s = 1e9`` got one lease of a job's whole
+500,000-sample budget and kept it alive with heartbeats; one agent held 80 leases at once;
+the registration benchmark made units 20,000 steps long.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.conf import settings
+from django.utils import timezone
+
+from downpour.donors.models import Agent, AgentToken
+from downpour.training.actions.claims import SIZING, claim_work
+from downpour.training.actions.contributions import record_contribution
+from downpour.training.actions.jobs import start_job, submit_job
+from downpour.training.actions.leases import complete_lease
+from downpour.training.models import Job, Lease
+
+from .helpers import job_params
+
+pytestmark = pytest.mark.django_db
+
+BUDGET = 500_000
+BATCH = 32
+
+
+@pytest.fixture
+def budget_job(alice, dataset):  # type: ignore[no-untyped-def]
+    job = submit_job(
+        alice, dataset, job_params(target_accuracy=None, budget_samples=BUDGET, batch_size=BATCH)
+    )
+    assert start_job(job)
+    job.refresh_from_db()
+    return job
+
+
+@pytest.fixture
+def boaster(charlie):  # type: ignore[no-untyped-def]
+    """Charlie's agent, registered with a benchmark of 1e9 samples/s."""
+    token, _ = AgentToken.issue(charlie, "fast")
+    return Agent.objects.create(token=token, name="boaster", samples_per_s=1e9)
+
+
+def held_samples(agent: Agent) -> int:
+    leases = Lease.objects.filter(agent=agent, status=Lease.Status.ACTIVE).select_related("unit")
+    return sum(lease.unit.steps * BATCH for lease in leases)
+
+
+def test_an_agent_claiming_1e9_samples_per_s_gets_a_small_first_unit(budget_job, boaster) -> None:  # type: ignore[no-untyped-def]
+    lease = claim_work(boaster)
+    assert lease is not None
+    assert lease.unit.steps == SIZING.first_unit_steps == 20
+
+
+def test_an_agent_cannot_hold_more_than_two_leases(budget_job, boaster) -> None:  # type: ignore[no-untyped-def]
+    first, second, third = claim_work(boaster), claim_work(boaster), claim_work(boaster)
+    assert first is not None and second is not None
+    assert third is None
+    assert Lease.objects.filter(agent=boaster, status=Lease.Status.ACTIVE).count() == 2
+    complete_lease(boaster, str(first.id), 0)
+    assert claim_work(boaster) is not None
+
+
+def test_a_jobs_budget_cannot_go_to_one_agent_even_at_a_measured_1e9(budget_job, boaster) -> None:  # type: ignore[no-untyped-def]
+    Agent.objects.filter(id=boaster.id).update(measured_samples_per_s=1e9)
+    boaster.refresh_from_db()
+    first, second = claim_work(boaster), claim_work(boaster)
+    assert first is not None
+    assert second is None or second.unit.job_id != budget_job.id
+    # What it holds stays within a quarter of what is left, not the whole budget.
+    assert held_samples(boaster) <= SIZING.max_budget_share * BUDGET
+    # ...and an honest agent still finds work.
+    token, _ = AgentToken.issue(boaster.token.owner, "honest")
+    honest = Agent.objects.create(token=token, name="honest", samples_per_s=3000.0)
+    assert claim_work(honest) is not None
+
+
+def test_an_agent_holding_its_share_gets_no_more_of_that_job(budget_job, boaster) -> None:  # type: ignore[no-untyped-def]
+    Agent.objects.filter(id=boaster.id).update(measured_samples_per_s=1e9)
+    boaster.refresh_from_db()
+    Job.objects.filter(id=budget_job.id).update(samples_done=BUDGET - 64_000)
+    first = claim_work(boaster)
+    assert first is not None and first.unit.steps == 64_000 // 4 // BATCH
+    assert claim_work(boaster) is None  # a quarter of what is left is already its
+
+
+def test_with_a_measured_rate_units_take_about_the_target_time(budget_job, agent) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: the first lease ran 2,000 samples in 10 s of real work (200 samples/s).
+    first = claim_work(agent)
+    assert first is not None
+    record_contribution(str(budget_job.id), str(agent.id), str(first.id), 2_000, 63, 0, 0.0)
+    Lease.objects.filter(id=first.id).update(issued_at=timezone.now() - timedelta(seconds=10))
+    first.refresh_from_db()
+    # Execute
+    complete_lease(agent, str(first.id), 999_999)  # the agent's own count is not read
+    agent.refresh_from_db()
+    second = claim_work(agent)
+    # Assert
+    assert agent.measured_samples_per_s == pytest.approx(200.0, rel=0.01)
+    assert second is not None
+    seconds = second.unit.steps * BATCH / agent.measured_samples_per_s
+    assert seconds == pytest.approx(settings.UNIT_TARGET_SECONDS, rel=0.05)
