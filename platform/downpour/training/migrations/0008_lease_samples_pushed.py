@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('training', '0006_dataset_size_checkpoint_accuracy'),
+        ('training', '0007_job_max_grad_norm'),
     ]
 
     operations = [
