@@ -29,10 +29,10 @@ from tests.server.helpers import job_params
 
 from downpour.agents import push
 from downpour.donors.models import Agent
+from downpour.training import spotcheck_selection as selection
 from downpour.training import store
 from downpour.training.actions.jobs import start_job, submit_job
 from downpour.training.models import Job, SpotCheck
-from downpour.training.spotchecks import selection
 from downpour_agent.protocol import CloseCode, frame_to_wire
 from downpour_agent.protocol.tensors import MAGIC
 
