@@ -8,24 +8,19 @@ memory from ``/proc`` (reset before each attack), as ``test_request_bodies.py`` 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import signal
 import struct
-import subprocess
-import sys
 import time
-import urllib.request
 import zlib
 from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
 import pytest
-from tests.security.test_request_bodies import BIN, ROOT, Server, free_port, server_env
+from tests.security.test_request_bodies import Server, server_env
 from websockets.asyncio.client import connect
 
+from downpour import devprocs
 from downpour_agent.protocol import PROTOCOL_VERSION
 from downpour_agent.protocol.tensors import MAGIC
 
@@ -33,6 +28,8 @@ MiB = 1 << 20
 #: What one hostile frame may add to the server's peak memory (before: 1.3 GiB).
 PEAK_BOUND = 64 * MiB
 BOMB_BYTES = 256 * MiB
+# A real daphne process: outside `make test-fast`.
+pytestmark = pytest.mark.e2e
 
 
 @cache
@@ -64,44 +61,19 @@ def agent_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ser
     """daphne on the embedded default, and a donor's agent token."""
     var_dir = tmp_path_factory.mktemp("frames")
     env = server_env(var_dir)
-    manage = [sys.executable, str(ROOT / "manage.py")]
-    subprocess.run([*manage, "migrate", "-v0"], env=env, check=True, timeout=300)
+    devprocs.manage(["migrate", "-v0"], env)
     issue = (
         "from downpour.accounts.models import User; "
         "from downpour.donors.models import AgentToken; "
         "u = User.objects.create_user('charlie', password='a long password for agents'); "
         "print(AgentToken.issue(u, 'pc')[1])"
     )
-    made = subprocess.run(
-        [*manage, "shell", "-c", issue], env=env, check=True, timeout=120, capture_output=True
-    )
-    token = made.stdout.decode().strip().splitlines()[-1]
-    port = free_port()
-    log = open(var_dir / "daphne.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "downpour.asgi:application"],
-        env=env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    token = devprocs.manage(["shell", "-c", issue], env, timeout=120).strip().splitlines()[-1]
+    proc, port = devprocs.start_server(env, var_dir / "daphne.log")
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (var_dir / "daphne.log").read_text()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/login/", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "daphne did not answer"
-                time.sleep(0.3)
         yield Server(port, proc.pid), token
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        log.close()
+        devprocs.stop([proc])
 
 
 async def send_bomb(server: Server, token: str, register: bool) -> tuple[dict[str, Any], float]:
@@ -136,10 +108,9 @@ def test_a_small_frame_of_zlib_bombs_is_refused_before_anything_is_inflated(
 
     # Execute
     reply, elapsed = asyncio.run(send_bomb(server, token, register))
-    time.sleep(0.5)  # let the server finish with the frame
 
     # Assert
-    growth = server.rss()[1] - before
+    growth = server.settled_peak() - before
     assert (reply["code"], reply["ref"]) == (code, 3)
     assert elapsed < 2.0, elapsed
     assert growth < PEAK_BOUND, f"{growth / MiB:.0f} MiB"
