@@ -21,7 +21,7 @@ install_in_daphne()
 
 # Agents authenticate with a bearer token in a header and send no Origin; the consumer
 # still refuses a socket whose Origin is not one of our hosts, so a browser page on another
-# site cannot drive it (``downpour.agents.consumers._origin_allowed``).
+# site cannot drive it (``downpour.agents.auth.origin_allowed``).
 application = ProtocolTypeRouter(
     {"http": BodyLimitMiddleware(django_asgi_app), "websocket": URLRouter(websocket_urlpatterns)}  # type: ignore[arg-type]
 )

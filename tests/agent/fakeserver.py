@@ -104,6 +104,7 @@ class FakeServer:
         self.events_on_push: list[dict[str, Any]] = []
         self.drop_after_pushes: int | None = None
         self.drop_how = "close"
+        self.drop_code = 1012  # server restart; CloseCode.FORBIDDEN after a ban
         self.register_error: str | None = None
         self.handshake_status: HTTPStatus | None = None
         self.first_push = asyncio.Event()
@@ -175,7 +176,7 @@ class FakeServer:
                     if self.drop_how == "abort":
                         ws.transport.abort()
                     else:
-                        await ws.close(1012, "server restart")
+                        await ws.close(self.drop_code, "server restart")
                     return
         finally:
             self.close_codes.append(ws.close_code)

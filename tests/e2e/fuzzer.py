@@ -9,7 +9,7 @@ import struct
 import uuid
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -45,7 +45,8 @@ class Case:
 
     ``before_registration`` says whether the frame is refused before the server asks
     whether the socket has registered; if not, an unregistered socket gets
-    ``not_registered`` instead of ``expected``.
+    ``not_registered`` instead of ``expected``. The server decodes no binary frame before
+    registration (issue 10), so only an oversize one is refused first.
     """
 
     category: str
@@ -85,7 +86,11 @@ class Fuzzer:
         self.target = target
         self.lease_id: str = target.lease["lease_id"]
         self.layout: list[list[Reply]] = target.lease["layout"]
-        self.seq = 1_000_000
+        hyper = target.lease["hyper"]
+        # Rounds 1.. of the lease: a seq must name a round (issue 10), round 0 holds the
+        # pushes that were applied (the replays), and none of these is ever applied.
+        self.rounds = -(-target.lease["steps"] // hyper["n_push"])
+        assert self.rounds >= 3, target.lease["steps"]
         self.categories: list[Callable[[], Case]] = [
             self.broken_json,
             self.not_an_object,
@@ -117,6 +122,10 @@ class Fuzzer:
 
     def cases(self, count: int, oversize: int) -> list[Case]:
         cases = [self.rng.choice(self.categories)() for _ in range(count - oversize)]
+        cases = [
+            replace(case, before_registration=False) if isinstance(case.frame, bytes) else case
+            for case in cases
+        ]
         for _ in range(oversize):
             cases.insert(self.rng.randrange(len(cases) + 1), self.oversize())
         return cases
@@ -130,8 +139,7 @@ class Fuzzer:
         return self.rng.randbytes(self.rng.randint(low, high))
 
     def next_seq(self) -> int:
-        self.seq += 1
-        return self.seq
+        return self.rng.randrange(1, self.rounds)
 
     def shard(self) -> int:
         return self.rng.randrange(len(self.layout))
@@ -147,7 +155,7 @@ class Fuzzer:
     def push(self, shard: int | None = None, **fields: Any) -> dict[str, Any]:
         shard = self.shard() if shard is None else shard
         base = self.target.versions[shard] if 0 <= shard < len(self.layout) else 0
-        return {**push_msg(self.lease_id, shard, self.next_seq(), base), **fields}
+        return {**push_msg(self.lease_id, shard, self.next_seq(), base, samples=1), **fields}
 
     def messages(self) -> list[dict[str, Any]]:
         """One valid message of each agent type (never sent unmutated, except as bases)."""
@@ -270,6 +278,18 @@ class Fuzzer:
             frame = MAGIC + self.rng.randbytes(size)
         return Case("oversize", frame, frozenset({"frame_too_large"}))
 
+    def shard0_frame(self, broken: dict[str, Any], payload: bytes) -> bytes:
+        """A push of shard 0 whose first variable is ``broken`` (last in the frame, so
+        ``payload`` may run past it) and whose other variables are good: the server checks
+        the frame against the layout before it decodes."""
+        descriptors, buffers = [], []
+        for spec in self.layout[0][1:]:
+            size = 4 * int(np.prod(spec["shape"]))
+            descriptors.append(self.descriptor(spec["name"], "float32", spec["shape"], size))
+            buffers.append(bytes(size))
+        header = {"msg": self.push(0), "tensors": [*descriptors, broken]}
+        return self.pack(header, b"".join(buffers) + payload)
+
     # -- binary frames: decoding ------------------------------------------------------------
 
     def bad_magic(self) -> Case:
@@ -375,6 +395,8 @@ class Fuzzer:
         elif choice == 2:  # a name twice
             payload = bytes(2 * size)
             tensors = [self.descriptor(name, "float32", shape, size)] * 2
+            frame = self.pack({"msg": self.push(0), "tensors": tensors}, payload)
+            return Case("buffer mismatch", frame, frozenset({"bad_frame"}))
         elif choice == 3:  # unknown compression
             payload = bytes(size)
             tensors = [self.descriptor(name, "float32", shape, size, "lz4")]
@@ -384,19 +406,21 @@ class Fuzzer:
         elif choice == 5:  # a zlib bomb: inflates past what the shape promises
             payload = zlib.compress(bytes(size * 64))
             tensors = [self.descriptor(name, "float32", shape, len(payload), "zlib")]
-        else:  # fp16 compression of something that is not float32
+        else:  # fp16 compression of something that is not float32: the shard holds float32
             payload = bytes(2 * int(np.prod(shape)))
             tensors = [self.descriptor(name, "float64", shape, len(payload), "fp16")]
-        frame = self.pack({"msg": self.push(0), "tensors": tensors}, payload)
-        return Case("buffer mismatch", frame, frozenset({"bad_frame"}))
+            frame = self.shard0_frame(tensors[0], payload)
+            return Case("buffer mismatch", frame, frozenset({"wrong_dtype"}))
+        return Case(
+            "buffer mismatch", self.shard0_frame(tensors[0], payload), frozenset({"bad_frame"})
+        )
 
     def unknown_dtype(self) -> Case:
         spec = self.layout[0][0]
         dtype = self.rng.choice(["complex64", "object", "<f4", "float128", "O", "U8", "", "bf16"])
         payload = self.bytes_(0, 64)
-        tensors = [self.descriptor(spec["name"], dtype, spec["shape"], len(payload))]
-        frame = self.pack({"msg": self.push(0), "tensors": tensors}, payload)
-        return Case("unknown dtype", frame, frozenset({"wrong_dtype"}))
+        tensor = self.descriptor(spec["name"], dtype, spec["shape"], len(payload))
+        return Case("unknown dtype", self.shard0_frame(tensor, payload), frozenset({"wrong_dtype"}))
 
     # -- binary frames: well formed, refused by the handler -----------------------------------
 

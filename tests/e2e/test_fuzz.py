@@ -83,8 +83,15 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 def seeded(deployment: Stack) -> dict[str, Any]:
+    # No spot checks: the fuzz pushes rounds out of order, which fails a checked lease (that
+    # rule has its own tests in tests/server/consumer/test_admission.py).
     data = deployment.seed(
-        hidden="16", target_accuracy=1.0, budget_seconds=3600, name="fuzz", tokens=4
+        hidden="16",
+        target_accuracy=1.0,
+        budget_seconds=3600,
+        name="fuzz",
+        tokens=4,
+        spot_check_fraction=0,
     )
     deployment.wait_for(
         "the job to start", lambda: deployment.job(data["job_id"])["status"] == "running", 120
@@ -418,8 +425,8 @@ async def test_a_zlib_tensor_with_an_impossible_shape_is_a_bad_frame(
     # Execute
     reply = await peer.ask(Fuzzer.pack(header, payload))
 
-    # Assert
-    assert reply.get("code") == "bad_frame", reply
+    # Assert: a client error before anything is inflated (the layout refuses the shape now).
+    assert reply.get("code") in ("bad_frame", "wrong_shape"), reply
 
 
 async def test_a_device_claiming_an_absurd_speed_still_gets_a_lease_or_a_client_error(

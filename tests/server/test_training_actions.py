@@ -45,6 +45,15 @@ def running_job(alice, dataset):  # type: ignore[no-untyped-def]
     return job
 
 
+def pushed_in_full(lease: Lease) -> int:
+    """Record what the consumer would for a lease whose every round arrived (and no spot
+    check pending); returns the samples its ``complete`` claims."""
+    unit = lease.unit
+    size = int(unit.steps * min(unit.job.batch_size, unit.shard.n_samples))
+    Lease.objects.filter(id=lease.id).update(samples_pushed=size, spot_check_round=None)
+    return size
+
+
 def test_it_queues_a_valid_job_with_its_parameter_count(alice, dataset) -> None:  # type: ignore[no-untyped-def]
     job = submit_job(alice, dataset, params())
     assert job.status == Job.Status.QUEUED
@@ -161,7 +170,7 @@ def test_a_returned_lease_puts_its_unit_back(running_job, agent) -> None:  # typ
 def test_a_completed_lease_finishes_its_unit(running_job, agent) -> None:  # type: ignore[no-untyped-def]
     lease = claim_work(agent)
     assert lease is not None
-    complete_lease(agent, str(lease.id), 320)
+    complete_lease(agent, str(lease.id), pushed_in_full(lease))
     assert WorkUnit.objects.get(id=lease.unit_id).status == WorkUnit.Status.DONE
     agent.refresh_from_db()
     assert agent.leases_completed == 1
@@ -230,7 +239,7 @@ def test_an_agent_that_abandons_work_gets_smaller_units_and_earns_them_back(
     second = claim_work(agent)
     assert second is not None
     assert second.unit.steps < first.unit.steps
-    complete_lease(agent, str(second.id), 10)
+    complete_lease(agent, str(second.id), pushed_in_full(second))
     agent.refresh_from_db()
     assert agent.unit_scale == 1.0 and agent.consecutive_completed == 1
 
@@ -313,7 +322,7 @@ def test_a_straggling_unit_near_the_end_of_a_job_gets_a_backup_and_the_first_cop
     backup = claim_work(fast)
     # Assert: the backup copies the straggler; the first to complete wins.
     assert backup is not None and backup.unit_id == slow.unit_id
-    complete_lease(fast, str(backup.id), 32)
+    complete_lease(fast, str(backup.id), pushed_in_full(backup))
     assert Lease.objects.get(id=slow.id).status == Lease.Status.SUPERSEDED
     with pytest.raises(LeaseError) as err:
         get_agent_lease(str(slow.id), agent)
@@ -363,3 +372,39 @@ def test_a_robust_job_holds_untrusted_pushes_until_trusted_ones_set_the_centre(
     assert held.held and not held.applied and store.versions()[0] == 0
     trusted = store.push(0, grad, 0, "trusted:0:0", trusted=True)
     assert trusted.applied and store.versions()[0] == 1
+
+
+def test_a_complete_without_the_leases_pushes_is_refused(running_job, agent) -> None:  # type: ignore[no-untyped-def]
+    # Prepare
+    lease = claim_work(agent)
+    assert lease is not None
+    size = pushed_in_full(lease)
+    Lease.objects.filter(id=lease.id).update(samples_pushed=0)
+
+    # Execute / Assert: no push, then too few, then claims that differ from the pushes.
+    for pushed, claimed in ((0, size), (size // 2, size // 2), (size, size + 1), (size, 0)):
+        Lease.objects.filter(id=lease.id).update(samples_pushed=pushed)
+        with pytest.raises(LeaseError) as err:
+            complete_lease(agent, str(lease.id), claimed)
+        assert err.value.code == "bad_message"
+    assert Lease.objects.get(id=lease.id).status == Lease.Status.ACTIVE
+
+
+def test_a_lease_counts_no_more_samples_than_its_size_even_if_its_rounds_apply_twice(  # type: ignore[no-untyped-def]
+    running_job, agent
+) -> None:
+    # Prepare: a lease whose rounds are recorded twice (a restore forgot the applied ids).
+    lease = claim_work(agent)
+    assert lease is not None
+    size = pushed_in_full(lease)
+
+    # Execute
+    for _ in range(2):
+        record_contribution(str(running_job.id), str(agent.id), str(lease.id), size, 1, 0, 10.0)
+
+    # Assert: the second batch counts nothing, and earns nothing.
+    assert Lease.objects.get(id=lease.id).samples == size
+    running_job.refresh_from_db()
+    assert running_job.samples_done == size
+    agent.refresh_from_db()
+    assert agent.credit == 10.0

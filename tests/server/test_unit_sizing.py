@@ -50,6 +50,14 @@ def held_samples(agent: Agent) -> int:
     return sum(lease.unit.steps * BATCH for lease in leases)
 
 
+def pushed_in_full(lease: Lease) -> int:
+    """Record every round of ``lease`` as arrived (``complete`` needs it); its samples."""
+    unit = lease.unit
+    size = int(unit.steps * min(unit.job.batch_size, unit.shard.n_samples))
+    Lease.objects.filter(id=lease.id).update(samples_pushed=size, spot_check_round=None)
+    return size
+
+
 def test_an_agent_claiming_1e9_samples_per_s_gets_a_small_first_unit(budget_job, boaster) -> None:  # type: ignore[no-untyped-def]
     lease = claim_work(boaster)
     assert lease is not None
@@ -61,7 +69,7 @@ def test_an_agent_cannot_hold_more_than_two_leases(budget_job, boaster) -> None:
     assert first is not None and second is not None
     assert third is None
     assert Lease.objects.filter(agent=boaster, status=Lease.Status.ACTIVE).count() == 2
-    complete_lease(boaster, str(first.id), 0)
+    complete_lease(boaster, str(first.id), pushed_in_full(first))
     assert claim_work(boaster) is not None
 
 
@@ -89,14 +97,17 @@ def test_an_agent_holding_its_share_gets_no_more_of_that_job(budget_job, boaster
 
 
 def test_with_a_measured_rate_units_take_about_the_target_time(budget_job, agent) -> None:  # type: ignore[no-untyped-def]
-    # Prepare: the first lease ran 2,000 samples in 10 s of real work (200 samples/s).
+    # Prepare: the first lease ran all its samples at 200 samples/s of real work; every
+    # round arrived (``complete`` is refused otherwise).
     first = claim_work(agent)
     assert first is not None
-    record_contribution(str(budget_job.id), str(agent.id), str(first.id), 2_000, 63, 0, 0.0)
-    Lease.objects.filter(id=first.id).update(issued_at=timezone.now() - timedelta(seconds=10))
+    size = pushed_in_full(first)
+    record_contribution(str(budget_job.id), str(agent.id), str(first.id), size, 63, 0, 0.0)
+    ran = timedelta(seconds=size / 200.0)
+    Lease.objects.filter(id=first.id).update(issued_at=timezone.now() - ran)
     first.refresh_from_db()
     # Execute
-    complete_lease(agent, str(first.id), 999_999)  # the agent's own count is not read
+    complete_lease(agent, str(first.id), size)
     agent.refresh_from_db()
     second = claim_work(agent)
     # Assert

@@ -5,7 +5,7 @@ The server imports this package too, so both ends agree by construction.
 
 from __future__ import annotations
 
-from .errors import ERROR_TEXTS, CloseCode, ErrorCode, ProtocolError
+from .errors import ERROR_TEXTS, CloseCode, ErrorCode, ProtocolError, wire_ref
 from .messages import (
     AGENT_MESSAGES,
     BINARY_TYPES,
@@ -44,8 +44,12 @@ from .tensors import (
     COMPRESSIONS,
     DTYPES,
     MAX_FRAME_BYTES,
+    FrameHeader,
     WireTensor,
     frame_from_wire,
+    frame_header_from_wire,
+    frame_ref,
+    frame_tensors_from_wire,
     frame_to_wire,
     tensor_from_wire,
     tensor_to_wire,
@@ -66,6 +70,7 @@ __all__ = [
     "CloseCode",
     "DatasetSpec",
     "ErrorCode",
+    "FrameHeader",
     "Hyper",
     "LeaseSpec",
     "ProtocolError",
@@ -77,6 +82,9 @@ __all__ = [
     "dataset_to_wire",
     "error_message",
     "frame_from_wire",
+    "frame_header_from_wire",
+    "frame_ref",
+    "frame_tensors_from_wire",
     "frame_to_wire",
     "job_finished_message",
     "job_paused_message",
@@ -92,4 +100,5 @@ __all__ = [
     "tensor_from_wire",
     "tensor_to_wire",
     "validate_message",
+    "wire_ref",
 ]

@@ -80,16 +80,41 @@ class CloseCode(IntEnum):
 class ProtocolError(Exception):
     """An error with a wire code; raised by decoders and by the server's handlers.
 
-    ``message`` defaults to the code's standard text in :data:`ERROR_TEXTS`.
+    ``message`` defaults to the code's standard text in :data:`ERROR_TEXTS`. ``ref`` is the
+    ``ref`` of the refused message when a decoder could read it (see :func:`wire_ref`), so the
+    answer echoes it even when the message is malformed.
     """
 
-    def __init__(self, code: ErrorCode | str, message: str | None = None) -> None:
+    def __init__(self, code: ErrorCode | str, message: str | None = None, ref: Any = None) -> None:
         self.code = ErrorCode(code)
         self.message = ERROR_TEXTS[self.code] if message is None else message
+        self.ref = ref
         super().__init__(self.message)
 
     def to_message(self, ref: Any = None) -> dict[str, Any]:
+        """The ``error`` message; ``ref`` defaults to the one the decoder read."""
+        ref = self.ref if ref is None else ref
         msg: dict[str, Any] = {"type": "error", "code": str(self.code), "message": self.message}
         if ref is not None:
             msg["ref"] = ref
         return msg
+
+
+#: Longest string ``ref`` echoed from a message that failed validation.
+MAX_LENIENT_REF_CHARS = 256
+
+
+def wire_ref(msg: Any) -> str | int | None:
+    """The ``ref`` of a decoded message that may not be valid, if it is one worth echoing.
+
+    A string of at most :data:`MAX_LENIENT_REF_CHARS` characters or a 64-bit integer (not a
+    bool); anything else is None, so a malformed message cannot make the answer large.
+    """
+    if not isinstance(msg, dict):
+        return None
+    ref = msg.get("ref")
+    if isinstance(ref, str) and len(ref) <= MAX_LENIENT_REF_CHARS:
+        return ref
+    if isinstance(ref, int) and not isinstance(ref, bool) and -(2**63) <= ref < 2**63:
+        return ref
+    return None

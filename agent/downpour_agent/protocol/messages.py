@@ -11,7 +11,7 @@ import json
 import math
 from typing import Any
 
-from .errors import ERROR_TEXTS, ErrorCode, ProtocolError
+from .errors import ERROR_TEXTS, ErrorCode, ProtocolError, wire_ref
 
 PROTOCOL_VERSION = 1
 MAX_TEXT_BYTES = 1 << 20  # control messages are small; lease messages carry the model JSON
@@ -118,8 +118,16 @@ def validate_message(msg: Any, schemas: dict[str, dict[str, _Field]]) -> dict[st
     ------
     ProtocolError
         ``bad_message`` for a wrong shape or field type, ``unknown_type`` for a type
-        that is not in ``schemas``.
+        that is not in ``schemas``; it carries the message's ``ref`` when one is readable.
     """
+    try:
+        return _validate(msg, schemas)
+    except ProtocolError as exc:
+        exc.ref = wire_ref(msg)
+        raise
+
+
+def _validate(msg: Any, schemas: dict[str, dict[str, _Field]]) -> dict[str, Any]:
     if not isinstance(msg, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "a message must be a JSON object")
     mtype = msg.get("type")

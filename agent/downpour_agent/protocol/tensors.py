@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .errors import ErrorCode, ProtocolError
+from .errors import ErrorCode, ProtocolError, wire_ref
 from .messages import _Field, validate_message
 
 MAGIC = b"DPT\x01"
@@ -146,6 +146,18 @@ def frame_to_wire(
     return b"".join([_HEAD.pack(MAGIC, len(head)), head, *(t.buffer for t in wire)])
 
 
+@dataclass(frozen=True)
+class FrameHeader:
+    """A binary frame's validated message and its tensors, not yet decoded.
+
+    What :func:`frame_header_from_wire` reads: enough for a receiver to check the message
+    (who sends it, for which lease and shard) before it spends memory on inflating.
+    """
+
+    msg: dict[str, Any]
+    tensors: tuple[WireTensor, ...]
+
+
 def frame_from_wire(
     data: bytes,
     schemas: dict[str, dict[str, _Field]],
@@ -155,12 +167,34 @@ def frame_from_wire(
 
     The message is validated against ``schemas``; the tensors are checked for size,
     dtype and shape consistency but not for content (finite values are the receiver's
-    business, since only it knows what the tensor is for).
+    business, since only it knows what the tensor is for). A receiver that must check the
+    message before decoding calls :func:`frame_header_from_wire` and
+    :func:`frame_tensors_from_wire` itself.
 
     Raises
     ------
     ProtocolError
         ``frame_too_large``, ``bad_frame``, ``wrong_dtype`` or a message-schema code.
+    """
+    header = frame_header_from_wire(data, schemas, max_bytes)
+    return header.msg, frame_tensors_from_wire(header)
+
+
+def frame_header_from_wire(
+    data: bytes,
+    schemas: dict[str, dict[str, _Field]],
+    max_bytes: int = MAX_FRAME_BYTES,
+) -> FrameHeader:
+    """Read a binary frame's header and split its payload, inflating nothing.
+
+    Costs at most a parse of the JSON header (``MAX_HEADER_BYTES``) and a copy of the
+    payload, whatever the descriptors claim.
+
+    Raises
+    ------
+    ProtocolError
+        ``frame_too_large``, ``bad_frame`` (framing, header or descriptors, duplicate names,
+        trailing bytes) or a message-schema code (carrying the message's ``ref``).
     """
     if len(data) > max_bytes:
         raise ProtocolError(
@@ -180,20 +214,86 @@ def frame_from_wire(
     if not isinstance(header, dict) or set(header) != {"msg", "tensors"}:
         raise ProtocolError(ErrorCode.BAD_FRAME, "header must have exactly 'msg' and 'tensors'")
     msg = validate_message(header["msg"], schemas)
-    descs = header["tensors"]
+    try:
+        tensors = _split_payload(header["tensors"], data, _HEAD.size + head_len)
+    except ProtocolError as exc:
+        exc.ref = wire_ref(msg)
+        raise
+    return FrameHeader(msg, tensors)
+
+
+def frame_ref(data: bytes) -> str | int | None:
+    """The ``ref`` of a binary frame's message, read from its header alone (or None).
+
+    For answering a frame that is refused before it is read (no registration yet): parses at
+    most ``MAX_HEADER_BYTES`` of JSON, validates nothing and decodes no tensor.
+    """
+    if len(data) < _HEAD.size:
+        return None
+    magic, head_len = _HEAD.unpack_from(data)
+    if magic != MAGIC or head_len > MAX_HEADER_BYTES or _HEAD.size + head_len > len(data):
+        return None
+    try:
+        header = json.loads(data[_HEAD.size : _HEAD.size + head_len])
+    except (ValueError, RecursionError):
+        return None
+    return wire_ref(header.get("msg")) if isinstance(header, dict) else None
+
+
+def _split_payload(descs: Any, data: bytes, offset: int) -> tuple[WireTensor, ...]:
     if not isinstance(descs, list) or len(descs) > MAX_TENSORS:
         raise ProtocolError(ErrorCode.BAD_FRAME, "'tensors' must be a list of descriptors")
-    offset = _HEAD.size + head_len
-    tensors: dict[str, npt.NDArray[Any]] = {}
+    tensors: list[WireTensor] = []
+    names: set[str] = set()
     for desc in descs:
         wire = _descriptor(desc, data, offset)
         offset += len(wire.buffer)
-        if wire.name in tensors:
+        if wire.name in names:
             raise ProtocolError(ErrorCode.BAD_FRAME, f"tensor {wire.name!r} appears twice")
-        tensors[wire.name] = tensor_from_wire(wire)
+        names.add(wire.name)
+        tensors.append(wire)
     if offset != len(data):
         raise ProtocolError(ErrorCode.BAD_FRAME, f"{len(data) - offset} trailing bytes in frame")
-    return msg, tensors
+    return tuple(tensors)
+
+
+def frame_tensors_from_wire(
+    header: FrameHeader, max_decoded_bytes: int | None = None
+) -> dict[str, npt.NDArray[Any]]:
+    """Decode the tensors of a frame read by :func:`frame_header_from_wire`.
+
+    Parameters
+    ----------
+    header : FrameHeader
+        The frame's message and tensors.
+    max_decoded_bytes : int, optional
+        Most bytes the tensors may decode to together, as the receiver expects them (a
+        parameter shard's float32 size, say); checked against the declared shapes before
+        anything is inflated. Without it each tensor is bounded by ``MAX_TENSOR_BYTES``.
+
+    Raises
+    ------
+    ProtocolError
+        ``bad_frame`` when a buffer does not match its shape, its compression is unknown or
+        corrupt, or the tensors are over ``max_decoded_bytes``; ``wrong_dtype``.
+    """
+    if max_decoded_bytes is not None:
+        declared = sum(_decoded_bytes(t) for t in header.tensors)
+        if declared > max_decoded_bytes:
+            raise ProtocolError(
+                ErrorCode.BAD_FRAME,
+                f"tensors of {declared} bytes where at most {max_decoded_bytes} are expected",
+            )
+    return {wire.name: tensor_from_wire(wire) for wire in header.tensors}
+
+
+def _decoded_bytes(tensor: WireTensor) -> int:
+    # Unknown dtypes count as one byte: tensor_from_wire refuses them before allocating.
+    count = 1
+    for dim in tensor.shape:
+        count *= dim
+    dtype = DTYPES.get(tensor.dtype)
+    return count * (dtype.itemsize if dtype is not None else 1)
 
 
 def _descriptor(desc: Any, data: bytes, offset: int) -> WireTensor:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.http.request import split_domain_port, validate_host
 
 from downpour.donors.models import Agent, AgentToken, hash_token
 from downpour_agent.protocol import ErrorCode, banned_message, error_message
@@ -60,3 +64,12 @@ def token_banned(agent: Agent) -> bool:
         banned_at__isnull=False,
         banned_at__lte=agent.registered_at,
     ).exists()
+
+
+def origin_allowed(scope: Mapping[str, Any]) -> bool:
+    """Agents send no Origin; browsers always do, and theirs must be one of our hosts."""
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"origin":
+            domain, _ = split_domain_port(urlsplit(value.decode("latin-1")).netloc)
+            return bool(domain) and validate_host(domain, settings.ALLOWED_HOSTS)
+    return True

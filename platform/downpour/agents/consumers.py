@@ -11,15 +11,12 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
-from django.http.request import split_domain_port, validate_host
 from django.utils import timezone
 
 from downpour.donors.actions import TooManyAgents, register_reported_agent
@@ -51,10 +48,13 @@ from downpour_agent.protocol import (
     STATISTICS_SHARD,
     CloseCode,
     ErrorCode,
+    FrameHeader,
     ProtocolError,
     banned_message,
     error_message,
-    frame_from_wire,
+    frame_header_from_wire,
+    frame_ref,
+    frame_tensors_from_wire,
     frame_to_wire,
     loads_from_wire,
     message_from_wire,
@@ -62,11 +62,14 @@ from downpour_agent.protocol import (
     no_work_message,
     split_statistics,
     statistics_to_frame,
+    wire_ref,
 )
 
-from . import push
-from .auth import agent_token, authority_refusal, scope_bearer_token, token_banned
+from . import admission, push
+from .admission import LeaseBounds
+from .auth import agent_token, authority_refusal, origin_allowed, scope_bearer_token, token_banned
 from .limits import limits
+from .state import Authority, CachedLease, JobStatus, SocketState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -75,6 +78,8 @@ JOB_STATUS_TTL_S = 1.0
 FLUSH_INTERVAL_S = 2.0
 #: Seconds an agent told ``no_work`` waits before it asks again.
 NO_WORK_RETRY_S = 2.0
+#: Store refusals of a push that was computed all the same: its round counts as arrived.
+_ROUND_ARRIVED_CODES = frozenset({ErrorCode.STALE_GRADIENT, ErrorCode.CONFLICT})
 #: The ``unknown_job`` text while a worker restarts a job with no checkpoint.
 STORE_NOT_READY = "the job's parameters are being restored by a worker; ask for work again"
 
@@ -83,42 +88,9 @@ class _CutOff(Exception):
     """The token was revoked or the agent banned: the socket has been told and is closing."""
 
 
-@dataclass
-class CachedLease:
-    lease_id: str
-    job: Job
-    deadline: float  # time.monotonic() after which the lease must be re-read
-    spot_check_round: int | None = None  # the push round a spot check replays, if any
-
-
-@dataclass
-class _JobStatus:
-    status: str
-    checked_at: float
-
-
 #: Seconds a socket trusts its last read of its token's revocation and its agent's ban;
 #: revocations and bans also push a close to the socket at once (``agents/push.py``).
 AUTHORITY_TTL_S = 1.0
-
-
-@dataclass
-class _Authority:
-    refusal: dict[str, Any] | None  # the error to close with, or None while allowed
-    checked_at: float
-
-
-@dataclass
-class _State:
-    leases: dict[str, CachedLease] = field(default_factory=dict)
-    tallies: dict[str, Tally] = field(default_factory=dict)
-    jobs: dict[str, _JobStatus] = field(default_factory=dict)
-    groups: set[str] = field(default_factory=set)
-    last_flush: float = 0.0
-    clipped: list[bool] = field(default_factory=list)  # per applied push of robust jobs
-    recordings: dict[str, Recording] = field(default_factory=dict)
-    recorded: set[str] = field(default_factory=set)  # checked leases whose round is in
-    authority: _Authority | None = None
 
 
 class AgentConsumer(AsyncWebsocketConsumer):
@@ -126,8 +98,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
     agent: Agent | None = None
 
     async def connect(self) -> None:
-        self.state = _State()
-        if not _origin_allowed(self.scope):
+        self.state = SocketState()
+        if not origin_allowed(self.scope):
             # A browser page on another site must not drive an agent socket.
             await self._close(CloseCode.FORBIDDEN)
             return
@@ -157,27 +129,22 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await asyncio.to_thread(
                 limits().release_connection, str(self.token.id), self.channel_name
             )
-        for group in list(getattr(self, "state", _State()).groups):
+        for group in list(getattr(self, "state", SocketState()).groups):
             await self.channel_layer.group_discard(group, self.channel_name)
         if self.agent is not None:
             await self._flush_tallies(force=True, notify=False)
             await self._mark_disconnected()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        if self.token is None:
+        if self.token is None or self.state.closed:
             return
         ref: Any = None
         msg: dict[str, Any] = {}
         try:
             if bytes_data is not None:
-                msg, tensors = await asyncio.to_thread(self._decode_push, bytes_data)
-                ref = msg.get("ref")
-                if msg["type"] != "push":
-                    raise ProtocolError(
-                        ErrorCode.BAD_MESSAGE, f"{msg['type']} is not a binary message"
-                    )
-                await self._require_registered()
-                await self.on_push(msg, tensors)
+                header = await self._frame_header(bytes_data)
+                msg, ref = header.msg, header.msg.get("ref")
+                await self.on_push(header)
             else:
                 msg = message_from_wire(text_data or "", AGENT_MESSAGES)
                 ref = msg.get("ref")
@@ -264,7 +231,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             return
         lease, message = offer
         # The claim saw the job running: forget an older "paused" or "finished" read of it.
-        self.state.jobs[str(lease.unit.job_id)] = _JobStatus(Job.Status.RUNNING, time.monotonic())
+        self.state.jobs[str(lease.unit.job_id)] = JobStatus(Job.Status.RUNNING, time.monotonic())
         self._cache(lease, settings.LEASE_TTL_S)
         await self._join(push.job_group(str(lease.unit.job_id)))
         await self._send({**message, **_ref(msg)})
@@ -295,46 +262,57 @@ class AgentConsumer(AsyncWebsocketConsumer):
             statistics = await self._in_store(cached.job, store.statistics)
             tensors = tensors | statistics_to_frame(statistics)
         frame = await asyncio.to_thread(frame_to_wire, reply, tensors)
-        await self.send(bytes_data=frame)
+        if not self.state.closed:
+            await self.send(bytes_data=frame)
 
-    async def on_push(self, msg: dict[str, Any], frame: dict[str, Any]) -> None:
+    async def on_push(self, header: FrameHeader) -> None:
+        """A push, checked against its lease and the job's layout before it is inflated."""
+        msg = header.msg
         cached = await self._lease(msg["lease_id"])
         store = job_store(cached.job)
-        tensors, statistics = split_statistics(frame)
-        if statistics:
-            # Checked before the gradient is applied, so a bad report never half-lands.
-            if msg["shard"] != STATISTICS_SHARD or not store.layout.statistics:
-                raise ProtocolError(
-                    ErrorCode.BAD_MESSAGE,
-                    f"statistics travel only in shard {STATISTICS_SHARD}'s push of a model "
-                    "that has them",
-                )
-            await asyncio.to_thread(check_statistics, store.layout, statistics)
-        loads_from_wire(msg.get("loads", []), cached.job.n_push, store.layout.n_shards)
         push_id = f"{msg['lease_id']}:{msg['seq']}:{msg['shard']}"
         tally = self.state.tallies.setdefault(msg["lease_id"], Tally(str(cached.job.id)))
         try:
-            assert self.token is not None
-            trusted = self.token.is_trusted
-            result: PushResult = await self._in_store(
-                cached.job,
-                lambda: store.push(
-                    msg["shard"], tensors, msg["base_version"], push_id, trusted=trusted
-                ),
-            )
+            cap = self._admit_push(cached, header)
         except (StoreError, ProtocolError):
             tally.rejected += 1
             raise
+        await self._check_round_order(cached, msg["seq"])
+        tensors: dict[str, Any] = {}
+        statistics: dict[str, Any] = {}
+
+        def decode_and_push() -> PushResult:
+            # One thread hop for all of it: inflating is bounded by ``cap`` (checked above),
+            # and a bad statistics report is refused before the gradient is applied.
+            if not tensors:
+                variables, reported = split_statistics(frame_tensors_from_wire(header, cap))
+                if reported:
+                    check_statistics(store.layout, reported)
+                tensors.update(variables)
+                statistics.update(reported)
+            return store.push(msg["shard"], tensors, msg["base_version"], push_id, trusted=trusted)
+
+        try:
+            assert self.token is not None
+            trusted = self.token.is_trusted
+            result: PushResult = await self._in_store(cached.job, decode_and_push)
+        except (StoreError, ProtocolError) as exc:
+            tally.rejected += 1
+            if exc.code in _ROUND_ARRIVED_CODES:
+                tally.add_pushed(msg["shard"], msg["samples"])
+                await self._record_checked_round(cached, msg, tensors)
+            raise
+        await self._record_checked_round(cached, msg, tensors)
         if result.applied and statistics:
             await self._report_statistics(cached.job, statistics, msg["samples"], push_id)
-        if msg["seq"] == cached.spot_check_round and not result.duplicate:
-            await self._record_checked_round(cached, msg, tensors)
         if result.applied and cached.job.robust_aggregation:
             self.state.clipped.append(result.clipped)
         if result.applied:
             tally.add_applied(cached.job, msg["shard"], msg["samples"], result.staleness)
             if msg["shard"] == 0:
                 tally.add_loss(msg.get("loss"), msg["samples"])
+        if not result.duplicate:
+            tally.add_pushed(msg["shard"], msg["samples"])
         await self._send(
             {
                 "type": "push_ack",
@@ -370,7 +348,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if message["type"] in ("job_finished", "job_paused"):
             job_id = message["job_id"]
             status = Job.Status.PAUSED if message["type"] == "job_paused" else Job.Status.DONE
-            self.state.jobs[job_id] = _JobStatus(status, time.monotonic())
+            self.state.jobs[job_id] = JobStatus(status, time.monotonic())
             for lease_id, cached in list(self.state.leases.items()):
                 if str(cached.job.id) == job_id:
                     del self.state.leases[lease_id]
@@ -379,27 +357,34 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if message.get("code") == ErrorCode.BANNED:  # e.g. a failed spot check, by a worker
             await self._close(CloseCode.FORBIDDEN)
         elif message.get("code") == ErrorCode.UNAUTHORIZED:  # token revoked, account closed
-            self.state.authority = _Authority(message, time.monotonic())
+            self.state.authority = Authority(message, time.monotonic())
             await self._close(CloseCode.UNAUTHORIZED)
 
     # --- helpers --------------------------------------------------------------------
 
     def _cache(self, lease: Lease, ttl_s: float) -> CachedLease:
+        job = lease.unit.job
         cached = CachedLease(
             str(lease.id),
-            lease.unit.job,
+            job,
             time.monotonic() + ttl_s,
+            LeaseBounds(
+                lease.unit.steps, job.n_push, min(job.batch_size, lease.unit.shard.n_samples)
+            ),
             lease.spot_check_round,
         )
         self.state.leases[cached.lease_id] = cached
         return cached
 
     async def _close(self, code: CloseCode) -> None:
+        self.state.closed = True
         # A plain int: autobahn (under daphne) refuses an int subclass and closes with 1011.
         await self.close(code=int(code))
 
     async def _send(self, message: dict[str, Any]) -> None:
-        await self.send(text_data=message_to_wire(message))
+        # Frames queued behind a ban are not answered: autobahn raises on a send after close.
+        if not self.state.closed:
+            await self.send(text_data=message_to_wire(message))
 
     async def _join(self, group: str) -> None:
         if group not in self.state.groups:
@@ -431,7 +416,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         now = time.monotonic()
         final = known is not None and known.status in (Job.Status.DONE, Job.Status.FAILED)
         if known is None or (not final and now - known.checked_at > JOB_STATUS_TTL_S):
-            known = _JobStatus(await self._job_status(key), now)
+            known = JobStatus(await self._job_status(key), now)
             self.state.jobs[key] = known
         if known.status == Job.Status.PAUSED:
             raise LeaseError(ErrorCode.JOB_PAUSED)
@@ -444,7 +429,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         known = self.state.authority
         now = time.monotonic()
         if known is None or (known.refusal is None and now - known.checked_at > AUTHORITY_TTL_S):
-            known = _Authority(await self._authority_refusal(), now)
+            known = Authority(await self._authority_refusal(), now)
             self.state.authority = known
         if known.refusal is None:
             return True
@@ -475,8 +460,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def _record_checked_round(
         self, cached: CachedLease, msg: dict[str, Any], tensors: dict[str, Any]
     ) -> None:
+        # A duplicate counts: a resumed lease sends its interrupted round again in full.
         recording = self._recording(cached)
-        if recording is None:
+        if recording is None or msg["seq"] != cached.spot_check_round:
             return
         recording.add_push(msg, tensors)
         if not recording.complete(job_store(cached.job).layout.n_shards):
@@ -492,14 +478,56 @@ class AgentConsumer(AsyncWebsocketConsumer):
         store = job_store(job)
         await self._in_store(job, lambda: store.report_statistics(statistics, samples, push_id))
 
-    def _decode_push(self, data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
-        # The rate is checked before decoding, so a flood costs us as little as possible.
-        if self.agent is not None and not limits().allow_push(str(self.agent.id)):
+    async def _check_round_order(self, cached: CachedLease, seq: int) -> None:
+        """A push past the checked round before that round arrived in full fails the check:
+        rounds are pushed in order, so the agent skipped it (issue 10)."""
+        checked = cached.spot_check_round
+        if checked is None or seq <= checked or cached.lease_id in self.state.recorded:
+            return
+        self.state.recordings.pop(cached.lease_id, None)
+        self.state.recorded.add(cached.lease_id)
+        await self._fail_skipped_round(cached.lease_id, checked, seq)
+
+    async def _frame_header(self, data: bytes) -> FrameHeader:
+        """A binary frame's header, read only on a registered socket; nothing is inflated."""
+        if len(data) > settings.MAX_FRAME_BYTES:
+            raise ProtocolError(
+                ErrorCode.FRAME_TOO_LARGE,
+                f"frame of {len(data)} bytes over {settings.MAX_FRAME_BYTES}",
+            )
+        if self.agent is None:
+            # Nothing of a frame is decoded before registration; only its ref is echoed.
+            ref = await asyncio.to_thread(frame_ref, data)
+            raise ProtocolError(ErrorCode.NOT_REGISTERED, ref=ref)
+        return await asyncio.to_thread(self._read_push_header, data, str(self.agent.id))
+
+    def _read_push_header(self, data: bytes, agent_id: str) -> FrameHeader:
+        # In a thread: parse the header, then the rate (Redis with REDIS_URL), before the lease
+        # is read or anything is decoded, so a flood costs as little as possible.
+        header = frame_header_from_wire(data, AGENT_MESSAGES, settings.MAX_FRAME_BYTES)
+        ref = wire_ref(header.msg)
+        if header.msg["type"] != "push":
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE, f"{header.msg['type']} is not a binary message", ref
+            )
+        if not limits().allow_push(agent_id):
             raise ProtocolError(
                 ErrorCode.RATE_LIMITED,
                 f"over {settings.PUSHES_PER_SECOND:g} push frames per second; slow down",
+                ref,
             )
-        return frame_from_wire(data, AGENT_MESSAGES, settings.MAX_FRAME_BYTES)
+        return header
+
+    def _admit_push(self, cached: CachedLease, header: FrameHeader) -> int:
+        """Check the push against its lease and the shard's layout (its declarations only:
+        nothing is decoded); returns the shard's float32 size, the cap on decoding."""
+        msg = header.msg
+        layout = job_store(cached.job).layout
+        layout.check_shard(msg["shard"])
+        admission.check_round(cached.bounds, msg)
+        loads_from_wire(msg.get("loads", []), cached.job.n_push, layout.n_shards)
+        admission.check_tensors(layout, msg["shard"], header.tensors)
+        return admission.expected_bytes(layout, msg["shard"])
 
     async def _in_store(self, job: Job, operation: Callable[[], T]) -> T:
         """Run a store operation off the loop; if the job's shards are gone (a restart),
@@ -620,18 +648,13 @@ class AgentConsumer(AsyncWebsocketConsumer):
         spot_recording.save(lease_id, round_index, recording)
 
     @database_sync_to_async
+    def _fail_skipped_round(self, lease_id: str, round_index: int, seq: int) -> None:
+        spot_recording.record_skipped(lease_id, round_index, seq)
+
+    @database_sync_to_async
     def _mark_disconnected(self) -> None:
         assert self.agent is not None
         Agent.objects.filter(id=self.agent.id).update(connected=False, last_seen_at=timezone.now())
-
-
-def _origin_allowed(scope: Mapping[str, Any]) -> bool:
-    """Agents send no Origin; browsers always do, and theirs must be one of our hosts."""
-    for name, value in scope.get("headers", []):
-        if name.lower() == b"origin":
-            domain, _ = split_domain_port(urlsplit(value.decode("latin-1")).netloc)
-            return bool(domain) and validate_host(domain, settings.ALLOWED_HOSTS)
-    return True
 
 
 def _is_uuid(value: str) -> bool:

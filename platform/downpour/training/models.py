@@ -200,6 +200,9 @@ class Lease(models.Model):
     # is not told.
     spot_check_round = models.IntegerField(null=True, blank=True)
     samples = models.BigIntegerField(default=0)
+    # Samples of the rounds that reached the store, applied or not (each round once): a
+    # ``complete`` must claim exactly these.
+    samples_pushed = models.BigIntegerField(default=0)
     pushes_accepted = models.IntegerField(default=0)
     pushes_rejected = models.IntegerField(default=0)
 

@@ -88,9 +88,9 @@ class Socket:
             "seq": 0,
             "shard": shard,
             "base_version": 0,
-            "samples": 32,
             **fields,
         }
+        msg.setdefault("samples", round_samples(lease, msg["seq"]))
         await self.send_bytes(frame_to_wire(msg, tensors))
         return (await self.recv())[0]
 
@@ -116,6 +116,27 @@ async def open_socket(
     communicator = WebsocketCommunicator(application, "/ws/agent/", headers(token, origin))
     connected, detail = await communicator.connect(REPLY_TIMEOUT_S)
     return communicator, connected, detail
+
+
+def round_samples(lease: dict[str, Any], seq: int) -> int:
+    """What round ``seq`` of ``lease`` covers, as an honest agent claims it."""
+    hyper = lease["hyper"]
+    steps = max(0, min(hyper["n_push"], lease["steps"] - seq * hyper["n_push"]))
+    return steps * min(hyper["batch_size"], lease["dataset"]["n_samples"])
+
+
+async def push_every_round(socket: Socket, lease: dict[str, Any]) -> int:
+    """Push every round of ``lease`` (zero gradients, each on freshly fetched versions);
+    returns the samples an honest ``complete`` claims."""
+    hyper = lease["hyper"]
+    rounds = -(-lease["steps"] // hyper["n_push"])
+    for seq in range(rounds):
+        for shard in range(len(lease["layout"])):
+            version, _ = await socket.fetch(lease, shard)
+            grads = gradients(lease, shard, 0.0)
+            reply = await socket.push(lease, shard, grads, seq=seq, base_version=version)
+            assert reply["type"] == "push_ack", reply
+    return sum(round_samples(lease, seq) for seq in range(rounds))
 
 
 def gradients(lease: dict[str, Any], shard: int, value: float = 0.01) -> dict[str, np.ndarray]:

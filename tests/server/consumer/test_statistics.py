@@ -76,7 +76,9 @@ async def test_a_push_with_statistics_moves_the_average_once(
     # Assert
     assert first["applied"] and replay["duplicate"]
     state = store.job_store(bn_job).statistics_state()
-    assert state is not None and state.version == 1 and state.samples == 32
+    hyper, data = lease["hyper"], lease["dataset"]
+    samples = min(hyper["batch_size"], data["n_samples"]) * min(hyper["n_push"], lease["steps"])
+    assert state is not None and state.version == 1 and state.samples == samples
     for value in store.job_store(bn_job).statistics().values():
         np.testing.assert_allclose(value, 3.0)
 

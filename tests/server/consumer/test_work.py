@@ -15,6 +15,7 @@ from tests.server.consumer.client import (
     gradients,
     lease_row,
     open_socket,
+    push_every_round,
 )
 from tests.server.helpers import job_params
 
@@ -348,17 +349,17 @@ async def test_complete_finishes_the_unit_and_records_the_agents_contribution(
     running_job: Job, registered: Socket
 ) -> None:
     lease = await registered.lease()
-    for shard in (0, 1):
-        assert (await registered.push(lease, shard, gradients(lease, shard)))["applied"]
+    samples = await push_every_round(registered, lease)
     reply = await registered.ask(
-        {"type": "complete", "lease_id": lease["lease_id"], "samples": 32, "ref": 6}
+        {"type": "complete", "lease_id": lease["lease_id"], "samples": samples, "ref": 6}
     )
     assert reply == {"type": "complete_ack", "lease_id": lease["lease_id"], "ref": 6}
     row = await lease_row(lease["lease_id"])
     assert row.status == Lease.Status.COMPLETED and row.unit.status == WorkUnit.Status.DONE
-    assert row.pushes_accepted == 2
+    # 20 rounds of one step over 2 shards, batches of 30 (a shard's 30 samples, batch 32).
+    assert row.pushes_accepted == 40 and samples == 20 * 30
     job = await database_sync_to_async(Job.objects.get)(id=running_job.id)
-    assert job.pushes_accepted == 2 and job.samples_done == 32
+    assert job.pushes_accepted == 40 and job.samples_done == samples
 
 
 async def test_return_lease_puts_the_unit_back_in_the_queue(
@@ -435,7 +436,10 @@ async def test_a_job_with_no_checkpoint_waits_for_a_worker_to_restart_it(
 ) -> None:
     # Prepare: one unit done, then the store is lost with no checkpoint to restore.
     done = await registered.lease()
-    reply = await registered.ask({"type": "complete", "lease_id": done["lease_id"], "samples": 0})
+    samples = await push_every_round(registered, done)
+    reply = await registered.ask(
+        {"type": "complete", "lease_id": done["lease_id"], "samples": samples}
+    )
     assert reply["type"] == "complete_ack"
     lease = await registered.lease()
     restart_the_store()

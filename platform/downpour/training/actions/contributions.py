@@ -11,6 +11,7 @@ from django.db.models import F
 
 from downpour.donors.models import Agent
 from downpour.scheduler import credit_for_push
+from downpour.training.actions.leases import lease_size
 from downpour.training.models import Contribution, Job, Lease
 from downpour.training.trainloss import record_training_loss
 
@@ -25,6 +26,8 @@ class Tally:
     rejected: int = 0
     credit: float = 0.0
     staleness: dict[int, int] = field(default_factory=dict)
+    #: Samples of the rounds that reached the store, applied or not: what ``complete`` claims.
+    pushed: int = 0
     # The agent's training loss over its applied push rounds, weighted by their samples.
     loss_sum: float = 0.0
     loss_samples: int = 0
@@ -40,6 +43,11 @@ class Tally:
             self.samples += samples
             self.credit += credit_for_push(samples, staleness, accepted=True)
 
+    def add_pushed(self, shard: int, samples: int) -> None:
+        """Count a round that reached the store (once: by its shard 0), whatever its verdict."""
+        if shard == 0:
+            self.pushed += samples
+
     def add_loss(self, loss: object, samples: int) -> None:
         """Count a push round's mean training loss (the agent's word: only for the chart)."""
         if isinstance(loss, int | float) and math.isfinite(loss) and samples > 0:
@@ -51,10 +59,36 @@ def record_tallies(agent_id: str, tallies: Mapping[str, Tally]) -> None:
     """Record an agent's tallies, keyed by lease id (:func:`record_contribution` each)."""
     for lease_id, t in tallies.items():
         record_contribution(
-            t.job_id, agent_id, lease_id, t.samples, t.accepted, t.rejected, t.credit, t.staleness
+            t.job_id,
+            agent_id,
+            lease_id,
+            t.samples,
+            t.accepted,
+            t.rejected,
+            t.credit,
+            t.staleness,
+            pushed=t.pushed,
         )
         if t.loss_samples:
             record_training_loss(t.job_id, t.loss_sum / t.loss_samples)
+
+
+def _within_lease(lease_id: str, samples: int, credit: float) -> tuple[int, float]:
+    """Cut ``samples`` (and the credit with them) to what the lease has left of its size, so
+    a lease counts at most ``steps × batch`` even if its rounds are applied twice (after a
+    restore forgot the applied push ids). Locks the lease row (call inside a transaction)."""
+    lease = (
+        Lease.objects.select_for_update(of=("self",))
+        .select_related("unit__job", "unit__shard")
+        .filter(id=lease_id)
+        .first()
+    )
+    if lease is None or samples <= 0:
+        return samples, credit
+    room = max(0, lease_size(lease) - lease.samples)
+    if samples <= room:
+        return samples, credit
+    return room, credit * room / samples
 
 
 def record_contribution(
@@ -66,17 +100,21 @@ def record_contribution(
     rejected: int,
     credit: float,
     staleness: dict[int, int] | None = None,
+    pushed: int = 0,
 ) -> None:
     """Add a batch of push outcomes to the job, the lease, the agent and their ledger.
 
     ``staleness`` counts accepted pushes by staleness; it is merged into the job's
-    distribution (the job page shows its p50 and p95).
+    distribution (the job page shows its p50 and p95). ``pushed`` adds to the lease's
+    ``samples_pushed``, which its ``complete`` must match.
     """
-    if not (samples or accepted or rejected):
+    if not (samples or accepted or rejected or pushed):
         return
     with transaction.atomic():
+        # The job's row first, then the lease's: the order the other writers take them in.
+        job = Job.objects.select_for_update().only("staleness_hist").get(id=job_id)
+        samples, credit = _within_lease(lease_id, samples, credit)
         if staleness:
-            job = Job.objects.select_for_update().only("staleness_hist").get(id=job_id)
             merged = {int(k): v for k, v in job.staleness_hist.items()}
             for value, count in staleness.items():
                 merged[value] = merged.get(value, 0) + count
@@ -90,6 +128,7 @@ def record_contribution(
         )
         Lease.objects.filter(id=lease_id).update(
             samples=F("samples") + samples,
+            samples_pushed=F("samples_pushed") + pushed,
             pushes_accepted=F("pushes_accepted") + accepted,
             pushes_rejected=F("pushes_rejected") + rejected,
         )

@@ -15,7 +15,7 @@ from django.utils import timezone
 from downpour import scheduler
 from downpour.donors.models import Agent
 from downpour.training.actions.claims import host_record, record_lease_rate
-from downpour.training.models import Job, Lease, WorkUnit
+from downpour.training.models import Job, Lease, SpotCheck, WorkUnit
 from downpour_agent.protocol import (
     ERROR_TEXTS,
     DatasetSpec,
@@ -104,7 +104,9 @@ def heartbeat(agent: Agent, lease_id: str | None) -> float | None:
 
 
 def complete_lease(agent: Agent, lease_id: str, samples: int) -> None:
+    """End a lease as done; refused unless its pushes arrived (see :func:`check_complete`)."""
     lease = get_agent_lease(lease_id, agent)
+    check_complete(lease, samples)
     now = timezone.now()
     with transaction.atomic():
         done = Lease.objects.filter(id=lease.id, status=Lease.Status.ACTIVE).update(
@@ -119,6 +121,37 @@ def complete_lease(agent: Agent, lease_id: str, samples: int) -> None:
         )
         _record_outcome(str(agent.id), completed=True)
         record_lease_rate(str(agent.id), lease, now)
+
+
+def lease_size(lease: Lease) -> int:
+    """Samples a lease covers: its steps × the batch its agent draws (at most the shard)."""
+    unit = lease.unit
+    return int(unit.steps * min(unit.job.batch_size, unit.shard.n_samples))
+
+
+def check_complete(lease: Lease, samples: int) -> None:
+    """A ``complete`` must follow pushes of the whole lease (``steps × batch`` samples), claim
+    the samples they covered, and come after the spot-checked round (if any) arrived in
+    full; the text does not say which round that is.
+
+    Raises
+    ------
+    LeaseError
+        ``bad_message``.
+    """
+    size = lease_size(lease)
+    if lease.samples_pushed == 0:
+        raise LeaseError(ErrorCode.BAD_MESSAGE, "complete: no push of this lease has arrived")
+    if samples != lease.samples_pushed or samples != size:
+        raise LeaseError(
+            ErrorCode.BAD_MESSAGE,
+            f"complete: {samples} samples claimed; this lease's pushes covered "
+            f"{lease.samples_pushed} of its {size}",
+        )
+    if lease.spot_check_round is not None and not SpotCheck.objects.filter(lease=lease).exists():
+        raise LeaseError(
+            ErrorCode.BAD_MESSAGE, "complete: a round of this lease has not arrived in full"
+        )
 
 
 def _record_outcome(agent_id: str, completed: bool) -> None:

@@ -175,6 +175,20 @@ def record_unservable(
     finish(check, passed=verdict, relative_error=None, detail=detail)
 
 
+def record_skipped(lease_id: str, round_index: int, seq: int) -> None:
+    """The lease pushed round ``seq`` before its checked round arrived in full: that fails.
+
+    Rounds are pushed in order, and a resumed lease sends its interrupted round again, so an
+    agent that moves past the checked round without sending it skipped it. Nothing if the
+    lease already has a check.
+    """
+    lease = Lease.objects.select_related("unit__job", "agent").get(id=lease_id)
+    check = _create_once(lease, round_index, {}, steps=0, samples=0, weights=b"", gradients=b"")
+    if check is not None:
+        detail = f"round {seq} arrived before round {round_index} had arrived in full"
+        finish(check, passed=False, relative_error=None, detail=detail)
+
+
 def _create_once(
     lease: Lease, round_index: int, versions: Mapping[int, int], **fields: Any
 ) -> SpotCheck | None:
