@@ -135,7 +135,11 @@ def test_revoking_a_token_cuts_its_agent_off_within_two_seconds_and_reissues_its
     )
     job_id = seeded["job_id"]
     with held(production, job_id):
-        victim = production.start_agent("revoked", seeded["tokens"][0])
+        # Slowed to 1 step/s, so the lease it holds is still live when the revocation lands
+        # (a first unit is 20 steps, done in well under a second at full speed).
+        victim = production.start_agent(
+            "revoked", seeded["tokens"][0], "--max-steps-per-second", "1"
+        )
         production.start_agent("keeper", seeded["tokens"][1])
         wait_registered(production, "revoked", "keeper")
     lease_id, unit_id = production.wait_for(
