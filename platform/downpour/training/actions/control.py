@@ -171,12 +171,15 @@ def ban_agent(agent: Agent, reason: str) -> bool:
 
     reason = (reason or "banned by an operator")[:BAN_REASON_CHARS]
     with transaction.atomic():
+        # Leases before the agent's row: the order ``record_contribution`` locks them in
+        # (lease, then agent), or a ban and a tally flush can deadlock each other.
+        take_back_leases(Lease.objects.filter(agent_id=agent.id))
         changed = Agent.objects.filter(id=agent.id, banned_at__isnull=True).update(
             banned_at=timezone.now(), ban_reason=reason
         )
         if changed != 1:
+            transaction.set_rollback(True)  # banned already: its leases stay as they were
             return False
-        take_back_leases(Lease.objects.filter(agent_id=agent.id))
         push.notify_agent_banned_on_commit(str(agent.id), reason)
     return True
 
