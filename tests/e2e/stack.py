@@ -41,11 +41,12 @@ ROGUE_AGENT = Path(__file__).with_name("rogue_agent.py")
 
 
 def start_rogue_agent(
-    stack: Stack, name: str, token: str, mode: str, *extra: str
+    stack: Stack, name: str, token: str, mode: str, *extra: str, honest_steps: int = 2
 ) -> subprocess.Popen[bytes]:
     """Start ``rogue_agent.py --mode MODE join ...`` as ``Stack.start_agent`` starts agents."""
+    program = [sys.executable, str(ROGUE_AGENT), "--mode", mode]
     return stack.start_agent(
-        name, token, *extra, program=[sys.executable, str(ROGUE_AGENT), "--mode", mode]
+        name, token, *extra, program=[*program, "--honest-steps", str(honest_steps)]
     )
 
 

@@ -56,7 +56,11 @@ def test_an_honest_agent_passes_its_spot_checks_and_a_faking_one_is_banned(
     production.start_agent("honest", honest_token)
     fakers = {
         "faker": start_rogue_agent(production, "faker", rogue_token, "random"),
-        "late-faker": start_rogue_agent(production, "late-faker", late_token, "late"),
+        # Honest through each lease's whole first round (n_push steps), so only a replay of
+        # a later round can catch it (leases are short now: 5 rounds, round 0 was 1 in 5).
+        "late-faker": start_rogue_agent(
+            production, "late-faker", late_token, "late", honest_steps=4
+        ),
     }
     # Assert: each faker is banned by a failed check and its process ends.
     for name, proc in fakers.items():
