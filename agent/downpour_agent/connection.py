@@ -24,7 +24,6 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from downpour_agent import __version__
 from downpour_agent.data import DatasetError, fetch_dataset
-from downpour_agent.desktop import status as desktop
 from downpour_agent.desktop.governor import Governor
 from downpour_agent.desktop.resources import lease_fits
 from downpour_agent.desktop.status import CreditBook
@@ -63,7 +62,7 @@ from downpour_agent.session import (
     refusal,
     websocket_url,
 )
-from downpour_agent.stats import AgentStats, PushResult
+from downpour_agent.stats import AgentStats, PushResult, log_status, mirror_status
 from downpour_agent.trainer import GradientAccumulator, GradientComputer
 from downpour_agent.transfer import (
     fetch_all,
@@ -151,11 +150,16 @@ class Agent:
         self._finished.clear()
         backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
         status = (
-            asyncio.create_task(self._status_loop(self.config.status_interval_s))
+            asyncio.create_task(log_status(self.stats, self.config.status_interval_s))
             if self.config.status_interval_s
             else None
         )
-        page = asyncio.create_task(self._desktop_status_loop()) if self.config.governor else None
+        governor, credit = self.config.governor, self.config.credit
+        page = (
+            asyncio.create_task(mirror_status(self.stats, governor.status, credit))
+            if governor
+            else None
+        )
         try:
             while not self._stop.is_set():
                 try:
@@ -298,18 +302,6 @@ class Agent:
             if self._lease is not None:
                 msg["lease_id"] = self._lease.lease.lease_id
             await session.send_tracked(msg)
-
-    async def _status_loop(self, interval_s: float) -> None:
-        stats = self.stats
-        last_t, last_samples, last_compute = time.perf_counter(), stats.samples_done, 0.0
-        while True:
-            await asyncio.sleep(interval_s)
-            now = time.perf_counter()
-            elapsed = max(now - max(last_t, stats.training_since or now), 1e-9)
-            rate = (stats.samples_done - last_samples) / elapsed
-            utilisation = min(1.0, (stats.compute_s - last_compute) / elapsed)
-            last_t, last_samples, last_compute = now, stats.samples_done, stats.compute_s
-            logger.info("%s", stats.status_line(rate, utilisation, now))
 
     # -- incoming, unsolicited -----------------------------------------------------
 
@@ -672,36 +664,6 @@ class Agent:
             for pending in inflight or []:
                 session.forget(pending)
         return samples
-
-    async def _desktop_status_loop(self, interval_s: float = 1.0) -> None:
-        """Copy progress into the status page's snapshot once a second."""
-        governor = self.config.governor
-        assert governor is not None
-        status, stats = governor.status, self.stats
-        last_t, last_samples = time.monotonic(), stats.samples_done
-        while True:
-            await asyncio.sleep(interval_s)
-            now = time.monotonic()
-            rate = (stats.samples_done - last_samples) / max(now - last_t, 1e-9)
-            last_t, last_samples = now, stats.samples_done
-            credit = self.config.credit
-            status.update(
-                job_id=stats.job_id,
-                lease_id=stats.lease_id,
-                steps_done=stats.steps_done,
-                steps_total=stats.steps_total,
-                samples_per_s=rate,
-                credit_today=credit.today if credit else 0.0,
-                credit_total=credit.total if credit else 0.0,
-            )
-            if status.state == desktop.PAUSED:
-                continue  # the governor owns the paused state and its reason
-            if stats.state in ("connecting", "reconnecting"):
-                status.set_state(desktop.DISCONNECTED)
-            elif stats.state.startswith("idle ("):
-                status.set_state(desktop.NO_WORK)
-            elif stats.state == "stopped":
-                status.set_state(desktop.STOPPED)
 
     async def _throttle(self) -> None:
         rate = self.config.max_steps_per_second

@@ -1,8 +1,16 @@
-"""What the agent reports about itself: counters, and the status line built from them."""
+"""What the agent reports about itself: counters, the status line built from them, and the
+loops that log it and mirror it onto the desktop status page."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from dataclasses import dataclass
+
+from downpour_agent.desktop import status as desktop
+
+logger = logging.getLogger("downpour_agent")
 
 
 @dataclass
@@ -72,3 +80,48 @@ class AgentStats:
             f"{line} utilisation={utilisation:.3f} compute_s={self.compute_s:.2f} "
             f"wall_s={self.wall_s(now):.2f}"
         )
+
+
+async def log_status(stats: AgentStats, interval_s: float) -> None:
+    """Log one status line every ``interval_s``: samples/s and utilisation since the last."""
+    last_t, last_samples, last_compute = time.perf_counter(), stats.samples_done, 0.0
+    while True:
+        await asyncio.sleep(interval_s)
+        now = time.perf_counter()
+        elapsed = max(now - max(last_t, stats.training_since or now), 1e-9)
+        rate = (stats.samples_done - last_samples) / elapsed
+        utilisation = min(1.0, (stats.compute_s - last_compute) / elapsed)
+        last_t, last_samples, last_compute = now, stats.samples_done, stats.compute_s
+        logger.info("%s", stats.status_line(rate, utilisation, now))
+
+
+async def mirror_status(
+    stats: AgentStats,
+    status: desktop.AgentStatus,
+    credit: desktop.CreditBook | None,
+    interval_s: float = 1.0,
+) -> None:
+    """Copy progress into the status page's snapshot once a second."""
+    last_t, last_samples = time.monotonic(), stats.samples_done
+    while True:
+        await asyncio.sleep(interval_s)
+        now = time.monotonic()
+        rate = (stats.samples_done - last_samples) / max(now - last_t, 1e-9)
+        last_t, last_samples = now, stats.samples_done
+        status.update(
+            job_id=stats.job_id,
+            lease_id=stats.lease_id,
+            steps_done=stats.steps_done,
+            steps_total=stats.steps_total,
+            samples_per_s=rate,
+            credit_today=credit.today if credit else 0.0,
+            credit_total=credit.total if credit else 0.0,
+        )
+        if status.state == desktop.PAUSED:
+            continue  # the governor owns the paused state and its reason
+        if stats.state in ("connecting", "reconnecting"):
+            status.set_state(desktop.DISCONNECTED)
+        elif stats.state.startswith("idle ("):
+            status.set_state(desktop.NO_WORK)
+        elif stats.state == "stopped":
+            status.set_state(desktop.STOPPED)

@@ -11,6 +11,11 @@ from __future__ import annotations
 from downpour.paramstore.adagrad import AdagradConfig, adagrad_apply, adagrad_apply_pieces
 from downpour.paramstore.bounds import DEFAULT_MAX_GRAD_NORM
 from downpour.paramstore.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from downpour.paramstore.direction import (
+    cosine_similarity,
+    passes_direction_test,
+    root_reference,
+)
 from downpour.paramstore.errors import (
     Conflict,
     CorruptCheckpoint,
@@ -32,10 +37,7 @@ from downpour.paramstore.robust import (
     RobustStep,
     WarmupStatus,
     centred_clip,
-    cosine_similarity,
-    passes_direction_test,
     robust_step,
-    root_reference,
 )
 from downpour.paramstore.statistics import StatisticsState, fold_report
 from downpour.paramstore.store import (

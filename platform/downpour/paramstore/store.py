@@ -468,7 +468,7 @@ class ParameterStore:
             (``PushResult.held``). Ignored without centred clipping.
         reference : ndarray or None
             float ``(shard_size,)``: a root gradient of this shard for centred clipping's
-            direction test (:func:`~downpour.paramstore.robust.passes_direction_test`); an
+            direction test (:func:`~downpour.paramstore.direction.passes_direction_test`); an
             untrusted push pointing against it is rejected and reported as clipped. None (the
             default) skips the test. Ignored without centred clipping.
 
