@@ -271,14 +271,28 @@ async def test_a_lease_with_malformed_hyper_parameters_is_handed_back(
     assert [m["lease_id"] for m in server.of_type("return_lease")] == ["lease-1"]
 
 
-async def test_an_expired_lease_is_abandoned_at_once_and_new_work_requested(
-    server: FakeServer, tmp_path: Path
+def expired(msg: dict[str, Any], job_id: str) -> dict[str, Any]:
+    return error_message("lease_expired", "too late", msg.get("ref"))
+
+
+def job_finished(msg: dict[str, Any], job_id: str) -> dict[str, Any]:
+    return job_finished_message(job_id)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [expired, job_finished],
+    ids=["an expired lease", "a finished job (announced as the first push arrives)"],
+)
+async def test_a_lease_that_ends_is_abandoned_at_once_and_new_work_requested(
+    server: FakeServer, tmp_path: Path, reply: Any
 ) -> None:
     # Prepare
     server.lease_template.update(steps=200)
     server.lease_template["hyper"].update(n_push=1)
     server.work = [dict(server.lease_template)]
-    server.push_reply = lambda msg: error_message("lease_expired", "too late", msg.get("ref"))
+    job_id = server.lease_template["job_id"]
+    server.push_reply = lambda msg: reply(msg, job_id)
     agent = make_agent(server, tmp_path)
 
     # Execute
@@ -303,29 +317,6 @@ async def test_stale_gradient_errors_are_counted_and_the_work_goes_on(
 
     assert agent.stats.pushes_stale == 8
     assert [c["lease_id"] for c in server.of_type("complete")] == ["lease-1"]
-
-
-async def test_a_finished_job_ends_its_lease_at_once_and_new_work_is_requested(
-    server: FakeServer, tmp_path: Path
-) -> None:
-    # Prepare: the server announces the job's end as the first push arrives.
-    server.lease_template.update(steps=200)
-    server.lease_template["hyper"].update(n_push=1)
-    server.work = [dict(server.lease_template)]
-    job_id = server.lease_template["job_id"]
-    server.push_reply = lambda msg: job_finished_message(job_id)
-    agent = make_agent(server, tmp_path)
-
-    # Execute
-    code = await run_agent(agent)
-
-    # Assert
-    assert code == EXIT_OK
-    assert agent.stats.leases_abandoned == 1
-    assert server.of_type("complete") == [] and server.of_type("return_lease") == []
-    assert len(server.pushes) < 20
-    last_push = max(i for i, m in enumerate(server.received) if m["type"] == "push")
-    assert any(m["type"] == "request_work" for m in server.received[last_push:])
 
 
 @pytest.mark.parametrize(
