@@ -24,7 +24,7 @@ test: $(STAMP)
 
 # Unit and service-free tests (under 2 minutes): no PostgreSQL, Redis, server or agent
 # processes, browser or TensorFlow subprocess; the Django tests run on the embedded default.
-FAST_MARKERS := not services and not e2e and not browser and not slow and not desktop
+FAST_MARKERS := not services and not e2e and not browser and not slow and not desktop and not net
 test-fast: $(STAMP)
 	DOWNPOUR_NO_SERVICES=1 $(VENV)/bin/python -m pytest -m "$(FAST_MARKERS)"
 

@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-interval", type=float, default=0.5)
     parser.add_argument("--compute-seconds", type=float, default=4.0)
     parser.add_argument(
+        "--link",
+        choices=sorted(downpour_runs.LINK_PROFILES),
+        default=None,
+        help="run the agent behind an emulated donor link with this profile (default: loopback)",
+    )
+    parser.add_argument(
         "--reuse-json", type=Path, default=None, help="downpour_runs.py output to reuse runs from"
     )
     parser.add_argument("--json-out", type=Path, default=None)
@@ -77,8 +83,9 @@ def compute_only_samples_per_s(seconds: float, threads: int = 1) -> float:
     return steps * BATCH_SIZE / elapsed
 
 
-def reusable(path: Path | None) -> dict[int, dict[str, Any]]:
-    """Runs of ``path`` that match: large MLP, one agent, n_fetch == n_push; by n_push."""
+def reusable(path: Path | None, link: str | None = None) -> dict[int, dict[str, Any]]:
+    """Runs of ``path`` that match: large MLP, one agent, n_fetch == n_push, the same link;
+    by n_push."""
     if path is None or not path.exists():
         return {}
     found = {}
@@ -89,6 +96,7 @@ def reusable(path: Path | None) -> dict[int, dict[str, Any]]:
             and config.get("model") == MODEL
             and config.get("agents") == 1
             and config.get("n_fetch") == config.get("n_push")
+            and config.get("link") == link
         ):
             found[int(config["n_push"])] = run
     return found
@@ -103,10 +111,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             str(args.min_train_seconds),
             "--max-train-seconds",
             str(args.max_train_seconds),
+            *(["--link", args.link] if args.link else []),
         ]
     )
-    previous = reusable(args.reuse_json)
-    result: dict[str, Any] = {"model": MODEL, "agents": 1, "by_n_push": {}}
+    previous = reusable(args.reuse_json, args.link)
+    result: dict[str, Any] = {
+        "model": MODEL,
+        "agents": 1,
+        "link": args.link or "loopback",
+        "by_n_push": {},
+    }
     runs: dict[int, dict[str, Any]] = {
         n_push: {**previous[n_push], "reused": True} for n_push in args.n_push if n_push in previous
     }

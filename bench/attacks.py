@@ -82,8 +82,12 @@ from downpour.paramstore import (  # noqa: E402
 from downpour.scheduler.reputation import (  # noqa: E402
     DEFAULT_MAX_CLIPPED_FRACTION,
     DEFAULT_MIN_PUSHES,
+    PushFlags,
     Reputation,
     clipped_fraction,
+    cosine_t,
+    judge_interval,
+    mean_cosine,
     recent_clipped_fraction,
     record_push,
     should_ban,
@@ -612,12 +616,15 @@ class StackAgent:
     weights: Weights = field(default_factory=dict)
     accumulated: list[Gradients] = field(default_factory=list)
     reputation: Reputation = field(default_factory=Reputation)
-    unflushed: list[bool] = field(default_factory=list)
+    unflushed: list[PushFlags] = field(default_factory=list)
+    projected: Reputation = field(default_factory=Reputation)  # as SocketState.projected
     last_flush: float = 0.0
     pushes: int = 0
     store_pushes: int = 0
     clipped: int = 0
     max_recent_clipped: float = 0.0
+    min_mean_cosine: float = 1.0
+    min_cosine_t: float = math.inf
     banned_at_s: float | None = None
     banned_after: int | None = None
     first_unit_s: float | None = None
@@ -644,6 +651,8 @@ class StackResult:
     staleness_p95: float
     stale_rejected: int
     agents: list[dict[str, Any]] = field(default_factory=list)
+    #: Every tested push, ``[agent, role, job seconds, cosine]``: to judge ban rules offline.
+    trace: list[list[Any]] = field(default_factory=list)
 
 
 class KerasGradients:
@@ -710,7 +719,9 @@ def simulate_stack(
     * **Warm-up**: while the store says the job is warming up, untrusted agents get no unit
       (``downpour.scheduler.trust``), and ask again every second.
     * **Bans**: clipping flags of applied pushes are folded into the agent's
-      :class:`~downpour.scheduler.reputation.Reputation` every ``FLUSH_INTERVAL_S``, and the
+      :class:`~downpour.scheduler.reputation.Reputation` when ``judge_interval`` says, after
+      every store push as the consumer does (every ``FLUSH_INTERVAL_S``, sooner once a push
+      was opposed, at once when a ban is due), and the
       agent is banned (and leaves) when ``should_ban`` says so with
       ``min_pushes_for_shards(2)``, as ``training.actions.bans.record_clipping`` does.
     * **Gradients**: ``"numpy"`` (the hand-written MLP, exact and fast) or ``"keras"`` (the
@@ -811,6 +822,7 @@ def _simulate_stack(
         else [root_rng.permutation(len(data.y_train))[:root_sample]]
     )
     references: list[list[np.ndarray | None]] = []
+    trace: list[list[Any]] = []
     reference_at = -math.inf
 
     def refresh_references(now: float) -> None:
@@ -915,20 +927,42 @@ def _simulate_stack(
                 agent.staleness.append(result.staleness)
                 agent.store_pushes += 1
                 if robust is not None:
-                    agent.unflushed.append(result.clipped)
+                    flags = PushFlags(result.clipped, result.cosine, result.opposed)
+                    agent.unflushed.append(flags)
+                    agent.projected = record_push(agent.projected, flags)
+                    if agent.projected.tested >= min_pushes:  # the margins, at every push
+                        agent.min_mean_cosine = min(
+                            agent.min_mean_cosine, mean_cosine(agent.projected)
+                        )
+                        agent.min_cosine_t = min(agent.min_cosine_t, cosine_t(agent.projected))
+                    if result.cosine is not None:
+                        trace.append(
+                            [agent.index, agent.role, round(now, 3), round(result.cosine, 4)]
+                        )
                     agent.clipped += result.clipped
-        if robust is not None and now - agent.last_flush >= FLUSH_INTERVAL_S:
-            agent.last_flush = now
-            for flag in agent.unflushed:
-                agent.reputation = record_push(agent.reputation, flag)
-            agent.unflushed = []
-            if agent.reputation.pushes >= min_pushes:
-                agent.max_recent_clipped = max(
-                    agent.max_recent_clipped, recent_clipped_fraction(agent.reputation)
-                )
-            if should_ban(agent.reputation, min_pushes=min_pushes):
-                agent.banned_at_s = now
-                agent.banned_after = agent.reputation.pushes
+            if robust is not None and agent.banned_at_s is None:
+                judge(agent, now)
+                if agent.banned_at_s is not None:
+                    break  # the server closes a banned agent's socket
+
+    def judge(agent: StackAgent, now: float) -> None:
+        # As the consumer does after every push: every FLUSH_INTERVAL_S, sooner once a push
+        # was opposed, at once when the projected reputation is due a ban.
+        interval = judge_interval(agent.unflushed, FLUSH_INTERVAL_S, agent.projected)
+        if now - agent.last_flush < interval:
+            return
+        agent.last_flush = now
+        for flag in agent.unflushed:
+            agent.reputation = record_push(agent.reputation, flag)
+        agent.unflushed = []
+        agent.projected = agent.reputation
+        if agent.reputation.pushes >= min_pushes:
+            agent.max_recent_clipped = max(
+                agent.max_recent_clipped, recent_clipped_fraction(agent.reputation)
+            )
+        if should_ban(agent.reputation, min_pushes=min_pushes):
+            agent.banned_at_s = now
+            agent.banned_after = agent.reputation.pushes
 
     stale = [0]
     schedule: list[tuple[float, int]] = []
@@ -1001,6 +1035,7 @@ def _simulate_stack(
         staleness_p50=float(np.percentile(staleness, 50)) if staleness else 0.0,
         staleness_p95=float(np.percentile(staleness, 95)) if staleness else 0.0,
         stale_rejected=stale[0],
+        trace=trace,
         agents=[
             {
                 "role": a.role,
@@ -1010,6 +1045,10 @@ def _simulate_stack(
                 "banned_after": a.banned_after,
                 "banned_at_s": a.banned_at_s and round(a.banned_at_s, 2),
                 "max_recent_clipped": round(a.max_recent_clipped, 3),
+                "tested": a.reputation.tested,
+                "mean_cosine": round(mean_cosine(a.reputation), 3),
+                "min_mean_cosine": round(a.min_mean_cosine, 3),
+                "min_cosine_t": round(a.min_cosine_t, 2) if math.isfinite(a.min_cosine_t) else None,
             }
             for a in crew
         ],
@@ -1077,6 +1116,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="flag clipped pushes beyond this multiple of tau only (default %(default)s)",
     )
     parser.add_argument("--output", type=Path, help="also write the JSON to this file")
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        help="stack: write every tested push's cosine (clean and attacked runs) to this JSON",
+    )
     parser.add_argument(
         "--fraction", type=float, default=0.2, help="fraction of attacking agents (default 0.2)"
     )
@@ -1161,7 +1205,7 @@ def run_stack(args: argparse.Namespace, robust: CentredClipping) -> dict[str, An
         data, attack=args.attack, fraction=args.fraction, robust=robust, **common
     )
     plain = simulate_stack(data, attack=args.attack, fraction=args.fraction, robust=None, **common)
-    return {
+    result = {
         "engine": "stack",
         "attack": args.attack,
         "fraction": args.fraction,
@@ -1191,6 +1235,25 @@ def run_stack(args: argparse.Namespace, robust: CentredClipping) -> dict[str, An
         "staleness_p95": attacked.staleness_p95,
         "stale_rejected": attacked.stale_rejected,
         "agents_detail": attacked.agents,
+        "clean_agents_detail": clean.agents,
+        # The direction rule's margin: the lowest mean cosine any honest agent had at a
+        # judgement (clean and attacked runs), against DEFAULT_MAX_MEAN_COSINE.
+        "honest_min_cosine_t": min(
+            (
+                a["min_cosine_t"]
+                for a in [*attacked.agents, *clean.agents]
+                if a["role"] == "honest" and a["min_cosine_t"] is not None
+            ),
+            default=None,
+        ),
+        "honest_min_mean_cosine": min(
+            (
+                a["min_mean_cosine"]
+                for a in [*attacked.agents, *clean.agents]
+                if a["role"] == "honest"
+            ),
+            default=None,
+        ),
         "curves": {
             "clean": clean.curve,
             "attacked": attacked.curve,
@@ -1198,6 +1261,9 @@ def run_stack(args: argparse.Namespace, robust: CentredClipping) -> dict[str, An
         },
         "seconds_total": round(time.perf_counter() - started, 1),
     }
+    if args.trace is not None:
+        args.trace.write_text(json.dumps({"clean": clean.trace, "attacked": attacked.trace}))
+    return result
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -199,3 +199,16 @@ def write_json(path: Path | None, data: dict[str, Any]) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text + "\n")
+
+
+def merge_results(values: dict[str, Any], path: Path | None = None) -> Path:
+    """Merge ``values`` into ``bench/results/latest.json`` (top-level keys; none dropped).
+
+    For scripts measured apart from ``run.py`` (``links.py``, the cable baselines); ``run.py``
+    carries such keys over when it rewrites the file.
+    """
+    path = path or RESULTS_DIR / "latest.json"
+    current = json.loads(path.read_text()) if path.exists() else {}
+    current.update(values)
+    write_json(path, current)
+    return path

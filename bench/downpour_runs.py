@@ -53,6 +53,7 @@ for _path in (ROOT, ROOT / "platform", ROOT / "agent", ROOT / "bench"):  # ROOT:
         sys.path.insert(0, str(_path))
 
 from tests.harness import Deployment  # noqa: E402
+from tests.netlink import PROFILES as LINK_PROFILES  # noqa: E402
 
 from benchlib import (  # noqa: E402
     BATCH_SIZE,
@@ -68,6 +69,18 @@ from benchlib import (  # noqa: E402
 from downpour.devprocs import manage  # noqa: E402
 
 BENCH_REDIS_DB = 13
+#: The local-steps job's settings (the form's defaults): H chosen per agent, AdamW 0.001
+#: inside, Nesterov 0.7 / 0.9 outside.
+LOCAL_STEPS_SEED: dict[str, dict[str, Any]] = {
+    "local-steps": {
+        "algorithm": "local-steps",
+        "inner_steps": 0,
+        "inner_optimizer": "adamw",
+        "inner_learning_rate": 0.001,
+        "outer_learning_rate": 0.7,
+        "outer_momentum": 0.9,
+    }
+}
 STATUS_INTERVAL_S = 1.0
 DEFAULT_CONFIGS = ["small:1:4:4", "small:2:4:4", "large:1:8:8", "large:2:8:8"]
 
@@ -78,16 +91,23 @@ class RunConfig:
     agents: int
     n_fetch: int
     n_push: int
+    #: ``downpour``, or ``local-steps`` (DiLoCo: H inner AdamW steps; n_fetch/n_push unused)
+    algorithm: str = "downpour"
 
     @classmethod
     def parse(cls, text: str) -> RunConfig:
-        model, agents, n_fetch, n_push = text.split(":")
+        model, agents, n_fetch, n_push, *rest = text.split(":")
         if model not in MODELS:
             raise argparse.ArgumentTypeError(f"unknown model {model!r}")
-        return cls(model, int(agents), int(n_fetch), int(n_push))
+        algorithm = rest[0] if rest else "downpour"
+        if algorithm not in ("downpour", "local-steps") or len(rest) > 1:
+            raise argparse.ArgumentTypeError(f"unknown algorithm {algorithm!r}")
+        return cls(model, int(agents), int(n_fetch), int(n_push), algorithm)
 
     @property
     def label(self) -> str:
+        if self.algorithm == "local-steps":
+            return f"{self.model}-{self.agents}agent-local"
         return f"{self.model}-{self.agents}agent-f{self.n_fetch}-p{self.n_push}"
 
 
@@ -129,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave agents at their default nice 10 (by default they get --no-nice, so they "
         "compete for the cores on equal terms with the baselines and any other load)",
     )
+    parser.add_argument(
+        "--link",
+        choices=sorted(LINK_PROFILES),
+        default=None,
+        help="start each agent behind an emulated donor link of its own with this profile "
+        "(tests/netlink.py: root and iproute2); default: loopback",
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep each run's directory")
     parser.add_argument("--json-out", type=Path, default=None)
     return parser
@@ -138,8 +165,8 @@ class BenchDeployment(Deployment):
     """A production deployment on Redis db 13 of ``REDIS_URL``'s Redis, so the tests' db is
     not flushed."""
 
-    def __init__(self, workdir: Path, **settings: str) -> None:
-        super().__init__("production", workdir, redis_db=BENCH_REDIS_DB, **settings)
+    def __init__(self, workdir: Path, links: bool = False, **settings: str) -> None:
+        super().__init__("production", workdir, redis_db=BENCH_REDIS_DB, links=links, **settings)
 
     def issue_tokens(self, count: int) -> list[str]:
         """Agent tokens of a benchmark donor, so agents can start while a job is seeded."""
@@ -168,7 +195,9 @@ def run_configs(configs: Sequence[RunConfig], args: argparse.Namespace) -> list[
     """Run each config in turn on one deployment; a failed run is reported, not raised."""
     workdir = WORK_DIR / "downpour" / "deployment"
     shutil.rmtree(workdir, ignore_errors=True)
-    deployment = BenchDeployment(workdir, EVAL_INTERVAL_S=str(args.eval_interval))
+    deployment = BenchDeployment(
+        workdir, links=args.link is not None, EVAL_INTERVAL_S=str(args.eval_interval)
+    )
     results: list[dict[str, Any]] = []
     try:
         started = time.monotonic()
@@ -215,7 +244,7 @@ def run_one(
     if not args.agent_nice:
         agent_args.append("--no-nice")
     for name, token in zip(names, tokens, strict=False):
-        deployment.start_agent(name, token, *agent_args)
+        deployment.start_agent(name, token, *agent_args, link=args.link)
     job_id = ""
     try:
         seeded = deployment.seed(
@@ -229,6 +258,7 @@ def run_one(
             data_shards=args.data_shards,
             tokens=1,
             name=f"bench-{config.label}",
+            **LOCAL_STEPS_SEED.get(config.algorithm, {}),
         )
         job_id = seeded["job_id"]
         phase("seed_job")
@@ -311,7 +341,9 @@ def measure(
             "agents": config.agents,
             "n_fetch": config.n_fetch,
             "n_push": config.n_push,
+            "algorithm": config.algorithm,
             "eval_interval_s": args.eval_interval,
+            "link": args.link,
         },
         "t0_after_job_start_s": round(t0, 3),
         "agents_started_within_s": round(all_started - t0, 3),
@@ -393,6 +425,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "agent_threads": 1,
             "agent_nice": 10 if args.agent_nice else 0,
             "status_interval_s": STATUS_INTERVAL_S,
+            "link": args.link or "loopback",
         },
         "runs": [],
     }

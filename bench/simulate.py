@@ -283,6 +283,37 @@ def build_parser() -> argparse.ArgumentParser:
 # --- the simulated world ------------------------------------------------------------------
 
 
+def churner_sessions(
+    rng: np.random.Generator,
+    join: float,
+    duration: float,
+    session_range_s: tuple[float, float],
+    away_median_s: float,
+) -> list[tuple[float, float]]:
+    """The ``(start, end)`` sessions, in seconds, of an agent that leaves and comes back.
+
+    Some churners are flaky laptops, some leave once an hour: the median session is
+    log-uniform in ``session_range_s``; sessions are log-normal around it (sigma 0.8) and
+    absences log-normal around ``away_median_s`` (sigma 0.7), except that a quarter of the
+    absences are network blips of 2-25 s. The first session ends within ``0.8 * duration``,
+    so every churner leaves and rejoins. Also used by ``bench/convergence_sim.py``.
+    """
+    lo_s, hi_s = session_range_s
+    median = math.exp(rng.uniform(math.log(lo_s), math.log(hi_s)))
+    sessions: list[tuple[float, float]] = []
+    start = join
+    end = join + min(float(rng.lognormal(math.log(median), 0.8)), 0.8 * duration)
+    while start < duration:
+        sessions.append((start, min(end, duration)))
+        if rng.random() < 0.25:
+            away = float(rng.uniform(2, 25))  # a network blip
+        else:
+            away = float(rng.lognormal(math.log(away_median_s), 0.7))
+        start = end + away
+        end = start + float(rng.lognormal(math.log(median), 0.8))
+    return sessions
+
+
 @dataclass(eq=False)
 class Agent:
     id: str
@@ -432,20 +463,9 @@ class Simulation:
             join = float(rng.uniform(0, 30))
             sessions: list[tuple[float, float]] = []
             if i in churners:
-                # Some churners are flaky laptops, some leave once an hour. The first
-                # absence falls inside the run, so every churner leaves and rejoins.
-                lo_s, hi_s = a.session_range_s
-                median = math.exp(rng.uniform(math.log(lo_s), math.log(hi_s)))
-                start = join
-                end = join + min(float(rng.lognormal(math.log(median), 0.8)), 0.8 * a.duration)
-                while start < a.duration:
-                    sessions.append((start, min(end, a.duration)))
-                    if rng.random() < 0.25:
-                        away = float(rng.uniform(2, 25))  # a network blip
-                    else:
-                        away = float(rng.lognormal(math.log(a.away_median_s), 0.7))
-                    start = end + away
-                    end = start + float(rng.lognormal(math.log(median), 0.8))
+                sessions = churner_sessions(
+                    rng, join, a.duration, tuple(a.session_range_s), a.away_median_s
+                )
             else:
                 sessions.append((join, a.duration))
             benchmark = float(speed * rng.lognormal(0, 0.2))

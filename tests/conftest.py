@@ -14,7 +14,7 @@ from tests import services
 
 #: Every test under these directories carries the marker, so none can be forgotten by
 #: ``make test-fast`` (``-m "not services and not e2e and not browser and not slow"``).
-MARKED_DIRECTORIES = {"e2e": "e2e", "browser": "browser"}
+MARKED_DIRECTORIES = {"e2e": "e2e", "browser": "browser", "net": "net"}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -9,6 +9,7 @@ services' URLs come from ``tests.services``.
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
 import subprocess
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tests import services
+from tests.netlink import Link, Links
 
 from downpour.devprocs import (
     BIN,
@@ -72,10 +74,20 @@ def start_celery(env: Mapping[str, str], logdir: Path) -> list[subprocess.Popen[
 
 
 class Deployment:
-    """``redis_db`` picks another db of ``REDIS_URL``'s Redis (benchmarks that flush theirs)."""
+    """``redis_db`` picks another db of ``REDIS_URL``'s Redis (benchmarks that flush theirs).
+
+    ``links=True`` lets agents start behind emulated donor links (``start_agent(...,
+    link="cable")``, see ``tests.netlink``): the server then also answers on the links'
+    host addresses, under a random ``SECRET_KEY`` (it no longer serves loopback only).
+    """
 
     def __init__(
-        self, mode: str, workdir: Path, redis_db: int | None = None, **settings: str
+        self,
+        mode: str,
+        workdir: Path,
+        redis_db: int | None = None,
+        links: bool = False,
+        **settings: str,
     ) -> None:
         assert mode in ("production", "embedded")
         self.mode = mode
@@ -85,6 +97,9 @@ class Deployment:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.server: subprocess.Popen[bytes] | None = None
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
+        self.links = Links() if links else None
+        #: The link each agent started behind, by agent name.
+        self.agent_links: dict[str, Link] = {}
         self.db_name = f"downpour_e2e_{uuid.uuid4().hex[:10]}"
         self.env: dict[str, str] = {
             "VAR_DIR": str(workdir),
@@ -94,6 +109,10 @@ class Deployment:
             "EVAL_INTERVAL_S": "1",
             **settings,
         }
+        if self.links is not None:
+            hosts = ["localhost", "127.0.0.1", "[::1]", *self.links.host_ips]
+            self.env.setdefault("ALLOWED_HOSTS", ",".join(hosts))
+            self.env.setdefault("SECRET_KEY", secrets.token_urlsafe(40))
         if mode == "production":
             redis_url = services.redis_url()
             self.redis_url = (
@@ -141,7 +160,11 @@ class Deployment:
         stop([self.server], sig=9)
 
     def stop(self) -> None:
-        stop(list(self.agents.values()) + self.procs)
+        try:
+            stop(list(self.agents.values()) + self.procs)
+        finally:
+            if self.links is not None:
+                self.links.close()
         if self.mode == "production":
             client = self._redis()
             for pattern in (f"e2e-{self.db_name}*", f"*{self.env['CELERY_QUEUE']}*"):
@@ -209,10 +232,20 @@ class Deployment:
         *extra: str,
         program: Sequence[str] = (),
         status_page: bool = False,
+        link: str | None = None,
     ) -> subprocess.Popen[bytes]:
-        """``status_page`` serves the agent's page on the port in :meth:`agent_config`'s file."""
+        """``status_page`` serves the agent's page on the port in :meth:`agent_config`'s file;
+        ``link`` names a profile of ``tests.netlink.PROFILES`` to start the agent behind, on
+        a link of its own (the deployment needs ``links=True``)."""
+        url = self.url
+        if link is not None:
+            assert self.links is not None, "start the deployment with links=True"
+            behind = self.links.open(link, self.port)
+            self.agent_links[name] = behind
+            url = behind.url
+            program = [*behind.exec_prefix, *(program or [str(BIN / "downpour-agent")])]
         proc = start_agent(
-            self.url,
+            url,
             token,
             name,
             self.workdir / f"{name}.log",
@@ -239,6 +272,8 @@ class Deployment:
 
     def kill_agent(self, name: str) -> None:
         stop([self.agents[name]], sig=9, grace=5)
+        if self.links is not None and name in self.agent_links:
+            self.links.close_link(self.agent_links.pop(name))
 
     def logs(self) -> str:
         parts = []

@@ -23,6 +23,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from downpour_agent import __version__
+from downpour_agent.blaster import train_sandblaster
 from downpour_agent.data import DatasetError, fetch_dataset
 from downpour_agent.desktop.governor import Governor
 from downpour_agent.desktop.resources import lease_fits
@@ -31,15 +32,17 @@ from downpour_agent.leases import (
     ActiveLease,
     LeaseRejected,
     Progress,
-    check_layout,
     gradient_step,
     sampler_from,
 )
+from downpour_agent.local_training import LinkMeter, train_local
 from downpour_agent.protocol import (
+    COMPRESSIONS,
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     DatasetSpec,
     ErrorCode,
+    ErrorFeedback,
     LeaseSpec,
     ProtocolError,
     WeightsLoad,
@@ -62,10 +65,11 @@ from downpour_agent.session import (
     refusal,
     websocket_url,
 )
+from downpour_agent.startup import Prepared, prepare_lease
 from downpour_agent.stats import AgentStats, PushResult, log_status, mirror_status
+from downpour_agent.syncloop import train_sync
 from downpour_agent.trainer import GradientAccumulator, GradientComputer
 from downpour_agent.transfer import (
-    fetch_all,
     load_params,
     push_round,
     receive_params,
@@ -134,6 +138,7 @@ class Agent:
         self._next_step_at = 0.0
         #: Samples behind each push round still to be acknowledged, for the credit book.
         self._round_samples: dict[tuple[str, int], int] = {}
+        self.link_meter = LinkMeter()  # rates of the last round, for the server's choice of H
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -259,6 +264,7 @@ class Agent:
                 "protocol_version": PROTOCOL_VERSION,
                 "name": self.config.name,
                 "device": self.config.device,
+                "compressions": list(COMPRESSIONS),
             },
             {"registered"},
             timeout_s=self.config.request_timeout_s,
@@ -357,10 +363,12 @@ class Agent:
 
     def on_push_ack(self, msg: dict[str, Any]) -> None:
         self.stats.pushes_acked += 1
+        self.link_meter.push_acked(msg["lease_id"], msg["seq"])
         samples = self._round_samples.pop((msg["lease_id"], msg["seq"]), 0)
-        if self.config.credit is not None and msg["applied"] and not msg["duplicate"]:
+        late = bool(msg.get("late"))  # a synchronous step's dropped gradient: full credit
+        if self.config.credit is not None and (msg["applied"] or late) and not msg["duplicate"]:
             # The server's rule (scheduler.credit): samples / (1 + staleness), once a round.
-            self.config.credit.add(samples / (1 + max(0, msg["staleness"])))
+            self.config.credit.add(samples / (1 + (0 if late else max(0, msg["staleness"]))))
         self.stats.last_push = PushResult(
             seq=msg["seq"],
             shard=msg["shard"],
@@ -392,7 +400,9 @@ class Agent:
             self.stats.state = "asking for work"
             try:
                 msg, _ = await session.request(
-                    {"type": "request_work"}, {"lease", "no_work"}, timeout_s=timeout
+                    {"type": "request_work", **self.link_meter.request_fields()},
+                    {"lease", "no_work"},
+                    timeout_s=timeout,
                 )
             except ServerError as exc:
                 if exc.code == ErrorCode.NOT_REGISTERED:
@@ -497,13 +507,11 @@ class Agent:
             lease.hyper.batch_size,
         )
         try:
-            self.stats.state = "downloading data"
-            x, y = await asyncio.to_thread(self._load_dataset, lease.dataset)
-            self.stats.state = "building model"
-            computer = await asyncio.to_thread(self._build_model, lease)
-            check_layout(lease.layout, computer.variable_specs())
+            ready = await prepare_lease(
+                session, lease, self._load_dataset, self._build_model, self._set_state
+            )
             self.stats.state = "training"
-            samples = await self._train(session, active, computer, x, y, progress)
+            samples = await self._train(session, active, ready, progress)
             active.check()
             await session.request(
                 {"type": "complete", "lease_id": lease.lease_id, "samples": samples},
@@ -541,6 +549,9 @@ class Agent:
                 self._lease = None
                 self.stats.job_id = self.stats.lease_id = None
 
+    def _set_state(self, state: str) -> None:
+        self.stats.state = state
+
     def _load_dataset(self, ref: DatasetSpec) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
         cached = self._dataset_cache
         if cached is not None and cached[0] == ref.sha256:
@@ -568,17 +579,23 @@ class Agent:
         self,
         session: Session,
         active: ActiveLease,
-        computer: GradientComputer,
-        x: npt.NDArray[Any],
-        y: npt.NDArray[Any],
+        ready: Prepared,
         progress: Progress,
     ) -> int:
         """Train from ``progress`` to the last step; returns the samples the lease covered."""
+        if active.lease.local_steps is not None:
+            return await train_local(self, session, active, ready, progress)
+        if active.lease.algorithm == "sync":
+            return await train_sync(self, session, active, ready, progress)
+        if active.lease.sandblaster is not None:
+            return await train_sandblaster(self, session, active, ready, progress)
         lease, hyper = active.lease, active.lease.hyper
+        computer, x, y = ready.computer, ready.x, ready.y
         sampler = await asyncio.to_thread(
             sampler_from, progress, len(x), hyper.batch_size, lease.seed
         )
         accumulator = GradientAccumulator()
+        feedback = ErrorFeedback()  # int8 residuals: from zero at a lease's start or resume
         start, seq, samples = progress.next_step, progress.seq, progress.samples
         # Downpour's fetches overlap computation (Dean et al. run them in their own
         # thread): at a fetch point the request goes out and training carries on with the
@@ -588,7 +605,12 @@ class Agent:
         # of the store). A push names the versions its round started on (base_version) and
         # each load within the round (loads: step offset and versions), so the server can
         # replay any round exactly (spot checks).
-        versions = await fetch_all(session, lease, computer, self.config.request_timeout_s)
+        first = await receive_params(
+            session, lease, ready.first_fetch, self.config.request_timeout_s
+        )
+        versions = await load_params(computer, *first)
+        ready.mark("weights")
+        logger.info("lease %s start-up (s after the lease): %s", lease.lease_id, ready.marks)
         round_base = dict(versions)
         loads: list[WeightsLoad] = []
         round_losses: list[float] = []
@@ -618,10 +640,7 @@ class Agent:
                         loads.append(WeightsLoad(step - round_start, shard_versions))
                 if fetch_point:
                     inflight = await request_params(session, lease)
-                await self._wait_for_permission(active)
-                await self._throttle()
-                if self.stats.training_since is None:
-                    self.stats.training_since = time.perf_counter()
+                await self._before_step(active)
                 try:
                     loss, batch, compute_s = await asyncio.to_thread(
                         gradient_step, computer, sampler, accumulator, x, y
@@ -649,6 +668,7 @@ class Agent:
                         refs,
                         sum(round_losses) / len(round_losses) if round_losses else None,
                         computer,
+                        feedback,
                     )
                     round_losses = []
                     active.check()
@@ -665,11 +685,15 @@ class Agent:
                 session.forget(pending)
         return samples
 
-    async def _throttle(self) -> None:
+    async def _before_step(self, active: ActiveLease) -> None:
+        """Every training loop's gate before it computes a step: the governor's pause, the
+        ``--max-steps-per-second`` throttle, and the start of the training clock."""
+        await self._wait_for_permission(active)
         rate = self.config.max_steps_per_second
-        if not rate:
-            return
-        now = time.monotonic()
-        if self._next_step_at > now:
-            await asyncio.sleep(self._next_step_at - now)
-        self._next_step_at = max(now, self._next_step_at) + 1.0 / rate
+        if rate:
+            now = time.monotonic()
+            if self._next_step_at > now:
+                await asyncio.sleep(self._next_step_at - now)
+            self._next_step_at = max(now, self._next_step_at) + 1.0 / rate
+        if self.stats.training_since is None:
+            self.stats.training_since = time.perf_counter()

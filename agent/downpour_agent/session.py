@@ -31,6 +31,7 @@ from downpour_agent.protocol import (
     SERVER_MESSAGES,
     CloseCode,
     ErrorCode,
+    HeldShards,
     ProtocolError,
     frame_from_wire,
     message_from_wire,
@@ -165,6 +166,8 @@ class Session:
         # Context of fire-and-forget messages (pushes, heartbeats) so an error echoing
         # their ref can be attributed; bounded because successes are not always echoed.
         self._sent: OrderedDict[int, SentContext] = OrderedDict()
+        # The weights of each shard last received, for delta fetches (int8 leases).
+        self.held = HeldShards()
 
     def next_ref(self, request_type: str, lease_id: str | None) -> int:
         ref = next(self._refs)

@@ -108,6 +108,7 @@ class GradientComputer:
                     layer.momentum = 0.0
         self._statistic_sums: dict[str, npt.NDArray[np.float64]] = {}
         self._statistic_samples = 0
+        self._warm = False
 
         def gradient_step(x: Any, y: Any) -> tuple[list[Any], Any]:
             with tf.GradientTape() as tape:
@@ -186,6 +187,17 @@ class GradientComputer:
         for var, array in checked:
             var.assign(array)
 
+    def warm_up(self, x: npt.ArrayLike, y: npt.ArrayLike) -> bool:
+        """Trace and run the step once on a batch of the training shape, before the
+        weights it will train have arrived; the gradient and batch statistics are thrown
+        away. Returns False (and does nothing) once the step has run.
+        """
+        if self._warm:
+            return False
+        self.compute(x, y)
+        self._statistic_sums, self._statistic_samples = {}, 0  # not a round's batch
+        return True
+
     def compute(self, x: npt.ArrayLike, y: npt.ArrayLike) -> tuple[Gradients, float]:
         """Gradient of the mean batch loss (plus regularisation losses) at the current weights.
 
@@ -199,6 +211,20 @@ class GradientComputer:
         gradients : dict of name -> float32 ndarray of the variable's shape
         loss : float, the loss value the gradient is of
         """
+        grads, loss = self.compute_tensors(x, y)
+        gradients = {
+            spec[0]: np.asarray(g.numpy(), dtype=np.float32)
+            for spec, g in zip(self._specs, grads, strict=True)
+        }
+        return gradients, float(loss.numpy())
+
+    def trainable(self) -> list[Any]:
+        """The trainable ``tf.Variable`` objects, in ``variable_specs`` order."""
+        return [self._variables[spec[0]] for spec in self._specs]
+
+    def compute_tensors(self, x: npt.ArrayLike, y: npt.ArrayLike) -> tuple[list[Any], Any]:
+        """:meth:`compute` as TensorFlow tensors (gradients in ``variable_specs`` order, loss),
+        for an optimizer that applies them without a round trip through numpy."""
         # Shards keep their stored dtype (e.g. uint8); the model computes in float32.
         grads, loss = self._gradient_step(np.asarray(x, dtype=np.float32), np.asarray(y))
         if self._statistics:
@@ -210,11 +236,8 @@ class GradientComputer:
                 else:
                     self._statistic_sums[name] = weighted
             self._statistic_samples += batch
-        gradients = {
-            spec[0]: np.asarray(g.numpy(), dtype=np.float32)
-            for spec, g in zip(self._specs, grads, strict=True)
-        }
-        return gradients, float(loss.numpy())
+        self._warm = True
+        return grads, loss
 
 
 def _layers(model: Any) -> list[Any]:

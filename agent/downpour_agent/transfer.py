@@ -13,6 +13,7 @@ import numpy as np
 from downpour_agent.leases import LeaseRejected
 from downpour_agent.protocol import (
     STATISTICS_SHARD,
+    ErrorFeedback,
     LeaseSpec,
     WeightsLoad,
     frame_to_wire,
@@ -20,20 +21,29 @@ from downpour_agent.protocol import (
     split_statistics,
     statistics_to_frame,
 )
+from downpour_agent.protocol.feedback import add_delta
 from downpour_agent.session import Pending, Session, Tensors
 from downpour_agent.trainer import BatchSampler, GradientAccumulator, GradientComputer
 
 
 async def request_params(session: Session, lease: LeaseSpec) -> list[Pending]:
-    """Send a ``fetch`` for every shard without waiting for the answers."""
-    return [
-        await session.send_request(
-            {"type": "fetch", "lease_id": lease.lease_id, "shard": shard},
-            {"params"},
-            {"lease_id": lease.lease_id, "shard": shard},
+    """Send a ``fetch`` for every shard without waiting for the answers.
+
+    On an ``int8`` lease each names the version of the shard this connection holds
+    (``have``), so the server may answer with the change since then.
+    """
+    pendings = []
+    for shard in range(len(lease.layout)):
+        msg: dict[str, Any] = {"type": "fetch", "lease_id": lease.lease_id, "shard": shard}
+        held = session.held.get(lease.job_id, shard) if _deltas(lease) else None
+        if held is not None:
+            msg["have"] = held[0]
+        pendings.append(
+            await session.send_request(
+                msg, {"params"}, {"lease_id": lease.lease_id, "shard": shard}
+            )
         )
-        for shard in range(len(lease.layout))
-    ]
+    return pendings
 
 
 async def receive_params(
@@ -54,6 +64,18 @@ async def receive_params(
             allowed = {n for n, _, _ in lease.statistics} if shard == STATISTICS_SHARD else set()
             if not set(statistics) <= allowed:
                 raise LeaseRejected(f"params for shard {shard} name unknown statistics")
+            if "base" in msg:  # a delta: the change since the version held
+                held = session.held.get(lease.job_id, shard)
+                if held is None or held[0] != msg["base"]:
+                    raise LeaseRejected(
+                        f"params for shard {shard}: a delta from a version not held"
+                    )
+                try:
+                    tensors = await asyncio.to_thread(add_delta, held[1], tensors)
+                except ValueError as exc:
+                    raise LeaseRejected(f"params for shard {shard}: {exc}") from None
+            if _deltas(lease):
+                session.held.put(lease.job_id, shard, msg["version"], dict(tensors))
             weights.update(tensors)
             weights.update(statistics)
             versions[shard] = msg["version"]
@@ -92,6 +114,7 @@ def push_round(
     refs: list[int],
     loss: float | None = None,
     computer: GradientComputer | None = None,
+    feedback: ErrorFeedback | None = None,
 ) -> tuple[list[bytes], BatchSampler]:
     """The push frames of one round, and a copy of the sampler to resume from.
 
@@ -104,7 +127,9 @@ def push_round(
         measured, samples = computer.take_statistics()
         if samples:
             statistics = {k: v for k, v in measured.items() if k in names}
-    frames = push_frames(accumulator, lease, seq, base_versions, loads, refs, loss, statistics)
+    frames = push_frames(
+        accumulator, lease, seq, base_versions, loads, refs, loss, statistics, feedback
+    )
     return frames, copy.deepcopy(sampler)
 
 
@@ -117,14 +142,38 @@ def push_frames(
     refs: list[int],
     loss: float | None = None,
     statistics: Mapping[str, Any] | None = None,
+    feedback: ErrorFeedback | None = None,
 ) -> list[bytes]:
     """One ``push`` frame per shard with the mean gradient, then reset the accumulator.
 
-    ``statistics`` (non-trainable variables by name) ride in shard 0's frame, prefixed.
+    ``statistics`` (non-trainable variables by name) ride in shard 0's frame, prefixed,
+    uncompressed. On an ``int8`` lease the variables travel as ``int8``, each corrected by
+    ``feedback``'s residual when given (the lease's :class:`ErrorFeedback`).
     """
     mean = accumulator.mean()
     samples = accumulator.samples
     accumulator.reset()
+    return round_frames(
+        mean, samples, lease, seq, base_versions, loads, refs, loss, statistics, feedback=feedback
+    )
+
+
+def round_frames(
+    tensors_by_name: Mapping[str, Any],
+    samples: int,
+    lease: LeaseSpec,
+    seq: int,
+    base_versions: Mapping[int, int],
+    loads: Sequence[WeightsLoad],
+    refs: list[int],
+    loss: float | None = None,
+    statistics: Mapping[str, Any] | None = None,
+    pseudo_gradient: bool = False,
+    feedback: ErrorFeedback | None = None,
+) -> list[bytes]:
+    """One ``push`` frame per shard of a round's tensors: a mean gradient, or on a
+    local-steps lease the pseudo-gradient (``pseudo_gradient: true``), in one encoder."""
+    mean = tensors_by_name
     frames = []
     for shard, specs in enumerate(lease.layout):
         msg: dict[str, Any] = {
@@ -138,12 +187,24 @@ def push_frames(
         }
         if loads:
             msg["loads"] = loads_to_wire(loads)
+        if pseudo_gradient:
+            msg["pseudo_gradient"] = True
         if shard == 0 and loss is not None and math.isfinite(loss):
             msg["loss"] = loss  # the round's mean training loss, for the job's chart
         tensors = {name: np.asarray(mean[name], dtype=np.float32) for name, _, _ in specs}
+        compression: str | dict[str, str] = lease.hyper.compression
+        if lease.hyper.compression == "int8":
+            if feedback is not None:
+                tensors = {name: feedback.correct(name, value) for name, value in tensors.items()}
+            compression = dict.fromkeys(tensors, "int8")
         if statistics and shard == STATISTICS_SHARD:
             tensors |= statistics_to_frame(
                 {k: np.asarray(v, dtype=np.float32) for k, v in statistics.items()}
             )
-        frames.append(frame_to_wire(msg, tensors, lease.hyper.compression))
+        frames.append(frame_to_wire(msg, tensors, compression))
     return frames
+
+
+def _deltas(lease: LeaseSpec) -> bool:
+    # Delta fetches go with int8: the server answers a ``have`` only for such jobs.
+    return lease.hyper.compression == "int8"

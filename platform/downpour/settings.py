@@ -222,8 +222,17 @@ STORE_FREE_AFTER_S = envfloat("STORE_FREE_AFTER_S", max(60.0, 2 * LEASE_TTL_S))
 # Server reference gradients for centred clipping (FLTrust): whether the server computes
 # them (off: robust jobs warm up on trusted agents only), how often, on how many examples.
 REFERENCE_GRADIENTS = envbool("REFERENCE_GRADIENTS", True)
-REFERENCE_INTERVAL_S = envfloat("REFERENCE_INTERVAL_S", 5.0)
-REFERENCE_ROOT_SAMPLES = envint("REFERENCE_ROOT_SAMPLES", 256)
+# 1 s, not 5: the direction test needs a fresh root reference (bench/attacks.py: at 5 s a
+# sign flip at 20 % cost 2.0 points and took 1,252 pushes to ban; docs/robustness.md).
+REFERENCE_INTERVAL_S = envfloat("REFERENCE_INTERVAL_S", 1.0)
+REFERENCE_ROOT_SAMPLES = envint("REFERENCE_ROOT_SAMPLES", 400)
+# The direction test (docs/robustness.md): a published root reference is used for this long,
+# and only while the root sample's two halves agree at least this much (cosine).
+REFERENCE_MAX_AGE_S = envfloat("REFERENCE_MAX_AGE_S", 2 * REFERENCE_INTERVAL_S)
+REFERENCE_MIN_AGREEMENT = envfloat("REFERENCE_MIN_AGREEMENT", 0.5)
+# Training examples on which evaluation and export measure BatchNormalization statistics at
+# the weights they score (training/evaluation.py); 0 uses the store's running average as is.
+RECALIBRATION_SAMPLES = envint("RECALIBRATION_SAMPLES", 2048)
 MAX_FRAME_BYTES = envint("MAX_FRAME_BYTES", 64 << 20)
 MAX_CONNECTIONS_PER_TOKEN = envint("MAX_CONNECTIONS_PER_TOKEN", 16)
 # Agent rows one token may register (each distinct name is one); re-registering is free.
@@ -236,7 +245,17 @@ PUSH_BURST = envfloat("PUSH_BURST", 4000.0)
 CLAIMS_PER_SECOND = envfloat("CLAIMS_PER_SECOND", 2.0)
 CLAIM_BURST = envfloat("CLAIM_BURST", 5.0)
 
+# Sandblaster's coordinator (training/sandblaster.py): beat starts it every interval, and it
+# takes a turn every 20 ms for SANDBLASTER_TURN_S of that, so a finished pass waits ~20 ms.
+SANDBLASTER_INTERVAL_S = envfloat("SANDBLASTER_INTERVAL_S", 2.0)
+SANDBLASTER_TURN_S = envfloat("SANDBLASTER_TURN_S", 1.8)
+
 CELERY_BEAT_SCHEDULE = {
+    "coordinate-sandblaster-jobs": {
+        "task": "downpour.training.tasks.coordinate_sandblaster_jobs",
+        "schedule": SANDBLASTER_INTERVAL_S,
+        "options": {"expires": SANDBLASTER_INTERVAL_S},
+    },
     "start-queued-jobs": {
         "task": "downpour.training.tasks.start_queued_jobs",
         "schedule": 2.0,

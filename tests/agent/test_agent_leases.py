@@ -35,7 +35,7 @@ keras = pytest.importorskip("keras")
 # -- a whole lease ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("compression", ["none", "zlib", "fp16"])
+@pytest.mark.parametrize("compression", ["none", "zlib", "fp16", "int8"])
 async def test_the_agent_registers_fetches_pushes_and_completes_a_lease(
     server: FakeServer, tmp_path: Path, compression: str
 ) -> None:
@@ -244,7 +244,10 @@ async def test_a_layout_that_does_not_match_the_model_is_handed_back(
     await run_agent(make_agent(server, tmp_path))
 
     assert [m["lease_id"] for m in server.of_type("return_lease")] == ["lease-1"]
-    assert server.of_type("fetch") == [] and server.pushes == []
+    # The first fetch goes out with the lease, before the model it is checked against
+    # exists (it overlaps the build); nothing is trained or pushed, and no fetch follows.
+    assert len(server.of_type("fetch")) <= len(wrong) and server.pushes == []
+    assert server.of_type("complete") == []
 
 
 async def test_a_model_the_validator_refuses_is_handed_back(

@@ -164,7 +164,11 @@ def test_every_binary_message_round_trips_with_its_tensors(mtype: str, compressi
     assert list(tensors) == list(TENSORS)
     for name, array in TENSORS.items():
         assert tensors[name].dtype == np.float32
-        np.testing.assert_array_equal(tensors[name], array)
+        if compression == "int8":  # lossy: within half a block scale (test_protocol_int8.py)
+            bound = np.abs(array).max() / 254
+            np.testing.assert_allclose(tensors[name], array, rtol=0, atol=bound * 1.0001)
+        else:
+            np.testing.assert_array_equal(tensors[name], array)
 
 
 def test_a_frame_may_carry_no_tensors() -> None:

@@ -256,3 +256,28 @@ def test_weights_of_the_wrong_dtype_or_with_nan_are_refused_and_nothing_is_assig
     after = computer.get_weights()
     for name in before:
         np.testing.assert_array_equal(before[name], after[name])
+
+
+def test_warming_up_traces_once_and_leaves_weights_and_statistics_untouched() -> None:
+    # Prepare: a model with batch statistics, whose warm-up batch must not reach a push.
+    model = keras.Sequential(
+        [keras.Input((6,)), keras.layers.BatchNormalization(), keras.layers.Dense(4)],
+        name="bn",
+    )
+    computer = GradientComputer(json.loads(model.to_json()), "mean_squared_error", seed=5)
+    before = computer.get_weights()
+    x, _ = _data("mlp", 8)
+    y = np.ones((8, 4), dtype=np.float32)
+    # Execute
+    first = computer.warm_up(x, y)
+    second = computer.warm_up(x, y)
+    # Assert
+    assert first is True and second is False
+    assert computer._gradient_step.experimental_get_tracing_count() == 1
+    after = computer.get_weights()
+    assert all(np.array_equal(before[name], after[name]) for name in before)
+    assert computer.take_statistics()[1] == 0
+    # The traced step is the one training runs: no second trace for the same shapes.
+    computer.compute(x, y)
+    assert computer._gradient_step.experimental_get_tracing_count() == 1
+    assert computer.take_statistics()[1] == 8

@@ -3,6 +3,7 @@
 ::
 
     python tests/e2e/rogue_agent.py --mode scale  join http://server:8000 --token TOKEN ...
+    python tests/e2e/rogue_agent.py --mode signflip join http://server:8000 --token TOKEN ...
     python tests/e2e/rogue_agent.py --mode random join http://server:8000 --token TOKEN ...
 
 Everything after ``--mode`` (and ``--factor``/``--seed``) goes to ``downpour_agent.cli``
@@ -15,6 +16,8 @@ process; the agent package itself is untouched:
 * ``random``: every gradient replaced by Gaussian noise with the same L2 norm, variable by
   variable: a "faking" agent whose pushes look plausible in size but carry no information.
   Clipping alone does not catch it; spot checks do.
+* ``signflip``: every gradient negated (``-g``): plausible in size, pointing against the
+  server's root reference gradient, which the direction test flags.
 * ``late``: honest for the first ``--honest-steps`` steps of every lease, ``random`` after:
   a faker that expects only the start of a lease to be checked.
 """
@@ -28,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-MODES = ("scale", "random", "late")
+MODES = ("scale", "random", "late", "signflip")
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -62,6 +65,8 @@ def tamper(mode: str, factor: float = 1e6, seed: int | None = None, honest_steps
     def forged(gradient: np.ndarray) -> np.ndarray:
         if mode == "scale":
             return (gradient * np.float32(factor)).astype(np.float32)
+        if mode == "signflip":
+            return (-gradient).astype(np.float32)
         noise = rng.standard_normal(gradient.shape).astype(np.float32)
         scale = float(np.linalg.norm(gradient)) / max(float(np.linalg.norm(noise)), 1e-30)
         return (noise * np.float32(scale)).astype(np.float32)

@@ -47,7 +47,7 @@ def test_a_sign_flipped_push_is_flagged_and_leaves_the_centre_alone() -> None:
     # Execute
     step = robust_step(CONFIG, state, -honest(rng), trusted=False, reference=mean_gradient())
     # Assert
-    assert step.rejected and step.clipped and not step.held
+    assert step.opposed and step.clipped and not step.held
     np.testing.assert_array_equal(step.state.momentum, state.momentum)
     assert step.state.clipped == state.clipped + 1
     assert step.state.untrusted_deviations == state.untrusted_deviations
@@ -57,7 +57,7 @@ def test_an_honest_push_passes_and_moves_the_centre() -> None:
     rng = np.random.default_rng(1)
     state = warm_state(rng)
     step = robust_step(CONFIG, state, honest(rng), trusted=False, reference=mean_gradient())
-    assert not step.rejected and not step.clipped
+    assert not step.opposed and not step.clipped
     assert not np.array_equal(step.state.momentum, state.momentum)
 
 
@@ -67,7 +67,7 @@ def test_an_inner_product_manipulation_is_flagged_and_bounded_by_the_radius() ->
     state = warm_state(rng)
     ipm = (-0.5 * mean_gradient()).astype(np.float32)
     step = robust_step(CONFIG, state, ipm, trusted=False, reference=mean_gradient())
-    assert step.rejected and step.clipped
+    assert step.opposed and step.clipped
     applied_distance = float(np.linalg.norm(step.gradient - state.momentum))
     assert applied_distance <= state.tau(CONFIG) * (1 + 1e-5)
 
@@ -77,7 +77,7 @@ def test_rejecting_opposed_pushes_applies_nothing() -> None:
     config = dataclasses.replace(CONFIG, reject_opposed=True)
     state = warm_state(rng, config)
     step = robust_step(config, state, -honest(rng), trusted=False, reference=mean_gradient())
-    assert step.rejected and step.clipped
+    assert step.opposed and step.clipped
     assert not step.gradient.any()
 
 
@@ -85,14 +85,14 @@ def test_without_a_reference_there_is_no_direction_test() -> None:
     rng = np.random.default_rng(4)
     state = warm_state(rng)
     step = robust_step(CONFIG, state, -honest(rng), trusted=False)
-    assert not step.rejected
+    assert not step.opposed
 
 
 def test_trusted_pushes_are_never_tested() -> None:
     rng = np.random.default_rng(5)
     state = warm_state(rng)
     step = robust_step(CONFIG, state, -honest(rng), trusted=True, reference=mean_gradient())
-    assert not step.rejected and not step.clipped
+    assert not step.opposed and not step.clipped
 
 
 def test_a_reference_of_another_size_is_refused() -> None:

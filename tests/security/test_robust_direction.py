@@ -130,6 +130,14 @@ def test_on_a_short_job_the_sign_flippers_are_banned_and_no_honest_agent_is() ->
         seed=0,
         root_sample=400,
     )
-    # Assert
+    # Assert: banned at the push that made each ban due, within tens of store pushes.
     assert attacked.attackers == 2 and attacked.attackers_banned == 2
     assert attacked.honest_banned == 0
+    # (Judged only at timed flushes, the second was banned at its 32nd.)
+    assert attacked.pushes_to_ban == [20, 20], attacked.pushes_to_ban
+    # The trace (--trace) holds every tested push, each attacker's up to its ban.
+    attackers_tested = [c for _, role, _, c in attacked.trace if role == "attacker"]
+    assert len(attackers_tested) == sum(
+        a["tested"] for a in attacked.agents if a["role"] == "attacker"
+    )
+    assert all(-1.0 <= c <= 1.0 for _, _, _, c in attacked.trace)

@@ -14,10 +14,15 @@ import pytest
 from downpour.scheduler.reputation import (
     DEFAULT_MIN_PUSHES,
     DEFAULT_SPOT_CHECK_FRACTION,
+    OPPOSED_JUDGE_INTERVAL_S,
+    PushFlags,
     Reputation,
     clipped_fraction,
+    cosine_t,
     gradients_match,
+    judge_interval,
     lift_ban,
+    mean_cosine,
     min_pushes_for_shards,
     min_spot_check_fraction,
     recent_clipped_fraction,
@@ -45,6 +50,141 @@ def pushes_until_banned(pushes: list[bool], start: Reputation | None = None) -> 
         if should_ban(reputation):
             return count
     return None
+
+
+# -- direction against the server's root gradient (sign flips, IPM) -----------------------------
+
+UNTESTED = PushFlags(clipped=False)
+
+
+def direction(cosine: float) -> PushFlags:
+    return PushFlags(clipped=cosine < -0.5, cosine=cosine, opposed=cosine < -0.5)
+
+
+def flags_until_banned(pushes: list[PushFlags]) -> int | None:
+    reputation = Reputation()
+    for count, flags in enumerate(pushes, start=1):
+        reputation = record_push(reputation, flags)
+        if should_ban(reputation):
+            return count
+    return None
+
+
+def sign_flips(count: int, seed: int = 0) -> list[PushFlags]:
+    """A sign flipper's tested pushes: honest cosines (mean +0.45, sd 0.3), negated."""
+    rng = np.random.default_rng(seed)
+    return [direction(float(-np.clip(rng.normal(0.45, 0.3), -1, 1))) for _ in range(count)]
+
+
+def test_a_sign_flipper_is_banned_at_its_twentieth_tested_push() -> None:
+    # Prepare: no root gradient for its first 100 pushes (training had not made the gradient
+    # coherent), then tested pushes whose cosines are honest ones negated: only about a third
+    # fail the per-push test (below -0.5), so clipping flags alone ban late or never.
+    pushes = [UNTESTED] * 100 + sign_flips(200)
+    # Execute
+    banned_at = flags_until_banned(pushes)
+    # Assert: 20 tested pushes are the evidence.
+    assert banned_at == 100 + DEFAULT_MIN_PUSHES
+    clipping_alone = pushes_until_banned([flags.opposed for flags in pushes])
+    assert clipping_alone is None or clipping_alone > 100 + 2 * DEFAULT_MIN_PUSHES
+
+
+def test_an_ipm_attacker_whose_cosines_are_only_slightly_negative_but_steady_is_banned() -> None:
+    # IPM pushes -epsilon times the honest mean: a mean cosine of -0.08, above the -0.15
+    # line, but with little spread its t statistic is far below -5 by 20 tested pushes.
+    rng = np.random.default_rng(2)
+    pushes = [direction(float(rng.normal(-0.08, 0.04))) for _ in range(100)]
+    assert flags_until_banned(pushes) == DEFAULT_MIN_PUSHES
+    reputation = Reputation()
+    for flags in pushes[:DEFAULT_MIN_PUSHES]:
+        reputation = record_push(reputation, flags)
+    assert mean_cosine(reputation) > -0.15 and cosine_t(reputation) < -5
+
+
+def test_an_honest_agent_whose_mean_cosine_is_zero_is_not_banned_by_noise() -> None:
+    # Late in training an honest push is about orthogonal to the root gradient: mean 0,
+    # wide spread. 5,000 tested pushes never give a t statistic below -5.
+    rng = np.random.default_rng(3)
+    pushes = [direction(float(np.clip(rng.normal(0.0, 0.35), -1, 1))) for _ in range(5000)]
+    assert flags_until_banned(pushes) is None
+
+
+def test_the_t_statistic_needs_two_pushes_and_floors_the_spread() -> None:
+    one = record_push(Reputation(), direction(-0.4))
+    assert cosine_t(one) == 0.0
+    same = record_push(one, direction(-0.4))  # no spread: the floor, 0.05, stands in
+    assert cosine_t(same) == pytest.approx(-0.4 / (0.05 / 2**0.5))
+
+
+def test_untested_pushes_say_nothing_about_direction() -> None:
+    reputation = Reputation()
+    for flags in [UNTESTED] * 500 + [direction(-0.9)] * (DEFAULT_MIN_PUSHES - 1):
+        reputation = record_push(reputation, flags)
+    assert reputation.tested == DEFAULT_MIN_PUSHES - 1
+    assert mean_cosine(reputation) == pytest.approx(-0.9)
+    assert not should_ban(reputation)  # 19 tested pushes are not yet evidence
+    assert should_ban(record_push(reputation, direction(-0.9)))
+
+
+def test_an_honest_agent_whose_pushes_sometimes_point_away_is_never_banned() -> None:
+    # Honest cosines: mean +0.45 and a wide spread, a fifth of them negative, in runs of two.
+    rng = np.random.default_rng(1)
+    pushes = []
+    for _ in range(2000):
+        cosine = float(np.clip(rng.normal(0.45, 0.5), -1, 1))
+        pushes += [direction(cosine), direction(cosine), UNTESTED]
+    assert flags_until_banned(pushes) is None
+
+
+def test_a_sleeper_that_turns_late_is_left_to_its_recent_clipping_rate() -> None:
+    # The direction rule reads the lifetime mean, which a long honest history holds up; a
+    # sleeper whose flips fail the per-push test is still flagged, and banned on those.
+    pushes = [direction(0.6)] * 5000 + [direction(-0.6)] * 300
+    reputation = Reputation()
+    for flags in pushes[:5100]:
+        reputation = record_push(reputation, flags)
+    assert mean_cosine(reputation) > 0
+    banned_at = flags_until_banned(pushes)
+    assert banned_at is not None and 5000 < banned_at < 5000 + 100
+
+
+def test_an_opposed_push_must_have_been_tested_and_a_cosine_must_be_one() -> None:
+    with pytest.raises(ValueError, match="direction test"):
+        record_push(Reputation(), PushFlags(clipped=True, opposed=True))
+    with pytest.raises(ValueError, match="cosine"):
+        record_push(Reputation(), PushFlags(clipped=False, cosine=1.5))
+
+
+def test_an_opposed_push_pending_shortens_the_wait_before_judging() -> None:
+    assert judge_interval([], 2.0) == 2.0
+    assert judge_interval([direction(0.3), UNTESTED, PushFlags(clipped=True)], 2.0) == 2.0
+    assert judge_interval([direction(0.3), direction(-0.8)], 2.0) == OPPOSED_JUDGE_INTERVAL_S < 2.0
+    assert judge_interval([direction(-0.8)], 0.1) == 0.1
+
+
+def test_a_projected_reputation_due_a_ban_is_judged_at_once() -> None:
+    # Prepare: 19 pushes straight against the root gradient, then the 20th.
+    projected = Reputation()
+    for flags in [direction(-0.9)] * 19:
+        projected = record_push(projected, flags)
+    pending = [direction(-0.9)]
+    # Execute and Assert: one short of the evidence waits; the push that completes it not.
+    assert judge_interval(pending, 2.0, projected) == OPPOSED_JUDGE_INTERVAL_S
+    assert judge_interval(pending, 2.0, record_push(projected, pending[0])) == 0.0
+    # An honest record with the same pending push keeps the rhythm of opposed pushes.
+    honest = Reputation()
+    for flags in [direction(0.2)] * 40:
+        honest = record_push(honest, flags)
+    assert judge_interval(pending, 2.0, record_push(honest, pending[0])) == OPPOSED_JUDGE_INTERVAL_S
+
+
+def test_lifting_a_ban_forgets_the_direction_record_too() -> None:
+    reputation = Reputation()
+    for flags in [direction(-0.7)] * 40:
+        reputation = record_push(reputation, flags)
+    assert should_ban(reputation)
+    lifted = lift_ban(reputation)
+    assert lifted.tested == 0 and lifted.cosine_sum == 0.0 and not should_ban(lifted)
 
 
 # -- clipping and bans -------------------------------------------------------------------------

@@ -55,6 +55,7 @@ def job_form(name: str, dataset_id: object, model_json: str, **extra: Any) -> di
         "n_fetch": 1,
         "n_push": 1,
         "n_param_shards": 2,
+        "compression": "none",
         "max_staleness": 16,
         "warm_start_pushes": 0,
         "target_accuracy": 0.9,

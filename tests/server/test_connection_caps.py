@@ -135,3 +135,58 @@ def test_the_refresher_thread_keeps_a_server_alive(client: redis.Redis, prefix: 
         )
     finally:
         stop.set()
+
+
+# -- the claim bucket: completed work gives its claim back --------------------------------------
+
+
+def claims_answered(limits: Any, clock: Clock, *, complete: bool) -> list[bool]:
+    """Twenty claims 0.05 s apart (a Sandblaster agent's small units), each completed or not."""
+    answers = []
+    for _ in range(20):
+        allowed = limits.allow_claim("agent-1")
+        answers.append(allowed)
+        if allowed and complete:
+            limits.refund_claim("agent-1")
+        clock.now += 0.05
+    return answers
+
+
+@pytest.fixture
+def claim_rate(settings: Any) -> None:
+    settings.CLAIMS_PER_SECOND, settings.CLAIM_BURST = 2.0, 5.0
+
+
+@pytest.mark.usefixtures("claim_rate")
+def test_claims_that_end_in_completed_work_are_never_held_back_in_process() -> None:
+    clock = Clock()
+    limits = LocalLimits(clock=clock)
+    assert all(claims_answered(limits, clock, complete=True))
+    # ...while claims that end in no work are bounded by the burst and the rate.
+    refused = LocalLimits(clock=clock)
+    # The burst of 5, and 1 more refilled in the 0.95 s the claims span at 2 a second.
+    assert claims_answered(refused, clock, complete=False).count(True) == 6
+
+
+@pytest.mark.usefixtures("claim_rate")
+def test_a_refund_never_raises_the_bucket_above_its_burst_in_process() -> None:
+    clock = Clock()
+    limits = LocalLimits(clock=clock)
+    for _ in range(10):
+        limits.refund_claim("agent-1")
+    assert [limits.allow_claim("agent-1") for _ in range(6)] == [True] * 5 + [False]
+
+
+@pytest.mark.services
+@pytest.mark.usefixtures("claim_rate")
+def test_claims_that_end_in_completed_work_are_never_held_back_in_redis(
+    client: redis.Redis, prefix: str
+) -> None:
+    clock = Clock()
+    limits = RedisLimits(client, prefix, "server-a", clock=clock)
+    assert all(claims_answered(limits, clock, complete=True))
+    for _ in range(10):
+        limits.refund_claim("agent-1")
+    assert [limits.allow_claim("agent-1") for _ in range(6)] == [True] * 5 + [False]
+    refused = RedisLimits(client, prefix + "other:", "server-a", clock=clock)
+    assert claims_answered(refused, clock, complete=False).count(True) == 6

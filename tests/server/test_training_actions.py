@@ -10,6 +10,7 @@ import pytest
 from django.utils import timezone
 
 from downpour.donors.models import Agent, AgentToken
+from downpour.scheduler.reputation import PushFlags
 from downpour.training.actions.bans import lift_ban, record_clipping, record_spot_check
 from downpour.training.actions.claims import claim_work
 from downpour.training.actions.contributions import record_contribution
@@ -353,6 +354,24 @@ def test_a_ban_reason_longer_than_its_column_is_stored_cut_to_it(agent) -> None:
     assert agent.banned_at is not None
     assert len(agent.ban_reason) == width
     assert agent.ban_reason.startswith("failed 1 spot check(s): gradients differ: x")
+
+
+def test_an_agent_pushing_against_the_root_gradient_is_banned_and_the_reason_says_so(
+    agent,
+) -> None:  # type: ignore[no-untyped-def]
+    against = PushFlags(clipped=False, cosine=-0.4)
+    untested = PushFlags(clipped=False)
+    assert not record_clipping(str(agent.id), [against, untested] * 9)
+    assert record_clipping(str(agent.id), [against, untested] * 11)
+    agent.refresh_from_db()
+    assert agent.banned_at is not None
+    assert "against the server's root gradient: mean cosine -0.40" in agent.ban_reason
+    assert "(t = " in agent.ban_reason and agent.rep_cosine_sq_sum == pytest.approx(20 * 0.16)
+    assert (agent.rep_tested, agent.rep_pushes) == (20, 40)
+    assert agent.rep_cosine_sum == pytest.approx(-8.0)
+    lift_ban(agent)
+    agent.refresh_from_db()
+    assert agent.banned_at is None and agent.rep_tested == 0 and agent.rep_cosine_sum == 0.0
 
 
 def test_an_honest_agent_clipped_now_and_then_is_not_banned(agent) -> None:  # type: ignore[no-untyped-def]

@@ -75,6 +75,27 @@ def test_it_submits_a_job_from_pasted_json(alice, job) -> None:  # type: ignore[
     assert Job.objects.filter(owner=alice, name="second").exists()
 
 
+def test_a_job_chooses_int8_compression_and_its_page_says_so(alice, job) -> None:  # type: ignore[no-untyped-def]
+    client = logged_in(alice)
+    form = client.get("/jobs/new/").content.decode()
+    assert "int8 with error feedback" in form and 'value="none"' in form
+
+    response = client.post(
+        "/jobs/new/",
+        job_form("packed", str(job.dataset_id), json.dumps(mlp_config()), compression="int8"),
+    )
+
+    assert response.status_code == 302, response.content
+    packed = Job.objects.get(owner=alice, name="packed")
+    assert packed.compression == "int8"
+    assert "int8 with error feedback" in client.get(f"/jobs/{packed.id}/").content.decode()
+    refused = client.post(
+        "/jobs/new/",
+        job_form("odd", str(job.dataset_id), json.dumps(mlp_config()), compression="top-k"),
+    )
+    assert refused.status_code == 200 and not Job.objects.filter(name="odd").exists()
+
+
 def test_a_rejected_model_is_explained_on_the_form(alice, job) -> None:  # type: ignore[no-untyped-def]
     config = mlp_config()
     config["config"]["layers"][1]["class_name"] = "Lambda"

@@ -6,6 +6,16 @@ The server imports this package too, so both ends agree by construction.
 from __future__ import annotations
 
 from .errors import ERROR_TEXTS, CloseCode, ErrorCode, ProtocolError, wire_ref
+from .feedback import ErrorFeedback, HeldShards
+from .local_steps import (
+    INNER_OPTIMIZERS,
+    LinkRates,
+    LocalSteps,
+    link_rates_from_wire,
+    link_rates_to_wire,
+    local_steps_from_wire,
+    local_steps_to_wire,
+)
 from .messages import (
     AGENT_MESSAGES,
     BINARY_TYPES,
@@ -22,9 +32,11 @@ from .messages import (
     validate_message,
 )
 from .payloads import (
+    ALGORITHMS,
     DatasetSpec,
     Hyper,
     LeaseSpec,
+    PassSpec,
     VariableSpec,
     WeightsLoad,
     dataset_from_wire,
@@ -33,6 +45,8 @@ from .payloads import (
     lease_to_wire,
     loads_from_wire,
     loads_to_wire,
+    pass_from_wire,
+    pass_to_wire,
 )
 from .statistics import (
     STATISTICS_PREFIX,
@@ -56,6 +70,17 @@ from .tensors import (
 )
 
 __all__ = [
+    "INNER_OPTIMIZERS",
+    "LinkRates",
+    "LocalSteps",
+    "PassSpec",
+    "pass_from_wire",
+    "pass_to_wire",
+    "link_rates_from_wire",
+    "link_rates_to_wire",
+    "local_steps_from_wire",
+    "local_steps_to_wire",
+    "ALGORITHMS",
     "AGENT_MESSAGES",
     "BINARY_TYPES",
     "COMPRESSIONS",
@@ -70,7 +95,9 @@ __all__ = [
     "CloseCode",
     "DatasetSpec",
     "ErrorCode",
+    "ErrorFeedback",
     "FrameHeader",
+    "HeldShards",
     "Hyper",
     "LeaseSpec",
     "ProtocolError",

@@ -33,11 +33,23 @@ AGENT_MESSAGES: dict[str, dict[str, _Field]] = {
         "protocol_version": (_INT, True),
         "name": (_STR, True),
         "device": (_DICT, True),
+        # Tensor compressions the agent decodes; an agent that names none gets only the
+        # ones every agent knows (``none``, ``zlib``, ``fp16``) in its leases.
+        "compressions": (_LIST, False),
     },
     "heartbeat": {"lease_id": (_STR, False)},
-    "request_work": {},
+    # ``link``: the rates the agent measured on its last round (protocol/local_steps.py).
+    "request_work": {"link": (_DICT, False)},
     "resume": {"lease_id": (_STR, True)},
-    "fetch": {"lease_id": (_STR, True), "shard": (_INT, True)},
+    "fetch": {
+        "lease_id": (_STR, True),
+        "shard": (_INT, True),
+        # Synchronous jobs: answer once the shard has reached this version.
+        "min_version": (_INT, False),
+        # The version of the shard the agent holds from this connection's last ``params``:
+        # a job with int8 compression may answer with the change since then.
+        "have": (_INT, False),
+    },
     "push": {
         "lease_id": (_STR, True),
         "seq": (_INT, True),
@@ -48,6 +60,8 @@ AGENT_MESSAGES: dict[str, dict[str, _Field]] = {
         "loads": (_LIST, False),
         # The round's mean training loss (shard 0's push only): the job page charts it.
         "loss": (_NUM, False),
+        # True on a local-steps lease: the tensors are the round's start minus end weights.
+        "pseudo_gradient": (_BOOL, False),
     },
     "complete": {"lease_id": (_STR, True), "samples": (_INT, True)},
     "return_lease": {"lease_id": (_STR, True)},
@@ -75,10 +89,23 @@ SERVER_MESSAGES: dict[str, dict[str, _Field]] = {
         "expires_in_s": (_NUM, True),
         # Non-trainable variables carried in shard 0's frames (protocol/statistics.py).
         "statistics": (_LIST, False),
+        # Local-steps leases only: the inner loop (protocol/local_steps.py).
+        "local_steps": (_DICT, False),
+        # How the job trains (payloads.ALGORITHMS); absent means downpour.
+        "algorithm": (_STR, False),
+        # Sandblaster leases only: the unit of the evaluation pass (payloads.PassSpec).
+        "sandblaster": (_DICT, False),
     },
     # ``reason``: one of NO_WORK_REASONS, so the agent can say why it is idle.
     "no_work": {"retry_after_s": (_NUM, True), "reason": (_STR, False), "message": (_STR, False)},
-    "params": {"lease_id": (_STR, True), "shard": (_INT, True), "version": (_INT, True)},
+    "params": {
+        "lease_id": (_STR, True),
+        "shard": (_INT, True),
+        "version": (_INT, True),
+        # Present when the tensors are the change from version ``base`` (the fetch's
+        # ``have``) to ``version``, to add to what the agent holds; absent: whole weights.
+        "base": (_INT, False),
+    },
     "push_ack": {
         "lease_id": (_STR, True),
         "seq": (_INT, True),
@@ -87,6 +114,8 @@ SERVER_MESSAGES: dict[str, dict[str, _Field]] = {
         "staleness": (_INT, True),
         "applied": (_BOOL, True),
         "duplicate": (_BOOL, True),
+        # Synchronous jobs: true when the gradient was dropped as late (not applied, credited).
+        "late": (_BOOL, False),
     },
     "complete_ack": {"lease_id": (_STR, True)},
     "lease_returned": {"lease_id": (_STR, True)},

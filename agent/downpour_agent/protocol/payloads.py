@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from .errors import ErrorCode, ProtocolError
+from .local_steps import LocalSteps, local_steps_from_wire, local_steps_to_wire
 from .messages import SERVER_MESSAGES, validate_message
 from .tensors import COMPRESSIONS
 
@@ -26,6 +27,12 @@ _LEASE_SCHEMA = {"lease": SERVER_MESSAGES["lease"]}
 _HYPER_KEYS = ("batch_size", "n_fetch", "n_push", "learning_rate", "compression")
 _DATASET_KEYS = ("url", "sha256", "n_samples")
 _LAYOUT_KEYS = ("name", "shape", "dtype")
+#: How a job trains (the lease's ``algorithm``): ``downpour`` (asynchronous, the default, left
+#: off the wire) or ``sync`` (synchronous steps with backup workers: one gradient per step,
+#: then a ``fetch`` with ``min_version`` for the next step's weights) or ``sandblaster`` (one
+#: summed gradient of a slice of the shard at a pinned version; ``sandblaster`` says which).
+ALGORITHMS = ("downpour", "local-steps", "sync", "sandblaster")
+_PASS_KEYS = ("pass", "unit", "start", "stop", "version")
 _LOADS_RULE = "push: loads must be at most n_push - 1 pairs [step offset, [a version per shard]]"
 
 
@@ -74,6 +81,58 @@ class DatasetSpec:
 
 
 @dataclass(frozen=True)
+class PassSpec:
+    """A Sandblaster lease's unit: one slice of one evaluation pass.
+
+    Attributes
+    ----------
+    pass_number : int
+        The coordinator's evaluation pass, >= 0 (``pass`` on the wire).
+    unit : int
+        The unit's index in the pass, >= 0.
+    start, stop : int
+        The unit's samples are rows ``[start, stop)`` of the dataset shard, in file order;
+        ``0 <= start < stop <= n_samples``.
+    version : int
+        The version of every parameter shard the answer must be computed on, >= 0.
+    """
+
+    pass_number: int
+    unit: int
+    start: int
+    stop: int
+    version: int
+
+    @property
+    def samples(self) -> int:
+        return self.stop - self.start
+
+
+def pass_to_wire(spec: PassSpec) -> dict[str, Any]:
+    """A lease's ``sandblaster`` object."""
+    return {
+        "pass": spec.pass_number,
+        "unit": spec.unit,
+        "start": spec.start,
+        "stop": spec.stop,
+        "version": spec.version,
+    }
+
+
+def pass_from_wire(value: Any, n_samples: int) -> PassSpec:
+    """Check a lease's ``sandblaster`` object against its dataset's ``n_samples``."""
+    if not isinstance(value, dict) or sorted(value) != sorted(_PASS_KEYS):
+        raise _bad(f"sandblaster must be an object with exactly {', '.join(_PASS_KEYS)}")
+    if not all(isinstance(value[k], int) and not isinstance(value[k], bool) for k in _PASS_KEYS):
+        raise _bad("sandblaster's fields are ints")
+    if min(value["pass"], value["unit"], value["version"]) < 0:
+        raise _bad("sandblaster's pass, unit and version are >= 0")
+    if not 0 <= value["start"] < value["stop"] <= n_samples:
+        raise _bad(f"sandblaster's slice must lie within the shard's {n_samples} samples")
+    return PassSpec(value["pass"], value["unit"], value["start"], value["stop"], value["version"])
+
+
+@dataclass(frozen=True)
 class LeaseSpec:
     """The ``lease`` message: one work unit leased to one agent.
 
@@ -98,6 +157,8 @@ class LeaseSpec:
     statistics : list of VariableSpec
         The non-trainable variables that travel in shard 0's frames; on the wire only when
         not empty.
+    algorithm : str
+        One of :data:`ALGORITHMS`; on the wire only when not ``downpour``.
     """
 
     lease_id: str
@@ -113,6 +174,11 @@ class LeaseSpec:
     expires_in_s: float
     #: The model's non-trainable variables (``protocol.statistics``); empty for most models.
     statistics: list[VariableSpec] = field(default_factory=list)
+    #: Local-steps leases: the inner loop; rounds are ``hyper.n_push`` inner steps.
+    local_steps: LocalSteps | None = None
+    algorithm: str = "downpour"
+    #: Sandblaster leases: the unit of the pass to answer.
+    sandblaster: PassSpec | None = None
 
 
 class WeightsLoad(NamedTuple):
@@ -133,37 +199,50 @@ class WeightsLoad(NamedTuple):
 def lease_to_wire(lease: LeaseSpec) -> dict[str, Any]:
     """The ``lease`` message (without ``ref``) for ``lease``, keys in wire order."""
     hyper, dataset = lease.hyper, lease.dataset
-    return {
-        "type": "lease",
-        "lease_id": lease.lease_id,
-        "job_id": lease.job_id,
-        "work_unit_id": lease.work_unit_id,
-        "steps": lease.steps,
-        "seed": lease.seed,
-        "model": lease.model,
-        "loss": lease.loss,
-        "hyper": {
-            "batch_size": hyper.batch_size,
-            "n_fetch": hyper.n_fetch,
-            "n_push": hyper.n_push,
-            "learning_rate": hyper.learning_rate,
-            "compression": hyper.compression,
-        },
-        "dataset": dataset_to_wire(dataset),
-        "layout": [
-            [{"name": name, "shape": list(shape), "dtype": dtype} for name, shape, dtype in shard]
-            for shard in lease.layout
-        ],
-        "expires_in_s": lease.expires_in_s,
-    } | (
+    return (
         {
-            "statistics": [
-                {"name": name, "shape": list(shape), "dtype": dtype}
-                for name, shape, dtype in lease.statistics
-            ]
+            "type": "lease",
+            "lease_id": lease.lease_id,
+            "job_id": lease.job_id,
+            "work_unit_id": lease.work_unit_id,
+            "steps": lease.steps,
+            "seed": lease.seed,
+            "model": lease.model,
+            "loss": lease.loss,
+            "hyper": {
+                "batch_size": hyper.batch_size,
+                "n_fetch": hyper.n_fetch,
+                "n_push": hyper.n_push,
+                "learning_rate": hyper.learning_rate,
+                "compression": hyper.compression,
+            },
+            "dataset": dataset_to_wire(dataset),
+            "layout": [
+                [
+                    {"name": name, "shape": list(shape), "dtype": dtype}
+                    for name, shape, dtype in shard
+                ]
+                for shard in lease.layout
+            ],
+            "expires_in_s": lease.expires_in_s,
         }
-        if lease.statistics
-        else {}
+        | (
+            {
+                "statistics": [
+                    {"name": name, "shape": list(shape), "dtype": dtype}
+                    for name, shape, dtype in lease.statistics
+                ]
+            }
+            if lease.statistics
+            else {}
+        )
+        | (
+            {"local_steps": local_steps_to_wire(lease.local_steps)}
+            if lease.local_steps is not None
+            else {}
+        )
+        | ({"algorithm": lease.algorithm} if lease.algorithm != "downpour" else {})
+        | ({"sandblaster": pass_to_wire(lease.sandblaster)} if lease.sandblaster else {})
     )
 
 
@@ -186,6 +265,14 @@ def lease_from_wire(msg: Any) -> LeaseSpec:
         raise _bad("seed must be a non-negative int")
     if msg["expires_in_s"] < 0:
         raise _bad("expires_in_s must not be negative")
+    algorithm = msg.get("algorithm", "downpour")
+    if algorithm not in ALGORITHMS:
+        raise _bad(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm[:40]!r}")
+    if (algorithm == "local-steps") != ("local_steps" in msg):
+        raise _bad("local_steps is given exactly when the algorithm is local-steps")
+    if (algorithm == "sandblaster") != ("sandblaster" in msg):
+        raise _bad("sandblaster is given exactly when the algorithm is sandblaster")
+    dataset = dataset_from_wire(msg["dataset"])
     return LeaseSpec(
         lease_id=msg["lease_id"],
         job_id=msg["job_id"],
@@ -195,10 +282,15 @@ def lease_from_wire(msg: Any) -> LeaseSpec:
         model=msg["model"],
         loss=msg["loss"],
         hyper=_hyper_from_wire(msg["hyper"]),
-        dataset=dataset_from_wire(msg["dataset"]),
+        dataset=dataset,
         layout=_layout_from_wire(msg["layout"]),
         expires_in_s=msg["expires_in_s"],
         statistics=_statistics_from_wire(msg.get("statistics", [])),
+        local_steps=(local_steps_from_wire(msg["local_steps"]) if "local_steps" in msg else None),
+        algorithm=algorithm,
+        sandblaster=(
+            pass_from_wire(msg["sandblaster"], dataset.n_samples) if "sandblaster" in msg else None
+        ),
     )
 
 

@@ -27,6 +27,7 @@ import numpy.typing as npt
 
 from .errors import ErrorCode, ProtocolError, wire_ref
 from .messages import _Field, validate_message
+from .quantize import int8_decode, int8_encode
 
 MAGIC = b"DPT\x01"
 MAX_FRAME_BYTES = 256 << 20
@@ -48,8 +49,10 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "bool": np.dtype("?"),
 }
 #: ``none``: raw bytes. ``zlib``: deflate of the raw bytes. ``fp16``: a float32 tensor
-#: sent as float16 (half the bytes, ~3 significant digits) and widened on arrival.
-COMPRESSIONS = ("none", "zlib", "fp16")
+#: sent as float16 (half the bytes, ~3 significant digits) and widened on arrival. ``int8``:
+#: a float32 tensor as per-block scales and int8 values (``quantize.py``; about a quarter of
+#: the bytes, each element off by at most half its block's scale).
+COMPRESSIONS = ("none", "zlib", "fp16", "int8")
 
 _HEAD = struct.Struct("<4sI")
 
@@ -73,10 +76,12 @@ def tensor_to_wire(name: str, array: npt.NDArray[Any], compression: str = "none"
     dtype_name = _dtype_name(array.dtype)
     if compression not in COMPRESSIONS:
         raise ValueError(f"unknown compression {compression!r}")
+    if compression in ("fp16", "int8") and dtype_name != "float32":
+        raise ValueError(f"{compression} compression applies to float32 tensors only")
     if compression == "fp16":
-        if dtype_name != "float32":
-            raise ValueError("fp16 compression applies to float32 tensors only")
         raw = np.ascontiguousarray(array, dtype="<f2").tobytes()
+    elif compression == "int8":
+        raw = int8_encode(array)
     else:
         raw = np.ascontiguousarray(array, dtype=DTYPES[dtype_name]).tobytes()
         if compression == "zlib":
@@ -104,7 +109,7 @@ def tensor_from_wire(tensor: WireTensor) -> npt.NDArray[Any]:
         count *= dim
     wire_dtype = DTYPES["float16"] if tensor.compression == "fp16" else DTYPES[tensor.dtype]
     expected = count * wire_dtype.itemsize
-    if expected > MAX_TENSOR_BYTES:
+    if expected > MAX_TENSOR_BYTES or count * DTYPES[tensor.dtype].itemsize > MAX_TENSOR_BYTES:
         raise ProtocolError(
             ErrorCode.BAD_FRAME,
             f"tensor {tensor.name!r}: shape {list(tensor.shape)} is over {MAX_TENSOR_BYTES} bytes",
@@ -112,8 +117,17 @@ def tensor_from_wire(tensor: WireTensor) -> npt.NDArray[Any]:
     raw = tensor.buffer
     if tensor.compression == "zlib":
         raw = _inflate(raw, expected, tensor.name)
-    if tensor.compression == "fp16" and tensor.dtype != "float32":
-        raise ProtocolError(ErrorCode.BAD_FRAME, "fp16 compression applies to float32 only")
+    if tensor.compression in ("fp16", "int8") and tensor.dtype != "float32":
+        raise ProtocolError(
+            ErrorCode.BAD_FRAME, f"{tensor.compression} compression applies to float32 only"
+        )
+    if tensor.compression == "int8":
+        # Sized from the shape before anything is read: scales then values, nothing else.
+        try:
+            flat = int8_decode(raw, count)
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.BAD_FRAME, f"tensor {tensor.name!r}: {exc}") from None
+        return flat.reshape(tensor.shape)
     if len(raw) != expected:
         raise ProtocolError(
             ErrorCode.BAD_FRAME,
@@ -125,10 +139,22 @@ def tensor_from_wire(tensor: WireTensor) -> npt.NDArray[Any]:
 
 
 def frame_to_wire(
-    msg: dict[str, Any], tensors: Mapping[str, npt.NDArray[Any]], compression: str = "none"
+    msg: dict[str, Any],
+    tensors: Mapping[str, npt.NDArray[Any]],
+    compression: str | Mapping[str, str] = "none",
 ) -> bytes:
-    """Pack a control message and named tensors into one binary frame."""
-    wire = [tensor_to_wire(name, arr, compression) for name, arr in tensors.items()]
+    """Pack a control message and named tensors into one binary frame.
+
+    ``compression`` is one for every tensor, or one per tensor name (``none`` if unnamed).
+    """
+    wire = [
+        tensor_to_wire(
+            name,
+            arr,
+            compression if isinstance(compression, str) else compression.get(name, "none"),
+        )
+        for name, arr in tensors.items()
+    ]
     header = {
         "msg": msg,
         "tensors": [

@@ -14,15 +14,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
+
 from downpour.paramstore.errors import WrongDtype, WrongShape
 from downpour.paramstore.layout import ShardLayout
 from downpour_agent.protocol import (
+    AGENT_MESSAGES,
     STATISTICS_PREFIX,
     STATISTICS_SHARD,
     ErrorCode,
+    FrameHeader,
     ProtocolError,
     WireTensor,
+    frame_header_from_wire,
+    wire_ref,
 )
+
+from .limits import limits
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,34 @@ class LeaseBounds:
     def samples(self) -> int:
         """Samples the whole lease covers: ``steps × batch_size``."""
         return self.steps * self.batch_size
+
+
+def check_push_kind(local_steps: bool, msg: dict[str, Any]) -> None:
+    """A local-steps lease pushes pseudo-gradients (``pseudo_gradient: true``), any other
+    lease gradients (no flag, or false): the store would misread the other kind.
+
+    Raises
+    ------
+    ProtocolError
+        ``bad_message`` when the push's kind is not its lease's.
+    """
+    if bool(msg.get("pseudo_gradient", False)) != local_steps:
+        want = "pseudo_gradient: true" if local_steps else "no pseudo_gradient"
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE,
+            f"push: a {'local-steps' if local_steps else 'gradient'} lease's pushes carry {want}",
+        )
+
+
+def staleness_base(local_steps: bool, msg: dict[str, Any]) -> int:
+    """The version a push's staleness counts from. A local-steps round rebased onto newer
+    weights mid-round (its ``loads``) carries the sum of its inner updates on top of them,
+    so it counts from its last load's version of the shard; anything else from its
+    ``base_version``. Call after ``loads_from_wire`` checked the loads."""
+    loads = msg.get("loads") or []
+    if local_steps and loads:
+        return int(loads[-1][1][msg["shard"]])
+    return int(msg["base_version"])
 
 
 def check_round(bounds: LeaseBounds, msg: dict[str, Any]) -> None:
@@ -120,3 +156,21 @@ def expected_bytes(layout: ShardLayout, shard: int) -> int:
     the statistics shard the statistics' too."""
     statistics = layout.statistics_size if shard == STATISTICS_SHARD else 0
     return (layout.shard_size(shard) + statistics) * 4
+
+
+def read_push_header(data: bytes, agent_id: str) -> FrameHeader:
+    # In a thread: parse the header, then the rate (Redis with REDIS_URL), before the lease
+    # is read or anything is decoded, so a flood costs as little as possible.
+    header = frame_header_from_wire(data, AGENT_MESSAGES, settings.MAX_FRAME_BYTES)
+    ref = wire_ref(header.msg)
+    if header.msg["type"] != "push":
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE, f"{header.msg['type']} is not a binary message", ref
+        )
+    if not limits().allow_push(agent_id):
+        raise ProtocolError(
+            ErrorCode.RATE_LIMITED,
+            f"over {settings.PUSHES_PER_SECOND:g} push frames per second; slow down",
+            ref,
+        )
+    return header

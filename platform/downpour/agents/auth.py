@@ -10,6 +10,7 @@ from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 
 from downpour.donors.models import Agent, AgentToken, hash_token
+from downpour.training.actions.bans import OPERATOR_BAN_REASON
 from downpour_agent.protocol import ErrorCode, banned_message, error_message
 
 
@@ -52,7 +53,7 @@ def authority_refusal(token_id: str, agent_id: str | None) -> dict[str, Any] | N
         ban = Agent.objects.filter(id=agent_id, banned_at__isnull=False).values("ban_reason")
         banned = ban.first()
         if banned is not None:
-            return banned_message(banned["ban_reason"] or "banned by an operator")
+            return banned_message(banned["ban_reason"] or OPERATOR_BAN_REASON)
     return None
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -23,7 +22,8 @@ from downpour.donors.actions import TooManyAgents, register_reported_agent
 from downpour.donors.models import Agent, AgentToken
 from downpour.paramstore import PushResult, StoreError
 from downpour.paramstore.statistics import check_statistics
-from downpour.training.actions.bans import record_clipping
+from downpour.scheduler.reputation import PushFlags, judge_interval
+from downpour.training.actions.bans import OPERATOR_BAN_REASON, Verdict, judge_pushes, reputation_of
 from downpour.training.actions.claims import claim_work
 from downpour.training.actions.contributions import Tally, record_tallies
 from downpour.training.actions.control import take_back_leases
@@ -38,10 +38,10 @@ from downpour.training.actions.leases import (
 )
 from downpour.training.actions.recovery import restore_store
 from downpour.training.models import Job, Lease
-from downpour.training.queries import why_no_work
+from downpour.training.queries import no_work_retry_s, why_no_work
 from downpour.training.spotchecks import recording as spot_recording
 from downpour.training.spotchecks.recording import Recording, copy_tensors
-from downpour.training.store import job_store
+from downpour.training.store import job_store, job_sync, root_reference
 from downpour_agent.protocol import (
     AGENT_MESSAGES,
     PROTOCOL_VERSION,
@@ -49,27 +49,28 @@ from downpour_agent.protocol import (
     CloseCode,
     ErrorCode,
     FrameHeader,
+    LinkRates,
     ProtocolError,
     banned_message,
     error_message,
-    frame_header_from_wire,
     frame_ref,
     frame_tensors_from_wire,
     frame_to_wire,
+    link_rates_from_wire,
     loads_from_wire,
     message_from_wire,
     message_to_wire,
     no_work_message,
     split_statistics,
     statistics_to_frame,
-    wire_ref,
 )
 
-from . import admission, push
-from .admission import LeaseBounds
+from . import admission, checked_rounds, deltas, passes, push, syncwait
 from .auth import agent_token, authority_refusal, origin_allowed, scope_bearer_token, token_banned
 from .limits import limits
-from .state import Authority, CachedLease, JobStatus, SocketState
+from .state import Authority, CachedLease, JobStatus, SocketState, cache_lease
+from .state import echo_ref as _ref
+from .state import is_uuid as _is_uuid
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -129,6 +130,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await asyncio.to_thread(
                 limits().release_connection, str(self.token.id), self.channel_name
             )
+        for task in list(getattr(self, "state", SocketState()).waits):
+            task.cancel()
         for group in list(getattr(self, "state", SocketState()).groups):
             await self.channel_layer.group_discard(group, self.channel_name)
         if self.agent is not None:
@@ -160,7 +163,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         except (StoreError, LeaseError) as exc:
             if exc.code in (ErrorCode.JOB_PAUSED, ErrorCode.JOB_FINISHED) and self.agent:
                 # Refused by the server, not dropped by the donor: never counted as abandoned.
-                self.state.leases.pop(str(msg.get("lease_id")), None)
+                self.state.forget_lease(str(msg.get("lease_id")))
                 await self._take_back(msg.get("lease_id"))
             if exc.code in _WIRE_CODES:
                 await self._send(error_message(exc.code, str(exc), ref))
@@ -179,6 +182,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 ErrorCode.UNSUPPORTED_VERSION,
                 f"server speaks protocol {PROTOCOL_VERSION}, agent {msg['protocol_version']}",
             )
+        self.state.compressions = deltas.agent_compressions(msg.get("compressions"))
         try:
             agent = await self._register(msg["name"], msg["device"])
         except TooManyAgents as exc:
@@ -190,6 +194,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await self._close(CloseCode.FORBIDDEN)
             return
         self.agent = agent
+        self.state.projected = reputation_of(agent)  # pushes are judged against its record
         await self._join(push.agent_group(str(self.agent.id)))
         await self._send(
             {
@@ -205,6 +210,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if not await self._still_allowed():
             return
         lease_id = msg.get("lease_id")
+        lease_id = None if lease_id in self.state.settled else lease_id  # crossed its complete
         ttl = await self._heartbeat(lease_id)
         reply: dict[str, Any] = {"type": "heartbeat_ack", **_ref(msg)}
         if lease_id is not None and ttl is not None:
@@ -217,6 +223,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def on_request_work(self, msg: dict[str, Any]) -> None:
         if not await self._still_allowed():
             return
+        link = link_rates_from_wire(msg["link"]) if "link" in msg else None
         assert self.agent is not None
         if not await asyncio.to_thread(limits().allow_claim, str(self.agent.id)):
             reason = f"over {settings.CLAIMS_PER_SECOND:g} work requests per second"
@@ -224,44 +231,72 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 {**no_work_message(NO_WORK_RETRY_S, "rate_limited", reason), **_ref(msg)}
             )
             return
-        offer = await self._claim_work()
+        offer = await self._claim_work(link)
         if offer is None:
-            reason, text = await self._why_no_work()
-            await self._send({**no_work_message(NO_WORK_RETRY_S, reason, text), **_ref(msg)})
+            reason, text, retry = await self._why_no_work()
+            await self._send({**no_work_message(retry, reason, text), **_ref(msg)})
             return
         lease, message = offer
         # The claim saw the job running: forget an older "paused" or "finished" read of it.
         self.state.jobs[str(lease.unit.job_id)] = JobStatus(Job.Status.RUNNING, time.monotonic())
         self._cache(lease, settings.LEASE_TTL_S)
         await self._join(push.job_group(str(lease.unit.job_id)))
-        await self._send({**message, **_ref(msg)})
+        await self._send({**deltas.for_agent(message, self.state.compressions), **_ref(msg)})
 
     async def on_resume(self, msg: dict[str, Any]) -> None:
         """A reconnected agent takes its live lease back and carries on where it was."""
         lease, message = await self._resume(msg["lease_id"])
         self._cache(lease, settings.LEASE_TTL_S)
         await self._join(push.job_group(str(lease.unit.job_id)))
-        await self._send({**message, **_ref(msg)})
+        await self._send({**deltas.for_agent(message, self.state.compressions), **_ref(msg)})
 
     async def on_fetch(self, msg: dict[str, Any]) -> None:
         cached = await self._lease(msg["lease_id"])
+        if "min_version" in msg:  # synchronous steps: answer once the shard gets there
+            if len(self.state.waits) >= syncwait.MAX_WAITS_PER_SOCKET:
+                raise ProtocolError(ErrorCode.RATE_LIMITED, "too many waiting fetches")
+            task = asyncio.create_task(self._fetch_when_ready(msg, cached))
+            self.state.waits.add(task)
+            task.add_done_callback(self.state.waits.discard)
+            return
+        await self._send_params(msg, cached)
+
+    async def _fetch_when_ready(self, msg: dict[str, Any], cached: CachedLease) -> None:
+        try:
+            shard, wanted = msg["shard"], msg["min_version"]
+            await syncwait.wait_for_version(cached.job, shard, wanted, lambda: self.state.closed)
+            await self._send_params(msg, await self._lease(msg["lease_id"]))
+        except _CutOff:
+            pass
+        except (StoreError, LeaseError, ProtocolError) as exc:
+            code = exc.code if exc.code in _WIRE_CODES else ErrorCode.INTERNAL
+            await self._send(error_message(code, str(exc), msg.get("ref")))
+
+    async def _send_params(self, msg: dict[str, Any], cached: CachedLease) -> None:
         store = job_store(cached.job)
         version, tensors = await self._in_store(cached.job, lambda: store.fetch(msg["shard"]))
-        recording = self._recording(cached)
-        if recording is not None:
-            kept = await asyncio.to_thread(copy_tensors, tensors)
+        int8 = cached.job.compression == "int8" and "int8" in self.state.compressions
+        where = (str(cached.job.id), msg["shard"], msg.get("have"))
+        served = await asyncio.to_thread(
+            deltas.serve, self.state.held, *where, version, tensors, int8
+        )
+        recording = checked_rounds.recording(self.state, cached)
+        if recording is not None:  # what the agent holds, delta or not, is what it used
+            kept = await asyncio.to_thread(copy_tensors, served.held)
             recording.keep_served(cached.job, msg["shard"], version, kept)
         reply = {
             "type": "params",
             "lease_id": msg["lease_id"],
             "shard": msg["shard"],
             "version": version,
+            **({} if served.base is None else {"base": served.base}),
             **_ref(msg),
         }
+        tensors = served.tensors
         if msg["shard"] == STATISTICS_SHARD and store.layout.statistics:
             statistics = await self._in_store(cached.job, store.statistics)
-            tensors = tensors | statistics_to_frame(statistics)
-        frame = await asyncio.to_thread(frame_to_wire, reply, tensors)
+            tensors = tensors | statistics_to_frame(statistics)  # whole, uncompressed
+        frame = await asyncio.to_thread(frame_to_wire, reply, tensors, served.compression)
         if not self.state.closed:
             await self.send(bytes_data=frame)
 
@@ -278,8 +313,12 @@ class AgentConsumer(AsyncWebsocketConsumer):
             tally.rejected += 1
             raise
         await self._check_round_order(cached, msg["seq"])
+        base = admission.staleness_base(cached.job.algorithm == Job.Algorithm.LOCAL_STEPS, msg)
         tensors: dict[str, Any] = {}
         statistics: dict[str, Any] = {}
+        sync = job_sync(cached.job)
+        agent_id = str(self.agent.id) if self.agent else None
+        bounds: dict[str, float] = {}  # int8 tensors: their largest quantisation error
 
         def decode_and_push() -> PushResult:
             # One thread hop for all of it: inflating is bounded by ``cap`` (checked above),
@@ -290,7 +329,16 @@ class AgentConsumer(AsyncWebsocketConsumer):
                     check_statistics(store.layout, reported)
                 tensors.update(variables)
                 statistics.update(reported)
-            return store.push(msg["shard"], tensors, msg["base_version"], push_id, trusted=trusted)
+                bounds.update(deltas.int8_bounds(header, variables))
+            if cached.unit is not None:  # Sandblaster: the unit's answer, kept once
+                return passes.offer(store.layout, cached, msg, tensors, push_id)
+            if sync is not None:
+                args = (msg["shard"], tensors, base, push_id)
+                return sync.push(*args, msg["lease_id"], msg["samples"], agent_id)
+            reference = root_reference(store, str(cached.job.id), msg["shard"], trusted)
+            return store.push(
+                msg["shard"], tensors, base, push_id, trusted=trusted, reference=reference
+            )
 
         try:
             assert self.token is not None
@@ -300,17 +348,25 @@ class AgentConsumer(AsyncWebsocketConsumer):
             tally.rejected += 1
             if exc.code in _ROUND_ARRIVED_CODES:
                 tally.add_pushed(msg["shard"], msg["samples"])
-                await self._record_checked_round(cached, msg, tensors)
+                await self._record_checked_round(cached, msg, tensors, bounds)
             raise
-        await self._record_checked_round(cached, msg, tensors)
+        await self._record_checked_round(cached, msg, tensors, bounds)
         if result.applied and statistics:
             await self._report_statistics(cached.job, statistics, msg["samples"], push_id)
         if result.applied and cached.job.robust_aggregation:
-            self.state.clipped.append(result.clipped)
+            self.state.note_push(PushFlags(result.clipped, result.cosine, result.opposed))
+        unit_samples = None if cached.unit is None else cached.unit.samples
         if result.applied:
-            tally.add_applied(cached.job, msg["shard"], msg["samples"], result.staleness)
+            steps = cached.bounds.n_push
+            tally.add_applied(
+                cached.job, msg["shard"], msg["samples"], result.staleness, steps, unit_samples
+            )
             if msg["shard"] == 0:
                 tally.add_loss(msg.get("loss"), msg["samples"])
+        if sync is not None and result.version > msg["base_version"]:
+            syncwait.notify(str(cached.job.id), msg["shard"])  # the step is applied
+        if result.late and not result.duplicate:
+            tally.add_late(cached.job, msg["shard"], msg["samples"], unit_samples)
         if not result.duplicate:
             tally.add_pushed(msg["shard"], msg["samples"])
         await self._send(
@@ -323,6 +379,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 "staleness": result.staleness,
                 "applied": result.applied,
                 "duplicate": result.duplicate,
+                **({"late": result.late} if sync or cached.unit else {}),
                 **_ref(msg),
             }
         )
@@ -330,16 +387,18 @@ class AgentConsumer(AsyncWebsocketConsumer):
 
     async def on_complete(self, msg: dict[str, Any]) -> None:
         await self._flush_tallies(force=True)
+        await self._check_not_ended(msg["lease_id"])
         await self._complete(msg["lease_id"], msg["samples"])
-        self.state.leases.pop(msg["lease_id"], None)
-        self.state.recordings.pop(msg["lease_id"], None)
+        self.state.settle(msg["lease_id"])
+        assert self.agent is not None  # the lease was checked as this agent's
+        await asyncio.to_thread(limits().refund_claim, str(self.agent.id))  # work was done
         await self._send({"type": "complete_ack", "lease_id": msg["lease_id"], **_ref(msg)})
 
     async def on_return_lease(self, msg: dict[str, Any]) -> None:
         await self._flush_tallies(force=True)
+        await self._check_not_ended(msg["lease_id"])
         await self._return(msg["lease_id"])
-        self.state.leases.pop(msg["lease_id"], None)
-        self.state.recordings.pop(msg["lease_id"], None)
+        self.state.settle(msg["lease_id"])
         await self._send({"type": "lease_returned", "lease_id": msg["lease_id"], **_ref(msg)})
 
     async def agent_message(self, event: dict[str, Any]) -> None:
@@ -349,9 +408,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
             job_id = message["job_id"]
             status = Job.Status.PAUSED if message["type"] == "job_paused" else Job.Status.DONE
             self.state.jobs[job_id] = JobStatus(status, time.monotonic())
+            self.state.held.drop(job_id)  # its fetch mirror (agents/deltas.py)
             for lease_id, cached in list(self.state.leases.items()):
                 if str(cached.job.id) == job_id:
-                    del self.state.leases[lease_id]
+                    self.state.forget_lease(lease_id)
             await self._flush_tallies(force=True)
         await self._send(message)
         if message.get("code") == ErrorCode.BANNED:  # e.g. a failed spot check, by a worker
@@ -363,18 +423,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
     # --- helpers --------------------------------------------------------------------
 
     def _cache(self, lease: Lease, ttl_s: float) -> CachedLease:
-        job = lease.unit.job
-        cached = CachedLease(
-            str(lease.id),
-            job,
-            time.monotonic() + ttl_s,
-            LeaseBounds(
-                lease.unit.steps, job.n_push, min(job.batch_size, lease.unit.shard.n_samples)
-            ),
-            lease.spot_check_round,
-        )
-        self.state.leases[cached.lease_id] = cached
-        return cached
+        return cache_lease(self.state, lease, ttl_s)
 
     async def _close(self, code: CloseCode) -> None:
         self.state.closed = True
@@ -399,12 +448,20 @@ class AgentConsumer(AsyncWebsocketConsumer):
         cached = self.state.leases.get(lease_id)
         now = time.monotonic()
         if cached is None or now >= cached.deadline:
+            await self._check_not_ended(lease_id)
             lease = await self._load_lease(lease_id)
             cached = self._cache(lease, (lease.expires_at - timezone.now()).total_seconds())
         if not await self._still_allowed():
             raise _CutOff
         await self._check_job_running(cached.job)
         return cached
+
+    async def _check_not_ended(self, lease_id: str) -> None:
+        """A lease this socket dropped when its job was paused, finished or deleted: say
+        which (``job_paused``/``job_finished``), not ``unknown_lease``, unless it runs again."""
+        ended = self.state.ended.get(lease_id)
+        if ended is not None:
+            await self._check_job_running(ended)
 
     async def _check_job_running(self, job: Job) -> None:
         """Refuse work on a job that is not running; re-read its status once a second.
@@ -440,36 +497,35 @@ class AgentConsumer(AsyncWebsocketConsumer):
 
     async def _flush_tallies(self, force: bool = False, notify: bool = True) -> None:
         now = time.monotonic()
-        if not force and now - self.state.last_flush < FLUSH_INTERVAL_S:
+        # Suspects sooner, and a due ban at once (reputation.judge_interval).
+        interval = judge_interval(self.state.clipped, FLUSH_INTERVAL_S, self.state.projected)
+        if not force and now - self.state.last_flush < interval:
             return
         self.state.last_flush = now
         tallies, self.state.tallies = self.state.tallies, {}
         clipped, self.state.clipped = self.state.clipped, []
         if tallies and self.agent is not None:
             await self._record(tallies)
-        banned = clipped and self.agent is not None and await self._record_clipping(clipped)
-        if banned and notify:
-            await self._send(banned_message("too many of its pushes were clipped"))
+        if not clipped or self.agent is None:
+            return
+        verdict = await self._record_clipping(clipped)
+        if verdict.reputation is not None:
+            self.state.judged(verdict.reputation)
+        if verdict.banned and notify:
+            await self._send(banned_message(verdict.reason or OPERATOR_BAN_REASON))
             await self._close(CloseCode.FORBIDDEN)
 
-    def _recording(self, cached: CachedLease) -> Recording | None:
-        if cached.spot_check_round is None or cached.lease_id in self.state.recorded:
-            return None
-        return self.state.recordings.setdefault(cached.lease_id, Recording())
-
     async def _record_checked_round(
-        self, cached: CachedLease, msg: dict[str, Any], tensors: dict[str, Any]
+        self,
+        cached: CachedLease,
+        msg: dict[str, Any],
+        tensors: dict[str, Any],
+        bounds: dict[str, float],
     ) -> None:
-        # A duplicate counts: a resumed lease sends its interrupted round again in full.
-        recording = self._recording(cached)
-        if recording is None or msg["seq"] != cached.spot_check_round:
-            return
-        recording.add_push(msg, tensors)
-        if not recording.complete(job_store(cached.job).layout.n_shards):
-            return
-        del self.state.recordings[cached.lease_id]
-        self.state.recorded.add(cached.lease_id)
-        await self._save_spot_check(cached.lease_id, cached.spot_check_round, recording)
+        n_shards = job_store(cached.job).layout.n_shards
+        complete = checked_rounds.add_push(self.state, cached, msg, tensors, bounds, n_shards)
+        if complete is not None:
+            await self._save_spot_check(cached.lease_id, cached.spot_check_round, complete)
 
     async def _report_statistics(
         self, job: Job, statistics: dict[str, Any], samples: int, push_id: str
@@ -479,14 +535,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await self._in_store(job, lambda: store.report_statistics(statistics, samples, push_id))
 
     async def _check_round_order(self, cached: CachedLease, seq: int) -> None:
-        """A push past the checked round before that round arrived in full fails the check:
-        rounds are pushed in order, so the agent skipped it (issue 10)."""
-        checked = cached.spot_check_round
-        if checked is None or seq <= checked or cached.lease_id in self.state.recorded:
-            return
-        self.state.recordings.pop(cached.lease_id, None)
-        self.state.recorded.add(cached.lease_id)
-        await self._fail_skipped_round(cached.lease_id, checked, seq)
+        if checked_rounds.skipped(self.state, cached, seq):
+            assert cached.spot_check_round is not None
+            await self._fail_skipped_round(cached.lease_id, cached.spot_check_round, seq)
 
     async def _frame_header(self, data: bytes) -> FrameHeader:
         """A binary frame's header, read only on a registered socket; nothing is inflated."""
@@ -499,24 +550,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             # Nothing of a frame is decoded before registration; only its ref is echoed.
             ref = await asyncio.to_thread(frame_ref, data)
             raise ProtocolError(ErrorCode.NOT_REGISTERED, ref=ref)
-        return await asyncio.to_thread(self._read_push_header, data, str(self.agent.id))
-
-    def _read_push_header(self, data: bytes, agent_id: str) -> FrameHeader:
-        # In a thread: parse the header, then the rate (Redis with REDIS_URL), before the lease
-        # is read or anything is decoded, so a flood costs as little as possible.
-        header = frame_header_from_wire(data, AGENT_MESSAGES, settings.MAX_FRAME_BYTES)
-        ref = wire_ref(header.msg)
-        if header.msg["type"] != "push":
-            raise ProtocolError(
-                ErrorCode.BAD_MESSAGE, f"{header.msg['type']} is not a binary message", ref
-            )
-        if not limits().allow_push(agent_id):
-            raise ProtocolError(
-                ErrorCode.RATE_LIMITED,
-                f"over {settings.PUSHES_PER_SECOND:g} push frames per second; slow down",
-                ref,
-            )
-        return header
+        return await asyncio.to_thread(admission.read_push_header, data, str(self.agent.id))
 
     def _admit_push(self, cached: CachedLease, header: FrameHeader) -> int:
         """Check the push against its lease and the shard's layout (its declarations only:
@@ -525,7 +559,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
         layout = job_store(cached.job).layout
         layout.check_shard(msg["shard"])
         admission.check_round(cached.bounds, msg)
-        loads_from_wire(msg.get("loads", []), cached.job.n_push, layout.n_shards)
+        admission.check_push_kind(cached.job.algorithm == Job.Algorithm.LOCAL_STEPS, msg)
+        loads_from_wire(msg.get("loads", []), cached.bounds.n_push, layout.n_shards)
         admission.check_tensors(layout, msg["shard"], header.tensors)
         return admission.expected_bytes(layout, msg["shard"])
 
@@ -573,10 +608,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
         return heartbeat(self.agent, lease_id)
 
     @database_sync_to_async
-    def _claim_work(self) -> tuple[Lease, dict[str, Any]] | None:
+    def _claim_work(self, link: LinkRates | None) -> tuple[Lease, dict[str, Any]] | None:
         assert self.agent is not None
         self.agent.refresh_from_db()
-        lease = claim_work(self.agent)
+        lease = claim_work(self.agent, link)
         if lease is None:
             return None
         lease = Lease.objects.select_related("unit__job", "unit__shard").get(id=lease.id)
@@ -616,9 +651,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
         return token_banned(agent)
 
     @database_sync_to_async
-    def _why_no_work(self) -> tuple[str, str]:
+    def _why_no_work(self) -> tuple[str, str, float]:
         assert self.agent is not None
-        return why_no_work(self.agent)
+        return (*why_no_work(self.agent), no_work_retry_s(NO_WORK_RETRY_S))
 
     @database_sync_to_async
     def _complete(self, lease_id: str, samples: int) -> None:
@@ -636,9 +671,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
         record_tallies(str(self.agent.id), tallies)
 
     @database_sync_to_async
-    def _record_clipping(self, clipped: list[bool]) -> bool:
+    def _record_clipping(self, clipped: list[PushFlags]) -> Verdict:
         assert self.agent is not None
-        return record_clipping(str(self.agent.id), clipped)
+        return judge_pushes(str(self.agent.id), clipped)
 
     @database_sync_to_async
     def _save_spot_check(
@@ -655,15 +690,3 @@ class AgentConsumer(AsyncWebsocketConsumer):
     def _mark_disconnected(self) -> None:
         assert self.agent is not None
         Agent.objects.filter(id=self.agent.id).update(connected=False, last_seen_at=timezone.now())
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True
-
-
-def _ref(msg: dict[str, Any]) -> dict[str, Any]:
-    return {"ref": msg["ref"]} if "ref" in msg else {}

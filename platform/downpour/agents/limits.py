@@ -31,6 +31,7 @@ class Limits(Protocol):
     def refresh_server(self) -> None: ...
     def allow_push(self, agent_id: str) -> bool: ...
     def allow_claim(self, agent_id: str) -> bool: ...
+    def refund_claim(self, agent_id: str) -> None: ...
 
 
 class LocalLimits:
@@ -67,13 +68,19 @@ class LocalLimits:
         """A work request's token from the agent's claim bucket (``CLAIMS_PER_SECOND``)."""
         return self._take(f"claim:{agent_id}", settings.CLAIMS_PER_SECOND, settings.CLAIM_BURST)
 
-    def _take(self, key: str, rate: float, burst: float) -> bool:
+    def refund_claim(self, agent_id: str) -> None:
+        """A completed lease gives its claim's token back (up to the burst): the bucket
+        bounds claims that end in no work, and an agent finishing many small units (a
+        Sandblaster pass) is never held back by it."""
+        self._take(f"claim:{agent_id}", settings.CLAIMS_PER_SECOND, settings.CLAIM_BURST, -1)
+
+    def _take(self, key: str, rate: float, burst: float, cost: float = 1) -> bool:
         now = self._clock()
         with self._lock:
             tokens, ts = self._buckets.get(key, (burst, now))
             tokens = min(burst, tokens + (now - ts) * rate)
-            allowed = tokens >= 1
-            self._buckets[key] = (tokens - 1 if allowed else tokens, now)
+            allowed = tokens >= cost
+            self._buckets[key] = (min(burst, tokens - cost) if allowed else tokens, now)
             return allowed
 
 

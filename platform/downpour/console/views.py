@@ -10,7 +10,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from downpour.donors.models import Agent, AgentToken
-from downpour.training.actions.bans import lift_ban
+from downpour.training.actions.bans import OPERATOR_BAN_REASON, lift_ban
 from downpour.training.actions.control import ban_agent, revoke_token
 from downpour.training.models import Job, Lease
 from downpour.training.queries import fairness_windows, robust_jobs_waiting
@@ -43,7 +43,7 @@ def agent_control(request: HttpRequest, agent_id: str, action: str) -> HttpRespo
     """Ban or unban an agent, or revoke its token; the page's buttons confirm first."""
     agent = get_object_or_404(Agent.objects.select_related("token"), id=agent_id)
     if action == "ban":
-        reason = (request.POST.get("reason") or "").strip() or "banned by an operator"
+        reason = (request.POST.get("reason") or "").strip() or OPERATOR_BAN_REASON
         done = ban_agent(agent, reason)
         messages.info(request, f"Agent {agent.name} banned." if done else "Already banned.")
     elif action == "unban":

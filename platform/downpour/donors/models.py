@@ -77,6 +77,11 @@ class Agent(models.Model):
     rep_spot_checks_passed = models.IntegerField(default=0)
     rep_recent_pushes = models.FloatField(default=0.0)
     rep_recent_clipped = models.FloatField(default=0.0)
+    # Pushes the direction test ran on, and their cosines with the root gradient (summed, and
+    # their squares summed).
+    rep_tested = models.BigIntegerField(default=0)
+    rep_cosine_sum = models.FloatField(default=0.0)
+    rep_cosine_sq_sum = models.FloatField(default=0.0)
     banned_at = models.DateTimeField(null=True, blank=True)
     ban_reason = models.CharField(max_length=200, blank=True)
 

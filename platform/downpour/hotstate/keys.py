@@ -2,10 +2,17 @@
 
 Keys for shard ``i`` of job ``j`` of the parameter store (``store.RedisStorage``)::
 
-    {prefix}job:{j}:shard:{i}:{suffix}   suffix v, e, w, a, r, applied or staged:{token}:w|a|r
+    {prefix}job:{j}:shard:{i}:{suffix}   suffix v, e, w, a, r, applied or staged:{token}:w|a|r,
+                                         and ref (the root reference, ``references``)
     {prefix}job:{j}:shards               SET of shard indices
     {prefix}job:{j}:statistics           non-trainable statistics (StatisticsState.to_bytes)
     {prefix}job:{j}:statistics:applied   SET of applied report (push) ids
+    {prefix}job:{j}:shard:{i}:sync       HASH, a synchronous step's buffer (syncbuffer.py)
+    {prefix}job:{j}:shard:{i}:dropped    SET of push ids dropped as late (synchronous jobs)
+    {prefix}job:{j}:sync                 HASH of a synchronous job's counters
+    {prefix}job:{j}:pass:{p}:{i}         HASH, Sandblaster pass p's unit answers of shard i
+    {prefix}job:{j}:pass:{p}:{i}:ids     HASH, the push id each kept answer came from
+    {prefix}job:{j}:lbfgs                the Sandblaster coordinator's state (passresults.py)
 
 and beside them::
 
@@ -36,6 +43,27 @@ def job_shards_key(prefix: str, job: str) -> str:
 def statistics_key(prefix: str, job: str, suffix: str = "") -> str:
     """Key of a job's non-trainable statistics (``suffix`` ``""``) or its applied ids."""
     return f"{prefix}job:{job}:statistics" + (f":{suffix}" if suffix else "")
+
+
+def sync_counts_key(prefix: str, job: str) -> str:
+    """Key of a synchronous job's counters: steps, timeouts, late (``syncbuffer.py``)."""
+    return f"{prefix}job:{job}:sync"
+
+
+def pass_key(prefix: str, job: str, pass_number: int, shard: int, suffix: str = "") -> str:
+    """Key of a Sandblaster pass's answers of one shard (``suffix`` ``""``) or their ids."""
+    return f"{prefix}job:{job}:pass:{int(pass_number)}:{int(shard)}" + (
+        f":{suffix}" if suffix else ""
+    )
+
+
+def open_pass_key(prefix: str, job: str) -> str:
+    """Key of the number of a Sandblaster job's open pass (answers to older ones are late)."""
+    return f"{prefix}job:{job}:pass:open"
+
+
+def lbfgs_state_key(prefix: str, job: str) -> str:
+    return f"{prefix}job:{job}:lbfgs"
 
 
 def restore_lock_key(prefix: str, job: str) -> str:

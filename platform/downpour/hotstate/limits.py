@@ -34,16 +34,18 @@ end
 return 0
 """
 
-# KEYS[1] bucket hash; ARGV: now, rate per second, burst. Returns 1 when a token was taken.
+# KEYS[1] bucket hash; ARGV: now, rate per second, burst, cost (1 takes a token, -1 gives
+# one back, up to the burst). Returns 1 when the cost was paid.
 _BUCKET_LUA = """
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
 local burst = tonumber(ARGV[3])
+local cost = tonumber(ARGV[4]) or 1
 local tokens = tonumber(state[1]) or burst
 local ts = tonumber(state[2]) or tonumber(ARGV[1])
 tokens = math.min(burst, tokens + (tonumber(ARGV[1]) - ts) * tonumber(ARGV[2]))
 local allowed = 0
-if tokens >= 1 then
-    tokens = tokens - 1
+if tokens >= cost then
+    tokens = math.min(burst, tokens - cost)
     allowed = 1
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', ARGV[1])
@@ -94,5 +96,11 @@ class RedisLimits:
     def allow_claim(self, agent_id: str) -> bool:
         """A work request's token from the agent's claim bucket (``CLAIMS_PER_SECOND``)."""
         key = keys.claim_bucket_key(self.prefix, agent_id)
-        args = [time.time(), settings.CLAIMS_PER_SECOND, settings.CLAIM_BURST]
+        args = [self._clock(), settings.CLAIMS_PER_SECOND, settings.CLAIM_BURST, 1]
         return bool(self._bucket(keys=[key], args=args))
+
+    def refund_claim(self, agent_id: str) -> None:
+        """A completed lease gives its claim's token back (``LocalLimits.refund_claim``)."""
+        key = keys.claim_bucket_key(self.prefix, agent_id)
+        args = [self._clock(), settings.CLAIMS_PER_SECOND, settings.CLAIM_BURST, -1]
+        self._bucket(keys=[key], args=args)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from redis.exceptions import LockError
+
 from downpour.hotstate import keys
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -23,3 +28,39 @@ def restore_lock(client: Any, prefix: str, job_id: str, ttl_s: float) -> Iterato
         yield
     finally:
         lock.release()
+
+
+class Turn:
+    """A coordinator's hold on a job: :meth:`renew` before a write that must be its alone."""
+
+    def __init__(self, lock: Any = None) -> None:
+        self._lock = lock
+
+    def renew(self) -> bool:
+        """Start the lock's TTL again; False when it expired and another worker took over
+        (the turn must then write nothing more)."""
+        if self._lock is None:
+            return True
+        try:
+            self._lock.reacquire()
+        except LockError:
+            return False
+        return True
+
+
+@contextmanager
+def coordinator_lock(client: Any, key: str, ttl_s: float) -> Iterator[Turn | None]:
+    """Held by the one process coordinating a job; yields None (skip the turn) when another
+    holds it. A crashed holder frees it after ``ttl_s``; a holder whose turn outlived that
+    finds, on release, that another took over, and logs it rather than failing."""
+    lock = client.lock(key, timeout=ttl_s)
+    if not lock.acquire(blocking=False):
+        yield None
+        return
+    try:
+        yield Turn(lock)
+    finally:
+        try:
+            lock.release()
+        except LockError:
+            log.warning("%s expired during a turn: another worker took over", key)

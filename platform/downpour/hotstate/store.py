@@ -53,6 +53,7 @@ import redis
 
 from downpour.hotstate import keys
 from downpour.hotstate import keys as keys_module
+from downpour.hotstate.syncbuffer import RedisSyncBuffer
 from downpour.paramstore.errors import CorruptState
 from downpour.paramstore.robust import STATS_BYTES, RobustState, RobustStats
 from downpour.paramstore.statistics import StatisticsState
@@ -123,7 +124,7 @@ class _Cached:
         )
 
 
-class RedisStorage:
+class RedisStorage(RedisSyncBuffer):
     """:class:`~downpour.paramstore.store.ShardStorage` backed by Redis.
 
     Parameters
@@ -226,6 +227,8 @@ class RedisStorage:
             self._cache.pop((job, int(shard)), None)
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(self.shard_key(job, shard, "applied"))
+        # A synchronous step's buffer and drops belong to the versions being replaced.
+        pipe.delete(self.shard_key(job, shard, "sync"), self.shard_key(job, shard, "dropped"))
         pipe.set(self.shard_key(job, shard, "e"), uuid.uuid4().hex)
         pipe.set(self.shard_key(job, shard, "w"), _wire_view(state.weights))
         pipe.set(self.shard_key(job, shard, "a"), _wire_view(state.accumulators))
@@ -382,9 +385,10 @@ class RedisStorage:
             shards_key,
             keys_module.statistics_key(self.prefix, job),
             keys_module.statistics_key(self.prefix, job, "applied"),
+            keys_module.sync_counts_key(self.prefix, job),
         ]
         for member in members:
-            for suffix in ("v", "e", "w", "a", "r", "applied"):
+            for suffix in ("v", "e", "w", "a", "r", "applied", "sync", "dropped", "ref"):
                 keys.append(self.shard_key(job, int(member), suffix))
         self.client.delete(*keys)
         with self._cache_lock:

@@ -30,6 +30,8 @@ from downpour.paramstore.errors import (
 )
 from downpour.paramstore.layout import ShardLayout, VariableSpec
 from downpour.paramstore.memory import InMemoryStorage
+from downpour.paramstore.outer import OuterConfig, nesterov_apply_pieces, staleness_discount
+from downpour.paramstore.results import PushResult
 from downpour.paramstore.robust import (
     CentredClipping,
     RobustState,
@@ -43,7 +45,6 @@ from downpour.paramstore.statistics import StatisticsState, fold_report
 from downpour.paramstore.store import (
     CommitOutcome,
     ParameterStore,
-    PushResult,
     ShardState,
     ShardStorage,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "CorruptCheckpoint",
     "CorruptState",
     "InMemoryStorage",
+    "OuterConfig",
     "NonFinite",
     "NotInitialized",
     "ParameterStore",
@@ -78,6 +80,8 @@ __all__ = [
     "WrongShape",
     "adagrad_apply",
     "adagrad_apply_pieces",
+    "nesterov_apply_pieces",
+    "staleness_discount",
     "centred_clip",
     "cosine_similarity",
     "passes_direction_test",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -12,6 +13,7 @@ import numpy as np
 from downpour.paramstore.robust import RobustState, RobustStats
 from downpour.paramstore.statistics import StatisticsState
 from downpour.paramstore.store import CommitOutcome, ShardState
+from downpour.paramstore.sync import SyncBatch, SyncCounts, SyncOffer, SyncOutcome
 
 DEFAULT_APPLIED_CAPACITY = 100_000
 
@@ -24,6 +26,12 @@ class _Shard:
     applied: set[str] = field(default_factory=set)
     applied_order: deque[str] = field(default_factory=deque)
     deleted: bool = False
+    # Synchronous jobs: the step's buffer (push id -> lease, worker, samples, gradient) at
+    # ``sync_version``, when its first gradient arrived (monotonic), and the dropped ids.
+    sync_version: int = -1
+    sync_first: float = 0.0
+    sync_entries: dict[str, tuple[str, str, int, np.ndarray]] = field(default_factory=dict)
+    dropped: set[str] = field(default_factory=set)
 
     def remember(self, push_id: str) -> None:
         self.applied.add(push_id)
@@ -59,6 +67,7 @@ class InMemoryStorage:
         # job -> (statistics, applied report ids, their order); under _statistics_lock.
         self._statistics: dict[str, tuple[StatisticsState, set[str], deque[str]]] = {}
         self._statistics_lock = threading.Lock()
+        self._sync_counts: dict[str, SyncCounts] = {}
 
     def memory_bytes(self) -> int:
         """Bytes held in arrays (weights, accumulators, robust centres) over every shard."""
@@ -205,10 +214,137 @@ class InMemoryStorage:
             self._statistics[job] = (state.copy(), applied, order)
         return CommitOutcome.APPLIED
 
+    # -- synchronous steps (``downpour.paramstore.sync.SyncStorage``) ----------------------
+
+    def sync_offer(
+        self,
+        job: str,
+        shard: int,
+        base_version: int,
+        push_id: str,
+        lease_id: str,
+        worker: str,
+        samples: int,
+        gradient: np.ndarray,
+        capacity: int,
+        counted: bool,
+    ) -> SyncOffer:
+        """Classify a gradient and buffer it if counted, under the shard's lock."""
+        slot = self._shards.get((job, shard))
+        if slot is None:
+            return SyncOffer(SyncOutcome.ABSENT, 0)
+        with slot.lock:
+            if slot.deleted:
+                return SyncOffer(SyncOutcome.ABSENT, 0)
+            version = slot.state.version
+            if push_id in slot.applied:
+                return SyncOffer(SyncOutcome.DUPLICATE, version)
+            if push_id in slot.dropped:
+                return SyncOffer(SyncOutcome.DUPLICATE_LATE, version)
+            if base_version > version:
+                return SyncOffer(SyncOutcome.AHEAD, version)
+            if slot.sync_version != version:
+                slot.sync_version, slot.sync_entries = version, {}
+            entries = slot.sync_entries
+            if base_version == version and push_id in entries:
+                return SyncOffer(SyncOutcome.DUPLICATE, version)
+            held = [e[0] for e in entries.values() if e[1] == worker]
+            if base_version == version and lease_id in held:
+                return SyncOffer(SyncOutcome.SAME_LEASE, version)
+            if base_version < version or len(entries) >= capacity or held:
+                slot.dropped.add(push_id)
+                if counted:
+                    self._count(job, late=1)
+                return SyncOffer(SyncOutcome.LATE, version, len(entries))
+            now = time.monotonic()
+            if not entries:
+                slot.sync_first = now
+            entries[push_id] = (
+                lease_id,
+                worker,
+                samples,
+                np.array(gradient, np.float32, copy=True),
+            )
+            return SyncOffer(SyncOutcome.COUNTED, version, len(entries), now - slot.sync_first)
+
+    def sync_pending(self, job: str, shard: int) -> SyncBatch | None:
+        """Copy of the buffer at the shard's current version, or None if empty."""
+        slot = self._shards.get((job, shard))
+        if slot is None:
+            return None
+        with slot.lock:
+            if slot.deleted or slot.sync_version != slot.state.version or not slot.sync_entries:
+                return None
+            items = list(slot.sync_entries.items())
+            return SyncBatch(
+                slot.sync_version,
+                tuple(push_id for push_id, _ in items),
+                tuple(entry[2] for _, entry in items),
+                tuple(entry[3].copy() for _, entry in items),
+                time.monotonic() - slot.sync_first,
+            )
+
+    def sync_age(self, job: str, shard: int) -> tuple[int, float]:
+        """Gradients in the current step and seconds since its first; see ``SyncStorage``."""
+        slot = self._shards.get((job, shard))
+        if slot is None:
+            return 0, 0.0
+        with slot.lock:
+            if slot.deleted or slot.sync_version != slot.state.version or not slot.sync_entries:
+                return 0, 0.0
+            return len(slot.sync_entries), time.monotonic() - slot.sync_first
+
+    def sync_commit(
+        self,
+        job: str,
+        shard: int,
+        batch: SyncBatch,
+        state: ShardState,
+        timed_out: bool,
+        counted: bool,
+    ) -> CommitOutcome:
+        """Compare-and-set on the version and the buffer's contents; see ``SyncStorage``."""
+        if state.version != batch.version + 1:
+            raise ValueError(f"state.version must be {batch.version + 1}, got {state.version}")
+        slot = self._shards.get((job, shard))
+        if slot is None:
+            return CommitOutcome.CONFLICT
+        with slot.lock:
+            current = slot.state
+            if (
+                slot.deleted
+                or current.version != batch.version
+                or slot.sync_version != batch.version
+                or tuple(slot.sync_entries) != batch.push_ids
+            ):
+                return CommitOutcome.CONFLICT
+            np.copyto(current.weights, state.weights, casting="no")
+            np.copyto(current.accumulators, state.accumulators, casting="no")
+            slot.state = ShardState(batch.version + 1, current.weights, current.accumulators)
+            for push_id in batch.push_ids:
+                slot.remember(push_id)
+            slot.sync_entries = {}
+            if counted:
+                self._count(job, steps=1, timeouts=int(timed_out))
+        return CommitOutcome.APPLIED
+
+    def sync_counts(self, job: str) -> SyncCounts:
+        """The job's synchronous counters."""
+        with self._statistics_lock:
+            return self._sync_counts.get(job, SyncCounts())
+
+    def _count(self, job: str, steps: int = 0, timeouts: int = 0, late: int = 0) -> None:
+        with self._statistics_lock:
+            old = self._sync_counts.get(job, SyncCounts())
+            self._sync_counts[job] = SyncCounts(
+                old.steps + steps, old.timeouts + timeouts, old.late + late
+            )
+
     def delete(self, job: str) -> None:
-        """Forget every shard of ``job``, and its statistics."""
+        """Forget every shard of ``job``, its statistics and its synchronous counters."""
         with self._statistics_lock:
             self._statistics.pop(job, None)
+            self._sync_counts.pop(job, None)
         with self._registry_lock:
             keys = [key for key in self._shards if key[0] == job]
             slots = [self._shards.pop(key) for key in keys]

@@ -67,7 +67,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from downpour.paramstore.direction import passes_direction_test
+from downpour.paramstore.direction import cosine_similarity
 
 #: Order of the statistics in :meth:`RobustState.stats_vector` (float64, exact for integers
 #: below 2**53).
@@ -467,9 +467,13 @@ class RobustStep:
     deviation_norm : float
         ``||g - m||`` before clipping (L2, gradient units); 0.0 when there was no centre yet
         (the first trusted push) or the push was held.
-    rejected : bool
-        The push failed the direction test (``CentredClipping.min_cosine``): ``gradient`` is
-        zero, and ``clipped`` is True.
+    opposed : bool
+        The push failed the direction test (``CentredClipping.min_cosine``): ``clipped`` is
+        True, and with ``reject_opposed`` ``gradient`` is zero.
+    cosine : float or None
+        An untrusted push that met a reference gradient: its cosine with it (the direction
+        test ran, whatever its verdict); None when no test ran. The ban rule judges
+        direction only over tested pushes (:func:`downpour.scheduler.reputation.should_ban`).
     """
 
     held: bool
@@ -477,7 +481,8 @@ class RobustStep:
     state: RobustState
     clipped: bool
     deviation_norm: float
-    rejected: bool = False
+    opposed: bool = False
+    cosine: float | None = None
 
 
 def centred_clip(
@@ -578,10 +583,13 @@ def robust_step(
         measured = deviation_norm if state.trusted_pushes > 0 else 0.0
         return RobustStep(False, gradient, new_state, False, measured)
     window = config.untrusted_window
-    opposed = (
-        reference is not None
-        and config.min_cosine is not None
-        and not passes_direction_test(gradient, reference, config.min_cosine)
+    cosine = (
+        cosine_similarity(gradient, reference)
+        if reference is not None and config.min_cosine is not None
+        else None
+    )
+    opposed = (  # passes_direction_test, with the cosine kept for the agent's reputation
+        cosine is not None and config.min_cosine is not None and cosine < config.min_cosine
     )
     if opposed and config.reject_opposed:
         _, deviation_norm = _deviation(gradient, centre)
@@ -589,7 +597,9 @@ def robust_step(
         # attacker's rate and drove the model to chance in the bench), and its distance stays
         # out of the spread, so flipped pushes can neither drag the centre nor widen tau.
         rejected = replace(state, pushes=state.pushes + 1, clipped=state.clipped + 1)
-        return RobustStep(False, np.zeros_like(centre), rejected, True, deviation_norm, True)
+        return RobustStep(
+            False, np.zeros_like(centre), rejected, True, deviation_norm, True, cosine
+        )
     tau = state.tau(config)
     accepted, deviation_norm, clipped, unclipped = _clip(gradient, centre, tau)
     flagged = opposed or (
@@ -614,7 +624,7 @@ def robust_step(
             else ()
         ),
     )
-    return RobustStep(False, accepted, new_state, flagged, deviation_norm, opposed)
+    return RobustStep(False, accepted, new_state, flagged, deviation_norm, opposed, cosine)
 
 
 def _deviation(gradient: np.ndarray, centre: np.ndarray) -> tuple[np.ndarray, float]:

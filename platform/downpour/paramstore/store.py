@@ -31,6 +31,8 @@ from downpour.paramstore.errors import (
     WrongShape,
 )
 from downpour.paramstore.layout import ShardLayout
+from downpour.paramstore.outer import OuterConfig, outer_step
+from downpour.paramstore.results import PushResult
 from downpour.paramstore.robust import (
     CentredClipping,
     RobustState,
@@ -55,7 +57,8 @@ class ShardState:
     weights : ndarray
         float32, shape ``(shard_size,)``.
     accumulators : ndarray
-        float32, shape ``(shard_size,)``: Adagrad's running sum of squared gradients.
+        float32, shape ``(shard_size,)``: the optimizer slot. Adagrad's running sum of squared
+        gradients, or with an ``outer`` optimizer the Nesterov momentum (``outer.py``).
     robust : RobustState or None
         Centred-clipping state (momentum float32 ``(shard_size,)`` and statistics) when the
         store clips pushes; None for a plain-Adagrad shard. Stored and committed atomically
@@ -125,42 +128,6 @@ class ShardStorage(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class PushResult:
-    """Outcome of :meth:`ParameterStore.push`.
-
-    Attributes
-    ----------
-    applied : bool
-        The gradient changed the weights.
-    duplicate : bool
-        The push id had already been applied; this call changed nothing.
-    version : int
-        Shard version after the call.
-    staleness : int
-        Versions between the gradient's base and the version it was applied to (for a
-        duplicate or a held push: between the base and the current version).
-    clipped : bool
-        Centred clipping shortened the gradient before Adagrad saw it (always False without
-        centred clipping, for trusted pushes, duplicates and held pushes).
-    deviation_norm : float
-        ``||g - m||``, the L2 distance of the gradient from the shard's centre before
-        clipping, in gradient units; 0.0 when not measured (no centred clipping, duplicate,
-        held push, or the shard's first trusted push).
-    held : bool
-        Not applied because the shard is still warming up on trusted pushes; the agent's push
-        changed nothing and should not be counted for or against it.
-    """
-
-    applied: bool
-    duplicate: bool
-    version: int
-    staleness: int
-    clipped: bool = False
-    deviation_norm: float = 0.0
-    held: bool = False
-
-
 class ParameterStore:
     """Sharded parameters of one job with asynchronous Adagrad updates.
 
@@ -189,6 +156,9 @@ class ParameterStore:
         ``bounds.DEFAULT_MAX_GRAD_NORM``. Whatever the setting, a push whose values' squares
         would overflow float32, or that would carry an accumulator past the float32 range,
         is refused with NonFinite.
+    outer : OuterConfig or None
+        Local-steps jobs: pushes are pseudo-gradients, applied with Nesterov momentum and a
+        staleness discount instead of Adagrad (``outer.py``); not with ``robust``.
 
     Notes
     -----
@@ -209,7 +179,10 @@ class ParameterStore:
         robust: CentredClipping | None = None,
         staleness_aware: bool = False,
         max_grad_norm: float | None = None,
+        outer: OuterConfig | None = None,
     ) -> None:
+        if outer is not None and (robust is not None or staleness_aware):
+            raise ValueError("an outer optimizer is not combined with robust or staleness_aware")
         if not isinstance(job_id, str) or not job_id:
             raise ValueError(f"job_id must be a non-empty string, got {job_id!r}")
         if isinstance(max_staleness, bool) or not isinstance(max_staleness, int):
@@ -228,6 +201,7 @@ class ParameterStore:
         self.max_staleness = max_staleness
         self.max_commit_attempts = max_commit_attempts
         self.robust = robust
+        self.outer = outer
         # Zhang et al. (IJCAI 2016): divide the step by the push's staleness (at least 1).
         self.staleness_aware = staleness_aware
         self.staleness_counts: Counter[int] = Counter()
@@ -254,7 +228,9 @@ class ParameterStore:
             flat = self.layout.flatten_shard(shard, part)
             flats.append(flat)
         for shard, flat in enumerate(flats):
-            accumulators = np.full(flat.shape, self.optimizer.initial_accumulator, np.float32)
+            # The optimizer slot: Adagrad's accumulators, or the outer momentum (from zero).
+            initial = 0.0 if self.outer is not None else self.optimizer.initial_accumulator
+            accumulators = np.full(flat.shape, initial, np.float32)
             robust = None if self.robust is None else RobustState.fresh(flat.shape[0])
             self.storage.initialize(self.job_id, shard, ShardState(0, flat, accumulators, robust))
         if statistics is not None:
@@ -518,8 +494,10 @@ class ParameterStore:
             if self.staleness_aware:
                 step_size = staleness_scaled_step(learning_rate, staleness)
             robust = state.robust
-            clipped, deviation_norm = False, 0.0
-            if self.robust is None or flat is None:
+            clipped, deviation_norm, cosine, opposed = False, 0.0, None, False
+            if self.outer is not None:
+                outer_step(shard, state.weights, state.accumulators, pieces, self.outer, staleness)
+            elif self.robust is None or flat is None:
                 with np.errstate(over="ignore"):  # an overflow is refused just below
                     adagrad_apply_pieces(
                         state.weights,
@@ -539,6 +517,7 @@ class ParameterStore:
                 if step.held:
                     return PushResult(False, False, state.version, staleness, held=True)
                 robust, clipped, deviation_norm = step.state, step.clipped, step.deviation_norm
+                cosine, opposed = step.cosine, step.opposed
                 with np.errstate(over="ignore"):
                     adagrad_apply_pieces(
                         state.weights,
@@ -559,7 +538,16 @@ class ParameterStore:
             if outcome is CommitOutcome.APPLIED:
                 with self._counts_lock:
                     self.staleness_counts[staleness] += 1
-                return PushResult(True, False, new_version, staleness, clipped, deviation_norm)
+                return PushResult(
+                    True,
+                    False,
+                    new_version,
+                    staleness,
+                    clipped,
+                    deviation_norm,
+                    cosine=cosine,
+                    opposed=opposed,
+                )
             if outcome is CommitOutcome.DUPLICATE:
                 return self._duplicate(shard, base_version)
             ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2**attempt)

@@ -23,10 +23,12 @@ from downpour.training.actions.jobs import JobParams, JobRejected, submit_job
 from downpour.training.datasets import DatasetRejected
 from downpour.training.models import Dataset, Job
 from downpour.training.queries import (
+    inner_steps_by_agent,
     job_activity,
     robust_summary,
     spot_check_summary,
     staleness_summary,
+    sync_summary,
 )
 from downpour.uploads import OVER_LIMIT
 
@@ -106,6 +108,7 @@ def job_new(request: AuthenticatedRequest) -> HttpResponse:
             n_fetch=data["n_fetch"],
             n_push=data["n_push"],
             n_param_shards=data["n_param_shards"],
+            compression=data["compression"],
             max_staleness=data["max_staleness"],
             staleness_aware_lr=data["staleness_aware_lr"],
             warm_start_pushes=data["warm_start_pushes"] or 0,
@@ -120,6 +123,12 @@ def job_new(request: AuthenticatedRequest) -> HttpResponse:
             target_accuracy=data["target_accuracy"],
             budget_samples=data["budget_samples"],
             budget_seconds=data["budget_seconds"],
+            **_local_steps_params(data),
+            sync_workers=_or(data["sync_workers"], 2),
+            sync_backups=_or(data["sync_backups"], 1),
+            sync_step_timeout_s=_or(data["sync_step_timeout_s"], 10.0),
+            lbfgs_history=_or(data["lbfgs_history"], 10),
+            sandblaster_units=_or(data["sandblaster_units"], 24),
         )
         try:
             job = submit_job(request.user, data["dataset"], params)
@@ -130,14 +139,37 @@ def job_new(request: AuthenticatedRequest) -> HttpResponse:
     return render(request, "portal/job_new.html", {"form": form})
 
 
+def _local_steps_params(data: dict[str, Any]) -> dict[str, Any]:
+    """The algorithm and, for local steps, its settings (empty fields: the defaults)."""
+    params: dict[str, Any] = {"algorithm": data.get("algorithm") or "downpour"}
+    defaults = {
+        "inner_steps": 0,
+        "inner_optimizer": "adamw",
+        "inner_learning_rate": 0.001,
+        "outer_learning_rate": 0.7,
+        "outer_momentum": 0.9,
+    }
+    for name, default in defaults.items():
+        value = data.get(name)
+        params[name] = default if value in (None, "") else value
+    return params
+
+
 #: JobForm fields a clone copies from the job it was made from.
 CLONED_FIELDS = (
     "loss",
+    "algorithm",
+    "inner_steps",
+    "inner_optimizer",
+    "inner_learning_rate",
+    "outer_learning_rate",
+    "outer_momentum",
     "learning_rate",
     "batch_size",
     "n_fetch",
     "n_push",
     "n_param_shards",
+    "compression",
     "max_staleness",
     "staleness_aware_lr",
     "warm_start_pushes",
@@ -146,7 +178,17 @@ CLONED_FIELDS = (
     "target_accuracy",
     "budget_samples",
     "budget_seconds",
+    "algorithm",
+    "sync_workers",
+    "sync_backups",
+    "sync_step_timeout_s",
+    "lbfgs_history",
+    "sandblaster_units",
 )
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def _clone_initial(request: AuthenticatedRequest) -> dict[str, Any]:
@@ -210,7 +252,9 @@ def job_detail(request: AuthenticatedRequest, job_id: str) -> HttpResponse:
             "activity": job_activity(job, timezone.now()),
             "staleness": staleness_summary(job),
             "robust": robust_summary(job),
+            "sync": sync_summary(job),
             "spot_checks": spot_check_summary(job),
+            "inner_steps": inner_steps_by_agent(job),
         },
     )
 
@@ -230,6 +274,7 @@ def job_metrics(request: AuthenticatedRequest, job_id: str) -> JsonResponse:
             "best_accuracy": job.best_accuracy,
             "staleness": staleness_summary(job),
             "robust": robust_summary(job),
+            "sync": sync_summary(job),
             "target_accuracy": job.target_accuracy,
             "downloads": len(job.downloads()),
             "points": [

@@ -11,6 +11,8 @@ simulator in ``bench/simulate.py`` keeps them in memory. Both call the same func
 * :mod:`.backups` -- backup copies of straggling units near the end of a job.
 * :mod:`.staleness` -- push cadence, admission, staleness-aware step, warm start, histogram.
 * :mod:`.credit` -- the donors' credit per push.
+* :mod:`.gang` -- synchronous jobs want N + b agents at once, one lease each.
+* :mod:`.sandblaster` -- Sandblaster's passes cut into units; backup copies of stragglers.
 * :mod:`.trust` -- robust jobs warming up go to trusted agents only.
 * :mod:`.reputation` -- clipping and spot-check verdicts, and when they ban an agent.
 """
@@ -27,6 +29,8 @@ from .fairness import (
     runnable_since,
     weighted_max_min_shares,
 )
+from .gang import sync_admits
+from .inner_steps import InnerStepsRule, choose_inner_steps
 from .leases import LeaseView, can_resume, is_expired, should_reissue
 from .policy import (
     REFERENCE_FLOPS_PER_SAMPLE,
@@ -49,6 +53,13 @@ from .reliability import (
     tail_unit_scale,
     unit_scale,
 )
+from .sandblaster import (
+    PassBackupRule,
+    PassSlice,
+    pass_backup_due,
+    split_pass,
+    typical_unit_s,
+)
 from .sizing import (
     SizingRule,
     may_take_lease,
@@ -68,6 +79,14 @@ from .staleness import (
 from .trust import admits_during_warmup, warmup_eligible
 
 __all__ = [
+    "PassBackupRule",
+    "PassSlice",
+    "pass_backup_due",
+    "split_pass",
+    "typical_unit_s",
+    "InnerStepsRule",
+    "choose_inner_steps",
+    "sync_admits",
     "may_take_lease",
     "measured_unit_steps",
     "reference_rate",

@@ -18,6 +18,20 @@ and every spot check with :func:`record_spot_check`, and bans the agent when
   or over its recent pushes, were clipped. The recent rate is an exponentially weighted count
   over about ``DEFAULT_RECENT_WINDOW`` pushes, so an agent cannot bank a long honest history
   and then attack until its lifetime rate catches up.
+* **Direction.** A push that met the server's root gradient was *tested*, and its cosine
+  with that gradient is kept. The server passes a root gradient only while it is
+  informative, so untested pushes say nothing about direction and are left out: an agent is
+  banned once it has ``min_pushes`` tested pushes and their mean cosine is below
+  ``max_mean_cosine``, or that mean's t statistic below ``max_cosine_t``. Honest gradients
+  point with the root gradient on average (early in training clearly, later barely: mean
+  cosines of -0.03 to +0.10 over hundreds of tested pushes in ``bench/attacks.py``, never
+  below -0.055 after any push, t never below -1.51), sign flips and IPM against it (means of
+  -0.15 to -0.52 when banned). Every push is judged (:func:`judge_interval`). A
+  single cosine is noisy (a sign flip fails the per-push test, ``min_cosine = -0.5``, on
+  only about a third of its tested pushes), so the mean decides. It is the lifetime mean:
+  an exponentially weighted recent mean dipped to -0.08 for honest agents, too near the
+  line, so an agent that turns late is left to clipping and spot checks
+  (docs/robustness.md, Limits).
 * **Spot checks.** One push round of a fraction of leases is recomputed by the platform's
   own worker (Celery, or the embedded thread) with the same seed, weights and mini-batches;
   :func:`gradients_match` compares the two (``downpour.training.spotchecks``). An agent
@@ -28,7 +42,7 @@ and every spot check with :func:`record_spot_check`, and bans the agent when
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -40,6 +54,14 @@ DEFAULT_MAX_CLIPPED_FRACTION = 0.5
 DEFAULT_MIN_PUSHES = 20
 #: Pushes the recent clipping rate averages over (decay ``1 - 1 / window`` per push).
 DEFAULT_RECENT_WINDOW = 100
+#: Ban when an agent's tested pushes have a mean cosine with the root gradient below this...
+DEFAULT_MAX_MEAN_COSINE = -0.15
+#: ...or when that mean's t statistic is below this (:func:`cosine_t`).
+DEFAULT_MAX_COSINE_T = -5.0
+#: The floor of the cosines' standard deviation in :func:`cosine_t`.
+MIN_COSINE_SD = 0.05
+#: Seconds between judgements once an agent has an opposed push pending (:func:`judge_interval`).
+OPPOSED_JUDGE_INTERVAL_S = 0.25
 #: Failed spot checks an agent may have before it is banned.
 DEFAULT_MAX_FAILED_SPOT_CHECKS = 0
 #: Fraction of leases with one push round recomputed by the platform's worker.
@@ -69,6 +91,10 @@ class Reputation:
         Exponentially weighted count of pushes (weight ``1 - 1 / window`` per newer push).
     recent_clipped : float
         The same weighting over clipped pushes.
+    tested : int
+        Pushes that met the server's root gradient (the direction test ran).
+    cosine_sum, cosine_sq_sum : float
+        The sum of their cosines with it, and of the cosines' squares.
     """
 
     pushes: int = 0
@@ -77,30 +103,62 @@ class Reputation:
     spot_checks_passed: int = 0
     recent_pushes: float = 0.0
     recent_clipped: float = 0.0
+    tested: int = 0
+    cosine_sum: float = 0.0
+    cosine_sq_sum: float = 0.0
+
+
+@dataclass(frozen=True)
+class PushFlags:
+    """What the store said about one applied push, for :func:`record_push`.
+
+    ``clipped``, ``cosine`` and ``opposed`` are ``PushResult``'s: flagged, the cosine with
+    the root gradient when the direction test ran (None otherwise), and failed that test.
+    """
+
+    clipped: bool
+    cosine: float | None = None
+    opposed: bool = False
 
 
 def record_push(
-    reputation: Reputation, clipped: bool, *, window: int = DEFAULT_RECENT_WINDOW
+    reputation: Reputation, flags: PushFlags | bool, *, window: int = DEFAULT_RECENT_WINDOW
 ) -> Reputation:
-    """The reputation after one more applied push, clipped or not.
+    """The reputation after one more applied push.
 
     Parameters
     ----------
     reputation : Reputation
-    clipped : bool
-        ``PushResult.clipped`` of the push.
+    flags : PushFlags or bool
+        ``PushResult.clipped``, ``cosine`` and ``opposed`` of the push; a bool is
+        ``clipped`` alone (a push no reference met).
     window : int
-        Pushes the recent rate averages over, ``>= 1``.
+        Pushes the recent rates average over, ``>= 1``.
     """
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
+    if not isinstance(flags, PushFlags):
+        flags = PushFlags(bool(flags))
+    if flags.opposed and flags.cosine is None:
+        raise ValueError("a push cannot be opposed without a direction test")
+    if flags.cosine is not None and not -1.0 <= flags.cosine <= 1.0:
+        raise ValueError(f"cosine must be in [-1, 1], got {flags.cosine}")
     decay = 1.0 - 1.0 / window
-    return replace(
+    clipped = flags.clipped or flags.opposed
+    updated = replace(
         reputation,
         pushes=reputation.pushes + 1,
         clipped=reputation.clipped + int(clipped),
         recent_pushes=reputation.recent_pushes * decay + 1.0,
         recent_clipped=reputation.recent_clipped * decay + float(clipped),
+    )
+    if flags.cosine is None:
+        return updated
+    return replace(
+        updated,
+        tested=updated.tested + 1,
+        cosine_sum=updated.cosine_sum + flags.cosine,
+        cosine_sq_sum=updated.cosine_sq_sum + flags.cosine * flags.cosine,
     )
 
 
@@ -123,6 +181,63 @@ def recent_clipped_fraction(reputation: Reputation) -> float:
     return reputation.recent_clipped / reputation.recent_pushes
 
 
+def mean_cosine(reputation: Reputation) -> float:
+    """Mean cosine of the agent's tested pushes with the root gradient, over its life; 0.0
+    with none."""
+    return reputation.cosine_sum / reputation.tested if reputation.tested else 0.0
+
+
+def cosine_t(reputation: Reputation) -> float:
+    """The t statistic of the tested pushes' mean cosine: ``mean / (sd / sqrt(n))``, with
+    the standard deviation floored at :data:`MIN_COSINE_SD`; 0.0 with fewer than 2."""
+    n = reputation.tested
+    if n < 2:
+        return 0.0
+    mean = reputation.cosine_sum / n
+    variance = max(0.0, reputation.cosine_sq_sum / n - mean * mean) * n / (n - 1)
+    return mean / (max(math.sqrt(variance), MIN_COSINE_SD) / math.sqrt(n))
+
+
+def points_away(
+    reputation: Reputation,
+    *,
+    max_mean_cosine: float = DEFAULT_MAX_MEAN_COSINE,
+    max_cosine_t: float = DEFAULT_MAX_COSINE_T,
+    min_tested: int = DEFAULT_MIN_PUSHES,
+) -> bool:
+    """Whether the agent's tested pushes point away from the root gradient, once it has
+    ``min_tested`` of them (part of :func:`should_ban`): their mean cosine is below
+    ``max_mean_cosine``, or its t statistic (:func:`cosine_t`) below ``max_cosine_t``.
+
+    The mean catches the clearly opposed; the t statistic catches the consistently
+    opposed. IPM pushes (``-epsilon`` times the honest mean) barely vary, so a mean cosine
+    of only -0.1 is already far outside what noise gives an honest agent."""
+    if reputation.tested < min_tested:
+        return False
+    return mean_cosine(reputation) < max_mean_cosine or cosine_t(reputation) < max_cosine_t
+
+
+def judge_interval(
+    pending: Sequence[PushFlags], interval_s: float, projected: Reputation | None = None
+) -> float:
+    """Seconds the server may wait before folding ``pending`` pushes into a reputation.
+
+    ``interval_s`` (the consumer's flush interval) normally; :data:`OPPOSED_JUDGE_INTERVAL_S`
+    once any pending push was opposed; and 0 once ``projected`` (the reputation last judged,
+    with the pending pushes folded in as they came) is due a ban. The last matters because
+    the mean of a few tens of cosines wanders: a sign flipper whose mean stood at -0.24 at its
+    20th tested push had drifted back above the line by the next timed judgement and was
+    banned only at its 144th push (``bench/attacks.py``). Folding one push into
+    ``projected`` is a few additions, so every push is judged in memory, and the database
+    sees the verdict at once while honest agents keep the timed rhythm.
+    """
+    if projected is not None and should_ban(projected):
+        return 0.0
+    if any(flag.opposed for flag in pending):
+        return min(interval_s, OPPOSED_JUDGE_INTERVAL_S)
+    return interval_s
+
+
 def min_pushes_for_shards(n_shards: int, rounds: int = DEFAULT_MIN_PUSHES // 2) -> int:
     """``min_pushes`` for a model of ``n_shards`` shards: at least ``rounds`` push rounds.
 
@@ -142,6 +257,7 @@ def should_ban(
     max_clipped_fraction: float = DEFAULT_MAX_CLIPPED_FRACTION,
     min_pushes: int = DEFAULT_MIN_PUSHES,
     max_failed_spot_checks: int = DEFAULT_MAX_FAILED_SPOT_CHECKS,
+    max_mean_cosine: float = DEFAULT_MAX_MEAN_COSINE,
 ) -> bool:
     """Whether to ban the agent automatically (staff review every ban).
 
@@ -152,11 +268,15 @@ def should_ban(
         Ban when more than this fraction of pushes were clipped, in ``[0, 1)``; checked over
         the agent's life and over its recent pushes.
     min_pushes : int
-        Pushes needed before the clipping rule applies, ``>= 1``: a handful of unlucky
+        Pushes (tested pushes, for opposition) needed before the rule applies, ``>= 1``: a
+        handful of unlucky
         pushes from a new agent is no evidence. For a model of many shards use
         :func:`min_pushes_for_shards`.
     max_failed_spot_checks : int
         Ban when more spot checks than this failed, ``>= 0``.
+    max_mean_cosine : float
+        Ban when the mean cosine of the agent's tested pushes with the root gradient is
+        below this (:func:`points_away`).
 
     Notes
     -----
@@ -175,6 +295,8 @@ def should_ban(
         raise ValueError(f"max_failed_spot_checks must be >= 0, got {max_failed_spot_checks}")
     if reputation.spot_checks_failed > max_failed_spot_checks:
         return True
+    if points_away(reputation, max_mean_cosine=max_mean_cosine, min_tested=min_pushes):
+        return True
     if reputation.pushes < min_pushes:
         return False
     return (
@@ -186,7 +308,7 @@ def should_ban(
 def lift_ban(reputation: Reputation) -> Reputation:
     """The reputation after staff lift a ban: the agent starts afresh.
 
-    Push, clipping and failed-check counts go back to zero (passed checks stay), so the
+    Push, clipping, direction and failed-check counts go back to zero (passed checks stay), so the
     agent must again make ``min_pushes`` pushes before the clipping rule can ban it.
     """
     return Reputation(spot_checks_passed=reputation.spot_checks_passed)

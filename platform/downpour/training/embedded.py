@@ -19,6 +19,7 @@ from .actions.jobs import free_finished_stores, start_queued_jobs
 from .actions.leases import reap_expired_leases
 from .actions.recovery import checkpoint_running_jobs
 from .actions.references import push_running_references
+from .sandblaster import coordinate_running_jobs
 from .spotchecks.replay import run_pending
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ def _loop() -> None:
         (settings.EVAL_INTERVAL_S, evaluate_running_jobs),
         (settings.CHECKPOINT_INTERVAL_S, checkpoint_running_jobs),
         (settings.SPOT_CHECK_INTERVAL_S, run_pending),
+        (0.0, coordinate_running_jobs),  # Sandblaster: a turn every loop (0.2 s)
     ]
     due = [0.0] * len(schedule)
     while True:

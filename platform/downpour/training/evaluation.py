@@ -19,6 +19,7 @@ from .weights import npz_key
 _cache_lock = threading.Lock()
 _models: dict[str, Any] = {}
 _test_sets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+_training_slices: dict[str, np.ndarray] = {}  # dataset id -> x, for recalibrated()
 
 
 Spec = tuple[str, tuple[int, ...], str]
@@ -96,6 +97,28 @@ def _test_set(job: Job) -> tuple[np.ndarray, np.ndarray]:
         return _test_sets[key]
 
 
+def recalibrated(job: Job, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``weights`` with BatchNormalization statistics measured at them on
+    ``RECALIBRATION_SAMPLES`` training examples (``recalibrate_statistics``); unchanged for a
+    model without statistics or with the setting at 0."""
+    from django.conf import settings
+
+    if not job.shard_layout().statistics or settings.RECALIBRATION_SAMPLES <= 0:
+        return weights
+    key = str(job.dataset_id)
+    with _cache_lock:
+        x = _training_slices.get(key)
+    if x is None:
+        from .actions.references import root_sample
+
+        x, _y = root_sample(job, settings.RECALIBRATION_SAMPLES)
+        with _cache_lock:
+            _training_slices[key] = x
+            while len(_training_slices) > 4:
+                _training_slices.pop(next(iter(_training_slices)))
+    return recalibrate_statistics(job, weights, x)
+
+
 def evaluate(job: Job, weights: dict[str, np.ndarray]) -> tuple[float, float]:
     """Test accuracy (fraction in [0, 1]) and mean loss of ``weights`` on the test split.
 
@@ -122,6 +145,77 @@ def evaluate(job: Job, weights: dict[str, np.ndarray]) -> tuple[float, float]:
     else:
         accuracy = 0.0
     return accuracy, loss
+
+
+def recalibrate_statistics(
+    job: Job, weights: dict[str, np.ndarray], x: np.ndarray, batch_size: int = 256
+) -> dict[str, np.ndarray]:
+    """``weights`` with every BatchNormalization's moving statistics measured at them.
+
+    The store's statistics are a running average of what agents measured at the weights they
+    trained on, which lag the weights served: on the digits Conv-BN CNN that lag alone cost
+    1.4 points (docs/architecture.md, "Non-trainable state"). So evaluation and export measure
+    the statistics again at exactly the weights they score, on ``x`` (a slice of the training
+    set), as one pooled pass: per batch of ``batch_size`` in training mode, then
+    ``mean = E[mean_b]`` and ``var = E[var_b + mean_b**2] - mean**2`` weighted by batch size,
+    so the spread of the batch means is kept. Other non-trainable variables keep their values.
+
+    Parameters
+    ----------
+    weights : dict of name -> ndarray
+        Every trainable variable, and the statistics when the store has them.
+    x : ndarray, shape ``[n, *input_shape]``, any real dtype (converted per batch)
+
+    Returns
+    -------
+    dict of name -> float32 ndarray
+        A new dict; ``weights`` itself is not modified. ``weights`` unchanged for a model
+        without BatchNormalization or an empty ``x``.
+    """
+    import keras
+
+    model = _model_for(job)
+    with _cache_lock:
+        layers = [
+            layer for layer in _layers(model) if isinstance(layer, keras.layers.BatchNormalization)
+        ]
+        if not layers or not len(x):
+            return dict(weights)
+        _set_weights(model, weights)
+        names = {id(variable): name for name, variable in _variables_of(model).items()}
+        momenta = [layer.momentum for layer in layers]
+        mean_sums = [0.0 * np.asarray(layer.moving_mean.numpy(), np.float64) for layer in layers]
+        square_sums = [total.copy() for total in mean_sums]
+        try:
+            for layer in layers:
+                layer.momentum = 0.0  # each call leaves exactly the batch's statistics
+            for start in range(0, len(x), batch_size):
+                batch = x[start : start + batch_size].astype(np.float32)
+                model(batch, training=True)
+                for k, layer in enumerate(layers):
+                    mean = np.asarray(layer.moving_mean.numpy(), np.float64)
+                    var = np.asarray(layer.moving_variance.numpy(), np.float64)
+                    mean_sums[k] += len(batch) * mean
+                    square_sums[k] += len(batch) * (var + mean**2)
+        finally:
+            for layer, momentum in zip(layers, momenta, strict=True):
+                layer.momentum = momentum
+        recalibrated = dict(weights)
+        for mean_sum, square_sum, layer in zip(mean_sums, square_sums, layers, strict=True):
+            mean = mean_sum / len(x)
+            variance = np.maximum(square_sum / len(x) - mean**2, 0.0)
+            recalibrated[names[id(layer.moving_mean)]] = mean.astype(np.float32)
+            recalibrated[names[id(layer.moving_variance)]] = variance.astype(np.float32)
+        return recalibrated
+
+
+def _layers(model: Any) -> list[Any]:
+    """Every layer of ``model``, nested models' layers included."""
+    found: list[Any] = []
+    for layer in getattr(model, "layers", []):
+        found.append(layer)
+        found.extend(_layers(layer))
+    return found
 
 
 def export_model(

@@ -58,6 +58,16 @@ class Job(models.Model):
         DONE = "done"
         FAILED = "failed"
 
+    class Algorithm(models.TextChoices):
+        # Asynchronous Downpour SGD (Dean et al. 2012): each push is applied as it arrives.
+        DOWNPOUR = "downpour"
+        # DiLoCo-style: H inner steps on the agent, pseudo-gradients under an outer optimizer.
+        LOCAL_STEPS = "local-steps"
+        # Synchronous SGD with backup workers (Chen et al. 2016).
+        SYNC = "sync"
+        # Sandblaster L-BFGS (Dean et al. 2012, section 4.2): a server-side coordinator.
+        SANDBLASTER = "sandblaster"
+
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
     name = models.CharField(max_length=100)
@@ -65,7 +75,45 @@ class Job(models.Model):
     model_config = models.JSONField()
     loss = models.CharField(max_length=50, default="sparse_categorical_crossentropy")
     param_count = models.BigIntegerField()
+    # Only the algorithms whose server and agent sides exist are offered by the form and API.
+    algorithm = models.CharField(
+        max_length=20, choices=Algorithm.choices, default=Algorithm.DOWNPOUR
+    )
+    # Synchronous jobs (Chen et al. 2016): each step averages the first N (sync_workers) of
+    # N + b (sync_backups) agents' gradients, and waits at most sync_step_timeout_s.
+    sync_workers = models.IntegerField(default=2)
+    sync_backups = models.IntegerField(default=1)
+    sync_step_timeout_s = models.FloatField(default=10.0)
+    # Sandblaster L-BFGS (Dean et al. 2012, 4.2): the coordinator keeps lbfgs_history (s, y)
+    # pairs, cuts each evaluation pass into sandblaster_units units, and writes what the job
+    # page shows (pass, units done, line search) to sandblaster_progress.
+    lbfgs_history = models.IntegerField(default=10)
+    sandblaster_units = models.IntegerField(default=24)
+    sandblaster_progress = models.JSONField(default=dict, blank=True)
+    sandblaster_backups = models.BigIntegerField(default=0)
+
+    class Compression(models.TextChoices):
+        # Pushes and fetches in float32.
+        NONE = "none", "none (float32)"
+        # int8 with per-block scales; pushes with error feedback, fetches as deltas.
+        INT8 = "int8", "int8 with error feedback"
+
+    compression = models.CharField(
+        max_length=10, choices=Compression.choices, default=Compression.NONE
+    )
     learning_rate = models.FloatField(default=0.05)
+    # Local-steps jobs (DiLoCo): H inner steps per round on the agent (0: the scheduler
+    # chooses H per agent from its compute rate and link), with the agent's own optimizer;
+    # the store applies each round's pseudo-gradient with Nesterov momentum.
+    inner_steps = models.IntegerField(default=0)
+    inner_optimizer = models.CharField(
+        max_length=16,
+        choices=[("adamw", "AdamW"), ("sgd-momentum", "SGD with momentum")],
+        default="adamw",
+    )
+    inner_learning_rate = models.FloatField(default=0.001)
+    outer_learning_rate = models.FloatField(default=0.7)
+    outer_momentum = models.FloatField(default=0.9)
     batch_size = models.IntegerField(default=32)
     n_fetch = models.IntegerField(default=1)
     n_push = models.IntegerField(default=1)
@@ -170,6 +218,13 @@ class WorkUnit(models.Model):
     attempts = models.IntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     done_at = models.DateTimeField(null=True, blank=True)
+    # A Sandblaster unit: unit pass_unit of evaluation pass pass_number, samples
+    # [sample_start, sample_stop) of its shard, answered at the store's pinned_version.
+    pass_number = models.IntegerField(null=True, blank=True)
+    pass_unit = models.IntegerField(null=True, blank=True)
+    sample_start = models.IntegerField(null=True, blank=True)
+    sample_stop = models.IntegerField(null=True, blank=True)
+    pinned_version = models.BigIntegerField(null=True, blank=True)
 
     class Meta:
         indexes = [models.Index(fields=["job", "status"])]
@@ -199,6 +254,9 @@ class Lease(models.Model):
     # The push round a spot check replays, chosen at issue (None: not checked); the agent
     # is not told.
     spot_check_round = models.IntegerField(null=True, blank=True)
+    # Steps per push round of this lease, chosen at issue: a local-steps lease's H (per
+    # agent); None: the job's n_push.
+    round_steps = models.IntegerField(null=True, blank=True)
     samples = models.BigIntegerField(default=0)
     # Samples of the rounds that reached the store, applied or not (each round once): a
     # ``complete`` must claim exactly these.
@@ -211,6 +269,11 @@ class Lease(models.Model):
 
     def __str__(self) -> str:
         return f"lease {self.id} ({self.status})"
+
+    @property
+    def push_every(self) -> int:
+        """Steps per push round: the lease's own H, else its job's ``n_push``."""
+        return self.round_steps or self.unit.job.n_push
 
 
 class Contribution(models.Model):
@@ -302,6 +365,8 @@ class SpotCheck(models.Model):
     loads = models.JSONField(default=list)
     weights = models.BinaryField()
     gradients = models.BinaryField()
+    # Per variable pushed as int8: the L2 error quantisation explains (added to the atol).
+    quantisation_allowance = models.JSONField(default=dict, blank=True)
     # Largest ||agent - recomputed|| / ||recomputed|| over the tensors.
     relative_error = models.FloatField(null=True, blank=True)
     detail = models.TextField(blank=True)

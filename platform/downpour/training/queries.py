@@ -11,7 +11,7 @@ from downpour import scheduler
 from downpour.paramstore import StoreError
 from downpour.training.models import Job, Lease, SpotCheck
 from downpour.training.specs import model_spec
-from downpour.training.store import job_store
+from downpour.training.store import job_store, job_sync
 from downpour_agent.modelspec.validator import uses_dropout
 
 
@@ -22,6 +22,59 @@ def staleness_summary(job: Job) -> dict[str, Any]:
     if not total:
         return {"pushes": 0, "p50": None, "p95": None}
     return {"pushes": total, "p50": histogram.p50, "p95": histogram.p95}
+
+
+def sync_summary(job: Job) -> dict[str, Any] | None:
+    """What the job page says about a synchronous job's steps (None for another mode).
+
+    Read fresh from the store: the step (shard 0's version), steps applied by the timeout
+    with fewer than N gradients, and late gradients dropped (counted on shard 0).
+    """
+    if job.algorithm == Job.Algorithm.SANDBLASTER:
+        return sandblaster_summary(job)
+    if job.algorithm != Job.Algorithm.SYNC:
+        return None
+    rule = f"first {job.sync_workers} of {job.sync_workers + job.sync_backups} agents per step"
+    sync = None if job.layout is None else job_sync(job)
+    try:
+        versions = [] if sync is None else job_store(job).versions()
+        counts = None if sync is None else sync.counts()
+    except StoreError:  # not in the store (yet, or any more)
+        versions, counts = [], None
+    if counts is None or not versions:
+        return {"step": None, "text": f"synchronous, {rule}"}
+    return {
+        "step": versions[0],
+        "versions": versions,
+        "timeouts": counts.timeouts,
+        "late": counts.late,
+        "text": f"synchronous, {rule}: step {versions[0]} (shard versions "
+        f"{', '.join(map(str, versions))}); {counts.late} late gradients dropped; "
+        f"{counts.timeouts} steps applied by the {job.sync_step_timeout_s:g} s timeout",
+    }
+
+
+def sandblaster_summary(job: Job) -> dict[str, Any]:
+    """What the job page says about a Sandblaster job: the evaluation pass, its units
+    answered, the line search, and the backup copies issued (the coordinator's last turn)."""
+    progress = job.sandblaster_progress or {}
+    head = f"Sandblaster L-BFGS (history {job.lbfgs_history})"
+    if "pass" not in progress:
+        return {"pass": None, "text": f"{head}: waiting for the coordinator's first pass"}
+    loss = progress.get("loss")
+    return {
+        "pass": progress["pass"],
+        "units": progress["units"],
+        "units_done": progress["units_done"],
+        "line_search": progress["line_search"],
+        "iterations": progress["iterations"],
+        "backups": job.sandblaster_backups,
+        "text": f"{head}: pass {progress['pass']}, {progress['units_done']} of "
+        f"{progress['units']} units done; {progress['line_search']}; "
+        f"{progress['iterations']} iterations"
+        + ("" if loss is None else f", loss {loss:.4g}")
+        + f"; {job.sandblaster_backups} backup copies issued",
+    }
 
 
 def robust_summary(job: Job) -> dict[str, Any] | None:
@@ -109,6 +162,17 @@ def spot_check_summary(job: Job) -> dict[str, Any]:
         "failed": counts.get(SpotCheck.Status.FAILED, 0),
         "pending": counts.get(SpotCheck.Status.QUEUED, 0) + counts.get(SpotCheck.Status.RUNNING, 0),
     }
+
+
+#: Seconds an idle agent waits before it asks again while a Sandblaster job runs: its next
+#: pass's units appear within a coordinator turn of the last answer, not within seconds.
+SANDBLASTER_RETRY_S = 0.25
+
+
+def no_work_retry_s(default: float) -> float:
+    """How long an agent told ``no_work`` waits: short while a Sandblaster job runs."""
+    running = Job.objects.filter(status=Job.Status.RUNNING, algorithm=Job.Algorithm.SANDBLASTER)
+    return SANDBLASTER_RETRY_S if running.exists() else default
 
 
 def why_no_work(agent: Any) -> tuple[str, str]:
@@ -260,3 +324,19 @@ def device_activity(agents: list[Any], now: datetime, window_s: float = 3600.0) 
             scheduler.HostRecord(agent.leases_completed, agent.leases_abandoned)
         )
     return agents
+
+
+def inner_steps_by_agent(job: Job, limit: int = 200) -> list[tuple[str, int]]:
+    """A local-steps job's H per agent: the ``round_steps`` of each agent's newest lease
+    (of the job's newest ``limit`` leases), by agent name; empty for other algorithms."""
+    if job.algorithm != Job.Algorithm.LOCAL_STEPS:
+        return []
+    newest: dict[str, int] = {}
+    rows = (
+        Lease.objects.filter(unit__job=job, round_steps__isnull=False)
+        .order_by("-issued_at")
+        .values_list("agent__name", "round_steps")[:limit]
+    )
+    for name, steps in rows:
+        newest.setdefault(str(name), int(steps or 0))
+    return sorted(newest.items())

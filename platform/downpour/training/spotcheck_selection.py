@@ -25,14 +25,20 @@ def should_check(job: Job, agent: Agent) -> bool:
     return reputation.should_spot_check(_random, job.spot_check_fraction)
 
 
-def choose_round(job: Job, agent: Agent, steps: int) -> int | None:
-    """The push round to replay of a new lease of ``steps`` steps, or None: not checked."""
-    if not should_check(job, agent):
-        return None
-    return _random.randrange(math.ceil(steps / job.n_push))
+def choose_round(job: Job, agent: Agent, steps: int, round_steps: int | None = None) -> int | None:
+    """The push round to replay of a new lease of ``steps`` steps, or None: not checked.
+
+    ``round_steps``: the lease's steps per round when it sets its own (local-steps H).
+    """
+    if job.algorithm == Job.Algorithm.SANDBLASTER or not should_check(job, agent):
+        return None  # a Sandblaster unit is one summed gradient: not replayed (yet)
+    return _random.randrange(math.ceil(steps / (round_steps or job.n_push)))
 
 
-def round_span(job: Job, unit_steps: int, round_index: int) -> tuple[int, int]:
+def round_span(
+    job: Job, unit_steps: int, round_index: int, round_steps: int | None = None
+) -> tuple[int, int]:
     """``(first_step, steps)`` of push round ``round_index`` of a lease (docs/protocol.md)."""
-    first = round_index * job.n_push
-    return first, max(0, min(job.n_push, unit_steps - first))
+    every = round_steps or job.n_push
+    first = round_index * every
+    return first, max(0, min(every, unit_steps - first))

@@ -13,18 +13,25 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
+from typing import Any
 
 from django.conf import settings
 
+from downpour.hotstate.locks import Turn
+from downpour.hotstate.locks import coordinator_lock as redis_coordinator_lock
 from downpour.hotstate.locks import restore_lock as redis_restore_lock
+from downpour.hotstate.references import LocalReferences, RedisReferences, ReferenceBoard
 from downpour.paramstore import (
     AdagradConfig,
     CentredClipping,
+    OuterConfig,
     ParameterStore,
     ShardStorage,
     StoreError,
 )
 from downpour.paramstore.memory import InMemoryStorage
+from downpour.paramstore.passes import MemoryPassResults, PassResults
+from downpour.paramstore.sync import SyncAggregator, SyncRule
 
 from .models import Job
 
@@ -40,6 +47,57 @@ def storage() -> ShardStorage:
 
         return RedisStorage.from_url(settings.REDIS_URL, prefix=settings.STORE_PREFIX)
     return InMemoryStorage()
+
+
+@cache
+def reference_board() -> ReferenceBoard:
+    """Where the worker publishes root reference gradients and pushes read them: Redis with
+    ``REDIS_URL`` (shared by every process), else in process (the embedded default)."""
+    backend = storage()
+    client = getattr(backend, "client", None)
+    if client is None:
+        return LocalReferences()
+    return RedisReferences(client, settings.STORE_PREFIX)
+
+
+@cache
+def pass_results() -> PassResults:
+    """Where Sandblaster's unit answers and coordinator state live: Redis with
+    ``REDIS_URL`` (every process sees the same answers), else in process."""
+    client = getattr(storage(), "client", None)
+    if client is None:
+        return MemoryPassResults()
+    from downpour.hotstate.passresults import RedisPassResults
+
+    return RedisPassResults(client, settings.STORE_PREFIX)
+
+
+#: How long a coordinator's lock lives without a renewal; a crashed holder frees it after this.
+COORDINATOR_LOCK_TTL_S = 60.0
+
+
+@contextmanager
+def coordinator_lock(job_id: str) -> Iterator[Turn | None]:
+    """Held by the one process coordinating a Sandblaster job; yields None (and the caller
+    skips its turn) when another holds it. The turn renews it before each write."""
+    client = getattr(storage(), "client", None)
+    if client is None:
+        with _coordinator_lock:
+            yield Turn()
+        return
+    key = f"{settings.STORE_PREFIX}coordinator:{job_id}"
+    with redis_coordinator_lock(client, key, COORDINATOR_LOCK_TTL_S) as turn:
+        yield turn
+
+
+_coordinator_lock = threading.Lock()
+
+
+def root_reference(store: ParameterStore, job_id: str, shard: int, trusted: bool) -> Any:
+    """The direction test's root gradient for an untrusted push to a robust job, or None."""
+    if store.robust is None or trusted:
+        return None
+    return reference_board().latest(job_id, shard, store.layout.shard_size(shard))
 
 
 _restore_lock = threading.Lock()
@@ -80,15 +138,41 @@ def job_store(job: Job) -> ParameterStore:
                 staleness_aware=job.staleness_aware_lr,
                 robust=CentredClipping() if job.robust_aggregation else None,
                 max_grad_norm=job.max_grad_norm,
+                outer=outer_config(job),
             )
             _stores[key] = store
         return store
 
 
+def outer_config(job: Job) -> OuterConfig | None:
+    """The outer optimizer of a local-steps job's store; None for other algorithms."""
+    if job.algorithm != Job.Algorithm.LOCAL_STEPS:
+        return None
+    return OuterConfig(job.outer_learning_rate, job.outer_momentum)
+
+
+_syncs: dict[str, SyncAggregator] = {}
+
+
+def job_sync(job: Job) -> SyncAggregator | None:
+    """The synchronous step rule of a ``sync`` job (cached per process); None otherwise."""
+    if job.algorithm != Job.Algorithm.SYNC:
+        return None
+    store = job_store(job)
+    with _lock:
+        sync = _syncs.get(str(job.id))
+        if sync is None or sync.store is not store:
+            rule = SyncRule(job.sync_workers, job.sync_backups, job.sync_step_timeout_s)
+            sync = _syncs[str(job.id)] = SyncAggregator(store, rule)
+        return sync
+
+
 def forget_job_store(job_id: str) -> None:
     with _lock:
         _stores.pop(str(job_id), None)
+        _syncs.pop(str(job_id), None)
     forget_warmup(job_id)
+    reference_board().forget(str(job_id))
 
 
 #: Seconds a process keeps a reading that a robust job is still warming up.

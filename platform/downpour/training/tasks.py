@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
+from . import sandblaster
 from .actions import evaluations, jobs, leases, recovery, references
 from .spotchecks import replay
 
@@ -41,3 +42,11 @@ def run_spot_checks() -> int:
 @shared_task
 def push_reference_gradients() -> int:
     return references.push_running_references()
+
+
+@shared_task
+def coordinate_sandblaster_jobs() -> int:
+    # A job-owned loop in the worker: turns every few ms for most of the beat interval.
+    from django.conf import settings
+
+    return sandblaster.coordinate_running_jobs(settings.SANDBLASTER_TURN_S)

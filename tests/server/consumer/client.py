@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ def forget_backends() -> None:
     limits.limits.cache_clear()
     for job_id in list(store._stores):
         store.forget_job_store(job_id)
+    store.reference_board.cache_clear()
 
 
 class Socket:
@@ -99,6 +101,10 @@ class Socket:
             "type": "heartbeat_ack",
             "ref": "still",
         }
+
+
+#: ``await agents(n)``: n registered sockets of Charlie's token (the ``agents`` fixture).
+Agents = Callable[[int], Any]
 
 
 def headers(token: str | None = None, origin: str | None = None) -> list[tuple[bytes, bytes]]:

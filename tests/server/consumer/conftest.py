@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 from channels.db import database_sync_to_async
 from django.db import connections
-from tests.server.consumer.client import REPLY_TIMEOUT_S, Socket, forget_backends, open_socket
+from tests.server.consumer.client import (
+    REPLY_TIMEOUT_S,
+    Agents,
+    Socket,
+    forget_backends,
+    open_socket,
+)
 from tests.server.helpers import job_params
 
 from downpour.donors.models import AgentToken
@@ -57,3 +63,25 @@ async def socket(token: str) -> AsyncIterator[Socket]:
 async def registered(socket: Socket) -> Socket:
     assert (await socket.register())["type"] == "registered"
     return socket
+
+
+@pytest.fixture
+async def agents(token: str) -> AsyncIterator[Agents]:
+    """``await agents(n)``: n registered agents of Charlie's token, pc-0 ... pc-(n-1)."""
+    opened: list[Any] = []
+
+    async def open_agents(n: int) -> list[Socket]:
+        sockets = []
+        for i in range(n):
+            communicator, connected, _ = await open_socket(token)
+            assert connected
+            opened.append(communicator)
+            socket = Socket(communicator)
+            assert (await socket.register(name=f"pc-{i}"))["type"] == "registered"
+            sockets.append(socket)
+        return sockets
+
+    yield open_agents
+    for communicator in opened:
+        await communicator.disconnect(timeout=REPLY_TIMEOUT_S)
+    await database_sync_to_async(connections.close_all)()

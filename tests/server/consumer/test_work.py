@@ -21,6 +21,7 @@ from tests.server.helpers import job_params
 
 from downpour.agents import push
 from downpour.agents.consumers import STORE_NOT_READY
+from downpour.agents.limits import limits
 from downpour.donors.models import Agent
 from downpour.paramstore import DEFAULT_MAX_GRAD_NORM
 from downpour.training import store
@@ -360,6 +361,77 @@ async def test_complete_finishes_the_unit_and_records_the_agents_contribution(
     assert row.pushes_accepted == 40 and samples == 20 * 30
     job = await database_sync_to_async(Job.objects.get)(id=running_job.id)
     assert job.pushes_accepted == 40 and job.samples_done == samples
+
+
+async def test_a_heartbeat_that_crossed_its_leases_complete_is_acknowledged_not_refused(
+    running_job: Job, registered: Socket
+) -> None:
+    # Prepare: the agent completes a lease; its heartbeat timer had already named it.
+    lease = await registered.lease()
+    samples = await push_every_round(registered, lease)
+    await registered.send(
+        {"type": "complete", "lease_id": lease["lease_id"], "samples": samples, "ref": 1}
+    )
+    await registered.send({"type": "heartbeat", "lease_id": lease["lease_id"], "ref": 2})
+    # Execute
+    completed, _ = await registered.recv()
+    heartbeat, _ = await registered.recv()
+    # Assert: the complete went through and the late heartbeat is a plain ack, no error.
+    assert completed == {"type": "complete_ack", "lease_id": lease["lease_id"], "ref": 1}
+    assert heartbeat == {"type": "heartbeat_ack", "ref": 2}
+    # ...while another agent's heartbeat on a lease it never held is still refused.
+    other = await registered.ask({"type": "heartbeat", "lease_id": str(running_job.id), "ref": 3})
+    assert other["type"] == "error" and other["ref"] == 3
+
+
+async def test_a_second_complete_is_refused_and_nothing_is_credited_or_refunded_twice(
+    running_job: Job, registered: Socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a worked lease, completed once; claim refunds counted.
+    refunds: list[str] = []
+    monkeypatch.setattr(limits(), "refund_claim", refunds.append)
+    lease = await registered.lease()
+    samples = await push_every_round(registered, lease)
+    complete = {"type": "complete", "lease_id": lease["lease_id"], "samples": samples}
+    assert (await registered.ask({**complete, "ref": 1}))["type"] == "complete_ack"
+    before = await database_sync_to_async(Job.objects.get)(id=running_job.id)
+    # Execute: the same complete again, as a client that lost the ack might send it.
+    again = await registered.ask({**complete, "ref": 2})
+    # Assert: refused, and the job's samples, pushes and the refund counted once.
+    assert (again["type"], again["code"], again["ref"]) == ("error", "lease_expired", 2)
+    after = await database_sync_to_async(Job.objects.get)(id=running_job.id)
+    assert (after.samples_done, after.pushes_accepted) == (
+        before.samples_done,
+        before.pushes_accepted,
+    )
+    assert after.samples_done == samples
+    assert len(refunds) == 1
+    await registered.still_usable()
+
+
+async def test_a_returned_lease_can_neither_be_completed_nor_kept_alive(
+    running_job: Job, registered: Socket
+) -> None:
+    # Prepare: a worked lease, handed back (Ctrl-C) before its complete was sent.
+    lease = await registered.lease()
+    samples = await push_every_round(registered, lease)
+    returned = await registered.ask({"type": "return_lease", "lease_id": lease["lease_id"]})
+    assert returned["type"] == "lease_returned", returned
+    before = await database_sync_to_async(Job.objects.get)(id=running_job.id)
+    # Execute
+    heartbeat = await registered.ask({"type": "heartbeat", "lease_id": lease["lease_id"], "ref": 1})
+    complete = await registered.ask(
+        {"type": "complete", "lease_id": lease["lease_id"], "samples": samples, "ref": 2}
+    )
+    # Assert: the heartbeat that crossed the return is a plain ack that extends nothing; the
+    # complete is refused, and the unit waits in the queue for the next claim. (The pushes
+    # were applied, so they count; the unit's next lease trains it again.)
+    assert heartbeat == {"type": "heartbeat_ack", "ref": 1}
+    assert (complete["type"], complete["code"]) == ("error", "lease_expired"), complete
+    row = await lease_row(lease["lease_id"])
+    assert row.status == Lease.Status.RETURNED and row.unit.status == WorkUnit.Status.PENDING
+    after = await database_sync_to_async(Job.objects.get)(id=running_job.id)
+    assert after.samples_done == before.samples_done == samples  # applied pushes, once
 
 
 async def test_return_lease_puts_the_unit_back_in_the_queue(

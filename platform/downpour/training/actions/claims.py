@@ -16,10 +16,12 @@ from django.utils import timezone
 
 from downpour import scheduler
 from downpour.donors.models import Agent, AgentToken
+from downpour.training.actions.pass_backups import pass_backup_unit
 from downpour.training.models import DatasetShard, Job, Lease, WorkUnit
 from downpour.training.specs import model_spec
 from downpour.training.spotcheck_selection import choose_round
 from downpour.training.store import warming_up
+from downpour_agent.protocol import LinkRates
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +132,11 @@ def _admits(agent: Agent, host: scheduler.HostRecord, view: _JobView) -> bool:
     """Warm start and the tail rule: may ``agent`` get a unit of this job now?"""
     job = view.job
     others = view.holders - {str(agent.id)}
-    if job.warm_start_pushes and others:
+    if job.algorithm == Job.Algorithm.SYNC:
+        wanted = job.sync_workers + job.sync_backups
+        if not scheduler.sync_admits(len(view.holders), str(agent.id) in view.holders, wanted):
+            return False
+    elif job.warm_start_pushes and others:
         holder = next(iter(others))
         warm = scheduler.WarmStart(job.warm_start_pushes)
         if not warm.allows(str(agent.id), holder, job.pushes_accepted):
@@ -202,8 +208,24 @@ def record_lease_rate(agent_id: str, lease: Lease, ended_at: datetime) -> None:
     Agent.objects.filter(id=agent_id).update(measured_samples_per_s=rate)
 
 
-def claim_work(agent: Agent) -> Lease | None:
+class _CutOff(Exception):
+    """The agent was banned, or its token revoked, while it claimed: no lease."""
+
+
+def claim_work(agent: Agent, link: LinkRates | None = None) -> Lease | None:
+    """Give ``agent`` a lease: a reissued unit if one fits, else a new unit; None if none,
+    or if the agent was banned or its token revoked before the lease could be written."""
+    try:
+        return _claim(agent, link)
+    except _CutOff:
+        return None
+
+
+def _claim(agent: Agent, link: LinkRates | None) -> Lease | None:
     """Give ``agent`` a lease: a reissued unit if one fits, else a new unit.
+
+    ``link``: the rates the agent reported for its last round; a local-steps lease's H
+    is chosen from them.
 
     The choice of job is ``downpour.scheduler``'s: weighted max-min fair share between
     researchers over a decaying window, warm start, reliable agents only for the last
@@ -237,6 +259,8 @@ def claim_work(agent: Agent) -> Lease | None:
         take, rest = scheduler.split_unit(waiting.steps, _agent_steps(agent, view.job, scale, cap))
         if cap is not None and take > cap:  # split_unit's slack must not pass the share
             take, rest = cap, waiting.steps - cap
+        if waiting.pass_number is not None:  # a Sandblaster unit is answered whole
+            take, rest = waiting.steps, 0
         with transaction.atomic():
             claimed = WorkUnit.objects.filter(id=waiting.id, status=WorkUnit.Status.PENDING).update(
                 status=WorkUnit.Status.LEASED, attempts=F("attempts") + 1, steps=take
@@ -251,11 +275,16 @@ def claim_work(agent: Agent) -> Lease | None:
                         steps=rest,
                         seed=random.randrange(1 << 31),
                     )
-                return _new_lease(waiting, view.job, agent, now + ttl, take)
+                return _new_lease(waiting, view.job, agent, now + ttl, take, link)
     backup = _claim_backup(agent, host, views, eligible, now)
     if backup is not None:
         return backup
-    job_id = scheduler.pick_job(loads, window=window, eligible=eligible)
+    copied = pass_backup_unit(agent, [views[key].job for key in eligible], now)
+    if copied is not None:
+        return _new_lease(copied, copied.job, agent, now + ttl, copied.steps, link)
+    # A Sandblaster job's units are its coordinator's passes: a claim never makes one.
+    blasted = {key for key in eligible if views[key].job.algorithm == Job.Algorithm.SANDBLASTER}
+    job_id = scheduler.pick_job(loads, window=window, eligible=eligible - blasted)
     if job_id is None:
         return None
     view = views[job_id]
@@ -286,15 +315,62 @@ def claim_work(agent: Agent) -> Lease | None:
             status=WorkUnit.Status.LEASED,
             attempts=1,
         )
-        return _new_lease(unit, job, agent, now + ttl, steps)
+        return _new_lease(unit, job, agent, now + ttl, steps, link)
 
 
-def _new_lease(unit: WorkUnit, job: Job, agent: Agent, expires_at: datetime, steps: int) -> Lease:
-    return Lease.objects.create(
-        unit=unit,
-        agent=agent,
-        expires_at=expires_at,
-        spot_check_round=choose_round(job, agent, steps),
+def _new_lease(
+    unit: WorkUnit,
+    job: Job,
+    agent: Agent,
+    expires_at: datetime,
+    steps: int,
+    link: LinkRates | None = None,
+) -> Lease:
+    round_steps = _inner_steps(job, link)
+    # Its own block for the backup paths, which have no transaction of their own; inside a
+    # claim's it is a savepoint, and the locks last until the claim commits.
+    with transaction.atomic():
+        _check_still_live(agent)
+        return Lease.objects.create(
+            unit=unit,
+            agent=agent,
+            expires_at=expires_at,
+            round_steps=round_steps,
+            spot_check_round=choose_round(job, agent, steps, round_steps),
+        )
+
+
+def _check_still_live(agent: Agent) -> None:
+    """Lock the agent's row, then its token's, inside the claim's transaction; raise
+    :class:`_CutOff` if the agent is banned or the token revoked by now.
+
+    The socket checked both before it claimed, but a ban or a revocation can commit in
+    between, after taking back every lease the agent had: a lease written now would
+    outlive it. With the rows locked, one that lands first is seen here, and one that lands
+    later waits for this claim to commit and then takes its lease back (``ban_agent``'s
+    second pass, ``revoke_token``). The unit's row is locked before the agent's, the order
+    ``ban_agent`` takes them in (leases and their units, then the agent).
+    """
+    live = Agent.objects.select_for_update().filter(id=agent.id, banned_at__isnull=True)
+    token = AgentToken.objects.select_for_update().filter(
+        id=agent.token_id, revoked_at__isnull=True
+    )
+    if not live.exists() or not token.exists():
+        raise _CutOff
+
+
+def _inner_steps(job: Job, link: LinkRates | None) -> int | None:
+    """A local-steps lease's H, from the agent's last reported rates (``scheduler``);
+    None for other algorithms (their rounds are the job's ``n_push``)."""
+    if job.algorithm != Job.Algorithm.LOCAL_STEPS:
+        return None
+    return scheduler.choose_inner_steps(
+        fixed=job.inner_steps,
+        batch_size=job.batch_size,
+        model_bytes=4.0 * job.param_count,
+        compute_samples_per_s=None if link is None else link.compute_samples_per_s,
+        push_bytes_per_s=None if link is None else link.push_bytes_per_s,
+        fetch_bytes_per_s=None if link is None else link.fetch_bytes_per_s,
     )
 
 
@@ -313,10 +389,12 @@ def _claim_backup(
     As in Sandblaster: the first copy to complete wins and the others are superseded (their
     later pushes are refused).
     """
-    tail = [
+    tail = [  # a synchronous job's backups are its extra b agents, not copies of units
         key
         for key, view in views.items()
-        if key in eligible and view.fraction_left < BACKUP_RULE.tail_fraction
+        if key in eligible
+        and view.fraction_left < BACKUP_RULE.tail_fraction
+        and view.job.algorithm not in (Job.Algorithm.SYNC, Job.Algorithm.SANDBLASTER)
     ]
     if not tail or not scheduler.is_reliable(host):
         return None

@@ -32,16 +32,35 @@ class Tally:
     loss_sum: float = 0.0
     loss_samples: int = 0
 
-    def add_applied(self, job: Job, shard: int, samples: int, staleness: int) -> None:
-        """Count an applied push of ``shard`` that claims ``samples`` samples."""
+    def add_applied(
+        self,
+        job: Job,
+        shard: int,
+        samples: int,
+        staleness: int,
+        round_steps: int | None = None,
+        unit_samples: int | None = None,
+    ) -> None:
+        """Count an applied push of ``shard`` that claims ``samples`` samples (a round is
+        ``round_steps`` steps when the lease sets its own, else the job's ``n_push``; a
+        Sandblaster unit's one round is its slice, ``unit_samples``)."""
         self.accepted += 1
         self.staleness[staleness] = self.staleness.get(staleness, 0) + 1
         # One push round sends every shard with the same samples; count them once. The
         # claim is the agent's word, so it is capped at what one push round can cover.
-        samples = max(0, min(samples, job.batch_size * job.n_push))
+        samples = max(0, min(samples, _round_cap(job, round_steps, unit_samples)))
         if shard == 0 and samples:
             self.samples += samples
             self.credit += credit_for_push(samples, staleness, accepted=True)
+
+    def add_late(self, job: Job, shard: int, samples: int, unit_samples: int | None = None) -> None:
+        """Count a synchronous job's gradient (or a Sandblaster unit's answer, of
+        ``unit_samples``) dropped as late, the first time only: not applied, but computed,
+        so its samples count and the donor is credited for them."""
+        samples = max(0, min(samples, _round_cap(job, None, unit_samples)))
+        if shard == 0 and samples:
+            self.samples += samples
+            self.credit += credit_for_push(samples, 0, accepted=True)
 
     def add_pushed(self, shard: int, samples: int) -> None:
         """Count a round that reached the store (once: by its shard 0), whatever its verdict."""
@@ -53,6 +72,14 @@ class Tally:
         if isinstance(loss, int | float) and math.isfinite(loss) and samples > 0:
             self.loss_sum += float(loss) * samples
             self.loss_samples += samples
+
+
+def _round_cap(job: Job, round_steps: int | None, unit_samples: int | None) -> int:
+    """The most samples one push round can claim: a Sandblaster unit's whole slice, else
+    ``batch × steps`` of the round."""
+    if unit_samples is not None:
+        return unit_samples
+    return job.batch_size * (round_steps or job.n_push)
 
 
 def record_tallies(agent_id: str, tallies: Mapping[str, Tally]) -> None:

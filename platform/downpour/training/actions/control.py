@@ -18,7 +18,7 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from downpour.donors.models import Agent, AgentToken
-from downpour.training.actions.bans import BAN_REASON_CHARS
+from downpour.training.actions.bans import BAN_REASON_CHARS, OPERATOR_BAN_REASON
 from downpour.training.actions.jobs import STATUS_MESSAGE_CHARS, free_job_store
 from downpour.training.models import Dataset, Job, Lease, WorkUnit
 
@@ -124,6 +124,17 @@ def delete_job(job: Job, by: Any = None) -> None:
 
 def delete_dataset(dataset: Dataset) -> None:
     """Delete the dataset and its files; refused while any job refers to it."""
+    folder = f"{settings.MEDIA_ROOT}/datasets/{dataset.id}"  # delete() clears dataset.id
+    with transaction.atomic():
+        # The lock ``submit_job`` takes: a job submitted meanwhile is seen here, or refused.
+        if not Dataset.objects.select_for_update().filter(id=dataset.id).exists():
+            return
+        _refuse_if_used(dataset)
+        dataset.delete()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _refuse_if_used(dataset: Dataset) -> None:
     jobs = list(Job.objects.filter(dataset=dataset).values_list("name", "status"))
     if jobs:
         active = [
@@ -139,9 +150,6 @@ def delete_dataset(dataset: Dataset) -> None:
             f"dataset {dataset.name} is referred to by {len(jobs)} finished job(s) ({names}); "
             "delete them first"
         )
-    folder = f"{settings.MEDIA_ROOT}/datasets/{dataset.id}"
-    dataset.delete()
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 # --- authority ---------------------------------------------------------------------------
@@ -169,7 +177,7 @@ def ban_agent(agent: Agent, reason: str) -> bool:
     """
     from downpour.agents import push
 
-    reason = (reason or "banned by an operator")[:BAN_REASON_CHARS]
+    reason = (reason or OPERATOR_BAN_REASON)[:BAN_REASON_CHARS]
     with transaction.atomic():
         # Leases before the agent's row: the order ``record_contribution`` locks them in
         # (lease, then agent), or a ban and a tally flush can deadlock each other.
@@ -180,6 +188,9 @@ def ban_agent(agent: Agent, reason: str) -> bool:
         if changed != 1:
             transaction.set_rollback(True)  # banned already: its leases stay as they were
             return False
+        # Again: a claim that held the agent's row (claims._check_still_live) made the update
+        # above wait, and its lease, committed meanwhile, is visible only to this statement.
+        take_back_leases(Lease.objects.filter(agent_id=agent.id))
         push.notify_agent_banned_on_commit(str(agent.id), reason)
     return True
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from django.utils import timezone
 
@@ -16,7 +17,7 @@ log = logging.getLogger(__name__)
 
 def evaluate_job(job: Job) -> Evaluation | None:
     """Score the current parameters on the test split; finish the job on target or budget."""
-    from downpour.training.evaluation import evaluate
+    from downpour.training.evaluation import evaluate, recalibrated
 
     ensure_store_ready(job)
     store = job_store(job)
@@ -29,6 +30,10 @@ def evaluate_job(job: Job) -> Evaluation | None:
     )
     if statistics is not None:  # BatchNormalization's moving statistics, and the like
         weights |= layout.unflatten_statistics(statistics.values)
+        # Measured at these weights: the store's average lags them (evaluation.py says why).
+        weights = recalibrated(job, weights)
+        measured = {spec.name: weights[spec.name] for spec in layout.statistics}
+        statistics = replace(statistics, values=layout.flatten_statistics(measured))
     accuracy, loss = evaluate(job, weights)
     job.refresh_from_db()
     elapsed = (timezone.now() - job.started_at).total_seconds() if job.started_at else 0.0

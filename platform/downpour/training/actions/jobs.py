@@ -18,7 +18,7 @@ from downpour.paramstore import DEFAULT_MAX_GRAD_NORM, ShardLayout, VariableSpec
 from downpour.training import weights
 from downpour.training.media import media_dir
 from downpour.training.models import Dataset, Job, Lease
-from downpour.training.store import forget_job_store, job_store, storage
+from downpour.training.store import forget_job_store, job_store, pass_results, storage
 from downpour_agent.modelspec import ModelRejected, validate_loss, validate_model_config
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,18 @@ log = logging.getLogger(__name__)
 #: Longest status message kept on a job: it is shown on the job page, and an exception's
 #: text can be long.
 STATUS_MESSAGE_CHARS = 500
+
+
+#: The algorithms whose server and agent sides exist; the form offers exactly these.
+OFFERED_ALGORITHMS = (
+    Job.Algorithm.DOWNPOUR,
+    Job.Algorithm.LOCAL_STEPS,
+    Job.Algorithm.SYNC,
+    Job.Algorithm.SANDBLASTER,
+)
+INNER_OPTIMIZERS = ("adamw", "sgd-momentum")
+#: Bounds on a local-steps job's fixed H (inner steps per round).
+MAX_INNER_STEPS = 10_000
 
 
 class JobRejected(ValueError):
@@ -43,6 +55,8 @@ class JobParams:
     n_fetch: int = 1
     n_push: int = 1
     n_param_shards: int = 2
+    #: ``none`` or ``int8`` (pushes with error feedback, fetches as deltas): Job.Compression.
+    compression: str = "none"
     max_staleness: int = 16
     staleness_aware_lr: bool = False
     warm_start_pushes: int = 0
@@ -56,6 +70,20 @@ class JobParams:
     budget_samples: int | None = None
     budget_seconds: float | None = None
     seed: int = 0
+    algorithm: str = Job.Algorithm.DOWNPOUR
+    #: Local-steps only: H (0: chosen per agent), the agents' optimizer, the store's.
+    inner_steps: int = 0
+    inner_optimizer: str = "adamw"
+    inner_learning_rate: float = 0.001
+    outer_learning_rate: float = 0.7
+    outer_momentum: float = 0.9
+    #: Sync only (Chen et al. 2016): N agents per step, b backups, the longest wait.
+    sync_workers: int = 2
+    sync_backups: int = 1
+    sync_step_timeout_s: float = 10.0
+    #: Sandblaster only: L-BFGS history pairs, units per evaluation pass.
+    lbfgs_history: int = 10
+    sandblaster_units: int = 24
 
 
 def submit_job(owner: Any, dataset: Dataset, params: JobParams) -> Job:
@@ -96,6 +124,7 @@ def submit_job(owner: Any, dataset: Dataset, params: JobParams) -> Job:
             "give a target accuracy or a budget in samples or seconds",
         ),
     ]
+    checks += _algorithm_checks(params) + _sync_checks(params) + _sandblaster_checks(params)
     for ok, message in checks:
         if not ok:
             raise JobRejected(message)
@@ -105,6 +134,13 @@ def submit_job(owner: Any, dataset: Dataset, params: JobParams) -> Job:
         except weights.WeightsRejected as exc:
             raise JobRejected(f"initial weights rejected: {exc}") from None
     with transaction.atomic():
+        # Locked until the job row commits: ``delete_dataset`` takes the same lock before it
+        # looks for jobs, so a dataset deleted meanwhile is a clear refusal, not an
+        # IntegrityError (a 500) at commit, and a job never refers to a deleted dataset.
+        if not Dataset.objects.select_for_update().filter(id=dataset.id).exists():
+            raise JobRejected(
+                f"the dataset {dataset.name} was deleted; choose another or upload it again"
+            )
         _check_job_quotas(owner, spec.param_count, params.robust_aggregation)
         job = _create_job(owner, dataset, params, spec, loss)
         if params.initial_weights is not None:
@@ -118,6 +154,56 @@ def submit_job(owner: Any, dataset: Dataset, params: JobParams) -> Job:
             job.initial_weights_sha256 = hashlib.sha256(params.initial_weights).hexdigest()
             job.save(update_fields=["initial_weights_path", "initial_weights_sha256"])
     return job
+
+
+def _algorithm_checks(params: JobParams) -> list[tuple[Any, str]]:
+    if params.algorithm not in OFFERED_ALGORITHMS:
+        return [(False, f"algorithm must be one of {', '.join(OFFERED_ALGORITHMS)}")]
+    if params.algorithm != Job.Algorithm.LOCAL_STEPS:
+        return []
+    return [
+        (
+            not params.robust_aggregation,
+            "local steps cannot be combined with robust aggregation yet: centred clipping "
+            "is tuned for gradients, not for the pseudo-gradients of many inner steps",
+        ),
+        (0 <= params.inner_steps <= MAX_INNER_STEPS, "inner steps must be in [0, 10000]"),
+        (params.inner_optimizer in INNER_OPTIMIZERS, "inner optimizer: adamw or sgd-momentum"),
+        (0 < params.inner_learning_rate <= 10, "inner learning rate must be in (0, 10]"),
+        (0 < params.outer_learning_rate <= 10, "outer learning rate must be in (0, 10]"),
+        (0 <= params.outer_momentum < 1, "outer momentum must be in [0, 1)"),
+    ]
+
+
+def _sync_checks(params: JobParams) -> list[tuple[object, str]]:
+    if params.algorithm != Job.Algorithm.SYNC:
+        return []
+    return [
+        (1 <= params.sync_workers <= 64, "a synchronous step averages 1 to 64 agents' gradients"),
+        (0 <= params.sync_backups <= 64, "backup agents must be 0 to 64"),
+        (0.1 <= params.sync_step_timeout_s <= 600, "the step timeout must be 0.1 to 600 s"),
+        (
+            not params.robust_aggregation,
+            "centred clipping is for asynchronous (downpour) jobs; turn it off for sync",
+        ),
+    ]
+
+
+def _sandblaster_checks(params: JobParams) -> list[tuple[object, str]]:
+    if params.algorithm != Job.Algorithm.SANDBLASTER:
+        return []
+    return [
+        (1 <= params.lbfgs_history <= 100, "L-BFGS keeps 1 to 100 pairs of history"),
+        (1 <= params.sandblaster_units <= 10_000, "a pass is 1 to 10000 work units"),
+        (
+            not params.robust_aggregation,
+            "centred clipping is for asynchronous (downpour) jobs; turn it off for Sandblaster",
+        ),
+        (
+            params.compression == Job.Compression.NONE,
+            "Sandblaster sums exact gradients: choose no compression",
+        ),
+    ]
 
 
 #: Jobs that hold a place in the store or the queue, for the quotas.
@@ -162,6 +248,7 @@ def _create_job(owner: Any, dataset: Dataset, params: JobParams, spec: Any, loss
         n_fetch=params.n_fetch,
         n_push=params.n_push,
         n_param_shards=params.n_param_shards,
+        compression=params.compression,
         max_staleness=params.max_staleness,
         staleness_aware_lr=params.staleness_aware_lr,
         warm_start_pushes=params.warm_start_pushes,
@@ -172,6 +259,17 @@ def _create_job(owner: Any, dataset: Dataset, params: JobParams, spec: Any, loss
         budget_samples=params.budget_samples,
         budget_seconds=params.budget_seconds,
         seed=params.seed,
+        algorithm=params.algorithm,
+        inner_steps=params.inner_steps,
+        inner_optimizer=params.inner_optimizer,
+        inner_learning_rate=params.inner_learning_rate,
+        outer_learning_rate=params.outer_learning_rate,
+        outer_momentum=params.outer_momentum,
+        sync_workers=params.sync_workers,
+        sync_backups=params.sync_backups,
+        sync_step_timeout_s=params.sync_step_timeout_s,
+        lbfgs_history=params.lbfgs_history,
+        sandblaster_units=params.sandblaster_units,
     )
 
 
@@ -309,6 +407,7 @@ def free_job_store(job: Job) -> None:
 
     try:
         job_store(job).delete()
+        pass_results().delete(str(job.id))  # a Sandblaster job's answers and L-BFGS state
     except Exception:
         log.exception("job %s: could not free the store", job.id)
     forget_job_store(str(job.id))
@@ -323,11 +422,11 @@ def export_job(job: Job, evaluated: Evaluated | None = None) -> None:
     which holds exactly the weights that scored ``Checkpoint.accuracy``.
     """
     from downpour.paramstore.checkpoint import read_checkpoint
-    from downpour.training.evaluation import evaluate, export_model
+    from downpour.training.evaluation import evaluate, export_model, recalibrated
 
     folder = media_dir("jobs", str(job.id))
     if evaluated is None:
-        store_weights = job_store(job).weights()
+        store_weights = recalibrated(job, job_store(job).weights())
         evaluated = Evaluated(store_weights, evaluate(job, store_weights)[0])
     keras_path, weights_path = export_model(job, evaluated.weights, folder)
     fields: dict[str, Any] = {

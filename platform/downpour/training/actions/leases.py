@@ -15,6 +15,7 @@ from django.utils import timezone
 from downpour import scheduler
 from downpour.donors.models import Agent
 from downpour.training.actions.claims import host_record, record_lease_rate
+from downpour.training.actions.pass_answers import unit_answered
 from downpour.training.models import Job, Lease, SpotCheck, WorkUnit
 from downpour_agent.protocol import (
     ERROR_TEXTS,
@@ -22,6 +23,8 @@ from downpour_agent.protocol import (
     ErrorCode,
     Hyper,
     LeaseSpec,
+    LocalSteps,
+    PassSpec,
     lease_to_wire,
 )
 
@@ -42,6 +45,9 @@ def lease_message(lease: Lease, base_url_path: str = "/api/agent/shards/") -> di
     unit = lease.unit
     job = unit.job
     layout = job.shard_layout()
+    local = None
+    if job.algorithm == Job.Algorithm.LOCAL_STEPS:
+        local = LocalSteps(job.inner_optimizer, job.inner_learning_rate)
     spec = LeaseSpec(
         lease_id=str(lease.id),
         job_id=str(job.id),
@@ -52,9 +58,11 @@ def lease_message(lease: Lease, base_url_path: str = "/api/agent/shards/") -> di
         loss=job.loss,
         hyper=Hyper(
             batch_size=job.batch_size,
-            n_fetch=job.n_fetch,
-            n_push=job.n_push,
+            # A local-steps round is H inner steps and fetches once, at its start.
+            n_fetch=job.n_fetch if local is None else lease.push_every,
+            n_push=lease.push_every,
             learning_rate=job.learning_rate,
+            compression=job.compression,
         ),
         dataset=DatasetSpec(
             url=f"{base_url_path}{unit.shard_id}/",
@@ -64,8 +72,22 @@ def lease_message(lease: Lease, base_url_path: str = "/api/agent/shards/") -> di
         layout=[[(v.name, tuple(v.shape), v.dtype) for v in shard] for shard in layout.shards],
         expires_in_s=settings.LEASE_TTL_S,
         statistics=[(v.name, tuple(v.shape), v.dtype) for v in layout.statistics],
+        local_steps=local,
+        algorithm=job.algorithm,
+        sandblaster=pass_spec(unit),
     )
     return lease_to_wire(spec)
+
+
+def pass_spec(unit: WorkUnit) -> PassSpec | None:
+    """A Sandblaster unit's place in its pass; None for any other unit."""
+    if unit.pass_number is None:
+        return None
+    assert unit.pass_unit is not None and unit.pinned_version is not None
+    assert unit.sample_start is not None and unit.sample_stop is not None
+    return PassSpec(
+        unit.pass_number, unit.pass_unit, unit.sample_start, unit.sample_stop, unit.pinned_version
+    )
 
 
 def get_agent_lease(lease_id: str, agent: Agent) -> Lease:
@@ -107,6 +129,7 @@ def complete_lease(agent: Agent, lease_id: str, samples: int) -> None:
     """End a lease as done; refused unless its pushes arrived (see :func:`check_complete`)."""
     lease = get_agent_lease(lease_id, agent)
     check_complete(lease, samples)
+    answered = unit_answered(lease.unit)
     now = timezone.now()
     with transaction.atomic():
         done = Lease.objects.filter(id=lease.id, status=Lease.Status.ACTIVE).update(
@@ -114,11 +137,16 @@ def complete_lease(agent: Agent, lease_id: str, samples: int) -> None:
         )
         if done != 1:
             raise LeaseError(ErrorCode.LEASE_EXPIRED)
-        WorkUnit.objects.filter(id=lease.unit_id).update(status=WorkUnit.Status.DONE, done_at=now)
-        # Backup copies of this unit lost the race: their remaining pushes are refused.
-        Lease.objects.filter(unit_id=lease.unit_id, status=Lease.Status.ACTIVE).update(
-            status=Lease.Status.SUPERSEDED, ended_at=now
-        )
+        unit = WorkUnit.objects.filter(id=lease.unit_id)
+        if not answered:  # a Sandblaster unit with a shard unanswered: it is done again
+            unit.update(status=WorkUnit.Status.PENDING, done_at=None)
+            log.warning("lease %s completed without an answer in every shard", lease.id)
+        else:
+            unit.update(status=WorkUnit.Status.DONE, done_at=now)
+            # Backup copies of this unit lost the race: their remaining pushes are refused.
+            Lease.objects.filter(unit_id=lease.unit_id, status=Lease.Status.ACTIVE).update(
+                status=Lease.Status.SUPERSEDED, ended_at=now
+            )
         _record_outcome(str(agent.id), completed=True)
         record_lease_rate(str(agent.id), lease, now)
 
@@ -126,6 +154,8 @@ def complete_lease(agent: Agent, lease_id: str, samples: int) -> None:
 def lease_size(lease: Lease) -> int:
     """Samples a lease covers: its steps × the batch its agent draws (at most the shard)."""
     unit = lease.unit
+    if unit.sample_start is not None and unit.sample_stop is not None:
+        return unit.sample_stop - unit.sample_start  # a Sandblaster unit: its slice
     return int(unit.steps * min(unit.job.batch_size, unit.shard.n_samples))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from downpour.paramstore import NotInitialized, ShardState, StatisticsState
@@ -24,6 +25,12 @@ def ensure_store_ready(job: Job) -> None:
     model: TensorFlow, so only workers (Celery, the embedded runner) call this.
     """
     restore_store(job, from_initial_weights=True)
+
+
+def done_units(job: Job) -> QuerySet[WorkUnit]:
+    """The job's done units a restore may redo: never a Sandblaster pass's (its coordinator
+    opens a new pass at the restored weights; an old pass's units would only be late)."""
+    return WorkUnit.objects.filter(job=job, status=WorkUnit.Status.DONE, pass_number__isnull=True)
 
 
 def restore_store(job: Job, from_initial_weights: bool) -> bool:
@@ -50,9 +57,7 @@ def restore_store(job: Job, from_initial_weights: bool) -> bool:
                 return False
             store.initialize(starting_weights(job)[1])
             forget_warmup(job.id)  # the job warms up again on trusted agents
-            requeued = WorkUnit.objects.filter(job=job, status=WorkUnit.Status.DONE).update(
-                status=WorkUnit.Status.PENDING, done_at=None
-            )
+            requeued = done_units(job).update(status=WorkUnit.Status.PENDING, done_at=None)
             log.warning(
                 "job %s: no checkpoint; restarted from initial weights, %d units requeued",
                 job.id,
@@ -63,9 +68,11 @@ def restore_store(job: Job, from_initial_weights: bool) -> bool:
         store.restore(restored.states)
         store.restore_statistics(restored.statistics)
         forget_warmup(job.id)  # an older checkpoint may be back in warm-up
-        requeued = WorkUnit.objects.filter(
-            job=job, status=WorkUnit.Status.DONE, done_at__gt=checkpoint.created_at
-        ).update(status=WorkUnit.Status.PENDING, done_at=None)
+        requeued = (
+            done_units(job)
+            .filter(done_at__gt=checkpoint.created_at)
+            .update(status=WorkUnit.Status.PENDING, done_at=None)
+        )
         log.warning(
             "job %s: restored checkpoint %s (versions %s); %d units redone",
             job.id,

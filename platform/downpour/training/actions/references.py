@@ -30,9 +30,11 @@ import numpy as np
 from django.conf import settings
 
 from downpour.paramstore import PushResult, StoreError
+from downpour.paramstore.direction import root_reference
+from downpour.paramstore.layout import ShardLayout
 from downpour.training.actions.recovery import ensure_store_ready
 from downpour.training.models import Job
-from downpour.training.store import forget_warmup, job_store
+from downpour.training.store import forget_warmup, job_store, reference_board
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,10 @@ def push_reference(job: Job) -> int:
             batches=job.n_push,
             seed=int(job.seed) + sum(versions),
         )
+        halves = [
+            computer.compute(x[part], y[part])[0] for part in np.array_split(range(len(x)), 2)
+        ]
+    publish_references(job, layout, halves)
     applied = 0
     for shard, (version, part) in enumerate(zip(versions, layout.split(gradient), strict=True)):
         try:
@@ -128,6 +134,30 @@ def push_reference(job: Job) -> int:
             continue
         applied += int(result.applied)
     return applied
+
+
+def publish_references(
+    job: Job, layout: ShardLayout, halves: list[dict[str, np.ndarray]]
+) -> list[np.ndarray | None]:
+    """Publish each shard's root reference for the direction test; returns them.
+
+    ``halves`` are the mean gradients of the root sample's two halves at the weights just
+    read. A shard gets ``root_reference(a, b)`` (their mean) while the halves agree, and none
+    while they do not (near a minimum the root gradient is noise, and testing honest pushes
+    against noise flags half of them: docs/robustness.md). Pushes use it for
+    ``REFERENCE_MAX_AGE_S``.
+    """
+    parts = [layout.split(half) for half in halves]
+    references = [
+        root_reference(
+            layout.flatten_shard(shard, parts[0][shard]),
+            layout.flatten_shard(shard, parts[1][shard]),
+            settings.REFERENCE_MIN_AGREEMENT,
+        )
+        for shard in range(layout.n_shards)
+    ]
+    reference_board().publish(str(job.id), references, settings.REFERENCE_MAX_AGE_S)
+    return references
 
 
 def push_running_references() -> int:

@@ -37,6 +37,10 @@ class Recording:
     base_versions: dict[int, int] = field(default_factory=dict)
     loads: list[list[Any]] = field(default_factory=list)
     samples: int = 0
+    # int8 pushes, per variable: the largest L2 quantisation error of the checked round's
+    # push and of the round before's (whose residual the agent carried into it).
+    bounds: dict[str, float] = field(default_factory=dict)
+    previous_bounds: dict[str, float] = field(default_factory=dict)
 
     def keep_served(self, job: Job, shard: int, version: int, tensors: dict[str, Any]) -> None:
         """Keep the weights served at ``version`` of ``shard`` (a copy), dropping the oldest."""
@@ -47,12 +51,31 @@ class Recording:
         for stale in sorted(kept)[:-keep]:
             del kept[stale]
 
-    def add_push(self, msg: Mapping[str, Any], tensors: dict[str, Any]) -> None:
-        """One shard's push of the checked round: its gradient, base version and loads."""
+    def add_push(
+        self,
+        msg: Mapping[str, Any],
+        tensors: dict[str, Any],
+        bounds: Mapping[str, float] | None = None,
+    ) -> None:
+        """One shard's push of the checked round: its gradient, base version and loads, and
+        the quantisation bounds of its int8 tensors."""
+        self.bounds.update(bounds or {})
         self.gradients[msg["shard"]] = tensors
         self.base_versions[msg["shard"]] = msg["base_version"]
         self.loads = msg.get("loads", [])
         self.samples = msg["samples"]
+
+    def add_previous_bounds(self, bounds: Mapping[str, float]) -> None:
+        """The round before the checked one: the residuals its int8 pushes left are at most
+        these (the larger if it arrived twice)."""
+        for name, bound in bounds.items():
+            self.previous_bounds[name] = max(bound, self.previous_bounds.get(name, 0.0))
+
+    def allowances(self) -> dict[str, float]:
+        """Per variable, how far an honest int8 push may be from the recomputed gradient
+        beyond rounding: what its own encoding lost plus the residual it carried in."""
+        names = self.bounds.keys() | self.previous_bounds.keys()
+        return {n: self.bounds.get(n, 0.0) + self.previous_bounds.get(n, 0.0) for n in names}
 
     def complete(self, n_shards: int) -> bool:
         """Whether every shard of the round has been pushed."""
@@ -87,6 +110,7 @@ def save(lease_id: str, round_index: int, recording: Recording) -> None:
         recording.loads,
         {k: v for shard in recording.gradients.values() for k, v in shard.items()},
         recording.samples,
+        recording.allowances(),
     )
 
 
@@ -110,6 +134,7 @@ def record(
     loads: Sequence[Sequence[Any]],
     gradients: Mapping[str, np.ndarray],
     samples: int,
+    allowances: Mapping[str, float] | None = None,
 ) -> SpotCheck | None:
     """Queue a check of one round of a lease.
 
@@ -117,11 +142,12 @@ def record(
     ``[[offset, [version per shard]], ...]``; ``weight_sets`` are what the server served at
     those versions: the base, then one set per load. A round claiming more or fewer samples
     than its steps cover, or loads at offsets outside it, breaks the protocol and fails at
-    once. Returns None if the lease already has a check.
+    once. ``allowances``: per variable pushed as int8, the L2 error its quantisation may
+    explain (:meth:`Recording.allowances`). Returns None if the lease already has a check.
     """
     lease = Lease.objects.select_related("unit__job", "unit__shard", "agent").get(id=lease_id)
     job, unit = lease.unit.job, lease.unit
-    first_step, steps = round_span(job, unit.steps, round_index)
+    first_step, steps = round_span(job, unit.steps, round_index, lease.round_steps)
     expected_samples = steps * min(job.batch_size, unit.shard.n_samples)
     check = _create_once(
         lease,
@@ -135,6 +161,7 @@ def record(
             {f"{i}|{k}": v for i, weights in enumerate(weight_sets) for k, v in weights.items()}
         ),
         gradients=to_npz(gradients),
+        quantisation_allowance={k: float(v) for k, v in (allowances or {}).items()},
     )
     if check is None:
         return None

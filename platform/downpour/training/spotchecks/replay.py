@@ -11,6 +11,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,8 @@ def run_pending(limit: int = 20) -> int:
 def run(check: SpotCheck) -> bool:
     """Recompute ``check``'s round and judge the agent; returns whether it passed."""
     from downpour_agent.data import load_shard
+    from downpour_agent.local_steps import replay_local_round
+    from downpour_agent.protocol import LocalSteps
     from downpour_agent.trainer import round_gradients
 
     job, unit = check.job, check.lease.unit
@@ -73,10 +76,17 @@ def run(check: SpotCheck) -> bool:
         computer = _computer(job)
         sets = _weight_sets(from_npz(check.weights))
         computer.set_weights(sets[0])
-        expected, samples = round_gradients(
+        replay = round_gradients
+        if job.algorithm == Job.Algorithm.LOCAL_STEPS:
+            # H inner steps with the job's inner optimizer, rebasing at each load.
+            replay = partial(
+                replay_local_round,
+                local=LocalSteps(job.inner_optimizer, job.inner_learning_rate),
+            )
+        expected, samples = replay(
             computer,
-            x,
-            y,
+            x=x,
+            y=y,
             batch_size=job.batch_size,
             seed=unit.seed,
             first_step=check.first_step,
@@ -84,7 +94,18 @@ def run(check: SpotCheck) -> bool:
             loads=[(int(offset), sets[i + 1]) for i, (offset, _) in enumerate(check.loads)],
         )
     pushed = from_npz(check.gradients)
-    passed = samples == check.samples and reputation.gradients_match(pushed, expected)
+    # An int8 push may differ by its quantisation error and the residual it carried in
+    # (docs/protocol.md, "Spot checks"): each such tensor gets that much more atol.
+    allowance = check.quantisation_allowance or {}
+    passed = samples == check.samples and pushed.keys() == expected.keys()
+    passed = passed and all(
+        reputation.gradients_match(
+            pushed[name],
+            reference,
+            atol=reputation.DEFAULT_ATOL + float(allowance.get(name, 0.0)),
+        )
+        for name, reference in expected.items()
+    )
     error = _relative_error(pushed, expected)
     detail = "" if passed else f"gradients differ: relative error {error}"
     finish(check, passed=passed, relative_error=error, detail=detail)

@@ -14,7 +14,7 @@ from django.db.models import Q
 
 from downpour.donors.models import Agent, AgentToken
 from downpour.training.actions import control
-from downpour.training.actions.bans import lift_ban
+from downpour.training.actions.bans import OPERATOR_BAN_REASON, lift_ban
 from downpour.training.models import Job
 
 JOB_ACTIONS = {
@@ -30,7 +30,7 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("action", choices=[*JOB_ACTIONS, "delete", "revoke", "ban", "unban"])
         parser.add_argument("target", help="a job id, a token id or prefix, an agent id or name")
-        parser.add_argument("--reason", default="banned by an operator")
+        parser.add_argument("--reason", default=OPERATOR_BAN_REASON)
 
     def handle(self, *args: Any, **opts: Any) -> None:
         action, target = opts["action"], opts["target"]

@@ -1,0 +1,268 @@
+"""The agent's loop for a local-steps lease, with communication overlapped.
+
+Round k's push goes out, followed by a fetch of the new global weights, in a background task
+while round k + 1 computes; the weights are rebased onto when they arrive
+(:mod:`downpour_agent.local_steps`). The agent waits for the link only when a whole round
+computed faster than its push and fetch took, which the server's choice of H avoids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from downpour_agent.leases import ActiveLease, LeaseRejected, Progress, sampler_from
+from downpour_agent.local_steps import LocalRound, inner_optimizer
+from downpour_agent.protocol import ErrorFeedback, LinkRates, WeightsLoad, link_rates_to_wire
+from downpour_agent.session import Pending, Session, Tensors
+from downpour_agent.startup import Prepared
+from downpour_agent.trainer import BatchSampler, GradientComputer
+from downpour_agent.transfer import receive_params, request_params, round_frames
+
+if TYPE_CHECKING:
+    from downpour_agent.connection import Agent
+
+logger = logging.getLogger("downpour_agent")
+
+
+@dataclass
+class LinkMeter:
+    """The rates of the agent's last round, reported with ``request_work`` (``link``)."""
+
+    compute_samples_per_s: float | None = None
+    push_bytes_per_s: float | None = None
+    fetch_bytes_per_s: float | None = None
+    #: (lease id, seq) -> (bytes, frames not yet acknowledged, perf_counter at send)
+    _pushes: dict[tuple[str, int], tuple[int, int, float]] = field(default_factory=dict)
+
+    def computed(self, samples: int, seconds: float) -> None:
+        if samples > 0 and seconds > 0:
+            self.compute_samples_per_s = samples / seconds
+
+    def fetched(self, nbytes: int, seconds: float) -> None:
+        if nbytes > 0 and seconds > 0:
+            self.fetch_bytes_per_s = nbytes / seconds
+
+    def push_sent(self, lease_id: str, seq: int, nbytes: int, frames: int) -> None:
+        self._pushes[(lease_id, seq)] = (nbytes, frames, time.perf_counter())
+        while len(self._pushes) > 64:  # rounds whose acks never came
+            self._pushes.pop(next(iter(self._pushes)))
+
+    def push_acked(self, lease_id: str, seq: int) -> None:
+        """A ``push_ack``: the round's rate is taken at its last frame's ack."""
+        entry = self._pushes.get((lease_id, seq))
+        if entry is None:
+            return
+        nbytes, left, started = entry
+        if left > 1:
+            self._pushes[(lease_id, seq)] = (nbytes, left - 1, started)
+            return
+        del self._pushes[(lease_id, seq)]
+        seconds = time.perf_counter() - started
+        if seconds > 0:
+            self.push_bytes_per_s = nbytes / seconds
+
+    def rates(self) -> LinkRates | None:
+        values = (self.compute_samples_per_s, self.push_bytes_per_s, self.fetch_bytes_per_s)
+        if not all(v is not None and math.isfinite(v) and v > 0 for v in values):
+            return None
+        return LinkRates(*(min(float(v or 0.0), 1e11) for v in values))
+
+    def request_fields(self) -> dict[str, Any]:
+        """``{"link": ...}`` for ``request_work`` once every rate is measured, else ``{}``."""
+        rates = self.rates()
+        return {} if rates is None else {"link": link_rates_to_wire(rates)}
+
+
+def _step(
+    round_: LocalRound, sampler: BatchSampler, x: npt.NDArray[Any], y: npt.NDArray[Any]
+) -> tuple[float, int, float]:
+    idx = sampler.next_indices()
+    xb, yb = x[idx], y[idx]
+    start = time.perf_counter()
+    loss = round_.step(xb, yb)
+    return loss, len(idx), time.perf_counter() - start
+
+
+async def train_local(
+    agent: Agent,
+    session: Session,
+    active: ActiveLease,
+    ready: Prepared,
+    progress: Progress,
+) -> int:
+    """Train a local-steps lease from ``progress`` to its end; returns the samples covered."""
+    lease, hyper = active.lease, active.lease.hyper
+    computer, x, y = ready.computer, ready.x, ready.y
+    assert lease.local_steps is not None
+    timeout = agent.config.request_timeout_s
+    stats, meter = agent.stats, agent.link_meter
+    round_steps = hyper.n_push  # H
+    optimizer = await asyncio.to_thread(inner_optimizer, computer, lease.local_steps)
+    feedback = ErrorFeedback()  # int8 residuals: from zero at a lease's start or resume
+    sampler = await asyncio.to_thread(sampler_from, progress, len(x), hyper.batch_size, lease.seed)
+    start, seq, samples = progress.next_step, progress.seq, progress.samples
+    # The first fetch went out before the data loaded and the model built (startup.py), so
+    # its duration says nothing about the link: the meter learns from the rounds' fetches.
+    held, held_versions = await receive_params(session, lease, ready.first_fetch, timeout)
+    round_ = LocalRound(computer, optimizer)
+    round_base: dict[int, int] = {}
+    loads: list[WeightsLoad] = []
+    round_start, round_compute_s = start, 0.0
+    # The background task that sends a round's push and then its fetch (in that order, so
+    # the server answers the fetch with the push applied); its result is the fetch's answers.
+    outgoing: asyncio.Task[Fetch] | None = None
+    try:
+        for step in range(start, lease.steps):
+            active.check()
+            if agent._stop.is_set():
+                raise asyncio.CancelledError
+            if outgoing is not None and outgoing.done() and outgoing.result().arrived():
+                held, held_versions = await _receive(session, lease, outgoing, timeout, meter)
+                outgoing = None
+                if step != round_start:
+                    await asyncio.to_thread(round_.rebase, held)
+                    shard_versions = tuple(held_versions[i] for i in sorted(held_versions))
+                    loads.append(WeightsLoad(step - round_start, shard_versions))
+            if step == round_start:
+                # A round starts on the newest global weights held, with fresh optimizer state.
+                await asyncio.to_thread(round_.begin, held)
+                round_base, loads, round_compute_s = dict(held_versions), [], 0.0
+            await agent._before_step(active)
+            try:
+                loss, batch, compute_s = await asyncio.to_thread(_step, round_, sampler, x, y)
+            except Exception as exc:  # e.g. labels out of range for the loss
+                raise LeaseRejected(f"inner step failed: {exc}") from exc
+            stats.compute_s += compute_s
+            round_compute_s += compute_s
+            samples += batch
+            stats.samples_done += batch
+            stats.steps_done = step + 1
+            stats.last_loss = loss
+            if agent.config.governor is not None:
+                await agent.config.governor.step_done()
+            if (step + 1) % round_steps and step + 1 != lease.steps:
+                continue
+            # The round's end: its pseudo-gradient goes out while the next round computes.
+            meter.computed(round_.samples, round_compute_s)
+            refs = [session.next_ref("push", lease.lease_id) for _ in lease.layout]
+            frames = await asyncio.to_thread(
+                _round_push, round_, computer, lease, seq, round_base, loads, refs, feedback
+            )
+            if outgoing is not None:
+                # The previous round's fetch has not come back: the link is slower than a
+                # round. Wait for it (the next rebase would otherwise skip a version).
+                held, held_versions = await _receive(session, lease, outgoing, timeout, meter)
+                outgoing = None
+            active.check()
+            last = step + 1 == lease.steps
+            outgoing = asyncio.create_task(_send_round(session, lease, frames, fetch=not last))
+            stats.pushes_sent += len(frames)
+            meter.push_sent(lease.lease_id, seq, sum(len(f) for f in frames), len(frames))
+            agent._round_samples[(lease.lease_id, seq)] = samples - progress.samples
+            seq += 1
+            round_start = step + 1
+            progress.next_step, progress.seq, progress.samples = step + 1, seq, samples
+            progress.sampler = copy.deepcopy(sampler)
+        if outgoing is not None:
+            await outgoing  # the last round's push is out before ``complete``
+            outgoing = None
+    finally:
+        if outgoing is not None:
+            outgoing.cancel()
+            for pending in await _cancelled(outgoing):
+                session.forget(pending)
+    return samples
+
+
+def _round_push(
+    round_: LocalRound,
+    computer: GradientComputer,
+    lease: Any,
+    seq: int,
+    base: dict[int, int],
+    loads: list[WeightsLoad],
+    refs: list[int],
+    feedback: ErrorFeedback,
+) -> list[bytes]:
+    statistics: Tensors = {}
+    if lease.statistics:
+        names = {name for name, _, _ in lease.statistics}
+        measured, counted = computer.take_statistics()
+        if counted:
+            statistics = {k: v for k, v in measured.items() if k in names}
+    loss = round_.loss_sum / round_.steps if round_.steps else None
+    return round_frames(
+        round_.pseudo_gradient(),
+        round_.samples,
+        lease,
+        seq,
+        base,
+        loads,
+        refs,
+        loss,
+        statistics,
+        pseudo_gradient=True,
+        feedback=feedback,
+    )
+
+
+@dataclass
+class Fetch:
+    """A fetch sent behind a round's push: its requests, when it went out, when the last
+    answer came."""
+
+    pendings: list[Pending]
+    sent_at: float
+    answered_at: list[float] = field(default_factory=list)
+
+    def arrived(self) -> bool:
+        return all(p.future.done() for p in self.pendings)
+
+
+async def _send_round(session: Session, lease: Any, frames: list[bytes], *, fetch: bool) -> Fetch:
+    for frame in frames:
+        await session.ws.send(frame)
+    if not fetch:
+        return Fetch([], time.perf_counter())
+    sent = Fetch(await request_params(session, lease), time.perf_counter())
+    for pending in sent.pendings:
+        pending.future.add_done_callback(lambda _: sent.answered_at.append(time.perf_counter()))
+    return sent
+
+
+async def _receive(
+    session: Session,
+    lease: Any,
+    outgoing: asyncio.Task[Fetch],
+    timeout_s: float,
+    meter: LinkMeter,
+) -> tuple[Tensors, dict[int, int]]:
+    sent = await outgoing
+    if not sent.pendings:
+        raise LeaseRejected("no fetch was sent after the lease's last round")
+    weights, versions = await receive_params(session, lease, sent.pendings, timeout_s)
+    # From the request (sent right behind the push) to the last answer's arrival.
+    meter.fetched(
+        _nbytes(weights), max(sent.answered_at, default=time.perf_counter()) - sent.sent_at
+    )
+    return weights, versions
+
+
+async def _cancelled(task: asyncio.Task[Fetch]) -> list[Pending]:
+    try:
+        return (await task).pendings
+    except (asyncio.CancelledError, Exception):
+        return []
+
+
+def _nbytes(tensors: Tensors) -> int:
+    return int(sum(np.asarray(t).nbytes for t in tensors.values()))

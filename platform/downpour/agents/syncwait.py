@@ -1,0 +1,69 @@
+"""A synchronous job's ``fetch`` with ``min_version``: answered once the shard gets there.
+
+The wait runs as its own task beside the socket's message loop, so the agent's heartbeats
+and the server's events keep flowing while it waits. Each poll is one small read of the
+shard's version (and of its step's age and count), and applies the step itself when it has
+timed out: a step whose agents all wait still completes within its timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+from downpour.training.models import Job
+from downpour.training.store import job_store, job_sync
+
+#: Longest one waiting fetch is held before it is answered with the version as it stands
+#: (the agent then asks again); well under the lease TTL.
+MAX_WAIT_S = 15.0
+#: Poll interval: from 5 ms, growing by half each time, up to this. A step applied in this
+#: process wakes its waiters at once (``notify``); polling finds one applied by another.
+MAX_POLL_S = 0.05
+#: Waiting fetches one socket may have at once (beyond: refused ``rate_limited``).
+MAX_WAITS_PER_SOCKET = 64
+
+
+#: (event loop, job, shard) -> the event this loop's waiting fetches on that shard await.
+_wakeups: dict[tuple[int, str, int], asyncio.Event] = {}
+
+
+def notify(job_id: str, shard: int) -> None:
+    """Wake this loop's fetches waiting on the shard (a step was applied here)."""
+    event = _wakeups.pop((id(asyncio.get_running_loop()), job_id, shard), None)
+    if event is not None:
+        event.set()
+
+
+def _reached(job: Job, shard: int, min_version: int) -> bool:
+    """Whether the shard is at ``min_version`` (or gone); applies a timed-out step first."""
+    store = job_store(job)
+    version = store.storage.load_version(store.job_id, shard)
+    if version is None or version >= min_version:
+        return True
+    sync = job_sync(job)
+    if sync is not None and sync.tick(shard):
+        version = store.storage.load_version(store.job_id, shard)
+    return version is None or version >= min_version
+
+
+async def wait_for_version(
+    job: Job, shard: int, min_version: int, closed: Callable[[], bool]
+) -> None:
+    """Return once shard ``shard`` of ``job`` has reached ``min_version``, the socket has
+    closed, or ``MAX_WAIT_S`` has passed."""
+    job_store(job).layout.check_shard(shard)
+    deadline = time.monotonic() + MAX_WAIT_S
+    delay = 0.005
+    key = (id(asyncio.get_running_loop()), str(job.id), shard)
+    while not closed() and time.monotonic() < deadline:
+        wakeup = _wakeups.setdefault(key, asyncio.Event())
+        if await asyncio.to_thread(_reached, job, shard, min_version):
+            notify(str(job.id), shard)  # a step this poll applied: wake the others too
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await wakeup.wait()
+        delay = min(MAX_POLL_S, delay * 1.5)

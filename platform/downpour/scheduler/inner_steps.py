@@ -1,0 +1,94 @@
+"""H per agent: how many inner steps a local-steps round has, so communication hides.
+
+A local-steps agent sends round k's pseudo-gradient and fetches the new global weights in
+the background while it computes round k + 1 (docs/protocol.md, "Local steps"). That hides
+the communication when one round computes for at least as long as a push and a fetch take::
+
+    H * t_step >= margin * (t_push + t_fetch)
+
+with ``t_step = batch / compute rate`` and ``t_push``, ``t_fetch`` the model's bytes over the
+rates the agent measured on its last round. So H is the smallest count of steps that
+satisfies it, bounded to ``[h_min, h_max]``: a short H wastes the link, a long one lets the
+agent drift from the others. A job may fix H instead.
+
+The rates are the agent's own report. They only shape that agent's rounds, within bounds,
+and never its credit (which counts the samples of its applied pushes), so believing them
+costs at most that agent's efficiency.
+
+Pure functions over numbers; the adapter is ``downpour.training.actions.claims``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class InnerStepsRule:
+    """Bounds and margin of the choice of H.
+
+    Attributes
+    ----------
+    h_min, h_max : int
+        ``1 <= h_min <= h_max``: the range H is kept in.
+    margin : float
+        ``>= 1``: how much longer than the communication a round computes, for the noise in
+        the measured rates.
+    default : int
+        H before the agent has reported any rates (its first lease).
+    """
+
+    h_min: int = 8
+    h_max: int = 500
+    margin: float = 1.5
+    default: int = 16
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.h_min <= self.default <= self.h_max:
+            raise ValueError("need 1 <= h_min <= default <= h_max")
+        if not self.margin >= 1:
+            raise ValueError("margin must be >= 1")
+
+
+def choose_inner_steps(
+    *,
+    fixed: int,
+    batch_size: int,
+    model_bytes: float,
+    compute_samples_per_s: float | None,
+    push_bytes_per_s: float | None,
+    fetch_bytes_per_s: float | None,
+    rule: InnerStepsRule = InnerStepsRule(),
+) -> int:
+    """H for one agent's next local-steps lease.
+
+    Parameters
+    ----------
+    fixed : int
+        The job's H; > 0 overrides the choice, 0 lets the rates choose.
+    batch_size : int
+        Samples per inner step, > 0.
+    model_bytes : float
+        Bytes a push and a fetch each move (the model's float32 size, or less compressed).
+    compute_samples_per_s, push_bytes_per_s, fetch_bytes_per_s : float or None
+        What the agent measured on its last round; None (or not a positive finite number)
+        when it has not reported them.
+    rule : InnerStepsRule
+
+    Returns
+    -------
+    int
+        ``fixed`` when > 0; ``rule.default`` without usable rates; else the smallest H with
+        ``H * t_step >= margin * (t_push + t_fetch)``, within ``[h_min, h_max]``.
+    """
+    if fixed > 0:
+        return fixed
+    rates = (compute_samples_per_s, push_bytes_per_s, fetch_bytes_per_s)
+    if not all(r is not None and math.isfinite(r) and r > 0 for r in rates):
+        return rule.default
+    assert compute_samples_per_s and push_bytes_per_s and fetch_bytes_per_s
+    step_s = batch_size / compute_samples_per_s
+    communication_s = model_bytes / push_bytes_per_s + model_bytes / fetch_bytes_per_s
+    wanted = math.ceil(rule.margin * communication_s / step_s)
+    return max(rule.h_min, min(rule.h_max, wanted))

@@ -1,0 +1,225 @@
+"""Local-steps rounds on the agent: inner optimizers, rebasing, replay and the payloads."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from downpour_agent.local_steps import (
+    InnerOptimizer,
+    LocalRound,
+    inner_optimizer,
+    replay_local_round,
+)
+from downpour_agent.protocol import (
+    LinkRates,
+    LocalSteps,
+    ProtocolError,
+    link_rates_from_wire,
+    link_rates_to_wire,
+    local_steps_from_wire,
+    local_steps_to_wire,
+)
+from downpour_agent.trainer import BatchSampler, GradientComputer
+
+keras = pytest.importorskip("keras")
+
+
+def _model() -> Any:
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(16, activation="relu", name="hidden"),
+            keras.layers.Dense(4, activation="softmax", name="out"),
+        ],
+        name="mlp",
+    )
+
+
+def _computer() -> GradientComputer:
+    return GradientComputer(
+        json.loads(_model().to_json()), "sparse_categorical_crossentropy", seed=3
+    )
+
+
+def _data(n: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((n, 6)).astype(np.float32)
+    return x, (x[:, 0] > 0).astype(np.int64) + 2 * (x[:, 1] > 0).astype(np.int64)
+
+
+@pytest.mark.parametrize(
+    ("kind", "reference"),
+    [
+        ("adamw", lambda lr: keras.optimizers.AdamW(learning_rate=lr)),
+        ("sgd-momentum", lambda lr: keras.optimizers.SGD(learning_rate=lr, momentum=0.9)),
+    ],
+)
+def test_the_inner_optimizer_matches_keras(kind: str, reference: Any) -> None:
+    # Prepare: the same start in our computer and in a Keras model, the same batches.
+    computer = _computer()
+    model = _model()
+    start = computer.get_weights()
+    for var, (_name, value) in zip(model.trainable_variables, start.items(), strict=True):
+        var.assign(value)
+    optimizer = InnerOptimizer(computer, LocalSteps(kind, 0.01))
+    keras_optimizer = reference(0.01)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    x, y = _data()
+    import tensorflow as tf
+
+    # Execute: four steps each.
+    for i in range(4):
+        xb, yb = x[i * 16 : (i + 1) * 16], y[i * 16 : (i + 1) * 16]
+        grads, _ = computer.compute_tensors(xb, yb)
+        optimizer.apply(grads)
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=True))
+        keras_grads = tape.gradient(loss, model.trainable_variables)
+        keras_optimizer.apply_gradients(zip(keras_grads, model.trainable_variables, strict=True))
+
+    # Assert
+    for ours, theirs in zip(
+        computer.get_weights().values(), model.trainable_variables, strict=True
+    ):
+        np.testing.assert_allclose(ours, np.asarray(theirs), rtol=1e-5, atol=1e-6)
+
+
+def test_a_round_pushes_start_minus_end_and_resets_its_optimizer_between_rounds() -> None:
+    # Prepare
+    computer = _computer()
+    round_ = LocalRound(computer, inner_optimizer(computer, LocalSteps("adamw", 0.01)))
+    x, y = _data()
+    start = computer.get_weights()
+
+    def run() -> dict[str, np.ndarray]:
+        round_.begin(start)
+        sampler = BatchSampler(len(x), 16, seed=5)
+        for _ in range(3):
+            idx = sampler.next_indices()
+            round_.step(x[idx], y[idx])
+        return round_.pseudo_gradient()
+
+    # Execute: the same round twice.
+    first = run()
+    end = computer.get_weights()
+    second = run()
+
+    # Assert: delta = start - end, and the second round saw no state of the first.
+    for name in start:
+        np.testing.assert_array_equal(first[name], start[name] - end[name])
+        np.testing.assert_array_equal(first[name], second[name])
+    assert round_.samples == 48 and round_.steps == 3
+
+
+def test_a_rebase_keeps_the_rounds_progress_on_top_of_the_new_global_weights() -> None:
+    # Prepare: two steps on S.
+    computer = _computer()
+    round_ = LocalRound(computer, inner_optimizer(computer, LocalSteps("sgd-momentum", 0.05)))
+    x, y = _data()
+    round_.begin()
+    s = computer.get_weights()
+    round_.step(x[:16], y[:16])
+    round_.step(x[16:32], y[16:32])
+    w = computer.get_weights()
+    g = {name: (value + np.float32(0.25)).astype(np.float32) for name, value in s.items()}
+
+    # Execute
+    round_.rebase(g)
+
+    # Assert: w' = G + (w - S), and the pseudo-gradient is still the round's progress.
+    for name in s:
+        np.testing.assert_array_equal(computer.get_weights()[name], g[name] + (w[name] - s[name]))
+        np.testing.assert_allclose(round_.pseudo_gradient()[name], s[name] - w[name], atol=1e-6)
+
+
+def test_the_replay_reproduces_the_agents_round_with_a_mid_round_load() -> None:
+    # Prepare: the agent's round: 2 steps, new weights arrive, 2 more steps.
+    x, y = _data()
+    local = LocalSteps("adamw", 0.01)
+    agent = _computer()
+    base = agent.get_weights()
+    arrived = {k: (v * np.float32(0.9)).astype(np.float32) for k, v in base.items()}
+    sampler = BatchSampler(len(x), 16, seed=8)
+    for _ in range(4):  # the round is the lease's second: steps 4 to 7
+        sampler.next_indices()
+    round_ = LocalRound(agent, inner_optimizer(agent, local))
+    round_.begin(base)
+    for offset in range(4):
+        if offset == 2:
+            round_.rebase(arrived)
+        idx = sampler.next_indices()
+        round_.step(x[idx], y[idx])
+    pushed = round_.pseudo_gradient()
+
+    # Execute: a worker's replay on another computer, from what the server served.
+    worker = _computer()
+    worker.set_weights(base)
+    expected, samples = replay_local_round(
+        worker, local, x, y, batch_size=16, seed=8, first_step=4, steps=4, loads=[(2, arrived)]
+    )
+
+    # Assert
+    assert samples == 64
+    for name, value in expected.items():
+        np.testing.assert_allclose(pushed[name], value, rtol=1e-5, atol=1e-7)
+
+
+def test_local_steps_and_link_rates_round_trip_and_bad_ones_are_refused() -> None:
+    local = LocalSteps("sgd-momentum", 0.02)
+    assert local_steps_from_wire(local_steps_to_wire(local)) == local
+    rates = LinkRates(3200.0, 2.5e6, 1.25e7)
+    assert link_rates_from_wire(link_rates_to_wire(rates)) == rates
+    for bad in (
+        {"inner_optimizer": "lbfgs", "inner_learning_rate": 0.1},
+        {"inner_optimizer": "adamw", "inner_learning_rate": 0},
+        {"inner_optimizer": "adamw", "inner_learning_rate": float("nan")},
+        {"inner_optimizer": "adamw"},
+        {"inner_optimizer": "adamw", "inner_learning_rate": 0.1, "outer": 0.7},
+    ):
+        with pytest.raises(ProtocolError):
+            local_steps_from_wire(bad)
+    for bad_rates in (
+        {"compute_samples_per_s": 1.0, "push_bytes_per_s": 1.0},
+        {"compute_samples_per_s": -1.0, "push_bytes_per_s": 1.0, "fetch_bytes_per_s": 1.0},
+        {"compute_samples_per_s": 1e12, "push_bytes_per_s": 1.0, "fetch_bytes_per_s": 1.0},
+        {"compute_samples_per_s": True, "push_bytes_per_s": 1.0, "fetch_bytes_per_s": 1.0},
+    ):
+        with pytest.raises(ProtocolError):
+            link_rates_from_wire(bad_rates)
+
+
+def _documented(kind: str) -> dict[str, Any]:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    (block,) = re.findall(rf"<!-- test-vector: {kind} -->\s*```json\n(.*?)```", text, re.S)
+    return dict(json.loads(block))
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd-momentum"])
+def test_the_inner_optimizers_reproduce_the_documented_vector(kind: str) -> None:
+    import tensorflow as tf
+
+    # Prepare: an optimizer over one variable (all it reads of a computer).
+    vector = _documented("inner-optimizer")
+
+    class OneVariable:
+        variable = tf.Variable(np.array(vector["w"], np.float32))
+
+        def trainable(self) -> list[Any]:
+            return [self.variable]
+
+    holder = OneVariable()
+    optimizer = InnerOptimizer(holder, LocalSteps(kind, vector["lr"]))  # type: ignore[arg-type]
+
+    # Execute
+    for grad in vector["grads"]:
+        optimizer.apply([tf.constant(np.array(grad, np.float32))])
+
+    # Assert
+    np.testing.assert_allclose(holder.variable.numpy(), vector[kind], rtol=1e-6)

@@ -1,0 +1,64 @@
+"""End to end: a sign-flipping agent is banned within tens of pushes by the direction rule.
+
+The worker publishes root references through Redis; the push path passes them to
+``store.push(reference=...)``, and the agent's tested pushes are judged by their mean cosine
+with them (``reputation.points_away``), at the push that makes a ban due. Before that rule,
+bans came from clipping flags and took hundreds of store pushes (issue 10, item 16). Real
+daphne, Celery, PostgreSQL and agent processes on the production path; nobody holds a
+trusted token.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from downpour.devprocs import manage
+from downpour_agent.connection import EXIT_FATAL
+
+from .stack import Stack, held, start_rogue_agent, wait_registered
+from .test_robust import agent_row
+
+pytestmark = [pytest.mark.e2e, pytest.mark.services]
+
+#: "Within tens of pushes" (issue 10): store pushes (one per shard) the attacker may make
+#: before its ban. Measured here: 20 in each of 3 runs beside a full suite; 131 in CI when
+#: judgements came only every 0.25 s and the mean had wandered back above the line.
+MAX_PUSHES_TO_BAN = 100
+
+
+def test_a_sign_flipping_agent_is_banned_within_tens_of_pushes_and_the_honest_one_is_not(
+    production: Stack,
+) -> None:
+    # Prepare: Alice's robust job (the form's default), an honest donor and a sign flipper.
+    seeded = production.seed(
+        target_accuracy=1.0,
+        # Long enough for a slowed machine; the test cancels the job once the ban is in.
+        budget_seconds=600,
+        data_shards=2,
+        name="direction-digits",
+        tokens=2,
+        robust=True,
+        spot_check_fraction=0,  # the direction test alone must catch it
+    )
+    job_id = seeded["job_id"]
+    honest_token, attacker_token = seeded["tokens"]
+    with held(production, job_id):
+        production.start_agent("honest", honest_token)
+        attacker = start_rogue_agent(production, "flipper", attacker_token, "signflip")
+        wait_registered(production, "honest", "flipper")
+    # Execute
+    production.wait_for(
+        "the sign flipper to be banned",
+        lambda: agent_row(production, "flipper").get("banned_at"),
+        400,
+    )
+    # Assert
+    flipper = agent_row(production, "flipper")
+    assert "against the server's root gradient" in flipper["ban_reason"], flipper
+    assert flipper["pushes"] <= MAX_PUSHES_TO_BAN, flipper
+    assert attacker.wait(timeout=60) == EXIT_FATAL
+    honest = agent_row(production, "honest")
+    assert honest["banned_at"] is None, production.logs()
+    assert honest["pushes"] > 0
+    manage(["control", "cancel", job_id], production.env)
+    production.kill_agent("honest")

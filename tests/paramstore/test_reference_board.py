@@ -1,0 +1,85 @@
+"""Root reference gradients published per job and shard, read by the push path.
+
+The worker publishes each parameter shard's root reference (``hotstate.references``); every
+process that applies pushes reads the freshest, for at most ``max_age_s``. In process for the
+embedded default, in Redis (marked ``services``) for production.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import redis
+
+from downpour.hotstate import references as board_module
+from downpour.hotstate.references import LocalReferences, RedisReferences
+from downpour.hotstate.store import RedisStorage
+
+JOB = "alice-job"
+
+
+def refs(size: int = 5) -> list[np.ndarray | None]:
+    return [np.arange(size, dtype=np.float32), None, -np.ones(size, np.float32)]
+
+
+def test_a_published_reference_is_served_per_shard_and_none_means_none() -> None:
+    board = LocalReferences()
+    board.publish(JOB, refs(), max_age_s=10)
+    np.testing.assert_array_equal(board.latest(JOB, 0, 5), np.arange(5, dtype=np.float32))
+    assert board.latest(JOB, 1, 5) is None
+    assert board.latest("bob-job", 0, 5) is None
+    # A newer round where shard 0's halves disagree takes its reference away.
+    board.publish(JOB, [None, None, np.ones(5, np.float32)], max_age_s=10)
+    assert board.latest(JOB, 0, 5) is None
+    np.testing.assert_array_equal(board.latest(JOB, 2, 5), np.ones(5, np.float32))
+
+
+def test_a_reference_older_than_its_max_age_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(board_module.time, "monotonic", lambda: clock[0])
+    board = LocalReferences()
+    board.publish(JOB, refs(), max_age_s=10)
+    clock[0] = 109.9
+    assert board.latest(JOB, 0, 5) is not None
+    clock[0] = 110.1
+    assert board.latest(JOB, 0, 5) is None
+
+
+def test_a_reference_of_another_size_is_not_used_and_forget_drops_the_job() -> None:
+    board = LocalReferences()
+    board.publish(JOB, refs(), max_age_s=10)
+    assert board.latest(JOB, 0, 6) is None
+    board.forget(JOB)
+    assert board.latest(JOB, 2, 5) is None
+
+
+@pytest.mark.services
+def test_in_redis_it_lives_under_the_documented_key_with_its_age_as_ttl(
+    client: redis.Redis, prefix: str
+) -> None:
+    # Prepare: the worker's board and a server process's board
+    worker, server = RedisReferences(client, prefix), RedisReferences(client, prefix)
+    # Execute
+    worker.publish(JOB, refs(), max_age_s=2.0)
+    # Assert
+    key = f"{prefix}job:{JOB}:shard:0:ref"
+    assert client.get(key) == np.arange(5, dtype="<f4").tobytes()
+    assert 0 < client.pttl(key) <= 2000
+    assert client.exists(f"{prefix}job:{JOB}:shard:1:ref") == 0
+    np.testing.assert_array_equal(server.latest(JOB, 2, 5), -np.ones(5, np.float32))
+    assert server.latest(JOB, 1, 5) is None
+    assert server.latest(JOB, 0, 4) is None
+
+
+@pytest.mark.services
+def test_in_redis_deleting_the_jobs_store_or_forgetting_it_removes_the_references(
+    client: redis.Redis, prefix: str
+) -> None:
+    board = RedisReferences(client, prefix)
+    board.publish(JOB, refs(), max_age_s=60)
+    client.sadd(f"{prefix}job:{JOB}:shards", 0, 1, 2)
+    RedisStorage(client, prefix).delete(JOB)
+    assert list(client.scan_iter(match=prefix + "*")) == []
+    board.publish(JOB, refs(), max_age_s=60)
+    board.forget(JOB)
+    assert list(client.scan_iter(match=prefix + "*")) == []

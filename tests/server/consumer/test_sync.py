@@ -1,0 +1,161 @@
+"""A synchronous job over the agent socket, in process: leases for N + b agents, first N
+gradients win, late ones are acknowledged and credited, a waiting fetch, the timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from channels.db import database_sync_to_async
+from tests.server.consumer.client import (
+    REPLY_TIMEOUT_S,
+    Agents,
+    Socket,
+    gradients,
+    round_samples,
+)
+from tests.server.helpers import job_params
+
+from downpour.training import store
+from downpour.training.actions.jobs import start_job, submit_job
+from downpour.training.models import Contribution, Job
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def sync_job(alice: Any, dataset: Any, **rule: Any) -> Job:
+    params = {"sync_workers": 2, "sync_backups": 1, "sync_step_timeout_s": 30.0, **rule}
+    job = submit_job(
+        alice, dataset, job_params(algorithm="sync", spot_check_fraction=0.0, **params)
+    )
+    assert start_job(job)
+    job.refresh_from_db()
+    return job
+
+
+async def test_a_sync_job_leases_to_n_plus_b_agents_one_lease_each(
+    alice: Any, dataset: Any, agents: Agents
+) -> None:
+    await database_sync_to_async(sync_job)(alice, dataset, sync_workers=1, sync_backups=1)
+    first, second, third = await agents(3)
+
+    lease = await first.lease()
+    again = await first.ask({"type": "request_work", "ref": 2})
+    other = await second.lease()
+    refused = await third.ask({"type": "request_work", "ref": 3})
+
+    assert lease["algorithm"] == "sync" and other["algorithm"] == "sync"
+    assert again["type"] == "no_work"  # one lease of a sync job per agent
+    assert refused["type"] == "no_work"  # N + b = 2 agents already hold one
+
+
+async def test_the_first_n_gradients_step_the_shard_and_a_late_one_is_dropped_and_credited(
+    alice: Any, dataset: Any, agents: Agents
+) -> None:
+    job = await database_sync_to_async(sync_job)(alice, dataset)
+    sockets = await agents(3)
+    leases = [await s.lease() for s in sockets]
+
+    acks = [
+        await s.push(lease, 0, gradients(lease, 0, 0.1), ref=i)
+        for i, (s, lease) in enumerate(zip(sockets, leases, strict=True))
+    ]
+
+    assert [(a["applied"], a["late"], a["version"]) for a in acks] == [
+        (True, False, 0),
+        (True, False, 1),
+        (False, True, 1),
+    ]
+    assert acks[2]["duplicate"] is False and acks[2]["staleness"] == 1
+    replay = await sockets[2].push(leases[2], 0, gradients(leases[2], 0, 0.1))
+    assert (replay["applied"], replay["late"], replay["duplicate"]) == (False, True, True)
+    counts = store.job_sync(job).counts()  # type: ignore[union-attr]
+    assert (counts.steps, counts.timeouts, counts.late) == (1, 0, 1)
+
+    # The late donor is credited for the round, once, like the others.
+    await sockets[2].ask({"type": "heartbeat", "ref": "flush"})
+    for s in sockets:
+        await s.communicator.disconnect(timeout=REPLY_TIMEOUT_S)
+    credits = await database_sync_to_async(
+        lambda: sorted(Contribution.objects.filter(job=job).values_list("credit", flat=True))
+    )()
+    assert credits == [float(round_samples(leases[0], 0))] * 3
+
+
+async def test_a_fetch_with_min_version_waits_for_the_step_without_blocking_the_socket(
+    alice: Any, dataset: Any, agents: Agents
+) -> None:
+    await database_sync_to_async(sync_job)(alice, dataset)
+    first, second = await agents(2)
+    lease_a, lease_b = await first.lease(), await second.lease()
+    await first.push(lease_a, 0, gradients(lease_a, 0))
+
+    await first.send(
+        {"type": "fetch", "lease_id": lease_a["lease_id"], "shard": 0, "min_version": 1, "ref": 9}
+    )
+    heartbeat = await first.ask({"type": "heartbeat", "ref": "meanwhile"})
+    assert heartbeat["type"] == "heartbeat_ack"  # answered while the fetch waits
+    await second.push(lease_b, 0, gradients(lease_b, 0))
+    msg, tensors = await first.recv()
+
+    assert (msg["type"], msg["version"], msg["ref"]) == ("params", 1, 9)
+    assert [v["name"] for v in lease_a["layout"][0]] == list(tensors)
+
+
+async def test_a_step_that_waits_past_its_timeout_applies_what_arrived(
+    alice: Any, dataset: Any, agents: Agents
+) -> None:
+    job = await database_sync_to_async(sync_job)(alice, dataset, sync_step_timeout_s=0.5)
+    (only,) = await agents(1)
+    lease = await only.lease()
+    started = time.monotonic()
+    await only.push(lease, 0, gradients(lease, 0))
+
+    await only.send({"type": "fetch", "lease_id": lease["lease_id"], "shard": 0, "min_version": 1})
+    msg, _ = await only.recv()
+
+    assert msg["version"] == 1
+    assert 0.5 <= time.monotonic() - started < 5
+    counts = store.job_sync(job).counts()  # type: ignore[union-attr]
+    assert (counts.steps, counts.timeouts) == (1, 1)
+
+
+async def test_a_second_gradient_of_one_lease_in_one_step_is_refused(
+    alice: Any, dataset: Any, agents: Agents
+) -> None:
+    await database_sync_to_async(sync_job)(alice, dataset)
+    (only,) = await agents(1)
+    lease = await only.lease()
+    await only.push(lease, 0, gradients(lease, 0), seq=0)
+
+    reply = await only.push(lease, 0, gradients(lease, 0), seq=1, ref=4)
+
+    assert (reply["type"], reply["code"], reply["ref"]) == ("error", "stale_gradient", 4)
+    assert "already has a gradient in step 0" in reply["message"]
+
+
+async def test_a_downpour_lease_names_no_algorithm_and_its_acks_no_late(
+    running_job: Job, registered: Socket
+) -> None:
+    lease = await registered.lease()
+    ack = await registered.push(lease, 0, gradients(lease, 0))
+
+    assert "algorithm" not in lease and "late" not in ack
+    assert ack["applied"] is True
+
+
+async def test_waiting_fetches_end_with_the_socket(
+    alice: Any, dataset: Any, agents: Agents
+) -> None:
+    await database_sync_to_async(sync_job)(alice, dataset)
+    (only,) = await agents(1)
+    lease = await only.lease()
+    await only.send({"type": "fetch", "lease_id": lease["lease_id"], "shard": 0, "min_version": 5})
+    await asyncio.sleep(0.1)
+
+    await only.communicator.disconnect(timeout=REPLY_TIMEOUT_S)
+    await asyncio.sleep(0.1)
+
+    assert all(t.done() for t in asyncio.all_tasks() if "_fetch_when_ready" in repr(t))

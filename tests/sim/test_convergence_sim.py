@@ -1,0 +1,203 @@
+"""The convergence simulator's building blocks, and a tiny run that is the same every time."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+
+from downpour.teacher import teacher_data
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _load(name: str) -> ModuleType:
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def world() -> ModuleType:
+    return _load("simworld")
+
+
+@pytest.fixture(scope="module")
+def sim() -> ModuleType:
+    return _load("convergence_sim")
+
+
+# -- virtual time ------------------------------------------------------------------------------
+
+
+def test_events_run_in_time_order_and_ties_in_the_order_they_were_scheduled(
+    world: ModuleType,
+) -> None:
+    queue, ran = world.EventQueue(), []
+    for t, name in [(2.0, "c"), (1.0, "a"), (2.0, "d"), (1.0, "b"), (0.5, "first")]:
+        queue.at(t, lambda name=name: ran.append((queue.now, name)))
+    queue.run(until=10.0)
+    assert ran == [(0.5, "first"), (1.0, "a"), (1.0, "b"), (2.0, "c"), (2.0, "d")]
+
+
+def test_an_event_can_schedule_another_and_the_run_stops_at_the_horizon(world: ModuleType) -> None:
+    queue, ran = world.EventQueue(), []
+
+    def tick() -> None:
+        ran.append(queue.now)
+        queue.at(queue.now + 1.0, tick)
+
+    queue.at(0.0, tick)
+    queue.run(until=3.5)
+    assert ran == [0.0, 1.0, 2.0, 3.0] and len(queue) == 1
+
+
+def test_nothing_can_be_scheduled_in_the_past(world: ModuleType) -> None:
+    queue = world.EventQueue()
+    queue.at(1.0, lambda: queue.at(0.5, lambda: None))
+    with pytest.raises(ValueError, match="before now"):
+        queue.run(until=2.0)
+
+
+# -- links ------------------------------------------------------------------------------------
+
+
+def test_a_message_takes_its_bytes_over_the_bandwidth_plus_half_the_round_trip(
+    world: ModuleType,
+) -> None:
+    cable = world.PROFILES["cable"]
+    assert (cable.down_mbit, cable.up_mbit, cable.rtt_s) == (100.0, 20.0, 0.025)
+    up = world.Channel(cable, up=True)
+    serialise = 25_000 * (1514 / 1448) * 8 / 20e6  # 10.46 ms for 25 kB at 20 Mbit/s
+    assert up.send(1.0, 25_000) == pytest.approx(1.0 + serialise + 0.0125)
+
+
+def test_messages_queue_behind_each_other_on_one_direction_only(world: ModuleType) -> None:
+    dsl = world.PROFILES["dsl"]
+    up, down = world.Channel(dsl, up=True), world.Channel(dsl, up=False)
+    one = dsl.transfer_s(50_000, up=True)
+    first, second = up.send(0.0, 50_000), up.send(0.0, 50_000)
+    assert second - first == pytest.approx(one)
+    assert down.send(0.0, 50_000) == pytest.approx(dsl.transfer_s(50_000, up=False) + 0.02)
+    assert up.bytes_sent == 100_000
+
+
+def test_the_push_size_is_the_real_frame_of_the_shard_s_float32_gradient(
+    world: ModuleType,
+) -> None:
+    specs = [("dense/kernel", (32, 64)), ("dense/bias", (64,))]
+    size = world.push_frame_bytes(specs, 2)
+    assert 4 * (32 * 64 + 64) < size < 4 * (32 * 64 + 64) + 600
+
+
+# -- donors and churn ---------------------------------------------------------------------------
+
+
+def test_thirty_percent_of_donors_churn_and_each_leaves_and_comes_back(world: ModuleType) -> None:
+    donors = world.Population(speed=1000.0).draw(64, 3600.0, seed=0)
+    churners = [d for d in donors if d.churner]
+    assert len(churners) == round(0.3 * 63)
+    for donor in churners:
+        assert len(donor.sessions) >= 2
+        for (_, end), (start, _) in zip(donor.sessions, donor.sessions[1:], strict=False):
+            assert start > end  # away between sessions
+    assert all(d.sessions == [(d.sessions[0][0], 3600.0)] for d in donors if not d.churner)
+
+
+def test_more_donors_only_add_to_the_same_population(world: ModuleType) -> None:
+    population = world.Population(speed=1000.0)
+    small, big = population.draw(16, 600.0, seed=3), population.draw(64, 600.0, seed=3)
+    assert [(d.link, d.speed, d.sessions) for d in small] == [
+        (d.link, d.speed, d.sessions) for d in big[:16]
+    ]
+    reference = big[0]
+    assert reference.link.name == "cable" and reference.speed == 1000.0
+    assert not reference.churner
+    assert {d.link.name for d in big} == {"lan", "fibre", "cable", "dsl"}
+    assert all(500.0 <= d.speed <= 2000.0 for d in big)
+
+
+# -- gradients and runs -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def student(sim: ModuleType) -> Any:
+    return sim.Student(sim.JobSettings(n_data_shards=4), teacher_data(4_000, 1_000))
+
+
+def test_the_numpy_gradient_is_the_agent_s_keras_gradient(student: Any) -> None:
+    x, y = student.data.x_train[:32], student.data.y_train[:32]
+    weights = {k: v + np.float32(0.01) for k, v in student.initial.items()}
+    student.load(weights, (0, 0))
+    student.computer.set_weights(weights)
+    ours = student.gradients(x, y)
+    keras, _loss = student.computer.compute(x, y)
+    for name, grad in keras.items():
+        np.testing.assert_allclose(ours[name], grad, atol=2e-6, rtol=1e-4)
+
+
+def _tiny_run(sim: ModuleType, student: Any, world: ModuleType, **changes: Any) -> dict[str, Any]:
+    settings = sim.JobSettings(n_data_shards=4, target_accuracy=0.6, **changes)
+    donors = world.Population(speed=4000.0).draw(3, 30.0, seed=1)
+    run = sim.Simulation(
+        student, donors, settings, sim.Calibration(speed=4000.0), horizon_s=30.0, max_steps=600
+    ).run()
+    run.pop("wall_s")
+    return dict(run)
+
+
+def test_a_tiny_run_is_the_same_for_the_same_seed(
+    sim: ModuleType, student: Any, world: ModuleType
+) -> None:
+    first, again = _tiny_run(sim, student, world), _tiny_run(sim, student, world)
+    assert first == again
+    assert first["pushes_applied"] > 0 and first["steps"] > 0
+    assert first["time_to_target_s"] is not None  # 0.6 is reached within 600 steps
+    other = _tiny_run(sim, student, world, seed=5)
+    assert other["curve"] != first["curve"]
+
+
+def test_a_tight_staleness_bound_rejects_pushes_through_the_real_store(
+    sim: ModuleType, student: Any, world: ModuleType
+) -> None:
+    loose = _tiny_run(sim, student, world)
+    tight = _tiny_run(sim, student, world, max_staleness=0, n_fetch=8)
+    assert loose["pushes_stale"] == 0
+    assert tight["pushes_stale"] > 0
+
+
+def test_a_donor_that_leaves_stops_computing_and_loses_what_was_in_flight(
+    sim: ModuleType, student: Any, world: ModuleType
+) -> None:
+    cal = sim.Calibration(speed=4000.0, build_s=0.0)
+    leaver = world.DonorSpec(0, world.PROFILES["dsl"], 4000.0, [(0.0, 0.5)], True)
+    settings = sim.JobSettings(n_data_shards=4, target_accuracy=1.0)
+    run = sim.Simulation(student, [leaver], settings, cal, horizon_s=5.0).run()
+    step_s = 32 / 4000.0 + cal.step_overhead_s
+    assert 0 < run["steps"] < 0.5 / step_s
+    assert run["pushes_lost"] >= 1
+
+
+def test_the_report_merges_its_keys_and_targets_and_keeps_everything_else(
+    tmp_path: Path,
+) -> None:
+    report = _load("sim_report")
+    path = tmp_path / "latest.json"
+    path.write_text('{"other_key": 1.5, "targets": {"other_key": {"target": "<= 2"}}}')
+    report.merge_results({"sim_speedup_16_donors": 3.83, "sim_speedup_64_donors": None}, path)
+    data = json.loads(path.read_text())
+    assert data["other_key"] == 1.5 and data["targets"]["other_key"] == {"target": "<= 2"}
+    assert data["sim_speedup_16_donors"] == 3.83
+    assert data["targets"]["sim_speedup_16_donors"]["met"] is False
+    assert data["targets"]["sim_speedup_64_donors"]["met"] is None
