@@ -138,7 +138,9 @@ def test_the_donor_revokes_a_token_while_its_agent_runs_and_the_agent_is_cut_off
 
     # Prepare: an agent working on a job
     seeded = stack.seed(target_accuracy=1.0, budget_seconds=300, name="digits-browser-revoke")
-    agent = stack.start_agent("browser-victim", seeded["token"])
+    # Slowed to 1 step/s, so its lease is still live when the page loads and when the
+    # revocation lands (a first unit of 20 steps is done in well under a second at full speed).
+    agent = stack.start_agent("browser-victim", seeded["token"], "--max-steps-per-second", "1")
     wait_registered(stack, "browser-victim")
     stack.wait_for(
         "the agent to hold a lease",
