@@ -254,15 +254,7 @@ class Simulation:
         self.student, self.settings, self.cal = student, settings, calibration
         self.horizon_s, self.eval_interval_s, self.max_steps = horizon_s, eval_interval_s, max_steps
         self.queue = EventQueue()
-        self.store = ParameterStore(
-            InMemoryStorage(),
-            "sim",
-            student.layout,
-            AdagradConfig(settings.learning_rate),
-            settings.max_staleness,
-            staleness_aware=settings.staleness_aware,
-            max_grad_norm=DEFAULT_MAX_GRAD_NORM,
-        )
+        self.store = self._make_store()
         self.store.initialize(student.initial)
         x, y = student.data.x_train, student.data.y_train
         order = np.random.default_rng(0).permutation(len(x))  # as datasets.split_train
@@ -282,6 +274,19 @@ class Simulation:
         self.samples_to_target: int | None = None
         self.units_issued = 0
         self.rng = np.random.default_rng(settings.seed)
+
+    def _make_store(self) -> ParameterStore:
+        """The job's store on the memory backend, timed by the virtual clock."""
+        s = self.settings
+        return ParameterStore(
+            InMemoryStorage(clock=lambda: self.queue.now),
+            "sim",
+            self.student.layout,
+            AdagradConfig(s.learning_rate),
+            s.max_staleness,
+            staleness_aware=s.staleness_aware,
+            max_grad_norm=DEFAULT_MAX_GRAD_NORM,
+        )
 
     # -- running -----------------------------------------------------------------------------
 

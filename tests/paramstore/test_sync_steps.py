@@ -248,3 +248,21 @@ def test_an_agents_gradient_from_a_new_lease_in_the_same_step_is_late(
     assert other.applied and other.version == 1
     np.testing.assert_allclose(agg.store.fetch_flat(0)[1], expected_after(agg, 0, [0.2]), rtol=1e-6)
     assert agg.counts() == SyncCounts(steps=1, timeouts=0, late=1)
+
+
+def test_the_memory_backend_times_steps_on_the_clock_it_is_given() -> None:
+    # The convergence simulator runs sync jobs in virtual time: a step's age is read from
+    # the storage's clock, so no real time passes and none is needed.
+    now = [100.0]
+    store = ParameterStore(
+        InMemoryStorage(clock=lambda: now[0]), JOB, model_layout(), OPTIMIZER, max_staleness=16
+    )
+    store.initialize(initial_weights(store.layout))
+    agg = SyncAggregator(store, SyncRule(workers=2, step_timeout_s=5.0))
+    agg.push(0, gradient(agg, 0, 0.5), 0, "a:0:0", "a", 32)
+
+    now[0] = 104.9
+    assert not agg.tick(0)
+    now[0] = 105.0
+    assert agg.tick(0)
+    assert agg.store.versions()[0] == 1 and agg.counts().timeouts == 1

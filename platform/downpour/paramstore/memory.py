@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -58,10 +58,17 @@ class InMemoryStorage:
     nothing and a reader never sees half an update.
     """
 
-    def __init__(self, applied_capacity: int = DEFAULT_APPLIED_CAPACITY) -> None:
+    def __init__(
+        self,
+        applied_capacity: int = DEFAULT_APPLIED_CAPACITY,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if applied_capacity < 1:
             raise ValueError(f"applied_capacity must be >= 1, got {applied_capacity}")
         self._applied_capacity = applied_capacity
+        # Seconds, for the age of a synchronous step (its timeout); the convergence
+        # simulator passes its virtual clock.
+        self._clock = clock
         self._shards: dict[tuple[str, int], _Shard] = {}
         self._registry_lock = threading.Lock()
         # job -> (statistics, applied report ids, their order); under _statistics_lock.
@@ -256,7 +263,7 @@ class InMemoryStorage:
                 if counted:
                     self._count(job, late=1)
                 return SyncOffer(SyncOutcome.LATE, version, len(entries))
-            now = time.monotonic()
+            now = self._clock()
             if not entries:
                 slot.sync_first = now
             entries[push_id] = (
@@ -281,7 +288,7 @@ class InMemoryStorage:
                 tuple(push_id for push_id, _ in items),
                 tuple(entry[2] for _, entry in items),
                 tuple(entry[3].copy() for _, entry in items),
-                time.monotonic() - slot.sync_first,
+                self._clock() - slot.sync_first,
             )
 
     def sync_age(self, job: str, shard: int) -> tuple[int, float]:
@@ -292,7 +299,7 @@ class InMemoryStorage:
         with slot.lock:
             if slot.deleted or slot.sync_version != slot.state.version or not slot.sync_entries:
                 return 0, 0.0
-            return len(slot.sync_entries), time.monotonic() - slot.sync_first
+            return len(slot.sync_entries), self._clock() - slot.sync_first
 
     def sync_commit(
         self,
