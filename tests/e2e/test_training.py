@@ -74,8 +74,15 @@ def test_training_finishes_when_an_agent_is_killed_mid_lease_and_no_push_is_appl
     seeded = production.seed(target_accuracy=1.0, budget_seconds=45, name="digits-kill", tokens=2)
     job_id = seeded["job_id"]
     with held(production, job_id):
-        victim = production.start_agent("victim", seeded["tokens"][0])
-        production.start_agent("survivor", seeded["tokens"][1])
+        # Both slowed to 4 steps/s until the kill: at full speed a first unit of 20 steps
+        # can complete between the query below and the kill (and a completed lease never
+        # expires); a slow victim beside a fast survivor has nearly every push refused as
+        # stale, so it would rarely hold a lease with a push applied. The replacement runs
+        # at full speed and finishes the job.
+        victim = production.start_agent(
+            "victim", seeded["tokens"][0], "--max-steps-per-second", "4"
+        )
+        production.start_agent("survivor", seeded["tokens"][1], "--max-steps-per-second", "4")
         wait_registered(production, "victim", "survivor")
     lease_of_victim = production.wait_for(
         "the victim to push on a lease",
