@@ -93,22 +93,29 @@ class RunConfig:
     n_push: int
     #: ``downpour``, or ``local-steps`` (DiLoCo: H inner AdamW steps; n_fetch/n_push unused)
     algorithm: str = "downpour"
+    #: the job's ``compression``: ``none`` (float32) or ``int8`` (error feedback, deltas)
+    compression: str = "none"
 
     @classmethod
     def parse(cls, text: str) -> RunConfig:
+        """``MODEL:AGENTS:N_FETCH:N_PUSH[:ALGORITHM[:COMPRESSION]]``."""
         model, agents, n_fetch, n_push, *rest = text.split(":")
         if model not in MODELS:
             raise argparse.ArgumentTypeError(f"unknown model {model!r}")
         algorithm = rest[0] if rest else "downpour"
-        if algorithm not in ("downpour", "local-steps") or len(rest) > 1:
+        if algorithm not in ("downpour", "local-steps") or len(rest) > 2:
             raise argparse.ArgumentTypeError(f"unknown algorithm {algorithm!r}")
-        return cls(model, int(agents), int(n_fetch), int(n_push), algorithm)
+        compression = rest[1] if len(rest) > 1 else "none"
+        if compression not in ("none", "int8"):
+            raise argparse.ArgumentTypeError(f"unknown compression {compression!r}")
+        return cls(model, int(agents), int(n_fetch), int(n_push), algorithm, compression)
 
     @property
     def label(self) -> str:
+        suffix = "" if self.compression == "none" else f"-{self.compression}"
         if self.algorithm == "local-steps":
-            return f"{self.model}-{self.agents}agent-local"
-        return f"{self.model}-{self.agents}agent-f{self.n_fetch}-p{self.n_push}"
+            return f"{self.model}-{self.agents}agent-local{suffix}"
+        return f"{self.model}-{self.agents}agent-f{self.n_fetch}-p{self.n_push}{suffix}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         type=RunConfig.parse,
         default=[RunConfig.parse(c) for c in DEFAULT_CONFIGS],
-        help=f"MODEL:AGENTS:N_FETCH:N_PUSH ... (default: {' '.join(DEFAULT_CONFIGS)})",
+        help="MODEL:AGENTS:N_FETCH:N_PUSH[:ALGORITHM[:COMPRESSION]] ... "
+        f"(default: {' '.join(DEFAULT_CONFIGS)})",
     )
     parser.add_argument("--eval-interval", type=float, default=0.5, help="EVAL_INTERVAL_S")
     parser.add_argument(
@@ -258,6 +266,7 @@ def run_one(
             data_shards=args.data_shards,
             tokens=1,
             name=f"bench-{config.label}",
+            compression=config.compression,
             **LOCAL_STEPS_SEED.get(config.algorithm, {}),
         )
         job_id = seeded["job_id"]
@@ -342,6 +351,7 @@ def measure(
             "n_fetch": config.n_fetch,
             "n_push": config.n_push,
             "algorithm": config.algorithm,
+            "compression": config.compression,
             "eval_interval_s": args.eval_interval,
             "link": args.link,
         },

@@ -16,8 +16,9 @@ Calibration (see docs/benchmarks.md, "Convergence simulator"):
   one data shard;
 * assumed: ``lease_overhead_s`` 0.05 s and ``server_fetch_s`` 1 ms.
 
-The agents talk to the server over loopback here (``--link loopback``); the emulated
-``cable`` link of issue #11 comes with the ``link`` engineer's namespaces.
+With ``--link cable`` (or another profile) each N also runs with every agent behind its
+own emulated link (``tests/netlink.py``: root and iproute2); the simulator, calibrated from
+the loopback run of the same N, predicts the linked run.
 
 Usage::
 
@@ -58,9 +59,9 @@ REDIS_DB = 4
 
 
 class SimDeployment(BenchDeployment):
-    def __init__(self, workdir: Path, **settings: str) -> None:
+    def __init__(self, workdir: Path, links: bool = False, **settings: str) -> None:
         BenchDeployment.__mro__[1].__init__(
-            self, "production", workdir, redis_db=REDIS_DB, **settings
+            self, "production", workdir, redis_db=REDIS_DB, links=links, **settings
         )
 
 
@@ -72,7 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-push", type=int, default=4)
     p.add_argument("--data-shards", type=int, default=8)
     p.add_argument("--max-train-seconds", type=float, default=120.0)
-    p.add_argument("--link", default="loopback", choices=["loopback"])
+    p.add_argument(
+        "--link",
+        default="loopback",
+        choices=["loopback", "lan", "fibre", "cable", "dsl"],
+        help="the agents' link in the real runs (emulated: root and iproute2). Off loopback "
+        "each N is also run on loopback, and the simulator is calibrated from that run, so "
+        "the link's cost is the simulator's prediction, not part of its calibration",
+    )
     p.add_argument(
         "--real-json",
         type=Path,
@@ -84,12 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def real_run(
-    deployment: SimDeployment, tokens: Sequence[str], n: int, args: argparse.Namespace
+    deployment: SimDeployment,
+    tokens: Sequence[str],
+    n: int,
+    args: argparse.Namespace,
+    link: str | None = None,
 ) -> dict[str, Any]:
-    names = [f"sim-real-{n}-{i}" for i in range(n)]
+    names = [f"sim-real-{link or 'loopback'}-{n}-{i}" for i in range(n)]
     for name, token in zip(names, tokens, strict=False):
         deployment.start_agent(
-            name, token, "--status-interval", str(STATUS_INTERVAL_S), "--no-nice"
+            name, token, "--status-interval", str(STATUS_INTERVAL_S), "--no-nice", link=link
         )
     job_id = ""
     try:
@@ -103,7 +115,7 @@ def real_run(
             budget_seconds=args.max_train_seconds + 300,
             data_shards=args.data_shards,
             tokens=1,
-            name=f"sim-vs-real-{n}",
+            name=f"sim-vs-real-{link or 'loopback'}-{n}",
         )
         job_id = seeded["job_id"]
 
@@ -138,6 +150,7 @@ def real_run(
                 cumulative.append((float(found[-1].group(1)), float(found[-1].group(2))))
         return {
             "agents": n,
+            "link": link or "loopback",
             "time_to_target_s": first_time_at(
                 [t for t, _, _ in curve], [a for _, _, a in curve], args.target
             ),
@@ -216,20 +229,26 @@ def simulate(calibration: dict[str, float], n: int, args: argparse.Namespace) ->
     return dict(cs.sweep(sim_args)["runs"][0])
 
 
-def run_real(args: argparse.Namespace) -> list[dict[str, Any]]:
+def run_real(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The runs to calibrate from (loopback) and the runs to predict (on ``args.link``),
+    one after another in one deployment; the same list when the link is loopback."""
     workdir = WORK_DIR / "sim_vs_real"
     shutil.rmtree(workdir, ignore_errors=True)
-    deployment = SimDeployment(workdir, EVAL_INTERVAL_S="0.5")
-    real = []
+    linked = args.link != "loopback"
+    deployment = SimDeployment(workdir, links=linked, EVAL_INTERVAL_S="0.5")
+    loopback, real = [], []
     try:
         deployment.start()
         tokens = deployment.issue_tokens(max(args.agents))
         for n in args.agents:
-            real.append(real_run(deployment, tokens, n, args))
-            print(f"real N={n}: {real[-1]['time_to_target_s']} s", flush=True)
+            loopback.append(real_run(deployment, tokens, n, args))
+            print(f"real N={n} loopback: {loopback[-1]['time_to_target_s']} s", flush=True)
+            if linked:
+                real.append(real_run(deployment, tokens, n, args, link=args.link))
+                print(f"real N={n} {args.link}: {real[-1]['time_to_target_s']} s", flush=True)
     finally:
         deployment.stop()
-    return real
+    return loopback, (real if linked else loopback)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -239,12 +258,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.real_json:
         previous = json.loads(args.real_json.read_text())
         real, load_before = previous["real"], previous["load_average_before"]
+        loopback = previous.get("calibration_runs", real)
     else:
-        real = run_real(args)
+        loopback, real = run_real(args)
     build_s = measure_build_s(args.data_shards)
-    # Each N is calibrated from its own run: the agents share this machine's 2 cores (and
-    # whatever else runs on it), so two agents here each compute slower than one alone.
-    calibrations = [calibrate(r, build_s) for r in real]
+    # Each N is calibrated from its own loopback run: the agents share this machine's 2
+    # cores (and whatever else runs on it), so two agents here each compute slower than one
+    # alone. Off loopback the link's waits are the simulator's to predict, not calibrated.
+    calibrations = [calibrate(r, build_s) for r in loopback]
     sim = [simulate(c, r["agents"], args) for c, r in zip(calibrations, real, strict=True)]
     errors = []
     for r, s in zip(real, sim, strict=True):
@@ -259,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "calibration": calibrations,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
+        "calibration_runs": loopback,
         "real": real,
         "sim": sim,
         "relative_errors": [round(e, 3) for e in errors],

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from downpour.training.models import Job
 from downpour.training.store import job_store, job_sync
+from downpour_agent.protocol import ErrorCode, ProtocolError
 
 #: Longest one waiting fetch is held before it is answered with the version as it stands
 #: (the agent then asks again); well under the lease TTL.
@@ -35,6 +36,29 @@ def notify(job_id: str, shard: int) -> None:
     event = _wakeups.pop((id(asyncio.get_running_loop()), job_id, shard), None)
     if event is not None:
         event.set()
+
+
+#: The algorithms whose agents wait for a version: a synchronous job's next step, and a
+#: Sandblaster pass's pinned version (a fetch that answered below it).
+WAITING_ALGORITHMS = (Job.Algorithm.SYNC, Job.Algorithm.SANDBLASTER)
+
+
+def check_wait(job: Job, shard: int, min_version: int) -> int:
+    """The version a waiting fetch may wait for: at most the shard's next one. Refuses
+    (``bad_message``) a wait on a job of another algorithm. Each waiting fetch polls the
+    store for up to ``MAX_WAIT_S``, so it waits only for a version that is coming (a step's
+    N gradients or its timeout, a pass the coordinator writes). A ``min_version`` further
+    ahead is not refused, since an honest agent holds one after a restore from a
+    checkpoint took the shard back: it is answered at the next version, as a fetch held to
+    ``MAX_WAIT_S`` is answered below its ``min_version``, and asks again."""
+    if job.algorithm not in WAITING_ALGORITHMS:
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE, "fetch: min_version is for synchronous and Sandblaster jobs"
+        )
+    store = job_store(job)
+    store.layout.check_shard(shard)
+    version = store.storage.load_version(store.job_id, shard)
+    return min_version if version is None else min(min_version, version + 1)
 
 
 def _reached(job: Job, shard: int, min_version: int) -> bool:
