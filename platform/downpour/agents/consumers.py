@@ -258,7 +258,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def on_fetch(self, msg: dict[str, Any]) -> None:
         cached = await self._lease(msg["lease_id"])
         if "min_version" in msg:  # synchronous steps: answer once the shard gets there
-            msg["min_version"] = await asyncio.to_thread(
+            await asyncio.to_thread(
                 syncwait.check_wait, cached.job, msg["shard"], msg["min_version"]
             )
             if len(self.state.waits) >= syncwait.MAX_WAITS_PER_SOCKET:

@@ -43,14 +43,11 @@ def notify(job_id: str, shard: int) -> None:
 WAITING_ALGORITHMS = (Job.Algorithm.SYNC, Job.Algorithm.SANDBLASTER)
 
 
-def check_wait(job: Job, shard: int, min_version: int) -> int:
-    """The version a waiting fetch may wait for: at most the shard's next one. Refuses
-    (``bad_message``) a wait on a job of another algorithm. Each waiting fetch polls the
-    store for up to ``MAX_WAIT_S``, so it waits only for a version that is coming (a step's
-    N gradients or its timeout, a pass the coordinator writes). A ``min_version`` further
-    ahead is not refused, since an honest agent holds one after a restore from a
-    checkpoint took the shard back: it is answered at the next version, as a fetch held to
-    ``MAX_WAIT_S`` is answered below its ``min_version``, and asks again."""
+def check_wait(job: Job, shard: int, min_version: int) -> None:
+    """Refuse (``bad_message``) a wait that no honest agent asks for: on a job of another
+    algorithm, or for a version past the shard's next one. Each waiting fetch polls the
+    store for up to ``MAX_WAIT_S``, so only a version that will come (a step's N gradients
+    or its timeout, a pass the coordinator is writing) is worth one."""
     if job.algorithm not in WAITING_ALGORITHMS:
         raise ProtocolError(
             ErrorCode.BAD_MESSAGE, "fetch: min_version is for synchronous and Sandblaster jobs"
@@ -58,7 +55,12 @@ def check_wait(job: Job, shard: int, min_version: int) -> int:
     store = job_store(job)
     store.layout.check_shard(shard)
     version = store.storage.load_version(store.job_id, shard)
-    return min_version if version is None else min(min_version, version + 1)
+    if version is not None and min_version > version + 1:
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE,
+            f"fetch: min_version {min_version} is past shard {shard}'s next version "
+            f"({version + 1})",
+        )
 
 
 def _reached(job: Job, shard: int, min_version: int) -> bool:

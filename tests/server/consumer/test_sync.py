@@ -177,22 +177,16 @@ async def test_a_fetch_cannot_wait_for_a_step_on_a_job_that_has_none(
     await registered.still_usable()
 
 
-async def test_a_fetch_waits_no_further_than_the_next_step(
+async def test_a_fetch_cannot_wait_past_the_next_step(
     alice: Any, dataset: Any, agents: Agents
 ) -> None:
-    # Held for a version no step is about to write, it would poll for 15 s; it is answered
-    # at the next step instead (the agent asks again if it wants more).
     await database_sync_to_async(sync_job)(alice, dataset)
-    first, second = await agents(2)
-    lease_a, lease_b = await first.lease(), await second.lease()
-    await first.push(lease_a, 0, gradients(lease_a, 0))
+    (only,) = await agents(1)
+    lease = await only.lease()
 
-    await first.send(
-        {"type": "fetch", "lease_id": lease_a["lease_id"], "shard": 0, "min_version": 50, "ref": 5}
+    reply = await only.ask(
+        {"type": "fetch", "lease_id": lease["lease_id"], "shard": 0, "min_version": 2, "ref": 2}
     )
-    await second.push(lease_b, 0, gradients(lease_b, 0))  # the step's N-th: version 1
-    started = time.monotonic()
-    msg, _ = await first.recv()
 
-    assert (msg["type"], msg["version"], msg["ref"]) == ("params", 1, 5)
-    assert time.monotonic() - started < 5  # not held to the 15 s limit
+    assert reply["type"] == "error" and reply["code"] == "bad_message"
+    assert "past shard 0's next version (1)" in reply["message"]
