@@ -158,14 +158,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 await getattr(self, f"on_{msg['type']}")(msg)
         except _CutOff:
             pass  # the refusal is sent and the socket is closing
-        except Exception as exc:
-            await self._refuse(exc, msg, ref)
-
-    async def _refuse(self, exc: Exception, msg: dict[str, Any], ref: Any) -> None:
-        """Answer a request that failed (a message, or a fetch that waited for a step)."""
-        if isinstance(exc, ProtocolError):
+        except ProtocolError as exc:
             await self._send(exc.to_message(ref))
-        elif isinstance(exc, StoreError | LeaseError):
+        except (StoreError, LeaseError) as exc:
             if exc.code in (ErrorCode.JOB_PAUSED, ErrorCode.JOB_FINISHED) and self.agent:
                 # Refused by the server, not dropped by the donor: never counted as abandoned.
                 self.state.forget_lease(str(msg.get("lease_id")))
@@ -175,8 +170,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
             else:  # corrupt state or checkpoint: the operator's problem, not the agent's
                 log.error("agent %s: %s", self.agent and self.agent.id, exc)
                 await self._send(error_message(ErrorCode.INTERNAL, ref=ref))
-        else:
-            log.error("agent %s: unexpected error", self.agent and self.agent.id, exc_info=exc)
+        except Exception:
+            log.exception("agent %s: unexpected error", self.agent and self.agent.id)
             await self._send(error_message(ErrorCode.INTERNAL, ref=ref))
 
     # --- handlers -------------------------------------------------------------------
@@ -258,9 +253,6 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def on_fetch(self, msg: dict[str, Any]) -> None:
         cached = await self._lease(msg["lease_id"])
         if "min_version" in msg:  # synchronous steps: answer once the shard gets there
-            await asyncio.to_thread(
-                syncwait.check_wait, cached.job, msg["shard"], msg["min_version"]
-            )
             if len(self.state.waits) >= syncwait.MAX_WAITS_PER_SOCKET:
                 raise ProtocolError(ErrorCode.RATE_LIMITED, "too many waiting fetches")
             task = asyncio.create_task(self._fetch_when_ready(msg, cached))
@@ -276,8 +268,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await self._send_params(msg, await self._lease(msg["lease_id"]))
         except _CutOff:
             pass
-        except Exception as exc:  # the task's own: nothing else would answer the agent
-            await self._refuse(exc, msg, msg.get("ref"))
+        except (StoreError, LeaseError, ProtocolError) as exc:
+            code = exc.code if exc.code in _WIRE_CODES else ErrorCode.INTERNAL
+            await self._send(error_message(code, str(exc), msg.get("ref")))
 
     async def _send_params(self, msg: dict[str, Any], cached: CachedLease) -> None:
         store = job_store(cached.job)

@@ -15,7 +15,6 @@ from collections.abc import Callable
 
 from downpour.training.models import Job
 from downpour.training.store import job_store, job_sync
-from downpour_agent.protocol import ErrorCode, ProtocolError
 
 #: Longest one waiting fetch is held before it is answered with the version as it stands
 #: (the agent then asks again); well under the lease TTL.
@@ -36,31 +35,6 @@ def notify(job_id: str, shard: int) -> None:
     event = _wakeups.pop((id(asyncio.get_running_loop()), job_id, shard), None)
     if event is not None:
         event.set()
-
-
-#: The algorithms whose agents wait for a version: a synchronous job's next step, and a
-#: Sandblaster pass's pinned version (a fetch that answered below it).
-WAITING_ALGORITHMS = (Job.Algorithm.SYNC, Job.Algorithm.SANDBLASTER)
-
-
-def check_wait(job: Job, shard: int, min_version: int) -> None:
-    """Refuse (``bad_message``) a wait that no honest agent asks for: on a job of another
-    algorithm, or for a version past the shard's next one. Each waiting fetch polls the
-    store for up to ``MAX_WAIT_S``, so only a version that will come (a step's N gradients
-    or its timeout, a pass the coordinator is writing) is worth one."""
-    if job.algorithm not in WAITING_ALGORITHMS:
-        raise ProtocolError(
-            ErrorCode.BAD_MESSAGE, "fetch: min_version is for synchronous and Sandblaster jobs"
-        )
-    store = job_store(job)
-    store.layout.check_shard(shard)
-    version = store.storage.load_version(store.job_id, shard)
-    if version is not None and min_version > version + 1:
-        raise ProtocolError(
-            ErrorCode.BAD_MESSAGE,
-            f"fetch: min_version {min_version} is past shard {shard}'s next version "
-            f"({version + 1})",
-        )
 
 
 def _reached(job: Job, shard: int, min_version: int) -> bool:
