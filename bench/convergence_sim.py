@@ -366,14 +366,17 @@ class Simulation:
         at_server = donor.up.send(self.queue.now, FETCH_REQUEST_BYTES * n)
         self.counts.fetches += 1
 
-        def serve() -> None:
-            for shard in range(n):
-                version, flat = self.store.fetch_flat(shard)
-                fetch.versions.append(version)
-                fetch.flats.append(flat)
-            ready = self.queue.now + self.cal.server_fetch_s * n
-            arrival = donor.down.send(ready, sum(self.params_bytes))
-            self.queue.at(arrival, arrive)
+        self.queue.at(at_server, lambda: self._serve(donor, fetch))
+        return fetch
+
+    def _serve(self, donor: Donor, fetch: Fetch) -> None:
+        """The server reads every shard now; the answer arrives over the donor's downlink."""
+        n = len(self.params_bytes)
+        for shard in range(n):
+            version, flat = self.store.fetch_flat(shard)
+            fetch.versions.append(version)
+            fetch.flats.append(flat)
+        ready = self.queue.now + self.cal.server_fetch_s * n
 
         def arrive() -> None:
             fetch.done = True
@@ -381,8 +384,7 @@ class Simulation:
                 waiter, fetch.waiter = fetch.waiter, None
                 self._resume(waiter)
 
-        self.queue.at(at_server, serve)
-        return fetch
+        self.queue.at(donor.down.send(ready, sum(self.params_bytes)), arrive)
 
     def _push(self, donor: Donor, mean: dict[str, np.ndarray], base: list[int], tag: str) -> None:
         at_server = donor.up.send(self.queue.now, sum(self.push_bytes))

@@ -268,7 +268,7 @@ class SyncSimulation(_ModeBase):
         def give_up() -> None:  # the donor left: let its process see that
             if not fetch.done and fetch.waiter is not None:
                 self.waiting = [w for w in self.waiting if w[1] is not fetch]
-                self._answer(donor, fetch)
+                self._serve(donor, fetch)
 
         self.queue.at(at_server, held)
         self.queue.at(max(at_server, donor.session_end), give_up)
@@ -281,23 +281,7 @@ class SyncSimulation(_ModeBase):
             return
         self.waiting = [w for w in self.waiting if w not in ready]
         for donor, fetch, _ in ready:
-            self._answer(donor, fetch)
-
-    def _answer(self, donor: Donor, fetch: Fetch) -> None:
-        for shard in range(len(self.params_bytes)):
-            version, flat = self.store.fetch_flat(shard)
-            fetch.versions.append(version)
-            fetch.flats.append(flat)
-        ready = self.queue.now + self.cal.server_fetch_s * len(self.params_bytes)
-        arrival = donor.down.send(ready, sum(self.params_bytes))
-
-        def arrive() -> None:
-            fetch.done = True
-            if fetch.waiter is not None:
-                waiter, fetch.waiter = fetch.waiter, None
-                self._resume(waiter)
-
-        self.queue.at(arrival, arrive)
+            self._serve(donor, fetch)
 
     def run(self) -> dict[str, Any]:
         result = super().run()
