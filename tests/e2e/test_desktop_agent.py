@@ -35,7 +35,8 @@ IDLE_AFTER_S = 3.0
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     workdir = Path(tmp_path_factory.mktemp("desktop"))
     timings = {**FAST_LEASES, "LEASE_TTL_S": str(int(LEASE_TTL_S))}
-    with running("production", workdir, **timings, UNIT_TARGET_SECONDS="5") as started:
+    # Units of 20 s at the agents' 2 steps/s (start_desktop_agent): 40 steps.
+    with running("production", workdir, **timings, UNIT_TARGET_SECONDS="20") as started:
         yield started
 
 
@@ -50,8 +51,10 @@ def start_desktop_agent(stack: Stack, name: str, token: str, job_id: str, *flags
     runs (``held``); ``flags`` go after the harness's ``--mode always``."""
     cfg.save(cfg.Settings(status_port=free_port()), stack.agent_config(name))
     with held(stack, job_id):
-        # Slow enough that a lease lasts through the pauses below.
-        stack.start_agent(name, token, "--max-steps-per-second", "10", *flags, status_page=True)
+        # Slow enough that a lease lasts through the pauses below: the first unit (20 steps)
+        # takes 10 s. At 10 steps/s it took 2 s and, on a busy machine, ended before a
+        # ``pause`` command (1-3 s) landed, so the lease was "completed", not paused.
+        stack.start_agent(name, token, "--max-steps-per-second", "2", *flags, status_page=True)
         wait_registered(stack, name)
 
 
@@ -178,7 +181,7 @@ def test_a_pause_longer_than_the_lease_hands_it_back_and_its_unit_is_reissued(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare
-    seeded = stack.seed(target_accuracy=1.0, budget_seconds=50, name="digits-long-pause")
+    seeded = stack.seed(target_accuracy=1.0, budget_seconds=80, name="digits-long-pause")
     job_id = seeded["job_id"]
     start_desktop_agent(stack, "long", seeded["token"], job_id)
     lease_id, unit_id = pushing_lease(stack, "long", job_id)
