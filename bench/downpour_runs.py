@@ -62,6 +62,7 @@ from benchlib import (  # noqa: E402
     TARGET_ACCURACY,
     WORK_DIR,
     first_time_at,
+    merge_results,
     slope,
     times_to,
     write_json,
@@ -166,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--keep-logs", action="store_true", help="keep each run's directory")
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument(
+        "--merge-latest",
+        action="store_true",
+        help="merge the headline keys (headline_keys) into bench/results/latest.json",
+    )
     return parser
 
 
@@ -443,9 +449,52 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+#: The job settings issue 11's unsuffixed headline keys are measured with.
+NEW_DEFAULTS = ("local-steps", "int8")
+
+
+def headline_keys(result: dict[str, Any]) -> dict[str, Any]:
+    """Issue 11's keys from a run's ``runs``, for each model and variant that ran.
+
+    ``agent_utilisation_<model>_<link>[_<variant>]``: the 1-agent run's agent, compute over
+    wall time on its steady status lines; ``ratio_time_to_95_2_agents_vs_1_agent_<model>_
+    <link>[_<variant>]``: time to 95% with 2 agents over 1 (None when either missed 95%).
+    The variant suffix is ``<algorithm>_<compression>``, dropped for :data:`NEW_DEFAULTS`.
+    """
+    link = result["settings"]["link"]
+    by_variant: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
+    for run_ in result["runs"]:
+        config = run_.get("config")
+        if config is None or "error" in run_:
+            continue
+        variant = (config["model"], config["algorithm"], config["compression"])
+        by_variant.setdefault(variant, {})[int(config["agents"])] = run_
+    keys: dict[str, Any] = {}
+    for (model, algorithm, compression), runs in sorted(by_variant.items()):
+        suffix = (
+            ""
+            if (algorithm, compression) == NEW_DEFAULTS
+            else f"_{algorithm.replace('-', '_')}_{compression}"
+        )
+        if 1 in runs:
+            agents = list(runs[1].get("agent_logs", {}).values())
+            if agents and agents[0].get("utilisation") is not None:
+                keys[f"agent_utilisation_{model}_{link}{suffix}"] = agents[0]["utilisation"]
+        if 1 in runs and 2 in runs:
+            one, two = runs[1]["time_to_95_s"], runs[2]["time_to_95_s"]
+            keys[f"ratio_time_to_95_2_agents_vs_1_agent_{model}_{link}{suffix}"] = (
+                round(two / one, 3) if one and two else None
+            )
+    return keys
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    write_json(args.json_out, run(args))
+    result = run(args)
+    result["headline"] = headline_keys(result)
+    write_json(args.json_out, result)
+    if args.merge_latest:
+        print(f"merged into {merge_results(result['headline'])}")
     return 0
 
 

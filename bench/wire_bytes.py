@@ -1,22 +1,33 @@
-"""Bytes on the wire per training sample, and final accuracy, float32 against int8 + deltas.
+"""Bytes on the wire per training sample, and final accuracy, for each algorithm and compression.
 
-The production path (PostgreSQL, Redis, daphne, Celery) with one real ``downpour-agent`` on
-loopback trains the large digits MLP for a fixed budget of samples, once per compression
-(``none``: today's float32 pushes and whole-shard fetches; ``int8``: int8 pushes with error
-feedback and int8 delta fetches), one run after another, ``--repeats`` times each.
+The production path (PostgreSQL, Redis, daphne, Celery) with one real ``downpour-agent``
+trains the large digits MLP for a fixed budget of samples, once per variant
+``ALGORITHM:COMPRESSION`` (``downpour:none``: today's defaults, float32 pushes and
+whole-shard fetches; ``downpour:int8``: int8 pushes with error feedback and int8 delta
+fetches; ``local-steps:int8``: DiLoCo rounds of H inner steps, H chosen per agent by the
+scheduler, their pseudo-gradient pushed as int8), one run after another, ``--repeats``
+times each, alternating so that load drifts hit every variant alike.
 
-* **Bytes** are the kernel's TCP counters (``ss -tin``: ``bytes_sent`` + ``bytes_received``)
-  of the agent's websocket, read once the job has used its budget and before the agent is
-  stopped: every fetch, push and control message both ways, with TCP's payload framing
-  (websocket headers included, TCP/IP headers not). The dataset download is a separate
-  HTTP connection, closed by then, and is not counted.
+* **Bytes**, on loopback, are the kernel's TCP counters (``ss -tin``: ``bytes_sent`` +
+  ``bytes_received``) of the agent's websocket, read once the job has used its budget and
+  before the agent is stopped: every fetch, push and control message both ways, with TCP's
+  payload framing (websocket headers included, TCP/IP headers not). The dataset download is
+  a separate HTTP connection, closed by then, and is not counted. Behind an emulated link
+  (``--link``) they are the link's two shapers' counters from the agent's start to the
+  job's end: TCP/IP headers and the dataset download (about 0.1 MB) included.
 * **Samples** are the job's ``samples_done`` when it finished.
-* **Accuracy** is the evaluation that ended the job (test split of digits, after at least
-  ``--budget-samples``).
+* **Accuracy** is the mean of the last ``LAST_EVALUATIONS`` evaluations of the job (test
+  split of digits; the last one after at least ``--budget-samples``): one evaluation of 360
+  images moves by several points between consecutive scorings.
+
+The link matters to local steps: H is chosen so that a round's computation covers its
+communication, so on loopback it sits at its floor and a round is no longer than Downpour's
+``n_push``; on ``cable`` it grows, and bytes per sample fall with it.
 
 Usage::
 
-    .venv/bin/python bench/wire_bytes.py --budget-samples 40000 --repeats 2 --json-out x.json
+    .venv/bin/python bench/wire_bytes.py --budget-samples 40000 --repeats 2 --link cable \
+        --json-out x.json
 """
 
 from __future__ import annotations
@@ -37,10 +48,18 @@ for _path in (ROOT, ROOT / "platform", ROOT / "agent", ROOT / "bench"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from benchlib import BATCH_SIZE, LEARNING_RATE, MODELS, WORK_DIR  # noqa: E402
-from downpour_runs import STATUS_INTERVAL_S, BenchDeployment  # noqa: E402
+from tests.netlink import PROFILES as LINK_PROFILES  # noqa: E402
 
-COMPRESSIONS = ("none", "int8")
+from benchlib import BATCH_SIZE, LEARNING_RATE, MODELS, WORK_DIR  # noqa: E402
+from downpour_runs import LOCAL_STEPS_SEED, STATUS_INTERVAL_S, BenchDeployment  # noqa: E402
+
+#: Today's defaults, the baseline every other variant is divided by.
+BASELINE = "downpour:none"
+VARIANTS = (BASELINE, "downpour:int8", "local-steps:int8")
+#: The variant issue 11's headline keys compare with the baseline.
+NEW_DEFAULTS = "local-steps:int8"
+#: Evaluations averaged for a run's final accuracy.
+LAST_EVALUATIONS = 3
 _SS_BYTES = re.compile(r"bytes_sent:(\d+).*?bytes_received:(\d+)", re.S)
 
 
@@ -51,11 +70,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-push", type=int, default=8)
     parser.add_argument("--budget-samples", type=int, default=40_000)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--compressions", nargs="+", default=list(COMPRESSIONS))
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        type=parse_variant,
+        default=list(VARIANTS),
+        help=f"ALGORITHM:COMPRESSION ... (default: {' '.join(VARIANTS)})",
+    )
+    parser.add_argument(
+        "--link",
+        choices=sorted(LINK_PROFILES),
+        default=None,
+        help="run the agent behind an emulated donor link (tests/netlink.py: root and "
+        "iproute2); default: loopback",
+    )
     parser.add_argument("--eval-interval", type=float, default=0.5)
     parser.add_argument("--timeout", type=float, default=1800.0, help="most seconds per run")
     parser.add_argument("--json-out", type=Path, default=None)
     return parser
+
+
+def parse_variant(text: str) -> str:
+    algorithm, _, compression = text.partition(":")
+    if algorithm not in ("downpour", "local-steps") or compression not in ("none", "int8"):
+        raise argparse.ArgumentTypeError(f"not ALGORITHM:COMPRESSION: {text!r}")
+    return text
 
 
 def agent_socket_bytes(pid: int, port: int) -> tuple[int, int]:
@@ -88,12 +127,15 @@ def _children(pid: int) -> set[int]:
 
 
 def run_one(
-    deployment: BenchDeployment, token: str, compression: str, index: int, args: argparse.Namespace
+    deployment: BenchDeployment, token: str, variant: str, index: int, args: argparse.Namespace
 ) -> dict[str, Any]:
-    name = f"wire-{compression}-{index}"
+    algorithm, _, compression = variant.partition(":")
+    name = f"wire-{algorithm}-{compression}-{index}"
     agent = deployment.start_agent(
-        name, token, "--status-interval", str(STATUS_INTERVAL_S), "--no-nice"
+        name, token, "--status-interval", str(STATUS_INTERVAL_S), "--no-nice", link=args.link
     )
+    link = deployment.agent_links.get(name) if args.link else None
+    link_start = link.qdisc_bytes() if link is not None else None
     job_id = ""
     started = time.monotonic()
     try:
@@ -110,7 +152,8 @@ def run_one(
             spot_check_fraction=0.0,
             data_shards=1,
             tokens=1,
-            name=f"wire-{compression}-{index}",
+            name=name,
+            **LOCAL_STEPS_SEED.get(algorithm, {}),
         )["job_id"]
         while True:
             time.sleep(0.5)
@@ -121,25 +164,34 @@ def run_one(
                 raise RuntimeError(f"{name} exited with {agent.returncode}")
             if time.monotonic() - started > args.timeout:
                 raise RuntimeError(f"{name}: no end after {args.timeout} s")
-        sent, received = agent_socket_bytes(agent.pid, deployment.port)
+        if link is not None and link_start is not None:
+            link_end = link.qdisc_bytes()
+            sent = link_end["up"] - link_start["up"]
+            received = link_end["down"] - link_start["down"]
+        else:
+            sent, received = agent_socket_bytes(agent.pid, deployment.port)
         job = deployment.job(job_id)
-        (accuracy, eval_samples) = deployment.query(
+        evaluations = deployment.query(
             "SELECT accuracy, samples FROM training_evaluation WHERE job_id = %s "
-            "ORDER BY created_at DESC LIMIT 1",
-            [job_id],
-        )[0]
+            "ORDER BY created_at DESC LIMIT %s",
+            [job_id, LAST_EVALUATIONS],
+        )
         log = (deployment.workdir / f"{name}.log").read_text()
     finally:
         deployment.kill_agent(name)
         if job_id:
             deployment.pause_job(job_id)
     samples = int(job["samples_done"])
+    accuracies = [float(accuracy) for accuracy, _ in evaluations]
     return {
+        "variant": variant,
+        "algorithm": algorithm,
         "compression": compression,
         "status_message": job["status_message"],
         "samples": samples,
-        "evaluated_at_samples": int(eval_samples),
-        "final_accuracy": round(float(accuracy), 4),
+        "evaluated_at_samples": int(evaluations[0][1]),
+        "last_accuracies": [round(a, 4) for a in accuracies],
+        "final_accuracy": round(sum(accuracies) / len(accuracies), 4),
         "bytes_agent_to_server": sent,
         "bytes_server_to_agent": received,
         "bytes_per_sample": round((sent + received) / samples, 1) if samples else None,
@@ -148,39 +200,52 @@ def run_one(
     }
 
 
-def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    def mean(compression: str, key: str) -> float:
-        values = [r[key] for r in runs if r["compression"] == compression and r.get(key)]
+def summarise(runs: Sequence[dict[str, Any]], model: str) -> dict[str, Any]:
+    """The keys of ``latest.json``: each variant against :data:`BASELINE` (when both ran)."""
+
+    def mean(variant: str, key: str) -> float:
+        values = [r[key] for r in runs if r["variant"] == variant and r.get(key)]
         return sum(values) / len(values)
 
-    return {
-        "bytes_per_sample_fp32": round(mean("none", "bytes_per_sample"), 1),
-        "bytes_per_sample_int8_delta": round(mean("int8", "bytes_per_sample"), 1),
-        "wire_bytes_per_sample_reduction_large_int8_delta": round(
-            mean("none", "bytes_per_sample") / mean("int8", "bytes_per_sample"), 2
-        ),
-        "final_accuracy_fp32": round(mean("none", "final_accuracy"), 4),
-        "final_accuracy_int8_delta": round(mean("int8", "final_accuracy"), 4),
-        "accuracy_gap_int8_delta_vs_fp32_large": round(
-            mean("none", "final_accuracy") - mean("int8", "final_accuracy"), 4
-        ),
+    ran = {r["variant"] for r in runs if r.get("bytes_per_sample")}
+    if BASELINE not in ran:
+        return {}
+    summary: dict[str, Any] = {
+        "bytes_per_sample_fp32": round(mean(BASELINE, "bytes_per_sample"), 1),
+        "final_accuracy_fp32": round(mean(BASELINE, "final_accuracy"), 4),
     }
+    names = {"downpour:int8": "int8_delta", NEW_DEFAULTS: "local_steps_int8"}
+    for variant, name in names.items():
+        if variant not in ran:
+            continue
+        reduction = mean(BASELINE, "bytes_per_sample") / mean(variant, "bytes_per_sample")
+        gap = mean(BASELINE, "final_accuracy") - mean(variant, "final_accuracy")
+        summary[f"bytes_per_sample_{name}"] = round(mean(variant, "bytes_per_sample"), 1)
+        summary[f"final_accuracy_{name}"] = round(mean(variant, "final_accuracy"), 4)
+        summary[f"wire_bytes_per_sample_reduction_{model}_{name}"] = round(reduction, 2)
+        summary[f"accuracy_gap_{name}_vs_fp32_{model}"] = round(gap, 4)
+        if variant == NEW_DEFAULTS:  # issue 11's headline keys
+            summary[f"wire_bytes_per_sample_reduction_{model}"] = round(reduction, 2)
+            summary[f"accuracy_gap_new_vs_fp32_{model}"] = round(gap, 4)
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workdir = WORK_DIR / "wire" / "deployment"
     shutil.rmtree(workdir, ignore_errors=True)
-    deployment = BenchDeployment(workdir, EVAL_INTERVAL_S=str(args.eval_interval))
+    deployment = BenchDeployment(
+        workdir, links=args.link is not None, EVAL_INTERVAL_S=str(args.eval_interval)
+    )
     runs: list[dict[str, Any]] = []
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     try:
         deployment.start()
         (token,) = deployment.issue_tokens(1)
         for index in range(args.repeats):
-            for compression in args.compressions:  # alternate, so load drifts hit both alike
-                print(f"run {compression} #{index} ...", flush=True)
-                runs.append(run_one(deployment, token, compression, index, args))
+            for variant in args.variants:  # alternate, so load drifts hit every one alike
+                print(f"run {variant} #{index} ...", flush=True)
+                runs.append(run_one(deployment, token, variant, index, args))
                 print(json.dumps(runs[-1]), flush=True)
     finally:
         deployment.stop()
@@ -192,12 +257,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "n_push": args.n_push,
             "budget_samples": args.budget_samples,
             "repeats": args.repeats,
-            "link": "loopback",
+            "link": args.link or "loopback",
+            "last_evaluations": LAST_EVALUATIONS,
         },
         "load_average_before": load_before,
         "load_average_after": Path("/proc/loadavg").read_text().split()[:3],
         "runs": runs,
-        **(summarise(runs) if set(args.compressions) >= set(COMPRESSIONS) else {}),
+        **summarise(runs, args.model),
     }
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
     if args.json_out:

@@ -1,0 +1,78 @@
+"""The benchmark scripts' headline keys (issue 11) from their runs' records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.sim.test_convergence_sim import _load
+
+
+def _run(agents: int, algorithm: str, compression: str, time_to_95: float | None) -> dict[str, Any]:
+    return {
+        "config": {
+            "model": "large",
+            "agents": agents,
+            "algorithm": algorithm,
+            "compression": compression,
+        },
+        "time_to_95_s": time_to_95,
+        "agent_logs": {f"a{i}": {"utilisation": 0.5 + 0.1 * i} for i in range(agents)},
+    }
+
+
+def test_downpour_runs_headline_keys_name_the_new_defaults_without_a_suffix() -> None:
+    runs = _load("downpour_runs")
+    result = {
+        "settings": {"link": "cable"},
+        "runs": [
+            _run(1, "downpour", "none", 200.0),
+            _run(2, "downpour", "none", 220.0),
+            _run(1, "local-steps", "int8", 50.0),
+            _run(2, "local-steps", "int8", 35.0),
+            {"config": {"model": "large", "agents": 1}, "error": "RuntimeError: boom"},
+        ],
+    }
+
+    keys = runs.headline_keys(result)
+
+    assert keys == {
+        "agent_utilisation_large_cable_downpour_none": 0.5,
+        "ratio_time_to_95_2_agents_vs_1_agent_large_cable_downpour_none": 1.1,
+        "agent_utilisation_large_cable": 0.5,
+        "ratio_time_to_95_2_agents_vs_1_agent_large_cable": 0.7,
+    }
+
+
+def test_a_run_that_missed_95_percent_gives_no_ratio() -> None:
+    runs = _load("downpour_runs")
+    result = {
+        "settings": {"link": "cable"},
+        "runs": [_run(1, "downpour", "none", None), _run(2, "downpour", "none", 10.0)],
+    }
+    assert (
+        runs.headline_keys(result)["ratio_time_to_95_2_agents_vs_1_agent_large_cable_downpour_none"]
+        is None
+    )
+
+
+def test_wire_bytes_divides_each_variant_by_todays_defaults() -> None:
+    wire = _load("wire_bytes")
+
+    def run(variant: str, per_sample: float, accuracy: float) -> dict[str, Any]:
+        return {"variant": variant, "bytes_per_sample": per_sample, "final_accuracy": accuracy}
+
+    summary = wire.summarise(
+        [
+            run("downpour:none", 40_000.0, 0.95),
+            run("downpour:int8", 10_000.0, 0.96),
+            run("local-steps:int8", 1_000.0, 0.948),
+            run("local-steps:int8", 3_000.0, 0.950),
+        ],
+        "large",
+    )
+
+    assert summary["wire_bytes_per_sample_reduction_large_int8_delta"] == 4.0
+    assert summary["wire_bytes_per_sample_reduction_large"] == 20.0  # 40,000 / mean 2,000
+    assert summary["accuracy_gap_new_vs_fp32_large"] == 0.001
+    assert summary["accuracy_gap_int8_delta_vs_fp32_large"] == -0.01
+    assert wire.summarise([run("local-steps:int8", 1.0, 0.9)], "large") == {}
