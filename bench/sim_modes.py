@@ -242,9 +242,10 @@ class SyncSimulation(_ModeBase):
             version = base[0]
             if version not in self.ticks_for and self.store.versions()[0] == version:
                 self.ticks_for.add(version)  # the step's first gradient: its timeout runs
-                self.queue.at(
-                    self.queue.now + self.rule.step_timeout_s, lambda: self._tick(version)
-                )
+                # One ulp later: (now + timeout) - now can round to just under the timeout,
+                # and the step would then never be applied.
+                due = math.nextafter(self.queue.now + self.rule.step_timeout_s, math.inf)
+                self.queue.at(due, lambda: self._tick(version))
             self._serve_waiting()
 
         self.queue.at(at_server, offer)
