@@ -83,6 +83,11 @@ LOCAL_STEPS_SEED: dict[str, dict[str, Any]] = {
     }
 }
 STATUS_INTERVAL_S = 1.0
+#: The job's ``algorithm`` and ``compression`` values these benchmarks run.
+ALGORITHMS = ("downpour", "local-steps")
+COMPRESSIONS = ("none", "int8")
+#: The job settings issue 11's unsuffixed headline keys are measured with.
+NEW_DEFAULTS = ("local-steps", "int8")
 DEFAULT_CONFIGS = ["small:1:4:4", "small:2:4:4", "large:1:8:8", "large:2:8:8"]
 
 
@@ -104,10 +109,10 @@ class RunConfig:
         if model not in MODELS:
             raise argparse.ArgumentTypeError(f"unknown model {model!r}")
         algorithm = rest[0] if rest else "downpour"
-        if algorithm not in ("downpour", "local-steps") or len(rest) > 2:
+        if algorithm not in ALGORITHMS or len(rest) > 2:
             raise argparse.ArgumentTypeError(f"unknown algorithm {algorithm!r}")
         compression = rest[1] if len(rest) > 1 else "none"
-        if compression not in ("none", "int8"):
+        if compression not in COMPRESSIONS:
             raise argparse.ArgumentTypeError(f"unknown compression {compression!r}")
         return cls(model, int(agents), int(n_fetch), int(n_push), algorithm, compression)
 
@@ -447,10 +452,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     result["runs"] = run_configs(args.config, args)
     return result
-
-
-#: The job settings issue 11's unsuffixed headline keys are measured with.
-NEW_DEFAULTS = ("local-steps", "int8")
 
 
 def headline_keys(result: dict[str, Any]) -> dict[str, Any]:

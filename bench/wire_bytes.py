@@ -51,13 +51,20 @@ for _path in (ROOT, ROOT / "platform", ROOT / "agent", ROOT / "bench"):
 from tests.netlink import PROFILES as LINK_PROFILES  # noqa: E402
 
 from benchlib import BATCH_SIZE, LEARNING_RATE, MODELS, WORK_DIR  # noqa: E402
-from downpour_runs import LOCAL_STEPS_SEED, STATUS_INTERVAL_S, BenchDeployment  # noqa: E402
+from downpour_runs import (  # noqa: E402
+    ALGORITHMS,
+    COMPRESSIONS,
+    LOCAL_STEPS_SEED,
+    STATUS_INTERVAL_S,
+    BenchDeployment,
+)
+from downpour_runs import NEW_DEFAULTS as NEW_DEFAULT_SETTINGS  # noqa: E402
 
 #: Today's defaults, the baseline every other variant is divided by.
 BASELINE = "downpour:none"
-VARIANTS = (BASELINE, "downpour:int8", "local-steps:int8")
 #: The variant issue 11's headline keys compare with the baseline.
-NEW_DEFAULTS = "local-steps:int8"
+NEW_DEFAULTS = ":".join(NEW_DEFAULT_SETTINGS)
+VARIANTS = (BASELINE, "downpour:int8", NEW_DEFAULTS)
 #: Evaluations averaged for a run's final accuracy.
 LAST_EVALUATIONS = 3
 _SS_BYTES = re.compile(r"bytes_sent:(\d+).*?bytes_received:(\d+)", re.S)
@@ -92,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_variant(text: str) -> str:
     algorithm, _, compression = text.partition(":")
-    if algorithm not in ("downpour", "local-steps") or compression not in ("none", "int8"):
+    if algorithm not in ALGORITHMS or compression not in COMPRESSIONS:
         raise argparse.ArgumentTypeError(f"not ALGORITHM:COMPRESSION: {text!r}")
     return text
 
