@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
+import pytest
 from tests.sim.test_convergence_sim import _load
 
 
@@ -76,3 +78,11 @@ def test_wire_bytes_divides_each_variant_by_todays_defaults() -> None:
     assert summary["accuracy_gap_new_vs_fp32_large"] == 0.001
     assert summary["accuracy_gap_int8_delta_vs_fp32_large"] == -0.01
     assert wire.summarise([run("local-steps:int8", 1.0, 0.9)], "large") == {}
+
+
+def test_a_variant_outside_the_benchmarked_algorithms_and_compressions_is_refused() -> None:
+    wire = _load("wire_bytes")
+    assert wire.parse_variant("local-steps:int8") == "local-steps:int8"
+    for bad in ("foo:bar", "downpour", "downpour:int4", "sync:none", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            wire.parse_variant(bad)
