@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import signal
 import sqlite3
 import subprocess
 import time
@@ -95,6 +96,7 @@ class Deployment:
         #: Chosen by the kernel when the server first binds (see ``devprocs.start_server``).
         self.port = 0
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.worker: subprocess.Popen[bytes] | None = None
         self.server: subprocess.Popen[bytes] | None = None
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         self.links = Links() if links else None
@@ -147,8 +149,35 @@ class Deployment:
         manage(["migrate", "--no-input"], self.env)
         self.start_server()
         if self.mode == "production":
-            self.procs += start_celery(self.env, self.workdir)
+            celery = start_celery(self.env, self.workdir)
+            self.worker = celery[0]
+            self.procs += celery
         return self
+
+    def worker_stacks(self) -> str:
+        """Every thread's stack in the Celery worker, asked of its SIGUSR1 handler, so a
+        stalled worker shows where it stalled ("" if there is no live worker)."""
+        if self.worker is None or self.worker.poll() is not None:
+            return ""
+        log = self.workdir / "celery-worker.log"
+        start = log.stat().st_size
+        self.worker.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        with log.open("rb") as f:
+            f.seek(start)
+            dumped = f.read().decode(errors="replace")
+        # Keep the thread names and their stacks; drop the locals Celery prints with each.
+        kept, in_locals = [], False
+        for line in dumped.splitlines():
+            if line.strip() == "LOCAL VARIABLES":
+                in_locals = True
+            elif line.startswith(("=", "[")) or not line.strip():
+                continue  # separators, blank lines and the worker's own log lines
+            elif in_locals and not line.startswith(("{", " ", "'")):
+                in_locals = False
+            if not in_locals and line.strip() != "LOCAL VARIABLES":
+                kept.append(line)
+        return "\n".join(kept)
 
     def start_server(self) -> None:
         """Start the server; after a kill, on the port it had, where the agents look for it."""
@@ -292,7 +321,11 @@ class Deployment:
             if self.server is not None and self.server.poll() is not None:
                 raise AssertionError(f"server died while waiting for {what}\n{self.logs()}")
             time.sleep(0.5)
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{self.logs()}")
+        stacks = self.worker_stacks()
+        raise AssertionError(
+            f"timed out after {timeout:.0f} s waiting for {what}\n{self.logs()}\n"
+            f"===== the worker's threads =====\n{stacks}"
+        )
 
     def _redis(self) -> Any:
         import redis
