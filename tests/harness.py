@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import signal
 import sqlite3
 import subprocess
 import time
@@ -24,6 +23,7 @@ from tests.netlink import Link, Links
 
 from downpour.devprocs import (
     BIN,
+    STACKS_SIGNAL,
     agent_config_path,
     manage,
     seed_digits_job,
@@ -154,30 +154,32 @@ class Deployment:
             self.procs += celery
         return self
 
-    def worker_stacks(self) -> str:
-        """Every thread's stack in the Celery worker, asked of its SIGUSR1 handler, so a
-        stalled worker shows where it stalled ("" if there is no live worker)."""
+    def worker_stacks(self, timeout: float = 10) -> str:
+        """Every thread's stack in the Celery worker ("" without a live worker), so a
+        stalled worker shows where it stalled: faulthandler's dump on ``STACKS_SIGNAL``
+        (``downpour/celery.py``), cut from the worker's log."""
         if self.worker is None or self.worker.poll() is not None:
             return ""
         log = self.workdir / "celery-worker.log"
         start = log.stat().st_size
-        self.worker.send_signal(signal.SIGUSR1)
-        time.sleep(2)
-        with log.open("rb") as f:
-            f.seek(start)
-            dumped = f.read().decode(errors="replace")
-        # Keep the thread names and their stacks; drop the locals Celery prints with each.
-        kept, in_locals = [], False
-        for line in dumped.splitlines():
-            if line.strip() == "LOCAL VARIABLES":
-                in_locals = True
-            elif line.startswith(("=", "[")) or not line.strip():
-                continue  # separators, blank lines and the worker's own log lines
-            elif in_locals and not line.startswith(("{", " ", "'")):
-                in_locals = False
-            if not in_locals and line.strip() != "LOCAL VARIABLES":
-                kept.append(line)
-        return "\n".join(kept)
+        self.worker.send_signal(STACKS_SIGNAL)
+        dump: list[str] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            with log.open("rb") as f:
+                f.seek(start)
+                lines = f.read().decode(errors="replace").splitlines()
+            dump = [
+                line
+                for line in lines
+                if line.startswith(("Thread 0x", "Current thread 0x", "  File "))
+            ]
+            # faulthandler writes the thread it runs on ("Current thread") among the others;
+            # the dump is whole once a line after the last frame has arrived.
+            if dump and lines and not lines[-1].startswith("  File "):
+                break
+        return "\n".join(dump)
 
     def start_server(self) -> None:
         """Start the server; after a kill, on the port it had, where the agents look for it."""
@@ -321,10 +323,10 @@ class Deployment:
             if self.server is not None and self.server.poll() is not None:
                 raise AssertionError(f"server died while waiting for {what}\n{self.logs()}")
             time.sleep(0.5)
-        stacks = self.worker_stacks()
+        logs = self.logs()  # before the dump, which the worker's log then ends with
         raise AssertionError(
-            f"timed out after {timeout:.0f} s waiting for {what}\n{self.logs()}\n"
-            f"===== the worker's threads =====\n{stacks}"
+            f"timed out after {timeout:.0f} s waiting for {what}\n{logs}\n"
+            f"===== the worker's threads =====\n{self.worker_stacks()}"
         )
 
     def _redis(self) -> Any:

@@ -26,6 +26,11 @@ BIN = Path(sys.executable).parent
 SPAWNED: list[subprocess.Popen[bytes]] = []
 #: What daphne logs once it is bound; with ``-p 0`` it names the port the kernel chose.
 _LISTENING = re.compile(rb"Listening on TCP address 127\.0\.0\.1:(\d+)")
+#: ``kill -USR2 <celery worker>`` writes every thread's stack to the worker's stderr (its
+#: log; armed in ``downpour/celery.py``). faulthandler's handler is C: it answers even while
+#: the main thread is stuck in C code, and prints no locals (Celery's SIGUSR1 dump repr()s
+#: them, which can run queries).
+STACKS_SIGNAL = signal.SIGUSR2
 
 
 def process_env(extra: Mapping[str, str]) -> dict[str, str]:

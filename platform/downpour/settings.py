@@ -129,6 +129,9 @@ else:
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_QUEUE", "celery")
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# TensorFlow is not fork-safe once imported, and a worker imports it as it starts
+# (downpour/celery.py): threads, never prefork's forked children.
+CELERY_WORKER_POOL = "threads"
 # Keys of the parameter store in Redis; tests give each run its own prefix.
 STORE_PREFIX = os.environ.get("STORE_PREFIX", "downpour:store:")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from .stack import Stack
 
 
@@ -28,8 +30,20 @@ def test_a_stalled_wait_reports_the_workers_threads(production: Stack) -> None:
     log = production.workdir / "celery-worker.log"
     production.wait_for("a task to finish", lambda: "succeeded in" in log.read_text(), 120)
     stacks = production.worker_stacks()
-    # The main thread (the consumer) and a pool thread, each with its stack.
-    assert "MainThread" in stacks
-    assert "ThreadPoolExecutor" in stacks
-    assert 'File "' in stacks
-    assert "LOCAL VARIABLES" not in stacks
+    # The main thread (the consumer's loop) and a pool thread, each with its frames.
+    threads = [line for line in stacks.splitlines() if "hread 0x" in line]
+    assert len(threads) >= 2, stacks
+    assert "celery/worker/" in stacks
+    assert "concurrent/futures/thread.py" in stacks
+    # The worker lives on after the dump and still finishes tasks.
+    done = log.read_text().count("succeeded in")
+    production.wait_for("another task", lambda: log.read_text().count("succeeded in") > done, 30)
+
+
+def test_a_timed_out_wait_ends_with_the_workers_stacks(production: Stack) -> None:
+    with pytest.raises(AssertionError) as failed:
+        production.wait_for("something that never happens", lambda: False, timeout=1)
+    message = str(failed.value)
+    logs, stacks = message.split("===== the worker's threads =====")
+    assert "===== celery-worker.log =====" in logs
+    assert "hread 0x" in stacks and "celery/worker/" in stacks
