@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,29 @@ def test_a_seed_makes_initial_weights_deterministic(configs: dict[str, str]) -> 
     # Assert
     assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
     assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_builds_in_threads_get_the_weights_their_seed_gives_alone(
+    configs: dict[str, str],
+) -> None:
+    # Prepare: a Celery worker builds models in two pool threads at once (a job starting,
+    # another's evaluation); seeding and initialisers share process-wide random state.
+    alone = build_model(configs["cnn"], seed=7).get_weights()
+    built: dict[int, list[Any]] = {}
+
+    def build(index: int) -> None:
+        built[index] = build_model(configs["cnn"], seed=7).get_weights()
+
+    # Execute
+    threads = [threading.Thread(target=build, args=(index,)) for index in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    # Assert
+    for weights in built.values():
+        assert all(np.array_equal(a, b) for a, b in zip(alone, weights, strict=True))
 
 
 def test_variable_specs_name_every_trainable_variable_once(configs: dict[str, str]) -> None:

@@ -8,6 +8,7 @@ arguments. Keras is imported inside the functions, so importing this module is c
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     import keras
 
 __all__ = ["build_loss", "build_model", "variable_specs"]
+
+_BUILD_LOCK = threading.Lock()
 
 
 def build_model(
@@ -61,8 +64,16 @@ def build_model(
 
     import keras
 
-    if seed is not None:
-        keras.utils.set_random_seed(seed)
+    # Seeding is process-wide (Python, numpy and Keras' global generator) and every layer
+    # draws its initial weights from it as it is built: two builds interleaved in threads
+    # (a Celery worker's pool) each got other weights than their seed gives alone.
+    with _BUILD_LOCK:
+        if seed is not None:
+            keras.utils.set_random_seed(seed)
+        return _build(keras, spec)
+
+
+def _build(keras: Any, spec: ModelSpec) -> Any:
     tables = _Tables(keras)
     input_spec = spec.layers[0]
     model_input = keras.Input(
