@@ -116,6 +116,7 @@ async def test_shutdown_does_not_wait_forever_for_lease_returned(
     assert agent.stats.leases_returned == 0
 
 
+@pytest.mark.slow  # a real agent process, which imports TensorFlow
 async def test_sigint_makes_the_agent_process_return_its_lease_and_exit_0(
     server: FakeServer, tmp_path: Path
 ) -> None:

@@ -5,9 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from downpour.devprocs import ROOT, process_env
 
 from .helpers import mlp_config
+
+# Each test runs ``manage.py check_model``, a process that imports TensorFlow.
+pytestmark = pytest.mark.slow
 
 
 def check_model(path: Path) -> subprocess.CompletedProcess[str]:
