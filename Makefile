@@ -26,7 +26,7 @@ test: $(STAMP)
 # processes, browser or TensorFlow subprocess; the Django tests run on the embedded default.
 FAST_MARKERS := not services and not e2e and not browser and not slow and not desktop and not net
 test-fast: $(STAMP)
-	DOWNPOUR_NO_SERVICES=1 $(VENV)/bin/python -m pytest -m "$(FAST_MARKERS)"
+	DOWNPOUR_NO_SERVICES=1 $(VENV)/bin/python -m pytest -n auto -m "$(FAST_MARKERS)"
 
 # The agent's tests with only agent/ importable, as on a donor's machine.
 test-agent: $(STAMP)
