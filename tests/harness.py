@@ -15,6 +15,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -218,6 +219,23 @@ class Deployment:
         with sqlite3.connect(self.workdir / "db.sqlite3", timeout=30) as conn:
             params = [p.replace("-", "") if _is_uuid(p) else p for p in params]
             return list(conn.execute(sql.replace("%s", "?"), params).fetchall())
+
+    def end_jobs(self) -> list[str]:
+        """Fail every job that has not ended; their ids.
+
+        The scheduler spreads agents over every running job, so a job an earlier test left
+        running takes the next test's agents: end them before a test that asserts on who
+        did its job's work.
+        """
+        now = datetime.now(UTC)
+        # SQLite holds Django's datetimes as UTC text.
+        ended = now if self.mode == "production" else now.strftime("%Y-%m-%d %H:%M:%S.%f")
+        rows = self.query(
+            "UPDATE training_job SET status = 'failed', status_message = 'ended by the tests', "
+            "finished_at = %s WHERE status IN ('queued', 'running', 'paused') RETURNING id",
+            [ended],
+        )
+        return [str(row[0]) for row in rows]
 
     def job(self, job_id: str) -> dict[str, Any]:
         row = self.query(

@@ -24,6 +24,13 @@ def blasted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield stack
 
 
+@pytest.fixture(autouse=True)
+def only_this_tests_job(blasted: Stack) -> None:
+    """End the jobs earlier tests left running: the kill test's job, still running, once
+    took the slow agent of the backup test, whose own job then never needed a backup."""
+    blasted.end_jobs()
+
+
 def progress(stack: Stack, job_id: str) -> dict[str, Any]:
     row = stack.query(
         "SELECT sandblaster_progress, sandblaster_backups FROM training_job WHERE id = %s",
@@ -166,6 +173,16 @@ def test_backups_finish_a_pass_when_one_agent_is_ten_times_slower(blasted: Stack
         blasted.start_agent("blast-fast", seeded["tokens"][1])
         wait_registered(blasted, "blast-slow", "blast-fast")
     blasted.wait_for("the first pass", lambda: passes_done(blasted, job_id) >= 1, timeout=240)
+    blasted.wait_for(
+        "the slow agent to take a unit of this job",
+        lambda: blasted.query(
+            "SELECT l.id FROM training_lease l JOIN donors_agent a ON l.agent_id = a.id "
+            "JOIN training_workunit u ON l.unit_id = u.id WHERE a.name = 'blast-slow' "
+            "AND u.job_id = %s",
+            [job_id],
+        ),
+        timeout=120,
+    )
     started, first = time.monotonic(), passes_done(blasted, job_id)
 
     # Execute
