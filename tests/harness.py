@@ -220,6 +220,12 @@ class Deployment:
             params = [p.replace("-", "") if _is_uuid(p) else p for p in params]
             return list(conn.execute(sql.replace("%s", "?"), params).fetchall())
 
+    def now(self) -> Any:
+        """The current time as this deployment's database takes it in a query parameter:
+        SQLite holds Django's datetimes as UTC text."""
+        now = datetime.now(UTC)
+        return now if self.mode == "production" else now.strftime("%Y-%m-%d %H:%M:%S.%f")
+
     def end_jobs(self) -> list[str]:
         """Fail every job that has not ended; their ids.
 
@@ -227,13 +233,10 @@ class Deployment:
         running takes the next test's agents: end them before a test that asserts on who
         did its job's work.
         """
-        now = datetime.now(UTC)
-        # SQLite holds Django's datetimes as UTC text.
-        ended = now if self.mode == "production" else now.strftime("%Y-%m-%d %H:%M:%S.%f")
         rows = self.query(
             "UPDATE training_job SET status = 'failed', status_message = 'ended by the tests', "
             "finished_at = %s WHERE status IN ('queued', 'running', 'paused') RETURNING id",
-            [ended],
+            [self.now()],
         )
         return [str(row[0]) for row in rows]
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 
 from tests.harness import Deployment as Stack
@@ -77,10 +76,7 @@ def held(stack: Stack, job_id: str) -> Iterator[None]:
     stack.wait_for("the job to start", lambda: stack.job(job_id)["status"] == "running", 120)
     stack.query("UPDATE training_job SET status = 'paused' WHERE id = %s RETURNING id", [job_id])
     yield
-    now = datetime.now(UTC)
-    # SQLite holds Django's datetimes as UTC text.
-    started = now if stack.mode == "production" else now.strftime("%Y-%m-%d %H:%M:%S.%f")
     stack.query(
         "UPDATE training_job SET status = 'running', started_at = %s WHERE id = %s RETURNING id",
-        [started, job_id],
+        [stack.now(), job_id],
     )
