@@ -650,8 +650,15 @@ class StackResult:
     staleness_p50: float
     staleness_p95: float
     stale_rejected: int
+    #: Versions between a tested push's base and the version its reference was read at
+    #: (median and 95th percentile over every tested push).
+    reference_lag_p50: float = 0.0
+    reference_lag_p95: float = 0.0
+    #: Root references computed (on the clock and on the version trigger).
+    references_computed: int = 0
     agents: list[dict[str, Any]] = field(default_factory=list)
-    #: Every tested push, ``[agent, role, job seconds, cosine]``: to judge ban rules offline.
+    #: Every tested push, ``[agent, role, job seconds, cosine, the agent's store pushes so
+    #: far]``: to judge ban rules offline.
     trace: list[list[Any]] = field(default_factory=list)
 
 
@@ -700,6 +707,8 @@ def simulate_stack(
     reference_every_s: float = 0.5,
     per_shard_reference: bool = False,
     min_agreement: float = 0.5,
+    reference_every_versions: int = 0,
+    reference_delay_s: float = 0.05,
 ) -> StackResult:
     """A robust job as the server runs it, with the real store, scheduler policy and bans.
 
@@ -731,6 +740,11 @@ def simulate_stack(
       images (drawn from the whole training set, so from every data shard) at the store's
       current weights, and passes each shard's part to ``ParameterStore.push(reference=...)``
       for the direction test (FLTrust; ``CentredClipping.min_cosine``).
+    * **Version trigger** (``reference_every_versions`` N > 0): as well as on the clock, a
+      reference is computed when an applied push brings parameter shard 0 to a multiple of N,
+      as the consumer triggers the worker: from the weights at that moment, published
+      ``reference_delay_s`` later (the broker's hop and the worker's compute), and at most one
+      at a time (the trigger's ``SET NX``).
     """
     with threadpool_limits(limits=1, user_api="blas"):
         return _simulate_stack(
@@ -753,6 +767,8 @@ def simulate_stack(
             reference_every_s,
             per_shard_reference,
             min_agreement,
+            reference_every_versions,
+            reference_delay_s,
         )
 
 
@@ -776,6 +792,8 @@ def _simulate_stack(
     reference_every_s: float,
     per_shard_reference: bool,
     min_agreement: float,
+    reference_every_versions: int,
+    reference_delay_s: float,
 ) -> StackResult:
     from downpour.scheduler import admits_during_warmup, unit_steps
     from downpour.scheduler.reputation import min_pushes_for_shards
@@ -822,15 +840,43 @@ def _simulate_stack(
         else [root_rng.permutation(len(data.y_train))[:root_sample]]
     )
     references: list[list[np.ndarray | None]] = []
+    reference_versions: list[int] = []
     trace: list[list[Any]] = []
+    lags: list[int] = []
     reference_at = -math.inf
+    computed = [0]
+    # A version-triggered reference on its way: (publish at, weights, their versions).
+    pending: list[tuple[float, Weights, list[int]]] = []
+
+    def store_versions() -> list[int]:
+        return [store.fetch(shard)[0] for shard in range(layout.n_shards)]
 
     def refresh_references(now: float) -> None:
-        nonlocal references, reference_at
-        if robust is None or not root_sample or now - reference_at < reference_every_s:
+        nonlocal reference_at
+        if robust is None or not root_sample:
             return
-        reference_at = now
-        weights = store.weights()
+        if pending and pending[0][0] <= now:
+            _at, weights, versions = pending.pop()
+            compute_references(weights, versions)
+        if now - reference_at >= reference_every_s:
+            reference_at = now
+            compute_references(store.weights(), store_versions())
+
+    def trigger_reference(now: float, version: int) -> None:
+        if (
+            robust is None
+            or not root_sample
+            or not reference_every_versions
+            or version % reference_every_versions
+            or pending
+        ):
+            return
+        pending.append((now + reference_delay_s, store.weights(), store_versions()))
+
+    def compute_references(weights: Weights, versions: list[int]) -> None:
+        nonlocal references, reference_versions
+        computed[0] += 1
+        reference_versions = versions
         references = []
         for root in roots:
             halves = [
@@ -926,6 +972,10 @@ def _simulate_stack(
             if result.applied:
                 agent.staleness.append(result.staleness)
                 agent.store_pushes += 1
+                if shard == 0:
+                    trigger_reference(now, result.version)
+                if result.cosine is not None:
+                    lags.append(agent.versions[shard] - reference_versions[shard])
                 if robust is not None:
                     flags = PushFlags(result.clipped, result.cosine, result.opposed)
                     agent.unflushed.append(flags)
@@ -937,7 +987,13 @@ def _simulate_stack(
                         agent.min_cosine_t = min(agent.min_cosine_t, cosine_t(agent.projected))
                     if result.cosine is not None:
                         trace.append(
-                            [agent.index, agent.role, round(now, 3), round(result.cosine, 4)]
+                            [
+                                agent.index,
+                                agent.role,
+                                round(now, 3),
+                                round(result.cosine, 4),
+                                agent.store_pushes,
+                            ]
                         )
                     agent.clipped += result.clipped
             if robust is not None and agent.banned_at_s is None:
@@ -1035,6 +1091,9 @@ def _simulate_stack(
         staleness_p50=float(np.percentile(staleness, 50)) if staleness else 0.0,
         staleness_p95=float(np.percentile(staleness, 95)) if staleness else 0.0,
         stale_rejected=stale[0],
+        reference_lag_p50=float(np.percentile(lags, 50)) if lags else 0.0,
+        reference_lag_p95=float(np.percentile(lags, 95)) if lags else 0.0,
+        references_computed=computed[0],
         trace=trace,
         agents=[
             {
@@ -1099,6 +1158,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.5,
         help="stack: seconds between the server's reference gradients (default 0.5)",
+    )
+    parser.add_argument(
+        "--per-shard-reference",
+        action="store_true",
+        help="stack: a root sample and reference per data shard, each push tested against "
+        "its lease's shard's (default: one from the whole training set)",
+    )
+    parser.add_argument(
+        "--reference-every-versions",
+        type=int,
+        default=0,
+        help="stack: also compute a reference when shard 0 reaches a multiple of this many "
+        "versions, as the consumer triggers the worker (default 0: the clock only)",
+    )
+    parser.add_argument(
+        "--reference-delay-s",
+        type=float,
+        default=0.05,
+        help="stack: seconds from a version trigger to its reference's publication",
     )
     parser.add_argument(
         "--min-agreement",
@@ -1198,6 +1276,9 @@ def run_stack(args: argparse.Namespace, robust: CentredClipping) -> dict[str, An
         "root_sample": args.root_sample,
         "reference_every_s": args.reference_every_s,
         "min_agreement": args.min_agreement,
+        "reference_every_versions": args.reference_every_versions,
+        "reference_delay_s": args.reference_delay_s,
+        "per_shard_reference": args.per_shard_reference,
     }
     started = time.perf_counter()
     clean = simulate_stack(data, attack=None, fraction=0.0, robust=robust, **common)
@@ -1234,6 +1315,10 @@ def run_stack(args: argparse.Namespace, robust: CentredClipping) -> dict[str, An
         "staleness_p50": attacked.staleness_p50,
         "staleness_p95": attacked.staleness_p95,
         "stale_rejected": attacked.stale_rejected,
+        "reference_lag_p50": attacked.reference_lag_p50,
+        "reference_lag_p95": attacked.reference_lag_p95,
+        "references_computed": attacked.references_computed,
+        "clean_reference_lag_p95": clean.reference_lag_p95,
         "agents_detail": attacked.agents,
         "clean_agents_detail": clean.agents,
         # The direction rule's margin: the lowest mean cosine any honest agent had at a

@@ -136,8 +136,40 @@ def test_on_a_short_job_the_sign_flippers_are_banned_and_no_honest_agent_is() ->
     # (Judged only at timed flushes, the second was banned at its 32nd.)
     assert attacked.pushes_to_ban == [20, 20], attacked.pushes_to_ban
     # The trace (--trace) holds every tested push, each attacker's up to its ban.
-    attackers_tested = [c for _, role, _, c in attacked.trace if role == "attacker"]
+    attackers_tested = [push for push in attacked.trace if push[1] == "attacker"]
     assert len(attackers_tested) == sum(
         a["tested"] for a in attacked.agents if a["role"] == "attacker"
     )
-    assert all(-1.0 <= c <= 1.0 for _, _, _, c in attacked.trace)
+    assert all(-1.0 <= push[3] <= 1.0 for push in attacked.trace)
+    # With the agent's store pushes so far, its last tested push is its ban's.
+    last = {push[0]: push[4] for push in attackers_tested}
+    assert sorted(last.values()) == sorted(attacked.pushes_to_ban), last
+
+
+def test_the_offline_replay_of_a_trace_bans_where_the_job_banned_and_a_laxer_rule_never() -> None:
+    # Prepare: a trace of tested pushes, two attackers pushing straight against the root
+    # gradient and one honest agent pushing with it, as bench/attacks.py --trace writes it.
+    spec = importlib.util.spec_from_file_location(
+        "downpour_bench_ban_rules", BENCH.parent / "ban_rules.py"
+    )
+    assert spec is not None and spec.loader is not None
+    ban_rules = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ban_rules)
+    rng = np.random.default_rng(0)
+    attacked = [
+        [agent, role, 0.1 * step, round(float(cosine), 4), 2 * step + 1]
+        for step in range(40)
+        for agent, role, cosine in (
+            (1, "attacker", -0.4 + 0.1 * rng.standard_normal()),
+            (2, "attacker", -0.2 + 0.1 * rng.standard_normal()),
+            (3, "honest", 0.1 + 0.1 * rng.standard_normal()),
+        )
+    ]
+    trace = {"clean": [p for p in attacked if p[1] == "honest"], "attacked": attacked}
+    # Execute
+    server = ban_rules.judge(trace, (-0.15, -5.0))
+    lax = ban_rules.judge(trace, (-0.5, -100.0))
+    # Assert: both attackers at their 20th tested push (store push 39), the honest never.
+    assert server["attackers_store_pushes_to_ban"] == [39, 39], server
+    assert server["honest_banned"] == 0 and server["honest_low_mean"] > 0, server
+    assert lax["attackers_store_pushes_to_ban"] == [None, None], lax

@@ -1,0 +1,110 @@
+"""Replay the direction ban rule on traces of tested pushes, offline.
+
+``bench/attacks.py --trace FILE`` writes every tested push of its clean and attacked runs
+(``[agent, role, job seconds, cosine, the agent's store pushes so far]``). This replays
+:func:`downpour.scheduler.reputation.points_away` over them for other thresholds: for each
+attacker, the tested push and the store push at which its record first points away, and for
+honest agents the lowest mean cosine and t statistic they reach and whether the rule would
+have banned one. A rule that bans an attacker no later than the run did replays it exactly
+(the trace up to that push is what happened); a later ban lies past the trace's end and is
+reported as None. Honest agents' traces are whole.
+
+    .venv/bin/python bench/ban_rules.py TRACE.json... --rule -0.15:-5 --rule -0.15:-3.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "platform")]
+
+from downpour.scheduler.reputation import (  # noqa: E402
+    DEFAULT_MIN_PUSHES,
+    PushFlags,
+    Reputation,
+    cosine_t,
+    mean_cosine,
+    points_away,
+    record_push,
+)
+
+
+def replay(pushes: list[list[Any]], max_mean_cosine: float, max_cosine_t: float) -> dict[str, Any]:
+    """One agent's tested pushes under one rule: when it is first banned, and its lows."""
+    reputation = Reputation()
+    lowest_mean, lowest_t = math.inf, math.inf
+    for tested, push in enumerate(pushes, start=1):
+        reputation = record_push(reputation, PushFlags(False, float(push[3])))
+        if reputation.tested >= DEFAULT_MIN_PUSHES:
+            lowest_mean = min(lowest_mean, mean_cosine(reputation))
+            lowest_t = min(lowest_t, cosine_t(reputation))
+        if points_away(reputation, max_mean_cosine=max_mean_cosine, max_cosine_t=max_cosine_t):
+            return {"tested": tested, "store_pushes": push[4], "low_mean": lowest_mean}
+    return {"tested": None, "store_pushes": None, "low_mean": lowest_mean, "low_t": lowest_t}
+
+
+def judge(trace: dict[str, list[list[Any]]], rule: tuple[float, float]) -> dict[str, Any]:
+    """Attackers' bans and honest agents' lows of one trace file under ``rule``."""
+    attackers: list[Any] = []
+    honest_banned = 0
+    honest_low_mean, honest_low_t = math.inf, math.inf
+    for run in ("clean", "attacked"):
+        agents: dict[int, list[list[Any]]] = defaultdict(list)
+        roles: dict[int, str] = {}
+        for push in trace.get(run, []):
+            agents[push[0]].append(push)
+            roles[push[0]] = push[1]
+        for agent, pushes in sorted(agents.items()):
+            found = replay(pushes, *rule)
+            if roles[agent] == "attacker":
+                attackers.append(found["store_pushes"])
+            elif roles[agent] == "honest":
+                honest_banned += found["tested"] is not None
+                honest_low_mean = min(honest_low_mean, found["low_mean"])
+                honest_low_t = min(honest_low_t, found.get("low_t", -math.inf))
+    return {
+        "attackers_store_pushes_to_ban": attackers,
+        "honest_banned": honest_banned,
+        "honest_low_mean": round(honest_low_mean, 3),
+        "honest_low_t": round(honest_low_t, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("traces", nargs="+", type=Path)
+    parser.add_argument(
+        "--rule",
+        action="append",
+        default=[],
+        help="MEAN:T, the mean cosine and t statistic below which an agent is banned "
+        "(repeatable; default the server's -0.15:-5)",
+    )
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args(argv)
+    rules = [tuple(float(x) for x in rule.split(":")) for rule in args.rule] or [(-0.15, -5.0)]
+    results: dict[str, Any] = {}
+    for rule in rules:
+        key = f"{rule[0]}:{rule[1]}"
+        results[key] = {}
+        for path in args.traces:
+            found = judge(json.loads(path.read_text()), (rule[0], rule[1]))
+            results[key][path.name] = found
+            print(
+                f"{key:>12} {path.name:<28} attackers {found['attackers_store_pushes_to_ban']}"
+                f"  honest banned {found['honest_banned']}  honest lows"
+                f" {found['honest_low_mean']} / {found['honest_low_t']}"
+            )
+    if args.json_out is not None:
+        args.json_out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
