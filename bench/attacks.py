@@ -742,9 +742,9 @@ def simulate_stack(
       for the direction test (FLTrust; ``CentredClipping.min_cosine``).
     * **Version trigger** (``reference_every_versions`` N > 0): as well as on the clock, a
       reference is computed when an applied push brings parameter shard 0 to a multiple of N,
-      as the consumer triggers the worker: from the weights at that moment, published
-      ``reference_delay_s`` later (the broker's hop and the worker's compute), and at most one
-      at a time (the trigger's ``SET NX``).
+      as the consumer triggers the worker: ``reference_delay_s`` later (the broker's hop and
+      the worker's compute), from the weights at that moment, at most one at a time (the
+      trigger's ``SET NX``), and none when the clock's comes first.
     """
     with threadpool_limits(limits=1, user_api="blas"):
         return _simulate_stack(
@@ -845,8 +845,9 @@ def _simulate_stack(
     lags: list[int] = []
     reference_at = -math.inf
     computed = [0]
-    # A version-triggered reference on its way: (publish at, weights, their versions).
-    pending: list[tuple[float, Weights, list[int]]] = []
+    # When a version-triggered reference is due to be published (the worker reads the weights
+    # as it runs, so they are read then).
+    pending: list[float] = []
 
     def store_versions() -> list[int]:
         return [store.fetch(shard)[0] for shard in range(layout.n_shards)]
@@ -855,11 +856,12 @@ def _simulate_stack(
         nonlocal reference_at
         if robust is None or not root_sample:
             return
-        if pending and pending[0][0] <= now:
-            _at, weights, versions = pending.pop()
-            compute_references(weights, versions)
         if now - reference_at >= reference_every_s:
             reference_at = now
+            pending.clear()  # the clock's reference is at least as fresh
+            compute_references(store.weights(), store_versions())
+        elif pending and pending[0] <= now:
+            pending.clear()
             compute_references(store.weights(), store_versions())
 
     def trigger_reference(now: float, version: int) -> None:
@@ -871,7 +873,7 @@ def _simulate_stack(
             or pending
         ):
             return
-        pending.append((now + reference_delay_s, store.weights(), store_versions()))
+        pending.append(now + reference_delay_s)
 
     def compute_references(weights: Weights, versions: list[int]) -> None:
         nonlocal references, reference_versions
@@ -975,7 +977,8 @@ def _simulate_stack(
                 if shard == 0:
                     trigger_reference(now, result.version)
                 if result.cosine is not None:
-                    lags.append(agent.versions[shard] - reference_versions[shard])
+                    # Either way round: a reference newer than the push's base is as far off.
+                    lags.append(abs(agent.versions[shard] - reference_versions[shard]))
                 if robust is not None:
                     flags = PushFlags(result.clipped, result.cosine, result.opposed)
                     agent.unflushed.append(flags)

@@ -1,15 +1,17 @@
 """Replay the direction ban rule on traces of tested pushes, offline.
 
 ``bench/attacks.py --trace FILE`` writes every tested push of its clean and attacked runs
-(``[agent, role, job seconds, cosine, the agent's store pushes so far]``). This replays
-:func:`downpour.scheduler.reputation.points_away` over them for other thresholds: for each
-attacker, the tested push and the store push at which its record first points away, and for
-honest agents the lowest mean cosine and t statistic they reach and whether the rule would
-have banned one. A rule that bans an attacker no later than the run did replays it exactly
-(the trace up to that push is what happened); a later ban lies past the trace's end and is
-reported as None. Honest agents' traces are whole.
+(``[agent, role, job seconds, cosine, the agent's store pushes so far]``). This replays the
+direction rule, :func:`downpour.scheduler.reputation.points_away`, over them for other
+thresholds (not the clipping rule, which the trace does not record): for each attacker, the
+tested push and the store push at which its record first points away, and for honest agents
+the lowest mean cosine and t statistic they reach and whether the rule would have banned
+one. Up to an attacker's first ban under the replayed rule the trace is what happened,
+provided that rule bans it no later than the run did; a later ban lies past the trace's end
+and is reported as None. What follows an earlier ban (the others' pushes once it has left)
+did not happen, so honest agents' lows are those of the run as it went.
 
-    .venv/bin/python bench/ban_rules.py TRACE.json... --rule -0.15:-5 --rule -0.15:-3.5
+    .venv/bin/python bench/ban_rules.py TRACE.json... --rule=-0.15:-5 --rule=-0.15:-3.5
 """
 
 from __future__ import annotations
@@ -45,7 +47,12 @@ def replay(pushes: list[list[Any]], max_mean_cosine: float, max_cosine_t: float)
             lowest_mean = min(lowest_mean, mean_cosine(reputation))
             lowest_t = min(lowest_t, cosine_t(reputation))
         if points_away(reputation, max_mean_cosine=max_mean_cosine, max_cosine_t=max_cosine_t):
-            return {"tested": tested, "store_pushes": push[4], "low_mean": lowest_mean}
+            return {
+                "tested": tested,
+                "store_pushes": push[4],
+                "low_mean": lowest_mean,
+                "low_t": lowest_t,
+            }
     return {"tested": None, "store_pushes": None, "low_mean": lowest_mean, "low_t": lowest_t}
 
 
@@ -67,12 +74,13 @@ def judge(trace: dict[str, list[list[Any]]], rule: tuple[float, float]) -> dict[
             elif roles[agent] == "honest":
                 honest_banned += found["tested"] is not None
                 honest_low_mean = min(honest_low_mean, found["low_mean"])
-                honest_low_t = min(honest_low_t, found.get("low_t", -math.inf))
+                honest_low_t = min(honest_low_t, found["low_t"])
     return {
         "attackers_store_pushes_to_ban": attackers,
         "honest_banned": honest_banned,
-        "honest_low_mean": round(honest_low_mean, 3),
-        "honest_low_t": round(honest_low_t, 2),
+        # None: no honest agent reached the tested pushes a judgement needs.
+        "honest_low_mean": round(honest_low_mean, 3) if math.isfinite(honest_low_mean) else None,
+        "honest_low_t": round(honest_low_t, 2) if math.isfinite(honest_low_t) else None,
     }
 
 
@@ -83,8 +91,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--rule",
         action="append",
         default=[],
-        help="MEAN:T, the mean cosine and t statistic below which an agent is banned "
-        "(repeatable; default the server's -0.15:-5)",
+        help="MEAN:T, the mean cosine and t statistic below which an agent is banned, "
+        "written --rule=MEAN:T since both are negative (repeatable; default the server's "
+        "-0.15:-5)",
     )
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)

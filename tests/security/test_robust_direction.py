@@ -173,3 +173,32 @@ def test_the_offline_replay_of_a_trace_bans_where_the_job_banned_and_a_laxer_rul
     assert server["attackers_store_pushes_to_ban"] == [39, 39], server
     assert server["honest_banned"] == 0 and server["honest_low_mean"] > 0, server
     assert lax["attackers_store_pushes_to_ban"] == [None, None], lax
+
+
+def test_references_triggered_by_versions_are_fresher_than_the_clocks() -> None:
+    # Prepare: the same short clean job, references on the 1 s clock alone and also every
+    # 8 versions of shard 0 (bench/attacks.py --reference-every-versions).
+    attacks = load_bench()
+    data = attacks.Digits.load()
+    runs = {
+        every: attacks.simulate_stack(
+            data,
+            attack=None,
+            fraction=0.0,
+            robust=CentredClipping(),
+            seconds=3.0,
+            seed=0,
+            root_sample=400,
+            reference_every_s=1.0,
+            reference_every_versions=every,
+        )
+        for every in (0, 8)
+    }
+    # Assert: more references, and pushes tested against ones fewer versions away.
+    clock, triggered = runs[0], runs[8]
+    assert clock.references_computed <= 4, clock.references_computed
+    assert triggered.references_computed > 4 * clock.references_computed
+    assert 0 < triggered.reference_lag_p95 < clock.reference_lag_p95 / 2, (
+        triggered.reference_lag_p95,
+        clock.reference_lag_p95,
+    )
