@@ -25,9 +25,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.services]
 #: flipper; docs/robustness.md). Here, on a real clock, it was 20 in 3 runs beside a full
 #: suite, 131 in CI (judgements then came only every 0.25 s) and 113 on a machine with a
 #: CPU hog and the suite: the flipper pushed ~30 times a second against a reference
-#: refreshed each second, so its tested pushes come in correlated batches of ~30. The bound
-#: still tells the direction rule from the clipping rule it replaced, which banned after
-#: 127-195 *clipped* pushes, several hundred in all.
+#: refreshed each second, so its tested pushes come in correlated batches of ~30. The ban
+#: reason tells the direction rule from the clipping rule; the bound catches a ban that
+#: slips back to hundreds of pushes, as clipping alone took (issue 10 saw bans only after
+#: 127-195 clipped pushes).
 MAX_PUSHES_TO_BAN = 300
 
 
