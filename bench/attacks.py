@@ -849,20 +849,16 @@ def _simulate_stack(
     # as it runs, so they are read then).
     pending: list[float] = []
 
-    def store_versions() -> list[int]:
-        return [store.fetch(shard)[0] for shard in range(layout.n_shards)]
-
     def refresh_references(now: float) -> None:
         nonlocal reference_at
         if robust is None or not root_sample:
             return
-        if now - reference_at >= reference_every_s:
+        on_clock = now - reference_at >= reference_every_s
+        if on_clock:
             reference_at = now
-            pending.clear()  # the clock's reference is at least as fresh
-            compute_references(store.weights(), store_versions())
-        elif pending and pending[0] <= now:
-            pending.clear()
-            compute_references(store.weights(), store_versions())
+        if on_clock or (pending and pending[0] <= now):
+            pending.clear()  # a clock's reference is as fresh as a pending one
+            compute_references()
 
     def trigger_reference(now: float, version: int) -> None:
         if (
@@ -875,10 +871,12 @@ def _simulate_stack(
             return
         pending.append(now + reference_delay_s)
 
-    def compute_references(weights: Weights, versions: list[int]) -> None:
+    def compute_references() -> None:
+        """The root references at the store's current weights, and the versions read."""
         nonlocal references, reference_versions
         computed[0] += 1
-        reference_versions = versions
+        reference_versions = store.versions()
+        weights = store.weights()
         references = []
         for root in roots:
             halves = [
