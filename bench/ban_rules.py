@@ -36,6 +36,21 @@ from downpour.scheduler.reputation import (  # noqa: E402
     record_push,
 )
 
+#: Fields of a trace row: agent, role, job seconds, cosine, the agent's store pushes so far.
+TRACE_FIELDS = 5
+
+
+def parse_rule(text: str) -> tuple[float, float]:
+    """``"MEAN:T"`` as the two ban lines, for ``--rule``."""
+    parts = text.split(":")
+    try:
+        mean, t = (float(part) for part in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not MEAN:T, two numbers such as -0.15:-5"
+        ) from None
+    return mean, t
+
 
 def replay(pushes: list[list[Any]], max_mean_cosine: float, max_cosine_t: float) -> dict[str, Any]:
     """One agent's tested pushes under one rule: when it is first banned, and its lows."""
@@ -65,6 +80,11 @@ def judge(trace: dict[str, list[list[Any]]], rule: tuple[float, float]) -> dict[
         agents: dict[int, list[list[Any]]] = defaultdict(list)
         roles: dict[int, str] = {}
         for push in trace.get(run, []):
+            if len(push) < TRACE_FIELDS:
+                raise ValueError(
+                    f"a trace row of {len(push)} fields, not {TRACE_FIELDS}: written before "
+                    "bench/attacks.py --trace recorded store pushes; run it again"
+                )
             agents[push[0]].append(push)
             roles[push[0]] = push[1]
         for agent, pushes in sorted(agents.items()):
@@ -89,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("traces", nargs="+", type=Path)
     parser.add_argument(
         "--rule",
+        type=parse_rule,
         action="append",
         default=[],
         help="MEAN:T, the mean cosine and t statistic below which an agent is banned, "
@@ -97,13 +118,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
-    rules = [tuple(float(x) for x in rule.split(":")) for rule in args.rule] or [(-0.15, -5.0)]
     results: dict[str, Any] = {}
-    for rule in rules:
+    for rule in args.rule or [(-0.15, -5.0)]:
         key = f"{rule[0]}:{rule[1]}"
         results[key] = {}
         for path in args.traces:
-            found = judge(json.loads(path.read_text()), (rule[0], rule[1]))
+            try:
+                found = judge(json.loads(path.read_text()), rule)
+            except ValueError as exc:
+                parser.error(f"{path}: {exc}")
             results[key][path.name] = found
             print(
                 f"{key:>12} {path.name:<28} attackers {found['attackers_store_pushes_to_ban']}"

@@ -8,11 +8,13 @@ asynchronous agents, warm-up, bans flushed every 2 s, the root gradient every 0.
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import pytest
 from tests.paramstore.layouts import initial_weights, model_layout
 
 from downpour.paramstore import AdagradConfig, CentredClipping, InMemoryStorage, ParameterStore
@@ -24,11 +26,12 @@ from downpour.scheduler.reputation import (
 )
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "attacks.py"
+BAN_RULES = BENCH.with_name("ban_rules.py")
 CONFIG = CentredClipping(warmup_trusted_pushes=3)
 
 
-def load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("downpour_bench_attacks_direction", BENCH)
+def load_bench(path: Path = BENCH) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"downpour_bench_{path.stem}_direction", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while being created
@@ -149,12 +152,7 @@ def test_on_a_short_job_the_sign_flippers_are_banned_and_no_honest_agent_is() ->
 def test_the_offline_replay_of_a_trace_bans_where_the_job_banned_and_a_laxer_rule_never() -> None:
     # Prepare: a trace of tested pushes, two attackers pushing straight against the root
     # gradient and one honest agent pushing with it, as bench/attacks.py --trace writes it.
-    spec = importlib.util.spec_from_file_location(
-        "downpour_bench_ban_rules", BENCH.parent / "ban_rules.py"
-    )
-    assert spec is not None and spec.loader is not None
-    ban_rules = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ban_rules)
+    ban_rules = load_bench(BAN_RULES)
     rng = np.random.default_rng(0)
     attacked = [
         [agent, role, 0.1 * step, round(float(cosine), 4), 2 * step + 1]
@@ -202,3 +200,22 @@ def test_references_triggered_by_versions_are_fresher_than_the_clocks() -> None:
         triggered.reference_lag_p95,
         clock.reference_lag_p95,
     )
+
+
+def test_the_offline_replay_refuses_a_malformed_rule_and_a_trace_from_before_store_pushes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: a trace row as bench/attacks.py wrote it before rows carried store pushes.
+    ban_rules = load_bench(BAN_RULES)
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"clean": [], "attacked": [[1, "attacker", 0.1, -0.5]]}))
+    # Execute and assert: each refused with a usage error that says what is wrong.
+    for argv, said in (
+        ([str(old), "--rule=-0.1"], "is not MEAN:T"),
+        ([str(old), "--rule=a:b"], "is not MEAN:T"),
+        ([str(old)], "written before bench/attacks.py --trace recorded store pushes"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            ban_rules.main(argv)
+        assert exited.value.code == 2, argv
+        assert said in capsys.readouterr().err, argv
