@@ -6,9 +6,14 @@ fresh install does not have: it sat "initialising" and the agent idled.
 
 from __future__ import annotations
 
-import pytest
+import re
+from pathlib import Path
 
-from .stack import Stack, held, wait_registered
+import pytest
+import redis
+
+from .stack import Stack, held, running, wait_registered
+from .test_robust import agent_row
 
 pytestmark = pytest.mark.e2e
 
@@ -37,6 +42,9 @@ def _default_robust_job_reaches_its_target(stack: Stack) -> None:
         [job_id],
     )[0][0]
     assert pushed_by_agent > 0
+    ordinary = agent_row(stack, "ordinary")
+    print("direction margins:", {"ordinary": ordinary["mean_cosine"], "tested": ordinary["tested"]})
+    assert ordinary["banned_at"] is None, stack.logs()
     stack.kill_agent("ordinary")
 
 
@@ -51,3 +59,45 @@ def test_the_default_robust_job_trains_with_one_ordinary_agent_on_the_production
     production: Stack,
 ) -> None:
     _default_robust_job_reaches_its_target(production)
+
+
+#: A worker's log line for a root reference it published on the push path's request.
+PUBLISHED_ON_REQUEST = re.compile(
+    r"publish_reference_gradient\[[^\]]+\] succeeded in [\d.]+s: True"
+)
+
+
+@pytest.mark.services
+def test_pushes_request_references_between_beats_and_the_worker_answers_each(
+    tmp_path: Path,
+) -> None:
+    # Prepare: requests every 8 versions of shard 0, and flags that outlive the test, so a
+    # request after the first goes out only once the worker has lowered the flag.
+    settings = {"REFERENCE_EVERY_VERSIONS": "8", "REFERENCE_REQUEST_TTL_S": "600"}
+    with running("production", tmp_path, **settings) as stack:
+        seeded = stack.seed(
+            target_accuracy=1.0, budget_seconds=120, robust=True, name="reference-requests"
+        )
+        job_id = seeded["job_id"]
+        with held(stack, job_id):
+            stack.start_agent("ordinary", seeded["token"])
+            wait_registered(stack, "ordinary")
+        worker_log = tmp_path / "celery-worker.log"
+
+        def published() -> int:
+            return len(PUBLISHED_ON_REQUEST.findall(worker_log.read_text(errors="replace")))
+
+        # Execute
+        stack.wait_for("three references published on request", lambda: published() >= 3, 240)
+        # Assert: what the board holds (a shard whose root halves disagree has none) was
+        # computed at a version the store has reached.
+        client = redis.Redis.from_url(stack.redis_url)
+        prefix = stack.env["STORE_PREFIX"]
+        versions = stack.store_versions(job_id)
+        read_at = {
+            shard: int.from_bytes(value[:8], "little")
+            for shard in range(len(versions))
+            if (value := client.get(f"{prefix}job:{job_id}:shard:{shard}:ref"))
+        }
+        assert all(0 < read_at[s] <= versions[s] for s in read_at), (read_at, versions)
+        stack.end_jobs()

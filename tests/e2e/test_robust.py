@@ -93,12 +93,18 @@ def leases(stack: Stack, job_id: str) -> list[tuple[str, datetime]]:
 
 def agent_row(stack: Stack, name: str) -> dict[str, Any]:
     rows = stack.query(
-        "SELECT banned_at, ban_reason, rep_pushes, rep_clipped FROM donors_agent WHERE name = %s",
+        "SELECT banned_at, ban_reason, rep_pushes, rep_clipped, rep_tested, rep_cosine_sum "
+        "FROM donors_agent WHERE name = %s",
         [name],
     )
     if not rows:
         return {}
-    return dict(zip(("banned_at", "ban_reason", "pushes", "clipped"), rows[0], strict=True))
+    fields = ("banned_at", "ban_reason", "pushes", "clipped", "tested", "cosine_sum")
+    row = dict(zip(fields, rows[0], strict=True))
+    # The lifetime mean cosine with the root gradient, printed by the tests (`-s`) so that
+    # honest agents' margins from the ban line can be read off real-stack runs.
+    row["mean_cosine"] = row["cosine_sum"] / row["tested"] if row["tested"] else None
+    return row
 
 
 def test_a_robust_job_warms_up_on_its_trusted_agent_then_bans_the_attacker(

@@ -41,7 +41,7 @@ from downpour.training.models import Job, Lease
 from downpour.training.queries import no_work_retry_s, why_no_work
 from downpour.training.spotchecks import recording as spot_recording
 from downpour.training.spotchecks.recording import Recording, copy_tensors
-from downpour.training.store import job_store, job_sync, root_reference
+from downpour.training.store import job_store, job_sync, request_reference, root_reference
 from downpour_agent.protocol import (
     AGENT_MESSAGES,
     PROTOCOL_VERSION,
@@ -335,10 +335,14 @@ class AgentConsumer(AsyncWebsocketConsumer):
             if sync is not None:
                 args = (msg["shard"], tensors, base, push_id)
                 return sync.push(*args, msg["lease_id"], msg["samples"], agent_id)
-            reference = root_reference(store, str(cached.job.id), msg["shard"], trusted)
-            return store.push(
+            job_id = str(cached.job.id)
+            reference = root_reference(store, job_id, msg["shard"], trusted, base)
+            pushed = store.push(
                 msg["shard"], tensors, base, push_id, trusted=trusted, reference=reference
             )
+            if pushed.applied:
+                request_reference(store, job_id, msg["shard"], pushed.version)
+            return pushed
 
         try:
             assert self.token is not None

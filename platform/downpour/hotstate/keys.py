@@ -17,6 +17,8 @@ Keys for shard ``i`` of job ``j`` of the parameter store (``store.RedisStorage``
 and beside them::
 
     {prefix}restore:{j}                  lock held while one process restores job j
+    {prefix}refrequest:{j}               set while a version-triggered root reference of job j
+                                         is queued or computing (``locks.raise_flag``)
     {prefix}limits:slots:{token}         HASH of the token's live connections -> their server
     {prefix}limits:servers               ZSET of live server processes, scored by alive-until
     {prefix}limits:push:{agent}          HASH, the agent's push-rate token bucket
@@ -68,6 +70,10 @@ def lbfgs_state_key(prefix: str, job: str) -> str:
 
 def restore_lock_key(prefix: str, job: str) -> str:
     return f"{prefix}restore:{job}"
+
+
+def reference_request_key(prefix: str, job: str) -> str:
+    return f"{prefix}refrequest:{job}"
 
 
 def connections_key(prefix: str, token_id: str) -> str:

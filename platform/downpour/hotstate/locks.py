@@ -30,6 +30,20 @@ def restore_lock(client: Any, prefix: str, job_id: str, ttl_s: float) -> Iterato
         lock.release()
 
 
+def raise_flag(client: Any, key: str, ttl_s: float) -> bool:
+    """Set ``key`` unless it is set; True when this call set it (``SET NX PX``).
+
+    For work that must have one request in flight across processes: whoever raises the flag
+    sends the request, and the one doing the work lowers it (:func:`lower_flag`). A crashed
+    worker's flag falls after ``ttl_s``.
+    """
+    return bool(client.set(key, b"1", nx=True, px=max(1, round(ttl_s * 1000))))
+
+
+def lower_flag(client: Any, key: str) -> None:
+    client.delete(key)
+
+
 class Turn:
     """A coordinator's hold on a job: :meth:`renew` before a write that must be its alone."""
 

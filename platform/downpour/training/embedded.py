@@ -1,7 +1,9 @@
-"""The embedded default's stand-in for Celery beat + worker: one daemon thread.
+"""The embedded default's stand-in for Celery beat + worker: two daemon threads.
 
-It runs the same actions on the same intervals as the beat schedule in settings, so the
-one-command demo behaves like production, minus the extra processes.
+One runs the same actions on the same intervals as the beat schedule in settings, so the
+one-command demo behaves like production, minus the extra processes. The other answers the
+push path's requests for root references (``store.request_reference``), as the Celery
+worker does: run in the pushing thread they would hold the push for a gradient computation.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from .actions.evaluations import evaluate_running_jobs
 from .actions.jobs import free_finished_stores, start_queued_jobs
 from .actions.leases import reap_expired_leases
 from .actions.recovery import checkpoint_running_jobs
-from .actions.references import push_running_references
+from .actions.references import publish_reference, push_running_references
 from .sandblaster import coordinate_running_jobs
 from .spotchecks.replay import run_pending
+from .store import reference_requested, take_reference_requests
 
 log = logging.getLogger(__name__)
 _started = threading.Event()
@@ -31,6 +34,21 @@ def start() -> None:
         return
     _started.set()
     threading.Thread(target=_loop, name="downpour-embedded-jobs", daemon=True).start()
+    threading.Thread(
+        target=_references_loop, name="downpour-embedded-references", daemon=True
+    ).start()
+
+
+def _references_loop() -> None:
+    while True:
+        reference_requested.wait()
+        for job_id in take_reference_requests():
+            try:
+                publish_reference(job_id)  # lowers the job's request flag, whatever happens
+            except Exception:
+                log.exception("embedded reference of job %s failed", job_id)
+            finally:
+                close_old_connections()
 
 
 def _loop() -> None:

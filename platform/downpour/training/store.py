@@ -8,6 +8,7 @@ remembers, per process, whether each robust job has finished its trusted warm-up
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +18,8 @@ from typing import Any
 
 from django.conf import settings
 
-from downpour.hotstate.locks import Turn
+from downpour.hotstate import keys
+from downpour.hotstate.locks import Turn, lower_flag, raise_flag
 from downpour.hotstate.locks import coordinator_lock as redis_coordinator_lock
 from downpour.hotstate.locks import restore_lock as redis_restore_lock
 from downpour.hotstate.references import LocalReferences, RedisReferences, ReferenceBoard
@@ -35,6 +37,7 @@ from downpour.paramstore.sync import SyncAggregator, SyncRule
 
 from .models import Job
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _stores: dict[str, ParameterStore] = {}
 
@@ -57,7 +60,7 @@ def reference_board() -> ReferenceBoard:
     client = getattr(backend, "client", None)
     if client is None:
         return LocalReferences()
-    return RedisReferences(client, settings.STORE_PREFIX)
+    return RedisReferences(client, settings.STORE_PREFIX, settings.REFERENCE_EVERY_VERSIONS)
 
 
 @cache
@@ -93,11 +96,83 @@ def coordinator_lock(job_id: str) -> Iterator[Turn | None]:
 _coordinator_lock = threading.Lock()
 
 
-def root_reference(store: ParameterStore, job_id: str, shard: int, trusted: bool) -> Any:
+def root_reference(
+    store: ParameterStore, job_id: str, shard: int, trusted: bool, base_version: int
+) -> Any:
     """The direction test's root gradient for an untrusted push to a robust job, or None."""
     if store.robust is None or trusted:
         return None
-    return reference_board().latest(job_id, shard, store.layout.shard_size(shard))
+    return reference_board().latest(job_id, shard, store.layout.shard_size(shard), base_version)
+
+
+# Version-triggered references (docs/robustness.md): a root reference computed on the clock
+# alone is hundreds of versions old early in a job, and an IPM push (minus the honest mean)
+# then points *with* it. So the push path also asks the worker for one every
+# REFERENCE_EVERY_VERSIONS versions of shard 0, one request per job in flight.
+_requests_lock = threading.Lock()
+_requested: set[str] = set()  # embedded: queued or computing
+_queued: list[str] = []
+#: Set when the embedded default has requests for :func:`take_reference_requests`.
+reference_requested = threading.Event()
+
+
+def request_reference(store: ParameterStore, job_id: str, shard: int, version: int) -> bool:
+    """After a push to a robust job was applied at ``version``: ask for a fresh root reference
+    when shard 0 reached a multiple of ``REFERENCE_EVERY_VERSIONS`` and none is in flight.
+
+    With Redis the flag is ``SET NX`` and the request a Celery task sent by name (the ASGI
+    process has no task modules, and TensorFlow stays out of it); embedded, it is queued for
+    the runner's reference thread. Returns whether a request was made.
+    """
+    every = settings.REFERENCE_EVERY_VERSIONS
+    if store.robust is None or not settings.REFERENCE_GRADIENTS or every <= 0:
+        return False
+    if shard != 0 or version % every:
+        return False
+    client = getattr(storage(), "client", None)
+    if client is None:
+        with _requests_lock:
+            if job_id in _requested:
+                return False
+            _requested.add(job_id)
+            _queued.append(job_id)
+        reference_requested.set()
+        return True
+    key = keys.reference_request_key(settings.STORE_PREFIX, job_id)
+    if not raise_flag(client, key, settings.REFERENCE_REQUEST_TTL_S):
+        return False
+    from downpour.celery import app
+
+    try:
+        app.send_task(REFERENCE_TASK, args=[job_id])
+    except Exception:  # the push is applied; a broker fault must not fail it
+        log.exception("job %s: root reference request not sent", job_id)
+        lower_flag(client, key)
+        return False
+    return True
+
+
+#: The worker's task for :func:`request_reference` (``training/tasks.py``).
+REFERENCE_TASK = "downpour.training.tasks.publish_reference_gradient"
+
+
+def take_reference_requests() -> list[str]:
+    """Embedded: the jobs whose references were requested since the last call."""
+    with _requests_lock:
+        taken = list(_queued)
+        _queued.clear()
+        reference_requested.clear()
+    return taken
+
+
+def reference_request_done(job_id: str) -> None:
+    """The requested reference of ``job_id`` is published (or given up): take requests again."""
+    client = getattr(storage(), "client", None)
+    if client is None:
+        with _requests_lock:
+            _requested.discard(job_id)
+        return
+    lower_flag(client, keys.reference_request_key(settings.STORE_PREFIX, job_id))
 
 
 _restore_lock = threading.Lock()

@@ -45,6 +45,12 @@ def push_reference_gradients() -> int:
 
 
 @shared_task
+def publish_reference_gradient(job_id: str) -> bool:
+    # Sent by name from the push path (store.REFERENCE_TASK), one per job in flight.
+    return references.publish_reference(job_id)
+
+
+@shared_task
 def coordinate_sandblaster_jobs() -> int:
     # A job-owned loop in the worker: turns every few ms for most of the beat interval.
     from django.conf import settings

@@ -18,9 +18,13 @@ from downpour.agents import consumers
 from downpour.donors.models import Agent
 from downpour.scheduler import reputation
 from downpour.training.actions.jobs import start_job, submit_job
-from downpour.training.actions.references import publish_references, push_running_references
+from downpour.training.actions.references import (
+    publish_reference,
+    publish_references,
+    push_running_references,
+)
 from downpour.training.models import Job
-from downpour.training.store import job_store, reference_board
+from downpour.training.store import job_store, reference_board, take_reference_requests
 from downpour_agent.protocol import CloseCode
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -52,7 +56,7 @@ async def test_a_push_against_the_root_reference_is_flagged_and_without_one_it_i
     layout = job_store(robust_job).layout
     board = reference_board()
     ones = [np.ones(layout.shard_size(s), np.float32) for s in range(layout.n_shards)]
-    board.publish(str(robust_job.id), ones, max_age_s=60)
+    board.publish(str(robust_job.id), ones, max_age_s=60, versions=[0] * layout.n_shards)
     before = [flagged(robust_job, s) for s in range(layout.n_shards)]
     # Execute: shard 0 pushed against the reference; shard 1 after it was taken away.
     version, _ = await registered.fetch(lease, 0)
@@ -77,7 +81,7 @@ def test_the_worker_publishes_a_shards_reference_only_while_the_root_halves_agre
         name: value if layout.shard_of(name) == 0 else -value for name, value in half_a.items()
     }
     # Execute
-    published = publish_references(robust_job, layout, [half_a, half_b])
+    published = publish_references(robust_job, layout, [half_a, half_b], [0] * layout.n_shards)
     # Assert
     job_id = str(robust_job.id)
     np.testing.assert_array_equal(published[0], np.ones(layout.shard_size(0), np.float32))
@@ -100,7 +104,9 @@ async def test_the_push_that_makes_a_ban_due_is_judged_at_once_not_at_the_next_f
     assert lease["type"] == "lease", lease
     layout = job_store(robust_job).layout
     ones = [np.ones(layout.shard_size(s), np.float32) for s in range(layout.n_shards)]
-    reference_board().publish(str(robust_job.id), ones, max_age_s=60)
+    reference_board().publish(
+        str(robust_job.id), ones, max_age_s=60, versions=[0] * layout.n_shards
+    )
     needed = reputation.DEFAULT_MIN_PUSHES
     # Execute: one push short of the evidence a ban needs, then the push that completes it.
     for index in range(needed):
@@ -148,7 +154,9 @@ async def test_a_reconnected_agent_is_judged_on_its_whole_record_from_its_first_
     lease = await again.lease()
     layout = job_store(robust_job).layout
     ones = [np.ones(layout.shard_size(s), np.float32) for s in range(layout.n_shards)]
-    reference_board().publish(str(robust_job.id), ones, max_age_s=60)
+    reference_board().publish(
+        str(robust_job.id), ones, max_age_s=60, versions=[0] * layout.n_shards
+    )
     # Execute: the 20th push against it.
     version, _ = await again.fetch(lease, 0)
     reply = await again.push(lease, 0, gradients(lease, 0, -0.01), base_version=version)
@@ -158,3 +166,47 @@ async def test_a_reconnected_agent_is_judged_on_its_whole_record_from_its_first_
     assert (event["type"], event["code"]) == ("error", "banned"), event
     assert await again.closed_with() == CloseCode.FORBIDDEN
     await communicator.disconnect(timeout=REPLY_TIMEOUT_S)
+
+
+async def test_a_push_reaching_every_nth_version_requests_one_reference_until_it_is_published(
+    robust_job: Job, registered: Socket, settings: Any
+) -> None:
+    # Prepare: requests every 4 versions of shard 0, published however the root halves
+    # disagree (so that the board shows the versions read); warm; earlier requests taken.
+    settings.REFERENCE_EVERY_VERSIONS = 4
+    settings.REFERENCE_MIN_AGREEMENT = -1.0
+    await database_sync_to_async(push_running_references)()
+    take_reference_requests()
+    lease = await registered.lease()
+    rounds = -(-lease["steps"] // lease["hyper"]["n_push"])
+    assert rounds >= 12, lease
+    job_id = str(robust_job.id)
+    seqs = iter(range(rounds))
+
+    async def push_shard_0() -> tuple[int, list[str]]:
+        version, _ = await registered.fetch(lease, 0)
+        seq = next(seqs)
+        reply = await registered.push(lease, 0, gradients(lease, 0), seq=seq, base_version=version)
+        assert reply["type"] == "push_ack" and reply["applied"], reply
+        return int(reply["version"]), take_reference_requests()
+
+    # Execute and assert: a request exactly at the multiple of 4...
+    version, requested = await push_shard_0()
+    while version % 4:
+        assert requested == [], version
+        version, requested = await push_shard_0()
+    assert requested == [job_id], version
+    # ...none while it is in flight, past the next multiple...
+    for _ in range(4):
+        version, requested = await push_shard_0()
+        assert requested == [], version
+    # ...the worker publishes it at the versions it read (and no trusted push)...
+    assert await database_sync_to_async(publish_reference)(job_id)
+    assert reference_board().version(job_id, 0) == version
+    assert job_store(robust_job).fetch(0)[0] == version
+    # ...and the next multiple asks again.
+    version, requested = await push_shard_0()
+    while version % 4:
+        assert requested == [], version
+        version, requested = await push_shard_0()
+    assert requested == [job_id], version

@@ -16,6 +16,11 @@ own training data. Trusted agents remain an option and add to the same statistic
 
 The root sample is ``REFERENCE_ROOT_SAMPLES`` training examples drawn once per job from a
 generator seeded by the job's seed, so every worker and every restart draws the same ones.
+
+Beat pushes and publishes a reference every ``REFERENCE_INTERVAL_S``. Between those, the push
+path requests one every ``REFERENCE_EVERY_VERSIONS`` versions (``store.request_reference``),
+which :func:`publish_reference` computes and *publishes only*: a trusted push per request
+would make the root sample a steady share of the applied gradient, and of clipping's centre.
 """
 
 from __future__ import annotations
@@ -34,7 +39,12 @@ from downpour.paramstore.direction import root_reference
 from downpour.paramstore.layout import ShardLayout
 from downpour.training.actions.recovery import ensure_store_ready
 from downpour.training.models import Job
-from downpour.training.store import forget_warmup, job_store, reference_board
+from downpour.training.store import (
+    forget_warmup,
+    job_store,
+    reference_board,
+    reference_request_done,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +112,7 @@ def push_reference(job: Job) -> int:
     """
     store = job_store(job)
     layout = store.layout
-    versions, parts = [], []
-    for shard in range(layout.n_shards):
-        version, tensors = store.fetch(shard)
-        versions.append(version)
-        parts.append(tensors)
-    weights = layout.merge(parts)
+    versions, weights = _read_weights(job)
     with _lock:
         computer, x, y = _root_for(job)
         gradient = reference_gradient(
@@ -119,10 +124,8 @@ def push_reference(job: Job) -> int:
             batches=job.n_push,
             seed=int(job.seed) + sum(versions),
         )
-        halves = [
-            computer.compute(x[part], y[part])[0] for part in np.array_split(range(len(x)), 2)
-        ]
-    publish_references(job, layout, halves)
+        halves = _root_halves(computer, x, y)
+    publish_references(job, layout, halves, versions)
     applied = 0
     for shard, (version, part) in enumerate(zip(versions, layout.split(gradient), strict=True)):
         try:
@@ -136,16 +139,61 @@ def push_reference(job: Job) -> int:
     return applied
 
 
+def publish_reference(job_id: str) -> bool:
+    """Compute and publish (not push) a root reference of ``job_id`` at its current weights,
+    as :func:`downpour.training.store.request_reference` asked; False when the job is no
+    longer a running robust job or its store is not ready. Lowers the request's flag either
+    way, so the push path can ask again."""
+    try:
+        job = Job.objects.filter(
+            id=job_id, status=Job.Status.RUNNING, robust_aggregation=True
+        ).first()
+        if job is None or not settings.REFERENCE_GRADIENTS:
+            return False
+        try:
+            versions, weights = _read_weights(job)
+        except StoreError as exc:  # freed or not restored: beat's round restores it
+            log.debug("job %s: no reference on request: %s", job_id, exc)
+            return False
+        with _lock:
+            computer, x, y = _root_for(job)
+            computer.set_weights(weights)
+            halves = _root_halves(computer, x, y)
+        publish_references(job, job_store(job).layout, halves, versions)
+        return True
+    finally:
+        reference_request_done(job_id)
+
+
+def _read_weights(job: Job) -> tuple[list[int], dict[str, np.ndarray]]:
+    """Every shard's version and the merged weights of ``job``'s store."""
+    store = job_store(job)
+    versions, parts = [], []
+    for shard in range(store.layout.n_shards):
+        version, tensors = store.fetch(shard)
+        versions.append(version)
+        parts.append(tensors)
+    return versions, store.layout.merge(parts)
+
+
+def _root_halves(computer: Any, x: np.ndarray, y: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """Mean gradients of the root sample's two halves at the computer's weights."""
+    return [computer.compute(x[part], y[part])[0] for part in np.array_split(range(len(x)), 2)]
+
+
 def publish_references(
-    job: Job, layout: ShardLayout, halves: list[dict[str, np.ndarray]]
+    job: Job,
+    layout: ShardLayout,
+    halves: list[dict[str, np.ndarray]],
+    versions: list[int],
 ) -> list[np.ndarray | None]:
     """Publish each shard's root reference for the direction test; returns them.
 
     ``halves`` are the mean gradients of the root sample's two halves at the weights just
-    read. A shard gets ``root_reference(a, b)`` (their mean) while the halves agree, and none
-    while they do not (near a minimum the root gradient is noise, and testing honest pushes
-    against noise flags half of them: docs/robustness.md). Pushes use it for
-    ``REFERENCE_MAX_AGE_S``.
+    read, at the shards' ``versions``. A shard gets ``root_reference(a, b)`` (their mean)
+    while the halves agree, and none while they do not (near a minimum the root gradient is
+    noise, and testing honest pushes against noise flags half of them: docs/robustness.md).
+    Pushes use it for ``REFERENCE_MAX_AGE_S``.
     """
     parts = [layout.split(half) for half in halves]
     references = [
@@ -156,7 +204,7 @@ def publish_references(
         )
         for shard in range(layout.n_shards)
     ]
-    reference_board().publish(str(job.id), references, settings.REFERENCE_MAX_AGE_S)
+    reference_board().publish(str(job.id), references, settings.REFERENCE_MAX_AGE_S, versions)
     return references
 
 
