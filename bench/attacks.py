@@ -1169,9 +1169,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--reference-every-versions",
         type=int,
-        default=0,
+        default=32,
         help="stack: also compute a reference when shard 0 reaches a multiple of this many "
-        "versions, as the consumer triggers the worker (default 0: the clock only)",
+        "versions, as the consumer triggers the worker (default 32, the server's "
+        "REFERENCE_EVERY_VERSIONS; 0: the clock only)",
     )
     parser.add_argument(
         "--reference-delay-s",

@@ -64,6 +64,8 @@ def test_a_sign_flipping_agent_is_banned_by_the_direction_rule_and_the_honest_on
     assert flipper["pushes"] <= MAX_PUSHES_TO_BAN, flipper
     assert attacker.wait(timeout=60) == EXIT_FATAL
     honest = agent_row(production, "honest")
+    margins = {"honest": honest["mean_cosine"], "flipper": flipper["mean_cosine"]}
+    print("direction margins:", margins)
     assert honest["banned_at"] is None, production.logs()
     assert honest["pushes"] > 0
     manage(["control", "cancel", job_id], production.env)

@@ -202,6 +202,35 @@ def test_references_triggered_by_versions_are_fresher_than_the_clocks() -> None:
     )
 
 
+def test_ipm_attackers_near_the_line_are_banned_within_tens_of_pushes_by_triggered_refs() -> None:
+    # Prepare: the worst case of issue 10 (IPM, 40 % of 5 agents, seed 0; on the clock's
+    # references alone banned at 94 and 213 store pushes), the server's reference settings:
+    # the 1 s clock plus a reference every 32 versions of shard 0, and the -0.10 ban line.
+    attacks = load_bench()
+    data = attacks.Digits.load()
+    runs = {
+        every: attacks.simulate_stack(
+            data,
+            attack="ipm",
+            fraction=0.4,
+            robust=CentredClipping(),
+            seconds=3.0,
+            seed=0,
+            root_sample=400,
+            reference_every_s=1.0,
+            reference_every_versions=every,
+        )
+        for every in (0, 32)
+    }
+    # Assert: both attackers at their first judgements with triggered references, no honest
+    # agent; on the clock alone one of them is still pushing when the job ends (it needed 80
+    # pushes at -0.10, by the replay in docs/robustness.md).
+    clock, triggered = runs[0], runs[32]
+    assert triggered.attackers_banned == 2 and triggered.honest_banned == 0
+    assert max(triggered.pushes_to_ban) <= 21, triggered.pushes_to_ban
+    assert clock.attackers_banned < 2, clock.pushes_to_ban
+
+
 def test_the_offline_replay_refuses_a_malformed_rule_and_a_trace_from_before_store_pushes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

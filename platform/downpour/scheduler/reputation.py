@@ -23,10 +23,11 @@ and every spot check with :func:`record_spot_check`, and bans the agent when
   informative, so untested pushes say nothing about direction and are left out: an agent is
   banned once it has ``min_pushes`` tested pushes and their mean cosine is below
   ``max_mean_cosine``, or that mean's t statistic below ``max_cosine_t``. Honest gradients
-  point with the root gradient on average (early in training clearly, later barely: mean
-  cosines of -0.03 to +0.10 over hundreds of tested pushes in ``bench/attacks.py``, never
-  below -0.055 after any push, t never below -1.51), sign flips and IPM against it (means of
-  -0.15 to -0.52 when banned). Every push is judged (:func:`judge_interval`). A
+  point with the root gradient on average (early in training clearly, later barely): in
+  ``bench/attacks.py``, with references every 32 versions as the server requests them,
+  their mean never went below -0.020 after any push, t never below -0.28 (-0.055 and -1.51
+  with references on a 1 s clock alone, when the line was -0.15); sign flips and IPM point
+  against it (means near -0.15 to -0.52). Every push is judged (:func:`judge_interval`). A
   single cosine is noisy (a sign flip fails the per-push test, ``min_cosine = -0.5``, on
   only about a third of its tested pushes), so the mean decides. It is the lifetime mean:
   an exponentially weighted recent mean dipped to -0.08 for honest agents, too near the
@@ -55,7 +56,7 @@ DEFAULT_MIN_PUSHES = 20
 #: Pushes the recent clipping rate averages over (decay ``1 - 1 / window`` per push).
 DEFAULT_RECENT_WINDOW = 100
 #: Ban when an agent's tested pushes have a mean cosine with the root gradient below this...
-DEFAULT_MAX_MEAN_COSINE = -0.15
+DEFAULT_MAX_MEAN_COSINE = -0.10
 #: ...or when that mean's t statistic is below this (:func:`cosine_t`).
 DEFAULT_MAX_COSINE_T = -5.0
 #: The floor of the cosines' standard deviation in :func:`cosine_t`.
