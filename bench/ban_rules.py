@@ -11,7 +11,7 @@ provided that rule bans it no later than the run did; a later ban lies past the 
 and is reported as None. What follows an earlier ban (the others' pushes once it has left)
 did not happen, so honest agents' lows are those of the run as it went.
 
-    .venv/bin/python bench/ban_rules.py TRACE.json... --rule=-0.15:-5 --rule=-0.15:-3.5
+    .venv/bin/python bench/ban_rules.py TRACE.json... --rule=-0.10:-5 --rule=-0.15:-5
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from typing import Any
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "platform")]
 
 from downpour.scheduler.reputation import (  # noqa: E402
+    DEFAULT_MAX_COSINE_T,
+    DEFAULT_MAX_MEAN_COSINE,
     DEFAULT_MIN_PUSHES,
     PushFlags,
     Reputation,
@@ -113,13 +115,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="append",
         default=[],
         help="MEAN:T, the mean cosine and t statistic below which an agent is banned, "
-        "written --rule=MEAN:T since both are negative (repeatable; default the server's "
-        "-0.15:-5)",
+        "written --rule=MEAN:T since both are negative (repeatable; default the server's, "
+        f"{DEFAULT_MAX_MEAN_COSINE}:{DEFAULT_MAX_COSINE_T:g})",
     )
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
     results: dict[str, Any] = {}
-    for rule in args.rule or [(-0.15, -5.0)]:
+    for rule in args.rule or [(DEFAULT_MAX_MEAN_COSINE, DEFAULT_MAX_COSINE_T)]:
         key = f"{rule[0]}:{rule[1]}"
         results[key] = {}
         for path in args.traces:

@@ -234,7 +234,7 @@ REFERENCE_ROOT_SAMPLES = envint("REFERENCE_ROOT_SAMPLES", 400)
 REFERENCE_MAX_AGE_S = envfloat("REFERENCE_MAX_AGE_S", 2 * REFERENCE_INTERVAL_S)
 # Also a fresh one whenever a push brings shard 0 to a multiple of this many versions (0: the
 # clock only): early in a job the clock's reference is hundreds of versions old
-# (docs/robustness.md, "Version-triggered references"). A request not answered within
+# (docs/robustness.md, "References every N versions"). A request not answered within
 # REFERENCE_REQUEST_TTL_S (a dead worker) stops blocking the next one.
 REFERENCE_EVERY_VERSIONS = envint("REFERENCE_EVERY_VERSIONS", 32)
 REFERENCE_REQUEST_TTL_S = envfloat("REFERENCE_REQUEST_TTL_S", 5.0)

@@ -72,8 +72,14 @@ def test_pushes_request_references_between_beats_and_the_worker_answers_each(
     tmp_path: Path,
 ) -> None:
     # Prepare: requests every 8 versions of shard 0, and flags that outlive the test, so a
-    # request after the first goes out only once the worker has lowered the flag.
-    settings = {"REFERENCE_EVERY_VERSIONS": "8", "REFERENCE_REQUEST_TTL_S": "600"}
+    # request after the first goes out only once the worker has lowered the flag; every
+    # shard's reference published however the root halves disagree, and kept to the end.
+    settings = {
+        "REFERENCE_EVERY_VERSIONS": "8",
+        "REFERENCE_REQUEST_TTL_S": "600",
+        "REFERENCE_MIN_AGREEMENT": "-1",
+        "REFERENCE_MAX_AGE_S": "600",
+    }
     with running("production", tmp_path, **settings) as stack:
         seeded = stack.seed(
             target_accuracy=1.0, budget_seconds=120, robust=True, name="reference-requests"
@@ -89,15 +95,16 @@ def test_pushes_request_references_between_beats_and_the_worker_answers_each(
 
         # Execute
         stack.wait_for("three references published on request", lambda: published() >= 3, 240)
-        # Assert: what the board holds (a shard whose root halves disagree has none) was
-        # computed at a version the store has reached.
+        # Assert: the board holds every shard's reference, computed at a version the store
+        # has reached, past the first multiple of 8 that asked for one.
         client = redis.Redis.from_url(stack.redis_url)
         prefix = stack.env["STORE_PREFIX"]
         versions = stack.store_versions(job_id)
         read_at = {
             shard: int.from_bytes(value[:8], "little")
             for shard in range(len(versions))
-            if (value := client.get(f"{prefix}job:{job_id}:shard:{shard}:ref"))
+            if (value := client.get(f"{prefix}job:{job_id}:shard:{shard}:refv"))
         }
-        assert all(0 < read_at[s] <= versions[s] for s in read_at), (read_at, versions)
+        assert sorted(read_at) == list(range(len(versions))), (read_at, versions)
+        assert all(8 <= read_at[s] <= versions[s] for s in read_at), (read_at, versions)
         stack.end_jobs()

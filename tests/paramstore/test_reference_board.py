@@ -89,17 +89,26 @@ def test_in_redis_a_push_far_past_the_cached_reference_reads_the_fresher_one(
 
 
 @pytest.mark.services
-def test_a_flag_is_raised_once_until_lowered_or_expired(client: redis.Redis, prefix: str) -> None:
+def test_a_flag_is_raised_once_until_its_owner_lowers_it_or_it_expires(
+    client: redis.Redis, prefix: str
+) -> None:
     key = f"{prefix}refrequest:{JOB}"
-    assert raise_flag(client, key, ttl_s=5.0)
-    assert not raise_flag(client, key, ttl_s=5.0)
+    token = raise_flag(client, key, ttl_s=5.0)
+    assert token
+    assert raise_flag(client, key, ttl_s=5.0) is None
     assert 0 < client.pttl(key) <= 5000
-    lower_flag(client, key)
-    assert raise_flag(client, key, ttl_s=0.001)
+    assert lower_flag(client, key, token)
+    # A flag that expired and was raised again is not lowered by the first request's token.
+    stale = raise_flag(client, key, ttl_s=0.001)
+    assert stale
     deadline = time.monotonic() + 5
     while client.exists(key) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert raise_flag(client, key, ttl_s=5.0)
+    fresh = raise_flag(client, key, ttl_s=5.0)
+    assert fresh and fresh != stale
+    assert not lower_flag(client, key, stale)
+    assert client.exists(key)
+    assert lower_flag(client, key, fresh) and not client.exists(key)
 
 
 @pytest.mark.services
@@ -111,11 +120,11 @@ def test_in_redis_it_lives_under_the_documented_key_with_its_age_as_ttl(
     # Execute
     worker.publish(JOB, refs(), max_age_s=2.0, versions=VERSIONS)
     # Assert
-    key = f"{prefix}job:{JOB}:shard:0:ref"
+    key = f"{prefix}job:{JOB}:shard:0:refv"
     version = (7).to_bytes(8, "little", signed=True)
     assert client.get(key) == version + np.arange(5, dtype="<f4").tobytes()
     assert 0 < client.pttl(key) <= 2000
-    assert client.exists(f"{prefix}job:{JOB}:shard:1:ref") == 0
+    assert client.exists(f"{prefix}job:{JOB}:shard:1:refv") == 0
     np.testing.assert_array_equal(server.latest(JOB, 2, 5), -np.ones(5, np.float32))
     assert server.latest(JOB, 1, 5) is None
     assert server.latest(JOB, 0, 4) is None

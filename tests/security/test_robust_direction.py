@@ -19,6 +19,8 @@ from tests.paramstore.layouts import initial_weights, model_layout
 
 from downpour.paramstore import AdagradConfig, CentredClipping, InMemoryStorage, ParameterStore
 from downpour.scheduler.reputation import (
+    DEFAULT_MAX_COSINE_T,
+    DEFAULT_MAX_MEAN_COSINE,
     Reputation,
     min_pushes_for_shards,
     record_push,
@@ -165,7 +167,7 @@ def test_the_offline_replay_of_a_trace_bans_where_the_job_banned_and_a_laxer_rul
     ]
     trace = {"clean": [p for p in attacked if p[1] == "honest"], "attacked": attacked}
     # Execute
-    server = ban_rules.judge(trace, (-0.15, -5.0))
+    server = ban_rules.judge(trace, (DEFAULT_MAX_MEAN_COSINE, DEFAULT_MAX_COSINE_T))
     lax = ban_rules.judge(trace, (-0.5, -100.0))
     # Assert: both attackers at their 20th tested push (store push 39), the honest never.
     assert server["attackers_store_pushes_to_ban"] == [39, 39], server

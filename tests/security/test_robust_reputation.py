@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from downpour.scheduler.reputation import (
+    DEFAULT_MAX_MEAN_COSINE,
     DEFAULT_MIN_PUSHES,
     DEFAULT_SPOT_CHECK_FRACTION,
     OPPOSED_JUDGE_INTERVAL_S,
@@ -90,15 +91,15 @@ def test_a_sign_flipper_is_banned_at_its_twentieth_tested_push() -> None:
 
 
 def test_an_ipm_attacker_whose_cosines_are_only_slightly_negative_but_steady_is_banned() -> None:
-    # IPM pushes -epsilon times the honest mean: a mean cosine of -0.08, above the -0.15
-    # line, but with little spread its t statistic is far below -5 by 20 tested pushes.
+    # IPM pushes -epsilon times the honest mean: a mean cosine of -0.08, above the ban line
+    # (-0.10), but with little spread its t statistic is far below -5 by 20 tested pushes.
     rng = np.random.default_rng(2)
     pushes = [direction(float(rng.normal(-0.08, 0.04))) for _ in range(100)]
     assert flags_until_banned(pushes) == DEFAULT_MIN_PUSHES
     reputation = Reputation()
     for flags in pushes[:DEFAULT_MIN_PUSHES]:
         reputation = record_push(reputation, flags)
-    assert mean_cosine(reputation) > -0.15 and cosine_t(reputation) < -5
+    assert mean_cosine(reputation) > DEFAULT_MAX_MEAN_COSINE and cosine_t(reputation) < -5
 
 
 def test_an_honest_agent_whose_mean_cosine_is_zero_is_not_banned_by_noise() -> None:

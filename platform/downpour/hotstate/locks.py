@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -30,18 +31,28 @@ def restore_lock(client: Any, prefix: str, job_id: str, ttl_s: float) -> Iterato
         lock.release()
 
 
-def raise_flag(client: Any, key: str, ttl_s: float) -> bool:
-    """Set ``key`` unless it is set; True when this call set it (``SET NX PX``).
+#: Delete KEYS[1] only while it holds ARGV[1]: a request that outlived its flag's TTL must not
+#: lower the flag of the request sent after it.
+_LOWER_IF_OWNED = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+)
+
+
+def raise_flag(client: Any, key: str, ttl_s: float) -> str | None:
+    """Set ``key`` unless it is set (``SET NX PX``); the flag's token when this call set it.
 
     For work that must have one request in flight across processes: whoever raises the flag
-    sends the request, and the one doing the work lowers it (:func:`lower_flag`). A crashed
-    worker's flag falls after ``ttl_s``.
+    sends the request with its token, and the one doing the work lowers it
+    (:func:`lower_flag`). A crashed or slow worker's flag falls after ``ttl_s``.
     """
-    return bool(client.set(key, b"1", nx=True, px=max(1, round(ttl_s * 1000))))
+    token = secrets.token_hex(8)
+    raised = client.set(key, token.encode(), nx=True, px=max(1, round(ttl_s * 1000)))
+    return token if raised else None
 
 
-def lower_flag(client: Any, key: str) -> None:
-    client.delete(key)
+def lower_flag(client: Any, key: str, token: str) -> bool:
+    """Lower ``key`` if it is still the flag ``token`` raised; whether it was."""
+    return bool(client.eval(_LOWER_IF_OWNED, 1, key, token))
 
 
 class Turn:

@@ -9,8 +9,10 @@ when the worker found the root sample's two halves disagreeing (None), pushes ar
 direction-tested, exactly as before references.
 
 Two boards with one interface: :class:`RedisReferences` (key
-``{prefix}job:{j}:shard:{i}:ref``: the version as 8 bytes of little-endian int64, then the
-reference as raw float32 little-endian; expiring with ``PX``) when the server has
+``{prefix}job:{j}:shard:{i}:refv``: the version as 8 bytes of little-endian int64, then the
+reference as raw float32 little-endian; expiring with ``PX``. The key was ``:ref``, raw
+float32 alone, before references carried versions: a new name, so that in a rolling upgrade
+neither kind of process misreads the other's) when the server has
 ``REDIS_URL``, and :class:`LocalReferences` in process for the embedded default, where the
 worker thread and the consumers share one process.
 """
@@ -117,7 +119,7 @@ class RedisReferences:
         self._cache: dict[tuple[str, int], tuple[float, int | None, np.ndarray | None]] = {}
 
     def key(self, job: str, shard: int) -> str:
-        return keys.shard_key(self.prefix, job, shard, "ref")
+        return keys.shard_key(self.prefix, job, shard, "refv")
 
     def publish(
         self,
@@ -177,7 +179,7 @@ class RedisReferences:
             shards = [k[1] for k in self._cache if k[0] == job]
             for shard in shards:
                 del self._cache[(job, shard)]
-        pattern = keys.shard_key(self.prefix, job, "*", "ref")
+        pattern = keys.shard_key(self.prefix, job, "*", "refv")
         names = list(self.client.scan_iter(match=pattern, count=1000))
         if names:
             self.client.delete(*names)

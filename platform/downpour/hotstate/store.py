@@ -388,7 +388,8 @@ class RedisStorage(RedisSyncBuffer):
             keys_module.sync_counts_key(self.prefix, job),
         ]
         for member in members:
-            for suffix in ("v", "e", "w", "a", "r", "applied", "sync", "dropped", "ref"):
+            suffixes = ("v", "e", "w", "a", "r", "applied", "sync", "dropped", "ref", "refv")
+            for suffix in suffixes:
                 keys.append(self.shard_key(job, int(member), suffix))
         self.client.delete(*keys)
         with self._cache_lock:

@@ -9,10 +9,11 @@ remembers, per process, whether each robust job has finished its trusted warm-up
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import cache
 from typing import Any
 
@@ -110,7 +111,7 @@ def root_reference(
 # then points *with* it. So the push path also asks the worker for one every
 # REFERENCE_EVERY_VERSIONS versions of shard 0, one request per job in flight.
 _requests_lock = threading.Lock()
-_requested: set[str] = set()  # embedded: queued or computing
+_requested: dict[str, float] = {}  # embedded: queued or computing, since (monotonic)
 _queued: list[str] = []
 #: Set when the embedded default has requests for :func:`take_reference_requests`.
 reference_requested = threading.Event()
@@ -129,25 +130,34 @@ def request_reference(store: ParameterStore, job_id: str, shard: int, version: i
         return False
     if shard != 0 or version % every:
         return False
+    ttl_s = settings.REFERENCE_REQUEST_TTL_S
     client = getattr(storage(), "client", None)
     if client is None:
+        now = time.monotonic()
         with _requests_lock:
-            if job_id in _requested:
+            # A request older than the TTL stops blocking, as the Redis flag would.
+            if now - _requested.get(job_id, -math.inf) < ttl_s:
                 return False
-            _requested.add(job_id)
+            _requested[job_id] = now
             _queued.append(job_id)
         reference_requested.set()
         return True
     key = keys.reference_request_key(settings.STORE_PREFIX, job_id)
-    if not raise_flag(client, key, settings.REFERENCE_REQUEST_TTL_S):
-        return False
-    from downpour.celery import app
+    token = None
+    try:  # the push is applied: a Redis or broker fault must not fail it
+        token = raise_flag(client, key, ttl_s)
+        if token is None:
+            return False
+        from downpour.celery import app
 
-    try:
-        app.send_task(REFERENCE_TASK, args=[job_id])
-    except Exception:  # the push is applied; a broker fault must not fail it
+        # A request the worker cannot start within the TTL is dropped: another has been
+        # sent since, and tasks must not pile up behind a slow worker.
+        app.send_task(REFERENCE_TASK, args=[job_id, token], expires=ttl_s)
+    except Exception:
         log.exception("job %s: root reference request not sent", job_id)
-        lower_flag(client, key)
+        if token is not None:
+            with suppress(Exception):
+                lower_flag(client, key, token)
         return False
     return True
 
@@ -165,14 +175,19 @@ def take_reference_requests() -> list[str]:
     return taken
 
 
-def reference_request_done(job_id: str) -> None:
-    """The requested reference of ``job_id`` is published (or given up): take requests again."""
+def reference_request_done(job_id: str, token: str | None = None) -> None:
+    """The requested reference of ``job_id`` is published (or given up): take requests again.
+
+    With Redis, ``token`` is the flag's (sent with the task); a flag raised since, after this
+    one expired, stays up.
+    """
     client = getattr(storage(), "client", None)
     if client is None:
         with _requests_lock:
-            _requested.discard(job_id)
+            _requested.pop(job_id, None)
         return
-    lower_flag(client, keys.reference_request_key(settings.STORE_PREFIX, job_id))
+    if token is not None:
+        lower_flag(client, keys.reference_request_key(settings.STORE_PREFIX, job_id), token)
 
 
 _restore_lock = threading.Lock()
@@ -248,6 +263,8 @@ def forget_job_store(job_id: str) -> None:
         _syncs.pop(str(job_id), None)
     forget_warmup(job_id)
     reference_board().forget(str(job_id))
+    with _requests_lock:
+        _requested.pop(str(job_id), None)
 
 
 #: Seconds a process keeps a reading that a robust job is still warming up.

@@ -45,9 +45,10 @@ def push_reference_gradients() -> int:
 
 
 @shared_task
-def publish_reference_gradient(job_id: str) -> bool:
-    # Sent by name from the push path (store.REFERENCE_TASK), one per job in flight.
-    return references.publish_reference(job_id)
+def publish_reference_gradient(job_id: str, token: str | None = None) -> bool:
+    # Sent by name from the push path (store.REFERENCE_TASK) with its flag's token, one per
+    # job in flight; expires unstarted after REFERENCE_REQUEST_TTL_S.
+    return references.publish_reference(job_id, token)
 
 
 @shared_task

@@ -6,10 +6,13 @@ pushes over the socket, in process (the embedded default: the board is in proces
 
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
+import redis
 from channels.db import database_sync_to_async
 from tests.server.consumer.client import REPLY_TIMEOUT_S, Socket, gradients, open_socket
 from tests.server.helpers import job_params
@@ -17,6 +20,7 @@ from tests.server.helpers import job_params
 from downpour.agents import consumers
 from downpour.donors.models import Agent
 from downpour.scheduler import reputation
+from downpour.training import store as store_module
 from downpour.training.actions.jobs import start_job, submit_job
 from downpour.training.actions.references import (
     publish_reference,
@@ -210,3 +214,34 @@ async def test_a_push_reaching_every_nth_version_requests_one_reference_until_it
         assert requested == [], version
         version, requested = await push_shard_0()
     assert requested == [job_id], version
+
+
+def test_an_embedded_request_never_answered_stops_blocking_after_its_ttl(
+    robust_job: Job, settings: Any
+) -> None:
+    # Prepare: requests every 4 versions; one that lives 0.2 s unanswered.
+    settings.REFERENCE_EVERY_VERSIONS = 4
+    settings.REFERENCE_REQUEST_TTL_S = 0.2
+    store, job_id = job_store(robust_job), str(robust_job.id)
+    take_reference_requests()
+    # Execute and assert: one in flight blocks the next multiple, until its TTL is out.
+    assert store_module.request_reference(store, job_id, 0, 4)
+    assert not store_module.request_reference(store, job_id, 0, 8)
+    time.sleep(0.25)
+    assert store_module.request_reference(store, job_id, 0, 12)
+    assert take_reference_requests() == [job_id, job_id]
+
+
+def test_a_request_that_redis_cannot_take_leaves_the_applied_push_alone(
+    robust_job: Job, settings: Any, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    # Prepare: the store's Redis unreachable (a real client, on a port nothing listens on).
+    settings.REFERENCE_EVERY_VERSIONS = 4
+    unreachable = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    monkeypatch.setattr(store_module, "storage", lambda: SimpleNamespace(client=unreachable))
+    # Execute
+    requested = store_module.request_reference(job_store(robust_job), str(robust_job.id), 0, 8)
+    monkeypatch.undo()  # before the fixtures' teardown forgets the job's store
+    # Assert: no request, no exception for the push path, and the fault logged.
+    assert requested is False
+    assert "root reference request not sent" in caplog.text

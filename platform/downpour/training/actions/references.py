@@ -139,11 +139,11 @@ def push_reference(job: Job) -> int:
     return applied
 
 
-def publish_reference(job_id: str) -> bool:
+def publish_reference(job_id: str, token: str | None = None) -> bool:
     """Compute and publish (not push) a root reference of ``job_id`` at its current weights,
     as :func:`downpour.training.store.request_reference` asked; False when the job is no
-    longer a running robust job or its store is not ready. Lowers the request's flag either
-    way, so the push path can ask again."""
+    longer a running robust job or its store is not ready. Lowers the request's flag
+    (``token``, with Redis) either way, so the push path can ask again."""
     try:
         job = Job.objects.filter(
             id=job_id, status=Job.Status.RUNNING, robust_aggregation=True
@@ -162,7 +162,7 @@ def publish_reference(job_id: str) -> bool:
         publish_references(job, job_store(job).layout, halves, versions)
         return True
     finally:
-        reference_request_done(job_id)
+        reference_request_done(job_id, token)
 
 
 def _read_weights(job: Job) -> tuple[list[int], dict[str, np.ndarray]]:
