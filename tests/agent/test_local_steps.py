@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from downpour_agent.local_steps import (
     inner_optimizer,
     replay_local_round,
 )
+from downpour_agent.local_training import run_steps, steps_per_hop
 from downpour_agent.protocol import (
     LinkRates,
     LocalSteps,
@@ -223,3 +225,28 @@ def test_the_inner_optimizers_reproduce_the_documented_vector(kind: str) -> None
 
     # Assert
     np.testing.assert_allclose(holder.variable.numpy(), vector[kind], rtol=1e-6)
+
+
+def test_steps_run_in_hops_of_about_50_ms_one_at_a_time_when_throttled_or_unknown() -> None:
+    assert steps_per_hop(100, 0.01, throttled=False) == 5
+    assert steps_per_hop(3, 0.001, throttled=False) == 3  # never past the round's end
+    assert steps_per_hop(100, 0.2, throttled=False) == 1
+    assert steps_per_hop(100, 0.0, throttled=False) == 1  # no step timed yet
+    assert steps_per_hop(100, 0.001, throttled=True) == 1  # --max-steps-per-second paces
+
+
+def test_a_hop_of_steps_stops_after_the_step_that_saw_the_fetch_arrive() -> None:
+    # Prepare: a round, and the event the agent sets when its fetch's answers are in.
+    computer = _computer()
+    round_ = LocalRound(computer, inner_optimizer(computer, LocalSteps("adamw", 0.01)))
+    x, y = _data()
+    round_.begin()
+    sampler = BatchSampler(len(x), 16, seed=5)
+    arrived = threading.Event()
+    # Execute: a hop with nothing arrived, then one with the fetch in.
+    ran = run_steps(round_, sampler, x, y, 4, arrived)
+    arrived.set()
+    stopped = run_steps(round_, sampler, x, y, 4, arrived)
+    # Assert: all four steps, then one (so that the rebase is not delayed).
+    assert [batch for _, batch, _ in ran] == [16] * 4
+    assert len(stopped) == 1 and round_.steps == 5
