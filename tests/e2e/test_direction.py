@@ -64,7 +64,11 @@ def test_a_sign_flipping_agent_is_banned_by_the_direction_rule_and_the_honest_on
     assert flipper["pushes"] <= MAX_PUSHES_TO_BAN, flipper
     assert attacker.wait(timeout=60) == EXIT_FATAL
     honest = agent_row(production, "honest")
-    margins = {"honest": honest["mean_cosine"], "flipper": flipper["mean_cosine"]}
+    margins = {
+        "honest": honest["mean_cosine"],
+        "flipper": flipper["mean_cosine"],
+        "flipper_pushes_at_ban": flipper["pushes"],
+    }
     print("direction margins:", margins)
     assert honest["banned_at"] is None, production.logs()
     assert honest["pushes"] > 0
