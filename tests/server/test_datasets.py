@@ -4,7 +4,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from django.conf import settings as django_settings
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 from tests.security import corpus
@@ -118,12 +117,15 @@ def test_a_bomb_upload_is_refused_in_the_form_and_nothing_is_stored(
     reason: str,
     alice,
     client,
-    tmp_path: Path,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    settings,  # type: ignore[no-untyped-def]
 ) -> None:
-    # Prepare
+    # Prepare: a media root of this test's own (test-fast's other workers store datasets
+    # in the shared one while this runs).
+    settings.MEDIA_ROOT = tmp_path / "media"
     artefact = corpus.build(bomb, tmp_path / "canary")
     client.force_login(alice)
-    datasets_dir = Path(django_settings.MEDIA_ROOT) / "datasets"
+    datasets_dir = Path(settings.MEDIA_ROOT) / "datasets"
     before = set(datasets_dir.iterdir()) if datasets_dir.exists() else set()
 
     # Execute
