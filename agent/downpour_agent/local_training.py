@@ -14,7 +14,9 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -106,10 +108,14 @@ def run_steps(
     y: npt.NDArray[Any],
     count: int,
     arrived: threading.Event | None,
+    stop: threading.Event | None = None,
 ) -> list[tuple[float, int, float]]:
-    """Up to ``count`` inner steps in this (worker) thread; fewer once ``arrived`` is set."""
+    """Up to ``count`` inner steps in this (worker) thread; fewer once ``arrived`` is set, and
+    none after ``stop`` is (the loop was cancelled and another lease will use the model)."""
     ran = []
     for _ in range(count):
+        if stop is not None and stop.is_set():
+            break
         ran.append(_step(round_, sampler, x, y))
         if arrived is not None and arrived.is_set():
             break
@@ -154,7 +160,11 @@ async def train_local(
     outgoing: asyncio.Task[Fetch] | None = None
     # Set when the fetch the outgoing task sent has all its answers: a run of steps stops there.
     arrived = threading.Event()
-    step, step_s = start, 0.0
+    # A run of steps in flight, and the flag that ends it early: on cancellation the thread
+    # must be off the model before this coroutine returns (the next lease reuses the model).
+    hop: asyncio.Future[list[tuple[float, int, float]]] | None = None
+    stop_hops = threading.Event()
+    step, step_s, round_start_samples = start, 0.0, samples
     try:
         while step < lease.steps:
             active.check()
@@ -175,10 +185,14 @@ async def train_local(
             round_end = min(lease.steps, (step // round_steps + 1) * round_steps)
             count = steps_per_hop(round_end - step, step_s, bool(agent.config.max_steps_per_second))
             watch = arrived if outgoing is not None else None
+            hop = asyncio.ensure_future(
+                asyncio.to_thread(run_steps, round_, sampler, x, y, count, watch, stop_hops)
+            )
             try:
-                ran = await asyncio.to_thread(run_steps, round_, sampler, x, y, count, watch)
+                ran = await asyncio.shield(hop)
             except Exception as exc:  # e.g. labels out of range for the loss
                 raise LeaseRejected(f"inner step failed: {exc}") from exc
+            hop = None
             for loss, batch, compute_s in ran:
                 stats.compute_s += compute_s
                 round_compute_s += compute_s
@@ -207,6 +221,9 @@ async def train_local(
             # two int8 encodings of the whole model off the training loop's path. Rounds
             # encode one after another (the previous task is done), as the residuals need.
             arrived.clear()  # the fetch this task sends is the one to watch now
+            # Progress moves past this round only once its frames are sent (Progress: "after
+            # its last push round that was sent in full"): a resume must send it again.
+            sent = Progress(step, seq + 1, samples, copy.deepcopy(sampler))
             outgoing = asyncio.create_task(
                 _send_round(
                     session,
@@ -214,18 +231,22 @@ async def train_local(
                     Outgoing(pushed, seq, dict(round_base), list(loads), refs, feedback),
                     agent,
                     arrived,
+                    partial(_advance, progress, sent),
                     fetch=not last,
                 )
             )
-            agent._round_samples[(lease.lease_id, seq)] = samples - progress.samples
+            agent._round_samples[(lease.lease_id, seq)] = samples - round_start_samples
             seq += 1
-            round_start = step
-            progress.next_step, progress.seq, progress.samples = step, seq, samples
-            progress.sampler = copy.deepcopy(sampler)
+            round_start, round_start_samples = step, samples
         if outgoing is not None:
             await outgoing  # the last round's push is out before ``complete``
             outgoing = None
     finally:
+        stop_hops.set()
+        if hop is not None and not hop.done():
+            await asyncio.wait([hop])
+        if hop is not None and hop.done() and not hop.cancelled():
+            hop.exception()  # retrieved: the lease is ending anyway
         if outgoing is not None:
             outgoing.cancel()
             for pending in await _cancelled(outgoing):
@@ -300,6 +321,7 @@ async def _send_round(
     push: Outgoing,
     agent: Agent,
     arrived: threading.Event,
+    on_sent: Callable[[], None],
     *,
     fetch: bool,
 ) -> Fetch:
@@ -308,6 +330,7 @@ async def _send_round(
     agent.link_meter.push_sent(lease.lease_id, push.seq, sum(map(len, frames)), len(frames))
     for frame in frames:
         await session.ws.send(frame)
+    on_sent()
     if not fetch:
         return Fetch([], time.perf_counter())
     sent = Fetch(await request_params(session, lease), time.perf_counter())
@@ -345,6 +368,11 @@ async def _cancelled(task: asyncio.Task[Fetch]) -> list[Pending]:
         return (await task).pendings
     except (asyncio.CancelledError, Exception):
         return []
+
+
+def _advance(progress: Progress, sent: Progress) -> None:
+    progress.next_step, progress.seq = sent.next_step, sent.seq
+    progress.samples, progress.sampler = sent.samples, sent.sampler
 
 
 def _nbytes(tensors: Tensors) -> int:

@@ -7,6 +7,7 @@ embedded runner thread, never in the ASGI process.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -63,14 +64,16 @@ def run_pending(limit: int = 20) -> int:
     return done
 
 
-#: A local-steps round fails its check only this far (relative error, its worst tensor) from
-#: the replay. H inner steps of AdamW or momentum amplify float rounding: the same round
-#: replayed with 1 and with 2 TensorFlow threads differed by 0.20 (H = 50) to 0.39 (H = 500),
-#: and honest agents on emulated cable links (H in the hundreds) were banned at 0.23 and 0.80
-#: (docs/security.md, "Spot checks of local steps"). Two unrelated pseudo-gradients of equal
-#: norm are sqrt(2) apart; a sign flip is 2, and a push scaled by 2.5 or more is 1.5 or more.
-#: Between a match and this line a check gives no verdict.
-LOCAL_STEPS_FAIL_AT = 1.5
+#: A local-steps round that does not match its replay fails when any tensor points away from
+#: it (cosine below this) or differs in size (norm ratio outside the range below); otherwise
+#: the check gives no verdict. H inner steps of AdamW or momentum amplify float rounding: the
+#: same round replayed with 1 and with 2 TensorFlow threads differed by relative errors of
+#: 0.20 (H = 50) to 0.41 (H = 500) with per-tensor cosines of 0.88 to 1.0 and norm ratios of
+#: 0.87 to 1.02, and honest agents on emulated cable links (H in the hundreds) were banned at
+#: relative errors of 0.23 and 0.80 (at equal norms a cosine of about 0.68). docs/security.md,
+#: gap 13.
+LOCAL_STEPS_MIN_COSINE = 0.5
+LOCAL_STEPS_NORM_RATIO = (0.5, 2.0)
 
 
 def run(check: SpotCheck) -> bool:
@@ -121,12 +124,23 @@ def run(check: SpotCheck) -> bool:
         not passed
         and job.algorithm == Job.Algorithm.LOCAL_STEPS
         and samples == check.samples
-        and error is not None
-        and error < LOCAL_STEPS_FAIL_AT
+        and pushed.keys() == expected.keys()
     ):
-        # Not a verdict either way: honest rounds diverge this far from their replay.
-        detail = f"inconclusive: a local-steps round {error:.3g} (relative) from its replay"
-        finish(check, passed=None, relative_error=error, detail=detail)
+        cosine, ratio = _direction_and_size(pushed, expected)
+        low, high = LOCAL_STEPS_NORM_RATIO
+        if cosine >= LOCAL_STEPS_MIN_COSINE and low <= ratio <= high:
+            # Not a verdict either way: honest rounds diverge this far from their replay.
+            detail = (
+                f"inconclusive: a local-steps round {error:.3g} (relative) from its replay, "
+                f"cosine {cosine:.3g}, norm ratio {ratio:.3g}"
+            )
+            finish(check, passed=None, relative_error=error, detail=detail)
+            return False
+        detail = (
+            f"gradients differ: relative error {error}; a pseudo-gradient tensor at cosine "
+            f"{cosine:.3g} and norm ratio {ratio:.3g} to its replay"
+        )
+        finish(check, passed=False, relative_error=error, detail=detail)
         return False
     detail = "" if passed else f"gradients differ: relative error {error}"
     finish(check, passed=passed, relative_error=error, detail=detail)
@@ -154,6 +168,35 @@ def _computer(job: Job) -> Any:
     while len(_computers) > _MAX_COMPUTERS:
         _computers.popitem(last=False)
     return computer
+
+
+def _direction_and_size(
+    pushed: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]
+) -> tuple[float, float]:
+    """The lowest cosine and the norm ratio furthest from 1 (pushed / replayed) over the
+    tensors; a tensor whose replay is all zeros must be all zeros too."""
+    worst_cosine, worst_ratio = 1.0, 1.0
+    for name, reference in expected.items():
+        ref = np.asarray(reference, dtype=np.float64).ravel()
+        value = np.asarray(pushed[name], dtype=np.float64).ravel()
+        if value.shape != ref.shape:
+            return -1.0, 0.0
+        ref_norm, norm = float(np.linalg.norm(ref)), float(np.linalg.norm(value))
+        if ref_norm == 0.0:
+            cosine, ratio = (1.0, 1.0) if norm == 0.0 else (-1.0, math.inf)
+        elif norm == 0.0 or not math.isfinite(norm):
+            cosine, ratio = -1.0, norm / ref_norm
+        else:
+            cosine, ratio = float(value @ ref) / (norm * ref_norm), norm / ref_norm
+        worst_cosine = min(worst_cosine, cosine)
+        if _size_off(ratio) > _size_off(worst_ratio):
+            worst_ratio = ratio
+    return worst_cosine, worst_ratio
+
+
+def _size_off(ratio: float) -> float:
+    """How far a norm ratio is from 1, either way (2 and 0.5 alike)."""
+    return abs(math.log(ratio)) if 0 < ratio < math.inf else math.inf
 
 
 def _relative_error(
