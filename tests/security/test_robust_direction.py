@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -175,25 +176,33 @@ def test_the_offline_replay_of_a_trace_bans_where_the_job_banned_and_a_laxer_rul
     assert lax["attackers_store_pushes_to_ban"] == [None, None], lax
 
 
-def test_references_triggered_by_versions_are_fresher_than_the_clocks() -> None:
-    # Prepare: the same short clean job, references on the 1 s clock alone and also every
-    # 8 versions of shard 0 (bench/attacks.py --reference-every-versions).
+def short_jobs_with_triggered_references(
+    attack: str | None, fraction: float, every: int
+) -> dict[int, Any]:
+    """A 3 s server-terms job (seed 0, references on the 1 s clock), run twice: with the clock
+    alone (key 0) and with references also every ``every`` versions of shard 0."""
     attacks = load_bench()
     data = attacks.Digits.load()
-    runs = {
-        every: attacks.simulate_stack(
+    return {
+        versions: attacks.simulate_stack(
             data,
-            attack=None,
-            fraction=0.0,
+            attack=attack,
+            fraction=fraction,
             robust=CentredClipping(),
             seconds=3.0,
             seed=0,
             root_sample=400,
             reference_every_s=1.0,
-            reference_every_versions=every,
+            reference_every_versions=versions,
         )
-        for every in (0, 8)
+        for versions in (0, every)
     }
+
+
+def test_references_triggered_by_versions_are_fresher_than_the_clocks() -> None:
+    # Prepare: the same short clean job, references on the 1 s clock alone and also every
+    # 8 versions of shard 0 (bench/attacks.py --reference-every-versions).
+    runs = short_jobs_with_triggered_references(None, 0.0, every=8)
     # Assert: more references, and pushes tested against ones fewer versions away.
     clock, triggered = runs[0], runs[8]
     assert clock.references_computed <= 4, clock.references_computed
@@ -208,22 +217,7 @@ def test_ipm_attackers_near_the_line_are_banned_within_tens_of_pushes_by_trigger
     # Prepare: the worst case of issue 10 (IPM, 40 % of 5 agents, seed 0; on the clock's
     # references alone banned at 94 and 213 store pushes), the server's reference settings:
     # the 1 s clock plus a reference every 32 versions of shard 0, and the -0.10 ban line.
-    attacks = load_bench()
-    data = attacks.Digits.load()
-    runs = {
-        every: attacks.simulate_stack(
-            data,
-            attack="ipm",
-            fraction=0.4,
-            robust=CentredClipping(),
-            seconds=3.0,
-            seed=0,
-            root_sample=400,
-            reference_every_s=1.0,
-            reference_every_versions=every,
-        )
-        for every in (0, 32)
-    }
+    runs = short_jobs_with_triggered_references("ipm", 0.4, every=32)
     # Assert: both attackers at their first judgements with triggered references, no honest
     # agent; on the clock alone one of them is still pushing when the job ends (it needed 80
     # pushes at -0.10, by the replay in docs/robustness.md).

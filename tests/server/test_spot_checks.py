@@ -51,6 +51,17 @@ def start(alice, dataset, **overrides: Any):  # type: ignore[no-untyped-def]
     return job
 
 
+def served(store: Any) -> tuple[dict[str, np.ndarray], dict[int, int]]:
+    """What an agent fetching every shard of ``store`` now gets: the weights (copies) and
+    each shard's version."""
+    weights: dict[str, np.ndarray] = {}
+    versions: dict[int, int] = {}
+    for shard in range(len(store.layout.shards)):
+        versions[shard], tensors = store.fetch(shard)
+        weights.update({k: v.copy() for k, v in tensors.items()})
+    return weights, versions
+
+
 def honest_round(lease, round_index: int = 0):  # type: ignore[no-untyped-def]
     """What an honest agent fetches and pushes in round ``round_index`` of ``lease``.
 
@@ -63,11 +74,7 @@ def honest_round(lease, round_index: int = 0):  # type: ignore[no-untyped-def]
     for shard, specs in enumerate(store.layout.shards):
         grad = {v.name: np.full(v.shape, 0.01 * (round_index + 1), np.float32) for v in specs}
         store.push(shard, grad, store.versions()[shard], f"other:{round_index}:{shard}")
-    weights: dict[str, np.ndarray] = {}
-    versions: dict[int, int] = {}
-    for shard in range(len(store.layout.shards)):
-        versions[shard], tensors = store.fetch(shard)
-        weights.update({k: v.copy() for k, v in tensors.items()})
+    weights, versions = served(store)
     computer = GradientComputer(job.model_config, job.loss, seed=12345)
     computer.set_weights(weights)
     x, y = load_shard(Path(unit.shard.path), unit.shard.n_samples)

@@ -27,6 +27,7 @@ from downpour_agent.protocol import LocalSteps
 from downpour_agent.trainer import GradientComputer
 
 from .helpers import mlp_config
+from .test_spot_checks import served
 
 pytestmark = pytest.mark.django_db
 
@@ -53,12 +54,7 @@ def honest_round(lease: Any) -> tuple[dict[str, np.ndarray], dict[int, int], dic
     """Round 0 of ``lease`` as an honest agent computes it: the weights it fetched, their
     versions, its pseudo-gradient and samples."""
     job, unit = lease.unit.job, lease.unit
-    store = job_store(job)
-    weights: dict[str, np.ndarray] = {}
-    versions: dict[int, int] = {}
-    for shard in range(len(store.layout.shards)):
-        versions[shard], tensors = store.fetch(shard)
-        weights.update({k: v.copy() for k, v in tensors.items()})
+    weights, versions = served(job_store(job))
     computer = GradientComputer(job.model_config, job.loss, seed=12345)
     computer.set_weights(weights)
     x, y = load_shard(Path(unit.shard.path), unit.shard.n_samples)

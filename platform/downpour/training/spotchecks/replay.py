@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from django.utils import timezone
 
+from downpour.paramstore.direction import cosine_similarity
 from downpour.scheduler import reputation
 from downpour.training.models import Job, SpotCheck
 
@@ -120,6 +121,8 @@ def run(check: SpotCheck) -> bool:
         for name, reference in expected.items()
     )
     error = _relative_error(pushed, expected)
+    verdict: bool | None = passed
+    detail = "" if passed else f"gradients differ: relative error {error}"
     if (
         not passed
         and job.algorithm == Job.Algorithm.LOCAL_STEPS
@@ -130,21 +133,18 @@ def run(check: SpotCheck) -> bool:
         low, high = LOCAL_STEPS_NORM_RATIO
         if cosine >= LOCAL_STEPS_MIN_COSINE and low <= ratio <= high:
             # Not a verdict either way: honest rounds diverge this far from their replay.
+            verdict = None
             detail = (
                 f"inconclusive: a local-steps round {error:.3g} (relative) from its replay, "
                 f"cosine {cosine:.3g}, norm ratio {ratio:.3g}"
             )
-            finish(check, passed=None, relative_error=error, detail=detail)
-            return False
-        detail = (
-            f"gradients differ: relative error {error}; a pseudo-gradient tensor at cosine "
-            f"{cosine:.3g} and norm ratio {ratio:.3g} to its replay"
-        )
-        finish(check, passed=False, relative_error=error, detail=detail)
-        return False
-    detail = "" if passed else f"gradients differ: relative error {error}"
-    finish(check, passed=passed, relative_error=error, detail=detail)
-    return passed
+        else:
+            detail += (
+                f"; a pseudo-gradient tensor at cosine {cosine:.3g} and norm ratio "
+                f"{ratio:.3g} to its replay"
+            )
+    finish(check, passed=verdict, relative_error=error, detail=detail)
+    return verdict is True
 
 
 def _weight_sets(stored: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
@@ -187,7 +187,7 @@ def _direction_and_size(
         elif norm == 0.0 or not math.isfinite(norm):
             cosine, ratio = -1.0, norm / ref_norm
         else:
-            cosine, ratio = float(value @ ref) / (norm * ref_norm), norm / ref_norm
+            cosine, ratio = cosine_similarity(value, ref), norm / ref_norm
         worst_cosine = min(worst_cosine, cosine)
         if _size_off(ratio) > _size_off(worst_ratio):
             worst_ratio = ratio
