@@ -5,6 +5,7 @@
     python tests/e2e/rogue_agent.py --mode scale  join http://server:8000 --token TOKEN ...
     python tests/e2e/rogue_agent.py --mode signflip join http://server:8000 --token TOKEN ...
     python tests/e2e/rogue_agent.py --mode random join http://server:8000 --token TOKEN ...
+    python tests/e2e/rogue_agent.py --mode disguised --factor 0.1 join http://server:8000 ...
 
 Everything after ``--mode`` (and ``--factor``/``--seed``) goes to ``downpour_agent.cli``
 unchanged, so the process registers, leases, fetches, heartbeats, pushes and exits exactly
@@ -18,6 +19,12 @@ process; the agent package itself is untouched:
   Clipping alone does not catch it; spot checks do.
 * ``signflip``: every gradient negated (``-g``): plausible in size, pointing against the
   server's root reference gradient, which the direction test flags.
+* ``disguised``: ``-factor`` times (the gradient plus Gaussian noise of the same L2 norm,
+  variable by variable; give ``--factor``, e.g. 0.1). Inner product manipulation (Xie et
+  al. 2020), with the agent's own gradient standing in for the honest mean, disguised so
+  that few single pushes fail the per-push direction test (cosine < -0.5) while their mean
+  points against the root gradient. Small, so centred clipping passes it: only the
+  direction rule (``reputation.points_away``) can ban it.
 * ``late``: honest for the first ``--honest-steps`` steps of every lease, ``random`` after:
   a faker that expects only the start of a lease to be checked.
 """
@@ -31,13 +38,18 @@ from typing import Any
 
 import numpy as np
 
-MODES = ("scale", "random", "late", "signflip")
+MODES = ("scale", "random", "late", "signflip", "disguised")
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="rogue_agent.py", description=__doc__, allow_abbrev=False)
     parser.add_argument("--mode", choices=MODES, required=True, help="how to tamper")
-    parser.add_argument("--factor", type=float, default=1e6, help="multiplier of --mode scale")
+    parser.add_argument(
+        "--factor",
+        type=float,
+        default=1e6,
+        help="multiplier of --mode scale; -factor of --mode disguised",
+    )
     parser.add_argument("--seed", type=int, default=None, help="noise seed of --mode random")
     parser.add_argument(
         "--honest-steps", type=int, default=2, help="honest steps per lease of --mode late"
@@ -69,7 +81,10 @@ def tamper(mode: str, factor: float = 1e6, seed: int | None = None, honest_steps
             return (-gradient).astype(np.float32)
         noise = rng.standard_normal(gradient.shape).astype(np.float32)
         scale = float(np.linalg.norm(gradient)) / max(float(np.linalg.norm(noise)), 1e-30)
-        return (noise * np.float32(scale)).astype(np.float32)
+        noise = noise * np.float32(scale)
+        if mode == "disguised":
+            return ((gradient - noise) * np.float32(-factor)).astype(np.float32)
+        return noise.astype(np.float32)
 
     def compute(self: Any, x: Any, y: Any) -> tuple[dict[str, np.ndarray], float]:
         gradients, loss = honest(self, x, y)

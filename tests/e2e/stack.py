@@ -40,10 +40,18 @@ ROGUE_AGENT = Path(__file__).with_name("rogue_agent.py")
 
 
 def start_rogue_agent(
-    stack: Stack, name: str, token: str, mode: str, *extra: str, honest_steps: int = 2
+    stack: Stack,
+    name: str,
+    token: str,
+    mode: str,
+    *extra: str,
+    honest_steps: int = 2,
+    factor: float | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``rogue_agent.py --mode MODE join ...`` as ``Stack.start_agent`` starts agents."""
     program = [sys.executable, str(ROGUE_AGENT), "--mode", mode]
+    if factor is not None:
+        program += ["--factor", repr(factor)]
     return stack.start_agent(
         name, token, *extra, program=[*program, "--honest-steps", str(honest_steps)]
     )

@@ -1,11 +1,19 @@
-"""End to end: a sign-flipping agent is banned by the direction rule, the honest one is not.
+"""End to end: an agent pushing against the root gradient is banned by the direction rule,
+the honest one is not.
 
 The worker publishes root references through Redis; the push path passes them to
 ``store.push(reference=...)``, and the agent's tested pushes are judged by their mean cosine
-with them (``reputation.points_away``), at the push that makes a ban due. Before that rule,
-bans came from clipping flags and took hundreds of store pushes (issue 10, item 16). Real
-daphne, Celery, PostgreSQL and agent processes on the production path; nobody holds a
-trusted token.
+with them (``reputation.points_away``), at the push that makes a ban due. Real daphne,
+Celery, PostgreSQL and agent processes on the production path; nobody holds a trusted token.
+
+The attacker is disguised inner product manipulation (``rogue_agent.py --mode disguised``):
+a tenth of its own gradient, negated, plus noise of the same size. Its pushes are too small
+for centred clipping, and few of them fail the per-push direction test, so it stays under
+the clipping rule's 50 % line (opposed pushes count as clipped) and only the mean-cosine
+rule can ban it. The test used a full sign flipper (``-g``) before: clipping and the
+per-push test flag about half of those pushes, and in CI, with the worker slow to publish
+the first references, the clipping rule banned it first at its 51st push (23 flagged, too
+few tested for the direction rule): a race between two rules, not a test of one.
 """
 
 from __future__ import annotations
@@ -20,22 +28,18 @@ from .test_robust import agent_row
 
 pytestmark = [pytest.mark.e2e, pytest.mark.services]
 
-#: Store pushes (one per shard) the attacker may make before its ban. Issue 10's "within
-#: tens of pushes" is measured by bench/attacks.py on its virtual clock (20 for every sign
-#: flipper; docs/robustness.md). Here, on a real clock, it was 20 in 3 runs beside a full
-#: suite, 131 in CI (judgements then came only every 0.25 s) and 113 on a machine with a
-#: CPU hog and the suite: the flipper pushed ~30 times a second against a reference
-#: refreshed each second, so its tested pushes come in correlated batches of ~30. The ban
-#: reason tells the direction rule from the clipping rule; the bound catches a ban that
-#: slips back to hundreds of pushes, as clipping alone took (issue 10 saw bans only after
-#: 127-195 clipped pushes).
-MAX_PUSHES_TO_BAN = 300
+#: Direction-tested pushes the attacker may make before its ban. The rule judges at the
+#: push that makes a ban due, from 20 tested pushes on (``bench/attacks.py``: every IPM
+#: attacker banned at 20 or 21). Pushes untested while the worker lags (references live
+#: ``REFERENCE_MAX_AGE_S``) do not count: they are the worker's speed, not the rule's. The
+#: bound catches a rule that slips back to needing hundreds of pushes.
+MAX_TESTED_TO_BAN = 60
 
 
-def test_a_sign_flipping_agent_is_banned_by_the_direction_rule_and_the_honest_one_is_not(
+def test_an_ipm_agent_is_banned_by_the_direction_rule_and_the_honest_one_is_not(
     production: Stack,
 ) -> None:
-    # Prepare: Alice's robust job (the form's default), an honest donor and a sign flipper.
+    # Prepare: Alice's robust job (the form's default), an honest donor and an IPM attacker.
     seeded = production.seed(
         target_accuracy=1.0,
         # Long enough for a slowed machine; the test cancels the job once the ban is in.
@@ -50,24 +54,26 @@ def test_a_sign_flipping_agent_is_banned_by_the_direction_rule_and_the_honest_on
     honest_token, attacker_token = seeded["tokens"]
     with held(production, job_id):
         production.start_agent("honest", honest_token)
-        attacker = start_rogue_agent(production, "flipper", attacker_token, "signflip")
-        wait_registered(production, "honest", "flipper")
+        attacker = start_rogue_agent(production, "ipm", attacker_token, "disguised", factor=0.1)
+        wait_registered(production, "honest", "ipm")
     # Execute
     production.wait_for(
-        "the sign flipper to be banned",
-        lambda: agent_row(production, "flipper").get("banned_at"),
+        "the IPM attacker to be banned",
+        lambda: agent_row(production, "ipm").get("banned_at"),
         400,
     )
     # Assert
-    flipper = agent_row(production, "flipper")
-    assert "against the server's root gradient" in flipper["ban_reason"], flipper
-    assert flipper["pushes"] <= MAX_PUSHES_TO_BAN, flipper
+    ipm = agent_row(production, "ipm")
+    assert "against the server's root gradient" in ipm["ban_reason"], ipm
+    assert ipm["tested"] <= MAX_TESTED_TO_BAN, ipm
     assert attacker.wait(timeout=60) == EXIT_FATAL
     honest = agent_row(production, "honest")
     margins = {
         "honest": honest["mean_cosine"],
-        "flipper": flipper["mean_cosine"],
-        "flipper_pushes_at_ban": flipper["pushes"],
+        "ipm": ipm["mean_cosine"],
+        "ipm_pushes_at_ban": ipm["pushes"],
+        "ipm_tested_at_ban": ipm["tested"],
+        "ipm_clipped_at_ban": ipm["clipped"],
     }
     print("direction margins:", margins)
     assert honest["banned_at"] is None, production.logs()
