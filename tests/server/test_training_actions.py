@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
 
 import numpy as np
@@ -201,6 +202,32 @@ def test_evaluation_records_a_point_and_finishes_the_job_at_its_target(running_j
     assert running_job.keras_path and running_job.weights_path
     with np.load(running_job.weights_path, allow_pickle=False) as npz:
         assert sum(npz[k].size for k in npz.files) == running_job.param_count
+
+
+def test_an_evaluation_is_stamped_when_its_weights_were_read_not_once_scored(
+    running_job, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a job started 10 s ago with 640 samples done, and a model that takes 1.5 s to
+    # score, during which 9,000 more samples arrive.
+    from downpour.training import evaluation
+
+    started = timezone.now() - timedelta(seconds=10)
+    Job.objects.filter(id=running_job.id).update(started_at=started, samples_done=640)
+    running_job.refresh_from_db()
+    score = evaluation.evaluate
+
+    def slow_score(job, weights):  # type: ignore[no-untyped-def]
+        Job.objects.filter(id=job.id).update(samples_done=9640)
+        time.sleep(1.5)
+        return score(job, weights)
+
+    monkeypatch.setattr(evaluation, "evaluate", slow_score)
+    # Execute
+    point = evaluate_job(running_job)
+    # Assert: the point is the weights' time and samples, not the scoring's end
+    assert point is not None
+    assert 10.0 <= point.elapsed_s < 11.0, point.elapsed_s
+    assert point.samples == 640
 
 
 def test_a_reconnected_agent_resumes_its_live_lease(running_job, agent) -> None:  # type: ignore[no-untyped-def]

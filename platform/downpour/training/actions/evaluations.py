@@ -21,6 +21,11 @@ def evaluate_job(job: Job) -> Evaluation | None:
 
     ensure_store_ready(job)
     store = job_store(job)
+    # The point is stamped when its weights were read, not once they are scored: scoring
+    # took up to half of a small job's 0.5 s evaluation interval, and the curve and the
+    # time to target are about the weights. Samples are read at the same moment.
+    read_at = timezone.now()
+    samples = Job.objects.filter(id=job.id).values_list("samples_done", flat=True).first()
     # Score a snapshot, so that a new best can be checkpointed as exactly what scored.
     states = store.snapshot()
     statistics = store.statistics_state()
@@ -36,11 +41,12 @@ def evaluate_job(job: Job) -> Evaluation | None:
         statistics = replace(statistics, values=layout.flatten_statistics(measured))
     accuracy, loss = evaluate(job, weights)
     job.refresh_from_db()
-    elapsed = (timezone.now() - job.started_at).total_seconds() if job.started_at else 0.0
+    # Never negative: a resume may restart the clock while the snapshot is being scored.
+    elapsed = max(0.0, (read_at - job.started_at).total_seconds()) if job.started_at else 0.0
     point = Evaluation.objects.create(
         job=job,
         elapsed_s=elapsed,
-        samples=job.samples_done,
+        samples=job.samples_done if samples is None else samples,
         accuracy=accuracy,
         loss=loss,
         versions=[state.version for state in states],
