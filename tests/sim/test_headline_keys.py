@@ -86,3 +86,31 @@ def test_a_variant_outside_the_benchmarked_algorithms_and_compressions_is_refuse
     for bad in ("foo:bar", "downpour", "downpour:int4", "sync:none", ""):
         with pytest.raises(argparse.ArgumentTypeError):
             wire.parse_variant(bad)
+
+
+def test_small_vs_fit_headline_is_the_fastest_modes_median_over_rounds_that_reached_95() -> None:
+    small = _load("small_vs_fit")
+    rounds = [
+        {"ratios": {"local_steps_none": 1.6, "downpour_none": 1.9}},
+        {"ratios": {"local_steps_none": 1.0, "downpour_none": 2.9}},
+        {"ratios": {"local_steps_none": 0.7, "downpour_none": None}},
+        {"ratios": {"local_steps_none": None, "downpour_none": 3.3}},
+    ]
+
+    summary = small.summarise(rounds, ["small:1:4:4:local-steps", "small:1:4:4"])
+
+    assert summary["by_mode"]["local_steps_none"] == {
+        "ratios": [1.6, 1.0, 0.7],
+        "median": 1.0,
+        "missed_95": 1,
+    }
+    assert summary["by_mode"]["downpour_none"]["median"] == 2.9
+    assert summary["best_mode"] == "local_steps_none"
+    assert summary["ratio_time_to_95_1_agent_vs_keras_fit_small"] == 1.0
+
+
+def test_small_vs_fit_has_no_headline_when_no_round_reached_95() -> None:
+    small = _load("small_vs_fit")
+    summary = small.summarise([{"ratios": {"downpour_none": None}}], ["small:1:4:4"])
+    assert summary["best_mode"] is None
+    assert summary["ratio_time_to_95_1_agent_vs_keras_fit_small"] is None
