@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 
 MODES = ("scale", "random", "late", "signflip", "disguised")
+#: ``--factor`` when not given: a huge scale, a small disguised push.
+DEFAULT_FACTORS = {"scale": 1e6, "disguised": 0.1}
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -47,15 +49,18 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--factor",
         type=float,
-        default=1e6,
-        help="multiplier of --mode scale; -factor of --mode disguised",
+        default=None,
+        help="multiplier of --mode scale (default 1e6); -factor of --mode disguised (default 0.1)",
     )
     parser.add_argument("--seed", type=int, default=None, help="noise seed of --mode random")
     parser.add_argument(
         "--honest-steps", type=int, default=2, help="honest steps per lease of --mode late"
     )
     parser.add_argument("agent_args", nargs=argparse.REMAINDER, help="downpour-agent arguments")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.factor is None:
+        args.factor = DEFAULT_FACTORS.get(args.mode, 1.0)
+    return args
 
 
 def tamper(mode: str, factor: float = 1e6, seed: int | None = None, honest_steps: int = 2) -> None:
@@ -83,7 +88,7 @@ def tamper(mode: str, factor: float = 1e6, seed: int | None = None, honest_steps
         scale = float(np.linalg.norm(gradient)) / max(float(np.linalg.norm(noise)), 1e-30)
         noise = noise * np.float32(scale)
         if mode == "disguised":
-            return ((gradient - noise) * np.float32(-factor)).astype(np.float32)
+            return ((gradient + noise) * np.float32(-factor)).astype(np.float32)
         return noise.astype(np.float32)
 
     def compute(self: Any, x: Any, y: Any) -> tuple[dict[str, np.ndarray], float]:

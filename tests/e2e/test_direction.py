@@ -7,13 +7,14 @@ with them (``reputation.points_away``), at the push that makes a ban due. Real d
 Celery, PostgreSQL and agent processes on the production path; nobody holds a trusted token.
 
 The attacker is disguised inner product manipulation (``rogue_agent.py --mode disguised``):
-a tenth of its own gradient, negated, plus noise of the same size. Its pushes are too small
-for centred clipping, and few of them fail the per-push direction test, so it stays under
-the clipping rule's 50 % line (opposed pushes count as clipped) and only the mean-cosine
-rule can ban it. The test used a full sign flipper (``-g``) before: clipping and the
-per-push test flag about half of those pushes, and in CI, with the worker slow to publish
-the first references, the clipping rule banned it first at its 51st push (23 flagged, too
-few tested for the direction rule): a race between two rules, not a test of one.
+a tenth of its own gradient plus noise of the same size, negated. Its pushes are too small
+for centred clipping, and 20-25 % of them fail the per-push direction test (opposed pushes
+count as clipped), so the clipping rule, at 50 %, cannot ban it before the mean-cosine rule
+unless nearly all of its first 20-odd pushes are opposed. The test used a full sign
+flipper (``-g``) before: clipping and the per-push test flag about half of those pushes,
+and in CI, with the worker slow to publish the first references, the clipping rule banned
+it first at its 51st push (23 flagged, too few tested for the direction rule): a race
+between two rules, not a test of one.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from .test_robust import agent_row
 pytestmark = [pytest.mark.e2e, pytest.mark.services]
 
 #: Direction-tested pushes the attacker may make before its ban. The rule judges at the
-#: push that makes a ban due, from 20 tested pushes on (``bench/attacks.py``: every IPM
-#: attacker banned at 20 or 21). Pushes untested while the worker lags (references live
-#: ``REFERENCE_MAX_AGE_S``) do not count: they are the worker's speed, not the rule's. The
-#: bound catches a rule that slips back to needing hundreds of pushes.
+#: push that makes a ban due, from 20 tested pushes on; this attacker was banned at its 20th
+#: (mean cosines -0.24 and -0.31 against the line's -0.10, two runs beside a CPU hog).
+#: Pushes untested while the worker lags (references live ``REFERENCE_MAX_AGE_S``) do not
+#: count: they are the worker's speed, not the rule's. The bound catches a rule that slips
+#: back to needing hundreds of pushes.
 MAX_TESTED_TO_BAN = 60
 
 

@@ -226,7 +226,7 @@ def test_an_evaluation_is_stamped_when_its_weights_were_read_not_once_scored(
     point = evaluate_job(running_job)
     # Assert: the point is the weights' time and samples, not the scoring's end
     assert point is not None
-    assert 10.0 <= point.elapsed_s < 11.0, point.elapsed_s
+    assert 10.0 <= point.elapsed_s < 11.4, point.elapsed_s
     assert point.samples == 640
 
 

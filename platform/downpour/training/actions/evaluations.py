@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from datetime import datetime
 
 from django.utils import timezone
 
@@ -25,7 +26,7 @@ def evaluate_job(job: Job) -> Evaluation | None:
     # took up to half of a small job's 0.5 s evaluation interval, and the curve and the
     # time to target are about the weights. Samples are read at the same moment.
     read_at = timezone.now()
-    samples = Job.objects.filter(id=job.id).values_list("samples_done", flat=True).first()
+    samples = Job.objects.values_list("samples_done", flat=True).get(id=job.id)
     # Score a snapshot, so that a new best can be checkpointed as exactly what scored.
     states = store.snapshot()
     statistics = store.statistics_state()
@@ -41,12 +42,11 @@ def evaluate_job(job: Job) -> Evaluation | None:
         statistics = replace(statistics, values=layout.flatten_statistics(measured))
     accuracy, loss = evaluate(job, weights)
     job.refresh_from_db()
-    # Never negative: a resume may restart the clock while the snapshot is being scored.
-    elapsed = max(0.0, (read_at - job.started_at).total_seconds()) if job.started_at else 0.0
+    elapsed = (read_at - job.started_at).total_seconds() if job.started_at else 0.0
     point = Evaluation.objects.create(
         job=job,
         elapsed_s=elapsed,
-        samples=job.samples_done if samples is None else samples,
+        samples=samples,
         accuracy=accuracy,
         loss=loss,
         versions=[state.version for state in states],
@@ -59,9 +59,14 @@ def evaluate_job(job: Job) -> Evaluation | None:
         finish_job(job, Job.Status.DONE, f"reached {accuracy:.1%} test accuracy", scored)
     elif job.budget_samples is not None and job.samples_done >= job.budget_samples:
         finish_job(job, Job.Status.DONE, f"used its budget of {job.budget_samples} samples", scored)
-    elif job.budget_seconds is not None and elapsed >= job.budget_seconds:
+    elif job.budget_seconds is not None and _seconds_since(job.started_at) >= job.budget_seconds:
         finish_job(job, Job.Status.DONE, f"used its budget of {job.budget_seconds:.0f} s", scored)
     return point
+
+
+def _seconds_since(started_at: datetime | None) -> float:
+    """Seconds from ``started_at`` to now (the budget runs to now, not to the weights' read)."""
+    return (timezone.now() - started_at).total_seconds() if started_at else 0.0
 
 
 def evaluate_running_jobs() -> int:
