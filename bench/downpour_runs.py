@@ -83,6 +83,18 @@ LOCAL_STEPS_SEED: dict[str, dict[str, Any]] = {
     }
 }
 STATUS_INTERVAL_S = 1.0
+
+
+def local_steps_seed(algorithm: str, outer: str | None = None) -> dict[str, Any]:
+    """:data:`LOCAL_STEPS_SEED`'s settings for ``algorithm``, with ``outer`` (``LR:MOMENTUM``)
+    replacing the outer optimizer's when given."""
+    seed = dict(LOCAL_STEPS_SEED.get(algorithm, {}))
+    if seed and outer is not None:
+        lr, momentum = (float(part) for part in outer.split(":"))
+        seed |= {"outer_learning_rate": lr, "outer_momentum": momentum}
+    return seed
+
+
 #: The job's ``algorithm`` and ``compression`` values these benchmarks run.
 ALGORITHMS = ("downpour", "local-steps")
 COMPRESSIONS = ("none", "int8")
@@ -149,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=3.0,
         help="skip this long after the last agent's first lease before measuring samples/s",
+    )
+    parser.add_argument(
+        "--outer",
+        default=None,
+        metavar="LR:MOMENTUM",
+        help="local-steps jobs' outer learning rate and Nesterov momentum (default: the "
+        "form's, 0.7:0.9)",
     )
     parser.add_argument(
         "--spot-check-fraction",
@@ -290,7 +309,7 @@ def run_one(
                 if args.spot_check_fraction is None
                 else {"spot_check_fraction": args.spot_check_fraction}
             ),
-            **LOCAL_STEPS_SEED.get(config.algorithm, {}),
+            **local_steps_seed(config.algorithm, args.outer),
         )
         job_id = seeded["job_id"]
         phase("seed_job")
@@ -362,6 +381,14 @@ def measure(
         "LEFT JOIN training_lease l ON l.unit_id = u.id WHERE u.job_id = %s",
         [job_id],
     )[0]
+    # Spot checks still queued when the run stops are counted as queued: the worker judges
+    # them after the job, and the run does not wait.
+    spot_checks = dict(
+        deployment.query(
+            "SELECT status, COUNT(*) FROM training_spotcheck WHERE job_id = %s GROUP BY status",
+            [job_id],
+        )
+    )
     trained = [(t - t0, s, a) for t, s, a in evaluations if t >= t0]
     reached = first_time_at([t for t, _, _ in trained], [a for _, _, a in trained])
     window_start = all_started - t0 + args.warmup_seconds
@@ -391,6 +418,7 @@ def measure(
         "pushes_rejected": job["pushes_rejected"],
         "work_units": units,
         "leases": pushes_by_lease,
+        "spot_checks": spot_checks,
         "time_to_threshold_s": times_to(trained),
         "curve": [[round(t, 3), s, round(a, 4)] for t, s, a in trained],
     }
@@ -452,6 +480,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {
             "eval_interval_s": args.eval_interval,
             "data_shards": args.data_shards,
+            # None: the platform's default (Job.spot_check_fraction).
+            "spot_check_fraction": args.spot_check_fraction,
+            "local_steps": local_steps_seed("local-steps", args.outer),
             "min_train_seconds": args.min_train_seconds,
             "max_train_seconds": args.max_train_seconds,
             "warmup_seconds": args.warmup_seconds,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 import pytest
@@ -114,3 +115,27 @@ def test_small_vs_fit_has_no_headline_when_no_round_reached_95() -> None:
     summary = small.summarise([{"ratios": {"downpour_none": None}}], ["small:1:4:4"])
     assert summary["best_mode"] is None
     assert summary["ratio_time_to_95_1_agent_vs_keras_fit_small"] is None
+
+
+def test_small_vs_fit_merges_its_headline_and_target_beside_other_keys(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    small = _load("small_vs_fit")
+    latest = tmp_path / "latest.json"
+    latest.write_text('{"sim_speedup_16_donors": 3.83, "targets": {"sim_speedup_16_donors": {}}}')
+    result = {
+        "finished_at": "2026-12-03T23:19:22+00:00",
+        "settings": {"eval_interval_s": 0.1},
+        "rounds": [{"ratios": {"local_steps_none": 1.2}}],
+        **small.summarise(
+            [{"ratios": {"local_steps_none": 1.2, "downpour_none": 3.0}}],
+            ["small:1:4:4:local-steps", "small:1:4:4"],
+        ),
+    }
+
+    small.merge_latest(result, latest)
+
+    data = json.loads(latest.read_text())
+    assert data["sim_speedup_16_donors"] == 3.83 and "sim_speedup_16_donors" in data["targets"]
+    assert data["ratio_time_to_95_1_agent_vs_keras_fit_small"] == 1.2
+    assert data["ratio_time_to_95_1_agent_vs_keras_fit_small_downpour_none"] == 3.0
+    target = data["targets"]["ratio_time_to_95_1_agent_vs_keras_fit_small"]
+    assert target["value"] == 1.2 and target["met"] is True and target["target"] == "<= 1.5"
