@@ -71,15 +71,16 @@ from downpour.devprocs import manage  # noqa: E402
 
 BENCH_REDIS_DB = 13
 #: The local-steps job's settings (the form's defaults): H chosen per agent, AdamW 0.001
-#: inside, Nesterov 0.7 / 0.9 outside.
+#: inside, the outer step at learning rate 1.0 without momentum (DiLoCo's Nesterov 0.7 / 0.9
+#: until 4 December: ``--outer 0.7:0.9``).
 LOCAL_STEPS_SEED: dict[str, dict[str, Any]] = {
     "local-steps": {
         "algorithm": "local-steps",
         "inner_steps": 0,
         "inner_optimizer": "adamw",
         "inner_learning_rate": 0.001,
-        "outer_learning_rate": 0.7,
-        "outer_momentum": 0.9,
+        "outer_learning_rate": 1.0,
+        "outer_momentum": 0.0,
     }
 }
 STATUS_INTERVAL_S = 1.0
@@ -167,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="LR:MOMENTUM",
         help="local-steps jobs' outer learning rate and Nesterov momentum (default: the "
-        "form's, 0.7:0.9)",
+        "form's, 1.0:0)",
     )
     parser.add_argument(
         "--spot-check-fraction",

@@ -59,6 +59,32 @@ def test_a_local_steps_job_is_submitted_with_its_settings(alice: Any, dataset: A
     )
 
 
+def test_a_local_steps_job_left_at_the_defaults_applies_whole_changes_without_momentum(
+    alice: Any, dataset: Any
+) -> None:
+    # Execute: the researcher picks local steps and leaves the server's settings empty, and
+    # the form shows the same defaults.
+    page = _client(alice).get("/jobs/new/").content.decode()
+    response = _client(alice).post(
+        "/jobs/new/",
+        job_form(
+            "plain",
+            str(dataset.id),
+            json.dumps(mlp_config()),
+            algorithm="local-steps",
+            outer_learning_rate="",
+            outer_momentum="",
+        ),
+    )
+
+    # Assert: 1.0 and 0 (docs/benchmarks.md, "The outer step's defaults"), not DiLoCo's.
+    assert response.status_code == 302, response.content
+    job = Job.objects.get(name="plain")
+    assert (job.outer_learning_rate, job.outer_momentum) == (1.0, 0.0)
+    assert 'name="outer_learning_rate" value="1.0"' in page
+    assert 'name="outer_momentum" value="0.0"' in page
+
+
 def test_local_steps_with_robust_aggregation_is_refused_with_a_reason(
     alice: Any, dataset: Any
 ) -> None:

@@ -9,6 +9,10 @@ rate 0.7, momentum 0.9), exactly as Keras 3 ``SGD(learning_rate, momentum, neste
     momentum  = mu * momentum - lr * g
     weights  += mu * momentum - lr * g
 
+A job's defaults are learning rate 1 and no momentum (``training.models.Job``): with agents
+pushing one after another, DiLoCo's 0.7 / 0.9 overshot (docs/benchmarks.md, "The outer step's
+defaults"); :class:`OuterConfig`'s own defaults stay DiLoCo's.
+
 A pseudo-gradient computed on a version ``staleness`` pushes behind the shard is discounted
 by ``1 / (1 + staleness)``, the rule of asynchronous local-SGD variants (Liu et al. 2024,
 "Asynchronous Local-SGD Training for Language Modeling"): a fresh push counts in full, a

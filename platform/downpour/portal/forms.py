@@ -261,20 +261,23 @@ class JobForm(forms.Form):
     )
     outer_learning_rate = forms.FloatField(
         label="Server's learning rate",
-        initial=0.7,
+        initial=1.0,
         min_value=1e-8,
         max_value=10,
         required=False,
-        help_text="local steps only: how far the server moves along each agent's change "
-        "(DiLoCo uses 0.7)",
+        help_text="local steps only: how far the server moves along each agent's change; 1 "
+        "applies the whole change (a late change counts less: half when one other push came "
+        "first)",
     )
     outer_momentum = forms.FloatField(
         label="Server's momentum",
-        initial=0.9,
+        initial=0.0,
         min_value=0,
         max_value=0.999,
         required=False,
-        help_text="local steps only: Nesterov momentum over the agents' changes (DiLoCo: 0.9)",
+        help_text="local steps only: Nesterov momentum over the agents' changes. DiLoCo uses "
+        "0.9 with a learning rate of 0.7, for agents that push together; with agents pushing "
+        "one after another it overshot, and 0 was faster to 95% with two agents",
     )
     batch_size = forms.IntegerField(
         initial=32,

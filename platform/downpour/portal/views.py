@@ -146,8 +146,8 @@ def _local_steps_params(data: dict[str, Any]) -> dict[str, Any]:
         "inner_steps": 0,
         "inner_optimizer": "adamw",
         "inner_learning_rate": 0.001,
-        "outer_learning_rate": 0.7,
-        "outer_momentum": 0.9,
+        "outer_learning_rate": 1.0,
+        "outer_momentum": 0.0,
     }
     for name, default in defaults.items():
         value = data.get(name)

@@ -112,8 +112,10 @@ class Job(models.Model):
         default="adamw",
     )
     inner_learning_rate = models.FloatField(default=0.001)
-    outer_learning_rate = models.FloatField(default=0.7)
-    outer_momentum = models.FloatField(default=0.9)
+    # The whole (staleness-discounted) change, no momentum: DiLoCo's 0.7 / 0.9 overshot with
+    # two agents pushing asynchronously (docs/benchmarks.md, "The outer step's defaults").
+    outer_learning_rate = models.FloatField(default=1.0)
+    outer_momentum = models.FloatField(default=0.0)
     batch_size = models.IntegerField(default=32)
     n_fetch = models.IntegerField(default=1)
     n_push = models.IntegerField(default=1)

@@ -75,7 +75,10 @@ async def test_pseudo_gradients_apply_with_nesterov_and_a_complete_counts_the_ro
     alice: Any, dataset: Any, registered: Socket
 ) -> None:
     # Prepare
-    job = await _sync(_local_job, alice, dataset, inner_steps=4)
+    # DiLoCo's outer settings, not the defaults (1.0, no momentum), so that momentum shows.
+    job = await _sync(
+        _local_job, alice, dataset, inner_steps=4, outer_learning_rate=0.7, outer_momentum=0.9
+    )
     lease = await registered.lease()
     _, before = await registered.fetch(lease, 0)
 

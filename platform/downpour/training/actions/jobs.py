@@ -75,8 +75,8 @@ class JobParams:
     inner_steps: int = 0
     inner_optimizer: str = "adamw"
     inner_learning_rate: float = 0.001
-    outer_learning_rate: float = 0.7
-    outer_momentum: float = 0.9
+    outer_learning_rate: float = 1.0
+    outer_momentum: float = 0.0
     #: Sync only (Chen et al. 2016): N agents per step, b backups, the longest wait.
     sync_workers: int = 2
     sync_backups: int = 1

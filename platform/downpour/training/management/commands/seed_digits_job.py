@@ -71,8 +71,8 @@ class Command(BaseCommand):
         )
         parser.add_argument("--inner-optimizer", choices=("adamw", "sgd-momentum"), default="adamw")
         parser.add_argument("--inner-learning-rate", type=float, default=0.001)
-        parser.add_argument("--outer-learning-rate", type=float, default=0.7)
-        parser.add_argument("--outer-momentum", type=float, default=0.9)
+        parser.add_argument("--outer-learning-rate", type=float, default=1.0)
+        parser.add_argument("--outer-momentum", type=float, default=0.0)
 
     def handle(self, *args: Any, **opts: Any) -> None:
         researcher, _ = User.objects.get_or_create(
