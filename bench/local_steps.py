@@ -2,8 +2,9 @@
 
 One deployment, the runs one after another (``downpour_runs.run_configs``): Downpour at the
 benchmarks' large-MLP setting (n_fetch = n_push = 8, Adagrad 0.05) and local steps at the
-form's defaults (H chosen per agent, AdamW 0.001 inside, Nesterov 0.7 / 0.9 outside), each
-with 1 and 2 agents on loopback. It records time to 95 %, samples/s and the agents'
+form's defaults (H chosen per agent, AdamW 0.001 inside, the outer step at 1.0 without
+momentum outside; Nesterov 0.7 / 0.9 until 4 December), each with 1 and 2 agents on
+loopback. It records time to 95 %, samples/s and the agents'
 utilisation (compute seconds / wall seconds, from their logs), with the load average
 before and after, into ``bench/results/latest.json`` (section ``local_steps`` and the flat
 ``local_steps_*`` keys) and the section of ``docs/benchmarks.md`` between its markers.

@@ -108,6 +108,8 @@ class ModeSettings:
     sync_step_timeout_s: float = 10.0
     inner_steps: int = 0  # 0: chosen per donor
     inner_learning_rate: float = 0.001
+    # Not the form's defaults since 4 December (1.0, no momentum): docs/benchmarks.md's mode
+    # figures were simulated with DiLoCo's, and have not been rerun with the new ones.
     outer_learning_rate: float = 0.7
     outer_momentum: float = 0.9
     units_min: int = 24  # the form's default units a pass

@@ -265,9 +265,9 @@ class JobForm(forms.Form):
         min_value=1e-8,
         max_value=10,
         required=False,
-        help_text="local steps only: how far the server moves along each agent's change; 1 "
-        "applies the whole change (a late change counts less: half when one other push came "
-        "first)",
+        help_text="local steps only: how much of each agent's change the server applies (1: "
+        "all of it, with momentum 0). A change made on older weights counts less: half if one "
+        "other push landed after the agent fetched",
     )
     outer_momentum = forms.FloatField(
         label="Server's momentum",
@@ -275,9 +275,10 @@ class JobForm(forms.Form):
         min_value=0,
         max_value=0.999,
         required=False,
-        help_text="local steps only: Nesterov momentum over the agents' changes. DiLoCo uses "
-        "0.9 with a learning rate of 0.7, for agents that push together; with agents pushing "
-        "one after another it overshot, and 0 was faster to 95% with two agents",
+        help_text="local steps only: Nesterov momentum on the server. Raising it makes each "
+        "step up to 1 + momentum times larger, so lower the learning rate with it (DiLoCo: 0.9 "
+        "with 0.7, for agents whose changes are averaged). In our runs 0.9 overshot with "
+        "agents pushing one after another",
     )
     batch_size = forms.IntegerField(
         initial=32,
