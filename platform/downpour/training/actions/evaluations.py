@@ -22,9 +22,9 @@ def evaluate_job(job: Job) -> Evaluation | None:
 
     ensure_store_ready(job)
     store = job_store(job)
-    # The point is stamped when its weights were read, not once they are scored: scoring
-    # took up to half of a small job's 0.5 s evaluation interval, and the curve and the
-    # time to target are about the weights. Samples are read at the same moment.
+    # The point is stamped when its weights were read, not once they are scored: the curve
+    # and the time to target are about the weights, and scoring time (longer for large test
+    # sets and recalibrated statistics) is not training time. Samples are read then too.
     read_at = timezone.now()
     samples = Job.objects.values_list("samples_done", flat=True).get(id=job.id)
     # Score a snapshot, so that a new best can be checkpointed as exactly what scored.
