@@ -5,8 +5,8 @@ per ``--config`` (default: local steps, then Downpour; float32, loopback), each 
 process, so that load drifts hit both alike. The ratio of a round is the agent's time to 95%
 over that round's ``fit``; the headline is the median over rounds of the fastest mode.
 
-Evaluation cadence: ``fit`` scores the test set once an epoch (45 batches, 0.07 s at its
-~15,000 samples/s here) with its clock paused, so the agent's job is scored every
+Evaluation cadence: ``fit`` scores the test set once an epoch (45 batches, 0.065-0.11 s at
+its 13,000-22,000 samples/s here) with its clock paused, so the agent's job is scored every
 ``--eval-interval`` = 0.1 s (``EVAL_INTERVAL_S``) by default, not the platform's 5 s or
 ``downpour_runs.py``'s 0.5 s; points are stamped when the store's weights were read
 (``training/actions/evaluations.py``). The agent's clock starts at the job's first lease,
