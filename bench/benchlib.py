@@ -201,8 +201,22 @@ def write_json(path: Path | None, data: dict[str, Any]) -> None:
     path.write_text(text + "\n")
 
 
-def merge_results(values: dict[str, Any], path: Path | None = None) -> Path:
-    """Merge ``values`` into ``bench/results/latest.json`` (top-level keys; none dropped).
+def target_entry(value: float | None, op: str, goal: float, what: str) -> dict[str, Any]:
+    """One entry of ``latest.json``'s ``targets``: ``value`` against ``op goal`` (``>=`` or
+    ``<=``), ``met`` None when there is no value."""
+    if op not in (">=", "<="):
+        raise ValueError(f"a target compares with >= or <=, got {op!r}")
+    met = None if value is None else bool(value >= goal if op == ">=" else value <= goal)
+    return {"target": f"{op} {goal}", "value": value, "met": met, "what": what}
+
+
+def merge_results(
+    values: dict[str, Any],
+    path: Path | None = None,
+    targets: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """Merge ``values`` into ``bench/results/latest.json`` (top-level keys; none dropped), and
+    ``targets`` (:func:`target_entry`) into its ``targets``.
 
     For scripts measured apart from ``run.py`` (``links.py``, the cable baselines); ``run.py``
     carries such keys over when it rewrites the file.
@@ -210,5 +224,7 @@ def merge_results(values: dict[str, Any], path: Path | None = None) -> Path:
     path = path or RESULTS_DIR / "latest.json"
     current = json.loads(path.read_text()) if path.exists() else {}
     current.update(values)
+    if targets:
+        current.setdefault("targets", {}).update(targets)
     write_json(path, current)
     return path

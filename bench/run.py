@@ -47,6 +47,7 @@ from benchlib import (  # noqa: E402
     param_count,
     ratio,
     run_script,
+    target_entry,
     write_json,
 )
 
@@ -258,17 +259,7 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
 
 def targets(flat: dict[str, Any]) -> dict[str, Any]:
     """Each of :data:`TARGETS` with its value in ``flat`` and whether it is met."""
-    return {
-        key: {
-            "target": f"{op} {goal}",
-            "value": flat.get(key),
-            "met": None
-            if flat.get(key) is None
-            else (flat[key] >= goal if op == ">=" else flat[key] <= goal),
-            "what": what,
-        }
-        for key, op, goal, what in TARGETS
-    }
+    return {key: target_entry(flat.get(key), op, goal, what) for key, op, goal, what in TARGETS}
 
 
 # --- docs ----------------------------------------------------------------------------------

@@ -10,32 +10,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "latest.json"
+if str(ROOT / "bench") not in sys.path:
+    sys.path.insert(0, str(ROOT / "bench"))
 
-TARGETS = {
+import benchlib  # noqa: E402
+
+#: key: (comparison, goal, what it compares), as ``benchlib.target_entry`` takes them.
+TARGETS: dict[str, tuple[str, float, str]] = {
     "sim_speedup_16_donors": (
-        ">= 6",
-        lambda v: v >= 6,
+        ">=",
+        6,
         "simulated time to target, 1 donor / 16 donors, mixed links, 30% churn",
     ),
     "sim_speedup_64_donors": (
-        ">= 16",
-        lambda v: v >= 16,
+        ">=",
+        16,
         "simulated time to target, 1 donor / 64 donors, mixed links, 30% churn",
     ),
     "sim_vs_real_time_to_target_error_cable": (
-        "<= 0.25",
-        lambda v: v <= 0.25,
+        "<=",
+        0.25,
         "simulator vs real stack, time to target, N = 1 and 2, cable links",
     ),
     "sim_vs_real_time_to_target_error_loopback": (
-        "<= 0.25",
-        lambda v: v <= 0.25,
+        "<=",
+        0.25,
         "simulator vs real stack, time to target, N = 1 and 2, loopback (not the cable target)",
     ),
 }
@@ -92,18 +98,8 @@ def plot(sweeps: Sequence[dict[str, Any]], batch: dict[str, Any] | None, out: Pa
 
 def merge_results(values: dict[str, float | None], path: Path = RESULTS) -> None:
     """Set ``values`` (and their ``targets`` entries) in ``latest.json``, keeping the rest."""
-    data = json.loads(path.read_text()) if path.exists() else {}
-    targets = data.setdefault("targets", {})
-    for key, value in values.items():
-        data[key] = value
-        target, check, what = TARGETS[key]
-        targets[key] = {
-            "target": target,
-            "value": value,
-            "met": None if value is None else bool(check(value)),
-            "what": what,
-        }
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    targets = {key: benchlib.target_entry(value, *TARGETS[key]) for key, value in values.items()}
+    benchlib.merge_results(dict(values), path, targets)
 
 
 def speedup(sweep: dict[str, Any], n: int) -> float | None:

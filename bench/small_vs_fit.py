@@ -20,7 +20,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -34,7 +33,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "bench") not in sys.path:
     sys.path.insert(0, str(ROOT / "bench"))
 
-from benchlib import WORK_DIR, machine, merge_results, ratio, run_script, write_json  # noqa: E402
+from benchlib import (  # noqa: E402
+    WORK_DIR,
+    machine,
+    merge_results,
+    ratio,
+    run_script,
+    target_entry,
+    write_json,
+)
 
 HEADLINE = "ratio_time_to_95_1_agent_vs_keras_fit_small"
 TARGET = 1.5
@@ -56,12 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def mode(config: str) -> str:
-    """``local_steps_none`` for ``small:1:4:4:local-steps``; ``downpour_none`` by default."""
-    parts = config.split(":")
-    algorithm = parts[4] if len(parts) > 4 else "downpour"
-    compression = parts[5] if len(parts) > 5 else "none"
+def mode_key(algorithm: str, compression: str) -> str:
+    """``local_steps_none`` for a job's ``local-steps`` and ``none``."""
     return f"{algorithm.replace('-', '_')}_{compression}"
+
+
+def mode(config: str) -> str:
+    """:func:`mode_key` of a ``--config``: ``downpour`` and ``none`` when it names neither."""
+    parts = config.split(":")
+    return mode_key(
+        parts[4] if len(parts) > 4 else "downpour", parts[5] if len(parts) > 5 else "none"
+    )
 
 
 def summarise(rounds: list[dict[str, Any]], configs: Sequence[str]) -> dict[str, Any]:
@@ -100,8 +112,7 @@ def run_round(index: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
     by_mode: dict[str, Any] = {}
     for run_ in agents.get("runs", []):
         config = run_.get("config") or {}
-        key = f"{config.get('algorithm', '?').replace('-', '_')}_{config.get('compression')}"
-        by_mode[key] = {
+        by_mode[mode_key(config.get("algorithm", "?"), str(config.get("compression")))] = {
             "time_to_95_s": run_.get("time_to_95_s"),
             "time_to_threshold_s": run_.get("time_to_threshold_s"),
             "samples_per_s": run_.get("samples_per_s"),
@@ -138,16 +149,8 @@ def latest_keys(result: dict[str, Any]) -> dict[str, Any]:
 
 def merge_latest(result: dict[str, Any], path: Path | None = None) -> None:
     """Merge :func:`latest_keys` into ``latest.json``, and the headline's ``targets`` entry."""
-    written = merge_results(latest_keys(result), path)
-    data = json.loads(written.read_text())
-    value = data[HEADLINE]
-    data.setdefault("targets", {})[HEADLINE] = {
-        "target": f"<= {TARGET}",
-        "value": value,
-        "met": None if value is None else value <= TARGET,
-        "what": WHAT,
-    }
-    write_json(written, data)
+    entry = target_entry(result[HEADLINE], "<=", TARGET, WHAT)
+    merge_results(latest_keys(result), path, targets={HEADLINE: entry})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -139,3 +139,17 @@ def test_small_vs_fit_merges_its_headline_and_target_beside_other_keys(tmp_path)
     assert data["ratio_time_to_95_1_agent_vs_keras_fit_small_downpour_none"] == 3.0
     target = data["targets"]["ratio_time_to_95_1_agent_vs_keras_fit_small"]
     assert target["value"] == 1.2 and target["met"] is True and target["target"] == "<= 1.5"
+
+
+def test_a_target_entry_compares_either_way_and_refuses_other_comparisons() -> None:
+    bench = _load("benchlib")
+    assert bench.target_entry(1.2, "<=", 1.5, "w") == {
+        "target": "<= 1.5",
+        "value": 1.2,
+        "met": True,
+        "what": "w",
+    }
+    assert bench.target_entry(3.83, ">=", 6, "w")["met"] is False
+    assert bench.target_entry(None, ">=", 6, "w")["met"] is None
+    with pytest.raises(ValueError, match=">= or <="):
+        bench.target_entry(1.0, "<", 2.0, "w")
