@@ -10,10 +10,10 @@ import pytest
 from django.test import Client
 
 from downpour.training.actions.claims import claim_work
-from downpour.training.actions.jobs import start_job
+from downpour.training.actions.jobs import JobRejected, start_job, submit_job
 from downpour.training.models import Job
 
-from .helpers import job_form, mlp_config
+from .helpers import job_form, job_params, mlp_config
 
 pytestmark = pytest.mark.django_db
 
@@ -101,6 +101,74 @@ def test_local_steps_with_robust_aggregation_is_refused_with_a_reason(
     assert response.status_code == 200
     assert b"cannot be combined with robust aggregation" in response.content
     assert not Job.objects.filter(name="both").exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("outer_learning_rate", "0"),
+        ("outer_learning_rate", "11"),
+        ("outer_momentum", "-0.1"),
+        ("outer_momentum", "1"),
+    ],
+)
+def test_an_outer_setting_out_of_range_is_refused_and_nothing_is_made(
+    alice: Any, dataset: Any, field: str, value: str
+) -> None:
+    response = _client(alice).post(
+        "/jobs/new/",
+        job_form(
+            "wild",
+            str(dataset.id),
+            json.dumps(mlp_config()),
+            algorithm="local-steps",
+            **{field: value},
+        ),
+    )
+    assert response.status_code == 200
+    assert f'<ul class="errorlist" id="id_{field}_error">' in response.content.decode()
+    assert not Job.objects.filter(name="wild").exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("outer_learning_rate", 0.0, "outer learning rate must be in"),
+        ("outer_momentum", 1.0, "outer momentum must be in"),
+    ],
+)
+def test_outer_settings_out_of_range_are_refused_past_the_form_too(
+    alice: Any, dataset: Any, field: str, value: float, reason: str
+) -> None:
+    # The seed command and the actions take JobParams without the form's bounds.
+    with pytest.raises(JobRejected, match=reason):
+        submit_job(alice, dataset, job_params(algorithm="local-steps", **{field: value}))
+    assert not Job.objects.exists()
+
+
+def test_running_an_old_diloco_job_again_keeps_its_outer_settings_not_the_new_defaults(
+    alice: Any, dataset: Any
+) -> None:
+    # Prepare: a job made before the defaults changed, with DiLoCo's 0.7 / 0.9.
+    _client(alice).post(
+        "/jobs/new/",
+        job_form(
+            "old",
+            str(dataset.id),
+            json.dumps(mlp_config()),
+            algorithm="local-steps",
+            outer_learning_rate=0.7,
+            outer_momentum=0.9,
+        ),
+    )
+    old = Job.objects.get(name="old")
+
+    # Execute: "run again" pre-fills the form from it.
+    page = _client(alice).get(f"/jobs/new/?from={old.id}").content.decode()
+
+    # Assert
+    assert 'name="outer_learning_rate" value="0.7"' in page
+    assert 'name="outer_momentum" value="0.9"' in page
 
 
 @pytest.mark.parametrize("algorithm", ["hogwild", "lbfgs"])
