@@ -130,7 +130,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await asyncio.to_thread(
                 limits().release_connection, str(self.token.id), self.channel_name
             )
-        for task in list(getattr(self, "state", SocketState()).waits):
+        for task in list(getattr(self, "state", SocketState()).waits.values()):
             task.cancel()
         for group in list(getattr(self, "state", SocketState()).groups):
             await self.channel_layer.group_discard(group, self.channel_name)
@@ -253,13 +253,24 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def on_fetch(self, msg: dict[str, Any]) -> None:
         cached = await self._lease(msg["lease_id"])
         if "min_version" in msg:  # synchronous steps: answer once the shard gets there
+            # Checked before anything waits: a waiting fetch polls the store until answered.
+            syncwait.check_waiting_fetch(cached.job, msg["shard"])
+            key = (msg["lease_id"], msg["shard"])
+            if key in self.state.waits:
+                raise ProtocolError(
+                    ErrorCode.RATE_LIMITED, "a fetch of this shard is already waiting"
+                )
             if len(self.state.waits) >= syncwait.MAX_WAITS_PER_SOCKET:
                 raise ProtocolError(ErrorCode.RATE_LIMITED, "too many waiting fetches")
             task = asyncio.create_task(self._fetch_when_ready(msg, cached))
-            self.state.waits.add(task)
-            task.add_done_callback(self.state.waits.discard)
+            self.state.waits[key] = task
+            task.add_done_callback(lambda done: self._forget_wait(key, done))
             return
         await self._send_params(msg, cached)
+
+    def _forget_wait(self, key: tuple[str, int], done: asyncio.Task[None]) -> None:
+        if self.state.waits.get(key) is done:
+            del self.state.waits[key]
 
     async def _fetch_when_ready(self, msg: dict[str, Any], cached: CachedLease) -> None:
         try:
@@ -271,6 +282,11 @@ class AgentConsumer(AsyncWebsocketConsumer):
         except (StoreError, LeaseError, ProtocolError) as exc:
             code = exc.code if exc.code in _WIRE_CODES else ErrorCode.INTERNAL
             await self._send(error_message(code, str(exc), msg.get("ref")))
+        except Exception:  # a Redis outage, say: answered, or the agent waits for nothing
+            log.exception("waiting fetch failed")
+            await self._send(
+                error_message(ErrorCode.INTERNAL, "the fetch failed; ask again", msg.get("ref"))
+            )
 
     async def _send_params(self, msg: dict[str, Any], cached: CachedLease) -> None:
         store = job_store(cached.job)

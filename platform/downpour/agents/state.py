@@ -86,7 +86,9 @@ class SocketState:
     recorded: set[str] = field(default_factory=set)  # checked leases whose round is in
     authority: Authority | None = None
     closed: bool = False  # the server closed the socket: nothing more is read or sent
-    waits: set[asyncio.Task[None]] = field(default_factory=set)  # fetches with min_version
+    # Fetches with ``min_version``, one per (lease, shard): each polls the store until
+    # answered, so their number is what a socket can make the server do unasked.
+    waits: dict[tuple[str, int], asyncio.Task[None]] = field(default_factory=dict)
     # Compressions the agent decodes (its ``register``); the weights it holds per lease
     # and shard, for delta fetches of int8 jobs (agents/deltas.py).
     compressions: frozenset[str] = BASE_COMPRESSIONS

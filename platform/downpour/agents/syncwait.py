@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from downpour.training.models import Job
 from downpour.training.store import job_store, job_sync
+from downpour_agent.protocol import ErrorCode, ProtocolError
 
 #: Longest one waiting fetch is held before it is answered with the version as it stands
 #: (the agent then asks again); well under the lease TTL.
@@ -22,8 +23,12 @@ MAX_WAIT_S = 15.0
 #: Poll interval: from 5 ms, growing by half each time, up to this. A step applied in this
 #: process wakes its waiters at once (``notify``); polling finds one applied by another.
 MAX_POLL_S = 0.05
-#: Waiting fetches one socket may have at once (beyond: refused ``rate_limited``).
+#: Waiting fetches one socket may have at once (beyond: refused ``rate_limited``), besides
+#: the rule of one per lease and shard.
 MAX_WAITS_PER_SOCKET = 64
+#: The algorithms whose agents wait for a version: the others never need to, and each
+#: waiting fetch costs the server a poll every ``MAX_POLL_S``.
+WAITING_ALGORITHMS = frozenset({Job.Algorithm.SYNC, Job.Algorithm.SANDBLASTER})
 
 
 #: (event loop, job, shard) -> the event this loop's waiting fetches on that shard await.
@@ -35,6 +40,16 @@ def notify(job_id: str, shard: int) -> None:
     event = _wakeups.pop((id(asyncio.get_running_loop()), job_id, shard), None)
     if event is not None:
         event.set()
+
+
+def check_waiting_fetch(job: Job, shard: int) -> None:
+    """Refuse ``min_version`` on a job that never waits, or on a shard it does not have."""
+    if job.algorithm not in WAITING_ALGORITHMS:
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE,
+            f"min_version is for sync and sandblaster jobs, not {job.algorithm}",
+        )
+    job_store(job).layout.check_shard(shard)
 
 
 def _reached(job: Job, shard: int, min_version: int) -> bool:

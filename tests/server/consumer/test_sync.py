@@ -18,6 +18,7 @@ from tests.server.consumer.client import (
 )
 from tests.server.helpers import job_params
 
+from downpour.agents import syncwait
 from downpour.training import store
 from downpour.training.actions.jobs import start_job, submit_job
 from downpour.training.models import Contribution, Job
@@ -159,3 +160,71 @@ async def test_waiting_fetches_end_with_the_socket(
     await asyncio.sleep(0.1)
 
     assert all(t.done() for t in asyncio.all_tasks() if "_fetch_when_ready" in repr(t))
+
+
+async def test_min_version_on_a_downpour_lease_is_refused_and_nothing_waits(
+    running_job: Job, registered: Socket
+) -> None:
+    # A waiting fetch polls the store until it is answered: a downpour agent never needs
+    # one, so it is refused before anything waits.
+    lease = await registered.lease()
+
+    reply = await registered.ask(
+        {"type": "fetch", "lease_id": lease["lease_id"], "shard": 0, "min_version": 10**6, "ref": 3}
+    )
+
+    assert (reply["type"], reply["code"], reply["ref"]) == ("error", "bad_message", 3)
+    assert "min_version is for sync and sandblaster jobs" in reply["message"]
+    assert not [t for t in asyncio.all_tasks() if "_fetch_when_ready" in repr(t)]
+    plain = await registered.ask({"type": "fetch", "lease_id": lease["lease_id"], "shard": 0})
+    assert plain["type"] == "params"  # the lease is still served
+
+
+async def test_a_second_waiting_fetch_of_one_shard_is_refused_and_the_first_still_answered(
+    alice: Any, dataset: Any, agents: Agents
+) -> None:
+    await database_sync_to_async(sync_job)(alice, dataset)
+    first, second = await agents(2)
+    lease_a, lease_b = await first.lease(), await second.lease()
+    await first.push(lease_a, 0, gradients(lease_a, 0))
+    wait = {"type": "fetch", "lease_id": lease_a["lease_id"], "shard": 0, "min_version": 1}
+    await first.send({**wait, "ref": 1})
+
+    refused = await first.ask({**wait, "ref": 2})
+    again = await first.ask({**wait, "ref": 3})
+
+    assert [(r["code"], r["ref"]) for r in (refused, again)] == [("rate_limited", 2)] + [
+        ("rate_limited", 3)
+    ]
+    assert "already waiting" in refused["message"]
+    await second.push(lease_b, 0, gradients(lease_b, 0))
+    msg, _ = await first.recv()
+    assert (msg["type"], msg["version"], msg["ref"]) == ("params", 1, 1)
+    # Answered, the slot is free again: the next step's fetch of the shard may wait.
+    await first.send({**wait, "min_version": 2, "ref": 4})
+    heartbeat = await first.ask({"type": "heartbeat", "ref": 5})
+    assert (heartbeat["type"], heartbeat["ref"]) == ("heartbeat_ack", 5)
+    assert len([t for t in asyncio.all_tasks() if "_fetch_when_ready" in repr(t)]) == 1
+
+
+async def test_a_waiting_fetch_that_fails_unexpectedly_is_answered(
+    alice: Any, dataset: Any, agents: Agents, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As a Redis outage would fail the poll: the agent hears of it instead of waiting out
+    # its own timeout, and the slot is freed.
+    await database_sync_to_async(sync_job)(alice, dataset)
+    (only,) = await agents(1)
+    lease = await only.lease()
+
+    def outage(*args: Any) -> bool:
+        raise ConnectionError("Redis went away")
+
+    monkeypatch.setattr(syncwait, "_reached", outage)
+    wait = {"type": "fetch", "lease_id": lease["lease_id"], "shard": 0, "min_version": 1}
+    reply = await only.ask({**wait, "ref": 7})
+
+    assert (reply["type"], reply["code"], reply["ref"]) == ("error", "internal", 7)
+    monkeypatch.undo()
+    await only.send({**wait, "min_version": 0, "ref": 8})  # already there: answered at once
+    msg, _ = await only.recv()
+    assert (msg["type"], msg["ref"]) == ("params", 8)
