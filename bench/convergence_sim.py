@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -110,6 +111,19 @@ class JobSettings:
     unit_target_s: float = 30.0
     target_accuracy: float = 0.86
     seed: int = 0
+    # Not a rule of the real scheduler (yet): a unit of at most this many passes over its
+    # data shard, 0 for none (see docs/benchmarks.md, "A lone donor on one shard").
+    max_unit_epochs: float = 0.0
+
+
+def sim_unit_steps(settings: JobSettings, speed: float, shard_samples: int) -> int:
+    """The unit's steps as ``scheduler.unit_steps`` sizes them, then at most
+    ``max_unit_epochs`` passes over the unit's data shard when that is set."""
+    steps = unit_steps(speed, settings.batch_size, settings.unit_target_s)
+    if settings.max_unit_epochs > 0:
+        epochs = math.ceil(settings.max_unit_epochs * shard_samples / settings.batch_size)
+        steps = max(1, min(steps, epochs))
+    return steps
 
 
 @dataclass
@@ -436,7 +450,7 @@ class Simulation:
                 if not self._alive(donor):
                     break
                 x, y = self.shards[shard]
-                steps = unit_steps(donor.spec.speed, s.batch_size, s.unit_target_s)
+                steps = sim_unit_steps(s, donor.spec.speed, len(x))
                 sampler = BatchSampler(len(x), s.batch_size, int(self.rng.integers(1 << 31)))
                 accumulator = GradientAccumulator()
                 fetch = self._fetch(donor)
@@ -498,6 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-fetch", type=int, default=4)
     p.add_argument("--n-push", type=int, default=4)
     p.add_argument("--max-staleness", type=int, default=16, help="the job's bound (16)")
+    p.add_argument(
+        "--max-unit-epochs",
+        type=float,
+        default=0.0,
+        help="experiment: units of at most this many passes over their shard (0: none)",
+    )
     p.add_argument("--staleness-aware", action="store_true", help="lr / staleness (Zhang 2016)")
     p.add_argument("--data-shards", type=int, default=64)
     p.add_argument("--param-shards", type=int, default=2)
@@ -526,6 +546,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="instead: samples to target for each batch size (critical batch), one donor",
     )
+    p.add_argument(
+        "--learning-rates",
+        type=float,
+        nargs="+",
+        default=[JobSettings.learning_rate],
+        help="with --batch-sweep: each batch takes the best of these Adagrad rates (0.05)",
+    )
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument(
         "--write-results",
@@ -545,6 +572,7 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         staleness_aware=args.staleness_aware,
         target_accuracy=args.target,
         seed=args.seed,
+        max_unit_epochs=args.max_unit_epochs,
     )
     cal = Calibration.load(args.calibration)
     data = teacher_data(args.train_size)
@@ -596,30 +624,42 @@ def batch_sweep(args: argparse.Namespace) -> dict[str, Any]:
     data = teacher_data(args.train_size)
     rows = []
     for batch in args.batch_sweep:
-        settings = JobSettings(
-            batch_size=batch, n_fetch=1, n_push=1, n_data_shards=1, target_accuracy=args.target
-        )
-        student = Student(settings, data, keras=args.keras)
-        donors = uniform_population(1, "loopback", cal.speed, args.horizon)
-        run = Simulation(
-            student,
-            donors,
-            settings,
-            cal,
-            horizon_s=args.horizon,
-            eval_interval_s=max(batch / cal.speed, 0.002),
-            max_steps=args.max_steps,
-        ).run()
-        samples = run["samples_to_target"]
-        rows.append(
-            {
-                "batch": batch,
-                "samples_to_target": samples,
-                "updates_to_target": None if samples is None else samples // batch,
-                "best_accuracy": run["best_accuracy"],
-            }
-        )
-        print(rows[-1], flush=True)
+        # A larger batch wants a larger step (its gradient is less noisy): each batch is
+        # judged at the best of the given rates, or the sweep measures the rate instead.
+        tries = []
+        for rate in args.learning_rates:
+            settings = JobSettings(
+                batch_size=batch,
+                learning_rate=rate,
+                n_fetch=1,
+                n_push=1,
+                n_data_shards=1,
+                target_accuracy=args.target,
+            )
+            student = Student(settings, data, keras=args.keras)
+            donors = uniform_population(1, "loopback", cal.speed, args.horizon)
+            run = Simulation(
+                student,
+                donors,
+                settings,
+                cal,
+                horizon_s=args.horizon,
+                eval_interval_s=max(batch / cal.speed, 0.002),
+                max_steps=args.max_steps,
+            ).run()
+            samples = run["samples_to_target"]
+            tries.append(
+                {
+                    "learning_rate": rate,
+                    "samples_to_target": samples,
+                    "updates_to_target": None if samples is None else samples // batch,
+                    "best_accuracy": run["best_accuracy"],
+                }
+            )
+            print({"batch": batch, **tries[-1]}, flush=True)
+        reached = [t for t in tries if t["samples_to_target"] is not None]
+        best = min(reached, key=lambda t: t["samples_to_target"]) if reached else tries[0]
+        rows.append({"batch": batch, **best, "tries": tries})
     return {"target_accuracy": args.target, "rows": rows}
 
 

@@ -49,7 +49,7 @@ import math
 import os
 import sys
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ from convergence_sim import (  # noqa: E402
     Simulation,
     Student,
     mlp_gradients,
+    sim_unit_steps,
 )
 from downpour.paramstore import (  # noqa: E402
     DEFAULT_MAX_GRAD_NORM,
@@ -84,7 +85,6 @@ from downpour.scheduler import (  # noqa: E402
     pass_backup_due,
     split_pass,
     typical_unit_s,
-    unit_steps,
 )
 from downpour.teacher import teacher_data  # noqa: E402
 from downpour_agent.trainer import BatchSampler  # noqa: E402
@@ -108,10 +108,10 @@ class ModeSettings:
     sync_step_timeout_s: float = 10.0
     inner_steps: int = 0  # 0: chosen per donor
     inner_learning_rate: float = 0.001
-    # Not the form's defaults since 4 December (1.0, no momentum): docs/benchmarks.md's mode
-    # figures were simulated with DiLoCo's, and have not been rerun with the new ones.
-    outer_learning_rate: float = 0.7
-    outer_momentum: float = 0.9
+    # The form's defaults since 4 December (learning rate 1.0, no momentum); ``--outer
+    # 0.7:0.9`` gives DiLoCo's, with which the first mode figures were simulated.
+    outer_learning_rate: float = 1.0
+    outer_momentum: float = 0.0
     units_min: int = 24  # the form's default units a pass
     units_per_donor: int = 4  # "many more units than agents" (Dean et al.)
     lbfgs_history: int = 10
@@ -195,7 +195,7 @@ class SyncSimulation(_ModeBase):
                 if not self._alive(donor):
                     break
                 x, y = self.shards[shard]
-                steps = unit_steps(donor.spec.speed, s.batch_size, s.unit_target_s)
+                steps = sim_unit_steps(s, donor.spec.speed, len(x))
                 sampler = BatchSampler(len(x), s.batch_size, int(self.rng.integers(1 << 31)))
                 fetch = self._fetch(donor)
                 yield "fetch", fetch
@@ -380,7 +380,7 @@ class LocalStepsSimulation(_ModeBase):
                 h = self._h(donor)
                 self.inner_steps.append(h)
                 x, y = self.shards[shard]
-                steps = unit_steps(donor.spec.speed, s.batch_size, s.unit_target_s)
+                steps = sim_unit_steps(s, donor.spec.speed, len(x))
                 sampler = BatchSampler(len(x), s.batch_size, int(self.rng.integers(1 << 31)))
                 fetch = self._fetch(donor)
                 yield "fetch", fetch
@@ -639,6 +639,17 @@ def make_simulation(
     raise ValueError(f"unknown mode {mode!r}")
 
 
+def outer_setting(text: str) -> tuple[float, float]:
+    """``LR:MOMENTUM`` within the job form's bounds (0 < LR <= 10, 0 <= MOMENTUM < 1)."""
+    try:
+        lr, momentum = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LR:MOMENTUM, got {text!r}") from None
+    if not (0 < lr <= 10 and 0 <= momentum < 1):
+        raise argparse.ArgumentTypeError(f"out of range: {text!r}")
+    return lr, momentum
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
@@ -651,6 +662,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--horizon", type=float, default=600.0, help="virtual seconds at most")
     p.add_argument("--max-steps", type=int, default=200_000, help="batches per run at most")
     p.add_argument("--calibration", type=Path, default=None)
+    p.add_argument(
+        "--max-unit-epochs",
+        type=float,
+        default=0.0,
+        help="experiment: units of at most this many passes over their shard (0: none)",
+    )
+    p.add_argument(
+        "--outer",
+        type=outer_setting,
+        default=None,
+        metavar="LR:MOMENTUM",
+        help="local steps' outer step (the form's defaults, 1.0:0; DiLoCo's 0.7:0.9)",
+    )
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None, help="accuracy against virtual time")
     p.add_argument(
@@ -679,6 +703,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     cal = Calibration.load(args.calibration)
     modes = ModeSettings()
+    if args.outer is not None:
+        modes = replace(modes, outer_learning_rate=args.outer[0], outer_momentum=args.outer[1])
     data = teacher_data(args.train_size)
     population = Population(speed=cal.speed, churn=args.churn)
     runs = []
@@ -692,6 +718,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_data_shards=args.data_shards,
             target_accuracy=args.target,
             seed=args.seed,
+            max_unit_epochs=args.max_unit_epochs,
         )
         student = Student(settings, data)
         for count in args.donors:

@@ -201,3 +201,13 @@ def test_the_report_merges_its_keys_and_targets_and_keeps_everything_else(
     assert data["sim_speedup_16_donors"] == 3.83
     assert data["targets"]["sim_speedup_16_donors"]["met"] is False
     assert data["targets"]["sim_speedup_64_donors"]["met"] is None
+
+
+def test_a_unit_capped_at_epochs_covers_that_many_passes_over_its_shard(sim: ModuleType) -> None:
+    uncapped = sim.JobSettings()
+    capped = sim.JobSettings(max_unit_epochs=4)
+    # 30 s at 12,000 samples/s is 11,250 steps of 32: 46 passes over a 7,813-sample shard.
+    assert sim.sim_unit_steps(uncapped, 12_000.0, 7_813) == 11_250
+    assert sim.sim_unit_steps(capped, 12_000.0, 7_813) == 977  # ceil(4 * 7,813 / 32)
+    # A shard a unit cannot pass over four times leaves the unit as the scheduler sized it.
+    assert sim.sim_unit_steps(capped, 12_000.0, 1_000_000) == 11_250

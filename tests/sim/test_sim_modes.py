@@ -260,3 +260,13 @@ def test_sandblaster_backups_finish_passes_beside_a_ten_times_slower_donor(
     assert with_backups["late_answers"] >= 1  # the slow copy's answer, when it came, not summed
     # Every pass without backups waits for the slow donor's last unit.
     assert with_backups["passes"] >= 1.4 * without["passes"]  # 8 against 5
+
+
+def test_local_steps_simulate_the_forms_outer_step_unless_told_otherwise(modes: ModuleType) -> None:
+    defaults = modes.ModeSettings()
+    assert (defaults.outer_learning_rate, defaults.outer_momentum) == (1.0, 0.0)
+    parser = modes.build_parser()
+    assert parser.parse_args(["--outer", "0.7:0.9"]).outer == (0.7, 0.9)
+    for bad in ("0:0", "1.0:1", "11:0", "1.0", "a:b"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--outer", bad])
