@@ -508,7 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--donors", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--quick", action="store_true", help="N = 1, 4, 16 on 100k samples")
     p.add_argument("--seed", type=int, default=0, help="population and sampler seed (0)")
-    p.add_argument("--target", type=float, default=0.86, help="test accuracy to reach (0.86)")
+    # 90% on 8 shards since 4 December (docs/benchmarks.md, "Time to 90% against donors");
+    # the first sweep was 86% on 64.
+    p.add_argument("--target", type=float, default=0.90, help="test accuracy to reach (0.90)")
     p.add_argument("--n-fetch", type=int, default=4)
     p.add_argument("--n-push", type=int, default=4)
     p.add_argument("--max-staleness", type=int, default=16, help="the job's bound (16)")
@@ -519,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="experiment: units of at most this many passes over their shard (0: none)",
     )
     p.add_argument("--staleness-aware", action="store_true", help="lr / staleness (Zhang 2016)")
-    p.add_argument("--data-shards", type=int, default=64)
+    p.add_argument("--data-shards", type=int, default=8)
     p.add_argument("--param-shards", type=int, default=2)
     p.add_argument("--train-size", type=int, default=500_000, help="teacher samples (500k)")
     p.add_argument("--churn", type=float, default=0.3, help="share of donors that churn (0.3)")
@@ -532,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--horizon", type=float, default=600.0, help="virtual seconds at most")
     p.add_argument("--eval-interval", type=float, default=0.5, help="virtual s (0.5)")
-    p.add_argument("--max-steps", type=int, default=60_000, help="gradient steps per run")
+    p.add_argument("--max-steps", type=int, default=400_000, help="gradient steps per run")
     p.add_argument("--calibration", type=Path, default=None, help="JSON from calibrate_sim")
     p.add_argument(
         "--keras",

@@ -2,14 +2,15 @@
 
 Usage::
 
-    .venv/bin/python bench/sim_report.py A.json B.json --plot docs/benchmarks-sim.png \\
-        --write-results --batch bench/results/sim_batch.json
+    .venv/bin/python bench/sim_report.py SEED0.json SEED1.json SEED2.json OTHER.json \\
+        --plot docs/benchmarks-sim.png --write-results --batch B86.json B90.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,12 +28,14 @@ TARGETS: dict[str, tuple[str, float, str]] = {
     "sim_speedup_16_donors": (
         ">=",
         6,
-        "simulated time to target, 1 donor / 16 donors, mixed links, 30% churn",
+        "simulated time to target, 1 donor / 16 donors, mixed links, 30% churn (median over"
+        " the first sweep's seeds)",
     ),
     "sim_speedup_64_donors": (
         ">=",
         16,
-        "simulated time to target, 1 donor / 64 donors, mixed links, 30% churn",
+        "simulated time to target, 1 donor / 64 donors, mixed links, 30% churn (median over"
+        " the first sweep's seeds)",
     ),
     "sim_vs_real_time_to_target_error_cable": (
         "<=",
@@ -49,18 +52,27 @@ TARGETS: dict[str, tuple[str, float, str]] = {
 
 def label(sweep: dict[str, Any]) -> str:
     s = sweep["settings"]
-    text = f"downpour fp32, n_fetch {s['n_fetch']} n_push {s['n_push']}"
+    text = f"to {s['target_accuracy']:.0%}, {s['n_data_shards']} data shards"
     text += f", staleness <= {s['max_staleness']}"
-    return text + (", lr/staleness" if s.get("staleness_aware") else "")
+    text += ", lr/staleness" if s.get("staleness_aware") else ""
+    return text + f", seed {s.get('seed', 0)}"
 
 
-def plot(sweeps: Sequence[dict[str, Any]], batch: dict[str, Any] | None, out: Path) -> None:
+def same_configuration(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two sweeps differ at most in their seed (and the command that ran them)."""
+    ignore = {"seed", "argv"}
+    return {k: v for k, v in a.items() if k not in ignore} == {
+        k: v for k, v in b.items() if k not in ignore
+    }
+
+
+def plot(sweeps: Sequence[dict[str, Any]], batches: Sequence[dict[str, Any]], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = 2 if batch else 1
+    panels = 2 if batches else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
     ax = axes[0][0]
     for sweep in sweeps:
@@ -78,19 +90,25 @@ def plot(sweeps: Sequence[dict[str, Any]], batch: dict[str, Any] | None, out: Pa
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("donors N (mixed links, 30% churn)")
-    target = sweeps[0]["settings"]["target_accuracy"]
-    ax.set_ylabel(f"virtual seconds to {target:.0%} test accuracy")
+    ax.set_ylabel("virtual seconds to the target test accuracy")
     ax.set_title("Convergence simulator: time to target vs donors")
     ax.legend(fontsize=7)
-    if batch:
+    if batches:
         ax = axes[0][1]
-        rows = [r for r in batch["rows"] if r["samples_to_target"]]
-        ax.plot([r["batch"] for r in rows], [r["samples_to_target"] for r in rows], marker="o")
+        for batch in batches:
+            rows = [r for r in batch["rows"] if r["updates_to_target"]]
+            ax.plot(
+                [r["batch"] for r in rows],
+                [r["updates_to_target"] for r in rows],
+                marker="o",
+                label=f"to {batch['target_accuracy']:.0%}",
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("samples per update (batch)")
-        ax.set_ylabel("samples to target")
+        ax.set_ylabel("updates to target (best Adagrad rate)")
         ax.set_title("Critical batch: one donor, an update per batch")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -106,20 +124,33 @@ def speedup(sweep: dict[str, Any], n: int) -> float | None:
     return next((r["speedup"] for r in sweep["runs"] if r["donors"] == n), None)
 
 
+def median_speedup(sweeps: Sequence[dict[str, Any]], n: int) -> float | None:
+    """The median speed-up at ``n`` donors over the sweeps of the first one's configuration
+    (its seeds); ``None`` when none of them reached the target."""
+    values = sorted(
+        v
+        for sweep in sweeps
+        if same_configuration(sweep["settings"], sweeps[0]["settings"])
+        and (v := speedup(sweep, n)) is not None
+    )
+    return statistics.median(values) if values else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("sweeps", type=Path, nargs="+", help="convergence_sim.py --json-out files")
-    p.add_argument("--batch", type=Path, default=None, help="a --batch-sweep JSON")
+    p.add_argument("--batch", type=Path, nargs="*", default=[], help="--batch-sweep JSONs")
     p.add_argument("--plot", type=Path, default=ROOT / "docs" / "benchmarks-sim.png")
     p.add_argument(
         "--write-results",
         action="store_true",
-        help="merge the first sweep's sim_speedup_* keys into bench/results/latest.json",
+        help="merge sim_speedup_* into bench/results/latest.json: the median over the "
+        "sweeps of the first one's configuration (its seeds)",
     )
     args = p.parse_args(argv)
     sweeps = [json.loads(path.read_text()) for path in args.sweeps]
-    batch = json.loads(args.batch.read_text()) if args.batch else None
-    plot(sweeps, batch, args.plot)
+    batches = [json.loads(path.read_text()) for path in args.batch]
+    plot(sweeps, batches, args.plot)
     for sweep in sweeps:
         print(
             label(sweep),
@@ -128,8 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.write_results:
         merge_results(
             {
-                "sim_speedup_16_donors": speedup(sweeps[0], 16),
-                "sim_speedup_64_donors": speedup(sweeps[0], 64),
+                "sim_speedup_16_donors": median_speedup(sweeps, 16),
+                "sim_speedup_64_donors": median_speedup(sweeps, 64),
             }
         )
     return 0

@@ -211,3 +211,18 @@ def test_a_unit_capped_at_epochs_covers_that_many_passes_over_its_shard(sim: Mod
     assert sim.sim_unit_steps(capped, 12_000.0, 7_813) == 977  # ceil(4 * 7,813 / 32)
     # A shard a unit cannot pass over four times leaves the unit as the scheduler sized it.
     assert sim.sim_unit_steps(capped, 12_000.0, 1_000_000) == 11_250
+
+
+def test_the_report_takes_the_median_over_the_first_sweeps_seeds_only() -> None:
+    report = _load("sim_report")
+
+    def sweep(seed: int, shards: int, speedup: float | None) -> dict[str, Any]:
+        settings = {"seed": seed, "n_data_shards": shards, "argv": [str(seed)]}
+        return {"settings": settings, "runs": [{"donors": 16, "speedup": speedup}]}
+
+    seeds = [sweep(0, 8, 8.9), sweep(1, 8, 5.6), sweep(2, 8, 9.3), sweep(3, 8, None)]
+    other = sweep(0, 64, 100.0)  # another configuration: not one of the seeds
+    assert report.median_speedup([*seeds, other], 16) == 8.9
+    assert report.median_speedup([sweep(0, 8, None)], 16) is None
+    assert report.same_configuration(seeds[0]["settings"], seeds[1]["settings"])
+    assert not report.same_configuration(seeds[0]["settings"], other["settings"])
