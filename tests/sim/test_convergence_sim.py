@@ -213,16 +213,28 @@ def test_a_unit_capped_at_epochs_covers_that_many_passes_over_its_shard(sim: Mod
     assert sim.sim_unit_steps(capped, 12_000.0, 1_000_000) == 11_250
 
 
-def test_the_report_takes_the_median_over_the_first_sweeps_seeds_only() -> None:
+def test_the_report_takes_the_median_over_the_first_sweeps_seeds_counting_misses() -> None:
     report = _load("sim_report")
 
-    def sweep(seed: int, shards: int, speedup: float | None) -> dict[str, Any]:
-        settings = {"seed": seed, "n_data_shards": shards, "argv": [str(seed)]}
-        return {"settings": settings, "runs": [{"donors": 16, "speedup": speedup}]}
+    def sweep(seed: int, shards: int, t16: float | None, t1: float | None = 50.0) -> Any:
+        settings = {"seed": seed, "n_data_shards": shards, "target_accuracy": 0.9}
+        settings["argv"] = ["--seed", str(seed), "--json-out", f"s{seed}.json"]
+        runs = [
+            {"donors": 1, "time_to_target_s": t1, "speedup": 1.0 if t1 else None},
+            {"donors": 16, "time_to_target_s": t16, "speedup": t1 / t16 if t1 and t16 else None},
+        ]
+        return {"settings": settings, "runs": runs}
 
-    seeds = [sweep(0, 8, 8.9), sweep(1, 8, 5.6), sweep(2, 8, 9.3), sweep(3, 8, None)]
-    other = sweep(0, 64, 100.0)  # another configuration: not one of the seeds
-    assert report.median_speedup([*seeds, other], 16) == 8.9
-    assert report.median_speedup([sweep(0, 8, None)], 16) is None
+    seeds = [sweep(0, 8, 5.0), sweep(1, 8, 10.0), sweep(2, 8, 4.0)]
+    other = sweep(0, 64, 0.5)  # another configuration: not one of the seeds
+    assert report.median_speedup([*seeds, other], 16) == 10.0
+    # A seed whose 16 donors missed counts as the worst, not as absent: (0, 5, 10, 12.5).
+    assert report.median_speedup([*seeds, sweep(3, 8, None)], 16) == 7.5
+    # Without a one-donor baseline a seed says nothing.
+    assert report.median_speedup([*seeds, sweep(4, 8, 1.0, t1=None)], 16) == 10.0
+    assert report.median_speedup([sweep(0, 8, None, t1=None)], 16) is None
     assert report.same_configuration(seeds[0]["settings"], seeds[1]["settings"])
     assert not report.same_configuration(seeds[0]["settings"], other["settings"])
+    quick = {**seeds[1]["settings"], "argv": ["--seed", "1", "--quick"]}
+    assert not report.same_configuration(seeds[0]["settings"], quick)  # argv differs
+    assert report.keys_description(seeds) == " to 90%, 8 data shards, median of seeds 0, 1, 2"

@@ -256,7 +256,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
             # Checked before anything waits: a waiting fetch polls the store until answered.
             syncwait.check_waiting_fetch(cached.job, msg["shard"])
             key = (msg["lease_id"], msg["shard"])
-            if key in self.state.waits:
+            waiting = self.state.waits.get(key)
+            if waiting is not None and not waiting.done():  # done: its callback is due
                 raise ProtocolError(
                     ErrorCode.RATE_LIMITED, "a fetch of this shard is already waiting"
                 )
@@ -280,13 +281,14 @@ class AgentConsumer(AsyncWebsocketConsumer):
         except _CutOff:
             pass
         except (StoreError, LeaseError, ProtocolError) as exc:
-            code = exc.code if exc.code in _WIRE_CODES else ErrorCode.INTERNAL
-            await self._send(error_message(code, str(exc), msg.get("ref")))
+            if exc.code in _WIRE_CODES:
+                await self._send(error_message(exc.code, str(exc), msg.get("ref")))
+            else:  # as the message loop answers: details in the log, never on the wire
+                log.error("agent %s: waiting fetch: %s", self.agent and self.agent.id, exc)
+                await self._send(error_message(ErrorCode.INTERNAL, ref=msg.get("ref")))
         except Exception:  # a Redis outage, say: answered, or the agent waits for nothing
-            log.exception("waiting fetch failed")
-            await self._send(
-                error_message(ErrorCode.INTERNAL, "the fetch failed; ask again", msg.get("ref"))
-            )
+            log.exception("agent %s: waiting fetch failed", self.agent and self.agent.id)
+            await self._send(error_message(ErrorCode.INTERNAL, ref=msg.get("ref")))
 
     async def _send_params(self, msg: dict[str, Any], cached: CachedLease) -> None:
         store = job_store(cached.job)

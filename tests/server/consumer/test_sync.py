@@ -207,6 +207,34 @@ async def test_a_second_waiting_fetch_of_one_shard_is_refused_and_the_first_stil
     assert len([t for t in asyncio.all_tasks() if "_fetch_when_ready" in repr(t)]) == 1
 
 
+async def test_each_shard_of_a_lease_may_wait_at_once(
+    alice: Any, dataset: Any, agents: Agents
+) -> None:
+    # What an honest sync agent does: one waiting fetch per shard, all at once.
+    await database_sync_to_async(sync_job)(alice, dataset)
+    first, second = await agents(2)
+    lease_a, lease_b = await first.lease(), await second.lease()
+    shards = range(len(lease_a["layout"]))
+    assert len(shards) == 2
+    for shard in shards:
+        await first.push(lease_a, shard, gradients(lease_a, shard))
+        await first.send(
+            {"type": "fetch", "lease_id": lease_a["lease_id"], "shard": shard, "min_version": 1}
+            | {"ref": shard}
+        )
+    heartbeat = await first.ask({"type": "heartbeat", "ref": "meanwhile"})
+    assert heartbeat["type"] == "heartbeat_ack"  # neither fetch was refused
+
+    for shard in shards:
+        await second.push(lease_b, shard, gradients(lease_b, shard))
+    answers = sorted([(await first.recv())[0] for _ in shards], key=lambda m: m["ref"])
+
+    assert [(m["type"], m["shard"], m["version"], m["ref"]) for m in answers] == [
+        ("params", 0, 1, 0),
+        ("params", 1, 1, 1),
+    ]
+
+
 async def test_a_waiting_fetch_that_fails_unexpectedly_is_answered(
     alice: Any, dataset: Any, agents: Agents, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -224,6 +252,7 @@ async def test_a_waiting_fetch_that_fails_unexpectedly_is_answered(
     reply = await only.ask({**wait, "ref": 7})
 
     assert (reply["type"], reply["code"], reply["ref"]) == ("error", "internal", 7)
+    assert "Redis" not in reply.get("message", "")  # details stay in the server log
     monkeypatch.undo()
     await only.send({**wait, "min_version": 0, "ref": 8})  # already there: answered at once
     msg, _ = await only.recv()
