@@ -165,11 +165,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 # Refused by the server, not dropped by the donor: never counted as abandoned.
                 self.state.forget_lease(str(msg.get("lease_id")))
                 await self._take_back(msg.get("lease_id"))
-            if exc.code in _WIRE_CODES:
-                await self._send(error_message(exc.code, str(exc), ref))
-            else:  # corrupt state or checkpoint: the operator's problem, not the agent's
-                log.error("agent %s: %s", self.agent and self.agent.id, exc)
-                await self._send(error_message(ErrorCode.INTERNAL, ref=ref))
+            await self._refuse(exc, ref)
         except Exception:
             log.exception("agent %s: unexpected error", self.agent and self.agent.id)
             await self._send(error_message(ErrorCode.INTERNAL, ref=ref))
@@ -255,23 +251,13 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if "min_version" in msg:  # synchronous steps: answer once the shard gets there
             # Checked before anything waits: a waiting fetch polls the store until answered.
             syncwait.check_waiting_fetch(cached.job, msg["shard"])
-            key = (msg["lease_id"], msg["shard"])
-            waiting = self.state.waits.get(key)
-            if waiting is not None and not waiting.done():  # done: its callback is due
-                raise ProtocolError(
-                    ErrorCode.RATE_LIMITED, "a fetch of this shard is already waiting"
-                )
-            if len(self.state.waits) >= syncwait.MAX_WAITS_PER_SOCKET:
-                raise ProtocolError(ErrorCode.RATE_LIMITED, "too many waiting fetches")
-            task = asyncio.create_task(self._fetch_when_ready(msg, cached))
-            self.state.waits[key] = task
-            task.add_done_callback(lambda done: self._forget_wait(key, done))
+            syncwait.start_wait(
+                self.state.waits,
+                (msg["lease_id"], msg["shard"]),
+                lambda: self._fetch_when_ready(msg, cached),
+            )
             return
         await self._send_params(msg, cached)
-
-    def _forget_wait(self, key: tuple[str, int], done: asyncio.Task[None]) -> None:
-        if self.state.waits.get(key) is done:
-            del self.state.waits[key]
 
     async def _fetch_when_ready(self, msg: dict[str, Any], cached: CachedLease) -> None:
         try:
@@ -281,14 +267,19 @@ class AgentConsumer(AsyncWebsocketConsumer):
         except _CutOff:
             pass
         except (StoreError, LeaseError, ProtocolError) as exc:
-            if exc.code in _WIRE_CODES:
-                await self._send(error_message(exc.code, str(exc), msg.get("ref")))
-            else:  # as the message loop answers: details in the log, never on the wire
-                log.error("agent %s: waiting fetch: %s", self.agent and self.agent.id, exc)
-                await self._send(error_message(ErrorCode.INTERNAL, ref=msg.get("ref")))
+            await self._refuse(exc, msg.get("ref"))
         except Exception:  # a Redis outage, say: answered, or the agent waits for nothing
             log.exception("agent %s: waiting fetch failed", self.agent and self.agent.id)
             await self._send(error_message(ErrorCode.INTERNAL, ref=msg.get("ref")))
+
+    async def _refuse(self, exc: StoreError | LeaseError | ProtocolError, ref: Any) -> None:
+        """Answer with the refusal's code; a code not on the wire (corrupt state or
+        checkpoint) as ``internal``, its details in the log only."""
+        if exc.code in _WIRE_CODES:
+            await self._send(error_message(exc.code, str(exc), ref))
+        else:
+            log.error("agent %s: %s", self.agent and self.agent.id, exc)
+            await self._send(error_message(ErrorCode.INTERNAL, ref=ref))
 
     async def _send_params(self, msg: dict[str, Any], cached: CachedLease) -> None:
         store = job_store(cached.job)

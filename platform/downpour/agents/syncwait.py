@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from downpour.training.models import Job
 from downpour.training.store import job_store, job_sync
@@ -50,6 +51,29 @@ def check_waiting_fetch(job: Job, shard: int) -> None:
             f"min_version is for sync and sandblaster jobs, not {job.algorithm}",
         )
     job_store(job).layout.check_shard(shard)
+
+
+def start_wait(
+    waits: dict[tuple[str, int], asyncio.Task[None]],
+    key: tuple[str, int],
+    fetch: Callable[[], Coroutine[Any, Any, None]],
+) -> None:
+    """Run ``fetch()`` as the socket's waiting fetch for ``key`` (lease, shard), refused
+    ``rate_limited`` while one for that key waits, or past ``MAX_WAITS_PER_SOCKET``; its
+    entry leaves ``waits`` when it ends."""
+    waiting = waits.get(key)
+    if waiting is not None and not waiting.done():  # done: its callback is due
+        raise ProtocolError(ErrorCode.RATE_LIMITED, "a fetch of this shard is already waiting")
+    if len(waits) >= MAX_WAITS_PER_SOCKET:
+        raise ProtocolError(ErrorCode.RATE_LIMITED, "too many waiting fetches")
+    task = asyncio.create_task(fetch())
+    waits[key] = task
+
+    def forget(done: asyncio.Task[None]) -> None:
+        if waits.get(key) is done:  # not a newer wait's entry
+            del waits[key]
+
+    task.add_done_callback(forget)
 
 
 def _reached(job: Job, shard: int, min_version: int) -> bool:

@@ -26,6 +26,19 @@ from downpour.training.models import Contribution, Job
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+def waiting_fetches() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if "_fetch_when_ready" in repr(t)]
+
+
+async def two_sync_leases(
+    alice: Any, dataset: Any, agents: Agents
+) -> tuple[Socket, Socket, dict[str, Any], dict[str, Any]]:
+    """A sync job (N = 2, b = 1) and two agents, each holding one of its leases."""
+    await database_sync_to_async(sync_job)(alice, dataset)
+    first, second = await agents(2)
+    return first, second, await first.lease(), await second.lease()
+
+
 def sync_job(alice: Any, dataset: Any, **rule: Any) -> Job:
     params = {"sync_workers": 2, "sync_backups": 1, "sync_step_timeout_s": 30.0, **rule}
     job = submit_job(
@@ -88,9 +101,7 @@ async def test_the_first_n_gradients_step_the_shard_and_a_late_one_is_dropped_an
 async def test_a_fetch_with_min_version_waits_for_the_step_without_blocking_the_socket(
     alice: Any, dataset: Any, agents: Agents
 ) -> None:
-    await database_sync_to_async(sync_job)(alice, dataset)
-    first, second = await agents(2)
-    lease_a, lease_b = await first.lease(), await second.lease()
+    first, second, lease_a, lease_b = await two_sync_leases(alice, dataset, agents)
     await first.push(lease_a, 0, gradients(lease_a, 0))
 
     await first.send(
@@ -159,7 +170,7 @@ async def test_waiting_fetches_end_with_the_socket(
     await only.communicator.disconnect(timeout=REPLY_TIMEOUT_S)
     await asyncio.sleep(0.1)
 
-    assert all(t.done() for t in asyncio.all_tasks() if "_fetch_when_ready" in repr(t))
+    assert all(t.done() for t in waiting_fetches())
 
 
 async def test_min_version_on_a_downpour_lease_is_refused_and_nothing_waits(
@@ -175,7 +186,7 @@ async def test_min_version_on_a_downpour_lease_is_refused_and_nothing_waits(
 
     assert (reply["type"], reply["code"], reply["ref"]) == ("error", "bad_message", 3)
     assert "min_version is for sync and sandblaster jobs" in reply["message"]
-    assert not [t for t in asyncio.all_tasks() if "_fetch_when_ready" in repr(t)]
+    assert not waiting_fetches()
     plain = await registered.ask({"type": "fetch", "lease_id": lease["lease_id"], "shard": 0})
     assert plain["type"] == "params"  # the lease is still served
 
@@ -183,9 +194,7 @@ async def test_min_version_on_a_downpour_lease_is_refused_and_nothing_waits(
 async def test_a_second_waiting_fetch_of_one_shard_is_refused_and_the_first_still_answered(
     alice: Any, dataset: Any, agents: Agents
 ) -> None:
-    await database_sync_to_async(sync_job)(alice, dataset)
-    first, second = await agents(2)
-    lease_a, lease_b = await first.lease(), await second.lease()
+    first, second, lease_a, lease_b = await two_sync_leases(alice, dataset, agents)
     await first.push(lease_a, 0, gradients(lease_a, 0))
     wait = {"type": "fetch", "lease_id": lease_a["lease_id"], "shard": 0, "min_version": 1}
     await first.send({**wait, "ref": 1})
@@ -204,16 +213,14 @@ async def test_a_second_waiting_fetch_of_one_shard_is_refused_and_the_first_stil
     await first.send({**wait, "min_version": 2, "ref": 4})
     heartbeat = await first.ask({"type": "heartbeat", "ref": 5})
     assert (heartbeat["type"], heartbeat["ref"]) == ("heartbeat_ack", 5)
-    assert len([t for t in asyncio.all_tasks() if "_fetch_when_ready" in repr(t)]) == 1
+    assert len(waiting_fetches()) == 1
 
 
 async def test_each_shard_of_a_lease_may_wait_at_once(
     alice: Any, dataset: Any, agents: Agents
 ) -> None:
     # What an honest sync agent does: one waiting fetch per shard, all at once.
-    await database_sync_to_async(sync_job)(alice, dataset)
-    first, second = await agents(2)
-    lease_a, lease_b = await first.lease(), await second.lease()
+    first, second, lease_a, lease_b = await two_sync_leases(alice, dataset, agents)
     shards = range(len(lease_a["layout"]))
     assert len(shards) == 2
     for shard in shards:
