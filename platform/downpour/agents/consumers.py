@@ -1,6 +1,6 @@
 """The agent websocket: the only server code that speaks the protocol.
 
-ORM access goes through private ``database_sync_to_async`` methods and numpy work through
+ORM access goes through ``agents/db.py`` (Channels' database thread) and numpy work through
 ``asyncio.to_thread``, so the event loop only moves frames. TensorFlow never loads here: a
 job whose store is empty and has no checkpoint waits for a worker to rebuild it.
 """
@@ -13,34 +13,22 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.utils import timezone
 
-from downpour.donors.actions import TooManyAgents, register_reported_agent
+from downpour.donors.actions import TooManyAgents
 from downpour.donors.models import Agent, AgentToken
 from downpour.paramstore import PushResult, StoreError
 from downpour.paramstore.statistics import check_statistics
 from downpour.scheduler.reputation import PushFlags, judge_interval
-from downpour.training.actions.bans import OPERATOR_BAN_REASON, Verdict, judge_pushes, reputation_of
-from downpour.training.actions.claims import claim_work
-from downpour.training.actions.contributions import Tally, record_tallies
-from downpour.training.actions.control import take_back_leases
+from downpour.training.actions.bans import OPERATOR_BAN_REASON, reputation_of
+from downpour.training.actions.contributions import Tally
 from downpour.training.actions.leases import (
     LeaseError,
-    complete_lease,
-    get_agent_lease,
-    heartbeat,
-    lease_message,
-    resume_lease,
-    return_lease,
 )
-from downpour.training.actions.recovery import restore_store
 from downpour.training.models import Job, Lease
-from downpour.training.queries import no_work_retry_s, why_no_work
-from downpour.training.spotchecks import recording as spot_recording
-from downpour.training.spotchecks.recording import Recording, copy_tensors
+from downpour.training.spotchecks.recording import copy_tensors
 from downpour.training.store import job_store, job_sync, request_reference, root_reference
 from downpour_agent.protocol import (
     AGENT_MESSAGES,
@@ -49,7 +37,6 @@ from downpour_agent.protocol import (
     CloseCode,
     ErrorCode,
     FrameHeader,
-    LinkRates,
     ProtocolError,
     banned_message,
     error_message,
@@ -65,12 +52,11 @@ from downpour_agent.protocol import (
     statistics_to_frame,
 )
 
-from . import admission, checked_rounds, deltas, passes, push, syncwait
-from .auth import agent_token, authority_refusal, origin_allowed, scope_bearer_token, token_banned
+from . import admission, checked_rounds, db, deltas, passes, push, syncwait
+from .auth import origin_allowed, scope_bearer_token
 from .limits import limits
 from .state import Authority, CachedLease, JobStatus, SocketState, cache_lease
 from .state import echo_ref as _ref
-from .state import is_uuid as _is_uuid
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -104,7 +90,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             # A browser page on another site must not drive an agent socket.
             await self._close(CloseCode.FORBIDDEN)
             return
-        self.token = await self._authenticate(scope_bearer_token(self.scope.get("headers", [])))
+        self.token = await db.authenticate(scope_bearer_token(self.scope.get("headers", [])))
         await self.accept()
         if self.token is None:
             await self._send(error_message(ErrorCode.UNAUTHORIZED))
@@ -136,7 +122,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await self.channel_layer.group_discard(group, self.channel_name)
         if self.agent is not None:
             await self._flush_tallies(force=True, notify=False)
-            await self._mark_disconnected()
+            await db.mark_disconnected(self.agent)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.token is None or self.state.closed:
@@ -164,7 +150,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             if exc.code in (ErrorCode.JOB_PAUSED, ErrorCode.JOB_FINISHED) and self.agent:
                 # Refused by the server, not dropped by the donor: never counted as abandoned.
                 self.state.forget_lease(str(msg.get("lease_id")))
-                await self._take_back(msg.get("lease_id"))
+                await db.take_back(self.agent, msg.get("lease_id"))
             await self._refuse(exc, ref)
         except Exception:
             log.exception("agent %s: unexpected error", self.agent and self.agent.id)
@@ -180,12 +166,13 @@ class AgentConsumer(AsyncWebsocketConsumer):
             )
         self.state.compressions = deltas.agent_compressions(msg.get("compressions"))
         try:
-            agent = await self._register(msg["name"], msg["device"])
+            assert self.token is not None
+            agent = await db.register(self.token, msg["name"], msg["device"])
         except TooManyAgents as exc:
             await self._send(error_message(ErrorCode.TOO_MANY_AGENTS, str(exc), msg.get("ref")))
             await self._close(CloseCode.FORBIDDEN)
             return
-        if agent.banned_at is not None or await self._token_banned(agent):
+        if agent.banned_at is not None or await db.banned_by_token(agent):
             await self._send(banned_message(agent.ban_reason or "another agent of this token"))
             await self._close(CloseCode.FORBIDDEN)
             return
@@ -207,7 +194,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             return
         lease_id = msg.get("lease_id")
         lease_id = None if lease_id in self.state.settled else lease_id  # crossed its complete
-        ttl = await self._heartbeat(lease_id)
+        ttl = await db.renew(self._registered, lease_id)
         reply: dict[str, Any] = {"type": "heartbeat_ack", **_ref(msg)}
         if lease_id is not None and ttl is not None:
             cached = self.state.leases.get(lease_id)
@@ -227,9 +214,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 {**no_work_message(NO_WORK_RETRY_S, "rate_limited", reason), **_ref(msg)}
             )
             return
-        offer = await self._claim_work(link)
+        offer = await db.claim(self.agent, link)
         if offer is None:
-            reason, text, retry = await self._why_no_work()
+            reason, text, retry = await db.no_work(self.agent, NO_WORK_RETRY_S)
             await self._send({**no_work_message(retry, reason, text), **_ref(msg)})
             return
         lease, message = offer
@@ -241,7 +228,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
 
     async def on_resume(self, msg: dict[str, Any]) -> None:
         """A reconnected agent takes its live lease back and carries on where it was."""
-        lease, message = await self._resume(msg["lease_id"])
+        lease, message = await db.resume(self._registered, msg["lease_id"])
         self._cache(lease, settings.LEASE_TTL_S)
         await self._join(push.job_group(str(lease.unit.job_id)))
         await self._send({**deltas.for_agent(message, self.state.compressions), **_ref(msg)})
@@ -401,7 +388,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def on_complete(self, msg: dict[str, Any]) -> None:
         await self._flush_tallies(force=True)
         await self._check_not_ended(msg["lease_id"])
-        await self._complete(msg["lease_id"], msg["samples"])
+        await db.complete(self._registered, msg["lease_id"], msg["samples"])
         self.state.settle(msg["lease_id"])
         assert self.agent is not None  # the lease was checked as this agent's
         await asyncio.to_thread(limits().refund_claim, str(self.agent.id))  # work was done
@@ -410,7 +397,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def on_return_lease(self, msg: dict[str, Any]) -> None:
         await self._flush_tallies(force=True)
         await self._check_not_ended(msg["lease_id"])
-        await self._return(msg["lease_id"])
+        await db.give_back(self._registered, msg["lease_id"])
         self.state.settle(msg["lease_id"])
         await self._send({"type": "lease_returned", "lease_id": msg["lease_id"], **_ref(msg)})
 
@@ -438,6 +425,12 @@ class AgentConsumer(AsyncWebsocketConsumer):
     def _cache(self, lease: Lease, ttl_s: float) -> CachedLease:
         return cache_lease(self.state, lease, ttl_s)
 
+    @property
+    def _registered(self) -> Agent:
+        """The agent, for the verbs that ``receive`` lets through only once it registered."""
+        assert self.agent is not None
+        return self.agent
+
     async def _close(self, code: CloseCode) -> None:
         self.state.closed = True
         # A plain int: autobahn (under daphne) refuses an int subclass and closes with 1011.
@@ -462,7 +455,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         now = time.monotonic()
         if cached is None or now >= cached.deadline:
             await self._check_not_ended(lease_id)
-            lease = await self._load_lease(lease_id)
+            lease = await db.load_lease(self._registered, lease_id)
             cached = self._cache(lease, (lease.expires_at - timezone.now()).total_seconds())
         if not await self._still_allowed():
             raise _CutOff
@@ -486,7 +479,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         now = time.monotonic()
         final = known is not None and known.status in (Job.Status.DONE, Job.Status.FAILED)
         if known is None or (not final and now - known.checked_at > JOB_STATUS_TTL_S):
-            known = JobStatus(await self._job_status(key), now)
+            known = JobStatus(await db.job_status(key), now)
             self.state.jobs[key] = known
         if known.status == Job.Status.PAUSED:
             raise LeaseError(ErrorCode.JOB_PAUSED)
@@ -499,7 +492,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
         known = self.state.authority
         now = time.monotonic()
         if known is None or (known.refusal is None and now - known.checked_at > AUTHORITY_TTL_S):
-            known = Authority(await self._authority_refusal(), now)
+            assert self.token is not None  # receive drops everything from a socket without one
+            known = Authority(await db.refusal(self.token, self.agent), now)
             self.state.authority = known
         if known.refusal is None:
             return True
@@ -518,10 +512,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
         tallies, self.state.tallies = self.state.tallies, {}
         clipped, self.state.clipped = self.state.clipped, []
         if tallies and self.agent is not None:
-            await self._record(tallies)
+            await db.record(self.agent, tallies)
         if not clipped or self.agent is None:
             return
-        verdict = await self._record_clipping(clipped)
+        verdict = await db.judge_clipping(self.agent, clipped)
         if verdict.reputation is not None:
             self.state.judged(verdict.reputation)
         if verdict.banned and notify:
@@ -538,7 +532,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
         n_shards = job_store(cached.job).layout.n_shards
         complete = checked_rounds.add_push(self.state, cached, msg, tensors, bounds, n_shards)
         if complete is not None:
-            await self._save_spot_check(cached.lease_id, cached.spot_check_round, complete)
+            assert cached.spot_check_round is not None  # a recording is only of a checked round
+            await db.save_spot_check(cached.lease_id, cached.spot_check_round, complete)
 
     async def _report_statistics(
         self, job: Job, statistics: dict[str, Any], samples: int, push_id: str
@@ -550,7 +545,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def _check_round_order(self, cached: CachedLease, seq: int) -> None:
         if checked_rounds.skipped(self.state, cached, seq):
             assert cached.spot_check_round is not None
-            await self._fail_skipped_round(cached.lease_id, cached.spot_check_round, seq)
+            await db.fail_skipped_round(cached.lease_id, cached.spot_check_round, seq)
 
     async def _frame_header(self, data: bytes) -> FrameHeader:
         """A binary frame's header, read only on a registered socket; nothing is inflated."""
@@ -595,111 +590,6 @@ class AgentConsumer(AsyncWebsocketConsumer):
         # The store may be gone because the job just finished: say so, not unknown_job.
         self.state.jobs.pop(str(job.id), None)
         await self._check_job_running(job)
-        if not await self._restore_store(job):
+        if not await db.restore(job):
             raise ProtocolError(ErrorCode.UNKNOWN_JOB, STORE_NOT_READY)
         return await asyncio.to_thread(operation)
-
-    # --- database (sync, run in a thread by Channels) --------------------------------
-
-    @database_sync_to_async
-    def _restore_store(self, job: Job) -> bool:
-        # Reads the checkpoint (numpy) on Channels' database thread: restores are rare.
-        return restore_store(job, from_initial_weights=False)
-
-    @database_sync_to_async
-    def _authenticate(self, token: str | None) -> AgentToken | None:
-        return agent_token(token)
-
-    @database_sync_to_async
-    def _register(self, name: str, device: dict[str, Any]) -> Agent:
-        assert self.token is not None
-        return register_reported_agent(self.token, name, device)
-
-    @database_sync_to_async
-    def _heartbeat(self, lease_id: str | None) -> float | None:
-        assert self.agent is not None
-        return heartbeat(self.agent, lease_id)
-
-    @database_sync_to_async
-    def _claim_work(self, link: LinkRates | None) -> tuple[Lease, dict[str, Any]] | None:
-        assert self.agent is not None
-        self.agent.refresh_from_db()
-        lease = claim_work(self.agent, link)
-        if lease is None:
-            return None
-        lease = Lease.objects.select_related("unit__job", "unit__shard").get(id=lease.id)
-        return lease, lease_message(lease)
-
-    @database_sync_to_async
-    def _resume(self, lease_id: str) -> tuple[Lease, dict[str, Any]]:
-        assert self.agent is not None
-        lease = resume_lease(self.agent, lease_id)
-        lease = Lease.objects.select_related("unit__job", "unit__shard").get(id=lease.id)
-        return lease, lease_message(lease)
-
-    @database_sync_to_async
-    def _load_lease(self, lease_id: str) -> Lease:
-        assert self.agent is not None
-        return get_agent_lease(lease_id, self.agent)
-
-    @database_sync_to_async
-    def _take_back(self, lease_id: Any) -> None:
-        assert self.agent is not None
-        if isinstance(lease_id, str) and _is_uuid(lease_id):
-            take_back_leases(Lease.objects.filter(id=lease_id, agent_id=self.agent.id))
-
-    @database_sync_to_async
-    def _job_status(self, job_id: str) -> str:
-        status = Job.objects.filter(id=job_id).values_list("status", flat=True).first()
-        return status or Job.Status.FAILED
-
-    @database_sync_to_async
-    def _authority_refusal(self) -> dict[str, Any] | None:
-        assert self.token is not None
-        agent_id = None if self.agent is None else str(self.agent.id)
-        return authority_refusal(str(self.token.id), agent_id)
-
-    @database_sync_to_async
-    def _token_banned(self, agent: Agent) -> bool:
-        return token_banned(agent)
-
-    @database_sync_to_async
-    def _why_no_work(self) -> tuple[str, str, float]:
-        assert self.agent is not None
-        return (*why_no_work(self.agent), no_work_retry_s(NO_WORK_RETRY_S))
-
-    @database_sync_to_async
-    def _complete(self, lease_id: str, samples: int) -> None:
-        assert self.agent is not None
-        complete_lease(self.agent, lease_id, samples)
-
-    @database_sync_to_async
-    def _return(self, lease_id: str) -> None:
-        assert self.agent is not None
-        return_lease(self.agent, lease_id)
-
-    @database_sync_to_async
-    def _record(self, tallies: dict[str, Tally]) -> None:
-        assert self.agent is not None
-        record_tallies(str(self.agent.id), tallies)
-
-    @database_sync_to_async
-    def _record_clipping(self, clipped: list[PushFlags]) -> Verdict:
-        assert self.agent is not None
-        return judge_pushes(str(self.agent.id), clipped)
-
-    @database_sync_to_async
-    def _save_spot_check(
-        self, lease_id: str, round_index: int | None, recording: Recording
-    ) -> None:
-        assert round_index is not None
-        spot_recording.save(lease_id, round_index, recording)
-
-    @database_sync_to_async
-    def _fail_skipped_round(self, lease_id: str, round_index: int, seq: int) -> None:
-        spot_recording.record_skipped(lease_id, round_index, seq)
-
-    @database_sync_to_async
-    def _mark_disconnected(self) -> None:
-        assert self.agent is not None
-        Agent.objects.filter(id=self.agent.id).update(connected=False, last_seen_at=timezone.now())
