@@ -191,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
         "compete for the cores on equal terms with the baselines and any other load)",
     )
     parser.add_argument(
+        "--agent-steps-per-second",
+        type=float,
+        default=None,
+        metavar="R",
+        help="cap each agent at R steps/s (the agent's --max-steps-per-second), below what "
+        "two agents and the server can share of this machine's cores, so that two agents "
+        "hold twice one agent's compute, as two donors' PCs would; the keys get a "
+        "_capped<R> suffix",
+    )
+    parser.add_argument(
         "--link",
         choices=sorted(LINK_PROFILES),
         default=None,
@@ -289,6 +299,8 @@ def run_one(
     agent_args = ["--status-interval", str(STATUS_INTERVAL_S)]
     if not args.agent_nice:
         agent_args.append("--no-nice")
+    if args.agent_steps_per_second:
+        agent_args += ["--max-steps-per-second", str(args.agent_steps_per_second)]
     for name, token in zip(names, tokens, strict=False):
         deployment.start_agent(name, token, *agent_args, link=args.link)
     job_id = ""
@@ -489,6 +501,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "warmup_seconds": args.warmup_seconds,
             "agent_threads": 1,
             "agent_nice": 10 if args.agent_nice else 0,
+            "agent_steps_per_second": args.agent_steps_per_second,
             "status_interval_s": STATUS_INTERVAL_S,
             "link": args.link or "loopback",
         },
@@ -504,9 +517,12 @@ def headline_keys(result: dict[str, Any]) -> dict[str, Any]:
     ``agent_utilisation_<model>_<link>[_<variant>]``: the 1-agent run's agent, compute over
     wall time on its steady status lines; ``ratio_time_to_95_2_agents_vs_1_agent_<model>_
     <link>[_<variant>]``: time to 95% with 2 agents over 1 (None when either missed 95%).
-    The variant suffix is ``<algorithm>_<compression>``, dropped for :data:`NEW_DEFAULTS`.
+    The variant suffix is ``<algorithm>_<compression>``, dropped for :data:`NEW_DEFAULTS`,
+    then ``capped<R>`` when the agents ran at most R steps/s.
     """
     link = result["settings"]["link"]
+    cap = result["settings"].get("agent_steps_per_second")
+    capped = f"_capped{cap:g}" if cap else ""
     by_variant: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
     for run_ in result["runs"]:
         config = run_.get("config")
@@ -520,7 +536,7 @@ def headline_keys(result: dict[str, Any]) -> dict[str, Any]:
             ""
             if (algorithm, compression) == NEW_DEFAULTS
             else f"_{algorithm.replace('-', '_')}_{compression}"
-        )
+        ) + capped
         if 1 in runs:
             agents = list(runs[1].get("agent_logs", {}).values())
             if agents and agents[0].get("utilisation") is not None:

@@ -46,6 +46,18 @@ def test_downpour_runs_headline_keys_name_the_new_defaults_without_a_suffix() ->
     }
 
 
+def test_agents_capped_in_steps_per_second_get_keys_of_their_own() -> None:
+    runs = _load("downpour_runs")
+    result = {
+        "settings": {"link": "cable", "agent_steps_per_second": 60.0},
+        "runs": [_run(1, "local-steps", "int8", 10.0), _run(2, "local-steps", "int8", 7.0)],
+    }
+    assert runs.headline_keys(result) == {
+        "agent_utilisation_large_cable_capped60": 0.5,
+        "ratio_time_to_95_2_agents_vs_1_agent_large_cable_capped60": 0.7,
+    }
+
+
 def test_a_run_that_missed_95_percent_gives_no_ratio() -> None:
     runs = _load("downpour_runs")
     result = {
