@@ -4,14 +4,15 @@ What is real: the parameter store (``ParameterStore`` on ``InMemoryStorage``, Ad
 job's ``max_staleness`` and gradient clipping), the gradients (the agent's own
 ``GradientComputer`` on the student MLP of ``downpour.teacher``, each donor on its own data
 shard through the agent's ``BatchSampler`` and its own stale copy of the weights), the agent's
-Downpour loop (``connection._train``: a blocking fetch at the start of a lease, fetches every
-``n_fetch`` steps that overlap computation and are waited for at the next fetch point, a
-push every ``n_push`` steps), the work-unit size (``scheduler.unit_steps``) and the byte
-counts (``frame_to_wire``). What is simulated: time. Each step takes
-``batch / speed + step_overhead_s``; every message queues on its direction of the donor's
-link (``bytes / bandwidth``) and then takes half the RTT. Donors draw links and speeds from
-``simworld.Population`` and 30% of them churn (``simulate.churner_sessions``). The store is
-scored every ``--eval-interval`` virtual seconds, as Celery beat scores the real one.
+start-up (``startup.prepare_lease``: the first fetch, the shard's download and the model's
+build at once) and Downpour loop (``connection._train``: that fetch waited for at the start of
+a lease, fetches every ``n_fetch`` steps that overlap computation and are waited for at the
+next fetch point, a push every ``n_push`` steps), the work-unit size
+(``scheduler.unit_steps``) and the byte counts (``frame_to_wire``). What is simulated: time.
+Each step takes ``batch / speed + step_overhead_s``; every message queues on its direction of
+the donor's link (``bytes / bandwidth``) and then takes half the RTT. Donors draw links and
+speeds from ``simworld.Population`` and 30% of them churn (``simulate.churner_sessions``). The
+store is scored every ``--eval-interval`` virtual seconds, as Celery beat scores the real one.
 
 Usage::
 
@@ -106,7 +107,7 @@ class JobSettings:
     n_push: int = 4
     n_param_shards: int = 2
     n_data_shards: int = 64
-    max_staleness: int = 16
+    max_staleness: int = 64
     staleness_aware: bool = False
     unit_target_s: float = 30.0
     target_accuracy: float = 0.86
@@ -114,6 +115,9 @@ class JobSettings:
     # Not a rule of the real scheduler (yet): a unit of at most this many passes over its
     # data shard, 0 for none (see docs/benchmarks.md, "A lone donor on one shard").
     max_unit_epochs: float = 0.0
+    # Not a mode of the real store: apply this many accepted pushes of a shard as one update
+    # (their sum, one version; FedBuff, Nguyen et al. 2022, buffers so); 1 as the store does.
+    aggregate: int = 1
 
 
 def sim_unit_steps(settings: JobSettings, speed: float, shard_samples: int) -> int:
@@ -283,6 +287,7 @@ class Simulation:
             for spec in donors
         ]
         self.counts = Counts()
+        self.buffers: dict[int, list[dict[str, np.ndarray]]] = {}  # the aggregate experiment
         self.curve: list[tuple[float, int, float]] = []
         self.time_to_target: float | None = None
         self.samples_to_target: int | None = None
@@ -410,6 +415,9 @@ class Simulation:
                 return
             for shard, specs in enumerate(self.student.layout.shards):
                 grads = {s.name: mean[s.name] for s in specs}
+                if self.settings.aggregate > 1:
+                    self._aggregate(shard, grads, base[shard], f"{tag}:{shard}")
+                    continue
                 try:
                     result = self.store.push(shard, grads, base[shard], f"{tag}:{shard}")
                 except StaleGradient:
@@ -419,6 +427,24 @@ class Simulation:
                 self.counts.staleness_sum += result.staleness
 
         self.queue.at(at_server, apply)
+
+    def _aggregate(self, shard: int, grads: dict[str, np.ndarray], base: int, tag: str) -> None:
+        """The ``aggregate`` experiment: a push within ``max_staleness`` of the shard joins
+        its buffer; a full buffer's sum is applied as one update (one version)."""
+        store = self.store
+        version = store.storage.load_version(store.job_id, shard)
+        assert version is not None
+        if version - base > self.settings.max_staleness:
+            self.counts.pushes_stale += 1
+            return
+        buffer = self.buffers.setdefault(shard, [])
+        buffer.append(grads)
+        self.counts.pushes_applied += 1
+        self.counts.staleness_sum += version - base
+        if len(buffer) == self.settings.aggregate:
+            total = {k: np.sum([g[k] for g in buffer], axis=0) for k in grads}
+            buffer.clear()
+            store.push(shard, total, version, tag)
 
     # -- a donor, as connection._train works a lease -----------------------------------------
 
@@ -440,20 +466,24 @@ class Simulation:
                 self.units_issued += 1
                 donor.leases += 1
                 self.counts.leases += 1
+                # As startup.prepare_lease: the first fetch goes out with the lease, and the
+                # shard downloads while the model builds; training waits for all three.
+                fetch = self._fetch(donor)
+                ready = self.queue.now
                 if donor.cached_shard != shard:
                     request_at = self.queue.now + link.rtt_s / 2
-                    yield "until", donor.down.send(request_at, self.shard_bytes[shard])
+                    ready = max(ready, donor.down.send(request_at, self.shard_bytes[shard]))
                     donor.cached_shard = shard
                 if not donor.built:
-                    yield "sleep", cal.build_s
+                    ready = max(ready, self.queue.now + cal.build_s)
                     donor.built = True
+                yield "until", ready
                 if not self._alive(donor):
                     break
                 x, y = self.shards[shard]
                 steps = sim_unit_steps(s, donor.spec.speed, len(x))
                 sampler = BatchSampler(len(x), s.batch_size, int(self.rng.integers(1 << 31)))
                 accumulator = GradientAccumulator()
-                fetch = self._fetch(donor)
                 yield "fetch", fetch
                 loads = 1
                 versions, donor.flats = fetch.versions, fetch.flats
@@ -513,12 +543,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=float, default=0.90, help="test accuracy to reach (0.90)")
     p.add_argument("--n-fetch", type=int, default=4)
     p.add_argument("--n-push", type=int, default=4)
-    p.add_argument("--max-staleness", type=int, default=16, help="the job's bound (16)")
+    p.add_argument(
+        "--max-staleness",
+        type=int,
+        default=JobSettings.max_staleness,
+        help=f"the job's bound ({JobSettings.max_staleness}, the form's default)",
+    )
     p.add_argument(
         "--max-unit-epochs",
         type=float,
         default=0.0,
         help="experiment: units of at most this many passes over their shard (0: none)",
+    )
+    p.add_argument(
+        "--aggregate",
+        type=int,
+        default=1,
+        help="experiment: apply this many accepted pushes of a shard as one update, their "
+        "sum (1: each, as the store does)",
     )
     p.add_argument("--staleness-aware", action="store_true", help="lr / staleness (Zhang 2016)")
     p.add_argument("--data-shards", type=int, default=8)
@@ -575,6 +617,7 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         target_accuracy=args.target,
         seed=args.seed,
         max_unit_epochs=args.max_unit_epochs,
+        aggregate=args.aggregate,
     )
     cal = Calibration.load(args.calibration)
     data = teacher_data(args.train_size)

@@ -151,13 +151,15 @@ class _ModeBase(Simulation):
         donor.leases += 1
         self.counts.leases += 1
         held = self.shards_held.setdefault(donor.spec.index, set())
+        ready = self.queue.now  # the shard downloads while the model builds (prepare_lease)
         if shard not in held:
             request_at = self.queue.now + donor.spec.link.rtt_s / 2
-            yield "until", donor.down.send(request_at, self.shard_bytes[shard])
+            ready = max(ready, donor.down.send(request_at, self.shard_bytes[shard]))
             held.add(shard)
         if not donor.built:
-            yield "sleep", self.cal.build_s
+            ready = max(ready, self.queue.now + self.cal.build_s)
             donor.built = True
+        yield "until", ready
 
     def _arrays(self, flats: Sequence[np.ndarray]) -> list[np.ndarray]:
         weights: dict[str, np.ndarray] = {}

@@ -238,3 +238,46 @@ def test_the_report_takes_the_median_over_the_first_sweeps_seeds_counting_misses
     quick = {**seeds[1]["settings"], "argv": ["--seed", "1", "--quick"]}
     assert not report.same_configuration(seeds[0]["settings"], quick)  # argv differs
     assert report.keys_description(seeds) == " to 90%, 8 data shards, median of seeds 0, 1, 2"
+    calibrated = sweep(0, 8, 5.0)
+    calibrated["settings"]["argv"] += ["--calibration", "c.json"]
+    assert "8 data shards, measured calibration, median of seeds 0" in report.keys_description(
+        [calibrated]
+    )
+    # The plot draws one line a configuration: the seeds' median, their least and greatest.
+    assert report.groups([seeds[0], other, seeds[1], seeds[2]]) == [seeds, [other]]
+    missed = sweep(3, 8, None)
+    assert report.time_band([*seeds, missed]) == [(1, 50.0, 50.0, 50.0), (16, 5.0, 4.0, 10.0)]
+    assert report.time_band([missed]) == [(1, 50.0, 50.0, 50.0)]  # no N=16 point at all
+
+
+def test_the_model_builds_while_the_shard_downloads(
+    sim: ModuleType, student: Any, world: ModuleType
+) -> None:
+    """As ``startup.prepare_lease``: a build shorter than the shard's download costs nothing."""
+    settings = sim.JobSettings(n_data_shards=4, target_accuracy=1.0)
+    donor = world.DonorSpec(0, world.PROFILES["dsl"], 4000.0, [(0.0, 3.0)], False)
+
+    def run(build_s: float) -> Any:
+        cal = sim.Calibration(speed=4000.0, build_s=build_s)
+        return sim.Simulation(student, [donor], settings, cal, horizon_s=3.0)
+
+    download_s = donor.link.transfer_s(run(0.0).shard_bytes[0], False)
+    assert download_s > 0.02  # several steps long
+    steps = {b: run(b).run()["steps"] for b in (0.0, 0.9 * download_s, download_s + 0.5)}
+    assert steps[0.0] == steps[0.9 * download_s]
+    assert steps[0.0] > steps[download_s + 0.5]  # a longer build is what the donor waits for
+
+
+def test_the_aggregate_experiment_makes_one_version_of_k_pushes(
+    sim: ModuleType, student: Any, world: ModuleType
+) -> None:
+    settings = sim.JobSettings(n_data_shards=4, target_accuracy=1.0, aggregate=2)
+    donor = world.DonorSpec(0, world.PROFILES["lan"], 4000.0, [(0.0, 2.0)], False)
+    cal = sim.Calibration(speed=4000.0)
+    simulation = sim.Simulation(student, [donor], settings, cal, horizon_s=2.0)
+    run = simulation.run()
+    per_shard = run["pushes_applied"] // 2  # two parameter shards
+    assert per_shard > 10 and run["pushes_stale"] == 0
+    store = simulation.store
+    for shard in (0, 1):
+        assert store.storage.load_version(store.job_id, shard) == per_shard // 2
