@@ -327,10 +327,12 @@ class JobForm(forms.Form):
     )
     max_staleness = forms.IntegerField(
         label="Most staleness accepted",
-        initial=16,
+        initial=64,
         min_value=0,
-        help_text="a push computed on weights this many updates old, or older, is refused "
-        "rather than applied, so slow agents cannot drag the model back",
+        help_text="a push computed on weights more than this many updates old is refused "
+        "rather than applied, so slow agents cannot drag the model back. With many donors "
+        "every push is about as many updates old as there are donors, so a low bound "
+        "throws most of their work away",
     )
     staleness_aware_lr = forms.BooleanField(
         label="Smaller steps for stale pushes",

@@ -120,7 +120,7 @@ class Job(models.Model):
     n_fetch = models.IntegerField(default=1)
     n_push = models.IntegerField(default=1)
     n_param_shards = models.IntegerField(default=2)
-    max_staleness = models.IntegerField(default=16)
+    max_staleness = models.IntegerField(default=64)
     # Zhang et al. 2016: divide each push's step by its staleness.
     staleness_aware_lr = models.BooleanField(default=False)
     # Dean et al.'s warm start: one replica alone for the first K applied pushes.

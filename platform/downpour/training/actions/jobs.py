@@ -57,7 +57,7 @@ class JobParams:
     n_param_shards: int = 2
     #: ``none`` or ``int8`` (pushes with error feedback, fetches as deltas): Job.Compression.
     compression: str = "none"
-    max_staleness: int = 16
+    max_staleness: int = 64
     staleness_aware_lr: bool = False
     warm_start_pushes: int = 0
     robust_aggregation: bool = False

@@ -43,7 +43,7 @@ class Command(BaseCommand):
         parser.add_argument("--n-push", type=int, default=1)
         parser.add_argument("--param-shards", type=int, default=2)
         parser.add_argument("--data-shards", type=int, default=3)
-        parser.add_argument("--max-staleness", type=int, default=16)
+        parser.add_argument("--max-staleness", type=int, default=64)
         parser.add_argument("--target-accuracy", type=float, default=0.95)
         parser.add_argument("--budget-seconds", type=float, default=None)
         parser.add_argument("--budget-samples", type=int, default=None)
