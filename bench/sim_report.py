@@ -48,12 +48,40 @@ TARGETS: dict[str, tuple[str, float, str]] = {
 }
 
 
-def label(sweep: dict[str, Any]) -> str:
+def label(sweep: dict[str, Any], seeds: str | None = None) -> str:
+    """What a sweep ran with; ``seeds`` in place of its own seed for a group's line."""
     s = sweep["settings"]
     text = f"to {s['target_accuracy']:.0%}, {s['n_data_shards']} data shards"
     text += f", staleness <= {s['max_staleness']}"
     text += ", lr/staleness" if s.get("staleness_aware") else ""
-    return text + f", seed {s.get('seed', 0)}"
+    if "--calibration" in s.get("argv", []) and s.get("calibration"):
+        text += f", calibrated ({s['calibration']['speed']:,.0f} samples/s)"
+    return text + (f",\n{seeds}" if seeds is not None else f", seed {s.get('seed', 0)}")
+
+
+def groups(sweeps: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The sweeps by configuration (seeds of one command together), in first-seen order."""
+    out: list[list[dict[str, Any]]] = []
+    for sweep in sweeps:
+        for group in out:
+            if same_configuration(group[0]["settings"], sweep["settings"]):
+                group.append(sweep)
+                break
+        else:
+            out.append([sweep])
+    return out
+
+
+def time_band(group: Sequence[dict[str, Any]]) -> list[tuple[int, float, float, float]]:
+    """Per N, the median, least and greatest time to target over a group's seeds (seeds
+    that missed the target at that N left out; an N that every seed missed, too)."""
+    times: dict[int, list[float]] = {}
+    for sweep in group:
+        for r in sweep["runs"]:
+            times.setdefault(r["donors"], [])
+            if r["time_to_target_s"]:
+                times[r["donors"]].append(r["time_to_target_s"])
+    return [(n, statistics.median(t), min(t), max(t)) for n, t in sorted(times.items()) if t]
 
 
 def _command(argv: Sequence[str]) -> list[str]:
@@ -87,17 +115,24 @@ def plot(sweeps: Sequence[dict[str, Any]], batches: Sequence[dict[str, Any]], ou
     panels = 2 if batches else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
     ax = axes[0][0]
-    for sweep in sweeps:
-        runs = [r for r in sweep["runs"] if r["time_to_target_s"]]
-        ax.plot(
-            [r["donors"] for r in runs],
-            [r["time_to_target_s"] for r in runs],
-            marker="o",
-            label=label(sweep),
+    for group in groups(sweeps):
+        band = time_band(group)
+        ns = [n for n, *_ in band]
+        if len(group) == 1:
+            ax.plot(ns, [m for _, m, _, _ in band], marker="o", label=label(group[0]))
+            continue
+        seeds = f"median of {len(group)} seeds (least to greatest shaded)"
+        (line,) = ax.plot(ns, [m for _, m, _, _ in band], marker="o", label=label(group[0], seeds))
+        ax.fill_between(
+            ns,
+            [lo for *_, lo, _ in band],
+            [hi for *_, hi in band],
+            color=line.get_color(),
+            alpha=0.15,
         )
-    ns = [r["donors"] for r in sweeps[0]["runs"]]
-    base = sweeps[0]["runs"][0]["time_to_target_s"]
-    if base:
+    first = time_band(groups(sweeps)[0])
+    if first and first[0][0] == 1:
+        ns, base = [n for n, *_ in first], first[0][1]
         ax.plot(ns, [base / n for n in ns], ls=":", color="grey", label="linear speed-up")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -167,8 +202,9 @@ def keys_description(sweeps: Sequence[dict[str, Any]]) -> str:
     seeds = sorted(
         w["settings"].get("seed", 0) for w in sweeps if same_configuration(w["settings"], s)
     )
+    calibrated = ", measured calibration" if "--calibration" in s.get("argv", []) else ""
     return (
-        f" to {s['target_accuracy']:.0%}, {s['n_data_shards']} data shards, median of"
+        f" to {s['target_accuracy']:.0%}, {s['n_data_shards']} data shards{calibrated}, median of"
         f" seeds {', '.join(map(str, seeds))}"
     )
 
