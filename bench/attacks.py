@@ -713,7 +713,8 @@ def simulate_stack(
     """A robust job as the server runs it, with the real store, scheduler policy and bans.
 
     * **Store**: :class:`~downpour.paramstore.ParameterStore` on ``InMemoryStorage``, 2
-      parameter shards, Adagrad 0.05, the job's ``max_staleness`` (16), with ``robust``
+      parameter shards, Adagrad 0.05, ``max_staleness`` 16 (the job's default in issue 10's
+      runs; 64 since), with ``robust``
       (centred clipping) or without it (plain Adagrad, "plain mean").
     * **Data**: the training set cut into ``data_shards`` as ``split_train`` cuts it. Each unit
       is on the data shard with the fewest units so far (``claim_work``), sized by

@@ -439,7 +439,7 @@ class Simulation:
             return
         buffer = self.buffers.setdefault(shard, [])
         buffer.append(grads)
-        self.counts.pushes_applied += 1
+        self.counts.pushes_applied += 1  # when it joins the buffer, as it will be applied
         self.counts.staleness_sum += version - base
         if len(buffer) == self.settings.aggregate:
             total = {k: np.sum([g[k] for g in buffer], axis=0) for k in grads}
@@ -709,7 +709,11 @@ def batch_sweep(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.aggregate > 1 and args.staleness_aware:
+        # The aggregate is pushed at the shard's version, so the store would see staleness 0.
+        parser.error("--aggregate applies a buffer at staleness 0: --staleness-aware says nothing")
     if args.quick:
         args.donors, args.train_size = [1, 4, 16], 100_000
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -137,6 +137,13 @@ class RunConfig:
         return f"{self.model}-{self.agents}agent-f{self.n_fetch}-p{self.n_push}{suffix}"
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -192,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--agent-steps-per-second",
-        type=float,
+        type=_positive,
         default=None,
         metavar="R",
         help="cap each agent at R steps/s (the agent's --max-steps-per-second), below what "

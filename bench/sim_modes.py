@@ -151,7 +151,9 @@ class _ModeBase(Simulation):
         donor.leases += 1
         self.counts.leases += 1
         held = self.shards_held.setdefault(donor.spec.index, set())
-        ready = self.queue.now  # the shard downloads while the model builds (prepare_lease)
+        # The shard downloads while the model builds (prepare_lease). Unlike Downpour's loop
+        # (convergence_sim), the modes fetch only after this: their first fetch is in series.
+        ready = self.queue.now
         if shard not in held:
             request_at = self.queue.now + donor.spec.link.rtt_s / 2
             ready = max(ready, donor.down.send(request_at, self.shard_bytes[shard]))

@@ -54,9 +54,18 @@ def label(sweep: dict[str, Any], seeds: str | None = None) -> str:
     text = f"to {s['target_accuracy']:.0%}, {s['n_data_shards']} data shards"
     text += f", staleness <= {s['max_staleness']}"
     text += ", lr/staleness" if s.get("staleness_aware") else ""
-    if "--calibration" in s.get("argv", []) and s.get("calibration"):
+    if s.get("aggregate", 1) > 1:
+        text += f", pushes applied {s['aggregate']} at a time"
+    if _calibrated(s):
         text += f", calibrated ({s['calibration']['speed']:,.0f} samples/s)"
     return text + (f",\n{seeds}" if seeds is not None else f", seed {s.get('seed', 0)}")
+
+
+def _calibrated(settings: dict[str, Any]) -> bool:
+    """Whether the sweep ran with ``--calibration FILE`` (not the assumed defaults)."""
+    return any(
+        a == "--calibration" or a.startswith("--calibration=") for a in settings.get("argv", [])
+    )
 
 
 def groups(sweeps: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -202,7 +211,7 @@ def keys_description(sweeps: Sequence[dict[str, Any]]) -> str:
     seeds = sorted(
         w["settings"].get("seed", 0) for w in sweeps if same_configuration(w["settings"], s)
     )
-    calibrated = ", measured calibration" if "--calibration" in s.get("argv", []) else ""
+    calibrated = ", measured calibration" if _calibrated(s) else ""
     return (
         f" to {s['target_accuracy']:.0%}, {s['n_data_shards']} data shards{calibrated}, median of"
         f" seeds {', '.join(map(str, seeds))}"

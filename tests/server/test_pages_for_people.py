@@ -15,6 +15,7 @@ from downpour.portal.forms import JobForm
 from downpour.training.actions.contributions import Tally, record_tallies
 from downpour.training.actions.datasets import create_dataset
 from downpour.training.actions.jobs import JobParams, submit_job
+from downpour.training.management.commands.seed_digits_job import Command as SeedDigitsJob
 from downpour.training.models import Evaluation, Job
 
 from .helpers import job_params, npz_upload, small_dataset
@@ -122,6 +123,8 @@ def test_the_job_form_starts_at_the_benchmarks_best_settings(alice) -> None:  # 
     # The seed command and the actions make jobs without the form: the same bound.
     assert Job._meta.get_field("max_staleness").default == 64
     assert JobParams(name="j", model_json="{}").max_staleness == 64
+    seed = SeedDigitsJob().create_parser("manage.py", "seed_digits_job")
+    assert seed.parse_args([]).max_staleness == 64
     first = form.groups()[0]
     assert [f.name for f in first.fields][:2] == ["name", "dataset"] and not first.advanced
     assert all(

@@ -243,6 +243,7 @@ def test_the_report_takes_the_median_over_the_first_sweeps_seeds_counting_misses
     assert "8 data shards, measured calibration, median of seeds 0" in report.keys_description(
         [calibrated]
     )
+    assert report._calibrated({"argv": ["--calibration=c.json"]})
     # The plot draws one line a configuration: the seeds' median, their least and greatest.
     assert report.groups([seeds[0], other, seeds[1], seeds[2]]) == [seeds, [other]]
     missed = sweep(3, 8, None)
@@ -266,6 +267,11 @@ def test_the_model_builds_while_the_shard_downloads(
     steps = {b: run(b).run()["steps"] for b in (0.0, 0.9 * download_s, download_s + 0.5)}
     assert steps[0.0] == steps[0.9 * download_s]
     assert steps[0.0] > steps[download_s + 0.5]  # a longer build is what the donor waits for
+
+
+def test_the_aggregate_experiment_refuses_a_staleness_scaled_step(sim: ModuleType) -> None:
+    with pytest.raises(SystemExit):  # the parser's error, before any run
+        sim.main(["--aggregate", "2", "--staleness-aware", "--donors", "1"])
 
 
 def test_the_aggregate_experiment_makes_one_version_of_k_pushes(

@@ -52,7 +52,7 @@ class FieldGroup:
 class JobForm(forms.Form):
     """The job form. Defaults are the settings ``bench/`` measured best on the digits MLPs
     (docs/benchmarks.md): batch 32, Adagrad 0.05, n_fetch = n_push = 4, 2 parameter
-    shards, staleness bound 16."""
+    shards; the staleness bound 64 from the convergence simulator's sweep."""
 
     GROUPS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
         ("The job", ("name", "dataset", "model_json", "model_file", "loss"), False),
