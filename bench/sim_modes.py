@@ -667,6 +667,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=200_000, help="batches per run at most")
     p.add_argument("--calibration", type=Path, default=None)
     p.add_argument(
+        "--max-staleness",
+        type=int,
+        default=JobSettings.max_staleness,
+        help=f"the job's bound ({JobSettings.max_staleness}, the form's default)",
+    )
+    p.add_argument(
         "--max-unit-epochs",
         type=float,
         default=0.0,
@@ -723,6 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             target_accuracy=args.target,
             seed=args.seed,
             max_unit_epochs=args.max_unit_epochs,
+            max_staleness=args.max_staleness,
         )
         student = Student(settings, data)
         for count in args.donors:
