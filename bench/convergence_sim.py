@@ -448,6 +448,19 @@ class Simulation:
 
     # -- a donor, as connection._train works a lease -----------------------------------------
 
+    def _start_up(self, donor: Donor, shard: int, download: bool) -> float:
+        """When a lease's data and model are ready: the shard (when ``download``) arrives
+        over the donor's link while the model builds (its first lease only), as in
+        ``startup.prepare_lease``."""
+        ready = self.queue.now
+        if download:
+            request_at = self.queue.now + donor.spec.link.rtt_s / 2
+            ready = max(ready, donor.down.send(request_at, self.shard_bytes[shard]))
+        if not donor.built:
+            ready = max(ready, self.queue.now + self.cal.build_s)
+            donor.built = True
+        return ready
+
     def _alive(self, donor: Donor) -> bool:
         return self.queue.now < donor.session_end
 
@@ -466,17 +479,11 @@ class Simulation:
                 self.units_issued += 1
                 donor.leases += 1
                 self.counts.leases += 1
-                # As startup.prepare_lease: the first fetch goes out with the lease, and the
-                # shard downloads while the model builds; training waits for all three.
+                # As startup.prepare_lease: the first fetch goes out with the lease, then
+                # the data and the model; training waits for all three.
                 fetch = self._fetch(donor)
-                ready = self.queue.now
-                if donor.cached_shard != shard:
-                    request_at = self.queue.now + link.rtt_s / 2
-                    ready = max(ready, donor.down.send(request_at, self.shard_bytes[shard]))
-                    donor.cached_shard = shard
-                if not donor.built:
-                    ready = max(ready, self.queue.now + cal.build_s)
-                    donor.built = True
+                ready = self._start_up(donor, shard, download=donor.cached_shard != shard)
+                donor.cached_shard = shard
                 yield "until", ready
                 if not self._alive(donor):
                     break

@@ -151,16 +151,10 @@ class _ModeBase(Simulation):
         donor.leases += 1
         self.counts.leases += 1
         held = self.shards_held.setdefault(donor.spec.index, set())
-        # The shard downloads while the model builds (prepare_lease). Unlike Downpour's loop
-        # (convergence_sim), the modes fetch only after this: their first fetch is in series.
-        ready = self.queue.now
-        if shard not in held:
-            request_at = self.queue.now + donor.spec.link.rtt_s / 2
-            ready = max(ready, donor.down.send(request_at, self.shard_bytes[shard]))
-            held.add(shard)
-        if not donor.built:
-            ready = max(ready, self.queue.now + self.cal.build_s)
-            donor.built = True
+        # Unlike Downpour's loop (convergence_sim), the modes fetch only after this: their
+        # first fetch is in series with the data and the model.
+        ready = self._start_up(donor, shard, download=shard not in held)
+        held.add(shard)
         yield "until", ready
 
     def _arrays(self, flats: Sequence[np.ndarray]) -> list[np.ndarray]:

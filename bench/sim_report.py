@@ -124,22 +124,20 @@ def plot(sweeps: Sequence[dict[str, Any]], batches: Sequence[dict[str, Any]], ou
     panels = 2 if batches else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
     ax = axes[0][0]
-    for group in groups(sweeps):
-        band = time_band(group)
+    bands = [(group, time_band(group)) for group in groups(sweeps)]
+    for group, band in bands:
         ns = [n for n, *_ in band]
-        if len(group) == 1:
-            ax.plot(ns, [m for _, m, _, _ in band], marker="o", label=label(group[0]))
-            continue
-        seeds = f"median of {len(group)} seeds (least to greatest shaded)"
+        seeds = f"median of {len(group)} seeds (least to greatest shaded)" if group[1:] else None
         (line,) = ax.plot(ns, [m for _, m, _, _ in band], marker="o", label=label(group[0], seeds))
-        ax.fill_between(
-            ns,
-            [lo for *_, lo, _ in band],
-            [hi for *_, hi in band],
-            color=line.get_color(),
-            alpha=0.15,
-        )
-    first = time_band(groups(sweeps)[0])
+        if seeds:
+            ax.fill_between(
+                ns,
+                [lo for *_, lo, _ in band],
+                [hi for *_, hi in band],
+                color=line.get_color(),
+                alpha=0.15,
+            )
+    first = bands[0][1]
     if first and first[0][0] == 1:
         ns, base = [n for n, *_ in first], first[0][1]
         ax.plot(ns, [base / n for n in ns], ls=":", color="grey", label="linear speed-up")
@@ -196,21 +194,14 @@ def seed_speedup(sweep: dict[str, Any], n: int) -> float | None:
 def median_speedup(sweeps: Sequence[dict[str, Any]], n: int) -> float | None:
     """The median speed-up at ``n`` donors over the sweeps of the first one's configuration
     (its seeds); ``None`` when no seed has a one-donor baseline."""
-    values = sorted(
-        v
-        for sweep in sweeps
-        if same_configuration(sweep["settings"], sweeps[0]["settings"])
-        and (v := seed_speedup(sweep, n)) is not None
-    )
+    values = sorted(v for sweep in groups(sweeps)[0] if (v := seed_speedup(sweep, n)) is not None)
     return statistics.median(values) if values else None
 
 
 def keys_description(sweeps: Sequence[dict[str, Any]]) -> str:
     """What the keys were measured on: the first sweep's target, shards and seeds."""
     s = sweeps[0]["settings"]
-    seeds = sorted(
-        w["settings"].get("seed", 0) for w in sweeps if same_configuration(w["settings"], s)
-    )
+    seeds = sorted(w["settings"].get("seed", 0) for w in groups(sweeps)[0])
     calibrated = ", measured calibration" if _calibrated(s) else ""
     return (
         f" to {s['target_accuracy']:.0%}, {s['n_data_shards']} data shards{calibrated}, median of"

@@ -24,9 +24,7 @@ from downpour.paramstore.statistics import check_statistics
 from downpour.scheduler.reputation import PushFlags, judge_interval
 from downpour.training.actions.bans import OPERATOR_BAN_REASON, reputation_of
 from downpour.training.actions.contributions import Tally
-from downpour.training.actions.leases import (
-    LeaseError,
-)
+from downpour.training.actions.leases import LeaseError
 from downpour.training.models import Job, Lease
 from downpour.training.spotchecks.recording import copy_tensors
 from downpour.training.store import job_store, job_sync, request_reference, root_reference
@@ -388,10 +386,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def on_complete(self, msg: dict[str, Any]) -> None:
         await self._flush_tallies(force=True)
         await self._check_not_ended(msg["lease_id"])
-        await db.complete(self._registered, msg["lease_id"], msg["samples"])
+        agent = self._registered
+        await db.complete(agent, msg["lease_id"], msg["samples"])
         self.state.settle(msg["lease_id"])
-        assert self.agent is not None  # the lease was checked as this agent's
-        await asyncio.to_thread(limits().refund_claim, str(self.agent.id))  # work was done
+        await asyncio.to_thread(limits().refund_claim, str(agent.id))  # work was done
         await self._send({"type": "complete_ack", "lease_id": msg["lease_id"], **_ref(msg)})
 
     async def on_return_lease(self, msg: dict[str, Any]) -> None:
