@@ -3,7 +3,9 @@ defaults, through Django's test client (the browser drives them in tests/browser
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from django.test import Client
@@ -14,11 +16,11 @@ from downpour.donors.models import Agent
 from downpour.portal.forms import JobForm
 from downpour.training.actions.contributions import Tally, record_tallies
 from downpour.training.actions.datasets import create_dataset
-from downpour.training.actions.jobs import JobParams, submit_job
+from downpour.training.actions.jobs import JobParams, JobRejected, submit_job
 from downpour.training.management.commands.seed_digits_job import Command as SeedDigitsJob
 from downpour.training.models import Evaluation, Job
 
-from .helpers import job_params, npz_upload, small_dataset
+from .helpers import job_form, job_params, mlp_config, npz_upload, small_dataset
 
 pytestmark = pytest.mark.django_db
 
@@ -130,6 +132,34 @@ def test_the_job_form_starts_at_the_benchmarks_best_settings(alice) -> None:  # 
     assert all(
         form[n].help_text for n in ("n_fetch", "n_push", "max_staleness", "warm_start_pushes")
     )
+
+
+@pytest.mark.parametrize("value", [-1, 1_000_001])
+def test_a_staleness_bound_out_of_range_is_refused_by_the_form_and_the_actions(
+    alice: Any, dataset: Any, value: int
+) -> None:
+    form = job_form("bound", str(dataset.id), json.dumps(mlp_config()), max_staleness=value)
+    if value < 0:  # the form's own floor; its ceiling is the actions'
+        response = client_of(alice).post("/jobs/new/", form)
+        assert response.status_code == 200 and "max_staleness" in response.context["form"].errors
+    with pytest.raises(JobRejected, match="max staleness"):
+        submit_job(alice, dataset, job_params(max_staleness=value))
+    assert not Job.objects.exists()
+
+
+def test_running_an_old_job_again_keeps_its_staleness_bound_not_the_new_default(
+    alice: Any, dataset: Any
+) -> None:
+    # Prepare: a job made while the default was 16.
+    form = job_form("old", str(dataset.id), json.dumps(mlp_config()), max_staleness=16)
+    client_of(alice).post("/jobs/new/", form)
+    old = Job.objects.get(name="old")
+
+    # Execute: "run again" pre-fills the form from it.
+    page = client_of(alice).get(f"/jobs/new/?from={old.id}").content.decode()
+
+    # Assert
+    assert 'name="max_staleness" value="16"' in page
 
 
 def test_static_files_are_served(client) -> None:  # type: ignore[no-untyped-def]
