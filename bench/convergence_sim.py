@@ -118,6 +118,10 @@ class JobSettings:
     # Not a mode of the real store: apply this many accepted pushes of a shard as one update
     # (their sum, one version; FedBuff, Nguyen et al. 2022, buffers so); 1 as the store does.
     aggregate: int = 1
+    # Experiment: score a running average of the weights (Polyak averaging), kept per
+    # shard and advanced once per applied version: avg = beta * avg + (1 - beta) * weights.
+    # 0: score the weights themselves, as the platform does.
+    average: float = 0.0
 
 
 def sim_unit_steps(settings: JobSettings, speed: float, shard_samples: int) -> int:
@@ -288,6 +292,8 @@ class Simulation:
         ]
         self.counts = Counts()
         self.buffers: dict[int, list[dict[str, np.ndarray]]] = {}  # the aggregate experiment
+        # The average experiment: each shard's average, from the initial weights.
+        self.averages = [self.store.fetch_flat(i)[1] for i in range(len(shard_specs))]
         self.curve: list[tuple[float, int, float]] = []
         self.time_to_target: float | None = None
         self.samples_to_target: int | None = None
@@ -346,8 +352,24 @@ class Simulation:
             "curve": [(round(t, 3), s, round(a, 4)) for t, s, a in self.curve],
         }
 
+    def _scored_weights(self) -> dict[str, np.ndarray]:
+        if not self.settings.average:
+            return self.store.weights()
+        weights: dict[str, np.ndarray] = {}
+        for shard, flat in enumerate(self.averages):
+            weights |= self.student.layout.unflatten_shard(shard, flat)
+        return weights
+
+    def _applied(self, shard: int) -> None:
+        """A version of ``shard`` was made: advance its average (the average experiment)."""
+        beta = self.settings.average
+        if beta:
+            average = self.averages[shard]
+            average *= beta
+            average += (1.0 - beta) * self.store.fetch_flat(shard)[1]
+
     def _evaluate(self) -> None:
-        accuracy = self.student.accuracy(self.store.weights())
+        accuracy = self.student.accuracy(self._scored_weights())
         now = self.queue.now
         self.curve.append((now, self.counts.steps * self.settings.batch_size, accuracy))
         if accuracy >= self.settings.target_accuracy:
@@ -425,6 +447,7 @@ class Simulation:
                     continue
                 self.counts.pushes_applied += 1
                 self.counts.staleness_sum += result.staleness
+                self._applied(shard)
 
         self.queue.at(at_server, apply)
 
@@ -445,6 +468,7 @@ class Simulation:
             total = {k: np.sum([g[k] for g in buffer], axis=0) for k in grads}
             buffer.clear()
             store.push(shard, total, version, tag)
+            self._applied(shard)
 
     # -- a donor, as connection._train works a lease -----------------------------------------
 
@@ -569,6 +593,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="experiment: apply this many accepted pushes of a shard as one update, their "
         "sum (1: each, as the store does)",
     )
+    p.add_argument(
+        "--average",
+        type=float,
+        default=0.0,
+        help="experiment: score each shard's running average of its versions, "
+        "avg = B * avg + (1 - B) * weights (0: the weights, as the store)",
+    )
     p.add_argument("--staleness-aware", action="store_true", help="lr / staleness (Zhang 2016)")
     p.add_argument("--data-shards", type=int, default=8)
     p.add_argument("--param-shards", type=int, default=2)
@@ -625,6 +656,7 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         max_unit_epochs=args.max_unit_epochs,
         aggregate=args.aggregate,
+        average=args.average,
     )
     cal = Calibration.load(args.calibration)
     data = teacher_data(args.train_size)
@@ -721,6 +753,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.aggregate > 1 and args.staleness_aware:
         # The aggregate is pushed at the shard's version, so the store would see staleness 0.
         parser.error("--aggregate applies a buffer at staleness 0: --staleness-aware says nothing")
+    if not 0.0 <= args.average < 1.0:
+        parser.error(f"--average must be in [0, 1), got {args.average}")
     if args.quick:
         args.donors, args.train_size = [1, 4, 16], 100_000
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

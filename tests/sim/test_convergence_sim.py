@@ -287,3 +287,45 @@ def test_the_aggregate_experiment_makes_one_version_of_k_pushes(
     store = simulation.store
     for shard in (0, 1):
         assert store.storage.load_version(store.job_id, shard) == per_shard // 2
+
+
+def test_the_average_experiment_keeps_each_shards_running_average(
+    sim: ModuleType, student: Any, world: ModuleType
+) -> None:
+    """Each applied version advances its shard's average once, from the initial weights;
+    the scored weights are the averages, and without the experiment the store's own."""
+    beta = 0.9
+    settings = sim.JobSettings(n_data_shards=4, target_accuracy=1.0, average=beta)
+    donor = world.DonorSpec(0, world.PROFILES["lan"], 4000.0, [(0.0, 2.0)], False)
+    simulation = sim.Simulation(
+        student, [donor], settings, sim.Calibration(speed=4000.0), horizon_s=2.0
+    )
+    store = simulation.store
+    expected = [store.fetch_flat(shard)[1].astype(np.float64) for shard in (0, 1)]
+    applied = simulation._applied
+
+    calls = [0, 0]
+
+    def check(shard: int) -> None:  # the same rule, in float64, beside the simulator's
+        calls[shard] += 1
+        expected[shard] = beta * expected[shard] + (1 - beta) * store.fetch_flat(shard)[1]
+        applied(shard)
+
+    simulation._applied = check
+    simulation.run()
+    for shard in (0, 1):
+        assert calls[shard] == store.storage.load_version(store.job_id, shard) > 10
+        np.testing.assert_allclose(simulation.averages[shard], expected[shard], atol=1e-5)
+        assert not np.allclose(simulation.averages[shard], store.fetch_flat(shard)[1], atol=1e-4)
+    scored = simulation._scored_weights()
+    for name, value in store.weights().items():
+        assert scored[name].shape == value.shape
+    simulation.settings = sim.JobSettings(n_data_shards=4, target_accuracy=1.0)
+    for name, value in simulation._scored_weights().items():
+        np.testing.assert_array_equal(value, store.weights()[name])
+
+
+def test_the_average_experiment_refuses_a_beta_out_of_range(sim: ModuleType) -> None:
+    for beta in ("1.0", "-0.1"):
+        with pytest.raises(SystemExit):
+            sim.main(["--average", beta, "--donors", "1"])
