@@ -118,9 +118,8 @@ class JobSettings:
     # Not a mode of the real store: apply this many accepted pushes of a shard as one update
     # (their sum, one version; FedBuff, Nguyen et al. 2022, buffers so); 1 as the store does.
     aggregate: int = 1
-    # Experiment: score a running average of the weights (Polyak averaging), kept per
-    # shard and advanced once per applied version: avg = beta * avg + (1 - beta) * weights.
-    # 0: score the weights themselves, as the platform does.
+    # The job's weight_average: the store keeps a running average of each shard's versions
+    # and the job is scored at it (ParameterStore(average=...)); 0, the default, keeps none.
     average: float = 0.0
 
 
@@ -292,8 +291,6 @@ class Simulation:
         ]
         self.counts = Counts()
         self.buffers: dict[int, list[dict[str, np.ndarray]]] = {}  # the aggregate experiment
-        # The average experiment: each shard's average, from the initial weights.
-        self.averages = [self.store.fetch_flat(i)[1] for i in range(len(shard_specs))]
         self.curve: list[tuple[float, int, float]] = []
         self.time_to_target: float | None = None
         self.samples_to_target: int | None = None
@@ -311,6 +308,7 @@ class Simulation:
             s.max_staleness,
             staleness_aware=s.staleness_aware,
             max_grad_norm=DEFAULT_MAX_GRAD_NORM,
+            average=s.average,
         )
 
     # -- running -----------------------------------------------------------------------------
@@ -352,24 +350,9 @@ class Simulation:
             "curve": [(round(t, 3), s, round(a, 4)) for t, s, a in self.curve],
         }
 
-    def _scored_weights(self) -> dict[str, np.ndarray]:
-        if not self.settings.average:
-            return self.store.weights()
-        weights: dict[str, np.ndarray] = {}
-        for shard, flat in enumerate(self.averages):
-            weights |= self.student.layout.unflatten_shard(shard, flat)
-        return weights
-
-    def _applied(self, shard: int) -> None:
-        """A version of ``shard`` was made: advance its average (the average experiment)."""
-        beta = self.settings.average
-        if beta:
-            average = self.averages[shard]
-            average *= beta
-            average += (1.0 - beta) * self.store.fetch_flat(shard)[1]
-
     def _evaluate(self) -> None:
-        accuracy = self.student.accuracy(self._scored_weights())
+        # As evaluations.evaluate_job: the store's average where the job keeps one.
+        accuracy = self.student.accuracy(self.store.scored_weights())
         now = self.queue.now
         self.curve.append((now, self.counts.steps * self.settings.batch_size, accuracy))
         if accuracy >= self.settings.target_accuracy:
@@ -447,7 +430,6 @@ class Simulation:
                     continue
                 self.counts.pushes_applied += 1
                 self.counts.staleness_sum += result.staleness
-                self._applied(shard)
 
         self.queue.at(at_server, apply)
 
@@ -468,7 +450,6 @@ class Simulation:
             total = {k: np.sum([g[k] for g in buffer], axis=0) for k in grads}
             buffer.clear()
             store.push(shard, total, version, tag)
-            self._applied(shard)
 
     # -- a donor, as connection._train works a lease -----------------------------------------
 
@@ -597,8 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--average",
         type=float,
         default=0.0,
-        help="experiment: score each shard's running average of its versions, "
-        "avg = B * avg + (1 - B) * weights (0: the weights, as the store)",
+        help="the job's weight_average: the store keeps each shard's running average of its "
+        "versions, avg = B * avg + (1 - B) * weights, and the job is scored at it (0: off, "
+        "the default)",
     )
     p.add_argument("--staleness-aware", action="store_true", help="lr / staleness (Zhang 2016)")
     p.add_argument("--data-shards", type=int, default=8)

@@ -208,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
         "_capped<R> suffix",
     )
     parser.add_argument(
+        "--weight-average",
+        type=float,
+        default=0.0,
+        metavar="B",
+        help="Downpour jobs: the store's running average of the weights, scored and "
+        "exported (the job's weight_average; 0, the default, keeps none); keys get an "
+        "_average<B> suffix",
+    )
+    parser.add_argument(
         "--link",
         choices=sorted(LINK_PROFILES),
         default=None,
@@ -330,6 +339,7 @@ def run_one(
                 else {"spot_check_fraction": args.spot_check_fraction}
             ),
             **local_steps_seed(config.algorithm, args.outer),
+            **({"weight_average": args.weight_average} if args.weight_average else {}),
         )
         job_id = seeded["job_id"]
         phase("seed_job")
@@ -509,6 +519,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "agent_threads": 1,
             "agent_nice": 10 if args.agent_nice else 0,
             "agent_steps_per_second": args.agent_steps_per_second,
+            "weight_average": args.weight_average,
             "status_interval_s": STATUS_INTERVAL_S,
             "link": args.link or "loopback",
         },
@@ -525,11 +536,13 @@ def headline_keys(result: dict[str, Any]) -> dict[str, Any]:
     wall time on its steady status lines; ``ratio_time_to_95_2_agents_vs_1_agent_<model>_
     <link>[_<variant>]``: time to 95% with 2 agents over 1 (None when either missed 95%).
     The variant suffix is ``<algorithm>_<compression>``, dropped for :data:`NEW_DEFAULTS`,
-    then ``capped<R>`` when the agents ran at most R steps/s.
+    then ``capped<R>`` when the agents ran at most R steps/s, then ``average<B>`` when
+    Downpour jobs kept an average of the weights.
     """
     link = result["settings"]["link"]
     cap = result["settings"].get("agent_steps_per_second")
     capped = f"_capped{cap:g}" if cap else ""
+    beta = result["settings"].get("weight_average")
     by_variant: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
     for run_ in result["runs"]:
         config = run_.get("config")
@@ -544,6 +557,8 @@ def headline_keys(result: dict[str, Any]) -> dict[str, Any]:
             if (algorithm, compression) == NEW_DEFAULTS
             else f"_{algorithm.replace('-', '_')}_{compression}"
         ) + capped
+        if beta and algorithm == "downpour":
+            suffix += f"_average{beta:g}"
         if 1 in runs:
             agents = list(runs[1].get("agent_logs", {}).values())
             if agents and agents[0].get("utilisation") is not None:

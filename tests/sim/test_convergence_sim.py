@@ -289,43 +289,39 @@ def test_the_aggregate_experiment_makes_one_version_of_k_pushes(
         assert store.storage.load_version(store.job_id, shard) == per_shard // 2
 
 
-def test_the_average_experiment_keeps_each_shards_running_average(
+def test_the_simulator_scores_the_stores_average_when_the_job_keeps_one(
     sim: ModuleType, student: Any, world: ModuleType
 ) -> None:
-    """Each applied version advances its shard's average once, from the initial weights;
-    the scored weights are the averages, and without the experiment the store's own."""
-    beta = 0.9
-    settings = sim.JobSettings(n_data_shards=4, target_accuracy=1.0, average=beta)
+    """With ``average`` the store keeps its running average (tests/paramstore) and every
+    point of the curve scores it, as evaluate_job does; without, the weights."""
     donor = world.DonorSpec(0, world.PROFILES["lan"], 4000.0, [(0.0, 2.0)], False)
-    simulation = sim.Simulation(
-        student, [donor], settings, sim.Calibration(speed=4000.0), horizon_s=2.0
-    )
-    store = simulation.store
-    expected = [store.fetch_flat(shard)[1].astype(np.float64) for shard in (0, 1)]
-    applied = simulation._applied
+    curves = {}
+    for beta in (0.0, 0.99):
+        settings = sim.JobSettings(n_data_shards=4, target_accuracy=1.0, average=beta)
+        simulation = sim.Simulation(
+            student, [donor], settings, sim.Calibration(speed=4000.0), horizon_s=2.0
+        )
+        scored: list[dict[str, np.ndarray]] = []
 
-    calls = [0, 0]
+        def accuracy(weights: dict[str, np.ndarray], seen: list[Any] = scored) -> float:
+            seen.append(weights)
+            return float(type(student).accuracy(student, weights))
 
-    def check(shard: int) -> None:  # the same rule, in float64, beside the simulator's
-        calls[shard] += 1
-        expected[shard] = beta * expected[shard] + (1 - beta) * store.fetch_flat(shard)[1]
-        applied(shard)
-
-    simulation._applied = check
-    simulation.run()
-    for shard in (0, 1):
-        assert calls[shard] == store.storage.load_version(store.job_id, shard) > 10
-        np.testing.assert_allclose(simulation.averages[shard], expected[shard], atol=1e-5)
-        assert not np.allclose(simulation.averages[shard], store.fetch_flat(shard)[1], atol=1e-4)
-    scored = simulation._scored_weights()
-    for name, value in store.weights().items():
-        assert scored[name].shape == value.shape
-    simulation.settings = sim.JobSettings(n_data_shards=4, target_accuracy=1.0)
-    for name, value in simulation._scored_weights().items():
-        np.testing.assert_array_equal(value, store.weights()[name])
+        student.accuracy = accuracy
+        try:
+            run = simulation.run()
+        finally:
+            del student.accuracy
+        store = simulation.store
+        assert store.average == beta and run["pushes_applied"] > 20
+        last = store.scored_weights() if beta else store.weights()
+        for name, value in last.items():
+            np.testing.assert_array_equal(scored[-1][name], value)
+        curves[beta] = [point[2] for point in run["curve"]]
+    assert curves[0.0] != curves[0.99]
 
 
-def test_the_average_experiment_refuses_a_beta_out_of_range(sim: ModuleType) -> None:
+def test_the_simulator_refuses_an_average_out_of_range(sim: ModuleType) -> None:
     for beta in ("1.0", "-0.1"):
         with pytest.raises(SystemExit):
             sim.main(["--average", beta, "--donors", "1"])

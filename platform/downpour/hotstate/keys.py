@@ -2,7 +2,7 @@
 
 Keys for shard ``i`` of job ``j`` of the parameter store (``store.RedisStorage``)::
 
-    {prefix}job:{j}:shard:{i}:{suffix}   suffix v, e, w, a, r, applied or staged:{token}:w|a|r,
+    {prefix}job:{j}:shard:{i}:{suffix}   suffix v, e, w, a, r, p, applied or staged:{token}:w|a|r|p,
                                          and ref (the root reference, ``references``)
     {prefix}job:{j}:shards               SET of shard indices
     {prefix}job:{j}:statistics           non-trainable statistics (StatisticsState.to_bytes)

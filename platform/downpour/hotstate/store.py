@@ -24,9 +24,10 @@ the version and a duplicate check on the id), separately from the shards.
 A commit is one Lua script (duplicate check, version check, install of the new values,
 version bump, push id), so it is atomic across every server process that shares the Redis
 database. The new values travel to Redis in the same round trip, under short-lived
-``...:shard:{i}:staged:{token}:w|a|r`` keys that the script renames into place. A load is one
-``MGET``, which Redis executes atomically, so version, weights, accumulators and robust
-state always belong together; a commit without robust state deletes the ``r`` key.
+``...:shard:{i}:staged:{token}:w|a|r|p`` keys that the script renames into place. A load is one
+``MGET``, which Redis executes atomically, so version, weights, accumulators, robust state
+and the average always belong together; a commit without robust state deletes the ``r``
+key, and one without an average the ``p`` key.
 
     {prefix}job:{j}:shard:{i}:e        epoch: a random token set by every initialize
 
@@ -62,13 +63,14 @@ from downpour.paramstore.store import CommitOutcome, ShardState
 WIRE_DTYPE = np.dtype("<f4")
 
 # KEYS: version, weights, accumulators, applied ids, staged weights, staged accumulators, epoch,
-#       robust state, staged robust state
+#       robust state, staged robust state, average, staged average
 # ARGV: expected version, new version, push id, expected epoch ("" = any),
-#       "1" if a robust state was staged else "0" (then the robust key is deleted)
+#       "1" if a robust state was staged else "0" (then the robust key is deleted),
+#       "1" if an average was staged else "0" (then the average key is deleted)
 # Returns 0 = applied, 1 = conflict (other version, shard absent or staging lost), 2 = duplicate.
 _COMMIT_LUA = """
 local function discard()
-    redis.call('DEL', KEYS[5], KEYS[6], KEYS[9])
+    redis.call('DEL', KEYS[5], KEYS[6], KEYS[9], KEYS[11])
 end
 if redis.call('SISMEMBER', KEYS[4], ARGV[3]) == 1 then
     discard()
@@ -78,10 +80,13 @@ local current = redis.call('GET', KEYS[1])
 local epoch = redis.call('GET', KEYS[7]) or ''
 local staged = 2
 if ARGV[5] == '1' then
-    staged = 3
+    staged = staged + 1
+end
+if ARGV[6] == '1' then
+    staged = staged + 1
 end
 if (not current) or current ~= ARGV[1] or (ARGV[4] ~= '' and epoch ~= ARGV[4])
-        or redis.call('EXISTS', KEYS[5], KEYS[6], KEYS[9]) ~= staged then
+        or redis.call('EXISTS', KEYS[5], KEYS[6], KEYS[9], KEYS[11]) ~= staged then
     discard()
     return 1
 end
@@ -94,6 +99,12 @@ if ARGV[5] == '1' then
     redis.call('PERSIST', KEYS[8])
 else
     redis.call('DEL', KEYS[8])
+end
+if ARGV[6] == '1' then
+    redis.call('RENAME', KEYS[11], KEYS[10])
+    redis.call('PERSIST', KEYS[10])
+else
+    redis.call('DEL', KEYS[10])
 end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('SADD', KEYS[4], ARGV[3])
@@ -113,6 +124,7 @@ class _Cached:
     weights: np.ndarray
     accumulators: np.ndarray
     robust: RobustState | None
+    average: np.ndarray | None
 
     def state(self) -> ShardState:
         """A copy the caller may modify."""
@@ -121,6 +133,7 @@ class _Cached:
             self.weights.copy(),
             self.accumulators.copy(),
             None if self.robust is None else self.robust.copy(),
+            None if self.average is None else self.average.copy(),
         )
 
 
@@ -152,7 +165,7 @@ class RedisStorage(RedisSyncBuffer):
     # -- keys --------------------------------------------------------------------------------
 
     def shard_key(self, job: str, shard: int, suffix: str) -> str:
-        """Key ``{prefix}job:{job}:shard:{shard}:{suffix}`` (suffix v, e, w, a, r or applied)."""
+        """Key ``{prefix}job:{job}:shard:{shard}:{suffix}`` (suffix v, e, w, a, r, p or applied)."""
         return keys.shard_key(self.prefix, job, shard, suffix)
 
     def _shards_key(self, job: str) -> str:
@@ -171,7 +184,7 @@ class RedisStorage(RedisSyncBuffer):
     # -- ShardStorage ------------------------------------------------------------------------
 
     def load(self, job: str, shard: int) -> ShardState | None:
-        """Version, weights, accumulators and robust state as one consistent state.
+        """Version, weights, accumulators, robust state and average as one consistent state.
 
         A small ``MGET`` of version and epoch decides whether this process's cached copy is
         current; otherwise one atomic ``MGET`` reads everything.
@@ -188,9 +201,9 @@ class RedisStorage(RedisSyncBuffer):
             if cached is not None and cached.epoch == epoch and cached.version == int(version):
                 return cached.state()
         values: Any = self.client.mget(
-            [self.shard_key(job, shard, suffix) for suffix in ("v", "e", "w", "a", "r")]
+            [self.shard_key(job, shard, suffix) for suffix in ("v", "e", "w", "a", "r", "p")]
         )
-        version, epoch, weights, accumulators, robust = values
+        version, epoch, weights, accumulators, robust, average = values
         if version is None:
             return None
         if (
@@ -208,9 +221,15 @@ class RedisStorage(RedisSyncBuffer):
             np.frombuffer(weights, dtype=WIRE_DTYPE).astype(np.float32, copy=True),
             np.frombuffer(accumulators, dtype=WIRE_DTYPE).astype(np.float32, copy=True),
             _decode_robust(robust, len(weights) // WIRE_DTYPE.itemsize, job, shard),
+            _decode_average(average, len(weights), job, shard),
         )
         cached = _Cached(
-            epoch or b"", state.version, state.weights, state.accumulators, state.robust
+            epoch or b"",
+            state.version,
+            state.weights,
+            state.accumulators,
+            state.robust,
+            state.average,
         )
         with self._cache_lock:
             self._cache[key] = cached
@@ -236,6 +255,10 @@ class RedisStorage(RedisSyncBuffer):
             pipe.delete(self.shard_key(job, shard, "r"))
         else:
             pipe.set(self.shard_key(job, shard, "r"), state.robust.to_bytes())
+        if state.average is None:
+            pipe.delete(self.shard_key(job, shard, "p"))
+        else:
+            pipe.set(self.shard_key(job, shard, "p"), _wire_view(state.average))
         pipe.set(self.shard_key(job, shard, "v"), str(int(state.version)))
         pipe.sadd(self._shards_key(job), str(int(shard)))
         pipe.execute()
@@ -245,7 +268,8 @@ class RedisStorage(RedisSyncBuffer):
     ) -> CommitOutcome:
         """Compare-and-set through one Lua script; see ``ShardStorage.commit``.
 
-        The new weights, accumulators and robust state are first written to unique staging
+        The new weights, accumulators, robust state and average are first written to unique
+        staging
         keys, in the
         same pipeline (one round trip) as the script. The script then decides atomically: on
         success it RENAMEs the staged values into place (O(1)), bumps the version and records
@@ -266,11 +290,14 @@ class RedisStorage(RedisSyncBuffer):
         staged_w = self.shard_key(job, shard, f"staged:{token}:w")
         staged_a = self.shard_key(job, shard, f"staged:{token}:a")
         staged_r = self.shard_key(job, shard, f"staged:{token}:r")
+        staged_p = self.shard_key(job, shard, f"staged:{token}:p")
         pipe = self.client.pipeline(transaction=False)
         pipe.set(staged_w, _wire_view(state.weights), ex=STAGING_TTL_SECONDS)
         pipe.set(staged_a, _wire_view(state.accumulators), ex=STAGING_TTL_SECONDS)
         if state.robust is not None:
             pipe.set(staged_r, state.robust.to_bytes(), ex=STAGING_TTL_SECONDS)
+        if state.average is not None:
+            pipe.set(staged_p, _wire_view(state.average), ex=STAGING_TTL_SECONDS)
         self._commit_script(
             keys=[
                 *(self.shard_key(job, shard, suffix) for suffix in ("v", "w", "a", "applied")),
@@ -279,6 +306,8 @@ class RedisStorage(RedisSyncBuffer):
                 self.shard_key(job, shard, "e"),
                 self.shard_key(job, shard, "r"),
                 staged_r,
+                self.shard_key(job, shard, "p"),
+                staged_p,
             ],
             args=[
                 str(int(expected_version)),
@@ -286,6 +315,7 @@ class RedisStorage(RedisSyncBuffer):
                 push_id,
                 expected_epoch,
                 "0" if state.robust is None else "1",
+                "0" if state.average is None else "1",
             ],
             client=pipe,
         )
@@ -296,7 +326,12 @@ class RedisStorage(RedisSyncBuffer):
                 # The caller hands the state over (ParameterStore never reuses it); the
                 # script checked the epoch, so it is still the one we cached.
                 self._cache[key] = _Cached(
-                    cached.epoch, state.version, state.weights, state.accumulators, state.robust
+                    cached.epoch,
+                    state.version,
+                    state.weights,
+                    state.accumulators,
+                    state.robust,
+                    state.average,
                 )
             elif outcome is not CommitOutcome.APPLIED:
                 self._cache.pop(key, None)
@@ -388,7 +423,7 @@ class RedisStorage(RedisSyncBuffer):
             keys_module.sync_counts_key(self.prefix, job),
         ]
         for member in members:
-            suffixes = ("v", "e", "w", "a", "r", "applied", "sync", "dropped", "ref", "refv")
+            suffixes = ("v", "e", "w", "a", "r", "p", "applied", "sync", "dropped", "ref", "refv")
             for suffix in suffixes:
                 keys.append(self.shard_key(job, int(member), suffix))
         self.client.delete(*keys)
@@ -415,6 +450,19 @@ def _decode_robust(data: object, size: int, job: str, shard: int) -> RobustState
             f"{robust.momentum.shape[0]}"
         )
     return robust
+
+
+def _decode_average(data: object, n_bytes: int, job: str, shard: int) -> np.ndarray | None:
+    """The average stored as ``data`` (None if absent), as long as the weights' ``n_bytes``."""
+    if data is None:
+        return None
+    if not isinstance(data, bytes) or len(data) != n_bytes:
+        raise CorruptState(
+            f"Redis shard {shard} of job {job!r} has an average of "
+            f"{len(data) if isinstance(data, bytes) else type(data).__name__} bytes, "
+            f"not the weights' {n_bytes}"
+        )
+    return np.frombuffer(data, dtype=WIRE_DTYPE).astype(np.float32, copy=True)
 
 
 def _wire_view(array: np.ndarray) -> memoryview:

@@ -1,4 +1,5 @@
-"""Checkpoints: every shard's weights, accumulators, version and robust state in one ``.npz``.
+"""Checkpoints: every shard's weights, accumulators, version, robust state and average in one
+``.npz``.
 
 File contents (``numpy.savez``, no pickles):
 
@@ -15,6 +16,10 @@ File contents (``numpy.savez``, no pickles):
   untrusted distances ``||g - m||``, oldest first (``RobustState.untrusted_deviations``).
   Optional in the same way: a file written before it existed loads with an empty window,
   which refills within a few untrusted pushes; an older reader ignores it.
+- ``p{i}`` (only for a shard whose store keeps an average of its versions): float32
+  ``(shard_size(i),)``, ``ShardState.average``. Optional in the same way: a file without it
+  loads with ``average=None`` (the store then starts the average again from the weights),
+  and an older reader ignores it.
 - ``statistics`` and ``statistics_meta`` (only for a model with non-trainable variables,
   ``layout.statistics``): float32 ``(layout.statistics_size,)`` running averages and float64
   ``(2,)`` ``[version, samples]`` (``downpour.paramstore.statistics.StatisticsState``).
@@ -72,11 +77,16 @@ class Checkpoint:
     sha256: str
     statistics: StatisticsState | None = None
 
-    def weights(self) -> dict[str, np.ndarray]:
-        """Every variable by name: the shards' weights, then the statistics (if any)."""
+    def weights(self, *, scored: bool = False) -> dict[str, np.ndarray]:
+        """Every variable by name: the shards' weights (with ``scored``, each shard's average
+        where it has one, as the job was scored: ``ShardState.scored``), then the
+        statistics (if any)."""
         layout = self.layout
         merged = layout.merge(
-            [layout.unflatten_shard(i, state.weights) for i, state in enumerate(self.states)]
+            [
+                layout.unflatten_shard(i, state.scored if scored else state.weights)
+                for i, state in enumerate(self.states)
+            ]
         )
         if self.statistics is not None:
             merged |= layout.unflatten_statistics(self.statistics.values)
@@ -121,6 +131,8 @@ def write_checkpoint(
     for shard, state in enumerate(states):
         size = layout.shard_size(shard)
         vectors = [("w", state.weights), ("a", state.accumulators)]
+        if state.average is not None:
+            vectors.append(("p", state.average))
         if state.robust is not None:
             vectors.append(("m", state.robust.momentum))
             arrays[f"s{shard}"] = state.robust.stats_vector()
@@ -246,7 +258,16 @@ def _read_shard(archive: Any, layout: ShardLayout, shard: int, path: object) -> 
             f"{path}: shard {shard} version should be a non-negative integer scalar, "
             f"found {version.dtype} {version.shape}"
         )
-    return ShardState(int(version), weights, accumulators, _read_robust(archive, size, shard, path))
+    average = None
+    if f"p{shard}" in archive.files:
+        average = archive[f"p{shard}"]
+        if average.dtype != np.float32 or average.shape != (size,):
+            raise CorruptCheckpoint(
+                f"{path}: shard {shard} average should be float32 with shape ({size},) per the "
+                f"layout, found {average.dtype} {average.shape}"
+            )
+    robust = _read_robust(archive, size, shard, path)
+    return ShardState(int(version), weights, accumulators, robust, average)
 
 
 def _read_robust(archive: Any, size: int, shard: int, path: object) -> RobustState | None:

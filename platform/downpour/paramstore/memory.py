@@ -77,7 +77,8 @@ class InMemoryStorage:
         self._sync_counts: dict[str, SyncCounts] = {}
 
     def memory_bytes(self) -> int:
-        """Bytes held in arrays (weights, accumulators, robust centres) over every shard."""
+        """Bytes held in arrays (weights, accumulators, robust centres, averages) over every
+        shard."""
         total = 0
         for slot in list(self._shards.values()):
             state = slot.state
@@ -86,6 +87,8 @@ class InMemoryStorage:
             total += state.weights.nbytes + state.accumulators.nbytes
             if state.robust is not None:
                 total += state.robust.momentum.nbytes
+            if state.average is not None:
+                total += state.average.nbytes
         return total
 
     def load(self, job: str, shard: int) -> ShardState | None:
@@ -102,6 +105,7 @@ class InMemoryStorage:
                 state.weights.copy(),
                 state.accumulators.copy(),
                 None if state.robust is None else state.robust.copy(),
+                None if state.average is None else state.average.copy(),
             )
 
     def load_version(self, job: str, shard: int) -> int | None:
@@ -152,6 +156,11 @@ class InMemoryStorage:
                     f"shard {shard} holds {current.weights.shape[0]} parameters; got a "
                     f"momentum of {state.robust.momentum.shape}"
                 )
+            if state.average is not None and state.average.shape != current.weights.shape:
+                raise ValueError(
+                    f"shard {shard} holds {current.weights.shape[0]} parameters; got an "
+                    f"average of {state.average.shape}"
+                )
             # Copy into the stored buffers: no allocation, and readers copy under this lock.
             np.copyto(current.weights, state.weights, casting="no")
             np.copyto(current.accumulators, state.accumulators, casting="no")
@@ -160,6 +169,7 @@ class InMemoryStorage:
                 current.weights,
                 current.accumulators,
                 _commit_robust(current.robust, state.robust),
+                _commit_average(current.average, state.average),
             )
             slot.remember(push_id)
         return CommitOutcome.APPLIED
@@ -370,6 +380,16 @@ def _commit_robust(stored: RobustState | None, new: RobustState | None) -> Robus
     return replace(new, momentum=stored.momentum)
 
 
+def _commit_average(stored: np.ndarray | None, new: np.ndarray | None) -> np.ndarray | None:
+    """Into the stored buffer when there is one, as the weights; None drops it."""
+    if new is None:
+        return None
+    if stored is None:
+        return np.array(new, dtype=np.float32, copy=True)
+    np.copyto(stored, new, casting="no")
+    return stored
+
+
 def _private_robust(robust: RobustState) -> RobustState:
     return replace(robust, momentum=np.array(robust.momentum, dtype=np.float32, copy=True))
 
@@ -388,4 +408,11 @@ def _private_copy(state: ShardState, version: int) -> ShardState:
             f"the momentum must have the weights' shape {weights.shape}, "
             f"got {robust.momentum.shape}"
         )
-    return ShardState(int(version), weights, accumulators, robust)
+    average = None
+    if state.average is not None:
+        average = np.array(state.average, dtype=np.float32, copy=True)
+        if average.shape != weights.shape:
+            raise ValueError(
+                f"the average must have the weights' shape {weights.shape}, got {average.shape}"
+            )
+    return ShardState(int(version), weights, accumulators, robust, average)

@@ -63,12 +63,23 @@ class ShardState:
         Centred-clipping state (momentum float32 ``(shard_size,)`` and statistics) when the
         store clips pushes; None for a plain-Adagrad shard. Stored and committed atomically
         with the weights.
+    average : ndarray or None
+        float32 ``(shard_size,)``: the running (Polyak) average of the shard's versions when
+        the store averages (``ParameterStore(average=...)``), else None. Agents train on
+        ``weights``; the job is scored and exported at the average. Committed atomically
+        with the weights.
     """
 
     version: int
     weights: np.ndarray
     accumulators: np.ndarray
     robust: RobustState | None = None
+    average: np.ndarray | None = None
+
+    @property
+    def scored(self) -> np.ndarray:
+        """What the job is scored and exported at: the average when kept, else the weights."""
+        return self.weights if self.average is None else self.average
 
 
 class CommitOutcome(enum.Enum):
@@ -159,6 +170,14 @@ class ParameterStore:
     outer : OuterConfig or None
         Local-steps jobs: pushes are pseudo-gradients, applied with Nesterov momentum and a
         staleness discount instead of Adagrad (``outer.py``); not with ``robust``.
+    average : float
+        In ``[0, 1)``. Above 0, each shard also keeps a running average of its versions,
+        advanced once per applied push: ``average = b * average + (1 - b) * weights``,
+        from the initial weights (Polyak averaging, kept as an exponential average). Async
+        SGD's last iterate is noisy, and stale pushes make it noisier; the average is not,
+        and it is what the job is scored and exported at (``ShardState.scored``). 0 (the
+        default) keeps none. Not with ``outer``: a local-steps job makes one version per
+        round, so an average over versions would trail it by many rounds.
 
     Notes
     -----
@@ -180,9 +199,16 @@ class ParameterStore:
         staleness_aware: bool = False,
         max_grad_norm: float | None = None,
         outer: OuterConfig | None = None,
+        average: float = 0.0,
     ) -> None:
         if outer is not None and (robust is not None or staleness_aware):
             raise ValueError("an outer optimizer is not combined with robust or staleness_aware")
+        if isinstance(average, bool) or not (
+            isinstance(average, int | float) and 0.0 <= average < 1.0
+        ):
+            raise ValueError(f"average must be a number in [0, 1), got {average!r}")
+        if average and outer is not None:
+            raise ValueError("an outer optimizer is not combined with an average of versions")
         if not isinstance(job_id, str) or not job_id:
             raise ValueError(f"job_id must be a non-empty string, got {job_id!r}")
         if isinstance(max_staleness, bool) or not isinstance(max_staleness, int):
@@ -202,6 +228,7 @@ class ParameterStore:
         self.max_commit_attempts = max_commit_attempts
         self.robust = robust
         self.outer = outer
+        self.average = float(average)
         # Zhang et al. (IJCAI 2016): divide the step by the push's staleness (at least 1).
         self.staleness_aware = staleness_aware
         self.staleness_counts: Counter[int] = Counter()
@@ -232,7 +259,10 @@ class ParameterStore:
             initial = 0.0 if self.outer is not None else self.optimizer.initial_accumulator
             accumulators = np.full(flat.shape, initial, np.float32)
             robust = None if self.robust is None else RobustState.fresh(flat.shape[0])
-            self.storage.initialize(self.job_id, shard, ShardState(0, flat, accumulators, robust))
+            average = flat.copy() if self.average else None
+            self.storage.initialize(
+                self.job_id, shard, ShardState(0, flat, accumulators, robust, average)
+            )
         if statistics is not None:
             self._statistics_storage().initialize_statistics(
                 self.job_id, StatisticsState(0, statistics, 0.0)
@@ -371,6 +401,13 @@ class ParameterStore:
         """
         parts = [self.fetch(shard)[1] for shard in range(self.layout.n_shards)]
         return self.layout.merge(parts) | self.statistics()
+
+    def scored_weights(self) -> dict[str, np.ndarray]:
+        """As :meth:`weights`, but each shard's average where the store keeps one: what the
+        job is scored and exported at (``ShardState.scored``)."""
+        layout = self.layout
+        parts = [layout.unflatten_shard(i, state.scored) for i, state in enumerate(self.snapshot())]
+        return layout.merge(parts) | self.statistics()
 
     def warmup_status(self) -> WarmupStatus | None:
         """How far every shard is in the trusted warm-up; None when the store does not clip.
@@ -532,7 +569,9 @@ class ParameterStore:
                 self.job_id,
                 shard,
                 state.version,
-                ShardState(new_version, state.weights, state.accumulators, robust),
+                ShardState(
+                    new_version, state.weights, state.accumulators, robust, self._averaged(state)
+                ),
                 push_id,
             )
             if outcome is CommitOutcome.APPLIED:
@@ -558,6 +597,19 @@ class ParameterStore:
         )
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _averaged(self, state: ShardState) -> np.ndarray | None:
+        """The average advanced by ``state.weights`` (already updated), in place on the
+        loaded copy; None when the store keeps none. A shard stored without one (restored
+        from before averaging was on) starts from these weights."""
+        if not self.average:
+            return None
+        if state.average is None:
+            return state.weights.copy()
+        average = state.average
+        average *= np.float32(self.average)
+        average += np.float32(1.0 - self.average) * state.weights
+        return average
 
     def _staleness(self, shard: int, current: int, base_version: int) -> int:
         staleness = int(current - base_version)
@@ -596,6 +648,11 @@ class ParameterStore:
                 f"stored shard {shard} of job {self.job_id!r} has a momentum of "
                 f"{state.robust.momentum.shape} elements, but the layout expects {size}"
             )
+        if state.average is not None and state.average.shape != (size,):
+            raise CorruptState(
+                f"stored shard {shard} of job {self.job_id!r} has an average of "
+                f"{state.average.shape} elements, but the layout expects {size}"
+            )
         return state
 
     def _check_state(self, shard: int, state: ShardState) -> None:
@@ -604,7 +661,10 @@ class ParameterStore:
             raise ValueError(f"shard {shard}: version must be an int, got {state.version!r}")
         if state.version < 0:
             raise ValueError(f"shard {shard}: version must be >= 0, got {state.version}")
-        for name, array in (("weights", state.weights), ("accumulators", state.accumulators)):
+        arrays = [("weights", state.weights), ("accumulators", state.accumulators)]
+        if state.average is not None:
+            arrays.append(("average", state.average))
+        for name, array in arrays:
             if not isinstance(array, np.ndarray) or array.dtype != np.float32:
                 raise WrongDtype(f"shard {shard}: {name} must be a float32 array")
             if array.shape != (size,):

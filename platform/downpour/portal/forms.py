@@ -69,7 +69,7 @@ class JobForm(forms.Form):
             ),
             False,
         ),
-        ("Optimiser", ("learning_rate", "batch_size"), True),
+        ("Optimiser", ("learning_rate", "batch_size", "weight_average"), True),
         (
             "Local steps",
             (
@@ -233,6 +233,18 @@ class JobForm(forms.Form):
         min_value=1e-8,
         max_value=10,
         help_text="Adagrad's step size, applied by the server to every push",
+    )
+    weight_average = forms.FloatField(
+        label="Average of the weights (Downpour)",
+        initial=0.0,
+        min_value=0.0,
+        max_value=0.999,
+        required=False,
+        help_text="above 0, the server also keeps a running average of the weights and "
+        "scores and exports that: average = b × average + (1 − b) × weights after every "
+        "update. Many agents' stale pushes make the weights themselves noisy; 0.99 averages "
+        "about the last 100 updates, and cut the simulated time to 90% by about a third. "
+        "0: off. Other algorithms ignore it",
     )
     inner_steps = forms.IntegerField(
         label="Steps per round (H)",

@@ -111,6 +111,7 @@ def job_new(request: AuthenticatedRequest) -> HttpResponse:
             compression=data["compression"],
             max_staleness=data["max_staleness"],
             staleness_aware_lr=data["staleness_aware_lr"],
+            weight_average=data["weight_average"] or 0.0,
             warm_start_pushes=data["warm_start_pushes"] or 0,
             robust_aggregation=data["robust_aggregation"],
             max_grad_norm=(
@@ -172,6 +173,7 @@ CLONED_FIELDS = (
     "compression",
     "max_staleness",
     "staleness_aware_lr",
+    "weight_average",
     "warm_start_pushes",
     "robust_aggregation",
     "spot_check_fraction",

@@ -50,6 +50,12 @@ class DatasetShard(models.Model):
         return f"{self.dataset_id} shard {self.index}"
 
 
+def store_arrays(robust: bool, averaged: bool) -> int:
+    """Float32 arrays the store keeps per parameter: weights and accumulators, the clipping
+    centre with robust aggregation, the average when the job keeps one."""
+    return 2 + int(robust) + int(averaged)
+
+
 class Job(models.Model):
     class Status(models.TextChoices):
         QUEUED = "queued"
@@ -123,6 +129,10 @@ class Job(models.Model):
     max_staleness = models.IntegerField(default=64)
     # Zhang et al. 2016: divide each push's step by its staleness.
     staleness_aware_lr = models.BooleanField(default=False)
+    # Downpour only (other algorithms ignore it): above 0, the store keeps a running average
+    # of each shard's versions (average = b * average + (1 - b) * weights) and the job is
+    # scored and exported at it.
+    weight_average = models.FloatField(default=0.0)
     # Dean et al.'s warm start: one replica alone for the first K applied pushes.
     warm_start_pushes = models.IntegerField(default=0)
     # {staleness: accepted pushes}, merged from every consumer's tallies.
@@ -171,8 +181,14 @@ class Job(models.Model):
 
     @property
     def store_bytes(self) -> int:
-        """Parameter-store memory: weights and Adagrad accumulators, plus the clipping centre."""
-        return int(self.param_count) * 4 * (3 if self.robust_aggregation else 2)
+        """Parameter-store memory: weights and Adagrad accumulators, plus the clipping centre
+        and the average of the weights when the job keeps them."""
+        return int(self.param_count) * 4 * store_arrays(self.robust_aggregation, self.averaged)
+
+    @property
+    def averaged(self) -> bool:
+        """Whether the store keeps an average of the weights: ``weight_average``, Downpour."""
+        return self.algorithm == self.Algorithm.DOWNPOUR and self.weight_average > 0
 
     def downloads(self) -> list[dict[str, Any]]:
         """The exported files that exist, each with the accuracy its weights scored.

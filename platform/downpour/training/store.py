@@ -229,6 +229,7 @@ def job_store(job: Job) -> ParameterStore:
                 robust=CentredClipping() if job.robust_aggregation else None,
                 max_grad_norm=job.max_grad_norm,
                 outer=outer_config(job),
+                average=job.weight_average if job.averaged else 0.0,
             )
             _stores[key] = store
         return store

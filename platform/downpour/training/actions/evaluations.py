@@ -32,7 +32,7 @@ def evaluate_job(job: Job) -> Evaluation | None:
     statistics = store.statistics_state()
     layout = job.shard_layout()
     weights = layout.merge(
-        [layout.unflatten_shard(shard, state.weights) for shard, state in enumerate(states)]
+        [layout.unflatten_shard(shard, state.scored) for shard, state in enumerate(states)]
     )
     if statistics is not None:  # BatchNormalization's moving statistics, and the like
         weights |= layout.unflatten_statistics(statistics.values)

@@ -17,7 +17,7 @@ from django.utils import timezone
 from downpour.paramstore import DEFAULT_MAX_GRAD_NORM, ShardLayout, VariableSpec
 from downpour.training import weights
 from downpour.training.media import media_dir
-from downpour.training.models import Dataset, Job, Lease
+from downpour.training.models import Dataset, Job, Lease, store_arrays
 from downpour.training.store import forget_job_store, job_store, pass_results, storage
 from downpour_agent.modelspec import ModelRejected, validate_loss, validate_model_config
 
@@ -59,6 +59,8 @@ class JobParams:
     compression: str = "none"
     max_staleness: int = 64
     staleness_aware_lr: bool = False
+    #: Downpour only: the store's running average of the weights, scored and exported (0: off).
+    weight_average: float = 0.0
     warm_start_pushes: int = 0
     robust_aggregation: bool = False
     #: None or 0: pushes are not norm-clipped (``downpour.paramstore.bounds``).
@@ -113,6 +115,11 @@ def submit_job(owner: Any, dataset: Dataset, params: JobParams) -> Job:
         (1 <= params.n_push <= 100_000, "n_push must be at least 1"),
         (1 <= params.n_param_shards <= 64, "parameter shards must be in [1, 64]"),
         (0 <= params.max_staleness <= 1_000_000, "max staleness must be ≥ 0"),
+        (
+            0 <= params.weight_average < 1,
+            "the weight average must be in [0, 1): 0 is off, 0.99 averages about the last "
+            "100 updates",
+        ),
         (0 <= params.warm_start_pushes <= 10_000_000, "warm start pushes must be ≥ 0"),
         (0 <= params.spot_check_fraction <= 1, "spot-check fraction must be in [0, 1]"),
         (
@@ -141,7 +148,9 @@ def submit_job(owner: Any, dataset: Dataset, params: JobParams) -> Job:
             raise JobRejected(
                 f"the dataset {dataset.name} was deleted; choose another or upload it again"
             )
-        _check_job_quotas(owner, spec.param_count, params.robust_aggregation)
+        averaged = params.algorithm == Job.Algorithm.DOWNPOUR and params.weight_average > 0
+        arrays = store_arrays(params.robust_aggregation, averaged)
+        _check_job_quotas(owner, spec.param_count, arrays)
         job = _create_job(owner, dataset, params, spec, loss)
         if params.initial_weights is not None:
             path = media_dir("jobs", str(job.id)) / "initial-weights.npz"
@@ -210,7 +219,7 @@ def _sandblaster_checks(params: JobParams) -> list[tuple[object, str]]:
 ACTIVE_STATUSES = (Job.Status.QUEUED, Job.Status.RUNNING, Job.Status.PAUSED)
 
 
-def _check_job_quotas(owner: Any, param_count: int, robust: bool) -> None:
+def _check_job_quotas(owner: Any, param_count: int, arrays: int) -> None:
     """Refuse a job past the owner's quotas. Call inside a transaction: locks the owner's
     row, so two submits at once cannot both pass."""
     user = get_user_model().objects.select_for_update().get(pk=owner.pk)
@@ -226,7 +235,7 @@ def _check_job_quotas(owner: Any, param_count: int, robust: bool) -> None:
             f"{user.quota('max_active_jobs')}. Wait for one to finish."
         )
     held = sum(job.store_bytes for job in active)
-    needed = param_count * 4 * (3 if robust else 2)
+    needed = param_count * 4 * arrays  # float32 arrays per parameter: models.store_arrays
     if held + needed > user.quota("max_store_bytes"):
         raise JobRejected(
             f"this job needs {needed / 2**20:.0f} MiB of parameter-store memory and your "
@@ -251,6 +260,7 @@ def _create_job(owner: Any, dataset: Dataset, params: JobParams, spec: Any, loss
         compression=params.compression,
         max_staleness=params.max_staleness,
         staleness_aware_lr=params.staleness_aware_lr,
+        weight_average=params.weight_average,
         warm_start_pushes=params.warm_start_pushes,
         robust_aggregation=params.robust_aggregation,
         max_grad_norm=params.max_grad_norm or None,
@@ -426,7 +436,7 @@ def export_job(job: Job, evaluated: Evaluated | None = None) -> None:
 
     folder = media_dir("jobs", str(job.id))
     if evaluated is None:
-        store_weights = recalibrated(job, job_store(job).weights())
+        store_weights = recalibrated(job, job_store(job).scored_weights())
         evaluated = Evaluated(store_weights, evaluate(job, store_weights)[0])
     keras_path, weights_path = export_model(job, evaluated.weights, folder)
     fields: dict[str, Any] = {
@@ -436,7 +446,7 @@ def export_job(job: Job, evaluated: Evaluated | None = None) -> None:
     }
     best = job.checkpoints.filter(accuracy__isnull=False).order_by("-accuracy").first()
     if best is not None and best.accuracy is not None and best.accuracy > evaluated.accuracy:
-        best_weights = read_checkpoint(best.path, best.sha256).weights()
+        best_weights = read_checkpoint(best.path, best.sha256).weights(scored=True)
         best_keras, best_npz = export_model(job, best_weights, folder, stem="-best")
         fields |= {
             "best_keras_path": str(best_keras),

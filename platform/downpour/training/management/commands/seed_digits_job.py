@@ -44,6 +44,9 @@ class Command(BaseCommand):
         parser.add_argument("--param-shards", type=int, default=2)
         parser.add_argument("--data-shards", type=int, default=3)
         parser.add_argument("--max-staleness", type=int, default=64)
+        parser.add_argument(
+            "--weight-average", type=float, default=0.0, help="Downpour only; 0: off (0)"
+        )
         parser.add_argument("--target-accuracy", type=float, default=0.95)
         parser.add_argument("--budget-seconds", type=float, default=None)
         parser.add_argument("--budget-samples", type=int, default=None)
@@ -104,6 +107,7 @@ class Command(BaseCommand):
                 n_push=opts["n_push"],
                 n_param_shards=opts["param_shards"],
                 max_staleness=opts["max_staleness"],
+                weight_average=opts["weight_average"],
                 target_accuracy=opts["target_accuracy"],
                 budget_seconds=opts["budget_seconds"],
                 budget_samples=opts["budget_samples"],
