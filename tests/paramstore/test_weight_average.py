@@ -1,6 +1,7 @@
 """The store's running average of the weights (``ParameterStore(average=b)``).
 
-Each applied push advances its shard's average once, ``a = b * a + (1 - b) * w``, from the
+Each applied push advances its shard's average once, ``a = d * a + (1 - d) * w`` with
+``d = min(b, (1 + v) / (10 + v))`` for the push that makes version ``v + 1``, from the
 initial weights; refused and duplicate pushes do not. The average is committed with the
 weights (memory and Redis), written to and read from checkpoints, and is what the job is
 scored at (``ShardState.scored``, ``scored_weights``). The Redis tests are marked
@@ -65,19 +66,21 @@ def check_average_follows_every_applied_version(store: ParameterStore) -> None:
     for shard in (0, 1):
         assert store.snapshot()[shard].average is not None
         np.testing.assert_array_equal(store.snapshot()[shard].average, store.fetch_flat(shard)[1])
-    for k in range(6):
+    pushes = 100  # the warm-up's (1 + v) / (10 + v) passes BETA from version 82 on
+    for k in range(pushes):
         for shard in (0, 1):
             version = store.fetch_flat(shard)[0]
             store.push(shard, gradient(shard, k), version, f"p{k}:{shard}")
             new = store.fetch_flat(shard)[1]
-            expected[shard] = BETA * expected[shard] + (1 - BETA) * new
+            decay = min(BETA, (1 + version) / (10 + version))
+            expected[shard] = decay * expected[shard] + (1 - decay) * new
     # Neither a refused (too stale) nor a repeated push moves the average.
     before = [state.average.copy() for state in store.snapshot() if state.average is not None]
     with pytest.raises(StaleGradient):
         store.push(0, gradient(0, 9), 0, "late")
-    assert store.push(1, gradient(1, 0), 0, "p0:1").duplicate
+    assert store.push(1, gradient(1, 0), pushes - 1, "p99:1").duplicate
     for shard, state in enumerate(store.snapshot()):
-        assert state.version == 6
+        assert state.version == pushes
         assert state.average is not None
         np.testing.assert_array_equal(state.average, before[shard])
         np.testing.assert_allclose(state.average, expected[shard], rtol=1e-5, atol=1e-6)

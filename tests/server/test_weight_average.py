@@ -127,7 +127,13 @@ def test_the_form_makes_the_job_and_running_it_again_keeps_its_average(
     page = client.get(f"/jobs/new/?from={job.id}").content.decode()
 
     assert 'name="weight_average" value="0.99"' in page
+    # The job's page says what its accuracy is of.
+    shown = client.get(f"/jobs/{job.id}/").content.decode()
+    assert "the running average of the weights (b = 0.99)" in shown
     # Left empty, the field means off, as its help says.
     blank = job_form("blank", str(dataset.id), json.dumps(mlp_config()), weight_average="")
     assert client.post("/jobs/new/", blank).status_code == 302
-    assert Job.objects.get(name="blank").weight_average == 0.0
+    blank_job = Job.objects.get(name="blank")
+    assert blank_job.weight_average == 0.0
+    shown = client.get(f"/jobs/{blank_job.id}/").content.decode()
+    assert '<td id="weight-average" colspan="3">the weights</td>' in shown

@@ -269,12 +269,11 @@ class RedisStorage(RedisSyncBuffer):
         """Compare-and-set through one Lua script; see ``ShardStorage.commit``.
 
         The new weights, accumulators, robust state and average are first written to unique
-        staging
-        keys, in the
-        same pipeline (one round trip) as the script. The script then decides atomically: on
-        success it RENAMEs the staged values into place (O(1)), bumps the version and records
-        the push id; otherwise it deletes them. Passing megabytes through the script's ARGV
-        instead is several times slower, because Lua copies every argument.
+        staging keys, in the same pipeline (one round trip) as the script. The script then
+        decides atomically: on success it RENAMEs the staged values into place (O(1)), bumps
+        the version and records the push id; otherwise it deletes them. Passing megabytes
+        through the script's ARGV instead is several times slower, because Lua copies every
+        argument.
         """
         if state.version != expected_version + 1:
             raise ValueError(

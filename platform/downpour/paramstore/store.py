@@ -172,12 +172,16 @@ class ParameterStore:
         staleness discount instead of Adagrad (``outer.py``); not with ``robust``.
     average : float
         In ``[0, 1)``. Above 0, each shard also keeps a running average of its versions,
-        advanced once per applied push: ``average = b * average + (1 - b) * weights``,
-        from the initial weights (Polyak averaging, kept as an exponential average). Async
-        SGD's last iterate is noisy, and stale pushes make it noisier; the average is not,
-        and it is what the job is scored and exported at (``ShardState.scored``). 0 (the
-        default) keeps none. Not with ``outer``: a local-steps job makes one version per
-        round, so an average over versions would trail it by many rounds.
+        advanced once per applied push: ``average = d * average + (1 - d) * weights`` with
+        ``d = min(b, (1 + v) / (10 + v))`` for the push that makes version ``v + 1``, from
+        the initial weights (Polyak averaging, kept as an exponential average; the warm-up
+        ``d`` is TensorFlow's ``ExponentialMovingAverage(num_updates=v)``, so a short job's
+        average is not held back by its random start). Async SGD's last iterate is noisy,
+        and stale pushes make it noisier; the average is not, and it is what the job is
+        scored and exported at (``ShardState.scored``). It costs one more array read and
+        written per commit. 0 (the default) keeps none. Not with ``outer``: a local-steps
+        job makes one version per round, so an average over versions would trail it by
+        many rounds.
 
     Notes
     -----
@@ -606,9 +610,11 @@ class ParameterStore:
             return None
         if state.average is None:
             return state.weights.copy()
+        version = state.version  # before this push
+        decay = np.float32(min(self.average, (1.0 + version) / (10.0 + version)))
         average = state.average
-        average *= np.float32(self.average)
-        average += np.float32(1.0 - self.average) * state.weights
+        average *= decay
+        average += (np.float32(1.0) - decay) * state.weights
         return average
 
     def _staleness(self, shard: int, current: int, base_version: int) -> int:

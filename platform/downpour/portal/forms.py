@@ -243,8 +243,9 @@ class JobForm(forms.Form):
         help_text="above 0, the server also keeps a running average of the weights and "
         "scores and exports that: average = b × average + (1 − b) × weights after every "
         "update. Many agents' stale pushes make the weights themselves noisy; 0.99 averages "
-        "about the last 100 updates, and cut the simulated time to 90% by about a third. "
-        "0: off. Other algorithms ignore it",
+        "about the last 100 updates, and cut the simulated time to 90% by about a third on "
+        "a long job. On a short one it did not help, and the server does a little more "
+        "work per update. 0: off. Other algorithms ignore it",
     )
     inner_steps = forms.IntegerField(
         label="Steps per round (H)",
