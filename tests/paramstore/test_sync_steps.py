@@ -266,3 +266,25 @@ def test_the_memory_backend_times_steps_on_the_clock_it_is_given() -> None:
     now[0] = 105.0
     assert agg.tick(0)
     assert agg.store.versions()[0] == 1 and agg.counts().timeouts == 1
+
+
+def test_a_synchronous_step_keeps_no_average_of_the_weights_on_either_backend(
+    new_storage: StorageFactory,
+) -> None:
+    """A synchronous job keeps no average (the job option is Downpour's): should a shard hold
+    one, the step's commit drops it on Redis as on the memory backend, rather than leaving a
+    stale average that would be scored."""
+    layout = model_layout()
+    storage = new_storage()
+    averaging = ParameterStore(storage, JOB, layout, OPTIMIZER, max_staleness=16, average=0.9)  # type: ignore[arg-type]
+    averaging.initialize(initial_weights(layout))
+    assert averaging.snapshot()[0].average is not None
+    agg = SyncAggregator(
+        ParameterStore(storage, JOB, layout, OPTIMIZER, max_staleness=16),  # type: ignore[arg-type]
+        SyncRule(workers=1, step_timeout_s=60),
+    )
+
+    agg.push(0, gradient(agg, 0, 0.1), 0, "a:0:0", "a", 32)
+
+    state = new_storage().load(JOB, 0)  # type: ignore[attr-defined]
+    assert state.version == 1 and state.average is None

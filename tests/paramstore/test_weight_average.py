@@ -66,7 +66,7 @@ def check_average_follows_every_applied_version(store: ParameterStore) -> None:
     for shard in (0, 1):
         assert store.snapshot()[shard].average is not None
         np.testing.assert_array_equal(store.snapshot()[shard].average, store.fetch_flat(shard)[1])
-    pushes = 100  # the warm-up's (1 + v) / (10 + v) passes BETA from version 82 on
+    pushes = 100  # the warm-up's (1 + v) / (10 + v) passes BETA from v = 81 on
     for k in range(pushes):
         for shard in (0, 1):
             version = store.fetch_flat(shard)[0]
@@ -91,6 +91,17 @@ def check_average_follows_every_applied_version(store: ParameterStore) -> None:
     for shard, state in enumerate(store.snapshot()):
         for name, value in LAYOUT.unflatten_shard(shard, state.average).items():
             np.testing.assert_array_equal(scored[name], value)
+
+
+def test_the_first_push_keeps_a_tenth_of_the_start() -> None:
+    """v = 0 before the first push, so d = 1/10 exactly (v + 1 would give 2/11)."""
+    store = make(InMemoryStorage())
+    start = store.fetch_flat(0)[1]
+    store.push(0, gradient(0, 0), 0, "first")
+    state = store.snapshot()[0]
+    assert state.average is not None
+    expected = np.float32(0.1) * start + np.float32(0.9) * state.weights
+    np.testing.assert_allclose(state.average, expected, rtol=0, atol=1e-7)
 
 
 def test_the_average_follows_every_applied_version_in_memory() -> None:
@@ -126,6 +137,35 @@ def test_redis_drops_the_average_when_a_commit_has_none(client: redis.Redis, pre
     assert fresh is not None and fresh.average is None
     storage.delete("job")
     assert not list(client.scan_iter(match=prefix + "*"))
+
+
+@pytest.mark.services
+def test_redis_leaves_no_staged_average_behind_a_duplicate_or_a_conflict(
+    client: redis.Redis, prefix: str
+) -> None:
+    storage = RedisStorage(client, prefix)
+    store = make(storage)
+    store.push(0, gradient(0, 0), 0, "a")
+    before = storage.load("job", 0)
+    assert before is not None and before.average is not None
+
+    def attempt(expected_version: int, push_id: str) -> str:
+        new = ShardState(
+            expected_version + 1,
+            before.weights + 1,
+            before.accumulators,
+            None,
+            np.full_like(before.average, 7.0),
+        )
+        return storage.commit("job", 0, expected_version, new, push_id).value
+
+    assert attempt(1, "a") == "duplicate"
+    assert attempt(0, "b") == "conflict"
+    assert list(client.scan_iter(match=prefix + "*staged*")) == []
+    after = RedisStorage(client, prefix).load("job", 0)
+    assert after is not None and after.average is not None
+    np.testing.assert_array_equal(after.average, before.average)
+    assert client.ttl(storage.shard_key("job", 0, "p")) == -1  # the staging TTL did not stick
 
 
 @pytest.mark.services

@@ -89,7 +89,7 @@ return {tonumber(redis.call('HGET', KEYS[2], 'n')),
 """
 
 # KEYS: version, weights, accumulators, applied ids, staged weights, staged accumulators,
-#       buffer, counters, robust state
+#       buffer, counters, robust state, average (both dropped: a synchronous step keeps neither)
 # ARGV: step version, new version, gradients averaged, "1" if timed out, "1" to count, ids...
 # Returns 0 = applied, 1 = conflict (the shard moved on, or the buffer changed).
 _COMMIT_LUA = """
@@ -114,7 +114,7 @@ redis.call('RENAME', KEYS[5], KEYS[2])
 redis.call('PERSIST', KEYS[2])
 redis.call('RENAME', KEYS[6], KEYS[3])
 redis.call('PERSIST', KEYS[3])
-redis.call('DEL', KEYS[9], KEYS[7])
+redis.call('DEL', KEYS[9], KEYS[7], KEYS[10])
 for i = 6, #ARGV do
     redis.call('SADD', KEYS[4], ARGV[i])
 end
@@ -246,6 +246,7 @@ class RedisSyncBuffer:
                 self.shard_key(job, shard, "sync"),
                 keys.sync_counts_key(self.prefix, job),
                 self.shard_key(job, shard, "r"),
+                self.shard_key(job, shard, "p"),
             ],
             args=[
                 batch.version,

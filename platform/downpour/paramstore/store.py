@@ -98,7 +98,8 @@ class ShardStorage(Protocol):
     """
 
     def load(self, job: str, shard: int) -> ShardState | None:
-        """Return a consistent (version, weights, accumulators, robust), or None if absent."""
+        """Return a consistent (version, weights, accumulators, robust, average), or None if
+        absent."""
         ...
 
     def load_version(self, job: str, shard: int) -> int | None:
@@ -116,7 +117,8 @@ class ShardStorage(Protocol):
 
         If ``push_id`` was already applied to this shard: DUPLICATE, nothing written. Else if
         the version differs from ``expected_version`` (or the shard is absent): CONFLICT.
-        Else write weights, accumulators and robust state (None removes it), set the version
+        Else write weights, accumulators, robust state and average (None removes either), set
+        the version
         to ``expected_version + 1`` (which ``state.version`` must equal), remember
         ``push_id``: APPLIED.
         """

@@ -9,6 +9,7 @@ from django.forms import BoundField
 
 from downpour.accounts.models import User
 from downpour.paramstore import DEFAULT_MAX_GRAD_NORM
+from downpour.training.actions.jobs import MAX_WEIGHT_AVERAGE
 from downpour.training.models import Dataset
 
 
@@ -238,11 +239,12 @@ class JobForm(forms.Form):
         label="Average of the weights (Downpour)",
         initial=0.0,
         min_value=0.0,
-        max_value=0.999,
+        max_value=MAX_WEIGHT_AVERAGE,
         required=False,
         help_text="above 0, the server also keeps a running average of the weights and "
         "scores and exports that: average = b × average + (1 − b) × weights after every "
-        "update. Many agents' stale pushes make the weights themselves noisy; 0.99 averages "
+        "update (b smaller over the first hundred updates, so the random start fades "
+        "quickly). Many agents' stale pushes make the weights themselves noisy; 0.99 averages "
         "about the last 100 updates, and cut the simulated time to 90% by about a third on "
         "a long job. On a short one it did not help, and the server does a little more "
         "work per update. 0: off. Other algorithms ignore it",

@@ -130,8 +130,8 @@ class Job(models.Model):
     # Zhang et al. 2016: divide each push's step by its staleness.
     staleness_aware_lr = models.BooleanField(default=False)
     # Downpour only (other algorithms ignore it): above 0, the store keeps a running average
-    # of each shard's versions (average = b * average + (1 - b) * weights) and the job is
-    # scored and exported at it.
+    # of each shard's versions (average = d * average + (1 - d) * weights, d = min(b, (1 + v)
+    # / (10 + v)): ParameterStore's ``average``) and the job is scored and exported at it.
     weight_average = models.FloatField(default=0.0)
     # Dean et al.'s warm start: one replica alone for the first K applied pushes.
     warm_start_pushes = models.IntegerField(default=0)

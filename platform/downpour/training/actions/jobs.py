@@ -37,6 +37,9 @@ OFFERED_ALGORITHMS = (
     Job.Algorithm.SANDBLASTER,
 )
 INNER_OPTIMIZERS = ("adamw", "sgd-momentum")
+#: The most ``weight_average`` the form and the actions take: about the last 1,000 versions.
+MAX_WEIGHT_AVERAGE = 0.999
+
 #: Bounds on a local-steps job's fixed H (inner steps per round).
 MAX_INNER_STEPS = 10_000
 
@@ -116,9 +119,9 @@ def submit_job(owner: Any, dataset: Dataset, params: JobParams) -> Job:
         (1 <= params.n_param_shards <= 64, "parameter shards must be in [1, 64]"),
         (0 <= params.max_staleness <= 1_000_000, "max staleness must be ≥ 0"),
         (
-            0 <= params.weight_average < 1,
-            "the weight average must be in [0, 1): 0 is off, 0.99 averages about the last "
-            "100 updates",
+            0 <= params.weight_average <= MAX_WEIGHT_AVERAGE,
+            f"the weight average must be in [0, {MAX_WEIGHT_AVERAGE}]: 0 is off, 0.99 "
+            "averages about the last 100 updates",
         ),
         (0 <= params.warm_start_pushes <= 10_000_000, "warm start pushes must be ≥ 0"),
         (0 <= params.spot_check_fraction <= 1, "spot-check fraction must be in [0, 1]"),
