@@ -78,7 +78,7 @@ from downpour.paramstore import (  # noqa: E402
 )
 from downpour.paramstore.lbfgs import LbfgsConfig, LbfgsState  # noqa: E402
 from downpour.paramstore.outer import OuterConfig  # noqa: E402
-from downpour.paramstore.store import CommitOutcome, ShardState  # noqa: E402
+from downpour.paramstore.storage import CommitOutcome, ShardState  # noqa: E402
 from downpour.paramstore.sync import SyncAggregator, SyncRule  # noqa: E402
 from downpour.scheduler import (  # noqa: E402
     choose_inner_steps,

@@ -58,7 +58,7 @@ from downpour.hotstate.syncbuffer import RedisSyncBuffer
 from downpour.paramstore.errors import CorruptState
 from downpour.paramstore.robust import STATS_BYTES, RobustState, RobustStats
 from downpour.paramstore.statistics import StatisticsState
-from downpour.paramstore.store import CommitOutcome, ShardState
+from downpour.paramstore.storage import CommitOutcome, ShardState
 
 WIRE_DTYPE = np.dtype("<f4")
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from downpour.hotstate import keys
-from downpour.paramstore.store import CommitOutcome, ShardState
+from downpour.paramstore.storage import CommitOutcome, ShardState
 from downpour.paramstore.sync import SyncBatch, SyncCounts, SyncOffer, SyncOutcome
 
 _SAMPLES = np.dtype("<i8")

@@ -42,12 +42,8 @@ from downpour.paramstore.robust import (
     robust_step,
 )
 from downpour.paramstore.statistics import StatisticsState, fold_report
-from downpour.paramstore.store import (
-    CommitOutcome,
-    ParameterStore,
-    ShardState,
-    ShardStorage,
-)
+from downpour.paramstore.storage import CommitOutcome, ShardState, ShardStorage
+from downpour.paramstore.store import ParameterStore
 
 __all__ = [
     "DEFAULT_MAX_GRAD_NORM",

@@ -45,7 +45,7 @@ from downpour.paramstore.errors import CorruptCheckpoint
 from downpour.paramstore.layout import ShardLayout
 from downpour.paramstore.robust import RobustState
 from downpour.paramstore.statistics import StatisticsState
-from downpour.paramstore.store import ShardState
+from downpour.paramstore.storage import ShardState
 
 FORMAT = "downpour-paramstore"
 FORMAT_VERSION = 1

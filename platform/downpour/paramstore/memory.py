@@ -12,7 +12,7 @@ import numpy as np
 
 from downpour.paramstore.robust import RobustState, RobustStats
 from downpour.paramstore.statistics import StatisticsState
-from downpour.paramstore.store import CommitOutcome, ShardState
+from downpour.paramstore.storage import CommitOutcome, ShardState
 from downpour.paramstore.sync import SyncBatch, SyncCounts, SyncOffer, SyncOutcome
 
 DEFAULT_APPLIED_CAPACITY = 100_000

@@ -32,13 +32,8 @@ from downpour.paramstore.adagrad import adagrad_apply_pieces
 from downpour.paramstore.bounds import check_squarable, clip_to_norm
 from downpour.paramstore.errors import NonFinite, NotInitialized, StaleGradient
 from downpour.paramstore.results import PushResult
-from downpour.paramstore.store import (
-    BACKOFF_BASE_SECONDS,
-    BACKOFF_CAP_SECONDS,
-    CommitOutcome,
-    ParameterStore,
-    ShardState,
-)
+from downpour.paramstore.storage import CommitOutcome, ShardState
+from downpour.paramstore.store import BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS, ParameterStore
 
 #: The shard whose events the job's counters count (each push round sends every shard).
 COUNTED_SHARD = 0
