@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import Client
 
 
 def npz_bytes(**arrays: Any) -> bytes:
@@ -69,3 +70,10 @@ def job_params(**overrides: Any) -> Any:
 
     base: dict[str, Any] = {"name": "mlp", "model_json": mlp_config(), "target_accuracy": 0.9}
     return JobParams(**{**base, **overrides})
+
+
+def client_of(user: Any) -> Client:
+    """A test client logged in as ``user``."""
+    client = Client()
+    client.force_login(user)
+    return client

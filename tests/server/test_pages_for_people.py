@@ -8,7 +8,6 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from django.test import Client
 from django.utils import timezone
 
 from downpour.console.totals import read_totals
@@ -20,7 +19,7 @@ from downpour.training.actions.jobs import JobParams, JobRejected, submit_job
 from downpour.training.management.commands.seed_digits_job import Command as SeedDigitsJob
 from downpour.training.models import Evaluation, Job
 
-from .helpers import job_form, job_params, mlp_config, npz_upload, small_dataset
+from .helpers import client_of, job_form, job_params, mlp_config, npz_upload, small_dataset
 
 pytestmark = pytest.mark.django_db
 
@@ -31,12 +30,6 @@ def started(job: Job, seconds_ago: float = 30.0) -> Job:
     )
     job.refresh_from_db()
     return job
-
-
-def client_of(user) -> Client:  # type: ignore[no-untyped-def]
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def test_the_chart_has_every_evaluation_and_the_agents_training_loss(alice, dataset, agent) -> None:  # type: ignore[no-untyped-def]

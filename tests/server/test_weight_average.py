@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from django.test import Client
 
 from downpour.paramstore import read_checkpoint
 from downpour.training import evaluation
@@ -19,7 +18,7 @@ from downpour.training.actions.recovery import ensure_store_ready
 from downpour.training.models import Job
 from downpour.training.store import job_store
 
-from .helpers import job_form, job_params, mlp_config
+from .helpers import client_of, job_form, job_params, mlp_config
 
 pytestmark = pytest.mark.django_db
 
@@ -105,9 +104,7 @@ def test_an_average_out_of_range_is_refused_by_the_form_and_the_actions(
     alice: Any, dataset: Any, value: float
 ) -> None:
     form = job_form("avg", str(dataset.id), json.dumps(mlp_config()), weight_average=value)
-    client = Client()
-    client.force_login(alice)
-    response = client.post("/jobs/new/", form)
+    response = client_of(alice).post("/jobs/new/", form)
     assert response.status_code == 200 and "weight_average" in response.context["form"].errors
     with pytest.raises(JobRejected, match="weight average"):
         submit_job(alice, dataset, job_params(weight_average=value))
@@ -117,8 +114,7 @@ def test_an_average_out_of_range_is_refused_by_the_form_and_the_actions(
 def test_the_form_makes_the_job_and_running_it_again_keeps_its_average(
     alice: Any, dataset: Any
 ) -> None:
-    client = Client()
-    client.force_login(alice)
+    client = client_of(alice)
     form = job_form("avg", str(dataset.id), json.dumps(mlp_config()), weight_average=0.99)
     assert client.post("/jobs/new/", form).status_code == 302
     job = Job.objects.get(name="avg")

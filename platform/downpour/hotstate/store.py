@@ -72,6 +72,15 @@ _COMMIT_LUA = """
 local function discard()
     redis.call('DEL', KEYS[5], KEYS[6], KEYS[9], KEYS[11])
 end
+-- An optional array (robust state, average): the staged copy into place, or none at all.
+local function install(flag, staged, key)
+    if flag == '1' then
+        redis.call('RENAME', staged, key)
+        redis.call('PERSIST', key)
+    else
+        redis.call('DEL', key)
+    end
+end
 if redis.call('SISMEMBER', KEYS[4], ARGV[3]) == 1 then
     discard()
     return 2
@@ -94,18 +103,8 @@ redis.call('RENAME', KEYS[5], KEYS[2])
 redis.call('PERSIST', KEYS[2])
 redis.call('RENAME', KEYS[6], KEYS[3])
 redis.call('PERSIST', KEYS[3])
-if ARGV[5] == '1' then
-    redis.call('RENAME', KEYS[9], KEYS[8])
-    redis.call('PERSIST', KEYS[8])
-else
-    redis.call('DEL', KEYS[8])
-end
-if ARGV[6] == '1' then
-    redis.call('RENAME', KEYS[11], KEYS[10])
-    redis.call('PERSIST', KEYS[10])
-else
-    redis.call('DEL', KEYS[10])
-end
+install(ARGV[5], KEYS[9], KEYS[8])
+install(ARGV[6], KEYS[11], KEYS[10])
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('SADD', KEYS[4], ARGV[3])
 return 0

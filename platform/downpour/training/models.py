@@ -50,6 +50,12 @@ class DatasetShard(models.Model):
         return f"{self.dataset_id} shard {self.index}"
 
 
+def keeps_average(algorithm: str, weight_average: float) -> bool:
+    """Whether a job's store keeps an average of the weights: Downpour with
+    ``weight_average`` above 0 (other algorithms ignore the setting)."""
+    return algorithm == Job.Algorithm.DOWNPOUR and weight_average > 0
+
+
 def store_arrays(robust: bool, averaged: bool) -> int:
     """Float32 arrays the store keeps per parameter: weights and accumulators, the clipping
     centre with robust aggregation, the average when the job keeps one."""
@@ -188,7 +194,7 @@ class Job(models.Model):
     @property
     def averaged(self) -> bool:
         """Whether the store keeps an average of the weights: ``weight_average``, Downpour."""
-        return self.algorithm == self.Algorithm.DOWNPOUR and self.weight_average > 0
+        return keeps_average(self.algorithm, self.weight_average)
 
     def downloads(self) -> list[dict[str, Any]]:
         """The exported files that exist, each with the accuracy its weights scored.

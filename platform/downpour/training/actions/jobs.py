@@ -17,7 +17,7 @@ from django.utils import timezone
 from downpour.paramstore import DEFAULT_MAX_GRAD_NORM, ShardLayout, VariableSpec
 from downpour.training import weights
 from downpour.training.media import media_dir
-from downpour.training.models import Dataset, Job, Lease, store_arrays
+from downpour.training.models import Dataset, Job, Lease, keeps_average, store_arrays
 from downpour.training.store import forget_job_store, job_store, pass_results, storage
 from downpour_agent.modelspec import ModelRejected, validate_loss, validate_model_config
 
@@ -151,7 +151,7 @@ def submit_job(owner: Any, dataset: Dataset, params: JobParams) -> Job:
             raise JobRejected(
                 f"the dataset {dataset.name} was deleted; choose another or upload it again"
             )
-        averaged = params.algorithm == Job.Algorithm.DOWNPOUR and params.weight_average > 0
+        averaged = keeps_average(params.algorithm, params.weight_average)
         arrays = store_arrays(params.robust_aggregation, averaged)
         _check_job_quotas(owner, spec.param_count, arrays)
         job = _create_job(owner, dataset, params, spec, loss)
