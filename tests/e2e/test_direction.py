@@ -31,7 +31,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.services]
 
 #: Direction-tested pushes the attacker may make before its ban. The rule judges at the
 #: push that makes a ban due, from 20 tested pushes on; this attacker was banned at its 20th
-#: (mean cosines -0.24 and -0.31 against the line's -0.10, two runs beside a CPU hog).
+#: (mean cosines -0.33 and -0.39 against the line's -0.10, two runs beside two CPU hogs, at
+#: the job's learning rate of 0.005 below).
 #: Pushes untested while the worker lags (references live ``REFERENCE_MAX_AGE_S``) do not
 #: count: they are the worker's speed, not the rule's. The bound catches a rule that slips
 #: back to needing hundreds of pushes.
@@ -51,6 +52,13 @@ def test_an_ipm_agent_is_banned_by_the_direction_rule_and_the_honest_one_is_not(
         tokens=2,
         robust=True,
         spot_check_fraction=0,  # the direction test alone must catch it
+        # A tenth of the default rate. At 0.05, under load (two CPU hogs, or a full CI
+        # run), the attacker's mean cosine sat at -0.05 and only the t rule banned it, at
+        # its 600th and 817th tested push (4 December). Our reading, not traced: its pushes
+        # point away from the root only as far as its batch gradient points along the
+        # root's, and by the time late references test them the model has converged and
+        # both are mostly noise. At 0.005 the model is still learning when it is judged.
+        learning_rate=0.005,
     )
     job_id = seeded["job_id"]
     honest_token, attacker_token = seeded["tokens"]
