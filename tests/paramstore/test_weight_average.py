@@ -10,6 +10,7 @@ scored at (``ShardState.scored``, ``scored_weights``). The Redis tests are marke
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -40,16 +41,23 @@ INITIAL = {
 BETA = 0.9
 
 
-def make(storage: object, average: float = BETA, job: str = "job") -> ParameterStore:
+def make(
+    storage: object,
+    average: float = BETA,
+    job: str = "job",
+    max_staleness: int = 2,
+    initialize: bool = True,
+) -> ParameterStore:
     store = ParameterStore(
         storage,  # type: ignore[arg-type]
         job,
         LAYOUT,
         AdagradConfig(0.1),
-        2,
+        max_staleness,
         average=average,
     )
-    store.initialize(INITIAL)
+    if initialize:
+        store.initialize(INITIAL)
     return store
 
 
@@ -118,6 +126,61 @@ def test_the_average_follows_every_applied_version_in_redis(
     other = RedisStorage(client, prefix).load("job", 0)
     assert other is not None and other.average is not None
     np.testing.assert_array_equal(other.average, store.snapshot()[0].average)
+
+
+@pytest.mark.services
+def test_concurrent_pushes_advance_the_average_once_each_in_redis(
+    client: redis.Redis, prefix: str
+) -> None:
+    """Threads, each with its own storage (no shared cache, as separate server processes),
+    race pushes of one gradient. Every push then makes the same next weights whatever the
+    order, so the average after all of them is that of the same pushes made one by one: a
+    lost or doubled advance, or an average committed from a state that lost the race,
+    would leave it elsewhere."""
+    # Prepare
+    make(RedisStorage(client, prefix), max_staleness=1_000)
+    threads, pushes = 4, 12
+    errors: list[BaseException] = []
+    stalenesses: list[int] = []
+    go = threading.Barrier(threads)
+
+    def work(thread: int) -> None:
+        try:
+            store = make(RedisStorage(client, prefix), max_staleness=1_000, initialize=False)
+            go.wait(timeout=30)
+            for k in range(pushes):
+                for shard in (0, 1):
+                    version = store.fetch_flat(shard)[0]
+                    result = store.push(
+                        shard, gradient(shard, 0), version, f"t{thread}-{k}:{shard}"
+                    )
+                    stalenesses.append(result.staleness)
+        except BaseException as exc:  # reported below, with the thread's name
+            errors.append(exc)
+
+    # Execute
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+
+    # Assert
+    assert not errors, errors
+    # Pushes raced: some landed on a version another thread made after their fetch.
+    assert max(stalenesses) > 0, stalenesses
+    serial = make(InMemoryStorage(), max_staleness=1_000)
+    for k in range(threads * pushes):
+        for shard in (0, 1):
+            serial.push(shard, gradient(shard, 0), serial.fetch_flat(shard)[0], f"s{k}:{shard}")
+    raced = RedisStorage(client, prefix)
+    for shard, expected in enumerate(serial.snapshot()):
+        state = raced.load("job", shard)
+        assert state is not None and state.average is not None and expected.average is not None
+        assert state.version == threads * pushes
+        np.testing.assert_allclose(state.weights, expected.weights, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(state.average, expected.average, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(state.average, state.weights, atol=1e-3)
 
 
 @pytest.mark.services
