@@ -325,3 +325,26 @@ def test_the_simulator_refuses_an_average_out_of_range(sim: ModuleType) -> None:
     for beta in ("1.0", "-0.1"):
         with pytest.raises(SystemExit):
             sim.main(["--average", beta, "--donors", "1"])
+
+
+def test_speed_up_by_target_reads_each_target_off_the_curves() -> None:
+    targets = _load("sim_targets")
+    one = [[1.0, 100, 0.5], [10.0, 1_000, 0.86], [40.0, 4_000, 0.9]]
+    sixteen = [[0.5, 400, 0.6], [2.0, 3_200, 0.87], [4.0, 6_400, 0.9]]
+    missed = [[0.5, 400, 0.6], [2.0, 3_200, 0.87]]
+    assert targets.first_reached(one, 0.86) == (10.0, 1_000)
+    assert targets.first_reached(one, 0.95) is None
+
+    def sweep(curves: dict[int, Any]) -> dict[str, Any]:
+        runs = [{"donors": n, "curve": c} for n, c in curves.items()]
+        return {"settings": {"target_accuracy": 0.9}, "runs": runs}
+
+    rows = targets.per_target(
+        [sweep({1: one, 16: sixteen}), sweep({1: one, 16: missed}), sweep({1: [], 16: sixteen})],
+        [0.86, 0.9],
+    )
+    # 16 donors: 5x at 86% on 3.2x the samples, 10x at 90% on 1.6x; the second seed's 16
+    # donors missed 90% (speed-up 0, the worst); the third has no one-donor curve.
+    assert rows[0.86][16] == {"speedup": [5.0, 5.0], "samples_ratio": [3.2, 3.2]}
+    assert rows[0.9][16] == {"speedup": [10.0, 0.0], "samples_ratio": [1.6]}
+    assert "| 90% | 5.0 (0.0-10.0); 1.60 [2 seeds] |" in targets.table(rows)
