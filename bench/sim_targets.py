@@ -3,9 +3,11 @@
 A run of ``convergence_sim.py`` to a target T scores the model every ``--eval-interval``
 virtual seconds, so its curve also says when it first reached every lower target. This
 reads sweeps run to the hardest target and gives, for each lower target and each N, the
-median speed-up over the seeds (time to target with 1 donor / with N) and how many more
-samples N donors consumed than one: ``samples ratio`` 1 means no sample was wasted, as
-when N donors' pushes are as good as one donor's; past the critical batch it grows.
+median speed-up over the seeds (time to target with 1 donor / with N) and the samples N
+donors computed to reach it over the samples one donor did (``samples ratio``; the samples
+of pushes the store refused as stale count). 1: N donors' samples were worth as much as
+one donor's; above 1, part of their work was wasted, to staleness or to a batch past the
+critical one; below 1 happens when one donor's own units hold it back.
 
 Usage::
 
@@ -21,6 +23,7 @@ import json
 import statistics
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +86,8 @@ def table(rows: dict[float, dict[int, dict[str, list[float]]]]) -> str:
                 continue
             s, r = cell["speedup"], cell["samples_ratio"]
             ratio = f"{statistics.median(r):.2f}" if r else "-"
+            if len(r) < len(s):  # seeds whose N donors missed have a speed-up (0), no ratio
+                ratio += f" (of {len(r)})"
             cells.append(
                 f"{statistics.median(s):.1f} ({min(s):.1f}-{max(s):.1f}); {ratio} [{len(s)} seeds]"
             )
@@ -165,10 +170,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             for n in (16, 64)
             if rows[target].get(n, {}).get("speedup")
         }
+        settings = sweeps[0]["settings"]
         values[f"sim_speedup_donors_to_{target:g}_source"] = (
-            f"bench/sim_targets.py over {', '.join(path.name for path in args.sweeps)}: the median "
-            f"over their seeds of the speed-up to {target:g}, read off the runs' curves; beside "
-            "the sim_speedup_* keys (their target is 0.90), not in their place"
+            f"bench/sim_targets.py over {', '.join(path.name for path in args.sweeps)} (run to "
+            f"{settings['target_accuracy']:g}, {settings['n_data_shards']} data shards, "
+            f"max_staleness {settings['max_staleness']}; argv of the first: "
+            f"{' '.join(settings.get('argv', []))}): the median over their seeds of the speed-up "
+            f"to {target:g}, read off the runs' curves; written "
+            f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; beside the sim_speedup_* keys (their "
+            "target is 0.90), not in their place"
         )
         benchlib.merge_results(values)
     return 0

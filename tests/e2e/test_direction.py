@@ -8,7 +8,8 @@ Celery, PostgreSQL and agent processes on the production path; nobody holds a tr
 
 The attacker is disguised inner product manipulation (``rogue_agent.py --mode disguised``):
 a tenth of its own gradient plus noise of the same size, negated. Its pushes are too small
-for centred clipping, and 0-25 % of them failed the per-push direction test (opposed pushes
+for centred clipping, and 0-25 % of them failed the per-push direction test (measured at the
+default learning rate of 0.05, before the test moved to 0.005; opposed pushes
 count as clipped), so the clipping rule, at 50 %, cannot ban it before the mean-cosine rule
 unless nearly all of its first 20-odd pushes are opposed. The test used a full sign
 flipper (``-g``) before: clipping and the per-push test flag about half of those pushes,

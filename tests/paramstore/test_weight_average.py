@@ -166,6 +166,7 @@ def test_concurrent_pushes_advance_the_average_once_each_in_redis(
         worker.join(timeout=120)
 
     # Assert
+    assert not any(worker.is_alive() for worker in workers), "a pushing thread hung"
     assert not errors, errors
     # Pushes raced: some landed on a version another thread made after their fetch.
     assert max(stalenesses) > 0, stalenesses

@@ -347,4 +347,4 @@ def test_speed_up_by_target_reads_each_target_off_the_curves() -> None:
     # donors missed 90% (speed-up 0, the worst); the third has no one-donor curve.
     assert rows[0.86][16] == {"speedup": [5.0, 5.0], "samples_ratio": [3.2, 3.2]}
     assert rows[0.9][16] == {"speedup": [10.0, 0.0], "samples_ratio": [1.6]}
-    assert "| 90% | 5.0 (0.0-10.0); 1.60 [2 seeds] |" in targets.table(rows)
+    assert "| 90% | 5.0 (0.0-10.0); 1.60 (of 1) [2 seeds] |" in targets.table(rows)
