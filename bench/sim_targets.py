@@ -1,4 +1,4 @@
-"""Speed-up against the target: where the critical batch limits the convergence simulator.
+"""Speed-up against the target, read off the convergence simulator's curves.
 
 A run of ``convergence_sim.py`` to a target T scores the model every ``--eval-interval``
 virtual seconds, so its curve also says when it first reached every lower target. This
