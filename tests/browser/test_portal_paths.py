@@ -98,6 +98,21 @@ def scrolls_sideways(page: Any) -> bool:
     return bool(page.evaluate("document.documentElement.scrollWidth > window.innerWidth"))
 
 
+def fill_job_form(page: Any, name: str, budget_seconds: int) -> None:
+    """The job form for a small digits MLP that runs until its budget. No trusted agent on a
+    fresh install: robust aggregation and spot checks off."""
+    from downpour.digits import mlp_json
+
+    page.fill("#id_name", name)
+    page.select_option("#id_dataset", label="digits")
+    page.fill("#id_model_json", mlp_json([64]))
+    page.fill("#id_target_accuracy", "0.999")
+    page.fill("#id_budget_seconds", str(budget_seconds))
+    page.click("summary:has-text('Protection against faulty volunteers')")
+    page.uncheck("#id_robust_aggregation")
+    page.fill("#id_spot_check_fraction", "0")
+
+
 def chart_points(page: Any) -> int:
     return int(page.get_attribute("#job-chart", "data-points") or 0)
 
@@ -105,7 +120,7 @@ def chart_points(page: Any) -> int:
 def test_a_researcher_signs_up_uploads_submits_watches_the_chart_and_downloads(
     stack: Stack, browser: Any, tmp_path: Path
 ) -> None:
-    from downpour.digits import digits_npz_bytes, mlp_json
+    from downpour.digits import digits_npz_bytes
 
     page = new_page(browser, stack)
     page.goto("/signup/")
@@ -126,15 +141,7 @@ def test_a_researcher_signs_up_uploads_submits_watches_the_chart_and_downloads(
 
     page.click("text=Submit a job")
     assert page.input_value("#id_n_fetch") == "4" and page.input_value("#id_n_push") == "4"
-    page.fill("#id_name", "first-digits")
-    page.select_option("#id_dataset", label="digits")
-    page.fill("#id_model_json", mlp_json([64]))
-    page.fill("#id_target_accuracy", "0.999")
-    page.fill("#id_budget_seconds", "25")
-    # No trusted agent on a fresh install: robust aggregation and spot checks off.
-    page.click("summary:has-text('Protection against faulty volunteers')")
-    page.uncheck("#id_robust_aggregation")
-    page.fill("#id_spot_check_fraction", "0")
+    fill_job_form(page, "first-digits", budget_seconds=25)
     page.click("main form button")
     page.wait_for_url(re.compile(r"/jobs/[0-9a-f-]{36}/$"))
     assert not scrolls_sideways(page)
@@ -279,21 +286,13 @@ def test_a_researcher_asks_for_an_average_of_the_weights_and_gets_it(
     page, kept by Clone, and the store an agent trains keeps the average in its
     checkpoints. Last in the module: its job would join the seeded dataset's chart that
     the tests above read."""
-    from downpour.digits import mlp_json
     from downpour.paramstore import Checkpoint, read_checkpoint
 
     # Prepare
     page = new_page(browser, stack)
     log_in(page, "demo-researcher")
     page.goto("/jobs/new/")
-    page.fill("#id_name", "averaged-digits")
-    page.select_option("#id_dataset", label="digits")
-    page.fill("#id_model_json", mlp_json([64]))
-    page.fill("#id_target_accuracy", "0.999")
-    page.fill("#id_budget_seconds", "60")
-    page.click("summary:has-text('Protection against faulty volunteers')")
-    page.uncheck("#id_robust_aggregation")
-    page.fill("#id_spot_check_fraction", "0")
+    fill_job_form(page, "averaged-digits", budget_seconds=60)
     page.click("summary:has-text('Optimiser')")
 
     # Execute: out of range first, then the value the help text suggests. Chromium holds
