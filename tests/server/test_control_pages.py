@@ -120,6 +120,23 @@ def test_clone_fills_the_job_form_from_the_job(alice: Any, running: Job) -> None
     assert "Dense" in page  # the model JSON
 
 
+def test_clone_of_another_researchers_job_shows_an_empty_form_and_leaks_nothing(
+    bob: Any, operator: Any, running: Job
+) -> None:
+    # Bob guesses Alice's job id (the Clone link is only on her page), a made-up id and junk:
+    # each gets the plain form, with neither her job's name nor its model.
+    for source in (str(running.id), "00000000-0000-4000-8000-000000000000", "1 OR 1=1"):
+        response = logged_in(bob).get("/jobs/new/", {"from": source})
+        page = response.content.decode()
+        assert response.status_code == 200, source
+        assert "mlp (again)" not in page and "Dense" not in page, source
+    # An operator may run anyone's job again, but the owner's dataset is not put in the form
+    # (its choices hold only the operator's own; the initial value must not carry it either).
+    response = logged_in(operator).get(f"/jobs/new/?from={running.id}")
+    assert 'value="mlp (again)"' in response.content.decode()
+    assert "dataset" not in response.context["form"].initial
+
+
 def test_the_donor_sees_what_each_device_does_and_revokes_with_confirmation(
     charlie: Any,
 ) -> None:
