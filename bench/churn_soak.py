@@ -22,6 +22,8 @@ keeps ``--agents`` agents training the digits MLP, kill -9s a random one ``--kil
   job still learns. (Once, in a full CI run, the last evaluation read 0.686 while the agents'
   training losses were 0.01-0.25; one evaluation of weights mid-stream is a sample, not
   the job's state. Not traced.)
+- ``evaluations``: every evaluation, ``[seconds since the restart, samples, accuracy]``, so
+  that a low one can be read against the curve around it.
 """
 
 from __future__ import annotations
@@ -211,16 +213,16 @@ def _measure(
             )[0][0]
             if row is not None:
                 reissue.append(float(row) - killed_at)
-    (last_eval,) = stack.query(
-        "SELECT accuracy FROM training_evaluation WHERE job_id = %s "
-        "ORDER BY created_at DESC LIMIT 1",
-        [job_id],
-    )[0]
-    (best_after,) = stack.query(
-        "SELECT MAX(accuracy) FROM training_evaluation WHERE job_id = %s "
-        "AND created_at >= to_timestamp(%s)",
-        [job_id, restarted],
-    )[0]
+    # The whole history, so that a failed check shows the curve, not one point of it.
+    history = [
+        (float(at) - restarted, int(samples), float(accuracy))
+        for at, samples, accuracy in stack.query(
+            "SELECT EXTRACT(EPOCH FROM created_at), samples, accuracy FROM training_evaluation "
+            "WHERE job_id = %s ORDER BY created_at",
+            [job_id],
+        )
+    ]
+    after = [accuracy for since, _, accuracy in history if since >= 0]
     reissue.sort()
     p95 = reissue[min(len(reissue) - 1, int(0.95 * len(reissue)))] if reissue else None
     return {
@@ -231,8 +233,10 @@ def _measure(
         "reissued_leases": len(reissue),
         "lease_reissue_p50_s": round(statistics.median(reissue), 2) if reissue else None,
         "lease_reissue_p95_s": round(p95, 2) if p95 is not None else None,
-        "final_test_accuracy": float(last_eval),
-        "best_test_accuracy_after_restart": None if best_after is None else float(best_after),
+        "final_test_accuracy": history[-1][2] if history else None,
+        "best_test_accuracy_after_restart": max(after) if after else None,
+        # [seconds since the restart (negative before it), samples, test accuracy]
+        "evaluations": [[round(t, 2), n, round(a, 4)] for t, n, a in history],
     }
 
 
