@@ -2,14 +2,23 @@
 
 A local-steps agent sends round k's pseudo-gradient and fetches the new global weights in
 the background while it computes round k + 1 (docs/protocol.md, "Local steps"). That hides
-the communication when one round computes for at least as long as a push and a fetch take::
+the communication when one round computes for at least as long as that exchange takes::
 
-    H * t_step >= margin * (t_push + t_fetch)
+    H * t_step >= margin * max(t_push, t_fetch)
 
-with ``t_step = batch / compute rate`` and ``t_push``, ``t_fetch`` the model's bytes over the
-rates the agent measured on its last round. So H is the smallest count of steps that
-satisfies it, bounded to ``[h_min, h_max]``: a short H wastes the link, a long one lets the
-agent drift from the others. A job may fix H instead.
+with ``t_step = batch / compute rate``, ``t_push`` the push's bytes on the wire (in the job's
+compression) over the agent's measured push rate, and ``t_fetch`` the fetched weights'
+float32 bytes over its measured fetch rate: each rate is over the bytes the agent counts
+(protocol.md, "H per agent"). The agent sends the fetch's request right behind the push and
+the server answers it once the push is applied, so the fetch's time already spans the
+push's transfer: the exchange takes about the longer of the two, not their sum. (Until 4
+December this was ``t_push + t_fetch`` with float32 bytes for both, which with int8 pushes
+counted the push four times over and then again inside the fetch: H came out four to five
+times too long, and a lone agent's first 95% on digits waited for one round of 241 steps.)
+
+So H is the smallest count of steps that satisfies it, bounded to ``[h_min, h_max]``: a
+short H wastes the link, a long one lets the agent drift from the others and leaves the
+shared weights unchanged for the whole round. A job may fix H instead.
 
 The rates are the agent's own report. They only shape that agent's rounds, within bounds,
 and never its credit (which counts the samples of its applied pushes), so believing them
@@ -55,7 +64,8 @@ def choose_inner_steps(
     *,
     fixed: int,
     batch_size: int,
-    model_bytes: float,
+    push_bytes: float,
+    fetch_bytes: float,
     compute_samples_per_s: float | None,
     push_bytes_per_s: float | None,
     fetch_bytes_per_s: float | None,
@@ -69,8 +79,10 @@ def choose_inner_steps(
         The job's H; > 0 overrides the choice, 0 lets the rates choose.
     batch_size : int
         Samples per inner step, > 0.
-    model_bytes : float
-        Bytes a push and a fetch each move (the model's float32 size, or less compressed).
+    push_bytes : float
+        Bytes of one round's push frames on the wire, in the job's compression.
+    fetch_bytes : float
+        Bytes of the fetched weights as float32 (what the agent's fetch rate counts).
     compute_samples_per_s, push_bytes_per_s, fetch_bytes_per_s : float or None
         What the agent measured on its last round; None (or not a positive finite number)
         when it has not reported them.
@@ -80,7 +92,7 @@ def choose_inner_steps(
     -------
     int
         ``fixed`` when > 0; ``rule.default`` without usable rates; else the smallest H with
-        ``H * t_step >= margin * (t_push + t_fetch)``, within ``[h_min, h_max]``.
+        ``H * t_step >= margin * max(t_push, t_fetch)``, within ``[h_min, h_max]``.
     """
     if fixed > 0:
         return fixed
@@ -89,6 +101,6 @@ def choose_inner_steps(
         return rule.default
     assert compute_samples_per_s and push_bytes_per_s and fetch_bytes_per_s
     step_s = batch_size / compute_samples_per_s
-    communication_s = model_bytes / push_bytes_per_s + model_bytes / fetch_bytes_per_s
+    communication_s = max(push_bytes / push_bytes_per_s, fetch_bytes / fetch_bytes_per_s)
     wanted = math.ceil(rule.margin * communication_s / step_s)
     return max(rule.h_min, min(rule.h_max, wanted))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from downpour.training import store
 from downpour.training.actions.jobs import start_job, submit_job
 from downpour.training.models import Job
 from downpour_agent.protocol import ErrorCode
+from downpour_agent.protocol.quantize import encoded_nbytes
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -60,6 +62,26 @@ async def test_h_is_chosen_from_the_rates_the_agent_reports(
     # Assert: far more steps than the default, within the bound.
     assert lease["type"] == "lease", lease
     assert 16 < lease["hyper"]["n_push"] <= 500
+
+
+@pytest.mark.parametrize("compression", ["none", "int8"])
+async def test_h_counts_the_push_in_the_bytes_the_jobs_compression_sends(
+    alice: Any, dataset: Any, registered: Socket, compression: str
+) -> None:
+    # Prepare: a 1 ms step, a push rate slow enough that the push sets H (50 bytes a second
+    # per parameter), a fast fetch.
+    job = await _sync(_local_job, alice, dataset, inner_steps=0, compression=compression)
+    rate = 50.0 * job.param_count
+    link = {"compute_samples_per_s": 32000.0, "push_bytes_per_s": rate, "fetch_bytes_per_s": 1e9}
+
+    # Execute
+    lease = await registered.ask({"type": "request_work", "link": link, "ref": 1})
+
+    # Assert: 1.5 x the push's own bytes over its rate, in 1 ms steps (int8: a byte a
+    # parameter and a float32 scale per 256, about a quarter of float32's H).
+    push_bytes = encoded_nbytes(job.param_count) if compression == "int8" else 4 * job.param_count
+    assert lease["type"] == "lease", lease
+    assert 8 < lease["hyper"]["n_push"] == math.ceil(1.5 * push_bytes / rate / 0.001) < 500
 
 
 async def test_a_bad_link_report_is_refused(alice: Any, dataset: Any, registered: Socket) -> None:

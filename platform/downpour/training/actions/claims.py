@@ -22,6 +22,7 @@ from downpour.training.specs import model_spec
 from downpour.training.spotcheck_selection import choose_round
 from downpour.training.store import warming_up
 from downpour_agent.protocol import LinkRates
+from downpour_agent.protocol.quantize import encoded_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -367,11 +368,20 @@ def _inner_steps(job: Job, link: LinkRates | None) -> int | None:
     return scheduler.choose_inner_steps(
         fixed=job.inner_steps,
         batch_size=job.batch_size,
-        model_bytes=4.0 * job.param_count,
+        push_bytes=push_wire_bytes(job.param_count, job.compression),
+        fetch_bytes=4.0 * job.param_count,
         compute_samples_per_s=None if link is None else link.compute_samples_per_s,
         push_bytes_per_s=None if link is None else link.push_bytes_per_s,
         fetch_bytes_per_s=None if link is None else link.fetch_bytes_per_s,
     )
+
+
+def push_wire_bytes(param_count: int, compression: str) -> float:
+    """About the bytes of one round's push frames: float32, or int8 with its block scales
+    (``quantize.encoded_nbytes``; the per-tensor blocks and frame headers add well under 1%)."""
+    if compression == Job.Compression.INT8:
+        return float(encoded_nbytes(param_count))
+    return 4.0 * param_count
 
 
 BACKUP_RULE = scheduler.BackupRule()
