@@ -354,9 +354,6 @@ class LocalStepsSimulation(_ModeBase):
             / 8
             / (1 + link.rtt_s * link.down_mbit * 1e6 / 8 / self.model_bytes)
         )
-        # The agent's fetch is timed from a request sent right behind the push, so the rate
-        # it reports is over both transfers (compression is none here: both move model_bytes).
-        fetch = 1.0 / (1.0 / up + 1.0 / down)
         return choose_inner_steps(
             fixed=self.modes.inner_steps,
             batch_size=self.settings.batch_size,
@@ -364,7 +361,7 @@ class LocalStepsSimulation(_ModeBase):
             fetch_bytes=self.model_bytes,
             compute_samples_per_s=donor.spec.speed if measured else None,
             push_bytes_per_s=up if measured else None,
-            fetch_bytes_per_s=fetch if measured else None,
+            fetch_bytes_per_s=down if measured else None,
         )
 
     def _donor(self, donor: Donor) -> Generator[Any, None, None]:

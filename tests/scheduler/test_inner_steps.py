@@ -31,37 +31,34 @@ def h(
 
 
 def test_a_round_computes_for_longer_than_its_push_and_fetch_take_with_margin() -> None:
-    # Prepare: a cable donor computing 3200 samples/s (a step of 10 ms). Its float32 push of
-    # 4.5 MB was acknowledged after 1.8 s (2.5 MB/s); its fetch, whose request went out right
-    # behind the push, was answered 2.16 s after it (2.08 MB/s): it spans the push.
-    compute, push, fetch = 3200.0, 2.5 * MB, 4.5 * MB / 2.16
+    # Prepare: a cable donor, 20 Mbit/s up (2.5 MB/s) and 100 down (12.5 MB/s), computing
+    # 3200 samples/s (a step of 10 ms), pushing float32.
+    compute, push, fetch = 3200.0, 2.5 * MB, 12.5 * MB
 
     # Execute
     steps = h(compute, push, fetch)
 
-    # Assert: the exchange took the longer of the two, 2.16 s, not 1.8 + 2.16 s; 1.5 x 2.16 s
-    # is 3.24 s, so 324 steps of 10 ms.
+    # Assert: push 1.8 s + fetch 0.36 s = 2.16 s; 1.5 x that is 3.24 s, so 324 steps of 10 ms.
     assert steps == 324
     step_s = 32 / compute
-    assert steps * step_s >= RULE.margin * 2.16
-    assert (steps - 1) * step_s < RULE.margin * 2.16
+    assert steps * step_s >= RULE.margin * (4.5 * MB / push + 4.5 * MB / fetch)
+    assert (steps - 1) * step_s < RULE.margin * (4.5 * MB / push + 4.5 * MB / fetch)
 
 
 def test_an_int8_push_counts_its_own_bytes_not_float32s() -> None:
     # Prepare: the large MLP (1.13M parameters) pushed as int8 (1.13 MB and its block scales)
-    # over 20 Mbit/s up, acknowledged at 2.5 MB/s; the fetch spans it, 0.62 s in all.
+    # at 2.5 MB/s; a fetch of its 4.5 MB of float32 at 12.5 MB/s; 960 samples/s (33 ms).
     params = 1_126_410
-    int8_bytes = float(encoded_nbytes(params))
-    compute, push, fetch = 960.0, 2.5 * MB, 4 * params / 0.62
+    compute, push, fetch = 960.0, 2.5 * MB, 12.5 * MB
 
     # Execute
-    steps = h(compute, push, fetch, push_bytes=int8_bytes)
-    as_float32 = h(compute, push, fetch, push_bytes=4 * params)
+    steps = h(compute, push, fetch, push_bytes=float(encoded_nbytes(params)))
+    as_float32 = h(compute, push, fetch, push_bytes=4.0 * params)
 
-    # Assert: 1.5 x 0.62 s of 33 ms steps (28); counted as float32 the push alone would
-    # seem to take 1.8 s (82 steps).
-    assert steps == 28
-    assert as_float32 == 82
+    # Assert: 1.5 x (0.458 + 0.360) s is 37 steps of 33 ms; costed as float32 the push alone
+    # would seem to take 1.80 s (98 steps).
+    assert steps == 37
+    assert as_float32 == 98
 
 
 def test_a_faster_link_or_a_slower_computer_means_fewer_inner_steps() -> None:

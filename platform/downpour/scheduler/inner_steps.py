@@ -4,21 +4,22 @@ A local-steps agent sends round k's pseudo-gradient and fetches the new global w
 the background while it computes round k + 1 (docs/protocol.md, "Local steps"). That hides
 the communication when one round computes for at least as long as that exchange takes::
 
-    H * t_step >= margin * max(t_push, t_fetch)
+    H * t_step >= margin * (t_push + t_fetch)
 
 with ``t_step = batch / compute rate``, ``t_push`` the push's bytes on the wire (in the job's
 compression) over the agent's measured push rate, and ``t_fetch`` the fetched weights'
 float32 bytes over its measured fetch rate: each rate is over the bytes the agent counts
-(protocol.md, "H per agent"). The agent sends the fetch's request right behind the push and
-the server answers it once the push is applied, so the fetch's time already spans the
-push's transfer: the exchange takes about the longer of the two, not their sum. (Until 4
-December this was ``t_push + t_fetch`` with float32 bytes for both, which with int8 pushes
-counted the push four times over and then again inside the fetch: H came out four to five
-times too long, and a lone agent's first 95% on digits waited for one round of 241 steps.)
+(protocol.md, "H per agent"). The agent sends the fetch's request right behind the push, so
+``t_fetch`` already holds part of the push's time and the sum over-covers the exchange; the
+longer of the two alone was tried and left an agent on ``cable`` computing 77-85% of the
+time instead of about 90% (docs/benchmarks.md, "H per agent: the push's own bytes"). Until
+4 December the push was costed as float32 whatever the compression, four times an int8
+push's bytes, so H came out two to three times too long: a lone agent's first 95% on digits
+waited for a round of 241 steps.
 
 So H is the smallest count of steps that satisfies it, bounded to ``[h_min, h_max]``: a
-short H wastes the link, a long one lets the agent drift from the others and leaves the
-shared weights unchanged for the whole round. A job may fix H instead.
+short H makes the agent wait for the link, a long one lets it drift from the others and
+leaves the shared weights unchanged for the whole round. A job may fix H instead.
 
 The rates are the agent's own report. They only shape that agent's rounds, within bounds,
 and never its credit (which counts the samples of its applied pushes), so believing them
@@ -92,7 +93,7 @@ def choose_inner_steps(
     -------
     int
         ``fixed`` when > 0; ``rule.default`` without usable rates; else the smallest H with
-        ``H * t_step >= margin * max(t_push, t_fetch)``, within ``[h_min, h_max]``.
+        ``H * t_step >= margin * (t_push + t_fetch)``, within ``[h_min, h_max]``.
     """
     if fixed > 0:
         return fixed
@@ -101,6 +102,6 @@ def choose_inner_steps(
         return rule.default
     assert compute_samples_per_s and push_bytes_per_s and fetch_bytes_per_s
     step_s = batch_size / compute_samples_per_s
-    communication_s = max(push_bytes / push_bytes_per_s, fetch_bytes / fetch_bytes_per_s)
+    communication_s = push_bytes / push_bytes_per_s + fetch_bytes / fetch_bytes_per_s
     wanted = math.ceil(rule.margin * communication_s / step_s)
     return max(rule.h_min, min(rule.h_max, wanted))

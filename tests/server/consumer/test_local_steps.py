@@ -69,19 +69,20 @@ async def test_h_counts_the_push_in_the_bytes_the_jobs_compression_sends(
     alice: Any, dataset: Any, registered: Socket, compression: str
 ) -> None:
     # Prepare: a 1 ms step, a push rate slow enough that the push sets H (50 bytes a second
-    # per parameter), a fast fetch.
+    # per parameter), a fetch fast enough to add nothing.
     job = await _sync(_local_job, alice, dataset, inner_steps=0, compression=compression)
     rate = 50.0 * job.param_count
-    link = {"compute_samples_per_s": 32000.0, "push_bytes_per_s": rate, "fetch_bytes_per_s": 1e9}
+    link = {"compute_samples_per_s": 32000.0, "push_bytes_per_s": rate, "fetch_bytes_per_s": 1e11}
 
     # Execute
     lease = await registered.ask({"type": "request_work", "link": link, "ref": 1})
 
-    # Assert: 1.5 x the push's own bytes over its rate, in 1 ms steps (int8: a byte a
-    # parameter and a float32 scale per 256, about a quarter of float32's H).
+    # Assert: 1.5 x (the push's own bytes over its rate + the float32 fetch's), in 1 ms steps
+    # (int8: a byte a parameter and a float32 scale per 256, about a quarter of float32's H).
     push_bytes = encoded_nbytes(job.param_count) if compression == "int8" else 4 * job.param_count
     assert lease["type"] == "lease", lease
-    assert 8 < lease["hyper"]["n_push"] == math.ceil(1.5 * push_bytes / rate / 0.001) < 500
+    seconds = push_bytes / rate + 4 * job.param_count / 1e11
+    assert 8 < lease["hyper"]["n_push"] == math.ceil(1.5 * seconds / 0.001) < 500
 
 
 async def test_a_bad_link_report_is_refused(alice: Any, dataset: Any, registered: Socket) -> None:
