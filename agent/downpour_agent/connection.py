@@ -429,12 +429,12 @@ class Agent:
             await self._run_lease(session, msg)
         return "stopped"
 
-    async def _wait_for_permission(self, active: ActiveLease) -> None:
+    async def _wait_for_permission(self, active: ActiveLease) -> float:
         """At a step boundary: pause while the governor says so, keeping the lease (the
-        heartbeat task goes on) unless the pause outlasts it."""
+        heartbeat task goes on) unless the pause outlasts it. Returns the seconds paused."""
         governor = self.config.governor
         if governor is None:
-            return
+            return 0.0
         started = time.monotonic()
 
         def outlasted() -> None:
@@ -447,6 +447,7 @@ class Agent:
         if paused_s:
             self.stats.state = "training"
             logger.info("resuming after a pause of %.1f s", paused_s)
+        return float(paused_s or 0.0)
 
     async def _resume(self, session: Session, lease: LeaseSpec, progress: Progress) -> None:
         try:
@@ -685,10 +686,11 @@ class Agent:
                 session.forget(pending)
         return samples
 
-    async def _before_step(self, active: ActiveLease) -> None:
+    async def _before_step(self, active: ActiveLease) -> float:
         """Every training loop's gate before it computes a step: the governor's pause, the
-        ``--max-steps-per-second`` throttle, and the start of the training clock."""
-        await self._wait_for_permission(active)
+        ``--max-steps-per-second`` throttle, and the start of the training clock. Returns the
+        seconds paused (not those throttled: a throttle paces the steps, a pause stops them)."""
+        paused_s = await self._wait_for_permission(active)
         rate = self.config.max_steps_per_second
         if rate:
             now = time.monotonic()
@@ -697,3 +699,4 @@ class Agent:
             self._next_step_at = max(now, self._next_step_at) + 1.0 / rate
         if self.stats.training_since is None:
             self.stats.training_since = time.perf_counter()
+        return paused_s

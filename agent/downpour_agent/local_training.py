@@ -154,7 +154,8 @@ async def train_local(
     round_ = LocalRound(computer, optimizer)
     round_base: dict[int, int] = {}
     loads: list[WeightsLoad] = []
-    round_start, round_compute_s = start, 0.0
+    # The round's paced time: its steps and the throttle between them, not the donor's pauses.
+    round_start, round_started_at, round_paused_s = start, time.perf_counter(), 0.0
     # The background task that sends a round's push and then its fetch (in that order, so
     # the server answers the fetch with the push applied); its result is the fetch's answers.
     outgoing: asyncio.Task[Fetch] | None = None
@@ -180,8 +181,9 @@ async def train_local(
             if step == round_start:
                 # A round starts on the newest global weights held, with fresh optimizer state.
                 await asyncio.to_thread(round_.begin, held)
-                round_base, loads, round_compute_s = dict(held_versions), [], 0.0
-            await agent._before_step(active)
+                round_base, loads = dict(held_versions), []
+                round_started_at, round_paused_s = time.perf_counter(), 0.0
+            round_paused_s += await agent._before_step(active)
             round_end = min(lease.steps, (step // round_steps + 1) * round_steps)
             count = steps_per_hop(round_end - step, step_s, bool(agent.config.max_steps_per_second))
             watch = arrived if outgoing is not None else None
@@ -195,7 +197,6 @@ async def train_local(
             hop = None
             for loss, batch, compute_s in ran:
                 stats.compute_s += compute_s
-                round_compute_s += compute_s
                 samples += batch
                 stats.samples_done += batch
                 stats.last_loss = loss
@@ -207,7 +208,9 @@ async def train_local(
             if step != round_end:
                 continue
             # The round's end: its pseudo-gradient goes out while the next round computes.
-            meter.computed(round_.samples, round_compute_s)
+            # Its rate is over the wall time its steps took, throttle included: a round must
+            # cover the exchange in wall time, and a donor's cap makes it last longer.
+            meter.computed(round_.samples, time.perf_counter() - round_started_at - round_paused_s)
             refs = [session.next_ref("push", lease.lease_id) for _ in lease.layout]
             pushed = await asyncio.to_thread(_take_round, round_, computer, lease)
             if outgoing is not None:

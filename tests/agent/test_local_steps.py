@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from tests.agent.fakeserver import FakeServer, make_agent, run_agent
 
+from downpour_agent.connection import EXIT_OK
+from downpour_agent.desktop.governor import DutyCycle, Governor, Policy
+from downpour_agent.desktop.settings import Settings
 from downpour_agent.local_steps import (
     InnerOptimizer,
     LocalRound,
@@ -250,3 +256,62 @@ def test_a_hop_of_steps_stops_after_the_step_that_saw_the_fetch_arrive() -> None
     # Assert: all four steps, then one (so that the rebase is not delayed).
     assert [batch for _, batch, _ in ran] == [16] * 4
     assert len(stopped) == 1 and round_.steps == 5
+
+
+async def test_a_throttled_agent_reports_the_rate_its_steps_really_ran_at(
+    server: FakeServer, tmp_path: Path
+) -> None:
+    # Prepare: a local-steps lease of two rounds of 4 steps (batch 8), then a second lease;
+    # the donor caps the agent at 20 steps a second, far below what this small model computes.
+    lease = dict(server.lease_template)
+    lease["hyper"] = {**lease["hyper"], "n_fetch": 4, "n_push": 4}
+    lease["steps"] = 8
+    lease["algorithm"] = "local-steps"
+    lease["local_steps"] = {"inner_optimizer": "sgd-momentum", "inner_learning_rate": 0.05}
+    server.work = [dict(lease), dict(lease)]
+    agent = make_agent(server, tmp_path, max_steps_per_second=20.0)
+
+    # Execute
+    code = await run_agent(agent)
+
+    # Assert: the second request for work carries the first lease's last round, at about 20
+    # steps of 8 samples a second (160, within a factor of two), not the unthrottled
+    # compute's thousands: H is chosen for the wall time a round takes.
+    assert code == EXIT_OK
+    asks = server.of_type("request_work")
+    assert len(asks) >= 2 and "link" not in asks[0]
+    rate = asks[1]["link"]["compute_samples_per_s"]
+    assert 80.0 <= rate <= 320.0, asks[1]
+    assert asks[1]["link"]["push_bytes_per_s"] > 0 and asks[1]["link"]["fetch_bytes_per_s"] > 0
+
+
+async def test_a_donors_pause_mid_round_does_not_count_as_a_slow_round(
+    server: FakeServer, tmp_path: Path
+) -> None:
+    # Prepare: as above, and the donor pauses the agent for about a second in the last round.
+    lease = dict(server.lease_template)
+    lease["hyper"] = {**lease["hyper"], "n_fetch": 4, "n_push": 4}
+    lease.update(steps=8, algorithm="local-steps")
+    lease["local_steps"] = {"inner_optimizer": "sgd-momentum", "inner_learning_rate": 0.05}
+    server.work = [dict(lease), dict(lease)]
+    policy = Policy(
+        Settings(mode="always"), input_idle=None, other_load=lambda: 0.0, on_battery=lambda: False
+    )
+    gov = Governor(policy, DutyCycle(1.0, 1), poll_s=0.05)
+    agent = make_agent(server, tmp_path, governor=gov, max_steps_per_second=20.0)
+    run = asyncio.create_task(agent.run())
+
+    # Execute: pause once the first round's push is out, for 1 s.
+    async with asyncio.timeout(30):
+        await server.first_push.wait()
+    gov.pause()
+    await asyncio.sleep(1.0)
+    gov.resume()
+    code = await asyncio.wait_for(run, 60)
+
+    # Assert: the paused second left out, the round still ran at about 160 samples a second
+    # (counted in, 32 samples over 1.2 s would read 27; the step after a pause is not held
+    # back by the throttle, so a little faster).
+    assert code == EXIT_OK and gov.pauses == 1
+    rate = server.of_type("request_work")[1]["link"]["compute_samples_per_s"]
+    assert 80.0 <= rate <= 320.0, rate
