@@ -105,7 +105,7 @@ def best_rates(
     """For each (optimizer, batch): the rate whose median steps over the seeds is least.
 
     A run that missed the target counts as infinitely many steps, so a rate that missed in
-    more than half the seeds is never chosen over one that did not.
+    half the seeds or more is never chosen over one that did not.
     """
     by: dict[tuple[str, int, float], list[float]] = {}
     for r in results:

@@ -288,10 +288,12 @@ async def test_a_throttled_agent_reports_the_rate_its_steps_really_ran_at(
 async def test_a_donors_pause_mid_round_does_not_count_as_a_slow_round(
     server: FakeServer, tmp_path: Path
 ) -> None:
-    # Prepare: as above, and the donor pauses the agent for about a second in the last round.
+    # Prepare: a lease of two rounds of 8 steps (batch 8) at 20 steps a second, then another;
+    # the donor pauses the agent for about a second in the first lease's last round, the
+    # one whose rate the second request for work reports.
     lease = dict(server.lease_template)
-    lease["hyper"] = {**lease["hyper"], "n_fetch": 4, "n_push": 4}
-    lease.update(steps=8, algorithm="local-steps")
+    lease["hyper"] = {**lease["hyper"], "n_fetch": 8, "n_push": 8}
+    lease.update(steps=16, algorithm="local-steps")
     lease["local_steps"] = {"inner_optimizer": "sgd-momentum", "inner_learning_rate": 0.05}
     server.work = [dict(lease), dict(lease)]
     policy = Policy(
@@ -301,17 +303,22 @@ async def test_a_donors_pause_mid_round_does_not_count_as_a_slow_round(
     agent = make_agent(server, tmp_path, governor=gov, max_steps_per_second=20.0)
     run = asyncio.create_task(agent.run())
 
-    # Execute: pause once the first round's push is out, for 1 s.
+    # Execute: pause two steps into the second round, for 1 s.
     async with asyncio.timeout(30):
-        await server.first_push.wait()
+        while True:  # polls the agent's own counter: no event is set at a step
+            if agent.stats.steps_done >= 10:
+                break
+            await asyncio.sleep(0.01)
     gov.pause()
+    paused_at, completes_then = agent.stats.steps_done, len(server.of_type("complete"))
     await asyncio.sleep(1.0)
     gov.resume()
     code = await asyncio.wait_for(run, 60)
 
-    # Assert: the paused second left out, the round still ran at about 160 samples a second
-    # (counted in, 32 samples over 1.2 s would read 27; the step after a pause is not held
-    # back by the throttle, so a little faster).
+    # Assert: the pause fell in the first lease's last round; the paused second left out, the
+    # round still ran at about 160 samples a second (counted in, 64 samples over 1.4 s would
+    # read 46; the step after a pause is not held back by the throttle, so a little faster).
     assert code == EXIT_OK and gov.pauses == 1
+    assert 10 <= paused_at < 16 and completes_then == 0
     rate = server.of_type("request_work")[1]["link"]["compute_samples_per_s"]
     assert 80.0 <= rate <= 320.0, rate

@@ -11,11 +11,12 @@ compression) over the agent's measured push rate, and ``t_fetch`` the fetched we
 float32 bytes over its measured fetch rate: each rate is over the bytes the agent counts
 (protocol.md, "H per agent"). The agent sends the fetch's request right behind the push, so
 ``t_fetch`` already holds part of the push's time and the sum over-covers the exchange; the
-longer of the two alone was tried and left an agent on ``cable`` computing 77-85% of the
-time instead of about 90% (docs/benchmarks.md, "H per agent: the push's own bytes"). Until
-4 December the push was costed as float32 whatever the compression, four times an int8
-push's bytes, so H came out two to three times too long: a lone agent's first 95% on digits
-waited for a round of 241 steps.
+longer of the two alone was tried and left a lone agent on ``cable`` computing a median 79%
+of the time against 87% with the sum, for no gain in time to accuracy (docs/benchmarks.md,
+"H per agent: the push's own bytes and the round's wall time"). Until 4 December the push
+was costed as float32 whatever the compression, four times an int8 push's bytes, and the
+agent's compute rate left out its throttle: a lone agent capped at 30 steps/s on ``cable``
+got one round of 241 steps, and nothing reached the store for 8.5 s.
 
 So H is the smallest count of steps that satisfies it, bounded to ``[h_min, h_max]``: a
 short H makes the agent wait for the link, a long one lets it drift from the others and
