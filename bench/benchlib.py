@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import platform
 import subprocess
@@ -190,6 +191,11 @@ def run_script(
     result = dict(json.loads(out.read_text()))
     result.setdefault("wall_seconds", round(time.monotonic() - started, 1))
     return result
+
+
+def finite_or_none(value: float) -> float | None:
+    """``value``, or None for an infinity or NaN (JSON has neither; a missed target is one)."""
+    return value if math.isfinite(value) else None
 
 
 def write_json(path: Path | None, data: dict[str, Any]) -> None:

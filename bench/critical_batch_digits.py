@@ -36,7 +36,14 @@ for _path in (ROOT / "platform", ROOT / "agent", ROOT / "bench"):
 
 import numpy as np  # noqa: E402
 
-from benchlib import TARGET_ACCURACY, build_mlp, load_digits, machine, write_json  # noqa: E402
+from benchlib import (  # noqa: E402
+    TARGET_ACCURACY,
+    build_mlp,
+    finite_or_none,
+    load_digits,
+    machine,
+    write_json,
+)
 
 RATES = {
     "adamw": [0.0005, 0.001, 0.002, 0.004],
@@ -144,10 +151,6 @@ def step_ratios(best: dict[tuple[str, int], dict[str, Any]], base: int) -> dict[
     return out
 
 
-def _finite(value: float) -> float | None:
-    return None if not np.isfinite(value) else value
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     data = load_digits()
     results = []
@@ -202,8 +205,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "optimizer": o,
                 "batch": b,
                 "rate": v["rate"],
-                "median_steps": _finite(v["median_steps"]),
-                "steps": [_finite(s) for s in v["steps"]],
+                "median_steps": finite_or_none(v["median_steps"]),
+                "steps": [finite_or_none(s) for s in v["steps"]],
             }
             for (o, b), v in sorted(best.items())
         ],

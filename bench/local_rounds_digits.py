@@ -47,7 +47,15 @@ for _path in (ROOT / "platform", ROOT / "agent", ROOT / "bench"):
 
 import numpy as np  # noqa: E402
 
-from benchlib import MODEL_SEED, MODELS, TARGET_ACCURACY, load_digits, machine, write_json  # noqa: E402
+from benchlib import (  # noqa: E402
+    MODEL_SEED,
+    MODELS,
+    TARGET_ACCURACY,
+    finite_or_none,
+    load_digits,
+    machine,
+    write_json,
+)
 
 
 @dataclass
@@ -166,10 +174,6 @@ def run_once(
     }
 
 
-def _finite(value: float) -> float | None:
-    return value if np.isfinite(value) else None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--agents", type=int, nargs="+", default=[1, 2])
@@ -225,25 +229,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             {"agents": n, "h": h, "delay_steps": delay, "start": start, "seed": seed, **result}
         )
         print(f"[{i}/{len(grid)} {time.perf_counter() - started:.0f}s] {runs[-1]}", flush=True)
-    summary = []
-    for h, frac, start, n in itertools.product(args.rounds, args.delays, args.start, args.agents):
-        delay = max(1, round(frac * h)) if frac > 0 else 0
-        rows = [
-            r
-            for r in runs
-            if (r["h"], r["delay_steps"], r["start"], r["agents"]) == (h, delay, start, n)
-        ]
-        ticks = [float("inf") if r["ticks"] is None else r["ticks"] for r in rows]
-        summary.append(
-            {
-                "h": h,
-                "delay_steps": delay,
-                "start": start,
-                "agents": n,
-                "median_ticks": _finite(statistics.median(ticks)),
-                "ticks": [_finite(t) for t in ticks],
-            }
-        )
+    # Each setting's seeds, in the grid's order.
+    by_setting: dict[tuple[int, int, str, int], list[float]] = {}
+    for r in runs:
+        key = (r["h"], r["delay_steps"], r["start"], r["agents"])
+        by_setting.setdefault(key, []).append(float("inf") if r["ticks"] is None else r["ticks"])
+    summary = [
+        {
+            "h": h,
+            "delay_steps": delay,
+            "start": start,
+            "agents": n,
+            "median_ticks": finite_or_none(statistics.median(ticks)),
+            "ticks": [finite_or_none(t) for t in ticks],
+        }
+        for (h, delay, start, n), ticks in by_setting.items()
+    ]
     for row in summary:
         print(row)
     write_json(
