@@ -68,7 +68,7 @@ async def train_sandblaster(
         active.check()
         if agent._stop.is_set():
             raise asyncio.CancelledError
-        await agent._before_step(active)
+        await agent.pacer.before_step(active)
         stop = min(start + batch, spec.stop)
         gradients, loss, seconds = await asyncio.to_thread(
             summed_batch, computer, x[start:stop], y[start:stop]

@@ -36,6 +36,7 @@ from downpour_agent.leases import (
     sampler_from,
 )
 from downpour_agent.local_training import LinkMeter, train_local
+from downpour_agent.pacing import PauseOutlastedLease, StepPacer
 from downpour_agent.protocol import (
     COMPRESSIONS,
     MAX_FRAME_BYTES,
@@ -110,10 +111,6 @@ class AgentConfig:
     memory_limit_mb: int | None = None
 
 
-class PauseOutlastedLease(Exception):
-    """The agent stayed paused for longer than its lease lives: give the lease back."""
-
-
 class Agent:
     """A donor's agent: keeps a connection to the server and works through leases.
 
@@ -135,7 +132,7 @@ class Agent:
         self._idle_reason: str | None = None  # the last no_work reason logged
         self._dataset_cache: tuple[str, npt.NDArray[Any], npt.NDArray[Any]] | None = None
         self._model_cache: tuple[str, GradientComputer] | None = None
-        self._next_step_at = 0.0
+        self.pacer = StepPacer(config.governor, config.max_steps_per_second, self.stats)
         #: Samples behind each push round still to be acknowledged, for the credit book.
         self._round_samples: dict[tuple[str, int], int] = {}
         self.link_meter = LinkMeter()  # rates of the last round, for the server's choice of H
@@ -429,26 +426,6 @@ class Agent:
             await self._run_lease(session, msg)
         return "stopped"
 
-    async def _wait_for_permission(self, active: ActiveLease) -> float:
-        """At a step boundary: pause while the governor says so, keeping the lease (the
-        heartbeat task goes on) unless the pause outlasts it. Returns the seconds paused."""
-        governor = self.config.governor
-        if governor is None:
-            return 0.0
-        started = time.monotonic()
-
-        def outlasted() -> None:
-            active.check()
-            if time.monotonic() - started > active.lease.expires_in_s:
-                raise PauseOutlastedLease
-            self.stats.state = "paused"
-
-        paused_s = await governor.wait_until_allowed(outlasted)
-        if paused_s:
-            self.stats.state = "training"
-            logger.info("resuming after a pause of %.1f s", paused_s)
-        return float(paused_s or 0.0)
-
     async def _resume(self, session: Session, lease: LeaseSpec, progress: Progress) -> None:
         try:
             msg, _ = await session.request(
@@ -641,7 +618,7 @@ class Agent:
                         loads.append(WeightsLoad(step - round_start, shard_versions))
                 if fetch_point:
                     inflight = await request_params(session, lease)
-                await self._before_step(active)
+                await self.pacer.before_step(active)
                 try:
                     loss, batch, compute_s = await asyncio.to_thread(
                         gradient_step, computer, sampler, accumulator, x, y
@@ -685,18 +662,3 @@ class Agent:
             for pending in inflight or []:
                 session.forget(pending)
         return samples
-
-    async def _before_step(self, active: ActiveLease) -> float:
-        """Every training loop's gate before it computes a step: the governor's pause, the
-        ``--max-steps-per-second`` throttle, and the start of the training clock. Returns the
-        seconds paused (not those throttled: a throttle paces the steps, a pause stops them)."""
-        paused_s = await self._wait_for_permission(active)
-        rate = self.config.max_steps_per_second
-        if rate:
-            now = time.monotonic()
-            if self._next_step_at > now:
-                await asyncio.sleep(self._next_step_at - now)
-            self._next_step_at = max(now, self._next_step_at) + 1.0 / rate
-        if self.stats.training_since is None:
-            self.stats.training_since = time.perf_counter()
-        return paused_s

@@ -183,7 +183,7 @@ async def train_local(
                 await asyncio.to_thread(round_.begin, held)
                 round_base, loads = dict(held_versions), []
                 round_started_at, round_paused_s = time.perf_counter(), 0.0
-            round_paused_s += await agent._before_step(active)
+            round_paused_s += await agent.pacer.before_step(active)
             round_end = min(lease.steps, (step // round_steps + 1) * round_steps)
             count = steps_per_hop(round_end - step, step_s, bool(agent.config.max_steps_per_second))
             watch = arrived if outgoing is not None else None

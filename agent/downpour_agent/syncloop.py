@@ -90,7 +90,7 @@ async def train_sync(
             active.check()
             if agent._stop.is_set():
                 raise asyncio.CancelledError
-            await agent._before_step(active)
+            await agent.pacer.before_step(active)
             loss, batch, compute_s = await asyncio.to_thread(
                 gradient_step, computer, sampler, accumulator, x, y
             )
