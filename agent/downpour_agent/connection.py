@@ -22,7 +22,7 @@ import numpy.typing as npt
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from downpour_agent import __version__
+from downpour_agent import __version__, lookahead
 from downpour_agent.blaster import train_sandblaster
 from downpour_agent.data import DatasetError, fetch_dataset
 from downpour_agent.desktop.governor import Governor
@@ -36,6 +36,7 @@ from downpour_agent.leases import (
     sampler_from,
 )
 from downpour_agent.local_training import LinkMeter, train_local
+from downpour_agent.lookahead import Claimed, Handover
 from downpour_agent.pacing import PauseOutlastedLease, StepPacer
 from downpour_agent.protocol import (
     COMPRESSIONS,
@@ -127,7 +128,14 @@ class Agent:
         self._finished = asyncio.Event()
         self._running = False
         self._lease: ActiveLease | None = None
-        self._interrupted: tuple[LeaseSpec, Progress] | None = None
+        #: Leases cut off by a lost connection, to resume after reconnecting, in order.
+        self._interrupted: list[tuple[LeaseSpec, Progress]] = []
+        #: The next lease, claimed while the current one's last round computes (lookahead.py),
+        #: and the handover of the current lease's last push to it.
+        self.ahead: asyncio.Task[Claimed] | None = None
+        self.handover: Handover | None = None
+        #: Finished leases' ``complete``s, sent behind their last push while the next computes.
+        self._tails: set[asyncio.Task[None]] = set()
         self._idle_since: float | None = None
         self._idle_reason: str | None = None  # the last no_work reason logged
         self._dataset_cache: tuple[str, npt.NDArray[Any], npt.NDArray[Any]] | None = None
@@ -253,6 +261,7 @@ class Agent:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                await self._drop_overlap()
 
     async def _register(self, session: Session) -> dict[str, Any]:
         msg, _ = await session.request(
@@ -280,9 +289,25 @@ class Agent:
         work.cancel()
         # The lease goes back even if some library swallowed the cancellation.
         await asyncio.wait({work}, timeout=self.config.return_timeout_s)
+        if self._tails:  # a finished lease's last push and complete: let them through
+            await asyncio.wait(set(self._tails), timeout=self.config.return_timeout_s)
         active, self._lease = self._lease, None
         if active is not None and not active.settled and active.abandoned is None:
             await self._return_lease(session, active.lease.lease_id)
+        await lookahead.drop(self, session, self.config.return_timeout_s)
+
+    async def _drop_overlap(self) -> None:
+        """The connection is gone: a lease claimed ahead is resumed after reconnecting (it
+        lives on the server until its TTL), and the completes behind pushes are cut (each
+        puts its lease in ``_interrupted`` unless it was settled)."""
+        self.handover = None
+        lost = lookahead.interrupted(self)
+        if lost is not None and not self._stop.is_set():
+            self._interrupted.append((lost, Progress()))
+        tails = list(self._tails)
+        for task in tails:
+            task.cancel()
+        await asyncio.gather(*tails, return_exceptions=True)
 
     async def _return_lease(self, session: Session, lease_id: str) -> None:
         logger.info("returning lease %s", lease_id)
@@ -305,6 +330,9 @@ class Agent:
             if self._lease is not None:
                 msg["lease_id"] = self._lease.lease.lease_id
             await session.send_tracked(msg)
+            claimed = lookahead.claimed_lease_id(self)
+            if claimed is not None:  # a lease claimed ahead lives until it starts
+                await session.send_tracked({"type": "heartbeat", "lease_id": claimed})
 
     # -- incoming, unsolicited -----------------------------------------------------
 
@@ -379,17 +407,25 @@ class Agent:
 
     async def _work(self, session: Session) -> Outcome:
         timeout = self.config.request_timeout_s
-        if self._interrupted is not None:
-            lease, progress = self._interrupted
-            self._interrupted = None
+        interrupted, self._interrupted = self._interrupted, []
+        for lease, progress in interrupted:
             await self._resume(session, lease, progress)
         governor = self.config.governor
         while not self._stop.is_set():
+            if governor is not None and governor.stopping_after_unit:
+                logger.info("stopping after the unit, as the donor asked")
+                await lookahead.drop(self, session, self.config.return_timeout_s)
+                self.request_stop()
+                break
+            claimed = await lookahead.take(self)
+            if claimed is not None:
+                # Claimed while the last lease's last round computed: no pause is waited for
+                # here, the lease's first step waits for it (and gives the lease back if the
+                # pause outlasts it).
+                self._idle_since = self._idle_reason = None
+                await self._run_lease(session, claimed.msg, claimed=claimed)
+                continue
             if governor is not None:
-                if governor.stopping_after_unit:
-                    logger.info("stopping after the unit, as the donor asked")
-                    self.request_stop()
-                    break
                 await governor.wait_until_allowed()
             if self._idle_too_long():
                 logger.info("no work for %g s; exiting", self.config.exit_when_idle_s)
@@ -450,7 +486,11 @@ class Agent:
         )
 
     async def _run_lease(
-        self, session: Session, msg: dict[str, Any], progress: Progress | None = None
+        self,
+        session: Session,
+        msg: dict[str, Any],
+        progress: Progress | None = None,
+        claimed: Claimed | None = None,
     ) -> None:
         lease_id = msg["lease_id"]
         try:
@@ -484,22 +524,30 @@ class Agent:
             lease.steps,
             lease.hyper.batch_size,
         )
+        handover, self.handover = self.handover, None
+        if handover is not None and handover.lease_id != lease.lease_id:
+            handover = None  # not this lease's: its fetch is the other lease's to forget
         try:
-            ready = await prepare_lease(
-                session, lease, self._load_dataset, self._build_model, self._set_state
-            )
+            if claimed is not None and claimed.prepared is not None:
+                ready = await claimed.prepared  # started while the last lease ended
+            else:
+                ready = await prepare_lease(
+                    session, lease, self._load_dataset, self._build_model, self._set_state
+                )
             self.stats.state = "training"
-            samples = await self._train(session, active, ready, progress)
+            samples = await self._train(session, active, ready, progress, handover)
             active.check()
-            await session.request(
-                {"type": "complete", "lease_id": lease.lease_id, "samples": samples},
-                {"complete_ack"},
-                {"lease_id": lease.lease_id},
-                timeout_s=self.config.request_timeout_s,
-            )
-            active.settled = True
-            self.stats.leases_completed += 1
-            logger.info("lease %s complete: %d samples", lease.lease_id, samples)
+            passed = self.handover
+            if passed is not None and passed.finished_lease_id == lease.lease_id:
+                # The last push is on its way, and the next lease starts now: the
+                # ``complete`` goes out behind the push.
+                tail = asyncio.create_task(
+                    self._complete_behind(session, active, progress, samples, passed)
+                )
+                self._tails.add(tail)
+                tail.add_done_callback(self._tails.discard)
+                return
+            await self._complete(session, active, samples)
         except PauseOutlastedLease:
             logger.info("paused for longer than lease %s lives: returning it", lease.lease_id)
             await self._return_lease(session, lease.lease_id)
@@ -519,13 +567,51 @@ class Agent:
         except BaseException:
             # The connection failed under us: try to resume the lease after reconnecting.
             if not (active.settled or active.abandoned or self._stop.is_set()):
-                self._interrupted = (lease, progress)
+                self._interrupted.append((lease, progress))
             raise
         finally:
             # When stopping, an unsettled lease stays current for _hand_back to return.
             if active.settled or not self._stop.is_set():
                 self._lease = None
                 self.stats.job_id = self.stats.lease_id = None
+
+    async def _complete(self, session: Session, active: ActiveLease, samples: int) -> None:
+        lease_id = active.lease.lease_id
+        await session.request(
+            {"type": "complete", "lease_id": lease_id, "samples": samples},
+            {"complete_ack"},
+            {"lease_id": lease_id},
+            timeout_s=self.config.request_timeout_s,
+        )
+        active.settled = True
+        self.stats.leases_completed += 1
+        logger.info("lease %s complete: %d samples", lease_id, samples)
+
+    async def _complete_behind(
+        self,
+        session: Session,
+        active: ActiveLease,
+        progress: Progress,
+        samples: int,
+        handover: Handover,
+    ) -> None:
+        """A lease whose last push was handed over: ``complete`` once the push is sent."""
+        lease_id = active.lease.lease_id
+        try:
+            await asyncio.shield(handover.outgoing)
+            active.check()
+            await self._complete(session, active, samples)
+        except (LeaseAbandoned, ServerError) as exc:
+            active.settled = True
+            logger.warning("lease %s did not complete: %s", lease_id, exc)
+        except (asyncio.CancelledError, Exception) as exc:
+            # Cut with the connection: resumed after reconnecting (a resume at its last step
+            # only sends ``complete``; one whose push was cut sends that round again).
+            if not (active.settled or active.abandoned or self._stop.is_set()):
+                self._interrupted.insert(0, (active.lease, progress))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            logger.warning("lease %s: complete not confirmed: %s", lease_id, exc)
 
     def _set_state(self, state: str) -> None:
         self.stats.state = state
@@ -559,10 +645,11 @@ class Agent:
         active: ActiveLease,
         ready: Prepared,
         progress: Progress,
+        handover: Handover | None = None,
     ) -> int:
         """Train from ``progress`` to the last step; returns the samples the lease covered."""
         if active.lease.local_steps is not None:
-            return await train_local(self, session, active, ready, progress)
+            return await train_local(self, session, active, ready, progress, handover)
         if active.lease.algorithm == "sync":
             return await train_sync(self, session, active, ready, progress)
         if active.lease.sandblaster is not None:

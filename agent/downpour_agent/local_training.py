@@ -24,7 +24,14 @@ import numpy.typing as npt
 
 from downpour_agent.leases import ActiveLease, LeaseRejected, Progress, sampler_from
 from downpour_agent.local_steps import LocalRound, inner_optimizer
-from downpour_agent.protocol import ErrorFeedback, LinkRates, WeightsLoad, link_rates_to_wire
+from downpour_agent.lookahead import Handover, look_ahead, ready_next
+from downpour_agent.protocol import (
+    ErrorFeedback,
+    LeaseSpec,
+    LinkRates,
+    WeightsLoad,
+    link_rates_to_wire,
+)
 from downpour_agent.session import Pending, Session, Tensors
 from downpour_agent.startup import Prepared
 from downpour_agent.trainer import BatchSampler, GradientComputer
@@ -136,8 +143,15 @@ async def train_local(
     active: ActiveLease,
     ready: Prepared,
     progress: Progress,
+    handover: Handover | None = None,
 ) -> int:
-    """Train a local-steps lease from ``progress`` to its end; returns the samples covered."""
+    """Train a local-steps lease from ``progress`` to its end; returns the samples covered.
+
+    ``handover``: the last lease's push, with this lease's first rebase fetch behind it
+    (:mod:`downpour_agent.lookahead`). When this lease's last round starts, the next lease is
+    claimed; if it is ready at the round's end, this lease hands its last push over
+    (``agent.handover``) and returns before the push is sent.
+    """
     lease, hyper = active.lease, active.lease.hyper
     computer, x, y = ready.computer, ready.x, ready.y
     assert lease.local_steps is not None
@@ -161,6 +175,8 @@ async def train_local(
     outgoing: asyncio.Task[Fetch] | None = None
     # Set when the fetch the outgoing task sent has all its answers: a run of steps stops there.
     arrived = threading.Event()
+    if handover is not None:  # the first round rebases onto the fetch behind the last push
+        outgoing, arrived = asyncio.create_task(handover.fetch()), handover.arrived
     # A run of steps in flight, and the flag that ends it early: on cancellation the thread
     # must be off the model before this coroutine returns (the next lease reuses the model).
     hop: asyncio.Future[list[tuple[float, int, float]]] | None = None
@@ -185,6 +201,10 @@ async def train_local(
                 round_started_at, round_paused_s = time.perf_counter(), 0.0
             round_paused_s += await agent.pacer.before_step(active)
             round_end = min(lease.steps, (step // round_steps + 1) * round_steps)
+            if round_end == lease.steps and outgoing is None:
+                # The last round, with no fetch in flight (the next lease's first fetch then
+                # names the version this connection holds, and is answered as a delta).
+                look_ahead(agent, session)
             count = steps_per_hop(round_end - step, step_s, bool(agent.config.max_steps_per_second))
             watch = arrived if outgoing is not None else None
             hop = asyncio.ensure_future(
@@ -220,6 +240,7 @@ async def train_local(
                 outgoing = None
             active.check()
             last = step == lease.steps
+            following = ready_next(agent, lease) if last else None
             # Encoding (error feedback, int8) happens in the background task too: it took
             # two int8 encodings of the whole model off the training loop's path. Rounds
             # encode one after another (the previous task is done), as the residuals need.
@@ -235,9 +256,12 @@ async def train_local(
                     agent,
                     arrived,
                     partial(_advance, progress, sent),
-                    fetch=not last,
+                    fetch=following if following is not None else None if last else lease,
                 )
             )
+            if following is not None:
+                agent.handover = Handover(following.lease_id, lease.lease_id, outgoing, arrived)
+                outgoing = None  # the push is the handover's now: not awaited, not cancelled
             agent._round_samples[(lease.lease_id, seq)] = samples - round_start_samples
             seq += 1
             round_start, round_start_samples = step, samples
@@ -254,6 +278,9 @@ async def train_local(
             outgoing.cancel()
             for pending in await _cancelled(outgoing):
                 session.forget(pending)
+            if handover is not None:  # the wrapper was cancelled, not the push
+                for pending in handover.pendings():
+                    session.forget(pending)
     return samples
 
 
@@ -326,17 +353,19 @@ async def _send_round(
     arrived: threading.Event,
     on_sent: Callable[[], None],
     *,
-    fetch: bool,
+    fetch: LeaseSpec | None,
 ) -> Fetch:
+    """Send a round's push; then, unless ``fetch`` is None, a fetch for that lease (this
+    lease's, or the next lease's at a handover)."""
     frames = await asyncio.to_thread(push.frames, lease)
     agent.stats.pushes_sent += len(frames)
     agent.link_meter.push_sent(lease.lease_id, push.seq, sum(map(len, frames)), len(frames))
     for frame in frames:
         await session.ws.send(frame)
     on_sent()
-    if not fetch:
+    if fetch is None:
         return Fetch([], time.perf_counter())
-    sent = Fetch(await request_params(session, lease), time.perf_counter())
+    sent = Fetch(await request_params(session, fetch), time.perf_counter())
 
     def answered(_: object) -> None:
         sent.answered_at.append(time.perf_counter())

@@ -1,0 +1,204 @@
+"""Lease-end overlap: the next lease is claimed while the current one's last round computes.
+
+Within a local-steps lease the link works behind the computation; at a lease's end it did
+not. The last round's push went up the link, then ``complete``, ``request_work`` and the
+next lease's first fetch each waited for the one before: 0.7-0.9 s in which the agent
+computed nothing on ``cable``, against 0.9-1.0 of each second computing within a lease.
+So, for a local-steps lease:
+
+1. Once its last round has started and no fetch of it is in flight, the agent sends
+   ``request_work`` (:func:`look_ahead`). The server lets an agent hold two leases
+   (``max_active_leases``). A lease that comes back starts up at once: its first fetch goes
+   out, its data and model are made ready (:func:`~downpour_agent.startup.prepare_lease`).
+2. At the last round's end, if that next lease is a local-steps lease of the same job and
+   ready (:func:`ready_next`), the push goes out in the background and, behind it, a fetch
+   for the *next* lease (:class:`Handover`). The next lease's first round starts at once on
+   the weights of its first fetch and rebases onto the second when it arrives, as every
+   round does within a lease; both fetches were answered to that lease, so a spot check
+   can replay its rounds.
+3. The finished lease's ``complete`` is sent behind its push, in the background.
+
+Otherwise the claim's answer is simply used next, which still saves its round trip. Only a
+``lease`` answer is kept: after a ``no_work`` the agent asks again when the lease is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from downpour_agent.desktop.resources import lease_fits
+from downpour_agent.protocol import LeaseSpec, ProtocolError, lease_from_wire
+from downpour_agent.session import Pending, Session
+from downpour_agent.startup import Prepared, prepare_lease
+
+if TYPE_CHECKING:
+    from downpour_agent.connection import Agent
+    from downpour_agent.local_training import Fetch
+
+logger = logging.getLogger("downpour_agent")
+
+
+@dataclass
+class Claimed:
+    """The answer to a ``request_work`` sent ahead.
+
+    ``lease`` is None when the answer is ``no_work``, or a lease this agent will not start
+    early (it cannot parse it, or it does not fit in memory): the work loop then treats
+    ``msg`` as it treats any answer. ``prepared`` is the lease's start-up, under way.
+    """
+
+    msg: dict[str, Any]
+    lease: LeaseSpec | None = None
+    prepared: asyncio.Task[Prepared] | None = None
+
+
+@dataclass
+class Handover:
+    """A finished lease's last push and, behind it, the next lease's rebase fetch.
+
+    ``outgoing`` is the finished lease's sending task: it sends the push, then the fetch,
+    and returns the fetch (:class:`~downpour_agent.local_training.Fetch`). ``arrived`` is
+    set when every answer of that fetch is in.
+    """
+
+    lease_id: str  # the next lease's
+    finished_lease_id: str
+    outgoing: asyncio.Task[Fetch]
+    arrived: threading.Event
+
+    async def fetch(self) -> Fetch:
+        """The fetch, for the next lease's loop: cancelling this never cancels the push."""
+        return await asyncio.shield(self.outgoing)
+
+    def pendings(self) -> list[Pending]:
+        """The fetch's requests, once it was sent (to forget when the lease ends early)."""
+        task = self.outgoing
+        if task.done() and not task.cancelled() and task.exception() is None:
+            return task.result().pendings
+        return []
+
+
+def look_ahead(agent: Agent, session: Session) -> None:
+    """Claim the next lease in the background, unless one is claimed or the agent stops."""
+    governor = agent.config.governor
+    if (
+        agent.ahead is not None
+        or agent._stop.is_set()
+        or (governor and governor.stopping_after_unit)
+    ):
+        return
+    agent.ahead = asyncio.create_task(_claim(agent, session))
+
+
+async def _claim(agent: Agent, session: Session) -> Claimed:
+    msg, _ = await session.request(
+        {"type": "request_work", **agent.link_meter.request_fields()},
+        {"lease", "no_work"},
+        timeout_s=agent.config.request_timeout_s,
+    )
+    if msg["type"] != "lease":
+        return Claimed(msg)
+    try:
+        lease = lease_from_wire(msg)
+    except ProtocolError:
+        return Claimed(msg)  # the work loop refuses it, as it refuses any such lease
+    limit = agent.config.memory_limit_mb
+    if limit is not None and lease_fits(lease.model, lease.hyper.batch_size, limit) is not None:
+        return Claimed(msg)
+    logger.info("lease %s claimed ahead, while the last round computes", lease.lease_id)
+    prepared = asyncio.create_task(
+        prepare_lease(session, lease, agent._load_dataset, agent._build_model)
+    )
+    return Claimed(msg, lease, prepared)
+
+
+def ready_next(agent: Agent, finishing: LeaseSpec) -> LeaseSpec | None:
+    """The next lease, if its first round can start as ``finishing`` ends: claimed, ready,
+    a local-steps lease of the same job (its model is the one that just trained)."""
+    ahead = agent.ahead
+    if ahead is None or not ahead.done() or ahead.cancelled() or ahead.exception():
+        return None
+    claimed = ahead.result()
+    prepared, lease = claimed.prepared, claimed.lease
+    if prepared is None or lease is None or not prepared.done() or prepared.cancelled():
+        return None
+    if prepared.exception() is not None:
+        return None
+    if lease.job_id != finishing.job_id or lease.local_steps is None:
+        return None
+    return lease
+
+
+def claimed_lease_id(agent: Agent) -> str | None:
+    """The lease claimed ahead and not yet started, if any (for heartbeats)."""
+    ahead = agent.ahead
+    if ahead is None or not ahead.done() or ahead.cancelled() or ahead.exception():
+        return None
+    lease = ahead.result().lease
+    return None if lease is None else lease.lease_id
+
+
+async def take(agent: Agent) -> Claimed | None:
+    """The claim made ahead, for the work loop to start; None if there is none or it failed
+    (the loop then asks again)."""
+    ahead, agent.ahead = agent.ahead, None
+    if ahead is None:
+        return None
+    try:
+        claimed = await ahead
+    except Exception as exc:  # a refused or unanswered request_work: ask again
+        logger.info("the lease asked for ahead did not come: %s", str(exc) or type(exc).__name__)
+        return None
+    if claimed.msg["type"] != "lease":
+        return None
+    return claimed
+
+
+async def drop(agent: Agent, session: Session, timeout_s: float) -> None:
+    """Give back a lease claimed ahead and not started (the agent stops, or the donor asked
+    to stop after the unit). A claim still in flight is waited for, up to ``timeout_s``."""
+    ahead, agent.ahead = agent.ahead, None
+    if ahead is None:
+        return
+    done, _ = await asyncio.wait({ahead}, timeout=timeout_s)
+    if not done:
+        ahead.cancel()
+        return
+    if ahead.cancelled() or ahead.exception() is not None:
+        return
+    claimed = ahead.result()
+    _discard(claimed.prepared, session)
+    if claimed.msg["type"] == "lease":
+        await agent._return_lease(session, claimed.msg["lease_id"])
+
+
+def interrupted(agent: Agent) -> LeaseSpec | None:
+    """On a lost connection: the lease claimed ahead and not started (to resume after the
+    reconnect); the claim is forgotten."""
+    ahead, agent.ahead = agent.ahead, None
+    if ahead is None:
+        return None
+    if not ahead.done():
+        ahead.cancel()
+        return None
+    if ahead.cancelled() or ahead.exception() is not None:
+        return None
+    claimed = ahead.result()
+    _discard(claimed.prepared)
+    return claimed.lease
+
+
+def _discard(task: asyncio.Task[Prepared] | None, session: Session | None = None) -> None:
+    """A start-up no one will await: cancelled (it forgets its fetch), or its fetch forgotten,
+    or its failure read (so it is not logged as never retrieved)."""
+    if task is None:
+        return
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled() and task.exception() is None and session is not None:
+        for pending in task.result().first_fetch:
+            session.forget(pending)

@@ -1,0 +1,158 @@
+"""Lease-end overlap: the next local-steps lease is claimed while the last round computes,
+and starts before the finished lease's last push and ``complete`` are through."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from tests.agent.fakeserver import FakeServer, make_agent, run_agent
+
+from downpour_agent.connection import EXIT_OK
+from downpour_agent.local_steps import replay_local_round
+from downpour_agent.protocol import LocalSteps
+from downpour_agent.trainer import GradientComputer
+
+pytest.importorskip("keras")
+
+LOCAL = {"inner_optimizer": "sgd-momentum", "inner_learning_rate": 0.05}
+
+
+def _two_round_leases(server: FakeServer, count: int) -> None:
+    """``count`` leases of one job, each two rounds of 8 steps (batch 8)."""
+    lease = dict(server.lease_template)
+    lease["hyper"] = {**lease["hyper"], "n_fetch": 8, "n_push": 8}
+    lease.update(steps=16, algorithm="local-steps", local_steps=LOCAL)
+    server.work = [dict(lease) for _ in range(count)]
+
+
+def _index(server: FakeServer, **match: Any) -> list[int]:
+    return [
+        i
+        for i, msg in enumerate(server.received)
+        if all(msg.get(key) == value for key, value in match.items())
+    ]
+
+
+async def test_the_next_lease_starts_before_the_last_push_and_its_round_replays(
+    server: FakeServer, tmp_path: Path, model_config: dict[str, Any], shard_body: bytes
+) -> None:
+    # Prepare: two leases of two rounds; 50 steps a second, so a round (160 ms) outlasts the
+    # fetch sent behind its push, as the server's choice of H makes it on a real link.
+    _two_round_leases(server, 2)
+    agent = make_agent(server, tmp_path, max_steps_per_second=50.0)
+
+    # Execute
+    code = await run_agent(agent)
+
+    # Assert: the second lease was asked for before the first's last push went out, and
+    # after that push came the second lease's fetch, then the first lease's complete.
+    assert code == EXIT_OK
+    asks = _index(server, type="request_work")
+    last_push = _index(server, type="push", lease_id="lease-1", seq=1)
+    handed = _index(server, type="fetch", lease_id="lease-2")
+    complete_1 = _index(server, type="complete", lease_id="lease-1")
+    assert len(last_push) == 2 and len(complete_1) == 1 and len(asks) >= 2
+    assert asks[1] < last_push[0]
+    behind = [i for i in handed if last_push[-1] < i < complete_1[0]]
+    assert len(behind) == 2, (handed, last_push, complete_1)
+    # Every round of both leases applied once, and both completed with their samples.
+    assert server.applied == {
+        (lease, seq, shard)
+        for lease in ("lease-1", "lease-2")
+        for seq in (0, 1)
+        for shard in (0, 1)
+    }
+    assert [m["samples"] for m in server.of_type("complete")] == [128, 128]
+    assert server.outstanding == {}
+
+    # The second lease's first round started on its first fetch and rebased onto the fetch
+    # behind the last push: its push names that load, and a worker replaying the round from
+    # what the server served reproduces the pseudo-gradient (a spot check passes).
+    first = [
+        (msg, t) for msg, t in server.pushes if msg["lease_id"] == "lease-2" and msg["seq"] == 0
+    ]
+    base = {msg["shard"]: msg["base_version"] for msg, _ in first}
+    loads = first[0][0]["loads"]
+    assert len(loads) == 1 and 0 < loads[0][0] < 8
+    assert all(loads[0][1][shard] == base[shard] + 1 for shard in (0, 1))  # lease-1's last push
+    pushed = {name: value for _, tensors in first for name, value in tensors.items()}
+    with np.load(io.BytesIO(shard_body)) as archive:
+        x, y = archive["x"], archive["y"]
+    worker = GradientComputer(model_config, "sparse_categorical_crossentropy")
+    worker.set_weights({k: v for s in (0, 1) for k, v in server.served[(s, base[s])].items()})
+    arrived = {k: v for s in (0, 1) for k, v in server.served[(s, loads[0][1][s])].items()}
+    expected, samples = replay_local_round(
+        worker,
+        LocalSteps(LOCAL["inner_optimizer"], LOCAL["inner_learning_rate"]),
+        x,
+        y,
+        batch_size=8,
+        seed=42,
+        first_step=0,
+        steps=8,
+        loads=[(loads[0][0], arrived)],
+    )
+    assert samples == 64
+    for name, value in expected.items():
+        np.testing.assert_allclose(pushed[name], value, rtol=1e-5, atol=1e-6)
+
+
+async def test_a_stop_while_the_next_lease_is_claimed_hands_both_back(
+    server: FakeServer, tmp_path: Path
+) -> None:
+    # Prepare: two leases; slow steps, so the stop lands in the first lease's last round.
+    _two_round_leases(server, 2)
+    agent = make_agent(server, tmp_path, max_steps_per_second=10.0)
+    run = asyncio.create_task(agent.run())
+
+    # Execute: stop once the second lease has been claimed ahead.
+    async with asyncio.timeout(30):
+        while len(server.of_type("request_work")) < 2:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # its answer is on the way back
+    steps_then = agent.stats.steps_done
+    await agent.shutdown()
+    code = await asyncio.wait_for(run, 30)
+
+    # Assert: the stop came in the first lease's last round; neither lease is left on the
+    # server: the first and the one claimed ahead were both given back.
+    assert code == EXIT_OK
+    assert 8 <= steps_then < 16
+    returned = {m["lease_id"] for m in server.of_type("return_lease")}
+    assert returned == {"lease-1", "lease-2"}
+    assert server.of_type("complete") == [] and server.outstanding == {}
+
+
+async def test_a_connection_cut_after_the_handover_loses_nothing_and_applies_nothing_twice(
+    server: FakeServer, tmp_path: Path
+) -> None:
+    # Prepare: two leases; the server closes the first connection right after the first
+    # lease's last push (four push frames: two rounds of two shards), so its complete and
+    # the second lease's fetch behind the push are never answered.
+    _two_round_leases(server, 2)
+    server.drop_after_pushes = 4
+    agent = make_agent(server, tmp_path, max_steps_per_second=50.0)
+
+    # Execute
+    code = await run_agent(agent)
+
+    # Assert: the handover had happened (the second lease was claimed ahead); after the
+    # reconnect both leases were resumed and completed, every round applied exactly once.
+    assert code == EXIT_OK and server.connections == 2
+    assert {m["lease_id"] for m in server.of_type("resume")} == {"lease-1", "lease-2"}
+    assert server.applied == {
+        (lease, seq, shard)
+        for lease in ("lease-1", "lease-2")
+        for seq in (0, 1)
+        for shard in (0, 1)
+    }
+    duplicates = [m for m, _ in server.pushes if (m["lease_id"], m["seq"]) == ("lease-1", 1)]
+    assert len(duplicates) == 2  # the first lease's last round was not sent again
+    assert sorted(m["lease_id"] for m in server.of_type("complete")) == ["lease-1", "lease-2"]
+    assert [m["samples"] for m in server.of_type("complete")] == [128, 128]
+    assert server.outstanding == {} and server.orphaned == {}
