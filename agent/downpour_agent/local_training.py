@@ -24,7 +24,7 @@ import numpy.typing as npt
 
 from downpour_agent.leases import ActiveLease, LeaseRejected, Progress, sampler_from
 from downpour_agent.local_steps import LocalRound, inner_optimizer
-from downpour_agent.lookahead import Handover, look_ahead, ready_next
+from downpour_agent.lookahead import Handover, look_ahead, next_lease, prepare_ahead
 from downpour_agent.protocol import (
     ErrorFeedback,
     LeaseSpec,
@@ -164,7 +164,10 @@ async def train_local(
     start, seq, samples = progress.next_step, progress.seq, progress.samples
     # The first fetch went out before the data loaded and the model built (startup.py), so
     # its duration says nothing about the link: the meter learns from the rounds' fetches.
-    held, held_versions = await receive_params(session, lease, ready.first_fetch, timeout)
+    if handover is not None:  # the last lease's loop received the first fetch
+        held, held_versions = handover.first
+    else:
+        held, held_versions = await receive_params(session, lease, ready.first_fetch, timeout)
     round_ = LocalRound(computer, optimizer)
     round_base: dict[int, int] = {}
     loads: list[WeightsLoad] = []
@@ -201,10 +204,19 @@ async def train_local(
                 round_started_at, round_paused_s = time.perf_counter(), 0.0
             round_paused_s += await agent.pacer.before_step(active)
             round_end = min(lease.steps, (step // round_steps + 1) * round_steps)
-            if round_end == lease.steps and outgoing is None:
-                # The last round, with no fetch in flight (the next lease's first fetch then
-                # names the version this connection holds, and is answered as a delta).
+            if (
+                round_end + round_steps >= lease.steps
+                and stats.leases_completed
+                and (outgoing is None or meter.rates() is not None)
+            ):
+                # The last two rounds (the last may be a short one): claim the next lease,
+                # once the request can carry the link's rates. Not on the agent's first
+                # lease: the server sizes the next one from the first one's measured rate.
                 look_ahead(agent, session)
+            if round_end == lease.steps and outgoing is None:
+                # The last round, no fetch in flight: the next lease's first fetch names the
+                # version held, and no fetch of this lease comes after it.
+                prepare_ahead(agent, session)
             count = steps_per_hop(round_end - step, step_s, bool(agent.config.max_steps_per_second))
             watch = arrived if outgoing is not None else None
             hop = asyncio.ensure_future(
@@ -240,7 +252,15 @@ async def train_local(
                 outgoing = None
             active.check()
             last = step == lease.steps
-            following = ready_next(agent, lease) if last else None
+            following = await next_lease(agent, session, lease) if last else None
+            first: tuple[Tensors, dict[int, int]] | None = None
+            if following is not None:
+                # Taken here, so the fetch behind the push names the version it brings.
+                try:
+                    first = await receive_params(session, following[0], following[1], timeout)
+                except Exception as exc:  # the next lease's to handle, when it starts
+                    logger.info("no handover to lease %s: %s", following[0].lease_id, exc)
+                    following = None
             # Encoding (error feedback, int8) happens in the background task too: it took
             # two int8 encodings of the whole model off the training loop's path. Rounds
             # encode one after another (the previous task is done), as the residuals need.
@@ -256,11 +276,13 @@ async def train_local(
                     agent,
                     arrived,
                     partial(_advance, progress, sent),
-                    fetch=following if following is not None else None if last else lease,
+                    fetch=following[0] if following is not None else None if last else lease,
                 )
             )
-            if following is not None:
-                agent.handover = Handover(following.lease_id, lease.lease_id, outgoing, arrived)
+            if following is not None and first is not None:
+                agent.handover = Handover(
+                    following[0].lease_id, lease.lease_id, first, outgoing, arrived
+                )
                 outgoing = None  # the push is the handover's now: not awaited, not cancelled
             agent._round_samples[(lease.lease_id, seq)] = samples - round_start_samples
             seq += 1

@@ -6,19 +6,25 @@ next lease's first fetch each waited for the one before: 0.7-0.9 s in which the 
 computed nothing on ``cable``, against 0.9-1.0 of each second computing within a lease.
 So, for a local-steps lease:
 
-1. Once its last round has started and no fetch of it is in flight, the agent sends
-   ``request_work`` (:func:`look_ahead`). The server lets an agent hold two leases
-   (``max_active_leases``). A lease that comes back starts up at once: its first fetch goes
-   out, its data and model are made ready (:func:`~downpour_agent.startup.prepare_lease`).
-2. At the last round's end, if that next lease is a local-steps lease of the same job and
-   ready (:func:`ready_next`), the push goes out in the background and, behind it, a fetch
-   for the *next* lease (:class:`Handover`). The next lease's first round starts at once on
-   the weights of its first fetch and rebases onto the second when it arrives, as every
-   round does within a lease; both fetches were answered to that lease, so a spot check
-   can replay its rounds.
+1. When its last two rounds start (the last may be short), the agent sends
+   ``request_work`` (:func:`look_ahead`), once its link's rates are measured and not on
+   its first lease (the server sizes the next lease from the first one's rate). The
+   server lets an agent hold two leases (``max_active_leases``). Once the lease has come
+   back and no fetch of the current lease is in flight (:func:`prepare_ahead`), it starts
+   up: its first fetch goes out, its data and model are made ready
+   (:func:`~downpour_agent.startup.prepare_lease`). Waiting for the fetch in flight keeps
+   the first fetch a delta: it names the version this connection holds, which the
+   in-flight answer would change.
+2. At the last round's end, if that next lease is a local-steps lease of the same job
+   (:func:`next_lease`), the current loop takes the answer to its first fetch (usually in
+   already; else sent now and waited for, about a round trip), and the push goes out in
+   the background with, behind it, a fetch for the *next* lease (:class:`Handover`). The
+   next lease's first round starts at once on the weights of its first fetch and rebases
+   onto the second when it arrives, as every round does within a lease; both fetches were
+   answered to that lease, so a spot check can replay its rounds.
 3. The finished lease's ``complete`` is sent behind its push, in the background.
 
-Otherwise the claim's answer is simply used next, which still saves its round trip. Only a
+Otherwise (another job's lease, or no lease) the claim's answer is used next. Only a
 ``lease`` answer is kept: after a ``no_work`` the agent asks again when the lease is done.
 """
 
@@ -32,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from downpour_agent.desktop.resources import lease_fits
 from downpour_agent.protocol import LeaseSpec, ProtocolError, lease_from_wire
-from downpour_agent.session import Pending, Session
+from downpour_agent.session import Pending, Session, Tensors
 from downpour_agent.startup import Prepared, prepare_lease
 
 if TYPE_CHECKING:
@@ -67,6 +73,8 @@ class Handover:
 
     lease_id: str  # the next lease's
     finished_lease_id: str
+    #: The next lease's first fetch, received: its weights and their versions.
+    first: tuple[Tensors, dict[int, int]]
     outgoing: asyncio.Task[Fetch]
     arrived: threading.Event
 
@@ -110,36 +118,58 @@ async def _claim(agent: Agent, session: Session) -> Claimed:
     if limit is not None and lease_fits(lease.model, lease.hyper.batch_size, limit) is not None:
         return Claimed(msg)
     logger.info("lease %s claimed ahead, while the last round computes", lease.lease_id)
-    prepared = asyncio.create_task(
-        prepare_lease(session, lease, agent._load_dataset, agent._build_model)
-    )
-    return Claimed(msg, lease, prepared)
+    return Claimed(msg, lease)
 
 
-def ready_next(agent: Agent, finishing: LeaseSpec) -> LeaseSpec | None:
-    """The next lease, if its first round can start as ``finishing`` ends: claimed, ready,
-    a local-steps lease of the same job (its model is the one that just trained)."""
+def _claimed(agent: Agent) -> Claimed | None:
     ahead = agent.ahead
     if ahead is None or not ahead.done() or ahead.cancelled() or ahead.exception():
         return None
-    claimed = ahead.result()
-    prepared, lease = claimed.prepared, claimed.lease
-    if prepared is None or lease is None or not prepared.done() or prepared.cancelled():
+    return ahead.result()
+
+
+def prepare_ahead(agent: Agent, session: Session) -> None:
+    """Start the claimed lease up (its first fetch goes out now): call only while no fetch
+    of the current lease is in flight."""
+    claimed = _claimed(agent)
+    if claimed is None or claimed.lease is None or claimed.prepared is not None:
+        return
+    claimed.prepared = asyncio.create_task(
+        prepare_lease(session, claimed.lease, agent._load_dataset, agent._build_model)
+    )
+
+
+async def next_lease(
+    agent: Agent, session: Session, finishing: LeaseSpec
+) -> tuple[LeaseSpec, list[Pending]] | None:
+    """At ``finishing``'s last round's end: the next lease and its first fetch, if that lease
+    can take the handover (a local-steps lease of the same job, whose model is the one that
+    just trained). Waits for the claim and the start-up if they are still on their way (the
+    lease would wait for them anyway); starts the start-up if the in-flight fetch kept it
+    back. None if there is no such lease or its start-up failed (the work loop deals with it)."""
+    ahead = agent.ahead
+    if ahead is None:
         return None
-    if prepared.exception() is not None:
+    try:
+        claimed = await asyncio.shield(ahead)
+    except Exception:
+        return None  # the work loop reads the failure (take)
+    lease = claimed.lease
+    if lease is None or lease.job_id != finishing.job_id or lease.local_steps is None:
         return None
-    if lease.job_id != finishing.job_id or lease.local_steps is None:
-        return None
-    return lease
+    prepare_ahead(agent, session)
+    assert claimed.prepared is not None
+    try:
+        prepared = await asyncio.shield(claimed.prepared)
+    except Exception:
+        return None  # _run_lease raises it again, and handles it
+    return lease, prepared.first_fetch
 
 
 def claimed_lease_id(agent: Agent) -> str | None:
     """The lease claimed ahead and not yet started, if any (for heartbeats)."""
-    ahead = agent.ahead
-    if ahead is None or not ahead.done() or ahead.cancelled() or ahead.exception():
-        return None
-    lease = ahead.result().lease
-    return None if lease is None else lease.lease_id
+    claimed = _claimed(agent)
+    return None if claimed is None or claimed.lease is None else claimed.lease.lease_id
 
 
 async def take(agent: Agent) -> Claimed | None:

@@ -23,11 +23,15 @@ LOCAL = {"inner_optimizer": "sgd-momentum", "inner_learning_rate": 0.05}
 
 
 def _two_round_leases(server: FakeServer, count: int) -> None:
-    """``count`` leases of one job, each two rounds of 8 steps (batch 8)."""
+    """A first lease of one round (an agent's first lease does not claim ahead), then
+    ``count`` leases of the same job, each of two rounds; rounds of 8 steps (batch 8)."""
     lease = dict(server.lease_template)
     lease["hyper"] = {**lease["hyper"], "n_fetch": 8, "n_push": 8}
     lease.update(steps=16, algorithm="local-steps", local_steps=LOCAL)
-    server.work = [dict(lease) for _ in range(count)]
+    server.work = [{**lease, "steps": 8}] + [dict(lease) for _ in range(count)]
+
+
+FIRST = {("lease-1", 0, 0), ("lease-1", 0, 1)}
 
 
 def _index(server: FakeServer, **match: Any) -> list[int]:
@@ -41,7 +45,8 @@ def _index(server: FakeServer, **match: Any) -> list[int]:
 async def test_the_next_lease_starts_before_the_last_push_and_its_round_replays(
     server: FakeServer, tmp_path: Path, model_config: dict[str, Any], shard_body: bytes
 ) -> None:
-    # Prepare: two leases of two rounds; 50 steps a second, so a round (160 ms) outlasts the
+    # Prepare: after a first lease, two leases of two rounds; 50 steps a second, so a round
+    # (160 ms) outlasts the
     # fetch sent behind its push, as the server's choice of H makes it on a real link.
     _two_round_leases(server, 2)
     agent = make_agent(server, tmp_path, max_steps_per_second=50.0)
@@ -49,37 +54,37 @@ async def test_the_next_lease_starts_before_the_last_push_and_its_round_replays(
     # Execute
     code = await run_agent(agent)
 
-    # Assert: the second lease was asked for before the first's last push went out, and
-    # after that push came the second lease's fetch, then the first lease's complete.
+    # Assert: lease 3 was asked for before lease 2's last push went out, and after that
+    # push came lease 3's fetch, then lease 2's complete.
     assert code == EXIT_OK
     asks = _index(server, type="request_work")
-    last_push = _index(server, type="push", lease_id="lease-1", seq=1)
-    handed = _index(server, type="fetch", lease_id="lease-2")
-    complete_1 = _index(server, type="complete", lease_id="lease-1")
-    assert len(last_push) == 2 and len(complete_1) == 1 and len(asks) >= 2
-    assert asks[1] < last_push[0]
+    last_push = _index(server, type="push", lease_id="lease-2", seq=1)
+    handed = _index(server, type="fetch", lease_id="lease-3")
+    complete_1 = _index(server, type="complete", lease_id="lease-2")
+    assert len(last_push) == 2 and len(complete_1) == 1 and len(asks) >= 3
+    assert asks[2] < last_push[0]
     behind = [i for i in handed if last_push[-1] < i < complete_1[0]]
     assert len(behind) == 2, (handed, last_push, complete_1)
     # Every round of both leases applied once, and both completed with their samples.
-    assert server.applied == {
+    assert server.applied == FIRST | {
         (lease, seq, shard)
-        for lease in ("lease-1", "lease-2")
+        for lease in ("lease-2", "lease-3")
         for seq in (0, 1)
         for shard in (0, 1)
     }
-    assert [m["samples"] for m in server.of_type("complete")] == [128, 128]
+    assert [m["samples"] for m in server.of_type("complete")] == [64, 128, 128]
     assert server.outstanding == {}
 
-    # The second lease's first round started on its first fetch and rebased onto the fetch
+    # Lease 3's first round started on its first fetch and rebased onto the fetch
     # behind the last push: its push names that load, and a worker replaying the round from
     # what the server served reproduces the pseudo-gradient (a spot check passes).
     first = [
-        (msg, t) for msg, t in server.pushes if msg["lease_id"] == "lease-2" and msg["seq"] == 0
+        (msg, t) for msg, t in server.pushes if msg["lease_id"] == "lease-3" and msg["seq"] == 0
     ]
     base = {msg["shard"]: msg["base_version"] for msg, _ in first}
     loads = first[0][0]["loads"]
     assert len(loads) == 1 and 0 < loads[0][0] < 8
-    assert all(loads[0][1][shard] == base[shard] + 1 for shard in (0, 1))  # lease-1's last push
+    assert all(loads[0][1][shard] == base[shard] + 1 for shard in (0, 1))  # lease-2's last push
     pushed = {name: value for _, tensors in first for name, value in tensors.items()}
     with np.load(io.BytesIO(shard_body)) as archive:
         x, y = archive["x"], archive["y"]
@@ -105,54 +110,57 @@ async def test_the_next_lease_starts_before_the_last_push_and_its_round_replays(
 async def test_a_stop_while_the_next_lease_is_claimed_hands_both_back(
     server: FakeServer, tmp_path: Path
 ) -> None:
-    # Prepare: two leases; slow steps, so the stop lands in the first lease's last round.
+    # Prepare: after a first lease, two more; slow steps, so the stop lands in lease 2 (its
+    # last two rounds, in which lease 3 is claimed).
     _two_round_leases(server, 2)
     agent = make_agent(server, tmp_path, max_steps_per_second=10.0)
     run = asyncio.create_task(agent.run())
 
-    # Execute: stop once the second lease has been claimed ahead.
+    # Execute: stop once lease 3 has been claimed ahead.
     async with asyncio.timeout(30):
-        while len(server.of_type("request_work")) < 2:
+        while len(server.of_type("request_work")) < 3:  # noqa: ASYNC110 (no event to wait on)
             await asyncio.sleep(0.01)
     await asyncio.sleep(0.1)  # its answer is on the way back
-    steps_then = agent.stats.steps_done
+    steps_then, lease_then = agent.stats.steps_done, agent.stats.lease_id
     await agent.shutdown()
     code = await asyncio.wait_for(run, 30)
 
-    # Assert: the stop came in the first lease's last round; neither lease is left on the
-    # server: the first and the one claimed ahead were both given back.
+    # Assert: the stop came in lease 2; no lease is left on the server: lease 2
+    # and lease 3, claimed ahead, were both given back.
     assert code == EXIT_OK
-    assert 8 <= steps_then < 16
+    assert lease_then == "lease-2" and steps_then < 16
     returned = {m["lease_id"] for m in server.of_type("return_lease")}
-    assert returned == {"lease-1", "lease-2"}
-    assert server.of_type("complete") == [] and server.outstanding == {}
+    assert returned == {"lease-2", "lease-3"}
+    assert [m["lease_id"] for m in server.of_type("complete")] == ["lease-1"]
+    assert server.outstanding == {}
 
 
 async def test_a_connection_cut_after_the_handover_loses_nothing_and_applies_nothing_twice(
     server: FakeServer, tmp_path: Path
 ) -> None:
-    # Prepare: two leases; the server closes the first connection right after the first
-    # lease's last push (four push frames: two rounds of two shards), so its complete and
-    # the second lease's fetch behind the push are never answered.
+    # Prepare: after a first lease, two more; the server closes the first connection right
+    # after lease 2's last push (six push frames: three rounds of two shards), so its complete and
+    # lease 3's fetch behind the push are never answered.
     _two_round_leases(server, 2)
-    server.drop_after_pushes = 4
+    server.drop_after_pushes = 6
     agent = make_agent(server, tmp_path, max_steps_per_second=50.0)
 
     # Execute
     code = await run_agent(agent)
 
-    # Assert: the handover had happened (the second lease was claimed ahead); after the
+    # Assert: the handover had happened (lease 3 was claimed ahead); after the
     # reconnect both leases were resumed and completed, every round applied exactly once.
     assert code == EXIT_OK and server.connections == 2
-    assert {m["lease_id"] for m in server.of_type("resume")} == {"lease-1", "lease-2"}
-    assert server.applied == {
+    assert {m["lease_id"] for m in server.of_type("resume")} == {"lease-2", "lease-3"}
+    assert server.applied == FIRST | {
         (lease, seq, shard)
-        for lease in ("lease-1", "lease-2")
+        for lease in ("lease-2", "lease-3")
         for seq in (0, 1)
         for shard in (0, 1)
     }
-    duplicates = [m for m, _ in server.pushes if (m["lease_id"], m["seq"]) == ("lease-1", 1)]
-    assert len(duplicates) == 2  # the first lease's last round was not sent again
-    assert sorted(m["lease_id"] for m in server.of_type("complete")) == ["lease-1", "lease-2"]
-    assert [m["samples"] for m in server.of_type("complete")] == [128, 128]
+    duplicates = [m for m, _ in server.pushes if (m["lease_id"], m["seq"]) == ("lease-2", 1)]
+    assert len(duplicates) == 2  # lease 2's last round was not sent again
+    completed = sorted(m["lease_id"] for m in server.of_type("complete"))
+    assert completed == ["lease-1", "lease-2", "lease-3"]
+    assert [m["samples"] for m in server.of_type("complete")] == [64, 128, 128]
     assert server.outstanding == {} and server.orphaned == {}
