@@ -91,13 +91,16 @@ class Handover:
 
 
 def look_ahead(agent: Agent, session: Session) -> None:
-    """Claim the next lease in the background, unless one is claimed or the agent stops."""
+    """Claim the next lease in the background, unless one is claimed, the agent stops, or
+    the last lease is not yet complete."""
     governor = agent.config.governor
-    if (
-        agent.ahead is not None
-        or agent._stop.is_set()
-        or (governor and governor.stopping_after_unit)
-    ):
+    if agent.ahead is not None or agent._stop.is_set():
+        return
+    if governor is not None and governor.stopping_after_unit:
+        return
+    if agent._tails:
+        # The last lease's complete is still on its way: the server counts that lease as
+        # held, and would answer a third with no_work.
         return
     agent.ahead = asyncio.create_task(_claim(agent, session))
 

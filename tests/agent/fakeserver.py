@@ -102,6 +102,10 @@ class FakeServer:
         self.push_reply: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
         #: Sent as they are (no ``ref`` added) when the next push arrives, before its answer.
         self.events_on_push: list[dict[str, Any]] = []
+        #: Seconds before a ``complete`` is answered (and its lease let go), without holding
+        #: up the connection's other messages.
+        self.complete_delay_s = 0.0
+        self._later: set[asyncio.Task[None]] = set()
         self.drop_after_pushes: int | None = None
         self.drop_how = "close"
         self.drop_code = 1012  # server restart; CloseCode.FORBIDDEN after a ban
@@ -216,7 +220,8 @@ class FakeServer:
             for junk in self.garbage:
                 await ws.send(junk)
             self.garbage = []
-            if not self.work:
+            # As the server: at most two leases at once (max_active_leases).
+            if not self.work or len(self.outstanding) >= 2:
                 await reply({"type": "no_work", "retry_after_s": 0.05, **self.no_work_extra})
                 return
             lease = {**self.work.pop(0), "lease_id": next(self.lease_ids)}
@@ -271,6 +276,16 @@ class FakeServer:
                     "duplicate": duplicate,
                 }
             )
+        elif mtype == "complete" and self.complete_delay_s:
+            # Answered later, while the connection's other messages are read (a busy server).
+            async def later() -> None:
+                await asyncio.sleep(self.complete_delay_s)
+                self.outstanding.pop(msg["lease_id"], None)
+                await reply({"type": "complete_ack", "lease_id": msg["lease_id"]})
+
+            task = asyncio.create_task(later())
+            self._later.add(task)
+            task.add_done_callback(self._later.discard)
         elif mtype == "complete":
             self.outstanding.pop(msg["lease_id"], None)
             await reply({"type": "complete_ack", "lease_id": msg["lease_id"]})

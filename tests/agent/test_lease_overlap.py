@@ -45,34 +45,42 @@ def _index(server: FakeServer, **match: Any) -> list[int]:
 async def test_the_next_lease_starts_before_the_last_push_and_its_round_replays(
     server: FakeServer, tmp_path: Path, model_config: dict[str, Any], shard_body: bytes
 ) -> None:
-    # Prepare: after a first lease, two leases of two rounds; 50 steps a second, so a round
-    # (160 ms) outlasts the
-    # fetch sent behind its push, as the server's choice of H makes it on a real link.
-    _two_round_leases(server, 2)
+    # Prepare: after a first lease, three leases of two rounds; 50 steps a second, so a round
+    # (160 ms) outlasts the fetch sent behind its push, as the server's choice of H makes it
+    # on a real link. The fake server, as the real one, lets an agent hold two leases, and
+    # answers a complete 0.1 s late: a lease claimed before that would find two held.
+    _two_round_leases(server, 3)
+    server.complete_delay_s = 0.1
     agent = make_agent(server, tmp_path, max_steps_per_second=50.0)
 
     # Execute
     code = await run_agent(agent)
 
-    # Assert: lease 3 was asked for before lease 2's last push went out, and after that
-    # push came lease 3's fetch, then lease 2's complete.
+    # Assert: at each of the two lease ends, the next lease was asked for before the last
+    # push went out (and after the lease before had completed: no third lease was asked
+    # for), and after that push came the next lease's fetch, then the lease's complete.
     assert code == EXIT_OK
     asks = _index(server, type="request_work")
-    last_push = _index(server, type="push", lease_id="lease-2", seq=1)
-    handed = _index(server, type="fetch", lease_id="lease-3")
-    complete_1 = _index(server, type="complete", lease_id="lease-2")
-    assert len(last_push) == 2 and len(complete_1) == 1 and len(asks) >= 3
-    assert asks[2] < last_push[0]
-    behind = [i for i in handed if last_push[-1] < i < complete_1[0]]
-    assert len(behind) == 2, (handed, last_push, complete_1)
-    # Every round of both leases applied once, and both completed with their samples.
+    for finishing, following in (("lease-2", "lease-3"), ("lease-3", "lease-4")):
+        last_push = _index(server, type="push", lease_id=finishing, seq=1)
+        complete = _index(server, type="complete", lease_id=finishing)
+        claimed = _index(server, type="fetch", lease_id=following)
+        assert len(last_push) == 2 and len(complete) == 1
+        assert any(ask < last_push[0] for ask in asks[2:])
+        behind = [i for i in claimed if last_push[-1] < i < complete[0]]
+        assert len(behind) == 2, (finishing, claimed, last_push, complete)
+    # One request per lease: none was refused for a lease still held.
+    assert (
+        len([ask for ask in asks if ask < _index(server, type="fetch", lease_id="lease-4")[0]]) == 4
+    )
+    # Every round of every lease applied once, each lease completed with its samples.
     assert server.applied == FIRST | {
         (lease, seq, shard)
-        for lease in ("lease-2", "lease-3")
+        for lease in ("lease-2", "lease-3", "lease-4")
         for seq in (0, 1)
         for shard in (0, 1)
     }
-    assert [m["samples"] for m in server.of_type("complete")] == [64, 128, 128]
+    assert [m["samples"] for m in server.of_type("complete")] == [64, 128, 128, 128]
     assert server.outstanding == {}
 
     # Lease 3's first round started on its first fetch and rebased onto the fetch
