@@ -153,3 +153,68 @@ def test_a_local_steps_agent_killed_mid_round_loses_nothing_and_applies_nothing_
         timeout=20,
     )
     assert production.job(job_id)["pushes_accepted"] > 0
+
+
+def test_an_agent_claims_its_next_lease_while_the_last_round_computes(production: Stack) -> None:
+    # Prepare: a job that runs 12 s (a time budget: a sample budget would hold an agent to a
+    # share of what is left, and a second lease could pass it); rounds of 16 steps at 40 steps
+    # a second (0.4 s, against milliseconds for a fetch on loopback), units of about 5 s; every
+    # lease spot-checked, so the rounds that start on the claimed lease's fetches are replayed.
+    seeded = _seed(
+        production,
+        target_accuracy=0.999,
+        budget_seconds=12,
+        name="local-overlap",
+        spot_check_fraction=1.0,
+        data_shards=1,
+        inner_steps=16,
+    )
+    job_id = str(seeded["job_id"])
+    with held(production, job_id):
+        production.start_agent("local-b", str(seeded["token"]), "--max-steps-per-second", "40")
+        wait_registered(production, "local-b")
+
+    # Execute
+    production.wait_for(
+        "the job to finish", lambda: production.job(job_id)["status"] in ("done", "failed")
+    )
+
+    # Assert: after its first lease, the agent held its next lease before the last one ended,
+    # and every lease it finished completed (none expired or was handed back).
+    leases = production.query(
+        "SELECT l.issued_at, l.ended_at, l.status FROM training_lease l JOIN training_workunit u "
+        "ON l.unit_id = u.id WHERE u.job_id = %s ORDER BY l.issued_at",
+        [job_id],
+    )
+    log = (production.workdir / "local-b.log").read_text(errors="replace")
+    assert len(leases) >= 3, (leases, log[-3000:])
+    overlapped = [
+        later
+        for earlier, later in zip(leases, leases[1:], strict=False)
+        if earlier[2] == "completed" and later[0] < earlier[1]
+    ]
+    assert len(overlapped) >= 2, (leases, log[-3000:])
+    assert all(status == "completed" for _, _, status in leases[:-1]), leases
+    assert "claimed ahead" in log and "no handover" not in log
+    # One round of every lease was replayed (a claimed lease's first round, which starts on
+    # its first fetch and rebases onto the one behind the last push, among the candidates):
+    # none failed.
+    production.wait_for(
+        "the spot checks to be judged",
+        lambda: (
+            not production.query(
+                "SELECT id FROM training_spotcheck WHERE job_id = %s AND status IN "
+                "('queued', 'running')",
+                [job_id],
+            )
+        ),
+        timeout=180,
+    )
+    verdicts = dict(
+        production.query(
+            "SELECT status, COUNT(*) FROM training_spotcheck WHERE job_id = %s GROUP BY status",
+            [job_id],
+        )
+    )
+    assert verdicts.get("passed", 0) >= 3 and not verdicts.get("failed"), verdicts
+    production.kill_agent("local-b")
