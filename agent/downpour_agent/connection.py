@@ -278,12 +278,16 @@ class Agent:
         work.cancel()
         # The lease goes back even if some library swallowed the cancellation.
         await asyncio.wait({work}, timeout=self.config.return_timeout_s)
-        if self._tails:  # a finished lease's last push and complete: let them through
-            await asyncio.wait(set(self._tails), timeout=self.config.return_timeout_s)
+        await self._settle_tails()
         active, self._lease = self._lease, None
         if active is not None and not active.settled and active.abandoned is None:
             await self._return_lease(session, active.lease.lease_id)
         await lookahead.drop(self, session, self.config.return_timeout_s)
+
+    async def _settle_tails(self) -> None:
+        """Before a stop: let finished leases' last pushes and completes through."""
+        if self._tails:
+            await asyncio.wait(set(self._tails), timeout=self.config.return_timeout_s)
 
     async def _drop_overlap(self) -> None:
         """The connection is gone: a lease claimed ahead is resumed after reconnecting (it
@@ -418,6 +422,7 @@ class Agent:
                 await governor.wait_until_allowed()
             if self._idle_too_long():
                 logger.info("no work for %g s; exiting", self.config.exit_when_idle_s)
+                await self._settle_tails()  # a stop settles them in _hand_back
                 return "idle"
             self.stats.state = "asking for work"
             try:

@@ -13,6 +13,8 @@ import pytest
 from tests.agent.fakeserver import FakeServer, make_agent, run_agent
 
 from downpour_agent.connection import EXIT_OK
+from downpour_agent.desktop.governor import DutyCycle, Governor, Policy
+from downpour_agent.desktop.settings import Settings
 from downpour_agent.local_steps import replay_local_round
 from downpour_agent.protocol import LocalSteps
 from downpour_agent.trainer import GradientComputer
@@ -172,3 +174,37 @@ async def test_a_connection_cut_after_the_handover_loses_nothing_and_applies_not
     assert completed == ["lease-1", "lease-2", "lease-3"]
     assert [m["samples"] for m in server.of_type("complete")] == [64, 128, 128]
     assert server.outstanding == {} and server.orphaned == {}
+
+
+async def test_stop_after_this_unit_with_the_next_lease_claimed_completes_it_and_returns_that(
+    server: FakeServer, tmp_path: Path
+) -> None:
+    # Prepare: after a first lease, two more; the donor's governor, which never pauses;
+    # completes answered 0.3 s late, so the stop comes while lease 2's is on its way.
+    _two_round_leases(server, 2)
+    server.complete_delay_s = 0.3
+    policy = Policy(
+        Settings(mode="always"), input_idle=None, other_load=lambda: 0.0, on_battery=lambda: False
+    )
+    gov = Governor(policy, DutyCycle(1.0, 1), poll_s=0.05)
+    agent = make_agent(
+        server, tmp_path, governor=gov, max_steps_per_second=50.0, exit_when_idle_s=None
+    )
+    run = asyncio.create_task(agent.run())
+
+    # Execute: "stop after this unit" once lease 3 has been claimed ahead and started up
+    # (its first fetch went out) while lease 2's last round computes.
+    async with asyncio.timeout(30):
+        while not _index(server, type="fetch", lease_id="lease-3"):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    on_lease_then = agent.stats.lease_id
+    gov.stop_after_unit()
+    code = await asyncio.wait_for(run, 30)
+
+    # Assert: the unit the agent was on, lease 2, completed (its complete, sent behind its
+    # last push, was waited for); lease 3, claimed ahead, was handed back; nothing is left.
+    assert code == EXIT_OK and on_lease_then == "lease-2"
+    assert [m["lease_id"] for m in server.of_type("complete")] == ["lease-1", "lease-2"]
+    assert agent.stats.leases_completed == 2  # the agent saw lease 2's complete_ack
+    assert [m["lease_id"] for m in server.of_type("return_lease")] == ["lease-3"]
+    assert server.outstanding == {} and len(server.work) == 0
