@@ -125,6 +125,9 @@ class Agent:
         self.handover: Handover | None = None
         #: Finished leases' ``complete``s, sent behind their last push while the next computes.
         self._tails: set[asyncio.Task[None]] = set()
+        #: Resuming interrupted leases: none is claimed ahead meanwhile (the server counts
+        #: the ones still to resume as held).
+        self.resuming = False
         self._idle_since: float | None = None
         self._idle_reason: str | None = None  # the last no_work reason logged
         self._dataset_cache: tuple[str, npt.NDArray[Any], npt.NDArray[Any]] | None = None
@@ -401,8 +404,12 @@ class Agent:
     async def _work(self, session: Session) -> Outcome:
         timeout = self.config.request_timeout_s
         interrupted, self._interrupted = self._interrupted, []
-        for lease, progress in interrupted:
-            await self._resume(session, lease, progress)
+        self.resuming = bool(interrupted)
+        try:
+            for lease, progress in interrupted:
+                await self._resume(session, lease, progress)
+        finally:
+            self.resuming = False
         governor = self.config.governor
         while not self._stop.is_set():
             if governor is not None and governor.stopping_after_unit:
@@ -521,9 +528,14 @@ class Agent:
         handover, self.handover = self.handover, None
         if handover is not None and handover.lease_id != lease.lease_id:
             handover = None  # not this lease's: its fetch is the other lease's to forget
+        # A start-up made while the last lease ended, unless its first fetch was taken for a
+        # handover that did not reach this lease: then it starts up afresh.
+        start_up = None if claimed is None else claimed.prepared
+        if claimed is not None and claimed.first_taken and handover is None:
+            start_up = None
         try:
-            if claimed is not None and claimed.prepared is not None:
-                ready = await claimed.prepared  # started while the last lease ended
+            if start_up is not None:
+                ready = await start_up  # its failure is handled below, as prepare_lease's
             else:
                 ready = await prepare_lease(
                     session, lease, self._load_dataset, self._build_model, self._set_state
@@ -595,17 +607,23 @@ class Agent:
             await asyncio.shield(handover.outgoing)
             active.check()
             await self._complete(session, active, samples)
-        except (LeaseAbandoned, ServerError) as exc:
+        except ServerError as exc:  # refused, or the lease abandoned (job paused or ended)
             active.settled = True
             logger.warning("lease %s did not complete: %s", lease_id, exc)
+        except LeaseRejected as exc:  # its last push could not be encoded
+            logger.error("cannot work on lease %s: %s", lease_id, exc)
+            await self._return_lease(session, lease_id)
+            active.settled = True
         except (asyncio.CancelledError, Exception) as exc:
-            # Cut with the connection: resumed after reconnecting (a resume at its last step
-            # only sends ``complete``; one whose push was cut sends that round again).
+            # Cut with the connection (or no answer): resumed after reconnecting, as a lease
+            # cut in _run_lease is. A resume at its last step only sends ``complete``; one
+            # whose push was cut sends that round again.
             if not (active.settled or active.abandoned or self._stop.is_set()):
                 self._interrupted.insert(0, (active.lease, progress))
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            logger.warning("lease %s: complete not confirmed: %s", lease_id, exc)
+            logger.warning("lease %s: complete not confirmed (%r); reconnecting", lease_id, exc)
+            await session.ws.close()  # the work loop's end, as an error in _run_lease is
 
     def _set_state(self, state: str) -> None:
         self.stats.state = state

@@ -12,7 +12,13 @@ from downpour_agent.protocol import ErrorFeedback, WeightsLoad
 from downpour_agent.session import Pending, Session, Tensors
 from downpour_agent.startup import Prepared
 from downpour_agent.trainer import GradientAccumulator
-from downpour_agent.transfer import load_params, push_round, receive_params, request_params
+from downpour_agent.transfer import (
+    abandon_fetch,
+    load_params,
+    push_round,
+    receive_params,
+    request_params,
+)
 
 if TYPE_CHECKING:
     from downpour_agent.connection import Agent
@@ -116,6 +122,5 @@ async def train_downpour(
                 progress.next_step, progress.seq, progress.samples = step + 1, seq, samples
                 progress.sampler = snapshot
     finally:
-        for pending in inflight or []:
-            session.forget(pending)
+        abandon_fetch(session, lease.job_id, inflight or [])
     return samples

@@ -24,7 +24,13 @@ import numpy.typing as npt
 
 from downpour_agent.leases import ActiveLease, LeaseRejected, Progress, sampler_from
 from downpour_agent.local_steps import LocalRound, inner_optimizer
-from downpour_agent.lookahead import Handover, look_ahead, next_lease, prepare_ahead
+from downpour_agent.lookahead import (
+    Handover,
+    look_ahead,
+    next_lease,
+    prepare_ahead,
+    take_first_fetch,
+)
 from downpour_agent.protocol import (
     ErrorFeedback,
     LeaseSpec,
@@ -35,7 +41,7 @@ from downpour_agent.protocol import (
 from downpour_agent.session import Pending, Session, Tensors
 from downpour_agent.startup import Prepared
 from downpour_agent.trainer import BatchSampler, GradientComputer
-from downpour_agent.transfer import receive_params, request_params, round_frames
+from downpour_agent.transfer import abandon_fetch, receive_params, request_params, round_frames
 
 if TYPE_CHECKING:
     from downpour_agent.connection import Agent
@@ -207,7 +213,7 @@ async def train_local(
             if (
                 round_end + round_steps >= lease.steps
                 and stats.leases_completed
-                and (outgoing is None or meter.rates() is not None)
+                and meter.rates() is not None
             ):
                 # The last two rounds (the last may be a short one): claim the next lease,
                 # once the request can carry the link's rates. Not on the agent's first
@@ -216,7 +222,7 @@ async def train_local(
             if round_end == lease.steps and outgoing is None:
                 # The last round, no fetch in flight: the next lease's first fetch names the
                 # version held, and no fetch of this lease comes after it.
-                prepare_ahead(agent, session)
+                prepare_ahead(agent, session, lease)
             count = steps_per_hop(round_end - step, step_s, bool(agent.config.max_steps_per_second))
             watch = arrived if outgoing is not None else None
             hop = asyncio.ensure_future(
@@ -253,14 +259,14 @@ async def train_local(
             active.check()
             last = step == lease.steps
             following = await next_lease(agent, session, lease) if last else None
-            first: tuple[Tensors, dict[int, int]] | None = None
+            first = None
             if following is not None:
                 # Taken here, so the fetch behind the push names the version it brings.
-                try:
-                    first = await receive_params(session, following[0], following[1], timeout)
-                except Exception as exc:  # the next lease's to handle, when it starts
-                    logger.info("no handover to lease %s: %s", following[0].lease_id, exc)
-                    following = None
+                first = await take_first_fetch(session, following, timeout)
+            # Behind the push: this lease's next fetch, or at a handover the next lease's.
+            fetch_for: LeaseSpec | None = lease
+            if last:
+                fetch_for = following.lease if following is not None and first else None
             # Encoding (error feedback, int8) happens in the background task too: it took
             # two int8 encodings of the whole model off the training loop's path. Rounds
             # encode one after another (the previous task is done), as the residuals need.
@@ -276,12 +282,17 @@ async def train_local(
                     agent,
                     arrived,
                     partial(_advance, progress, sent),
-                    fetch=following[0] if following is not None else None if last else lease,
+                    fetch=fetch_for,
                 )
             )
-            if following is not None and first is not None:
+            if fetch_for is not None and fetch_for is not lease and first is not None:
+                logger.info(
+                    "lease %s starts while lease %s's last push goes out",
+                    fetch_for.lease_id,
+                    lease.lease_id,
+                )
                 agent.handover = Handover(
-                    following[0].lease_id, lease.lease_id, first, outgoing, arrived
+                    fetch_for.lease_id, lease.lease_id, first, outgoing, arrived
                 )
                 outgoing = None  # the push is the handover's now: not awaited, not cancelled
             agent._round_samples[(lease.lease_id, seq)] = samples - round_start_samples
@@ -298,11 +309,12 @@ async def train_local(
             hop.exception()  # retrieved: the lease is ending anyway
         if outgoing is not None:
             outgoing.cancel()
-            for pending in await _cancelled(outgoing):
-                session.forget(pending)
-            if handover is not None:  # the wrapper was cancelled, not the push
-                for pending in handover.pendings():
-                    session.forget(pending)
+            abandon_fetch(session, lease.job_id, await _cancelled(outgoing))
+            if handover is not None:
+                # The wrapper was cancelled, not the last lease's push: once that is sent,
+                # the fetch behind it (this lease's) is forgotten too.
+                await asyncio.wait({handover.outgoing}, timeout=agent.config.return_timeout_s)
+                abandon_fetch(session, lease.job_id, handover.pendings())
     return samples
 
 

@@ -40,6 +40,7 @@ from downpour_agent.desktop.resources import lease_fits
 from downpour_agent.protocol import LeaseSpec, ProtocolError, lease_from_wire
 from downpour_agent.session import Pending, Session, Tensors
 from downpour_agent.startup import Prepared, prepare_lease
+from downpour_agent.transfer import abandon_fetch, receive_params
 
 if TYPE_CHECKING:
     from downpour_agent.connection import Agent
@@ -60,6 +61,8 @@ class Claimed:
     msg: dict[str, Any]
     lease: LeaseSpec | None = None
     prepared: asyncio.Task[Prepared] | None = None
+    #: The last lease's loop received the first fetch (for the handover).
+    first_taken: bool = False
 
 
 @dataclass
@@ -94,7 +97,7 @@ def look_ahead(agent: Agent, session: Session) -> None:
     """Claim the next lease in the background, unless one is claimed, the agent stops, or
     the last lease is not yet complete."""
     governor = agent.config.governor
-    if agent.ahead is not None or agent._stop.is_set():
+    if agent.ahead is not None or agent._stop.is_set() or agent.resuming:
         return
     if governor is not None and governor.stopping_after_unit:
         return
@@ -131,42 +134,66 @@ def _claimed(agent: Agent) -> Claimed | None:
     return ahead.result()
 
 
-def prepare_ahead(agent: Agent, session: Session) -> None:
-    """Start the claimed lease up (its first fetch goes out now): call only while no fetch
-    of the current lease is in flight."""
+def _takes_handover(lease: LeaseSpec | None, finishing: LeaseSpec) -> bool:
+    """A local-steps lease of the same job: its model is the one that just trained."""
+    return lease is not None and lease.job_id == finishing.job_id and lease.local_steps is not None
+
+
+def prepare_ahead(agent: Agent, session: Session, finishing: LeaseSpec) -> None:
+    """Start the claimed lease up (its first fetch goes out now) if it can take the
+    handover: call only while no fetch of ``finishing`` is in flight. Another lease starts up
+    when it starts: early, its model and data would sit beside this one's, and its first
+    weights would be a lease old."""
     claimed = _claimed(agent)
-    if claimed is None or claimed.lease is None or claimed.prepared is not None:
+    if claimed is None or claimed.prepared is not None:
+        return
+    if claimed.lease is None or not _takes_handover(claimed.lease, finishing):
         return
     claimed.prepared = asyncio.create_task(
         prepare_lease(session, claimed.lease, agent._load_dataset, agent._build_model)
     )
 
 
-async def next_lease(
-    agent: Agent, session: Session, finishing: LeaseSpec
-) -> tuple[LeaseSpec, list[Pending]] | None:
-    """At ``finishing``'s last round's end: the next lease and its first fetch, if that lease
-    can take the handover (a local-steps lease of the same job, whose model is the one that
-    just trained). Waits for the claim and the start-up if they are still on their way (the
-    lease would wait for them anyway); starts the start-up if the in-flight fetch kept it
-    back. None if there is no such lease or its start-up failed (the work loop deals with it)."""
-    ahead = agent.ahead
-    if ahead is None:
+async def next_lease(agent: Agent, session: Session, finishing: LeaseSpec) -> Claimed | None:
+    """At ``finishing``'s last round's end: the claim, started up, if its lease can take the
+    handover. Waits for the claim and the start-up if they are still on their way (the lease
+    would wait for them anyway); starts the start-up if the in-flight fetch kept it back.
+    None if there is no such lease, its start-up failed (the work loop deals with it), or
+    the agent is stopping (the claimed lease goes back)."""
+    ahead, governor = agent.ahead, agent.config.governor
+    if ahead is None or agent._stop.is_set():
+        return None
+    if governor is not None and governor.stopping_after_unit:
         return None
     try:
         claimed = await asyncio.shield(ahead)
     except Exception:
         return None  # the work loop reads the failure (take)
-    lease = claimed.lease
-    if lease is None or lease.job_id != finishing.job_id or lease.local_steps is None:
+    if not _takes_handover(claimed.lease, finishing):
         return None
-    prepare_ahead(agent, session)
+    prepare_ahead(agent, session, finishing)
     assert claimed.prepared is not None
     try:
-        prepared = await asyncio.shield(claimed.prepared)
+        await asyncio.shield(claimed.prepared)
     except Exception:
         return None  # _run_lease raises it again, and handles it
-    return lease, prepared.first_fetch
+    return claimed
+
+
+async def take_first_fetch(
+    session: Session, claimed: Claimed, timeout_s: float
+) -> tuple[Tensors, dict[int, int]] | None:
+    """Receive the claimed lease's first fetch for the handover; None if it failed (the
+    lease then starts up afresh when it starts)."""
+    assert claimed.lease is not None and claimed.prepared is not None
+    claimed.first_taken = True
+    try:
+        return await receive_params(
+            session, claimed.lease, claimed.prepared.result().first_fetch, timeout_s
+        )
+    except Exception as exc:
+        logger.info("no handover to lease %s: %s", claimed.lease.lease_id, exc)
+        return None
 
 
 def claimed_lease_id(agent: Agent) -> str | None:
@@ -178,14 +205,18 @@ def claimed_lease_id(agent: Agent) -> str | None:
 async def take(agent: Agent) -> Claimed | None:
     """The claim made ahead, for the work loop to start; None if there is none or it failed
     (the loop then asks again)."""
-    ahead, agent.ahead = agent.ahead, None
+    ahead = agent.ahead
     if ahead is None:
         return None
     try:
-        claimed = await ahead
+        # Shielded, and forgotten only once answered: a stop or a cut meanwhile finds the
+        # claim still there, to hand back or resume.
+        claimed = await asyncio.shield(ahead)
     except Exception as exc:  # a refused or unanswered request_work: ask again
+        agent.ahead = None
         logger.info("the lease asked for ahead did not come: %s", str(exc) or type(exc).__name__)
         return None
+    agent.ahead = None
     if claimed.msg["type"] != "lease":
         return None
     return claimed
@@ -204,7 +235,7 @@ async def drop(agent: Agent, session: Session, timeout_s: float) -> None:
     if ahead.cancelled() or ahead.exception() is not None:
         return
     claimed = ahead.result()
-    _discard(claimed.prepared, session)
+    _discard(claimed, session)
     if claimed.msg["type"] == "lease":
         await agent._return_lease(session, claimed.msg["lease_id"])
 
@@ -221,17 +252,17 @@ def interrupted(agent: Agent) -> LeaseSpec | None:
     if ahead.cancelled() or ahead.exception() is not None:
         return None
     claimed = ahead.result()
-    _discard(claimed.prepared)
+    _discard(claimed)
     return claimed.lease
 
 
-def _discard(task: asyncio.Task[Prepared] | None, session: Session | None = None) -> None:
-    """A start-up no one will await: cancelled (it forgets its fetch), or its fetch forgotten,
-    or its failure read (so it is not logged as never retrieved)."""
-    if task is None:
+def _discard(claimed: Claimed, session: Session | None = None) -> None:
+    """A start-up no one will await: cancelled (it forgets its fetch), or its fetch
+    abandoned, or its failure read (so it is not logged as never retrieved)."""
+    task = claimed.prepared
+    if task is None or claimed.lease is None:
         return
     if not task.done():
         task.cancel()
     elif not task.cancelled() and task.exception() is None and session is not None:
-        for pending in task.result().first_fetch:
-            session.forget(pending)
+        abandon_fetch(session, claimed.lease.job_id, task.result().first_fetch)

@@ -23,7 +23,7 @@ from downpour_agent.leases import check_layout
 from downpour_agent.protocol import DatasetSpec, LeaseSpec
 from downpour_agent.session import Pending, Session
 from downpour_agent.trainer import GradientComputer
-from downpour_agent.transfer import request_params
+from downpour_agent.transfer import abandon_fetch, request_params
 
 
 @dataclass
@@ -73,7 +73,6 @@ async def prepare_lease(
         batch = min(lease.hyper.batch_size, len(x))
         await asyncio.to_thread(timed, "traced", computer.warm_up, x[:batch], y[:batch])
     except BaseException:
-        for pending in pendings:
-            session.forget(pending)
+        abandon_fetch(session, lease.job_id, pendings)
         raise
     return Prepared(x, y, computer, pendings, started, marks)

@@ -46,12 +46,24 @@ async def request_params(session: Session, lease: LeaseSpec) -> list[Pending]:
     return pendings
 
 
+def abandon_fetch(session: Session, job_id: str, pendings: Sequence[Pending]) -> None:
+    """Forget a fetch whose answers will not be applied. The server may have answered (or
+    will answer) an int8 fetch with a delta and moved its mirror of what this connection
+    holds; the agent's copy did not move, so it is dropped: the next fetch names no ``have``
+    and gets the whole shard, instead of a delta against a base the agent does not hold."""
+    for pending in pendings:
+        session.forget(pending)
+    if pendings:
+        session.held.drop(job_id)
+
+
 async def receive_params(
     session: Session, lease: LeaseSpec, pendings: list[Pending], timeout_s: float
 ) -> tuple[Tensors, dict[int, int]]:
     """Wait for the ``params`` answers; returns the weights and each shard's version."""
     weights: Tensors = {}
     versions: dict[int, int] = {}
+    applied = False
     try:
         for shard, pending in enumerate(pendings):
             msg, frame = await session.answer(pending, timeout_s)
@@ -79,9 +91,13 @@ async def receive_params(
             weights.update(tensors)
             weights.update(statistics)
             versions[shard] = msg["version"]
+        applied = True
     finally:
-        for pending in pendings:
-            session.forget(pending)
+        if applied:
+            for pending in pendings:
+                session.forget(pending)
+        else:  # some answers were not applied
+            abandon_fetch(session, lease.job_id, pendings)
     return weights, versions
 
 

@@ -126,6 +126,8 @@ class FakeServer:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        for task in self._later:
+            task.cancel()
         assert self._server is not None
         self._server.close()
         await self._server.wait_closed()
@@ -220,8 +222,9 @@ class FakeServer:
             for junk in self.garbage:
                 await ws.send(junk)
             self.garbage = []
-            # As the server: at most two leases at once (max_active_leases).
-            if not self.work or len(self.outstanding) >= 2:
+            # As the server: at most two leases at once (max_active_leases), counting those
+            # whose connection went and that wait to be resumed.
+            if not self.work or len(self.outstanding) + len(self.orphaned) >= 2:
                 await reply({"type": "no_work", "retry_after_s": 0.05, **self.no_work_extra})
                 return
             lease = {**self.work.pop(0), "lease_id": next(self.lease_ids)}

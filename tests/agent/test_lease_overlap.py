@@ -62,15 +62,16 @@ async def test_the_next_lease_starts_before_the_last_push_and_its_round_replays(
     # push went out (and after the lease before had completed: no third lease was asked
     # for), and after that push came the next lease's fetch, then the lease's complete.
     assert code == EXIT_OK
-    asks = _index(server, type="request_work")
-    for finishing, following in (("lease-2", "lease-3"), ("lease-3", "lease-4")):
+    asks = _index(server, type="request_work")  # the n-th got lease n (checked below)
+    for n, (finishing, following) in enumerate((("lease-2", "lease-3"), ("lease-3", "lease-4"))):
         last_push = _index(server, type="push", lease_id=finishing, seq=1)
         complete = _index(server, type="complete", lease_id=finishing)
-        claimed = _index(server, type="fetch", lease_id=following)
+        fetched = _index(server, type="fetch", lease_id=following)
         assert len(last_push) == 2 and len(complete) == 1
-        assert any(ask < last_push[0] for ask in asks[2:])
-        behind = [i for i in claimed if last_push[-1] < i < complete[0]]
-        assert len(behind) == 2, (finishing, claimed, last_push, complete)
+        assert asks[2 + n] < last_push[0]  # claimed ahead
+        assert fetched[0] < fetched[1] < last_push[0]  # started up in the last round
+        behind = [i for i in fetched if last_push[-1] < i < complete[0]]
+        assert len(behind) == 2, (finishing, fetched, last_push, complete)
     # One request per lease: none was refused for a lease still held.
     assert (
         len([ask for ask in asks if ask < _index(server, type="fetch", lease_id="lease-4")[0]]) == 4
@@ -146,7 +147,7 @@ async def test_a_stop_while_the_next_lease_is_claimed_hands_both_back(
 
 
 async def test_a_connection_cut_after_the_handover_loses_nothing_and_applies_nothing_twice(
-    server: FakeServer, tmp_path: Path
+    server: FakeServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Prepare: after a first lease, two more; the server closes the first connection right
     # after lease 2's last push (six push frames: three rounds of two shards), so its complete and
@@ -156,20 +157,22 @@ async def test_a_connection_cut_after_the_handover_loses_nothing_and_applies_not
     agent = make_agent(server, tmp_path, max_steps_per_second=50.0)
 
     # Execute
-    code = await run_agent(agent)
+    with caplog.at_level("INFO", logger="downpour_agent"):
+        code = await run_agent(agent)
 
     # Assert: the handover had happened (lease 3 was claimed ahead); after the
     # reconnect both leases were resumed and completed, every round applied exactly once.
     assert code == EXIT_OK and server.connections == 2
     assert {m["lease_id"] for m in server.of_type("resume")} == {"lease-2", "lease-3"}
+    assert "lease lease-3 starts while lease lease-2's last push goes out" in caplog.text
     assert server.applied == FIRST | {
         (lease, seq, shard)
         for lease in ("lease-2", "lease-3")
         for seq in (0, 1)
         for shard in (0, 1)
     }
-    duplicates = [m for m, _ in server.pushes if (m["lease_id"], m["seq"]) == ("lease-2", 1)]
-    assert len(duplicates) == 2  # lease 2's last round was not sent again
+    sent = [(m["lease_id"], m["seq"], m["shard"]) for m, _ in server.pushes]
+    assert len(sent) == len(set(sent))  # no round was sent twice (none applied twice)
     completed = sorted(m["lease_id"] for m in server.of_type("complete"))
     assert completed == ["lease-1", "lease-2", "lease-3"]
     assert [m["samples"] for m in server.of_type("complete")] == [64, 128, 128]

@@ -115,3 +115,32 @@ def test_with_a_measured_rate_units_take_about_the_target_time(budget_job, agent
     assert second is not None
     seconds = second.unit.steps * BATCH / agent.measured_samples_per_s
     assert seconds == pytest.approx(settings.UNIT_TARGET_SECONDS, rel=0.05)
+
+
+def test_a_lease_claimed_ahead_is_timed_from_the_last_ones_end(budget_job, agent) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a measured agent claims its next lease 2 s before its current one ends (the
+    # agent's lease-end overlap); the next lease then runs for about 8 s more.
+    Agent.objects.filter(id=agent.id).update(measured_samples_per_s=200.0)
+    agent.refresh_from_db()
+    first, second = claim_work(agent), claim_work(agent)
+    assert first is not None and second is not None
+    now = timezone.now()
+    first_ended = now - timedelta(seconds=8)
+    Lease.objects.filter(id=first.id).update(issued_at=now - timedelta(seconds=20))
+    Lease.objects.filter(id=second.id).update(issued_at=now - timedelta(seconds=10))
+    complete_lease(agent, str(first.id), pushed_in_full(first))
+    Lease.objects.filter(id=first.id).update(ended_at=first_ended)
+    Agent.objects.filter(id=agent.id).update(measured_samples_per_s=200.0)
+    size = pushed_in_full(second)
+    record_contribution(str(budget_job.id), str(agent.id), str(second.id), size, 63, 0, 0.0)
+
+    # Execute
+    complete_lease(agent, str(second.id), size)
+
+    # Assert: the second lease's samples over its time since the first ended, not since its
+    # issue 2 s earlier (the measured rate is the EWMA of 200 and the new measurement).
+    agent.refresh_from_db()
+    ran_for = (Lease.objects.get(id=second.id).ended_at - first_ended).total_seconds()
+    assert agent.measured_samples_per_s == pytest.approx(0.5 * 200 + 0.5 * size / ran_for, rel=0.01)
+    from_issue = 0.5 * 200 + 0.5 * size / (ran_for + 2.0)
+    assert agent.measured_samples_per_s > from_issue * 1.05

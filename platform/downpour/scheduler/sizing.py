@@ -5,7 +5,8 @@ of a job's whole budget and kept it alive with heartbeats. So the scheduler size
 from what the agent has *done*:
 
 * **Measured rate.** When a lease completes, its samples (the server's tally of applied
-  pushes) over its seconds from issue to completion is one measurement, normalised to the
+  pushes) over its seconds from issue (or from the end of the agent's lease still running
+  then) to completion is one measurement, normalised to the
   reference model (:func:`reference_rate`). The agent's rate is an exponentially weighted
   average of them (:func:`update_measured_rate`), and a single measurement may raise it
   at most ``max_growth``-fold, so a burst of fast fakes grows units only step by step.
@@ -69,7 +70,7 @@ def reference_rate(samples: float, seconds: float, flops_per_sample: float | Non
     samples : float
         Samples the lease's applied pushes covered (the server's count).
     seconds : float
-        Seconds from issue to completion, > 0.
+        Seconds from issue (or the end of the lease before it) to completion, > 0.
     flops_per_sample : float or None
         Multiply-adds per sample of the job's model; None for "as the reference".
     """

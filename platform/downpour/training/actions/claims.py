@@ -198,9 +198,20 @@ def record_lease_rate(agent_id: str, lease: Lease, ended_at: datetime) -> None:
     """Fold a completed lease's measured throughput into the agent's rate (in a transaction).
 
     The samples are the server's tally of the lease's applied pushes, not the agent's word.
+    The time runs from its issue, or from the end of the agent's lease that was still running
+    then, if later: an agent claims its next lease while the last one's last round computes
+    (``downpour_agent/lookahead.py``), and that lease's work starts where the last one's ends.
+    Measured from the issue, an agent that overlaps its leases would read slower than one
+    that does not, and get smaller units.
     """
     lease.refresh_from_db(fields=["samples"])
-    seconds = (ended_at - lease.issued_at).total_seconds()
+    before = (
+        Lease.objects.filter(agent_id=agent_id, ended_at__gt=lease.issued_at, ended_at__lt=ended_at)
+        .exclude(id=lease.id)
+        .aggregate(latest=Max("ended_at"))["latest"]
+    )
+    started = lease.issued_at if before is None else max(lease.issued_at, before)
+    seconds = (ended_at - started).total_seconds()
     flops = float(model_spec(lease.unit.job).flops_per_sample)
     agent = Agent.objects.select_for_update().only("measured_samples_per_s").get(id=agent_id)
     rate = scheduler.update_measured_rate(
