@@ -2,19 +2,19 @@
 
 Within a local-steps lease the link works behind the computation; at a lease's end it did
 not. The last round's push went up the link, then ``complete``, ``request_work`` and the
-next lease's first fetch each waited for the one before: 0.7-0.9 s in which the agent
-computed nothing on ``cable``, against 0.9-1.0 of each second computing within a lease.
-So, for a local-steps lease:
+next lease's first fetch each waited for the one before, while the agent computed nothing
+(docs/benchmarks.md, "Lease-end overlap"). So, for a local-steps lease:
 
 1. When its last two rounds start (the last may be short), the agent sends
-   ``request_work`` (:func:`look_ahead`), once its link's rates are measured and not on
-   its first lease (the server sizes the next lease from the first one's rate). The
+   ``request_work`` (:func:`look_ahead`), once its link's rates are measured, not on its
+   first lease (the server sizes the next lease from the first one's rate), not while the
+   last lease's ``complete`` is unanswered, and not while resuming leases. The
    server lets an agent hold two leases (``max_active_leases``). Once the lease has come
-   back and no fetch of the current lease is in flight (:func:`prepare_ahead`), it starts
-   up: its first fetch goes out, its data and model are made ready
-   (:func:`~downpour_agent.startup.prepare_lease`). Waiting for the fetch in flight keeps
-   the first fetch a delta: it names the version this connection holds, which the
-   in-flight answer would change.
+   back, if it is a local-steps lease of the same job, and no fetch of the current lease is
+   in flight (:func:`prepare_ahead`), it starts up: its first fetch goes out, its data
+   and model are made ready (:func:`~downpour_agent.startup.prepare_lease`). Waiting for
+   the fetch in flight keeps the first fetch a delta: it names the version this
+   connection holds, which the in-flight answer would change.
 2. At the last round's end, if that next lease is a local-steps lease of the same job
    (:func:`next_lease`), the current loop takes the answer to its first fetch (usually in
    already; else sent now and waited for, about a round trip), and the push goes out in
