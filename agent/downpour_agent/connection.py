@@ -66,6 +66,7 @@ from downpour_agent.startup import Prepared, prepare_lease
 from downpour_agent.stats import AgentStats, PushResult, log_status, mirror_status
 from downpour_agent.syncloop import train_sync
 from downpour_agent.trainer import GradientComputer
+from downpour_agent.transfer import abandon_fetch
 
 logger = logging.getLogger("downpour_agent")
 
@@ -527,7 +528,9 @@ class Agent:
         )
         handover, self.handover = self.handover, None
         if handover is not None and handover.lease_id != lease.lease_id:
-            handover = None  # not this lease's: its fetch is the other lease's to forget
+            # Not this lease's (its lease went back): its fetch will not be applied.
+            abandon_fetch(session, handover.job_id, handover.pendings())
+            handover = None
         # A start-up made while the last lease ended, unless its first fetch was taken for a
         # handover that did not reach this lease: then it starts up afresh.
         start_up = None if claimed is None else claimed.prepared
@@ -610,10 +613,6 @@ class Agent:
         except ServerError as exc:  # refused, or the lease abandoned (job paused or ended)
             active.settled = True
             logger.warning("lease %s did not complete: %s", lease_id, exc)
-        except LeaseRejected as exc:  # its last push could not be encoded
-            logger.error("cannot work on lease %s: %s", lease_id, exc)
-            await self._return_lease(session, lease_id)
-            active.settled = True
         except (asyncio.CancelledError, Exception) as exc:
             # Cut with the connection (or no answer): resumed after reconnecting, as a lease
             # cut in _run_lease is. A resume at its last step only sends ``complete``; one
@@ -622,8 +621,9 @@ class Agent:
                 self._interrupted.insert(0, (active.lease, progress))
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            logger.warning("lease %s: complete not confirmed (%r); reconnecting", lease_id, exc)
-            await session.ws.close()  # the work loop's end, as an error in _run_lease is
+            logger.warning("lease %s: complete not confirmed (%r)", lease_id, exc)
+            if not self._stop.is_set():  # a stop hands the other lease back on this socket
+                await session.ws.close()  # reconnect and resume, as an error in _run_lease does
 
     def _set_state(self, state: str) -> None:
         self.stats.state = state

@@ -122,5 +122,6 @@ async def train_downpour(
                 progress.next_step, progress.seq, progress.samples = step + 1, seq, samples
                 progress.sampler = snapshot
     finally:
-        abandon_fetch(session, lease.job_id, inflight or [])
+        if inflight is not None:
+            abandon_fetch(session, lease.job_id, inflight)
     return samples

@@ -198,7 +198,7 @@ async def train_local(
                 raise asyncio.CancelledError
             if outgoing is not None and outgoing.done() and outgoing.result().arrived():
                 held, held_versions = await _receive(session, lease, outgoing, timeout, meter)
-                outgoing = None
+                outgoing = handover = None  # a handover's fetch, if it was, is applied
                 if step != round_start:
                     await asyncio.to_thread(round_.rebase, held)
                     shard_versions = tuple(held_versions[i] for i in sorted(held_versions))
@@ -255,7 +255,7 @@ async def train_local(
                 # The previous round's fetch has not come back: the link is slower than a
                 # round. Wait for it (the next rebase would otherwise skip a version).
                 held, held_versions = await _receive(session, lease, outgoing, timeout, meter)
-                outgoing = None
+                outgoing = handover = None
             active.check()
             last = step == lease.steps
             following = await next_lease(agent, session, lease) if last else None
@@ -292,7 +292,7 @@ async def train_local(
                     lease.lease_id,
                 )
                 agent.handover = Handover(
-                    fetch_for.lease_id, lease.lease_id, first, outgoing, arrived
+                    fetch_for.lease_id, lease.job_id, lease.lease_id, first, outgoing, arrived
                 )
                 outgoing = None  # the push is the handover's now: not awaited, not cancelled
             agent._round_samples[(lease.lease_id, seq)] = samples - round_start_samples
@@ -307,7 +307,7 @@ async def train_local(
             await asyncio.wait([hop])
         if hop is not None and hop.done() and not hop.cancelled():
             hop.exception()  # retrieved: the lease is ending anyway
-        if outgoing is not None:
+        if outgoing is not None:  # a fetch sent (or being sent) and not applied
             outgoing.cancel()
             abandon_fetch(session, lease.job_id, await _cancelled(outgoing))
             if handover is not None:

@@ -75,6 +75,7 @@ class Handover:
     """
 
     lease_id: str  # the next lease's
+    job_id: str
     finished_lease_id: str
     #: The next lease's first fetch, received: its weights and their versions.
     first: tuple[Tensors, dict[int, int]]

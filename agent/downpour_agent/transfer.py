@@ -47,14 +47,19 @@ async def request_params(session: Session, lease: LeaseSpec) -> list[Pending]:
 
 
 def abandon_fetch(session: Session, job_id: str, pendings: Sequence[Pending]) -> None:
-    """Forget a fetch whose answers will not be applied. The server may have answered (or
-    will answer) an int8 fetch with a delta and moved its mirror of what this connection
-    holds; the agent's copy did not move, so it is dropped: the next fetch names no ``have``
-    and gets the whole shard, instead of a delta against a base the agent does not hold."""
+    """Forget a fetch of the job that was (or may have been) sent and will not be applied.
+
+    The server may have answered (or will answer) an int8 fetch with a delta and moved its
+    mirror of what this connection holds; the agent's copy did not move, so it is dropped:
+    the next fetch names no ``have`` and gets the whole shard, instead of a delta against a
+    base the agent does not hold. ``pendings`` may be empty (a fetch cut while it was sent).
+
+    Safe because a connection never has two unapplied fetches of one job in flight: the
+    dropped copy is no other fetch's base.
+    """
     for pending in pendings:
         session.forget(pending)
-    if pendings:
-        session.held.drop(job_id)
+    session.held.drop(job_id)
 
 
 async def receive_params(

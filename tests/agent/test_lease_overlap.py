@@ -182,10 +182,8 @@ async def test_a_connection_cut_after_the_handover_loses_nothing_and_applies_not
 async def test_stop_after_this_unit_with_the_next_lease_claimed_completes_it_and_returns_that(
     server: FakeServer, tmp_path: Path
 ) -> None:
-    # Prepare: after a first lease, two more; the donor's governor, which never pauses;
-    # completes answered 0.3 s late, so the stop comes while lease 2's is on its way.
+    # Prepare: after a first lease, two more; the donor's governor, which never pauses.
     _two_round_leases(server, 2)
-    server.complete_delay_s = 0.3
     policy = Policy(
         Settings(mode="always"), input_idle=None, other_load=lambda: 0.0, on_battery=lambda: False
     )
@@ -204,10 +202,46 @@ async def test_stop_after_this_unit_with_the_next_lease_claimed_completes_it_and
     gov.stop_after_unit()
     code = await asyncio.wait_for(run, 30)
 
-    # Assert: the unit the agent was on, lease 2, completed (its complete, sent behind its
-    # last push, was waited for); lease 3, claimed ahead, was handed back; nothing is left.
+    # Assert: the unit the agent was on, lease 2, completed, with no handover (the agent was
+    # stopping); lease 3, claimed ahead, was handed back; nothing is left on the server.
     assert code == EXIT_OK and on_lease_then == "lease-2"
     assert [m["lease_id"] for m in server.of_type("complete")] == ["lease-1", "lease-2"]
-    assert agent.stats.leases_completed == 2  # the agent saw lease 2's complete_ack
+    last_push = _index(server, type="push", lease_id="lease-2", seq=1)
+    assert [i for i in _index(server, type="fetch", lease_id="lease-3") if i > last_push[0]] == []
     assert [m["lease_id"] for m in server.of_type("return_lease")] == ["lease-3"]
     assert server.outstanding == {} and len(server.work) == 0
+
+
+async def test_a_stop_after_the_handover_lets_the_last_complete_through_and_returns_the_next(
+    server: FakeServer, tmp_path: Path
+) -> None:
+    # Prepare: after a first lease, two more; completes answered 0.3 s late, so the stop
+    # comes while lease 2's complete, sent behind its last push, is on its way.
+    _two_round_leases(server, 2)
+    server.complete_delay_s = 0.3
+    agent = make_agent(server, tmp_path, max_steps_per_second=50.0, exit_when_idle_s=None)
+    run = asyncio.create_task(agent.run())
+
+    # Execute: stop once lease 3 has started on the handover (its fetch behind lease 2's
+    # last push went out).
+    async with asyncio.timeout(30):
+        while True:  # polls the fake server's record: no event is set for a fetch
+            last_push = _index(server, type="push", lease_id="lease-2", seq=1)
+            behind = [
+                i
+                for i in _index(server, type="fetch", lease_id="lease-3")
+                if last_push and i > last_push[-1]
+            ]
+            if behind:
+                break
+            await asyncio.sleep(0.01)
+    await agent.shutdown()
+    code = await asyncio.wait_for(run, 30)
+
+    # Assert: lease 2's complete went through and the agent saw it acknowledged; lease 3
+    # went back; nothing is left on the server.
+    assert code == EXIT_OK
+    assert [m["lease_id"] for m in server.of_type("complete")] == ["lease-1", "lease-2"]
+    assert agent.stats.leases_completed == 2
+    assert [m["lease_id"] for m in server.of_type("return_lease")] == ["lease-3"]
+    assert server.outstanding == {}

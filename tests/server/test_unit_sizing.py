@@ -144,3 +144,31 @@ def test_a_lease_claimed_ahead_is_timed_from_the_last_ones_end(budget_job, agent
     assert agent.measured_samples_per_s == pytest.approx(0.5 * 200 + 0.5 * size / ran_for, rel=0.01)
     from_issue = 0.5 * 200 + 0.5 * size / (ran_for + 2.0)
     assert agent.measured_samples_per_s > from_issue * 1.05
+
+
+def test_a_lease_issued_after_this_one_does_not_shorten_its_time(budget_job, agent) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: the agent holds a lease and claims another 1 s later, which goes back 2 s
+    # after the first's issue (say its job was paused); the first runs 10 s in all.
+    Agent.objects.filter(id=agent.id).update(measured_samples_per_s=200.0)
+    agent.refresh_from_db()
+    first, second = claim_work(agent), claim_work(agent)
+    assert first is not None and second is not None
+    now = timezone.now()
+    issued = now - timedelta(seconds=10)
+    Lease.objects.filter(id=first.id).update(issued_at=issued)
+    Lease.objects.filter(id=second.id).update(
+        issued_at=now - timedelta(seconds=9),
+        status=Lease.Status.RETURNED,
+        ended_at=now - timedelta(seconds=8),
+    )
+    Agent.objects.filter(id=agent.id).update(measured_samples_per_s=200.0)
+    size = pushed_in_full(first)
+    record_contribution(str(budget_job.id), str(agent.id), str(first.id), size, 63, 0, 0.0)
+
+    # Execute
+    complete_lease(agent, str(first.id), size)
+
+    # Assert: timed from its own issue: the other lease was not running when it was issued.
+    agent.refresh_from_db()
+    ran_for = (Lease.objects.get(id=first.id).ended_at - issued).total_seconds()
+    assert agent.measured_samples_per_s == pytest.approx(0.5 * 200 + 0.5 * size / ran_for, rel=0.01)

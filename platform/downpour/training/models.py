@@ -289,7 +289,11 @@ class Lease(models.Model):
     pushes_rejected = models.IntegerField(default=0)
 
     class Meta:
-        indexes = [models.Index(fields=["status", "expires_at"])]
+        indexes = [
+            models.Index(fields=["status", "expires_at"]),
+            # The agent's lease that ran when another was issued (record_lease_rate).
+            models.Index(fields=["agent", "ended_at"]),
+        ]
 
     def __str__(self) -> str:
         return f"lease {self.id} ({self.status})"

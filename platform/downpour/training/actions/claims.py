@@ -205,9 +205,16 @@ def record_lease_rate(agent_id: str, lease: Lease, ended_at: datetime) -> None:
     that does not, and get smaller units.
     """
     lease.refresh_from_db(fields=["samples"])
+    # Running at its issue: issued before it, ended after it. Expired leases are left out:
+    # one that no one worked on (a claim cut with its connection) ends when the reaper finds it.
     before = (
-        Lease.objects.filter(agent_id=agent_id, ended_at__gt=lease.issued_at, ended_at__lt=ended_at)
-        .exclude(id=lease.id)
+        Lease.objects.filter(
+            agent_id=agent_id,
+            issued_at__lt=lease.issued_at,
+            ended_at__gt=lease.issued_at,
+            ended_at__lt=ended_at,
+        )
+        .exclude(status=Lease.Status.EXPIRED)
         .aggregate(latest=Max("ended_at"))["latest"]
     )
     started = lease.issued_at if before is None else max(lease.issued_at, before)
