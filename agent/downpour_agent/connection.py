@@ -403,7 +403,6 @@ class Agent:
     # -- work ----------------------------------------------------------------------
 
     async def _work(self, session: Session) -> Outcome:
-        timeout = self.config.request_timeout_s
         interrupted, self._interrupted = self._interrupted, []
         self.resuming = bool(interrupted)
         try:
@@ -434,11 +433,7 @@ class Agent:
                 return "idle"
             self.stats.state = "asking for work"
             try:
-                msg, _ = await session.request(
-                    {"type": "request_work", **self.link_meter.request_fields()},
-                    {"lease", "no_work"},
-                    timeout_s=timeout,
-                )
+                msg = await self._request_work(session)
             except ServerError as exc:
                 if exc.code == ErrorCode.NOT_REGISTERED:
                     raise
@@ -507,11 +502,7 @@ class Agent:
         self.stats.job_id, self.stats.lease_id = lease.job_id, lease.lease_id
         self.stats.steps_done, self.stats.steps_total = progress.next_step, lease.steps
         self.stats.last_push = None
-        too_big = (
-            None
-            if self.config.memory_limit_mb is None
-            else lease_fits(lease.model, lease.hyper.batch_size, self.config.memory_limit_mb)
-        )
+        too_big = self._too_big(lease)
         if too_big is not None:
             logger.warning("refusing lease %s: %s", lease.lease_id, too_big)
             self._lease = None
@@ -624,6 +615,20 @@ class Agent:
             logger.warning("lease %s: complete not confirmed (%r)", lease_id, exc)
             if not self._stop.is_set():  # a stop hands the other lease back on this socket
                 await session.ws.close()  # reconnect and resume, as an error in _run_lease does
+
+    async def _request_work(self, session: Session) -> dict[str, Any]:
+        """Ask for a lease, reporting the link's rates once measured; ``lease`` or ``no_work``."""
+        msg, _ = await session.request(
+            {"type": "request_work", **self.link_meter.request_fields()},
+            {"lease", "no_work"},
+            timeout_s=self.config.request_timeout_s,
+        )
+        return msg
+
+    def _too_big(self, lease: LeaseSpec) -> str | None:
+        """Why ``lease`` would not fit in the donor's memory limit, or None."""
+        limit = self.config.memory_limit_mb
+        return None if limit is None else lease_fits(lease.model, lease.hyper.batch_size, limit)
 
     def _set_state(self, state: str) -> None:
         self.stats.state = state

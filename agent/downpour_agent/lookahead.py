@@ -36,7 +36,6 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from downpour_agent.desktop.resources import lease_fits
 from downpour_agent.protocol import LeaseSpec, ProtocolError, lease_from_wire
 from downpour_agent.session import Pending, Session, Tensors
 from downpour_agent.startup import Prepared, prepare_lease
@@ -110,20 +109,15 @@ def look_ahead(agent: Agent, session: Session) -> None:
 
 
 async def _claim(agent: Agent, session: Session) -> Claimed:
-    msg, _ = await session.request(
-        {"type": "request_work", **agent.link_meter.request_fields()},
-        {"lease", "no_work"},
-        timeout_s=agent.config.request_timeout_s,
-    )
+    msg = await agent._request_work(session)
     if msg["type"] != "lease":
         return Claimed(msg)
     try:
         lease = lease_from_wire(msg)
     except ProtocolError:
         return Claimed(msg)  # the work loop refuses it, as it refuses any such lease
-    limit = agent.config.memory_limit_mb
-    if limit is not None and lease_fits(lease.model, lease.hyper.batch_size, limit) is not None:
-        return Claimed(msg)
+    if agent._too_big(lease) is not None:
+        return Claimed(msg)  # the work loop refuses it, as it refuses any such lease
     logger.info("lease %s claimed ahead, while the last round computes", lease.lease_id)
     return Claimed(msg, lease)
 
