@@ -21,6 +21,27 @@ def _seed(stack: Stack, **options: object) -> dict[str, object]:
     )
 
 
+def _judged_spot_checks(stack: Stack, job_id: str) -> dict[str, int]:
+    """Wait until no spot check of the job is queued or running; the count per verdict."""
+    stack.wait_for(
+        "the spot checks to be judged",
+        lambda: (
+            not stack.query(
+                "SELECT id FROM training_spotcheck WHERE job_id = %s AND status IN "
+                "('queued', 'running')",
+                [job_id],
+            )
+        ),
+        timeout=180,
+    )
+    return dict(
+        stack.query(
+            "SELECT status, COUNT(*) FROM training_spotcheck WHERE job_id = %s GROUP BY status",
+            [job_id],
+        )
+    )
+
+
 def test_a_local_steps_job_trains_the_digits_to_95_percent_and_passes_its_spot_checks(
     production: Stack,
 ) -> None:
@@ -54,23 +75,7 @@ def test_a_local_steps_job_trains_the_digits_to_95_percent_and_passes_its_spot_c
     # After its first lease the agent reports its rates and gets H chosen from them.
     log = (production.workdir / "local-a.log").read_text(errors="replace")
     assert "lease" in log and "banned" not in log
-    production.wait_for(
-        "the spot checks to be judged",
-        lambda: (
-            not production.query(
-                "SELECT id FROM training_spotcheck WHERE job_id = %s AND status IN "
-                "('queued', 'running')",
-                [job_id],
-            )
-        ),
-        timeout=180,
-    )
-    verdicts = dict(
-        production.query(
-            "SELECT status, COUNT(*) FROM training_spotcheck WHERE job_id = %s GROUP BY status",
-            [job_id],
-        )
-    )
+    verdicts = _judged_spot_checks(production, job_id)
     assert verdicts.get("passed", 0) >= 1 and not verdicts.get("failed"), verdicts
     # The agent's log: the share of wall time spent computing (docs/benchmarks.md).
     utilisations = [float(u) for u in re.findall(r"utilisation=([0-9.]+)", log)]
@@ -202,22 +207,6 @@ def test_an_agent_claims_its_next_lease_while_the_last_round_computes(production
     # One round of every lease, chosen at random, was replayed: none failed. (A handed-over
     # lease's first round, which starts on its first fetch and rebases onto the fetch behind
     # the last push, is one of the candidates, not always the one chosen.)
-    production.wait_for(
-        "the spot checks to be judged",
-        lambda: (
-            not production.query(
-                "SELECT id FROM training_spotcheck WHERE job_id = %s AND status IN "
-                "('queued', 'running')",
-                [job_id],
-            )
-        ),
-        timeout=180,
-    )
-    verdicts = dict(
-        production.query(
-            "SELECT status, COUNT(*) FROM training_spotcheck WHERE job_id = %s GROUP BY status",
-            [job_id],
-        )
-    )
+    verdicts = _judged_spot_checks(production, job_id)
     assert verdicts.get("passed", 0) >= 3 and not verdicts.get("failed"), verdicts
     production.kill_agent("local-b")

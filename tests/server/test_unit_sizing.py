@@ -58,6 +58,23 @@ def pushed_in_full(lease: Lease) -> int:
     return size
 
 
+def completed_in_full(job: Job, agent: Agent, lease: Lease) -> int:
+    """Every round of ``lease`` arrived and counted, then its ``complete``; its samples."""
+    size = pushed_in_full(lease)
+    record_contribution(str(job.id), str(agent.id), str(lease.id), size, 63, 0, 0.0)
+    complete_lease(agent, str(lease.id), size)
+    return size
+
+
+def two_leases_at_200_samples_per_s(agent: Agent) -> tuple[Lease, Lease]:
+    """``agent``, measured at 200 samples/s, claims two leases (its most)."""
+    Agent.objects.filter(id=agent.id).update(measured_samples_per_s=200.0)
+    agent.refresh_from_db()
+    first, second = claim_work(agent), claim_work(agent)
+    assert first is not None and second is not None
+    return first, second
+
+
 def test_an_agent_claiming_1e9_samples_per_s_gets_a_small_first_unit(budget_job, boaster) -> None:  # type: ignore[no-untyped-def]
     lease = claim_work(boaster)
     assert lease is not None
@@ -120,10 +137,7 @@ def test_with_a_measured_rate_units_take_about_the_target_time(budget_job, agent
 def test_a_lease_claimed_ahead_is_timed_from_the_last_ones_end(budget_job, agent) -> None:  # type: ignore[no-untyped-def]
     # Prepare: a measured agent claims its next lease 2 s before its current one ends (the
     # agent's lease-end overlap); the next lease then runs for about 8 s more.
-    Agent.objects.filter(id=agent.id).update(measured_samples_per_s=200.0)
-    agent.refresh_from_db()
-    first, second = claim_work(agent), claim_work(agent)
-    assert first is not None and second is not None
+    first, second = two_leases_at_200_samples_per_s(agent)
     now = timezone.now()
     first_ended = now - timedelta(seconds=8)
     Lease.objects.filter(id=first.id).update(issued_at=now - timedelta(seconds=20))
@@ -131,11 +145,9 @@ def test_a_lease_claimed_ahead_is_timed_from_the_last_ones_end(budget_job, agent
     complete_lease(agent, str(first.id), pushed_in_full(first))
     Lease.objects.filter(id=first.id).update(ended_at=first_ended)
     Agent.objects.filter(id=agent.id).update(measured_samples_per_s=200.0)
-    size = pushed_in_full(second)
-    record_contribution(str(budget_job.id), str(agent.id), str(second.id), size, 63, 0, 0.0)
 
     # Execute
-    complete_lease(agent, str(second.id), size)
+    size = completed_in_full(budget_job, agent, second)
 
     # Assert: the second lease's samples over its time since the first ended, not since its
     # issue 2 s earlier (the measured rate is the EWMA of 200 and the new measurement).
@@ -149,10 +161,7 @@ def test_a_lease_claimed_ahead_is_timed_from_the_last_ones_end(budget_job, agent
 def test_a_lease_issued_after_this_one_does_not_shorten_its_time(budget_job, agent) -> None:  # type: ignore[no-untyped-def]
     # Prepare: the agent holds a lease and claims another 1 s later, which goes back 2 s
     # after the first's issue (say its job was paused); the first runs 10 s in all.
-    Agent.objects.filter(id=agent.id).update(measured_samples_per_s=200.0)
-    agent.refresh_from_db()
-    first, second = claim_work(agent), claim_work(agent)
-    assert first is not None and second is not None
+    first, second = two_leases_at_200_samples_per_s(agent)
     now = timezone.now()
     issued = now - timedelta(seconds=10)
     Lease.objects.filter(id=first.id).update(issued_at=issued)
@@ -162,11 +171,9 @@ def test_a_lease_issued_after_this_one_does_not_shorten_its_time(budget_job, age
         ended_at=now - timedelta(seconds=8),
     )
     Agent.objects.filter(id=agent.id).update(measured_samples_per_s=200.0)
-    size = pushed_in_full(first)
-    record_contribution(str(budget_job.id), str(agent.id), str(first.id), size, 63, 0, 0.0)
 
     # Execute
-    complete_lease(agent, str(first.id), size)
+    size = completed_in_full(budget_job, agent, first)
 
     # Assert: timed from its own issue: the other lease was not running when it was issued.
     agent.refresh_from_db()
