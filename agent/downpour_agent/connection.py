@@ -356,12 +356,14 @@ class Agent:
         )
 
     def on_job_finished(self, session: Session, msg: dict[str, Any]) -> None:
+        lookahead.forget_job(self, session, msg["job_id"])
         active = self._lease
         if active is not None and active.lease.job_id == msg["job_id"]:
             self._abandon(session, active, LeaseAbandoned(ErrorCode.JOB_FINISHED, msg["message"]))
 
     def on_job_paused(self, session: Session, msg: dict[str, Any]) -> None:
         """The server took the job's leases back (not counted against us): move on."""
+        lookahead.forget_job(self, session, msg["job_id"])
         active = self._lease
         if active is not None and active.lease.job_id == msg["job_id"]:
             self._abandon(session, active, LeaseAbandoned(ErrorCode.JOB_PAUSED, msg["message"]))
@@ -603,7 +605,10 @@ class Agent:
             await self._complete(session, active, samples)
         except ServerError as exc:  # refused, or the lease abandoned (job paused or ended)
             active.settled = True
-            logger.warning("lease %s did not complete: %s", lease_id, exc)
+            if exc.code in JOB_ENDING_CODES:  # the job's normal course, its leases all end
+                logger.info("lease %s ended with its job: %s", lease_id, exc)
+            else:
+                logger.warning("lease %s did not complete: %s", lease_id, exc)
         except (asyncio.CancelledError, Exception) as exc:
             # Cut with the connection (or no answer): resumed after reconnecting, as a lease
             # cut in _run_lease is. A resume at its last step only sends ``complete``; one

@@ -164,14 +164,22 @@ async def next_lease(agent: Agent, session: Session, finishing: LeaseSpec) -> Cl
         claimed = await asyncio.shield(ahead)
     except Exception:
         return None  # the work loop reads the failure (take)
-    if not _takes_handover(claimed.lease, finishing):
+    if agent.ahead is not ahead or not _takes_handover(claimed.lease, finishing):
         return None
     prepare_ahead(agent, session, finishing)
-    assert claimed.prepared is not None
+    prepared = claimed.prepared
+    assert prepared is not None
     try:
-        await asyncio.shield(claimed.prepared)
+        await asyncio.shield(prepared)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if prepared.cancelled() and task is not None and not task.cancelling():
+            return None  # the claim was forgotten meanwhile (forget_job), not this loop
+        raise
     except Exception:
         return None  # _run_lease raises it again, and handles it
+    if agent.ahead is not ahead:
+        return None
     return claimed
 
 
@@ -233,6 +241,17 @@ async def drop(agent: Agent, session: Session, timeout_s: float) -> None:
     _discard(claimed, session)
     if claimed.msg["type"] == "lease":
         await agent._return_lease(session, claimed.msg["lease_id"])
+
+
+def forget_job(agent: Agent, session: Session, job_id: str) -> None:
+    """``job_paused`` or ``job_finished``: the server has already taken back the job's
+    leases, so a lease of it claimed ahead is forgotten, neither started nor handed back."""
+    claimed = _claimed(agent)
+    if claimed is None or claimed.lease is None or claimed.lease.job_id != job_id:
+        return
+    agent.ahead = None
+    logger.info("lease %s, claimed ahead, ended with its job", claimed.lease.lease_id)
+    _discard(claimed, session)
 
 
 def interrupted(agent: Agent) -> LeaseSpec | None:

@@ -106,6 +106,14 @@ class FakeServer:
         #: up the connection's other messages.
         self.complete_delay_s = 0.0
         self._later: set[asyncio.Task[None]] = set()
+        #: (lease_id, seq, "job_paused" or "job_finished"): when that push arrives, the job
+        #: ends as the server ends it: its leases are taken back, the agent hears the event,
+        #: and every later request naming one of them is refused with that code.
+        self.end_job_on_push: tuple[str, int, str] | None = None
+        #: lease_id -> the code its requests are refused with; index in ``received`` of the
+        #: push that ended the job.
+        self.ended: dict[str, str] = {}
+        self.ended_at: int | None = None
         self.drop_after_pushes: int | None = None
         self.drop_how = "close"
         self.drop_code = 1012  # server restart; CloseCode.FORBIDDEN after a ban
@@ -204,6 +212,14 @@ class FakeServer:
                 answer["ref"] = ref
             await ws.send(message_to_wire(answer))
 
+        if msg.get("lease_id") in self.ended and mtype != "heartbeat":
+            await reply(error_message(self.ended[msg["lease_id"]], "the job ended"))
+            return
+        ending = self.end_job_on_push
+        if mtype == "push" and ending is not None and ending[:2] == (msg["lease_id"], msg["seq"]):
+            await self._end_job(ws, self.outstanding[msg["lease_id"]]["job_id"], ending[2])
+            await reply(error_message(ending[2], "the job ended"))
+            return
         if mtype == "register" and self.register_error is not None:
             await reply(error_message(self.register_error, "go away"))
         elif mtype == "register":
@@ -295,6 +311,17 @@ class FakeServer:
         elif mtype == "return_lease":
             self.outstanding.pop(msg["lease_id"], None)
             await reply({"type": "lease_returned", "lease_id": msg["lease_id"]})
+
+    async def _end_job(self, ws: ServerConnection, job_id: str, event: str) -> None:
+        """As the server pauses or finishes a job: its leases are taken back, not counted
+        against the agent, and the agent is told."""
+        self.end_job_on_push, self.ended_at = None, len(self.received) - 1
+        for lease_id, lease in list(self.outstanding.items()):
+            if lease["job_id"] == job_id:
+                self.ended[lease_id] = event
+                del self.outstanding[lease_id]
+        self.work = [lease for lease in self.work if lease["job_id"] != job_id]
+        await ws.send(message_to_wire({"type": event, "job_id": job_id, "message": "it ended"}))
 
 
 def make_agent(server: FakeServer, cache_dir: Path, **overrides: Any) -> Agent:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -245,3 +246,68 @@ async def test_a_stop_after_the_handover_lets_the_last_complete_through_and_retu
     assert agent.stats.leases_completed == 2
     assert [m["lease_id"] for m in server.of_type("return_lease")] == ["lease-3"]
     assert server.outstanding == {}
+
+
+def _then_another_job(server: FakeServer) -> None:
+    """One more lease, of another job, for the agent to move on to."""
+    other = {**server.work[-1], "job_id": "other-job", "steps": 8}
+    server.work.append(other)
+
+
+@pytest.mark.parametrize("event", ["job_paused", "job_finished"])
+async def test_a_job_that_ends_while_its_next_lease_is_claimed_forgets_that_lease(
+    server: FakeServer, tmp_path: Path, event: str
+) -> None:
+    # Prepare: after a first lease, a lease of three rounds and one more of the same job,
+    # then a lease of another job. The job ends (as the server pauses or finishes it) when
+    # lease 2's second round's push arrives: lease 3 was claimed in that round (one of the
+    # last two) and waits for the last one to start up.
+    _two_round_leases(server, 2)
+    server.work[1]["steps"] = 24
+    _then_another_job(server)
+    server.end_job_on_push = ("lease-2", 1, event)
+    agent = make_agent(server, tmp_path, max_steps_per_second=50.0)
+
+    # Execute
+    code = await run_agent(agent)
+
+    # Assert: lease 3 had been claimed before the job ended, and the agent never named it
+    # again: no fetch, push, complete or return for a lease the server already took back.
+    # It moved on to the other job's lease and completed it; nothing is left on the server.
+    assert code == EXIT_OK and server.ended_at is not None
+    assert _index(server, type="request_work")[2] < server.ended_at
+    assert server.ended == {"lease-2": event, "lease-3": event}
+    after = server.received[server.ended_at + 1 :]
+    assert [m for m in after if m.get("lease_id") == "lease-3" and m["type"] != "heartbeat"] == []
+    assert [m["lease_id"] for m in server.of_type("complete")] == ["lease-1", "lease-4"]
+    assert server.outstanding == {} and server.work == []
+
+
+async def test_a_job_paused_at_the_handover_stops_the_lease_it_was_handed_to(
+    server: FakeServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: as above, but the job is paused when lease 2's last push arrives: lease 3
+    # has started on the handover, with its fetch behind that push.
+    _two_round_leases(server, 2)
+    _then_another_job(server)
+    server.end_job_on_push = ("lease-2", 1, "job_paused")
+    agent = make_agent(server, tmp_path, max_steps_per_second=50.0)
+
+    # Execute
+    with caplog.at_level("INFO", logger="downpour_agent"):
+        code = await run_agent(agent)
+
+    # Assert: lease 3 had been handed over to (its first fetch went out before the push);
+    # after the pause it pushed nothing and was neither completed nor returned. Lease 2's
+    # complete, sent behind its push, was refused with the pause, which the donor reads as
+    # the job's course, not as a fault. The agent completed the other job's lease.
+    assert code == EXIT_OK and server.ended_at is not None
+    assert _index(server, type="fetch", lease_id="lease-3")[0] < server.ended_at
+    after = server.received[server.ended_at + 1 :]
+    named = {m["type"] for m in after if m.get("lease_id") == "lease-3"}
+    assert named <= {"fetch", "heartbeat"}, named
+    assert [m["lease_id"] for m in server.of_type("complete")] == ["lease-1", "lease-2", "lease-4"]
+    assert agent.stats.leases_completed == 2
+    assert "lease lease-2 ended with its job" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert server.outstanding == {} and server.work == []
