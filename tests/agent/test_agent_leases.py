@@ -90,6 +90,35 @@ async def test_the_agent_registers_fetches_pushes_and_completes_a_lease(
     assert 0 <= last.staleness <= 3  # overlapped fetches may leave the last push stale
 
 
+async def test_an_int8_fetch_left_unapplied_at_a_lease_end_makes_the_next_fetch_whole(
+    server: FakeServer, tmp_path: Path
+) -> None:
+    # Prepare: two int8 leases of one job on one connection, 7 steps each, fetches before
+    # steps 0, 3 and 6. The fetch sent before step 6 is still unapplied when the lease's last
+    # step ends: the server may have answered it with a delta, and so moved its mirror of
+    # what this connection holds past the copy the agent kept.
+    server.lease_template["hyper"]["compression"] = "int8"
+    server.work = [dict(server.lease_template) for _ in range(2)]
+    agent = make_agent(server, tmp_path)
+
+    # Execute
+    code = await run_agent(agent)
+
+    # Assert: within a lease, a fetch made after an applied answer names the version held
+    # (the server may answer with a delta); the next lease's first fetch names none, so it
+    # gets whole shards rather than a delta against a base the agent does not hold.
+    assert code == EXIT_OK
+    fetches = server.of_type("fetch")
+    first, second = (
+        [f for f in fetches if f["lease_id"] == lease] for lease in ("lease-1", "lease-2")
+    )
+    assert len(first) == len(second) == 6
+    assert [f.get("have") for f in first[:2]] == [None, None]
+    assert all(isinstance(f.get("have"), int) for f in first[2:])
+    assert [f.get("have") for f in second[:2]] == [None, None]
+    assert all(isinstance(f.get("have"), int) for f in second[2:])
+
+
 async def test_the_pushed_gradient_is_the_mean_gradient_of_the_batches_it_covers(
     server: FakeServer, tmp_path: Path, model_config: dict[str, Any], shard_body: bytes
 ) -> None:
