@@ -21,6 +21,8 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from downpour_agent.connection import Agent, AgentConfig
+from downpour_agent.desktop.governor import DutyCycle, Governor, Policy
+from downpour_agent.desktop.settings import Settings
 from downpour_agent.protocol import (
     AGENT_MESSAGES,
     CloseCode,
@@ -342,3 +344,27 @@ def make_agent(server: FakeServer, cache_dir: Path, **overrides: Any) -> Agent:
 
 async def run_agent(agent: Agent, timeout_s: float = 60.0) -> int:
     return await asyncio.wait_for(agent.run(), timeout_s)
+
+
+def governor() -> Governor:
+    """A donor's governor that always allows work, until the test pauses it."""
+    policy = Policy(
+        Settings(mode="always"),
+        input_idle=None,
+        other_load=lambda: 0.0,
+        on_battery=lambda: False,
+    )
+    return Governor(policy, DutyCycle(1.0, 1), poll_s=0.05)
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Poll observable state (a message seen, a state shown) until it holds."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.02)
+
+
+def heartbeats_for(server: FakeServer, lease_id: str) -> int:
+    return sum(1 for m in server.of_type("heartbeat") if m.get("lease_id") == lease_id)

@@ -5,41 +5,15 @@ and nothing applied twice."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tests.agent.fakeserver import FakeServer, make_agent
+from tests.agent.fakeserver import FakeServer, governor, heartbeats_for, make_agent, until
 
 from downpour_agent.connection import EXIT_OK
 from downpour_agent.desktop import status as st
-from downpour_agent.desktop.governor import DutyCycle, Governor, Policy
-from downpour_agent.desktop.settings import Settings
 
 pytest.importorskip("keras")
-
-
-def governor() -> Governor:
-    policy = Policy(
-        Settings(mode="always"),
-        input_idle=None,
-        other_load=lambda: 0.0,
-        on_battery=lambda: False,
-    )
-    return Governor(policy, DutyCycle(1.0, 1), poll_s=0.05)
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    """Poll observable state (a message seen, a state shown) until it holds."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            if condition():
-                return
-            await asyncio.sleep(0.02)
-
-
-def heartbeats_for(server: FakeServer, lease_id: str) -> int:
-    return sum(1 for m in server.of_type("heartbeat") if m.get("lease_id") == lease_id)
 
 
 async def test_a_short_pause_keeps_the_lease_alive_and_loses_nothing(

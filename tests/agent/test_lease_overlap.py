@@ -11,11 +11,17 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tests.agent.fakeserver import FakeServer, make_agent, run_agent
+from tests.agent.fakeserver import (
+    FakeServer,
+    governor,
+    heartbeats_for,
+    make_agent,
+    run_agent,
+    until,
+)
 
+from downpour_agent import lookahead
 from downpour_agent.connection import EXIT_OK
-from downpour_agent.desktop.governor import DutyCycle, Governor, Policy
-from downpour_agent.desktop.settings import Settings
 from downpour_agent.local_steps import replay_local_round
 from downpour_agent.protocol import LocalSteps
 from downpour_agent.trainer import GradientComputer
@@ -185,10 +191,7 @@ async def test_stop_after_this_unit_with_the_next_lease_claimed_completes_it_and
 ) -> None:
     # Prepare: after a first lease, two more; the donor's governor, which never pauses.
     _two_round_leases(server, 2)
-    policy = Policy(
-        Settings(mode="always"), input_idle=None, other_load=lambda: 0.0, on_battery=lambda: False
-    )
-    gov = Governor(policy, DutyCycle(1.0, 1), poll_s=0.05)
+    gov = governor()
     agent = make_agent(
         server, tmp_path, governor=gov, max_steps_per_second=50.0, exit_when_idle_s=None
     )
@@ -311,3 +314,68 @@ async def test_a_job_paused_at_the_handover_stops_the_lease_it_was_handed_to(
     assert "lease lease-2 ended with its job" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     assert server.outstanding == {} and server.work == []
+
+
+async def test_a_pause_while_the_next_lease_is_claimed_keeps_both_and_loses_nothing(
+    server: FakeServer, tmp_path: Path
+) -> None:
+    # Prepare: after a first lease, two more; the donor's governor.
+    _two_round_leases(server, 2)
+    gov = governor()
+    agent = make_agent(server, tmp_path, governor=gov, max_steps_per_second=50.0)
+    run = asyncio.create_task(agent.run())
+
+    # Execute: the donor pauses once lease 3 is claimed ahead, for five of its heartbeats.
+    await until(lambda: lookahead.claimed_lease_id(agent) == "lease-3")
+    gov.pause()
+    await until(lambda: agent.stats.state == "paused")
+    steps_when_paused, beats = agent.stats.steps_done, heartbeats_for(server, "lease-3")
+    await until(lambda: heartbeats_for(server, "lease-3") >= beats + 5)
+    steps_after_pause = agent.stats.steps_done
+    gov.resume()
+    code = await asyncio.wait_for(run, 60)
+
+    # Assert: nothing computed while paused; the claimed lease was kept alive by heartbeats
+    # and, like the one in hand, completed in full after the pause; each round applied once.
+    assert code == EXIT_OK
+    assert steps_after_pause == steps_when_paused
+    assert server.of_type("return_lease") == []
+    assert [m["samples"] for m in server.of_type("complete")] == [64, 128, 128]
+    assert server.applied == FIRST | {
+        (lease, seq, shard)
+        for lease in ("lease-2", "lease-3")
+        for seq in (0, 1)
+        for shard in (0, 1)
+    }
+    sent = [(m["lease_id"], m["seq"], m["shard"]) for m, _ in server.pushes]
+    assert len(sent) == len(set(sent))
+    assert server.outstanding == {}
+
+
+async def test_a_pause_that_outlasts_the_leases_hands_back_both_the_current_and_the_claimed(
+    server: FakeServer, tmp_path: Path
+) -> None:
+    # Prepare: as above, but leases live 1 s (the pause outlasts them); the agent stays up
+    # after the pause, with no work left.
+    _two_round_leases(server, 2)
+    for lease in server.work:
+        lease["expires_in_s"] = 1.0
+    gov = governor()
+    agent = make_agent(server, tmp_path, governor=gov, max_steps_per_second=50.0)
+    run = asyncio.create_task(agent.run())
+
+    # Execute: the donor pauses once lease 3 is claimed ahead, until both leases are back.
+    await until(lambda: lookahead.claimed_lease_id(agent) == "lease-3")
+    gov.pause()
+    await until(lambda: len(server.of_type("return_lease")) == 2)
+    gov.resume()
+    code = await asyncio.wait_for(run, 60)
+
+    # Assert: lease 2 went back after its pause outlasted it, then lease 3, which never
+    # computed (it pushed nothing); nothing is left on the server.
+    assert code == EXIT_OK
+    assert [m["lease_id"] for m in server.of_type("return_lease")] == ["lease-2", "lease-3"]
+    assert [m["lease_id"] for m in server.of_type("complete")] == ["lease-1"]
+    assert [m for m, _ in server.pushes if m["lease_id"] == "lease-3"] == []
+    assert agent.stats.leases_returned == 2
+    assert server.outstanding == {}
