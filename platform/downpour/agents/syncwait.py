@@ -91,9 +91,20 @@ def _reached(job: Job, shard: int, min_version: int) -> bool:
 async def wait_for_version(
     job: Job, shard: int, min_version: int, closed: Callable[[], bool]
 ) -> None:
-    """Return once shard ``shard`` of ``job`` has reached ``min_version``, the socket has
-    closed, or ``MAX_WAIT_S`` has passed."""
-    job_store(job).layout.check_shard(shard)
+    """Return once shard ``shard`` of ``job`` has reached ``min_version`` or the version
+    after the one it held when asked, whichever is lower; or the socket has closed; or
+    ``MAX_WAIT_S`` has passed.
+
+    No step or pass writes more than one version at a time, so a version further ahead is
+    not coming soon, and would hold the fetch (and its polls) for ``MAX_WAIT_S``. It is not
+    refused either: an honest agent holds one after a restore from a checkpoint took the
+    shard back. It is answered at the next version, as a fetch held to ``MAX_WAIT_S`` is
+    answered below its ``min_version``, and the agent asks again."""
+    store = job_store(job)
+    store.layout.check_shard(shard)
+    held = await asyncio.to_thread(store.storage.load_version, store.job_id, shard)
+    if held is not None:
+        min_version = min(min_version, held + 1)
     deadline = time.monotonic() + MAX_WAIT_S
     delay = 0.005
     key = (id(asyncio.get_running_loop()), str(job.id), shard)

@@ -116,6 +116,29 @@ async def test_a_fetch_with_min_version_waits_for_the_step_without_blocking_the_
     assert [v["name"] for v in lease_a["layout"][0]] == list(tensors)
 
 
+async def test_a_fetch_waits_no_further_than_the_next_step(
+    alice: Any, dataset: Any, agents: Agents
+) -> None:
+    # Held for a version no step is about to write, it would poll for 15 s; it is answered
+    # at the next step instead (the agent asks again if it wants more). Not refused: an
+    # honest agent holds a version ahead of the shard after a restore took the shard back.
+    first, second, lease_a, lease_b = await two_sync_leases(alice, dataset, agents)
+    await first.push(lease_a, 0, gradients(lease_a, 0))
+
+    await first.send(
+        {"type": "fetch", "lease_id": lease_a["lease_id"], "shard": 0, "min_version": 50, "ref": 5}
+    )
+    heartbeat = await first.ask({"type": "heartbeat", "ref": "meanwhile"})
+    assert heartbeat["type"] == "heartbeat_ack"  # it waits (the step is not there yet)
+    await asyncio.sleep(0.2)  # margin: the wait has read the shard's version (0) by now
+    await second.push(lease_b, 0, gradients(lease_b, 0))  # the step's N-th: version 1
+    started = time.monotonic()
+    msg, _ = await first.recv()
+
+    assert (msg["type"], msg["version"], msg["ref"]) == ("params", 1, 5)
+    assert time.monotonic() - started < 5  # not held to the 15 s limit
+
+
 async def test_a_step_that_waits_past_its_timeout_applies_what_arrived(
     alice: Any, dataset: Any, agents: Agents
 ) -> None:
