@@ -300,6 +300,11 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": REAP_INTERVAL_S,
         "options": {"expires": REAP_INTERVAL_S},
     },
+    "tick-sync-jobs": {
+        "task": "downpour.training.tasks.tick_sync_jobs",
+        "schedule": REAP_INTERVAL_S,
+        "options": {"expires": REAP_INTERVAL_S},
+    },
 }
 
 LOGGING = {

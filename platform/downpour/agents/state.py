@@ -117,6 +117,7 @@ class SocketState:
     def forget_lease(self, lease_id: str) -> None:
         """Drop a lease its job's end took back; remember which job, for late requests."""
         cached = self.leases.pop(lease_id, None)
+        self.recordings.pop(lease_id, None)  # its checked round will never settle now
         if cached is not None:
             self.ended[lease_id] = cached.job
             while len(self.ended) > ENDED_LEASES_KEPT:

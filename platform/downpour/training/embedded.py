@@ -21,6 +21,7 @@ from .actions.jobs import free_finished_stores, start_queued_jobs
 from .actions.leases import reap_expired_leases
 from .actions.recovery import checkpoint_running_jobs
 from .actions.references import publish_reference, push_running_references
+from .actions.sync_steps import tick_sync_jobs
 from .sandblaster import coordinate_running_jobs
 from .spotchecks.replay import run_pending
 from .store import reference_requested, take_reference_requests
@@ -56,6 +57,7 @@ def _loop() -> None:
         (2.0, start_queued_jobs),
         (settings.REFERENCE_INTERVAL_S, push_running_references),
         (settings.REAP_INTERVAL_S, reap_expired_leases),
+        (settings.REAP_INTERVAL_S, tick_sync_jobs),
         (settings.REAP_INTERVAL_S, free_finished_stores),
         (settings.EVAL_INTERVAL_S, evaluate_running_jobs),
         (settings.CHECKPOINT_INTERVAL_S, checkpoint_running_jobs),

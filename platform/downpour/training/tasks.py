@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import shared_task
 
 from . import sandblaster
-from .actions import evaluations, jobs, leases, recovery, references
+from .actions import evaluations, jobs, leases, recovery, references, sync_steps
 from .spotchecks import replay
 
 
@@ -32,6 +32,11 @@ def free_finished_stores() -> int:
 @shared_task
 def reap_expired_leases() -> int:
     return leases.reap_expired_leases()
+
+
+@shared_task
+def tick_sync_jobs() -> int:
+    return sync_steps.tick_sync_jobs()
 
 
 @shared_task
