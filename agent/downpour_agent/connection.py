@@ -356,17 +356,19 @@ class Agent:
         )
 
     def on_job_finished(self, session: Session, msg: dict[str, Any]) -> None:
-        lookahead.forget_job(self, session, msg["job_id"])
+        reason = LeaseAbandoned(ErrorCode.JOB_FINISHED, msg["message"])
+        lookahead.forget_job(self, session, msg["job_id"], reason)
         active = self._lease
         if active is not None and active.lease.job_id == msg["job_id"]:
-            self._abandon(session, active, LeaseAbandoned(ErrorCode.JOB_FINISHED, msg["message"]))
+            self._abandon(session, active, reason)
 
     def on_job_paused(self, session: Session, msg: dict[str, Any]) -> None:
         """The server took the job's leases back (not counted against us): move on."""
-        lookahead.forget_job(self, session, msg["job_id"])
+        reason = LeaseAbandoned(ErrorCode.JOB_PAUSED, msg["message"])
+        lookahead.forget_job(self, session, msg["job_id"], reason)
         active = self._lease
         if active is not None and active.lease.job_id == msg["job_id"]:
-            self._abandon(session, active, LeaseAbandoned(ErrorCode.JOB_PAUSED, msg["message"]))
+            self._abandon(session, active, reason)
 
     def _abandon(self, session: Session, active: ActiveLease, reason: LeaseAbandoned) -> None:
         if active.abandoned is None:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from downpour_agent.protocol import LeaseSpec, ProtocolError, lease_from_wire
-from downpour_agent.session import Pending, Session, Tensors
+from downpour_agent.session import LeaseAbandoned, Pending, Session, Tensors
 from downpour_agent.startup import Prepared, prepare_lease
 from downpour_agent.transfer import abandon_fetch, receive_params
 
@@ -62,6 +62,9 @@ class Claimed:
     prepared: asyncio.Task[Prepared] | None = None
     #: The last lease's loop received the first fetch (for the handover).
     first_taken: bool = False
+    #: Its job ended (``job_paused`` or ``job_finished``): the server took the lease back,
+    #: and nothing is to start it, hand it over to it or return it (:func:`forget_job`).
+    forgotten: bool = False
 
 
 @dataclass
@@ -191,12 +194,15 @@ async def take_first_fetch(
     assert claimed.lease is not None and claimed.prepared is not None
     claimed.first_taken = True
     try:
-        return await receive_params(
+        first = await receive_params(
             session, claimed.lease, claimed.prepared.result().first_fetch, timeout_s
         )
     except Exception as exc:
         logger.info("no handover to lease %s: %s", claimed.lease.lease_id, exc)
         return None
+    if claimed.forgotten:  # its job ended while the answers came in
+        return None
+    return first
 
 
 def claimed_lease_id(agent: Agent) -> str | None:
@@ -219,8 +225,9 @@ async def take(agent: Agent) -> Claimed | None:
         agent.ahead = None
         logger.info("the lease asked for ahead did not come: %s", str(exc) or type(exc).__name__)
         return None
-    agent.ahead = None
-    if claimed.msg["type"] != "lease":
+    if agent.ahead is ahead:
+        agent.ahead = None
+    if claimed.msg["type"] != "lease" or claimed.forgotten:
         return None
     return claimed
 
@@ -243,14 +250,27 @@ async def drop(agent: Agent, session: Session, timeout_s: float) -> None:
         await agent._return_lease(session, claimed.msg["lease_id"])
 
 
-def forget_job(agent: Agent, session: Session, job_id: str) -> None:
+def forget_job(agent: Agent, session: Session, job_id: str, reason: LeaseAbandoned) -> None:
     """``job_paused`` or ``job_finished``: the server has already taken back the job's
-    leases, so a lease of it claimed ahead is forgotten, neither started nor handed back."""
-    claimed = _claimed(agent)
-    if claimed is None or claimed.lease is None or claimed.lease.job_id != job_id:
+    leases, so a lease of it claimed ahead is forgotten: neither started, nor handed over
+    to, nor handed back.
+
+    Its requests in flight (the first fetch) fail with ``reason`` rather than being
+    cancelled: the last lease's loop may be waiting for them (:func:`take_first_fetch`),
+    and must see a failed handover, not a cancellation of itself. A claim still unanswered
+    here is not known to be of this job; if it is, its first request is refused with the
+    job's code and the lease ends like any lease of an ended job."""
+    ahead = agent.ahead
+    if ahead is None or not ahead.done() or ahead.cancelled() or ahead.exception():
         return
+    claimed = ahead.result()
+    if claimed.msg["type"] != "lease" or claimed.msg.get("job_id") != job_id:
+        return
+    claimed.forgotten = True
     agent.ahead = None
-    logger.info("lease %s, claimed ahead, ended with its job", claimed.lease.lease_id)
+    logger.info("lease %s, claimed ahead, ended with its job", claimed.msg.get("lease_id"))
+    if claimed.lease is not None:
+        session.fail_lease_requests(claimed.lease.lease_id, reason)
     _discard(claimed, session)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -116,6 +116,11 @@ class FakeServer:
         #: push that ended the job.
         self.ended: dict[str, str] = {}
         self.ended_at: int | None = None
+        #: (lease_id, event, delay_s): that lease's fetches go unanswered, and ``delay_s``
+        #: after the first the job ends as above, then they are refused with the event's code
+        #: (the real server's order).
+        self.end_job_on_fetch: tuple[str, str, float] | None = None
+        self._held_fetches: list[int] = []
         self.drop_after_pushes: int | None = None
         self.drop_how = "close"
         self.drop_code = 1012  # server restart; CloseCode.FORBIDDEN after a ban
@@ -222,6 +227,12 @@ class FakeServer:
             await self._end_job(ws, self.outstanding[msg["lease_id"]]["job_id"], ending[2])
             await reply(error_message(ending[2], "the job ended"))
             return
+        on_fetch = self.end_job_on_fetch
+        if mtype == "fetch" and on_fetch is not None and msg["lease_id"] == on_fetch[0]:
+            self._held_fetches.append(ref)
+            if len(self._held_fetches) == 1:
+                self._later_task(self._end_job_later(ws, msg["lease_id"], *on_fetch[1:]))
+            return
         if mtype == "register" and self.register_error is not None:
             await reply(error_message(self.register_error, "go away"))
         elif mtype == "register":
@@ -304,15 +315,28 @@ class FakeServer:
                 self.outstanding.pop(msg["lease_id"], None)
                 await reply({"type": "complete_ack", "lease_id": msg["lease_id"]})
 
-            task = asyncio.create_task(later())
-            self._later.add(task)
-            task.add_done_callback(self._later.discard)
+            self._later_task(later())
         elif mtype == "complete":
             self.outstanding.pop(msg["lease_id"], None)
             await reply({"type": "complete_ack", "lease_id": msg["lease_id"]})
         elif mtype == "return_lease":
             self.outstanding.pop(msg["lease_id"], None)
             await reply({"type": "lease_returned", "lease_id": msg["lease_id"]})
+
+    def _later_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._later.add(task)
+        task.add_done_callback(self._later.discard)
+
+    async def _end_job_later(
+        self, ws: ServerConnection, lease_id: str, event: str, delay_s: float
+    ) -> None:
+        await asyncio.sleep(delay_s)
+        self.end_job_on_fetch = None
+        await self._end_job(ws, self.outstanding[lease_id]["job_id"], event)
+        refs, self._held_fetches = self._held_fetches, []
+        for ref in refs:
+            await ws.send(message_to_wire(error_message(event, "the job ended", ref)))
 
     async def _end_job(self, ws: ServerConnection, job_id: str, event: str) -> None:
         """As the server pauses or finishes a job: its leases are taken back, not counted

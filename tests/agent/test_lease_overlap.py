@@ -282,6 +282,7 @@ async def test_a_job_that_ends_while_its_next_lease_is_claimed_forgets_that_leas
     assert server.ended == {"lease-2": event, "lease-3": event}
     after = server.received[server.ended_at + 1 :]
     assert [m for m in after if m.get("lease_id") == "lease-3" and m["type"] != "heartbeat"] == []
+    assert len([m for m in after if m.get("lease_id") == "lease-3"]) <= 1  # one was on its way
     assert [m["lease_id"] for m in server.of_type("complete")] == ["lease-1", "lease-4"]
     assert server.outstanding == {} and server.work == []
 
@@ -312,7 +313,8 @@ async def test_a_job_paused_at_the_handover_stops_the_lease_it_was_handed_to(
     assert [m["lease_id"] for m in server.of_type("complete")] == ["lease-1", "lease-2", "lease-4"]
     assert agent.stats.leases_completed == 2
     assert "lease lease-2 ended with its job" in caplog.text
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    ours = [r for r in caplog.records if r.name.startswith("downpour_agent")]
+    assert not [r for r in ours if r.levelno >= logging.WARNING], caplog.text
     assert server.outstanding == {} and server.work == []
 
 
@@ -379,3 +381,32 @@ async def test_a_pause_that_outlasts_the_leases_hands_back_both_the_current_and_
     assert [m for m, _ in server.pushes if m["lease_id"] == "lease-3"] == []
     assert agent.stats.leases_returned == 2
     assert server.outstanding == {}
+
+
+async def test_a_job_that_ends_while_the_handover_waits_for_the_next_leases_fetch_moves_on(
+    server: FakeServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: as above; lease 3's first fetch goes unanswered for 0.5 s (past lease 2's
+    # last round, 160 ms), so at that round's end the handover waits for it. Then the job
+    # ends: the agent hears job_paused, and the fetch is refused.
+    _two_round_leases(server, 2)
+    _then_another_job(server)
+    server.end_job_on_fetch = ("lease-3", "job_paused", 0.5)
+    agent = make_agent(server, tmp_path, max_steps_per_second=50.0)
+
+    # Execute
+    with caplog.at_level("INFO", logger="downpour_agent"):
+        code = await run_agent(agent)
+
+    # Assert: the handover failed quietly and the agent moved on to the other job on the
+    # same connection (the wait for the fetch was not cancelled under the lease's loop,
+    # which would end the connection); lease 3 was never started or handed back.
+    assert code == EXIT_OK and server.ended_at is not None
+    assert server.connections == 1
+    assert server.ended == {"lease-2": "job_paused", "lease-3": "job_paused"}
+    named = {m["type"] for m in server.received if m.get("lease_id") == "lease-3"}
+    assert named <= {"fetch", "heartbeat"}, named
+    assert [m["lease_id"] for m in server.of_type("complete")] == ["lease-1", "lease-4"]
+    ours = [r for r in caplog.records if r.name.startswith("downpour_agent")]
+    assert not [r for r in ours if r.levelno >= logging.WARNING], caplog.text
+    assert server.outstanding == {} and server.work == []

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
-import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 from django.test import Client
 
+from downpour.paramstore.memory import InMemoryStorage
 from downpour.training import store
 from downpour.training.actions.jobs import JobRejected, start_job, submit_job
+from downpour.training.actions.sync_steps import tick_sync_jobs
 from downpour.training.models import Job
 
 from .helpers import job_form, job_params, mlp_config
@@ -125,56 +127,62 @@ def test_the_job_page_shows_the_step_late_gradients_and_timeouts(
     store.storage.cache_clear()
 
 
+@pytest.fixture
+def clock(settings: Any) -> Iterator[list[float]]:
+    """The embedded store (in memory), its steps' clock set by the test: ``clock[0]`` s."""
+    settings.REDIS_URL = ""
+    store.storage.cache_clear()
+    now = [1000.0]
+    storage = store.storage()
+    assert isinstance(storage, InMemoryStorage)
+    storage._clock = lambda: now[0]  # the simulator's hook (InMemoryStorage(clock=...))
+    try:
+        yield now
+    finally:
+        for job_id in list(store._stores):
+            store.forget_job_store(job_id)
+        store.storage.cache_clear()
+
+
 def test_beat_applies_a_timed_out_step_that_no_push_or_waiting_fetch_will(
-    alice: Any, dataset: Any, settings: Any
+    alice: Any, dataset: Any, clock: list[float]
 ) -> None:
     # A step of N = 2 got one gradient, then its agents stopped (their leases ended): no
     # push fills it and no fetch waits for it. The counted (and credited) gradient must
     # still reach the weights once the step's timeout has passed, and only once.
-    from downpour.training.actions.sync_steps import tick_sync_jobs
-
-    settings.REDIS_URL = ""
-    store.storage.cache_clear()
     job = submit_job(
         alice,
         dataset,
-        job_params(algorithm="sync", sync_workers=2, sync_backups=0, sync_step_timeout_s=0.2),
+        job_params(algorithm="sync", sync_workers=2, sync_backups=0, sync_step_timeout_s=30),
     )
     assert start_job(job)
     job.refresh_from_db()
     sync = store.job_sync(job)
     assert sync is not None
+    shards = len(sync.store.layout.shards)
     for shard, specs in enumerate(sync.store.layout.shards):
         grads = {s.name: np.full(s.shape, 0.1, np.float32) for s in specs}
         sync.push(shard, grads, 0, f"a:0:{shard}", "a", 30)
 
-    assert tick_sync_jobs() == 0  # the step is younger than its timeout
-    assert sync.store.versions() == [0] * len(sync.store.layout.shards)
-    wait_until = time.monotonic() + 0.25
-    while time.monotonic() < wait_until:
-        time.sleep(0.05)
+    clock[0] += 29.9
+    early = tick_sync_jobs()  # the step is younger than its timeout
+    versions_early = sync.store.versions()
+    clock[0] += 0.2
     applied = tick_sync_jobs()
     again = tick_sync_jobs()
 
-    shards = len(sync.store.layout.shards)
+    assert early == 0 and versions_early == [0] * shards
     assert applied == shards and again == 0
     assert sync.store.versions() == [1] * shards
     assert sync.counts().steps == 1 and sync.counts().timeouts == 1
-    store.forget_job_store(str(job.id))
-    store.storage.cache_clear()
 
 
-def test_beat_leaves_other_jobs_alone(alice: Any, dataset: Any, settings: Any) -> None:
-    from downpour.training.actions.sync_steps import tick_sync_jobs
-
-    settings.REDIS_URL = ""
-    store.storage.cache_clear()
+def test_beat_leaves_other_jobs_alone(alice: Any, dataset: Any, clock: list[float]) -> None:
     job = submit_job(alice, dataset, job_params())
     assert start_job(job)
     job.refresh_from_db()
     before = store.job_store(job).versions()
+    clock[0] += 3600
 
     assert tick_sync_jobs() == 0
     assert store.job_store(job).versions() == before
-    store.forget_job_store(str(job.id))
-    store.storage.cache_clear()

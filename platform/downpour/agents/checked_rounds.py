@@ -14,8 +14,13 @@ from .state import CachedLease, SocketState
 
 
 def recording(state: SocketState, cached: CachedLease) -> Recording | None:
-    """The recording of a checked lease whose round is not yet in; None otherwise."""
+    """The recording of a checked lease whose round is not yet in; None otherwise (also
+    for a lease its job's end took back: a fetch already under way when that happened must
+    not start its recording again, which would keep copies of weights until the socket
+    closes)."""
     if cached.spot_check_round is None or cached.lease_id in state.recorded:
+        return None
+    if cached.lease_id in state.ended:
         return None
     return state.recordings.setdefault(cached.lease_id, Recording())
 

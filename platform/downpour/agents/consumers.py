@@ -236,17 +236,25 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if "min_version" in msg:  # synchronous steps: answer once the shard gets there
             # Checked before anything waits: a waiting fetch polls the store until answered.
             syncwait.check_waiting_fetch(cached.job, msg["shard"])
+            syncwait.admit_wait(self.state.waits, (msg["lease_id"], msg["shard"]))
+            # Read before the socket's next message, so the wait's target is the shard's
+            # next version as of this fetch, not as of when its task first runs.
+            wanted = await asyncio.to_thread(
+                syncwait.wait_target, cached.job, msg["shard"], msg["min_version"]
+            )
             syncwait.start_wait(
                 self.state.waits,
                 (msg["lease_id"], msg["shard"]),
-                lambda: self._fetch_when_ready(msg, cached),
+                lambda: self._fetch_when_ready(msg, cached, wanted),
             )
             return
         await self._send_params(msg, cached)
 
-    async def _fetch_when_ready(self, msg: dict[str, Any], cached: CachedLease) -> None:
+    async def _fetch_when_ready(
+        self, msg: dict[str, Any], cached: CachedLease, wanted: int
+    ) -> None:
         try:
-            shard, wanted = msg["shard"], msg["min_version"]
+            shard = msg["shard"]
             await syncwait.wait_for_version(cached.job, shard, wanted, lambda: self.state.closed)
             await self._send_params(msg, await self._lease(msg["lease_id"]))
         except _CutOff:

@@ -53,6 +53,30 @@ def check_waiting_fetch(job: Job, shard: int) -> None:
     job_store(job).layout.check_shard(shard)
 
 
+def wait_target(job: Job, shard: int, min_version: int) -> int:
+    """The version a fetch asking for ``min_version`` waits for: that, or the one after the
+    shard's version now, whichever is lower. Read when the fetch arrives (blocking I/O).
+
+    No step or pass writes more than one version at a time, so a version further ahead is
+    not coming soon, and would hold the fetch (and its polls) for ``MAX_WAIT_S``. It is not
+    refused either: an honest agent holds one after a restore from a checkpoint took the
+    shard back. It is answered at the next version, as a fetch held to ``MAX_WAIT_S`` is
+    answered below its ``min_version``, and the agent asks again."""
+    store = job_store(job)
+    version = store.storage.load_version(store.job_id, shard)
+    return min_version if version is None else min(min_version, version + 1)
+
+
+def admit_wait(waits: dict[tuple[str, int], asyncio.Task[None]], key: tuple[str, int]) -> None:
+    """Refuse (``rate_limited``) a waiting fetch for ``key`` (lease, shard) while one for
+    that key waits, or past ``MAX_WAITS_PER_SOCKET``."""
+    waiting = waits.get(key)
+    if waiting is not None and not waiting.done():  # done: its callback is due
+        raise ProtocolError(ErrorCode.RATE_LIMITED, "a fetch of this shard is already waiting")
+    if len(waits) >= MAX_WAITS_PER_SOCKET:
+        raise ProtocolError(ErrorCode.RATE_LIMITED, "too many waiting fetches")
+
+
 def start_wait(
     waits: dict[tuple[str, int], asyncio.Task[None]],
     key: tuple[str, int],
@@ -61,11 +85,7 @@ def start_wait(
     """Run ``fetch()`` as the socket's waiting fetch for ``key`` (lease, shard), refused
     ``rate_limited`` while one for that key waits, or past ``MAX_WAITS_PER_SOCKET``; its
     entry leaves ``waits`` when it ends."""
-    waiting = waits.get(key)
-    if waiting is not None and not waiting.done():  # done: its callback is due
-        raise ProtocolError(ErrorCode.RATE_LIMITED, "a fetch of this shard is already waiting")
-    if len(waits) >= MAX_WAITS_PER_SOCKET:
-        raise ProtocolError(ErrorCode.RATE_LIMITED, "too many waiting fetches")
+    admit_wait(waits, key)
     task = asyncio.create_task(fetch())
     waits[key] = task
 
@@ -91,20 +111,9 @@ def _reached(job: Job, shard: int, min_version: int) -> bool:
 async def wait_for_version(
     job: Job, shard: int, min_version: int, closed: Callable[[], bool]
 ) -> None:
-    """Return once shard ``shard`` of ``job`` has reached ``min_version`` or the version
-    after the one it held when asked, whichever is lower; or the socket has closed; or
-    ``MAX_WAIT_S`` has passed.
-
-    No step or pass writes more than one version at a time, so a version further ahead is
-    not coming soon, and would hold the fetch (and its polls) for ``MAX_WAIT_S``. It is not
-    refused either: an honest agent holds one after a restore from a checkpoint took the
-    shard back. It is answered at the next version, as a fetch held to ``MAX_WAIT_S`` is
-    answered below its ``min_version``, and the agent asks again."""
-    store = job_store(job)
-    store.layout.check_shard(shard)
-    held = await asyncio.to_thread(store.storage.load_version, store.job_id, shard)
-    if held is not None:
-        min_version = min(min_version, held + 1)
+    """Return once shard ``shard`` of ``job`` has reached ``min_version`` (from
+    :func:`wait_target`), the socket has closed, or ``MAX_WAIT_S`` has passed."""
+    job_store(job).layout.check_shard(shard)
     deadline = time.monotonic() + MAX_WAIT_S
     delay = 0.005
     key = (id(asyncio.get_running_loop()), str(job.id), shard)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
+from downpour.agents import checked_rounds
 from downpour.agents.state import ENDED_LEASES_KEPT, SocketState
 from downpour.training.spotchecks.recording import Recording
 
@@ -21,6 +23,20 @@ def test_a_lease_its_job_took_back_drops_its_spot_check_recording() -> None:
 
     assert "lease-1" not in state.recordings
     assert state.recordings == {"lease-2": recording}
+
+
+def test_a_fetch_under_way_when_the_job_took_the_lease_back_records_nothing() -> None:
+    # A fetch that read the lease before its job's end took it back serves the weights
+    # after: it must not start the dropped recording again.
+    state = SocketState()
+    cached: Any = SimpleNamespace(lease_id="lease-1", job="job-1", spot_check_round=2)
+    state.leases["lease-1"] = cached
+    assert checked_rounds.recording(state, cached) is not None
+
+    state.forget_lease("lease-1")
+
+    assert checked_rounds.recording(state, cached) is None
+    assert state.recordings == {}
 
 
 def test_the_leases_remembered_as_ended_are_bounded() -> None:

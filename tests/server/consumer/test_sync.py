@@ -129,8 +129,8 @@ async def test_a_fetch_waits_no_further_than_the_next_step(
         {"type": "fetch", "lease_id": lease_a["lease_id"], "shard": 0, "min_version": 50, "ref": 5}
     )
     heartbeat = await first.ask({"type": "heartbeat", "ref": "meanwhile"})
+    # Answered after the fetch was read, and so after its target (version 1) was fixed.
     assert heartbeat["type"] == "heartbeat_ack"  # it waits (the step is not there yet)
-    await asyncio.sleep(0.2)  # margin: the wait has read the shard's version (0) by now
     await second.push(lease_b, 0, gradients(lease_b, 0))  # the step's N-th: version 1
     started = time.monotonic()
     msg, _ = await first.recv()

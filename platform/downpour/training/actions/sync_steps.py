@@ -22,12 +22,21 @@ def tick_sync_jobs() -> int:
     """Apply each running synchronous job's timed-out steps; returns how many were applied."""
     applied = 0
     for job in Job.objects.filter(status=Job.Status.RUNNING, algorithm=Job.Algorithm.SYNC):
-        sync = job_sync(job)
-        if sync is None:
-            continue
-        for shard in range(len(sync.store.layout.shards)):
-            try:
-                applied += sync.tick(shard)
-            except StoreError as exc:  # e.g. not yet restored after a restart
-                log.warning("sync job %s shard %d: %s", job.id, shard, exc)
+        try:
+            applied += _tick(job)
+        except Exception:  # a Redis fault, say: the other jobs still get their tick
+            log.exception("sync job %s: tick failed", job.id)
+    return applied
+
+
+def _tick(job: Job) -> int:
+    sync = job_sync(job)
+    if sync is None:
+        return 0
+    applied = 0
+    for shard in range(len(sync.store.layout.shards)):
+        try:
+            applied += sync.tick(shard)
+        except StoreError as exc:  # e.g. not yet restored after a restart
+            log.warning("sync job %s shard %d: %s", job.id, shard, exc)
     return applied
