@@ -123,6 +123,8 @@ class Agent:
         #: The next lease, claimed while the current one's last round computes (lookahead.py),
         #: and the handover of the current lease's last push to it.
         self.ahead: asyncio.Task[Claimed] | None = None
+        #: Jobs that ended while that claim was unanswered: a lease of one is not started.
+        self.ahead_ended_jobs: set[str] = set()
         self.handover: Handover | None = None
         #: Finished leases' ``complete``s, sent behind their last push while the next computes.
         self._tails: set[asyncio.Task[None]] = set()

@@ -108,6 +108,7 @@ def look_ahead(agent: Agent, session: Session) -> None:
         # The last lease's complete is still on its way: the server counts that lease as
         # held, and would answer a third with no_work.
         return
+    agent.ahead_ended_jobs.clear()
     agent.ahead = asyncio.create_task(_claim(agent, session))
 
 
@@ -115,6 +116,10 @@ async def _claim(agent: Agent, session: Session) -> Claimed:
     msg = await agent._request_work(session)
     if msg["type"] != "lease":
         return Claimed(msg)
+    if msg.get("job_id") in agent.ahead_ended_jobs:
+        # Its answer and the job's end were read before this task resumed (forget_job).
+        logger.info("lease %s, claimed ahead, ended with its job", msg.get("lease_id"))
+        return Claimed(msg, forgotten=True)
     try:
         lease = lease_from_wire(msg)
     except ProtocolError:
@@ -201,6 +206,7 @@ async def take_first_fetch(
         logger.info("no handover to lease %s: %s", claimed.lease.lease_id, exc)
         return None
     if claimed.forgotten:  # its job ended while the answers came in
+        session.held.drop(claimed.lease.job_id)  # put back after forget_job dropped it
         return None
     return first
 
@@ -246,7 +252,7 @@ async def drop(agent: Agent, session: Session, timeout_s: float) -> None:
         return
     claimed = ahead.result()
     _discard(claimed, session)
-    if claimed.msg["type"] == "lease":
+    if claimed.msg["type"] == "lease" and not claimed.forgotten:
         await agent._return_lease(session, claimed.msg["lease_id"])
 
 
@@ -257,11 +263,19 @@ def forget_job(agent: Agent, session: Session, job_id: str, reason: LeaseAbandon
 
     Its requests in flight (the first fetch) fail with ``reason`` rather than being
     cancelled: the last lease's loop may be waiting for them (:func:`take_first_fetch`),
-    and must see a failed handover, not a cancellation of itself. A claim still unanswered
-    here is not known to be of this job; if it is, its first request is refused with the
-    job's code and the lease ends like any lease of an ended job."""
+    and must see a failed handover, not a cancellation of itself. A claim whose answer has
+    not reached its task yet is forgotten there if it is a lease of this job; one answered
+    after the job's end was read is not (the server gave it, so the job runs again)."""
     ahead = agent.ahead
-    if ahead is None or not ahead.done() or ahead.cancelled() or ahead.exception():
+    if ahead is None:
+        return
+    if not ahead.done():
+        # Its answer, read before this event, may be a lease of this job: _claim drops it.
+        answers = session.answered("request_work")
+        if any(m["type"] == "lease" and m.get("job_id") == job_id for m in answers):
+            agent.ahead_ended_jobs.add(job_id)
+        return
+    if ahead.cancelled() or ahead.exception():
         return
     claimed = ahead.result()
     if claimed.msg["type"] != "lease" or claimed.msg.get("job_id") != job_id:

@@ -240,6 +240,18 @@ class Session:
         finally:
             self.forget(pending)
 
+    def answered(self, request_type: str) -> list[dict[str, Any]]:
+        """The answers already read to requests of ``request_type`` that their waiters have
+        not taken yet (the reader routes frames ahead of the tasks that wait for them)."""
+        return [
+            pending.future.result()[0]
+            for pending in self._pending.values()
+            if pending.request_type == request_type
+            and pending.future.done()
+            and not pending.future.cancelled()
+            and pending.future.exception() is None
+        ]
+
     def fail_lease_requests(self, lease_id: str, exc: Exception) -> None:
         for pending in self._pending.values():
             if pending.match.get("lease_id") == lease_id:

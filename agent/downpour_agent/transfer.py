@@ -32,17 +32,23 @@ async def request_params(session: Session, lease: LeaseSpec) -> list[Pending]:
     On an ``int8`` lease each names the version of the shard this connection holds
     (``have``), so the server may answer with the change since then.
     """
-    pendings = []
-    for shard in range(len(lease.layout)):
-        msg: dict[str, Any] = {"type": "fetch", "lease_id": lease.lease_id, "shard": shard}
-        held = session.held.get(lease.job_id, shard) if _deltas(lease) else None
-        if held is not None:
-            msg["have"] = held[0]
-        pendings.append(
-            await session.send_request(
-                msg, {"params"}, {"lease_id": lease.lease_id, "shard": shard}
+    pendings: list[Pending] = []
+    try:
+        for shard in range(len(lease.layout)):
+            msg: dict[str, Any] = {"type": "fetch", "lease_id": lease.lease_id, "shard": shard}
+            held = session.held.get(lease.job_id, shard) if _deltas(lease) else None
+            if held is not None:
+                msg["have"] = held[0]
+            pendings.append(
+                await session.send_request(
+                    msg, {"params"}, {"lease_id": lease.lease_id, "shard": shard}
+                )
             )
-        )
+    except BaseException:
+        # Cut (or cancelled) partway: the shards already asked for are forgotten, not left
+        # waiting for the connection's end, and their answers will not be applied.
+        abandon_fetch(session, lease.job_id, pendings)
+        raise
     return pendings
 
 

@@ -116,10 +116,13 @@ class FakeServer:
         #: push that ended the job.
         self.ended: dict[str, str] = {}
         self.ended_at: int | None = None
-        #: (lease_id, event, delay_s): that lease's fetches go unanswered, and ``delay_s``
-        #: after the first the job ends as above, then they are refused with the event's code
+        #: (lease_id, event, trigger): that lease's fetches go unanswered until ``trigger``
+        #: is set; then the job ends as above, and they are refused with the event's code
         #: (the real server's order).
-        self.end_job_on_fetch: tuple[str, str, float] | None = None
+        self.end_job_on_fetch: tuple[str, str, asyncio.Event] | None = None
+        #: (lease_id, event): the job ends as above right after that lease is issued, its
+        #: answer and the event sent back to back.
+        self.end_job_after_lease: tuple[str, str] | None = None
         self._held_fetches: list[int] = []
         self.drop_after_pushes: int | None = None
         self.drop_how = "close"
@@ -259,6 +262,10 @@ class FakeServer:
             lease = {**self.work.pop(0), "lease_id": next(self.lease_ids)}
             self.outstanding[lease["lease_id"]] = lease
             await reply(lease)
+            after = self.end_job_after_lease
+            if after is not None and after[0] == lease["lease_id"]:
+                self.end_job_after_lease = None
+                await self._end_job(ws, lease["job_id"], after[1])
         elif mtype == "resume":
             lease = self.orphaned.pop(msg["lease_id"], None)
             if lease is None:
@@ -329,9 +336,9 @@ class FakeServer:
         task.add_done_callback(self._later.discard)
 
     async def _end_job_later(
-        self, ws: ServerConnection, lease_id: str, event: str, delay_s: float
+        self, ws: ServerConnection, lease_id: str, event: str, trigger: asyncio.Event
     ) -> None:
-        await asyncio.sleep(delay_s)
+        await trigger.wait()
         self.end_job_on_fetch = None
         await self._end_job(ws, self.outstanding[lease_id]["job_id"], event)
         refs, self._held_fetches = self._held_fetches, []
