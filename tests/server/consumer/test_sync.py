@@ -20,6 +20,7 @@ from tests.server.helpers import job_params
 
 from downpour.agents import syncwait
 from downpour.training import store
+from downpour.training.actions import control
 from downpour.training.actions.jobs import start_job, submit_job
 from downpour.training.models import Contribution, Job
 
@@ -137,6 +138,31 @@ async def test_a_fetch_waits_no_further_than_the_next_step(
 
     assert (msg["type"], msg["version"], msg["ref"]) == ("params", 1, 5)
     assert time.monotonic() - started < 5  # not held to the 15 s limit
+
+
+async def test_a_waiting_fetch_stops_when_the_job_is_paused(
+    alice: Any, dataset: Any, agents: Agents
+) -> None:
+    # A fetch waiting for a step of a job that is then paused would poll the store for up
+    # to 15 s. The agent is told the job is paused and waits for no answer, so the wait
+    # stops at once.
+    job = await database_sync_to_async(sync_job)(alice, dataset)
+    first, _ = await agents(2)
+    lease = await first.lease()
+    await first.push(lease, 0, gradients(lease, 0))
+    await first.send(
+        {"type": "fetch", "lease_id": lease["lease_id"], "shard": 0, "min_version": 1, "ref": 7}
+    )
+    heartbeat = await first.ask({"type": "heartbeat", "ref": "meanwhile"})
+    assert heartbeat["type"] == "heartbeat_ack" and len(waiting_fetches()) == 1
+
+    assert await database_sync_to_async(control.pause_job)(job)
+    announced, _ = await first.recv()
+
+    assert announced["type"] == "job_paused"
+    async with asyncio.timeout(5):
+        while waiting_fetches():  # noqa: ASYNC110 (the task's end is not an event here)
+            await asyncio.sleep(0.01)
 
 
 async def test_a_step_that_waits_past_its_timeout_applies_what_arrived(
