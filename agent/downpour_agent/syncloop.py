@@ -20,7 +20,7 @@ from downpour_agent.protocol import ErrorFeedback, LeaseSpec
 from downpour_agent.session import Session
 from downpour_agent.startup import Prepared
 from downpour_agent.trainer import GradientAccumulator, GradientComputer
-from downpour_agent.transfer import load_params, push_round, receive_params
+from downpour_agent.transfer import load_params, push_round, receive_params, request_params
 
 if TYPE_CHECKING:
     from downpour_agent.connection import Agent
@@ -44,19 +44,8 @@ async def fetch_next_step(
     started = time.monotonic()
     while True:
         active.check()
-        pendings = [
-            await session.send_request(
-                {
-                    "type": "fetch",
-                    "lease_id": lease.lease_id,
-                    "shard": shard,
-                    "min_version": after[shard] + 1,
-                },
-                {"params"},
-                {"lease_id": lease.lease_id, "shard": shard},
-            )
-            for shard in range(len(lease.layout))
-        ]
+        wanted = {shard: after[shard] + 1 for shard in range(len(lease.layout))}
+        pendings = await request_params(session, lease, wanted)
         weights, versions = await receive_params(session, lease, pendings, timeout_s)
         waited = time.monotonic() - started
         if all(versions[shard] > after[shard] for shard in versions) or waited > MAX_STEP_WAIT_S:

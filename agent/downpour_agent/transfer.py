@@ -26,18 +26,24 @@ from downpour_agent.session import Pending, Session, Tensors
 from downpour_agent.trainer import BatchSampler, GradientAccumulator, GradientComputer
 
 
-async def request_params(session: Session, lease: LeaseSpec) -> list[Pending]:
+async def request_params(
+    session: Session, lease: LeaseSpec, min_versions: Mapping[int, int] | None = None
+) -> list[Pending]:
     """Send a ``fetch`` for every shard without waiting for the answers.
 
     On an ``int8`` lease each names the version of the shard this connection holds
-    (``have``), so the server may answer with the change since then.
+    (``have``), so the server may answer with the change since then. With
+    ``min_versions`` (synchronous steps) each waits for its shard's version instead, and
+    names none.
     """
     pendings: list[Pending] = []
     try:
         for shard in range(len(lease.layout)):
             msg: dict[str, Any] = {"type": "fetch", "lease_id": lease.lease_id, "shard": shard}
             held = session.held.get(lease.job_id, shard) if _deltas(lease) else None
-            if held is not None:
+            if min_versions is not None:
+                msg["min_version"] = min_versions[shard]
+            elif held is not None:
                 msg["have"] = held[0]
             pendings.append(
                 await session.send_request(

@@ -48,3 +48,23 @@ async def test_a_fetch_cut_between_its_shards_forgets_them_and_the_held_copy(
     assert len(socket.sent) == 1 and '"have":3' in str(socket.sent[0])
     assert session._pending == {}
     assert session.held.get(lease.job_id, 0) is None
+
+
+async def test_a_waiting_fetch_cut_between_its_shards_forgets_them_too(
+    model_config: dict[str, Any], layout: list[list[dict[str, Any]]], shard_body: bytes
+) -> None:
+    # Prepare: a synchronous step's fetch (it waits for the next version of each shard and
+    # names none held), on a link that drops after the first frame.
+    template = FakeServer(model_config, layout, shard_body).lease_template
+    lease = lease_from_wire({**template, "lease_id": "lease-1"})
+    socket = CutAfter(frames=1)
+    session = Session(socket, listener=None)  # type: ignore[arg-type]
+
+    # Execute
+    with pytest.raises(ConnectionResetError):
+        await request_params(session, lease, {0: 5, 1: 5})
+
+    # Assert
+    assert len(socket.sent) == 1 and '"min_version":5' in str(socket.sent[0])
+    assert '"have"' not in str(socket.sent[0])
+    assert session._pending == {}

@@ -254,8 +254,12 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self, msg: dict[str, Any], cached: CachedLease, wanted: int
     ) -> None:
         try:
-            shard = msg["shard"]
-            await syncwait.wait_for_version(cached.job, shard, wanted, lambda: self.state.closed)
+            shard, state = msg["shard"], self.state
+
+            def ended() -> bool:  # the socket closed, or the lease's job ended (refused below)
+                return state.closed or msg["lease_id"] in state.ended
+
+            await syncwait.wait_for_version(cached.job, shard, wanted, ended)
             await self._send_params(msg, await self._lease(msg["lease_id"]))
         except _CutOff:
             pass

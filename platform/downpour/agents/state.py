@@ -115,15 +115,10 @@ class SocketState:
             del self.settled[next(iter(self.settled))]
 
     def forget_lease(self, lease_id: str) -> None:
-        """Drop a lease its job's end took back; remember which job, for late requests.
-
-        Its waiting fetches stop polling, unanswered: the agent was told the job ended
-        (``job_paused``, ``job_finished``, or that code as an error) and waits for none."""
+        """Drop a lease its job's end took back; remember which job, for late requests
+        (and for its waiting fetches, which stop at their next poll and are refused)."""
         cached = self.leases.pop(lease_id, None)
         self.recordings.pop(lease_id, None)  # its checked round will never settle now
-        for (waiting_lease, _), task in list(self.waits.items()):
-            if waiting_lease == lease_id:
-                task.cancel()
         if cached is not None:
             self.ended[lease_id] = cached.job
             while len(self.ended) > ENDED_LEASES_KEPT:

@@ -140,12 +140,11 @@ async def test_a_fetch_waits_no_further_than_the_next_step(
     assert time.monotonic() - started < 5  # not held to the 15 s limit
 
 
-async def test_a_waiting_fetch_stops_when_the_job_is_paused(
+async def test_a_waiting_fetch_is_refused_at_once_when_the_job_is_paused(
     alice: Any, dataset: Any, agents: Agents
 ) -> None:
     # A fetch waiting for a step of a job that is then paused would poll the store for up
-    # to 15 s. The agent is told the job is paused and waits for no answer, so the wait
-    # stops at once.
+    # to 15 s. It stops at its next poll and is refused with the job's code.
     job = await database_sync_to_async(sync_job)(alice, dataset)
     first, _ = await agents(2)
     lease = await first.lease()
@@ -159,10 +158,13 @@ async def test_a_waiting_fetch_stops_when_the_job_is_paused(
     assert await database_sync_to_async(control.pause_job)(job)
     announced, _ = await first.recv()
 
+    started = time.monotonic()
+    refused, _ = await first.recv()
+
     assert announced["type"] == "job_paused"
-    async with asyncio.timeout(5):
-        while waiting_fetches():  # noqa: ASYNC110 (the task's end is not an event here)
-            await asyncio.sleep(0.01)
+    assert (refused["type"], refused["code"], refused["ref"]) == ("error", "job_paused", 7)
+    assert time.monotonic() - started < 5  # not held to the 15 s limit
+    assert waiting_fetches() == []
 
 
 async def test_a_step_that_waits_past_its_timeout_applies_what_arrived(
