@@ -18,7 +18,9 @@ Calibration (see docs/benchmarks.md, "Convergence simulator"):
 
 With ``--link cable`` (or another profile) each N also runs with every agent behind its
 own emulated link (``tests/netlink.py``: root and iproute2); the simulator, calibrated from
-the loopback run of the same N, predicts the linked run.
+the loopback run of the same N, predicts the linked run. ``--real-only`` makes only the
+linked runs and reports their times against N: for local steps (``--algorithm``), which
+this simulator does not model.
 
 Usage::
 
@@ -82,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
         "the link's cost is the simulator's prediction, not part of its calibration",
     )
     p.add_argument(
+        "--algorithm",
+        choices=["downpour", "local-steps"],
+        default="downpour",
+        help="the job's algorithm in the real runs (downpour; the simulator models only it)",
+    )
+    p.add_argument("--compression", choices=["none", "int8"], default="none")
+    p.add_argument(
+        "--real-only",
+        action="store_true",
+        help="only the real runs on --link (no loopback calibration, no simulation): the "
+        "time to target against N, e.g. for local steps, which this simulator does not model",
+    )
+    p.add_argument(
         "--real-json",
         type=Path,
         default=None,
@@ -116,6 +131,8 @@ def real_run(
             data_shards=args.data_shards,
             tokens=1,
             name=f"sim-vs-real-{link or 'loopback'}-{n}",
+            algorithm=args.algorithm,
+            compression=args.compression,
         )
         job_id = seeded["job_id"]
 
@@ -241,8 +258,9 @@ def run_real(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[
         deployment.start()
         tokens = deployment.issue_tokens(max(args.agents))
         for n in args.agents:
-            loopback.append(real_run(deployment, tokens, n, args))
-            print(f"real N={n} loopback: {loopback[-1]['time_to_target_s']} s", flush=True)
+            if not (args.real_only and linked):
+                loopback.append(real_run(deployment, tokens, n, args))
+                print(f"real N={n} loopback: {loopback[-1]['time_to_target_s']} s", flush=True)
             if linked:
                 real.append(real_run(deployment, tokens, n, args, link=args.link))
                 print(f"real N={n} {args.link}: {real[-1]['time_to_target_s']} s", flush=True)
@@ -252,7 +270,10 @@ def run_real(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.algorithm != "downpour" and not args.real_only:
+        parser.error("the simulator models downpour only: add --real-only")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     load_before = os.getloadavg()
     if args.real_json:
@@ -261,6 +282,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         loopback = previous.get("calibration_runs", real)
     else:
         loopback, real = run_real(args)
+    if args.real_only:
+        times = {r["agents"]: r["time_to_target_s"] for r in real}
+        ratios = {
+            f"ratio_time_to_target_{n}_agents_vs_1": round(times[n] / times[1], 3)
+            for n in times
+            if n != 1 and times.get(1) and times[n]
+        }
+        summary = {"link": args.link, "target_accuracy": args.target, **ratios}
+        summary |= {"algorithm": args.algorithm, "compression": args.compression}
+        write_json(args.json_out, {**summary, "load_average_before": load_before, "real": real})
+        print(json.dumps({**summary, "times": times}))
+        return 0
     build_s = measure_build_s(args.data_shards)
     # Each N is calibrated from its own loopback run: the agents share this machine's 2
     # cores (and whatever else runs on it), so two agents here each compute slower than one
