@@ -40,10 +40,9 @@ async def request_params(
     try:
         for shard in range(len(lease.layout)):
             msg: dict[str, Any] = {"type": "fetch", "lease_id": lease.lease_id, "shard": shard}
-            held = session.held.get(lease.job_id, shard) if _deltas(lease) else None
             if min_versions is not None:
                 msg["min_version"] = min_versions[shard]
-            elif held is not None:
+            elif _deltas(lease) and (held := session.held.get(lease.job_id, shard)) is not None:
                 msg["have"] = held[0]
             pendings.append(
                 await session.send_request(
